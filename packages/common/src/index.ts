@@ -1,3 +1,21 @@
 // Public surface of @cfrsam/common. Each area lives in its own module; import what you need.
 export * as segmentationProto from './gen/cfrsam/v1/segmentation';
 export * as stagesProto from './gen/cfrsam/v1/stages';
+export * from './status';
+export * from './config';
+export * from './manifest';
+export * from './tensor';
+export * from './digest';
+export * from './masks';
+export * from './workerPool';
+export * from './lruCache';
+export * from './tracing';
+export * from './telemetry';
+export * from './rpc';
+export * from './server';
+export * from './client';
+export * as metrics from './metrics';
+export * from './serviceMain';
+export * from './imaging';
+export * from './instances';
+export * from './formats';

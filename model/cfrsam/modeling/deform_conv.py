@@ -1,0 +1,112 @@
+"""Modulated deformable convolution (DCNv2) written with F.grid_sample.
+
+torchvision's `deform_conv2d` has no ONNX export; `grid_sample` exports as GridSample (opset 16+),
+which onnxruntime runs on CPU and GPU. The convolution is computed as one bilinear sampling of the
+input per kernel tap, each followed by that tap's 1x1 slice of the weight, summed. Looping over the
+taps keeps peak memory at one input-sized buffer instead of the K-times-larger im2col buffer.
+
+Offsets are bounded: `max_offset * tanh(raw)`. Unbounded offsets give a layer an unbounded
+receptive field; with a bound, a stack of these layers has a known receptive radius, which is what
+lets BGMR refine a window around a prompt and still agree exactly with full-frame refinement away
+from the window border.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def deform_conv2d(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    dilation: int = 1,
+) -> torch.Tensor:
+    """Stride-1, 'same'-padded deformable convolution.
+
+    x [N,Cin,H,W]; offset [N,2K,H,W] as (dy, dx) pairs per tap in row-major tap order (the
+    torchvision layout); weight [Cout,Cin,kh,kw] with K = kh*kw; mask [N,K,H,W] or None (DCNv1).
+    Samples outside the input read zero, like the zero padding of a plain convolution.
+    """
+    _, _, height, width = x.shape
+    # Python ints even under tracing, where tensor shapes become traced values.
+    cout, kh, kw = (int(d) for d in (weight.shape[0], weight.shape[2], weight.shape[3]))
+    ys = torch.arange(height, dtype=x.dtype, device=x.device).view(1, height, 1)
+    xs = torch.arange(width, dtype=x.dtype, device=x.device).view(1, 1, width)
+    out: Optional[torch.Tensor] = None
+    for k in range(kh * kw):
+        i, j = divmod(k, kw)
+        py = ys + float((i - (kh - 1) // 2) * dilation) + offset[:, 2 * k]
+        px = xs + float((j - (kw - 1) // 2) * dilation) + offset[:, 2 * k + 1]
+        # align_corners=False: pixel index p sits at normalised (2p + 1) / size - 1.
+        grid = torch.stack(((2.0 * px + 1.0) / width - 1.0, (2.0 * py + 1.0) / height - 1.0), dim=-1)
+        sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if mask is not None:
+            sampled = sampled * mask[:, k : k + 1]
+        term = F.conv2d(sampled, weight[:, :, i : i + 1, j : j + 1])
+        out = term if out is None else out + term
+    assert out is not None
+    if bias is not None:
+        out = out + bias.view(1, cout, 1, 1)
+    return out
+
+
+class DeformConv2d(nn.Module):
+    """Deformable k x k convolution whose offsets (and DCNv2 modulation) come from a plain conv
+    on the same input.
+
+    The offset conv starts at zero, so an untrained layer is a plain convolution (scaled by 0.5 in
+    the modulated variant, sigmoid(0)), as in DCNv2.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        bias: bool = True,
+        modulated: bool = True,
+        max_offset: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.modulated = modulated
+        self.max_offset = float(max_offset)
+        taps = kernel_size * kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.offset_conv = nn.Conv2d(
+            in_channels, (3 if modulated else 2) * taps, kernel_size,
+            padding=dilation * (kernel_size // 2), dilation=dilation)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(in_channels * taps)
+            nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.zeros_(self.offset_conv.weight)
+        nn.init.zeros_(self.offset_conv.bias)
+
+    def receptive_radius(self) -> int:
+        """How far (pixels) an output pixel can see: a tap's reach plus the largest offset, rounded
+        up to the bilinear neighbour (the offset conv's own reach is smaller)."""
+        return self.dilation * (self.kernel_size // 2) + math.ceil(self.max_offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = self.kernel_size * self.kernel_size
+        raw = self.offset_conv(x)
+        offset = self.max_offset * torch.tanh(raw[:, : 2 * taps])
+        mask = torch.sigmoid(raw[:, 2 * taps :]) if self.modulated else None
+        return deform_conv2d(x, offset, self.weight, self.bias, mask, self.dilation)
+
+    def extra_repr(self) -> str:
+        cout, cin, k, _ = self.weight.shape
+        return (f"{cin}, {cout}, kernel_size={k}, dilation={self.dilation}, "
+                f"modulated={self.modulated}, max_offset={self.max_offset}")

@@ -1,0 +1,167 @@
+"""What both training stages share: seeds, devices, datasets, checkpoints with exact resume, logs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from ..data import NucleiDataset
+from ..data.dataset import default_data_root
+
+# CoNSeP tiles come from 27 source images; these five are held out for validation (split by source,
+# never by tile, or neighbouring tiles leak into validation).
+DEFAULT_VAL_SOURCES = (3, 9, 15, 21, 27)
+# Sets beside CoNSeP: their nuclei have no class in CoNSeP's taxonomy (UNKNOWN_CLASS), so they
+# teach where nuclei are and what they look like, not which class they are.
+EXTRA_SETS = ("monuseg-train", "cpm15", "nucls/train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=str(default_data_root()), help="data root (layout of ../shared/data)")
+    parser.add_argument("--config", default="tiny", help="model config name (tiny, b, h)")
+    parser.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--sets", default="consep-train," + ",".join(EXTRA_SETS),
+                        help="comma-separated set directories under --data; CoNSeP is split by source")
+    parser.add_argument("--val-sources", default=",".join(map(str, DEFAULT_VAL_SOURCES)))
+    parser.add_argument("--val-limit", type=int, default=0, help="validate on at most N tiles (0: all)")
+    parser.add_argument("--steps-per-epoch", type=int, default=0, help="cap steps per epoch (0: whole set)")
+    parser.add_argument("--time-budget", type=float, default=0, help="stop after this many minutes")
+
+
+def class_map(class_names: Sequence[str]) -> Dict[str, int]:
+    return {name: i for i, name in enumerate(class_names)}
+
+
+def build_datasets(args, class_names: Sequence[str], size: int):
+    """(train, val) datasets; validation is the held-out CoNSeP sources, centre crops, no augment."""
+    root = Path(args.data)
+    if not root.is_dir():
+        sys.exit(f"data directory {root} not found (pass --data)")
+    val_sources = [int(s) for s in args.val_sources.split(",") if s]
+    cmap = class_map(class_names)
+    train_parts, val = [], None
+    for set_name in [s for s in args.sets.split(",") if s]:
+        set_dir = root / set_name
+        if not set_dir.is_dir():
+            sys.exit(f"set {set_name!r} not found under {root}")
+        if set_name.startswith("consep"):
+            train_parts.append(NucleiDataset(set_dir, size=size, augment=True, split="train",
+                                             val_sources=val_sources, class_map=cmap, cache=True))
+            val = NucleiDataset(set_dir, size=size, augment=False, split="val", val_sources=val_sources,
+                                class_map=cmap, crop="center", cache=True)
+        else:
+            train_parts.append(NucleiDataset(set_dir, size=size, augment=True, class_map=cmap, cache=True))
+    if not train_parts:
+        sys.exit("no training sets selected")
+    train = ConcatDataset(train_parts) if len(train_parts) > 1 else train_parts[0]
+    if val is not None and args.val_limit:
+        val.names = val.names[: args.val_limit]
+    return train, val
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, collate):
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      collate_fn=collate, generator=generator, drop_last=shuffle)
+
+
+class RunLog:
+    """Append-only JSON-lines log (one record per step summary and per epoch), easy to plot."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        record = {"time": time.time(), **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: Path, model, optimizer, scheduler, epoch: int, best: Dict[str, Any],
+                        extra: Optional[Dict[str, Any]] = None) -> None:
+    """Everything needed to resume exactly: weights, optimiser, scheduler, RNGs, epoch."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "model": model.state_dict(),
+        "config": model.config.to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": epoch,
+        "best": best,
+        "rng": rng_state(),
+        "extra": extra or {},
+    }, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_state(path: Path, model, optimizer, scheduler) -> Dict[str, Any]:
+    state = torch.load(path, map_location="cpu")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def progress(epoch: int, epochs: int, step: int, steps: int, started: float, losses: Dict[str, float]) -> None:
+    elapsed = time.time() - started
+    rate = step / elapsed if elapsed > 0 else 0.0
+    eta = (steps - step) / rate if rate > 0 else 0.0
+    parts = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+    print(f"epoch {epoch}/{epochs} step {step}/{steps} {rate:.2f} it/s eta {eta:.0f}s {parts}",
+          file=sys.stderr, flush=True)
+
+
+def mean_dict(records: List[Dict[str, float]]) -> Dict[str, float]:
+    keys = records[0].keys() if records else []
+    return {k: float(np.mean([r[k] for r in records])) for k in keys}

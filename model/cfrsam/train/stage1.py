@@ -1,0 +1,159 @@
+"""Stage 1: train the prompt learner (paper §3.3).
+
+    python -m cfrsam.train.stage1 --out runs/stage1 [--config tiny] [--epochs 40] [--resume]
+
+Hungarian matching of anchors to ground-truth centroids (score p_class(gt) - 0.1 * distance),
+cross-entropy with a background weight, regression loss on matched anchors, focal loss on the
+auxiliary foreground mask. Validation each epoch on held-out CoNSeP sources: detection precision,
+recall and F1 (centroids paired one-to-one within --radius px) and type accuracy, the definitions
+of the evaluation module. Writes OUT/last.pt (resumable), OUT/best.pt (a CFR-SAM checkpoint whose
+prompt learner is the best by detection F1) and OUT/log.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..build import build_cfr_sam
+from ..checkpoint import save_checkpoint
+from ..data import collate_nuclei
+from ..metrics import pair_points
+from ..prompt_learner import PromptLearnerLoss, decode_prompts
+from . import common
+
+
+def validate(model, loader, device, radius: float, min_foreground: float, nms_radius: float):
+    """Pooled detection counts over the validation set."""
+    tp = fp = fn = correct = 0
+    model.prompt_learner.eval()
+    with torch.no_grad():
+        for batch in loader:
+            out = model.prompt_learner(batch["image"].to(device))
+            for i, det in enumerate(decode_prompts(out["points"], out["logits"], min_foreground)):
+                pts, cls, scores = (det["points"].cpu().numpy(), det["classes"].cpu().numpy(),
+                                    det["scores"].cpu().numpy())
+                keep = point_nms(pts, scores, nms_radius)
+                pts, cls = pts[keep], cls[keep]
+                gt = batch["centroids"][i].numpy()
+                gt_cls = batch["classes"][i].numpy()
+                pairs = pair_points(gt, pts, radius)
+                tp += len(pairs)
+                fp += len(pts) - len(pairs)
+                fn += len(gt) - len(pairs)
+                correct += int(sum(gt_cls[g] == cls[p] for g, p in pairs))
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    return {"det_precision": precision, "det_recall": recall,
+            "det_f1": 2 * tp / max(2 * tp + fp + fn, 1), "type_accuracy": correct / max(tp, 1)}
+
+
+def point_nms(points: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression of points closer than radius (as the prompter service)."""
+    order = np.argsort(-scores)
+    kept = []
+    for i in order:
+        if all(np.hypot(*(points[i] - points[j])) >= radius for j in kept):
+            kept.append(i)
+    return np.array(sorted(kept), dtype=np.int64)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    parser.add_argument("--background-weight", type=float, default=0.4)
+    parser.add_argument("--regression-weight", type=float, default=5e-3)
+    parser.add_argument("--radius", type=float, default=12.0, help="detection pairing radius (px)")
+    parser.add_argument("--min-foreground", type=float, default=0.5)
+    parser.add_argument("--nms-radius", type=float, default=4.0)
+    args = parser.parse_args(argv)
+
+    common.seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = common.RunLog(out / "log.jsonl")
+
+    try:
+        model = build_cfr_sam(args.config, seed=args.seed)
+    except ValueError as e:
+        sys.exit(str(e))
+    model.to(device)
+    size = model.config.input_size
+    train_set, val_set = common.build_datasets(args, model.config.class_names, size)
+    train_loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed, collate_nuclei)
+    val_loader = common.make_loader(val_set, args.batch_size, False, 0, args.seed, collate_nuclei) if val_set else None
+
+    learner = model.prompt_learner
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in learner.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(learner.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(train_loader) if not args.steps_per_epoch else min(args.steps_per_epoch, len(train_loader))
+    total_steps = max(1, steps_per_epoch * args.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    criterion = PromptLearnerLoss(background_weight=args.background_weight, regression_weight=args.regression_weight)
+
+    start_epoch, best = 1, {"det_f1": -1.0}
+    if args.resume and (out / "last.pt").exists():
+        state = common.load_training_state(out / "last.pt", model, optimizer, scheduler)
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}", file=sys.stderr)
+    log.write({"event": "start", "stage": 1, "args": vars(args), "train_images": len(train_set),
+               "val_images": len(val_set) if val_set else 0, "device": str(device)})
+
+    began = time.time()
+    for epoch in range(start_epoch, args.epochs + 1):
+        learner.train()
+        started, records = time.time(), []
+        for step, batch in enumerate(train_loader, 1):
+            if step > steps_per_epoch:
+                break
+            outputs = learner(batch["image"].to(device))
+            targets = {"centroids": [c.to(device) for c in batch["centroids"]],
+                       "classes": [c.to(device) for c in batch["classes"]],
+                       "foreground": batch["foreground"].to(device)}
+            losses = criterion(outputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(learner.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            records.append({k: float(v) for k, v in losses.items() if k != "num_matched"})
+            if step % 10 == 0 or step == steps_per_epoch:
+                common.progress(epoch, args.epochs, step, steps_per_epoch, started, common.mean_dict(records[-10:]))
+        train_summary = common.mean_dict(records)
+        val = validate(model, val_loader, device, args.radius, args.min_foreground, args.nms_radius) if val_loader else {}
+        record = {"event": "epoch", "stage": 1, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                  "seconds": time.time() - started, **{f"train_{k}": v for k, v in train_summary.items()},
+                  **{f"val_{k}": v for k, v in val.items()}}
+        log.write(record)
+        print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items()
+                                             if isinstance(v, float)), file=sys.stderr, flush=True)
+        if val and val["det_f1"] > best["det_f1"]:
+            best = {"epoch": epoch, **val}
+            save_checkpoint(out / "best.pt", model.cpu(), training={"stage1": {"epoch": epoch, "args": vars(args)}},
+                            metrics={"stage1": val})
+            model.to(device)
+        common.save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best)
+        if args.time_budget and (time.time() - began) / 60 > args.time_budget:
+            print(f"time budget of {args.time_budget} min reached after epoch {epoch}", file=sys.stderr)
+            break
+    if not val_loader:
+        save_checkpoint(out / "best.pt", model.cpu(), training={"stage1": {"args": vars(args)}})
+    log.write({"event": "end", "stage": 1, "best": best})
+    print(f"best: {best}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""Stage 2: SAM adaptation (paper §3.4-3.7).
+
+    python -m cfrsam.train.stage2 --out runs/stage2 --stage1 runs/stage1/best.pt [--sam-checkpoint sam.pth]
+
+Point prompts are ground-truth centroids (jittered by a pixel or two), at most --max-prompts (25)
+nuclei sampled per image. Loss: L_mask(coarse) + L_mask(refined) + lambda_b * L_boundary with
+L_mask = 20 focal + dice + IoU-prediction MSE; BGMR is trained in the refinement mode of the config
+(a window around each prompt by default). With --sam-checkpoint the SAM backbone is frozen and only
+the adapters (MALA/LoRA/Adapter), HMFM, prompt encoder, mask decoder and BGMR train (PEFT); without
+one (no SAM weights can be obtained here) the small config trains fully. The prompt learner from
+--stage1 is carried along untouched, so OUT/best.pt is a complete CFR-SAM checkpoint to export.
+
+Validation each epoch on held-out CoNSeP sources runs the whole pipeline (prompter -> encoder ->
+decoder -> overlap resolution) and reports bPQ, mPQ, AJI and detection F1 (cfrsam.metrics, the
+definitions of the evaluation module); also bPQ with ground-truth prompts, which isolates stage 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..build import build_cfr_sam
+from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from ..data import collate_nuclei
+from ..inference import segment_tile
+from ..losses import cfr_sam_loss
+from ..metrics import MetricAccumulator
+from ..modeling.peft import configure_trainable
+from . import common
+
+
+def sample_prompts(batch, max_prompts: int, jitter: float, size: int, rng: np.random.Generator):
+    """Per image up to max_prompts nuclei: coords [B,P,1,2], labels [B,P,1], targets [B,P,S,S], valid [B,P]."""
+    b = len(batch["centroids"])
+    coords = torch.zeros(b, max_prompts, 1, 2)
+    labels = -torch.ones(b, max_prompts, 1)
+    targets = torch.zeros(b, max_prompts, size, size)
+    valid = torch.zeros(b, max_prompts, dtype=torch.bool)
+    for i in range(b):
+        cents = batch["centroids"][i]
+        n = cents.shape[0]
+        if n == 0:
+            continue
+        chosen = rng.choice(n, size=min(n, max_prompts), replace=False)
+        for j, k in enumerate(chosen):
+            xy = cents[k].numpy() + rng.normal(0, jitter, 2)
+            # The centroid of a concave nucleus can fall outside it; a prompt on the nucleus is
+            # what a user or the prompter gives, so snap to the nearest pixel of the nucleus.
+            mask = batch["instances"][i] == int(k) + 1
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            if len(xs) == 0:
+                continue
+            d = (xs.float() + 0.5 - float(xy[0])) ** 2 + (ys.float() + 0.5 - float(xy[1])) ** 2
+            nearest = int(torch.argmin(d))
+            if float(d[nearest]) > 0.0 and not bool(mask[int(np.clip(xy[1], 0, size - 1)), int(np.clip(xy[0], 0, size - 1))]):
+                xy = np.array([float(xs[nearest]) + 0.5, float(ys[nearest]) + 0.5])
+            coords[i, j, 0] = torch.tensor(np.clip(xy, 0, size - 1e-3), dtype=torch.float32)
+            labels[i, j, 0] = 1.0
+            targets[i, j] = mask.float()
+            valid[i, j] = True
+    return coords, labels, targets, valid
+
+
+def validate(model, dataset, device, limit: int, radius: float, pipeline: bool = True):
+    """Whole-pipeline metrics on the validation tiles (when `pipeline`), plus bPQ with ground-truth prompts."""
+    acc = MetricAccumulator(num_classes=model.config.num_classes, radius=radius)
+    acc_gt = MetricAccumulator(num_classes=model.config.num_classes, radius=radius)
+    n = len(dataset) if not limit else min(limit, len(dataset))
+    for idx in range(n):
+        item = dataset[idx]
+        image = item["image"][None].to(device)
+        gt = item["instances"].numpy()
+        gt_classes = {i + 1: int(c) for i, c in enumerate(item["classes"].tolist())}
+        if pipeline:
+            pred, pred_classes = segment_tile(model, image)
+            acc.add(gt, pred, gt_classes, pred_classes)
+        if len(item["centroids"]):
+            pred_gt, _ = segment_tile(model, image, points=item["centroids"].numpy())
+            acc_gt.add(gt, pred_gt)
+    summary = acc.summary() if pipeline else {}
+    summary["bpq_gt_prompts"] = acc_gt.summary()["bpq"]
+    summary["aji_gt_prompts"] = acc_gt.summary()["aji"]
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    parser.add_argument("--stage1", help="stage-1 checkpoint (its prompt learner is kept)")
+    parser.add_argument("--sam-checkpoint", help="official SAM weights: PEFT mode with a frozen backbone")
+    parser.add_argument("--max-prompts", type=int, default=25)
+    parser.add_argument("--jitter", type=float, default=1.5, help="prompt jitter (px, std)")
+    parser.add_argument("--lambda-b", type=float, default=1.0)
+    parser.add_argument("--radius", type=float, default=12.0)
+    parser.add_argument("--val-every", type=int, default=1)
+    parser.add_argument("--select", default="",
+                        help="validation metric that picks best.pt (default: bpq with --stage1, else bpq_gt_prompts)")
+    args = parser.parse_args(argv)
+
+    common.seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = common.RunLog(out / "log.jsonl")
+
+    try:
+        model = build_cfr_sam(args.config, sam_checkpoint=args.sam_checkpoint, seed=args.seed)
+        stage1_info = None
+        if args.stage1:
+            stage1 = read_checkpoint(args.stage1)
+            state = {k: v for k, v in stage1["model"].items() if k.startswith("prompt_learner.")}
+            if not state:
+                sys.exit(f"{args.stage1} holds no prompt learner weights")
+            model.prompt_learner.load_state_dict({k[len("prompt_learner."):]: v for k, v in state.items()})
+            stage1_info = {"checkpoint": str(args.stage1), "training": stage1.get("training"),
+                           "metrics": stage1.get("metrics")}
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        sys.exit(str(e))
+    configure_trainable(model, model.backbone_pretrained)
+    for p in model.prompt_learner.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    size = model.config.input_size
+    train_set, val_set = common.build_datasets(args, model.config.class_names, size)
+    loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed, collate_nuclei)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    print(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
+          f"({'PEFT, frozen backbone' if model.backbone_pretrained else 'full training'})", file=sys.stderr)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(loader) if not args.steps_per_epoch else min(args.steps_per_epoch, len(loader))
+    total_steps = max(1, steps_per_epoch * args.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+
+    # Without a trained prompt learner the whole-pipeline numbers are noise; ground-truth prompts
+    # then measure what this stage learns.
+    select = args.select or ("bpq" if args.stage1 else "bpq_gt_prompts")
+    start_epoch, best = 1, {select: -1.0}
+    if args.resume and (out / "last.pt").exists():
+        state = common.load_training_state(out / "last.pt", model, optimizer, scheduler)
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}", file=sys.stderr)
+    log.write({"event": "start", "stage": 2, "args": vars(args), "train_images": len(train_set),
+               "val_images": len(val_set) if val_set else 0, "device": str(device),
+               "trainable": sum(p.numel() for p in params)})
+    rng = np.random.default_rng(args.seed + start_epoch)
+
+    began = time.time()
+    for epoch in range(start_epoch, args.epochs + 1):
+        model.train()
+        model.prompt_learner.eval()
+        started, records = time.time(), []
+        for step, batch in enumerate(loader, 1):
+            if step > steps_per_epoch:
+                break
+            coords, labels, targets, valid = sample_prompts(batch, args.max_prompts, args.jitter, size, rng)
+            if not valid.any():
+                continue
+            image = batch["image"].to(device)
+            b, p = valid.shape
+            prepared = model.prepare(model.encode(image), image)
+            flat_valid = valid.reshape(-1)
+            image_index = torch.arange(b).repeat_interleave(p)[flat_valid].to(device)
+            mask_logits, origin, iou, coarse, boundary = model.decode_prompts(
+                *prepared, coords.reshape(b * p, 1, 2)[flat_valid].to(device),
+                labels.reshape(b * p, 1)[flat_valid].to(device), image_index=image_index)
+            losses = cfr_sam_loss(coarse, mask_logits, boundary,
+                                  targets.reshape(b * p, size, size)[flat_valid].to(device), iou,
+                                  lambda_b=args.lambda_b, window_origin=origin)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            records.append({k: float(v) for k, v in losses.items()})
+            if step % 10 == 0 or step == steps_per_epoch:
+                common.progress(epoch, args.epochs, step, steps_per_epoch, started, common.mean_dict(records[-10:]))
+        train_summary = common.mean_dict(records) if records else {}
+        val = {}
+        if val_set is not None and (epoch % args.val_every == 0 or epoch == args.epochs):
+            model.eval()
+            val = validate(model, val_set, device, args.val_limit, args.radius, pipeline=bool(args.stage1))
+        record = {"event": "epoch", "stage": 2, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                  "seconds": time.time() - started, **{f"train_{k}": v for k, v in train_summary.items()},
+                  **{f"val_{k}": v for k, v in val.items()}}
+        log.write(record)
+        print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items()
+                                             if isinstance(v, float)), file=sys.stderr, flush=True)
+        if val and val[select] > best.get(select, -1.0):
+            best = {"epoch": epoch, **val}
+            save_checkpoint(out / "best.pt", model.cpu(),
+                            training={"stage1": stage1_info, "stage2": {"epoch": epoch, "args": vars(args),
+                                                                        "log": str(out / "log.jsonl")}},
+                            metrics={"validation": val, "split": f"CoNSeP sources {args.val_sources} held out"})
+            model.to(device)
+        common.save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best)
+        if args.time_budget and (time.time() - began) / 60 > args.time_budget:
+            print(f"time budget of {args.time_budget} min reached after epoch {epoch}", file=sys.stderr)
+            break
+    log.write({"event": "end", "stage": 2, "best": best})
+    print(f"best: {best}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""Dataset loader on small synthetic fixtures (and, when present, the shared data)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cfrsam.data import (
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    UNKNOWN_CLASS,
+    AugmentConfig,
+    NucleiDataset,
+    collate_nuclei,
+    default_data_root,
+    flip_rotate,
+    instance_centroids,
+    list_samples,
+    random_color,
+    read_labels,
+    source_of,
+    split_by_source,
+)
+
+torch.set_num_threads(1)
+
+
+def write_sample(root: Path, name: str, labels: np.ndarray, meta: dict, image=None) -> None:
+    h, w = labels.shape
+    if image is None:
+        rng = np.random.default_rng(abs(hash(name)) % 2**32)
+        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    Image.fromarray(image).save(root / f"{name}.png")
+    Image.fromarray(labels.astype(np.uint16)).save(root / f"{name}.labels.png")
+    meta = dict(meta, instances=int(labels.max()))
+    (root / f"{name}.json").write_text(json.dumps(meta))
+
+
+def blocks(h, w, boxes):
+    """Instance map with nucleus i + 1 filling boxes[i] = (row0, col0, rows, cols)."""
+    labels = np.zeros((h, w), dtype=np.int32)
+    for i, (r, c, nr, nc) in enumerate(boxes):
+        labels[r : r + nr, c : c + nc] = i + 1
+    return labels
+
+
+def box_centroid(r, c, nr, nc):
+    return (c + nc / 2.0, r + nr / 2.0)
+
+
+BOXES = [(10, 20, 4, 4), (40, 5, 3, 5), (2, 50, 6, 2), (50, 52, 5, 5)]
+
+
+@pytest.fixture()
+def fixture_dir(tmp_path):
+    labels = blocks(64, 64, BOXES)
+    write_sample(
+        tmp_path,
+        "train_1_000",
+        labels,
+        {"source": "synthetic", "classNames": ["a", "b", "c"], "classes": {"1": 2, "2": 0, "3": 1}},
+    )  # nucleus 4 has no class
+    write_sample(tmp_path, "train_1_001", labels, {"source": "synthetic", "classNames": ["a", "b", "c"], "classes": {"1": 1, "2": 1, "3": 1, "4": 1}})
+    write_sample(tmp_path, "train_2_000", labels, {"source": "synthetic", "classNames": ["nucleus"], "mpp": 0.25})
+    return tmp_path
+
+
+def test_label_png_16_bit_roundtrip(tmp_path):
+    labels = np.array([[0, 1, 255, 256], [1000, 40000, 65535, 7]], dtype=np.uint16)
+    Image.fromarray(labels).save(tmp_path / "x.labels.png")
+    with Image.open(tmp_path / "x.labels.png") as im:
+        assert im.mode in ("I;16", "I")
+    read = read_labels(tmp_path / "x.labels.png")
+    assert read.dtype == np.int32
+    assert np.array_equal(read, labels.astype(np.int32))
+    Image.fromarray(np.zeros((2, 2, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="grey"):
+        read_labels(tmp_path / "rgb.png")
+
+
+def test_centroids_use_pixel_centres():
+    labels = blocks(64, 64, BOXES)
+    centroids, counts = instance_centroids(labels)
+    for i, box in enumerate(BOXES):
+        assert tuple(centroids[i + 1]) == pytest.approx(box_centroid(*box))
+        assert counts[i + 1] == box[2] * box[3]
+    single = np.zeros((3, 3), dtype=np.int32)
+    single[1, 2] = 1  # pixel (row 1, col 2) -> centre (2.5, 1.5)
+    assert tuple(instance_centroids(single)[0][1]) == (2.5, 1.5)
+
+
+def test_whole_image_sample(fixture_dir):
+    ds = NucleiDataset(fixture_dir, names=["train_1_000"], size=64, crop="center")
+    item = ds[0]
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+    assert item["centroids"].tolist() == [list(box_centroid(*b)) for b in BOXES]
+    assert item["classes"].tolist() == [2, 0, 1, UNKNOWN_CLASS]
+    assert item["instances"].dtype == torch.int64
+    assert torch.equal(item["instances"], torch.from_numpy(blocks(64, 64, BOXES)).long())
+    assert torch.equal(item["foreground"], (item["instances"] > 0).float())
+    rgb = np.asarray(Image.open(fixture_dir / "train_1_000.png"), dtype=np.float32)
+    expected = (rgb - np.array(SAM_PIXEL_MEAN)) / np.array(SAM_PIXEL_STD)
+    assert np.allclose(item["image"].numpy().transpose(1, 2, 0), expected, atol=1e-5)
+    assert item["mpp"] is None and item["name"] == "train_1_000"
+
+
+def test_class_map_and_single_class_sets(fixture_dir):
+    ds = NucleiDataset(fixture_dir, size=64, class_map={"b": 0, "c": 1, "nucleus": 0})
+    by_name = {ds.names[i]: ds[i] for i in range(len(ds))}
+    assert by_name["train_1_000"]["classes"].tolist() == [1, UNKNOWN_CLASS, 0, UNKNOWN_CLASS]
+    assert by_name["train_1_001"]["classes"].tolist() == [0, 0, 0, 0]
+    assert by_name["train_2_000"]["classes"].tolist() == [0, 0, 0, 0]
+    assert by_name["train_2_000"]["mpp"] == 0.25
+    unmapped = NucleiDataset(fixture_dir, names=["train_2_000"], size=64, class_map={"a": 0})
+    assert unmapped[0]["classes"].tolist() == [UNKNOWN_CLASS] * 4
+
+
+def test_crop_drops_nuclei_whose_centroid_is_outside(tmp_path):
+    # The centre crop of 32 from 64 is [16, 48)^2.
+    boxes = [
+        (20, 20, 4, 4),  # inside, centroid (22, 22)
+        (44, 30, 6, 4),  # cut by the crop's bottom edge, centroid (32, 47) inside
+        (46, 10, 6, 8),  # cut, centroid (14, 49) outside, but 4 of its pixels are in the crop
+        (2, 2, 3, 3),  # far outside
+    ]
+    write_sample(tmp_path, "tile", blocks(64, 64, boxes), {"classNames": ["nucleus"]})
+    item = NucleiDataset(tmp_path, size=32, crop="center")[0]
+    assert item["origin"] == (16, 16)
+    assert item["instance_ids"].tolist() == [1, 2]
+    assert item["centroids"].tolist() == [[6.0, 6.0], [16.0, 31.0]]
+    instances, foreground = item["instances"], item["foreground"]
+    assert instances.max().item() == 2
+    assert (instances == 2).sum().item() == 4 * 4  # the visible part of nucleus 2
+    dropped = (foreground > 0) & (instances == 0)
+    assert dropped.sum().item() == 2 * 2 and dropped[30:32, 0:2].all()
+
+
+def test_random_crop_keeps_instances_and_centroids_consistent(tmp_path):
+    rng = np.random.default_rng(0)
+    boxes = [(int(r), int(c), 3, 3) for r, c in rng.integers(0, 97, size=(40, 2))]
+    labels = blocks(100, 100, boxes)
+    # Later boxes overwrite earlier ones; keep the instance map contiguous.
+    ids = np.unique(labels[labels > 0])
+    lookup = np.zeros(labels.max() + 1, dtype=np.int32)
+    lookup[ids] = np.arange(1, len(ids) + 1)
+    labels = lookup[labels]
+    write_sample(tmp_path, "big", labels, {"classNames": ["nucleus"]})
+    full_centroids, _ = instance_centroids(labels)
+    ds = NucleiDataset(tmp_path, size=32, crop="random")
+    torch.manual_seed(0)
+    for _ in range(5):
+        item = ds[0]
+        x0, y0 = item["origin"]
+        cents = item["centroids"].numpy()
+        assert ((cents >= 0) & (cents < 32)).all()
+        expected = full_centroids[item["instance_ids"].numpy()] - [x0, y0]
+        assert np.allclose(cents, expected, atol=1e-5)
+        # Every nucleus whose centroid falls inside the crop is listed.
+        inside = (full_centroids[1:] - [x0, y0] >= 0).all(1) & (full_centroids[1:] - [x0, y0] < 32).all(1)
+        assert set(item["instance_ids"].tolist()) == set((np.nonzero(inside)[0] + 1).tolist())
+        crop = labels[y0 : y0 + 32, x0 : x0 + 32]
+        assert torch.equal(item["foreground"], torch.from_numpy((crop > 0).astype(np.float32)))
+
+
+def test_small_images_are_padded(tmp_path):
+    write_sample(tmp_path, "small", blocks(20, 24, [(2, 3, 4, 4)]), {"classNames": ["nucleus"]})
+    item = NucleiDataset(tmp_path, size=32)[0]
+    assert item["image"].shape == (3, 32, 32)
+    assert item["centroids"].tolist() == [[5.0, 4.0]]
+    white = (255 - np.array(SAM_PIXEL_MEAN)) / np.array(SAM_PIXEL_STD)
+    assert np.allclose(item["image"][:, 31, 31].numpy(), white, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", range(4))
+@pytest.mark.parametrize("flip", [False, True])
+def test_flip_rotate_moves_centroids_exactly(k, flip):
+    labels = blocks(48, 40, BOXES[:3])
+    image = np.random.default_rng(0).integers(0, 256, size=(48, 40, 3), dtype=np.uint8)
+    cents = instance_centroids(labels)[0][1:].astype(np.float32)
+    image2, labels2, cents2 = flip_rotate(image, labels, cents, k, flip)
+    assert image2.shape[:2] == labels2.shape
+    assert np.allclose(instance_centroids(labels2)[0][1:], cents2, atol=1e-5)
+
+
+def test_augmented_items(fixture_dir):
+    cfg = AugmentConfig(scale_range=(0.8, 1.25), color_prob=1.0, stain_prob=1.0, noise_prob=1.0)
+    ds = NucleiDataset(fixture_dir, names=["train_1_000"], size=32, augment=cfg)
+    torch.manual_seed(1)
+    for _ in range(6):
+        item = ds[0]
+        assert item["image"].shape == (3, 32, 32)
+        assert torch.isfinite(item["image"]).all()
+        cents = item["centroids"]
+        assert ((cents >= 0) & (cents < 32)).all()
+        assert len(cents) == len(item["classes"]) == len(item["instance_ids"])
+        assert item["instances"].max().item() <= len(cents)
+    rng = np.random.default_rng(0)
+    rgb = rng.uniform(0, 255, size=(8, 8, 3)).astype(np.float32)
+    out = random_color(rgb, rng, cfg)
+    assert out.shape == rgb.shape and out.min() >= 0 and out.max() <= 255
+
+
+def test_collate_variable_nuclei(fixture_dir):
+    ds = NucleiDataset(fixture_dir, size=32, crop="center")
+    batch = collate_nuclei([ds[0], ds[2]])
+    assert batch["image"].shape == (2, 3, 32, 32)
+    assert batch["instances"].shape == (2, 32, 32)
+    assert batch["foreground"].shape == (2, 32, 32)
+    assert isinstance(batch["centroids"], list) and len(batch["centroids"]) == 2
+    assert batch["name"] == [ds.names[0], ds.names[2]]
+
+
+def test_split_by_source():
+    names = ["train_1_000", "train_1_001", "train_10_000", "train_2_005", "image01"]
+    assert [source_of(n) for n in names] == ["1", "1", "10", "2", "image01"]
+    train, val = split_by_source(names, [1, "image01"])
+    assert val == ["train_1_000", "train_1_001", "image01"]
+    assert train == ["train_10_000", "train_2_005"]
+    assert not set(train) & set(val)
+
+
+def test_dataset_split_argument(fixture_dir):
+    assert NucleiDataset(fixture_dir, split="val", val_sources=[2]).names == ["train_2_000"]
+    assert NucleiDataset(fixture_dir, split="train", val_sources=[2]).names == [
+        "train_1_000",
+        "train_1_001",
+    ]
+    with pytest.raises(ValueError):
+        NucleiDataset(fixture_dir, split="val")
+    assert list_samples(fixture_dir) == ["train_1_000", "train_1_001", "train_2_000"]
+
+
+REAL = default_data_root()
+
+
+@pytest.mark.skipif(
+    not (REAL / "consep-train").is_dir(),
+    reason=f"shared data not found at {REAL} (set CFRSAM_DATA to the data directory)",
+)
+def test_real_data_reads_exactly():
+    names = list_samples(REAL / "consep-train")
+    assert len({source_of(n) for n in names}) > 1
+    for subset in ("consep-train", "monuseg-train"):
+        ds = NucleiDataset(REAL / subset, names=list_samples(REAL / subset)[:1], size=256, crop="center")
+        meta = json.loads((REAL / subset / f"{ds.names[0]}.json").read_text())
+        labels = read_labels(REAL / subset / f"{ds.names[0]}.labels.png")
+        assert labels.max() == meta["instances"]
+        assert len(np.unique(labels)) == meta["instances"] + 1
+        item = ds[0]
+        assert item["image"].shape == (3, 256, 256)
+        assert len(item["centroids"]) > 0
+        assert (item["classes"] >= 0).all()

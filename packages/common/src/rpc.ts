@@ -1,0 +1,98 @@
+// Server-side call handling shared by every service: a wrapper that turns an async function into a
+// grpc-js unary handler which never throws (every error becomes a status with a message), keeps
+// the in-flight count, opens a server span in the caller's trace, records the call's duration and
+// aborts a signal when the caller cancels or the deadline passes (so queued inference is dropped).
+import { status, type handleUnaryCall, type Metadata, type ServerUnaryCall } from '@grpc/grpc-js';
+import { context, SpanKind, SpanStatusCode, trace, type Span } from '@opentelemetry/api';
+import { toServiceError } from './status';
+import { serviceMetrics } from './telemetry';
+import { extractTraceContext, getTracer } from './tracing';
+
+/** What a wrapped handler gets besides the request. */
+export interface CallContext {
+  /** The server span of this call; add attributes (SpanAttributes) to it. */
+  span: Span;
+  /** Aborted when the client cancels or the call's deadline passes. */
+  signal: AbortSignal;
+  /** The caller's deadline, if any: pass it on to child calls (unary(..., { deadline })). */
+  deadline: Date | undefined;
+  metadata: Metadata;
+  /** Full method path, e.g. "/cfrsam.v1.Encoder/Encode". */
+  method: string;
+}
+
+let inFlight = 0;
+
+/** gRPC calls being handled by this process right now. */
+export function inFlightCalls(): number {
+  return inFlight;
+}
+
+function deadlineOf(call: ServerUnaryCall<unknown, unknown>): Date | undefined {
+  const d = call.getDeadline();
+  if (d instanceof Date) return d;
+  if (typeof d === 'number' && Number.isFinite(d)) return new Date(d);
+  return undefined;
+}
+
+/**
+ * Wraps `fn` as a unary handler. `method` is the span and metric name (e.g. "cfrsam.v1.Encoder/Encode").
+ * Whatever `fn` throws is answered with its status (see toServiceError); unknown errors become
+ * INTERNAL and are logged, since they are bugs.
+ */
+export function unaryHandler<Req, Res>(
+  method: string,
+  fn: (request: Req, ctx: CallContext) => Promise<Res>,
+): handleUnaryCall<Req, Res> {
+  return (call, callback) => {
+    inFlight++;
+    const metrics = serviceMetrics();
+    metrics.inFlight(method, 1);
+    const started = performance.now();
+    const parent = extractTraceContext(call.metadata);
+    const span = getTracer().startSpan(method, { kind: SpanKind.SERVER }, parent);
+    const controller = new AbortController();
+    const deadline = deadlineOf(call as ServerUnaryCall<unknown, unknown>);
+    let timer: NodeJS.Timeout | undefined;
+    if (deadline) {
+      const ms = deadline.getTime() - Date.now();
+      timer = setTimeout(() => controller.abort(new Error('deadline exceeded')), Math.max(0, ms));
+      timer.unref();
+    }
+    const onCancel = () => controller.abort(new Error('cancelled by the client'));
+    call.once('cancelled', onCancel);
+    let done = false;
+    const finish = (err: unknown, response?: Res) => {
+      if (done) return;
+      done = true;
+      if (timer) clearTimeout(timer);
+      call.removeListener('cancelled', onCancel);
+      inFlight--;
+      metrics.inFlight(method, -1);
+      if (err) {
+        const serviceError = toServiceError(err);
+        if (serviceError.code === status.INTERNAL || serviceError.code === status.UNKNOWN) {
+          console.error(`${method}: ${serviceError.details}${err instanceof Error && err.stack ? `\n${err.stack}` : ''}`);
+        }
+        span.setStatus({ code: SpanStatusCode.ERROR, message: serviceError.details });
+        span.setAttribute('rpc.grpc.status_code', serviceError.code);
+        span.end();
+        metrics.rpc(method, status[serviceError.code], (performance.now() - started) / 1000);
+        callback(serviceError);
+      } else {
+        span.setAttribute('rpc.grpc.status_code', status.OK);
+        span.end();
+        metrics.rpc(method, 'OK', (performance.now() - started) / 1000);
+        callback(null, response);
+      }
+    };
+    const ctx: CallContext = { span, signal: controller.signal, deadline, metadata: call.metadata, method: `/${method}` };
+    try {
+      context
+        .with(trace.setSpan(parent, span), () => fn(call.request, ctx))
+        .then((response) => finish(null, response), (err: unknown) => finish(err));
+    } catch (err) {
+      finish(err);
+    }
+  };
+}

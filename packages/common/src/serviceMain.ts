@@ -1,0 +1,55 @@
+// What every stage service's main() shares: the common flags (with environment fallbacks and
+// defaults that start a working service from a fresh clone), process-level telemetry setup, and
+// exit codes for bad configuration or a failed start.
+import { ConfigError, defaultBundleDir, type FlagSpec } from './config';
+import { initServiceMetrics, type ServiceMetrics } from './telemetry';
+import { initTracing, type TraceExporterKind, type Tracing } from './tracing';
+
+/** Flags of every stage service; `defaultPort` differs per service. */
+export function stageServiceFlags(defaultPort: number) {
+  return {
+    port: { type: 'int', env: 'PORT', default: defaultPort, help: 'gRPC port' },
+    host: { type: 'string', env: 'HOST', default: '0.0.0.0', help: 'address to listen on' },
+    bundle: { type: 'string', env: 'CFRSAM_BUNDLE', default: defaultBundleDir(), help: 'model bundle directory' },
+    workers: { type: 'int', env: 'CFRSAM_WORKERS', default: 1, help: 'inference worker threads' },
+    intraOpThreads: { type: 'int', env: 'CFRSAM_INTRA_OP_THREADS', default: 1, help: 'onnxruntime threads per worker' },
+    maxQueue: { type: 'int', env: 'CFRSAM_MAX_QUEUE', default: 64, help: 'inference jobs that may wait; more get RESOURCE_EXHAUSTED' },
+    executionProviders: { type: 'string', env: 'CFRSAM_EXECUTION_PROVIDERS', default: 'cpu', help: 'onnxruntime providers, comma separated (e.g. cuda,cpu)' },
+    maxMessageMb: { type: 'int', env: 'CFRSAM_MAX_MESSAGE_MB', default: 64, help: 'max gRPC message size in MiB' },
+    metricsPort: { type: 'int', env: 'METRICS_PORT', default: 0, help: 'Prometheus /metrics port (0: off)' },
+    tracing: { type: 'string', env: 'CFRSAM_TRACING', default: 'none', help: 'trace exporter: otlp, memory or none' },
+    otlpEndpoint: { type: 'string', env: 'OTEL_EXPORTER_OTLP_ENDPOINT', default: 'http://localhost:4317', help: 'OTLP/gRPC collector' },
+    shutdownGraceMs: { type: 'int', env: 'CFRSAM_SHUTDOWN_GRACE_MS', default: 15000, help: 'drain time for in-flight calls on SIGTERM' },
+  } satisfies Record<string, FlagSpec>;
+}
+
+/** Starts tracing and service metrics for a service process. */
+export async function initServiceTelemetry(options: {
+  serviceName: string;
+  tracing: string;
+  otlpEndpoint: string;
+  metricsPort: number;
+}): Promise<{ tracing: Tracing; metrics: ServiceMetrics }> {
+  if (!['otlp', 'memory', 'none'].includes(options.tracing)) {
+    throw new ConfigError(`--tracing must be otlp, memory or none, got "${options.tracing}"`);
+  }
+  const tracing = initTracing({
+    serviceName: options.serviceName,
+    exporter: options.tracing as TraceExporterKind,
+    endpoint: options.otlpEndpoint,
+  });
+  const metrics = await initServiceMetrics({ serviceName: options.serviceName, port: options.metricsPort });
+  return { tracing, metrics };
+}
+
+/** Runs a service's main(): configuration errors exit 2 with the message, other failures exit 1. */
+export function runMain(name: string, main: () => Promise<unknown>): void {
+  main().catch((err: unknown) => {
+    if (err instanceof ConfigError) {
+      console.error(`${name}: ${err.message}`);
+      process.exit(2);
+    }
+    console.error(`${name}: failed to start: ${err instanceof Error ? err.message : String(err)}`);
+    process.exit(1);
+  });
+}

@@ -1,0 +1,166 @@
+import sharp from 'sharp';
+import { describe, expect, it } from 'vitest';
+import {
+  decodeImage,
+  denormalizeToRgb,
+  extractTileRgb,
+  ImageInputError,
+  normalizeRgb,
+  ownerTile,
+  PAD_RGB,
+  planAxis,
+  planTiles,
+  rectContains,
+  sniffImageFormat,
+} from '../src/imaging';
+
+const limits = { maxPixels: 1_000_000, minSide: 8 };
+
+function gradientRgb(width: number, height: number): Buffer {
+  const data = Buffer.alloc(width * height * 3);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const i = (y * width + x) * 3;
+      data[i] = x % 256;
+      data[i + 1] = y % 256;
+      data[i + 2] = (x + y) % 256;
+    }
+  }
+  return data;
+}
+
+async function expectInputError(bytes: Uint8Array, pattern: RegExp, l = limits) {
+  const err = await decodeImage(bytes, l).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(ImageInputError);
+  expect((err as Error).message).toMatch(pattern);
+  expect((err as ImageInputError).grpcStatus).toBe(3);
+}
+
+describe('decodeImage', () => {
+  it('decodes 8-bit RGB PNG exactly', async () => {
+    const raw = gradientRgb(20, 12);
+    const png = await sharp(raw, { raw: { width: 20, height: 12, channels: 3 } }).png().toBuffer();
+    const img = await decodeImage(png, limits);
+    expect([img.width, img.height, img.format, img.sourceBitDepth]).toEqual([20, 12, 'png', 8]);
+    expect(Buffer.from(img.data).equals(raw)).toBe(true);
+  });
+
+  it('converts 16-bit grey PNG to 8-bit RGB and decodes TIFF', async () => {
+    const u16 = new Uint16Array(10 * 10).map((_, i) => i * 600);
+    const png = await sharp(u16, { raw: { width: 10, height: 10, channels: 1 } }).toColourspace('grey16').png().toBuffer();
+    const img = await decodeImage(png, limits);
+    expect(img.sourceBitDepth).toBe(16);
+    expect(img.sourceChannels).toBe(1);
+    for (const i of [0, 17, 99]) {
+      // libvips scales 16 -> 8 bits by truncation (v >> 8), within 1 of v / 257
+      const expected = (i * 600) / 257;
+      expect(Math.abs(img.data[i * 3] - expected)).toBeLessThanOrEqual(1);
+      expect(img.data[i * 3 + 1]).toBe(img.data[i * 3]);
+      expect(img.data[i * 3 + 2]).toBe(img.data[i * 3]);
+    }
+    const tif = await sharp(gradientRgb(9, 9), { raw: { width: 9, height: 9, channels: 3 } }).tiff({ compression: 'lzw' }).toBuffer();
+    const t = await decodeImage(tif, limits);
+    expect([t.format, t.width, t.height]).toEqual(['tiff', 9, 9]);
+    expect(Buffer.from(t.data).equals(gradientRgb(9, 9))).toBe(true);
+  });
+
+  it('composites RGBA over white and decodes JPEG', async () => {
+    const rgba = await sharp({ create: { width: 8, height: 8, channels: 4, background: { r: 0, g: 0, b: 0, alpha: 0 } } }).png().toBuffer();
+    const img = await decodeImage(rgba, limits);
+    expect(img.data.every((v) => v === 255)).toBe(true);
+    const jpg = await sharp(gradientRgb(16, 16), { raw: { width: 16, height: 16, channels: 3 } }).jpeg().toBuffer();
+    const j = await decodeImage(jpg, limits);
+    expect([j.format, j.width, j.height, j.data.length]).toEqual(['jpeg', 16, 16, 16 * 16 * 3]);
+  });
+
+  it('rejects empty, corrupt, truncated and unsupported input with a clear message', async () => {
+    await expectInputError(new Uint8Array(0), /empty/);
+    await expectInputError(Buffer.from('definitely not an image'), /not recognised.*PNG, JPEG or TIFF/);
+    const gif = await sharp({ create: { width: 8, height: 8, channels: 3, background: 'red' } }).gif().toBuffer();
+    expect(sniffImageFormat(gif)).toBe('gif');
+    await expectInputError(gif, /GIF images are not supported.*PNG, JPEG or TIFF/);
+    await expectInputError(Buffer.concat([Buffer.from('BM'), Buffer.alloc(60)]), /BMP images are not supported/);
+    const png = await sharp(gradientRgb(64, 64), { raw: { width: 64, height: 64, channels: 3 } }).png().toBuffer();
+    await expectInputError(png.subarray(0, png.length - 40), /corrupt or truncated/);
+    await expectInputError(png.subarray(0, 20), /corrupt/);
+  });
+
+  it('rejects images below the minimum size and over the pixel limit (from the header)', async () => {
+    const one = await sharp({ create: { width: 1, height: 1, channels: 3, background: 'red' } }).png().toBuffer();
+    await expectInputError(one, /1x1 pixels, smaller than the minimum of 8x8/);
+    const big = await sharp({ create: { width: 2000, height: 1000, channels: 3, background: 'white' } }).png().toBuffer();
+    await expectInputError(big, /2000x1000 = 2000000 pixels, over the limit of 1000000/);
+  });
+});
+
+describe('tiling', () => {
+  it('keeps a small image as one padded tile', () => {
+    const layout = planTiles(100, 80, 256, 48);
+    expect(layout.tiles).toHaveLength(1);
+    expect(layout.tiles[0].valid).toEqual({ x0: 0, y0: 0, x1: 100, y1: 80 });
+    expect(layout.tiles[0].core).toEqual({ x0: 0, y0: 0, x1: 100, y1: 80 });
+  });
+
+  it('spreads tiles evenly with at least the overlap, the last one ending at the edge', () => {
+    for (const length of [257, 300, 512, 600, 1000, 4096]) {
+      const { starts, bounds } = planAxis(length, 256, 48);
+      expect(starts[0]).toBe(0);
+      expect(starts[starts.length - 1]).toBe(length - 256);
+      for (let i = 0; i + 1 < starts.length; i++) {
+        expect(starts[i] + 256 - starts[i + 1]).toBeGreaterThanOrEqual(48);
+        // every core lies at least overlap/2 inside its tile (except at the image edges)
+        expect(bounds[i + 1] - starts[i + 1]).toBeGreaterThanOrEqual(24);
+        expect(starts[i] + 256 - bounds[i + 1]).toBeGreaterThanOrEqual(24);
+      }
+      expect(bounds[0]).toBe(0);
+      expect(bounds[bounds.length - 1]).toBe(length);
+    }
+  });
+
+  it('cores partition the image: every pixel has exactly one owner, inside its tile', () => {
+    const layout = planTiles(600, 500, 256, 48);
+    expect([layout.cols, layout.rows]).toEqual([3, 3]);
+    const owners = new Uint8Array(600 * 500);
+    for (const t of layout.tiles) {
+      for (let y = t.core.y0; y < t.core.y1; y++) for (let x = t.core.x0; x < t.core.x1; x++) owners[y * 600 + x]++;
+      expect(t.valid.x1 - t.valid.x0).toBe(256);
+      expect(t.valid.y1 - t.valid.y0).toBe(256);
+    }
+    expect(owners.every((v) => v === 1)).toBe(true);
+    for (const [x, y] of [[0, 0], [213.9, 214], [214, 213], [599.5, 499.5], [386, 100]]) {
+      const t = ownerTile(layout, x, y);
+      expect(rectContains(t.core, x, y)).toBe(true);
+      expect(rectContains(t.valid, x, y)).toBe(true);
+    }
+    // Points outside the image fall to the nearest edge tile.
+    expect(ownerTile(layout, -5, 1000).index).toBe(6);
+  });
+
+  it('extracts tile pixels and pads with white', () => {
+    const img = { width: 20, height: 10, data: new Uint8Array(gradientRgb(20, 10)) };
+    const layout = planTiles(20, 10, 16, 4);
+    const t = layout.tiles[layout.tiles.length - 1];
+    const rgb = extractTileRgb(img, t, 16);
+    expect(rgb.length).toBe(16 * 16 * 3);
+    // pixel (x=19, y=9) of the image sits at (19 - t.x, 9) in the tile
+    const at = ((9 - t.y) * 16 + (19 - t.x)) * 3;
+    expect([...rgb.subarray(at, at + 3)]).toEqual([19, 9, 28]);
+    const pad = (15 * 16 + 0) * 3; // row 15 is below the image (height 10)
+    expect([...rgb.subarray(pad, pad + 3)]).toEqual([...PAD_RGB]);
+  });
+});
+
+describe('normalisation', () => {
+  it('is planar (rgb - mean) / std and inverts', () => {
+    const rgb = new Uint8Array(gradientRgb(4, 3));
+    const norm = { mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375] };
+    const f = normalizeRgb(rgb, 4, 3, norm);
+    expect(f.length).toBe(36);
+    expect(f[5]).toBeCloseTo((rgb[15] - 123.675) / 58.395, 5);
+    expect(f[12 + 5]).toBeCloseTo((rgb[16] - 116.28) / 57.12, 5);
+    expect([...denormalizeToRgb(f, 4, 3, norm)]).toEqual([...rgb]);
+  });
+});

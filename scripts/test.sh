@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# All tests: the model package (pytest), the committed bundle still matching the code, and the
+# TypeScript unit and integration tests (real services over loopback gRPC, real nats-server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== model package (pytest)"
+(cd model && /usr/bin/python3 -m pytest -q)
+echo "== committed bundle models/tiny matches the model code"
+(cd model && /usr/bin/python3 -m cfrsam.export --check ../models/tiny)
+echo "== TypeScript (vitest: unit + integration)"
+npm test

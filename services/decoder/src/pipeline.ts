@@ -1,0 +1,249 @@
+// Prepare/Decode. Prepare runs decoder_image.onnx once per digest (HMFM fusion, neck, semantic
+// and boundary features) and keeps the result in an LRU bounded in bytes; Decode runs
+// decoder_prompts.onnx over a batch of prompts against a prepared image and returns each mask
+// compactly: thresholded, cropped to its foreground box in tile pixels and bit-packed.
+import {
+  ByteLruCache,
+  graphOutput,
+  graphOutputFloat32,
+  grpcError,
+  isDigest,
+  packBits,
+  status,
+  tensorFromProto,
+  thresholdAndCrop,
+  type Float32Tensor,
+  type HostTensor,
+  type Manifest,
+  type OnnxWorkerPool,
+  type stagesProto,
+} from '@cfrsam/common';
+
+export interface DecoderPipelineOptions {
+  /** Prompts per decoder_prompts.onnx run (default 32). */
+  maxBatch?: number;
+  /** Prompts per Decode request (default 256). */
+  maxPromptsPerRequest?: number;
+  /** Points per prompt (default 16). */
+  maxPointsPerPrompt?: number;
+  /** Prepared-state cache capacity in bytes (default 1 GiB). */
+  cacheBytes?: number;
+}
+
+/**
+ * The per-image decoder state. The arrays live in SharedArrayBuffers, so each Decode hands them
+ * to a worker without copying them on the event loop.
+ */
+export interface PreparedImage {
+  imageEmbedding: Float32Tensor;
+  semantic: Float32Tensor;
+  boundaryFeatures: Float32Tensor;
+  bytes: number;
+}
+
+export const NOT_PREPARED = 'not prepared';
+
+function shared(t: HostTensor): Float32Tensor {
+  const data = t.data as Float32Array;
+  const copy = new Float32Array(new SharedArrayBuffer(data.byteLength));
+  copy.set(data);
+  return { type: 'float32', dims: [...t.dims], data: copy };
+}
+
+function sigmoid(x: number): number {
+  return 1 / (1 + Math.exp(-x));
+}
+
+/** A prompt after validation. */
+interface Prompt {
+  coords: number[];
+  labels: number[];
+}
+
+export class DecoderPipeline {
+  readonly maxBatch: number;
+  readonly maxPromptsPerRequest: number;
+  readonly maxPointsPerPrompt: number;
+  readonly cache: ByteLruCache<PreparedImage>;
+  /** decoder_image.onnx runs since start. */
+  preparations = 0;
+  private readonly window: number;
+
+  constructor(
+    readonly manifest: Manifest,
+    private readonly pool: OnnxWorkerPool,
+    options: DecoderPipelineOptions = {},
+  ) {
+    this.maxBatch = Math.max(1, options.maxBatch ?? 32);
+    this.maxPromptsPerRequest = Math.max(1, options.maxPromptsPerRequest ?? 256);
+    this.maxPointsPerPrompt = Math.max(1, options.maxPointsPerPrompt ?? 16);
+    this.cache = new ByteLruCache<PreparedImage>({ capacityBytes: options.cacheBytes ?? 1024 ** 3, sizeOf: (p) => p.bytes });
+    this.window = manifest.refinement.mode === 'window' ? manifest.refinement.window : manifest.inputSize;
+  }
+
+  private checkVersionAndDigest(modelVersion: string, digest: string): void {
+    if (modelVersion && modelVersion !== this.manifest.version) {
+      throw grpcError(status.INVALID_ARGUMENT, `model_version "${modelVersion}" does not match the served model "${this.manifest.version}"`);
+    }
+    if (!isDigest(digest)) {
+      throw grpcError(status.INVALID_ARGUMENT, `digest must be a SHA-256 in 64 lowercase hex digits, got "${digest}"`);
+    }
+  }
+
+  /**
+   * Prepares an image (once per digest; concurrent Prepares of one digest run decoder_image once).
+   * already_prepared is true unless this call ran decoder_image itself. Not cancelled with the
+   * call: concurrent Prepares and Decodes of the digest may be waiting on the computation.
+   */
+  async prepare(request: stagesProto.PrepareRequest): Promise<stagesProto.PrepareResponse> {
+    this.checkVersionAndDigest(request.modelVersion, request.digest);
+    const S = this.manifest.inputSize;
+    const features = tensorFromProto('features', request.features, this.manifest.featureShape);
+    const pixels = tensorFromProto('pixels', request.pixels, [3, S, S]);
+    const result = await this.cache.getOrCompute(request.digest, async () => {
+      this.preparations++;
+      const out = await this.pool.run(
+        'decoder_image',
+        {
+          features: { type: 'float32', dims: [1, ...features.dims], data: features.data },
+          image: { type: 'float32', dims: [1, ...pixels.dims], data: pixels.data },
+        },
+        // Not cancelled with the call: concurrent Prepares of this digest may be waiting on it.
+      );
+      const grid = [S / this.manifest.patchSize, S / this.manifest.patchSize];
+      const imageEmbedding = shared(graphOutput('decoder_image', out, 'image_embedding', [1, null, grid[0], grid[1]]));
+      const semantic = shared(graphOutput('decoder_image', out, 'semantic', [1, null, S / 4, S / 4]));
+      const boundaryFeatures = shared(graphOutput('decoder_image', out, 'boundary_features', [1, null, S, S]));
+      return {
+        imageEmbedding,
+        semantic,
+        boundaryFeatures,
+        bytes: imageEmbedding.data.byteLength + semantic.data.byteLength + boundaryFeatures.data.byteLength,
+      };
+    });
+    return { alreadyPrepared: result.source !== 'computed' };
+  }
+
+  private validatePrompts(prompts: readonly stagesProto.PromptPoints[]): Prompt[] {
+    const S = this.manifest.inputSize;
+    if (prompts.length === 0) throw grpcError(status.INVALID_ARGUMENT, 'prompts: at least one prompt is required');
+    if (prompts.length > this.maxPromptsPerRequest) {
+      throw grpcError(
+        status.INVALID_ARGUMENT,
+        `prompts: ${prompts.length} prompts exceed the limit of ${this.maxPromptsPerRequest} per request; split them into batches`,
+      );
+    }
+    return prompts.map((p, i) => {
+      const n = p.labels.length;
+      if (p.coords.length !== 2 * n) {
+        throw grpcError(status.INVALID_ARGUMENT, `prompts[${i}]: ${p.coords.length} coords for ${n} labels (need 2 per label: x, y)`);
+      }
+      if (n === 0) throw grpcError(status.INVALID_ARGUMENT, `prompts[${i}]: no points`);
+      if (n > this.maxPointsPerPrompt) {
+        throw grpcError(status.INVALID_ARGUMENT, `prompts[${i}]: ${n} points exceed the limit of ${this.maxPointsPerPrompt} per prompt`);
+      }
+      let anchoring = 0;
+      let corners2 = 0;
+      let corners3 = 0;
+      for (let j = 0; j < n; j++) {
+        const label = p.labels[j];
+        if (label !== 0 && label !== 1 && label !== 2 && label !== 3) {
+          throw grpcError(
+            status.INVALID_ARGUMENT,
+            `prompts[${i}].labels[${j}] is ${label}; labels are 1 positive, 0 negative, 2 box top-left, 3 box bottom-right`,
+          );
+        }
+        if (label >= 1) anchoring++;
+        if (label === 2) corners2++;
+        if (label === 3) corners3++;
+        const x = p.coords[2 * j];
+        const y = p.coords[2 * j + 1];
+        if (!(x >= 0 && x <= S && y >= 0 && y <= S)) {
+          throw grpcError(status.INVALID_ARGUMENT, `prompts[${i}] point ${j} (${x}, ${y}) is outside the ${S}x${S} tile`);
+        }
+      }
+      if (anchoring === 0) {
+        throw grpcError(status.INVALID_ARGUMENT, `prompts[${i}]: needs a positive point or a box (labels 1, 2, 3), not only negative points`);
+      }
+      if (corners2 > 1 || corners3 > 1 || corners2 !== corners3) {
+        throw grpcError(status.INVALID_ARGUMENT, `prompts[${i}]: a box is one top-left (label 2) and one bottom-right (label 3) corner`);
+      }
+      return { coords: p.coords, labels: p.labels };
+    });
+  }
+
+  /**
+   * Decodes prompts against a prepared image. FAILED_PRECONDITION with "not prepared" when this
+   * replica does not hold the digest (the caller prepares again); waits when a Prepare of the
+   * digest is in flight.
+   */
+  async decode(request: stagesProto.DecodeRequest, signal?: AbortSignal): Promise<stagesProto.DecodeResponse & { runs: number[] }> {
+    this.checkVersionAndDigest(request.modelVersion, request.digest);
+    const prompts = this.validatePrompts(request.prompts);
+    let prepared = this.cache.get(request.digest);
+    if (!prepared) {
+      const pending = this.cache.pending(request.digest);
+      if (!pending) {
+        throw grpcError(status.FAILED_PRECONDITION, `digest ${request.digest}: ${NOT_PREPARED} on this replica; call Prepare first`);
+      }
+      prepared = await pending;
+    }
+    const batches: Prompt[][] = [];
+    for (let i = 0; i < prompts.length; i += this.maxBatch) batches.push(prompts.slice(i, i + this.maxBatch));
+    const masks = await Promise.all(batches.map((batch) => this.decodeBatch(prepared!, batch, signal)));
+    return { masks: masks.flat(), runs: batches.map((b) => b.length) };
+  }
+
+  private async decodeBatch(prepared: PreparedImage, prompts: Prompt[], signal?: AbortSignal): Promise<stagesProto.DecodedMask[]> {
+    const S = this.manifest.inputSize;
+    const W = this.window;
+    const P = prompts.length;
+    const N = Math.max(...prompts.map((p) => p.labels.length));
+    // Shorter prompts are padded with label -1 (ignored by the prompt encoder, as in SAM).
+    const coords = new Float32Array(P * N * 2);
+    const labels = new Float32Array(P * N).fill(-1);
+    prompts.forEach((p, i) => {
+      coords.set(p.coords, i * N * 2);
+      for (let j = 0; j < p.labels.length; j++) labels[i * N + j] = p.labels[j];
+    });
+    const out = await this.pool.run(
+      'decoder_prompts',
+      {
+        image_embedding: prepared.imageEmbedding,
+        semantic: prepared.semantic,
+        boundary_features: prepared.boundaryFeatures,
+        point_coords: { type: 'float32', dims: [P, N, 2], data: coords },
+        point_labels: { type: 'float32', dims: [P, N], data: labels },
+      },
+      { signal },
+    );
+    const logits = graphOutputFloat32('decoder_prompts', out, 'mask_logits', [P, W, W]);
+    const origins = graphOutput('decoder_prompts', out, 'window_origin', [P, 2]).data;
+    const iou = graphOutputFloat32('decoder_prompts', out, 'iou_predictions', [P]);
+    const threshold = this.manifest.maskThreshold;
+    const masks: stagesProto.DecodedMask[] = [];
+    for (let i = 0; i < P; i++) {
+      const values = logits.subarray(i * W * W, (i + 1) * W * W);
+      const ox = Number(origins[i * 2]);
+      const oy = Number(origins[i * 2 + 1]);
+      const box = thresholdAndCrop(values, W, W, ox, oy, S, S, threshold);
+      let probabilitySum = 0;
+      for (let r = 0; r < box.height; r++) {
+        const src = (box.y0 - oy + r) * W + (box.x0 - ox);
+        for (let c = 0; c < box.width; c++) if (box.mask[r * box.width + c]) probabilitySum += sigmoid(values[src + c]);
+      }
+      let area = 0;
+      for (const v of box.mask) area += v;
+      masks.push({
+        x0: box.x0,
+        y0: box.y0,
+        width: box.width,
+        height: box.height,
+        bits: Buffer.from(packBits(box.mask, box.width, box.height)),
+        predictedIou: iou[i],
+        meanProbability: area > 0 ? probabilitySum / area : 0,
+      });
+    }
+    return masks;
+  }
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env node
+// cfrsam-encoder: serves cfrsam.v1.Encoder (Encode with a feature cache, GetCacheStats). Flags fall
+// back to environment variables and defaults that work from a fresh clone; `--help` lists them.
+import { initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/common';
+import { DEFAULT_ENCODER_PORT, startEncoder } from './server';
+
+const flags = {
+  ...stageServiceFlags(DEFAULT_ENCODER_PORT),
+  maxBatch: { type: 'int', env: 'CFRSAM_MAX_BATCH', default: 4, help: 'tiles per encoder.onnx run' },
+  maxTiles: { type: 'int', env: 'CFRSAM_MAX_TILES', default: 64, help: 'tiles per Encode request' },
+  cacheMb: { type: 'int', env: 'CFRSAM_CACHE_MB', default: 512, help: 'feature cache capacity in MiB' },
+} as const;
+
+async function main(): Promise<void> {
+  const config = parseFlags(flags);
+  const telemetry = await initServiceTelemetry({ serviceName: 'encoder', ...config });
+  await startEncoder({
+    port: config.port,
+    host: config.host,
+    bundle: config.bundle,
+    workers: config.workers,
+    intraOpThreads: config.intraOpThreads,
+    maxQueue: config.maxQueue,
+    executionProviders: config.executionProviders.split(',').map((s) => s.trim()).filter(Boolean),
+    maxMessageBytes: config.maxMessageMb * 1024 * 1024,
+    shutdownGraceMs: config.shutdownGraceMs,
+    maxBatch: config.maxBatch,
+    maxTilesPerRequest: config.maxTiles,
+    cacheBytes: config.cacheMb * 1024 * 1024,
+    handleSignals: true,
+    onShutdown: async () => {
+      await telemetry.tracing.shutdown();
+      await telemetry.metrics.close();
+    },
+  });
+}
+
+if (require.main === module) runMain('encoder', main);

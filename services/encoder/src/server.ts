@@ -1,0 +1,95 @@
+// Encoder transport: gRPC handlers for Encode and GetCacheStats and the assembly of a running
+// encoder (manifest -> worker pool -> pipeline with its cache -> gRPC server).
+import {
+  loadManifest,
+  OnnxWorkerPool,
+  serviceMetrics,
+  SpanAttributes,
+  stagesProto,
+  startServer,
+  unaryHandler,
+  type RunningServer,
+} from '@cfrsam/common';
+import { EncoderPipeline, type EncoderPipelineOptions } from './pipeline';
+
+export const ENCODER_SERVICE_NAME = 'cfrsam.v1.Encoder';
+export const DEFAULT_ENCODER_PORT = 50053;
+
+export function encoderHandlers(pipeline: EncoderPipeline): stagesProto.EncoderServer {
+  return {
+    encode: unaryHandler(`${ENCODER_SERVICE_NAME}/Encode`, async (request: stagesProto.EncodeRequest, ctx) => {
+      ctx.span.setAttribute(SpanAttributes.tiles, request.tiles.length);
+      if (request.tiles.length === 1) ctx.span.setAttribute(SpanAttributes.digest, request.tiles[0].digest);
+      const metrics = serviceMetrics();
+      const { response, summary } = await metrics.timeStage('encoder.encode', () => pipeline.encode(request));
+      metrics.cache('encoder.features', summary);
+      ctx.span.setAttribute(SpanAttributes.cacheHit, summary.misses === 0 && summary.coalesced === 0);
+      ctx.span.setAttribute('cfrsam.cache_hits', summary.hits);
+      ctx.span.setAttribute('cfrsam.cache_coalesced', summary.coalesced);
+      ctx.span.setAttribute(SpanAttributes.batchSize, summary.misses);
+      if (summary.misses > 0) metrics.batch('encoder', summary.misses);
+      return response;
+    }),
+    getCacheStats: unaryHandler(`${ENCODER_SERVICE_NAME}/GetCacheStats`, async () => pipeline.cacheStats()),
+  };
+}
+
+export interface EncoderOptions extends EncoderPipelineOptions {
+  port: number;
+  host?: string;
+  bundle: string;
+  workers?: number;
+  intraOpThreads?: number;
+  maxQueue?: number;
+  executionProviders?: string[];
+  maxMessageBytes?: number;
+  shutdownGraceMs?: number;
+  handleSignals?: boolean;
+  faultInjection?: boolean;
+  onShutdown?: () => Promise<void> | void;
+}
+
+export interface RunningEncoder {
+  server: RunningServer;
+  pipeline: EncoderPipeline;
+  pool: OnnxWorkerPool;
+}
+
+/** Loads the bundle, starts the worker pool and serves Encode/GetCacheStats. */
+export async function startEncoder(options: EncoderOptions): Promise<RunningEncoder> {
+  const manifest = loadManifest(options.bundle, { graphs: ['encoder'] });
+  const metrics = serviceMetrics();
+  const pool = await OnnxWorkerPool.create({
+    name: 'encoder',
+    graphs: { encoder: manifest.graphs.encoder!.path },
+    workers: options.workers,
+    intraOpThreads: options.intraOpThreads,
+    maxQueue: options.maxQueue,
+    executionProviders: options.executionProviders,
+    faultInjection: options.faultInjection,
+    onJobDone: ({ graph, queuedMs, runMs }) => {
+      metrics.poolWait(graph, queuedMs / 1000);
+      metrics.stage(`${graph}.run`, runMs / 1000);
+    },
+  });
+  const pipeline = new EncoderPipeline(manifest, pool, options);
+  try {
+    const server = await startServer({
+      name: 'encoder',
+      port: options.port,
+      host: options.host,
+      services: [{ name: ENCODER_SERVICE_NAME, definition: stagesProto.EncoderService, implementation: encoderHandlers(pipeline) }],
+      maxMessageBytes: options.maxMessageBytes,
+      shutdownGraceMs: options.shutdownGraceMs,
+      handleSignals: options.handleSignals,
+      onShutdown: async () => {
+        await pool.close();
+        await options.onShutdown?.();
+      },
+    });
+    return { server, pipeline, pool };
+  } catch (err) {
+    await pool.close();
+    throw err;
+  }
+}

@@ -1,0 +1,127 @@
+// Assembly: decoded masks (already in image coordinates) -> the response's nuclei, counts and
+// label map. Overlaps are resolved here (higher score keeps contested pixels), then every
+// surviving instance is measured and numbered.
+import { status } from '@grpc/grpc-js';
+import {
+  buildLabelMap,
+  encodeRle,
+  grpcError,
+  instanceOrder,
+  labelMapToBytes,
+  MAX_LABEL,
+  measureMask,
+  resolveOverlaps,
+  segmentationProto,
+  simplifyClosedPolygon,
+  type PlacedMask,
+  type RgbImage,
+} from '@cfrsam/common';
+
+export const UNCLASSIFIED = { index: -1, name: 'unclassified' } as const;
+
+/** One decoded prompt, ready for overlap resolution. */
+export interface DecodedCandidate {
+  mask: PlacedMask;
+  /** Anchor point of the prompt, image coordinates. */
+  prompt: { x: number; y: number };
+  /** Overlap resolution priority and the reported score. */
+  score: number;
+  predictedIou: number;
+  source: segmentationProto.PromptSource;
+  classIndex: number;
+  classProbabilities: number[];
+}
+
+/**
+ * The nucleus score: predicted IoU (clamped to [0, 1]) times the confidence of its class. For an
+ * automatic detection the class confidence is P(class) over all K+1 outputs (the prompter's
+ * foreground times its class probability); for a manual prompt the user asserts there is a
+ * nucleus, so it is the class probability alone, and 1 when no detection gave it a class.
+ */
+export function nucleusScore(predictedIou: number, classConfidence: number): number {
+  const iou = Math.min(1, Math.max(0, Number.isFinite(predictedIou) ? predictedIou : 0));
+  return iou * classConfidence;
+}
+
+export interface AssembleOptions {
+  classNames: readonly string[];
+  /** Micrometres per pixel for areas (<= 0: area_um2 is 0). */
+  mpp: number;
+  minScore: number;
+  returnLabelMap: boolean;
+  returnMasks: boolean;
+  minKeptFraction: number;
+  minAreaPx: number;
+  polygonTolerance: number;
+}
+
+export interface Assembled {
+  nuclei: segmentationProto.Nucleus[];
+  counts: segmentationProto.ClassCount[];
+  labelMap?: segmentationProto.LabelMap;
+}
+
+export function assembleNuclei(candidates: DecodedCandidate[], image: RgbImage, options: AssembleOptions): Assembled {
+  const kept = candidates.filter((c) => c.mask.width > 0 && c.score >= options.minScore);
+  const resolved = resolveOverlaps(kept, { minKeptFraction: options.minKeptFraction, minAreaPx: options.minAreaPx });
+  const measured = resolved.map((c) => ({ c, shape: measureMask(c.mask, image, options.mpp) }));
+  const order = instanceOrder(measured.map((m) => ({ cx: m.shape.centroid.x, cy: m.shape.centroid.y, score: m.c.score })));
+  if (options.returnLabelMap && order.length > MAX_LABEL) {
+    throw grpcError(
+      status.INVALID_ARGUMENT,
+      `return_label_map: ${order.length} nuclei exceed the ${MAX_LABEL} labels of a 16-bit label map; segment smaller regions`,
+    );
+  }
+  const nuclei: segmentationProto.Nucleus[] = [];
+  const masks: PlacedMask[] = [];
+  for (const i of order) {
+    const { c, shape } = measured[i];
+    const m = shape.measurements;
+    const polygon = simplifyClosedPolygon(shape.contour.points, options.polygonTolerance);
+    const nucleus: segmentationProto.Nucleus = {
+      id: nuclei.length + 1,
+      classIndex: c.classIndex,
+      className: c.classIndex >= 0 ? (options.classNames[c.classIndex] ?? `class ${c.classIndex}`) : UNCLASSIFIED.name,
+      score: c.score,
+      classProbabilities: c.classProbabilities,
+      centroid: shape.centroid,
+      bbox: shape.bbox,
+      polygon,
+      measurements: {
+        areaPx: m.areaPx,
+        areaUm2: m.areaUm2,
+        perimeterPx: m.perimeterPx,
+        circularity: m.circularity,
+        eccentricity: m.eccentricity,
+        majorAxisPx: m.majorAxisPx,
+        minorAxisPx: m.minorAxisPx,
+        solidity: m.solidity,
+        meanR: m.meanR,
+        meanG: m.meanG,
+        meanB: m.meanB,
+      },
+      source: c.source,
+      prompt: c.prompt,
+      predictedIou: c.predictedIou,
+    };
+    if (options.returnMasks) nucleus.mask = encodeRle(c.mask);
+    nuclei.push(nucleus);
+    masks.push(c.mask);
+  }
+  const counts: segmentationProto.ClassCount[] = options.classNames.map((name, index) => ({ classIndex: index, className: name, count: 0 }));
+  let unclassified = 0;
+  for (const n of nuclei) {
+    if (n.classIndex >= 0 && n.classIndex < counts.length) counts[n.classIndex].count++;
+    else unclassified++;
+  }
+  if (unclassified > 0) counts.push({ classIndex: UNCLASSIFIED.index, className: UNCLASSIFIED.name, count: unclassified });
+  const out: Assembled = { nuclei, counts };
+  if (options.returnLabelMap) {
+    out.labelMap = {
+      width: image.width,
+      height: image.height,
+      data: labelMapToBytes(buildLabelMap(image.width, image.height, masks)),
+    };
+  }
+  return out;
+}

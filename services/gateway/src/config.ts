@@ -1,0 +1,80 @@
+// Gateway configuration: everything the pipeline can be tuned with, and the defaults.
+
+export interface GatewayConfig {
+  /** Prompter address (host:port). */
+  prompter: string;
+  /** Encoder address. */
+  encoder: string;
+  /** Decoder replica addresses. */
+  decoders: string[];
+
+  /** Largest accepted image (width x height), checked on the header before decoding. */
+  maxImagePixels: number;
+  /** Smallest accepted width and height. */
+  minImageSide: number;
+  /** Manual prompts per request. */
+  maxPrompts: number;
+  /** Points (positive + negative) per manual prompt. */
+  maxPointsPerPrompt: number;
+
+  /**
+   * Overlap of neighbouring tiles in pixels. A nucleus is decoded by the tile whose core holds its
+   * prompt, at least overlap/2 inside that tile, so nuclei up to that radius are never cut. The
+   * default equals the refinement window (64) of the bundled model: a window mask then never
+   * reaches past the tile.
+   */
+  tileOverlap: number;
+  /** Tiles per Detect and Encode call. */
+  tileBatchSize: number;
+  /** Tile batches in flight at once (Detect + Encode + their decoding). */
+  tileBatchConcurrency: number;
+
+  /** Prompts per Decode call. */
+  decodeBatchSize: number;
+  /** Decoder replicas (rendezvous top-k) that share the prompt batches of one tile. */
+  replicasPerTile: number;
+  /** Decoder calls (Prepare + Decode) in flight at once across all requests of this gateway. */
+  maxDecoderCalls: number;
+  /** How long a decoder replica that answered UNAVAILABLE is skipped (ms). */
+  replicaCooldownMs: number;
+
+  /**
+   * A manual prompt takes the class of the nearest automatic detection within this radius (px);
+   * in AUTO_AND_MANUAL mode, automatic detections within it are replaced by the manual prompt.
+   */
+  classRadius: number;
+  /** Segment/Refine calls handled at once; more get RESOURCE_EXHAUSTED. */
+  maxConcurrentRequests: number;
+  /** Timeout of child calls when the client sent no deadline (ms). */
+  defaultTimeoutMs: number;
+  /** Bytes of recently segmented images kept for Refine. */
+  refineCacheBytes: number;
+
+  /** Overlap resolution: drop an instance left with less than this fraction of its mask. */
+  minKeptFraction: number;
+  /** Drop instances smaller than this (px). */
+  minAreaPx: number;
+  /** Douglas-Peucker tolerance of the output polygons (px); 0 keeps every pixel corner. */
+  polygonTolerance: number;
+}
+
+export const DEFAULT_GATEWAY_CONFIG: Omit<GatewayConfig, 'prompter' | 'encoder' | 'decoders'> = {
+  maxImagePixels: 64 * 1024 * 1024,
+  minImageSide: 8,
+  maxPrompts: 2000,
+  maxPointsPerPrompt: 16,
+  tileOverlap: 64,
+  tileBatchSize: 4,
+  tileBatchConcurrency: 2,
+  decodeBatchSize: 16,
+  replicasPerTile: 2,
+  maxDecoderCalls: 8,
+  replicaCooldownMs: 5_000,
+  classRadius: 12,
+  maxConcurrentRequests: 8,
+  defaultTimeoutMs: 120_000,
+  refineCacheBytes: 512 * 1024 * 1024,
+  minKeptFraction: 0.5,
+  minAreaPx: 4,
+  polygonTolerance: 0.5,
+};

@@ -1,0 +1,567 @@
+// The gateway's pipeline (docs/architecture.md, "Pipeline"): decode and validate the image, tile
+// it, run the prompter and the encoder side by side on batches of tiles, fan the prompts of every
+// tile out to decoder replicas, and assemble the masks into nuclei. Refine re-runs only the last
+// step for new prompts on an image kept from an earlier Segment.
+import { createHash } from 'node:crypto';
+import {
+  ByteLruCache,
+  decodeImage,
+  digestTile,
+  extractTileRgb,
+  grpcError,
+  isServiceError,
+  makeClient,
+  normalizeRgb,
+  ownerTile,
+  pasteTileMask,
+  planTiles,
+  rectContains,
+  segmentationProto,
+  SpanAttributes,
+  stagesProto,
+  status,
+  tensorToProto,
+  unary,
+  type Manifest,
+  type MakeClientOptions,
+  type RgbImage,
+  type Tile,
+  type TileLayout,
+} from '@cfrsam/common';
+import { assembleNuclei, nucleusScore, UNCLASSIFIED, type DecodedCandidate } from './assemble';
+import type { GatewayConfig } from './config';
+import { DecoderFleet, type ChildCallOptions, type PrepareSource } from './decoderFleet';
+import { ownerOfPrompt, pointPrompt, promptAnchor, resolvePromptMode, toTilePoints, validatePrompts } from './prompts';
+import { mapConcurrent, withSpan } from './spans';
+import { StageClock } from './timing';
+
+const { PromptSource } = segmentationProto;
+
+/** A prompter detection in image coordinates. */
+export interface ImageDetection {
+  x: number;
+  y: number;
+  classIndex: number;
+  foreground: number;
+  classProbabilities: number[];
+}
+
+/** What the gateway keeps of a segmented image for Refine. */
+export interface SegmentedImage {
+  imageId: string;
+  image: RgbImage;
+  layout: TileLayout;
+  /** Tile digests by tile index. */
+  digests: string[];
+  /** Detections by tile index (image coordinates); undefined for tiles the prompter did not see. */
+  detections: (ImageDetection[] | undefined)[];
+  mpp: number;
+}
+
+/** Deadline, cancellation and tracing of the client's call. */
+export interface RequestContext {
+  deadline?: Date;
+  signal?: AbortSignal;
+}
+
+/** A manual prompt with its position in the request. */
+interface ManualPrompt {
+  prompt: segmentationProto.Prompt;
+  anchor: { x: number; y: number };
+  tile: number;
+}
+
+/** One decoder prompt of a tile, with what the response needs to know about it. */
+interface PlannedPrompt {
+  points: stagesProto.PromptPoints;
+  anchor: { x: number; y: number };
+  source: segmentationProto.PromptSource;
+  classIndex: number;
+  classProbabilities: number[];
+  classConfidence: number;
+}
+
+export interface PipelineStats {
+  segments: number;
+  refines: number;
+  inFlight: number;
+  refineCache: { entries: number; bytes: number; capacityBytes: number };
+  decoders: ReturnType<DecoderFleet['stats']>;
+}
+
+export class SegmentationPipeline {
+  private readonly prompter: stagesProto.PrompterClient;
+  private readonly encoder: stagesProto.EncoderClient;
+  readonly fleet: DecoderFleet;
+  private readonly images: ByteLruCache<SegmentedImage>;
+  private inFlight = 0;
+  private counts = { segments: 0, refines: 0 };
+  private readonly S: number;
+
+  constructor(
+    readonly manifest: Manifest,
+    readonly config: GatewayConfig,
+    clientOptions: MakeClientOptions = {},
+  ) {
+    this.S = manifest.inputSize;
+    if (config.tileOverlap < 0 || config.tileOverlap >= this.S) {
+      throw new Error(`tile overlap ${config.tileOverlap} must be in [0, ${this.S})`);
+    }
+    this.prompter = makeClient(stagesProto.PrompterClient, config.prompter, clientOptions);
+    this.encoder = makeClient(stagesProto.EncoderClient, config.encoder, clientOptions);
+    this.fleet = new DecoderFleet({
+      addresses: config.decoders,
+      modelVersion: manifest.version,
+      replicasPerTile: config.replicasPerTile,
+      batchSize: config.decodeBatchSize,
+      maxCalls: config.maxDecoderCalls,
+      cooldownMs: config.replicaCooldownMs,
+      client: clientOptions,
+      onFailover: (replica, err) => console.error(`gateway: decoder ${replica} failed (${err.details ?? err.message}); trying the next replica`),
+    });
+    this.images = new ByteLruCache<SegmentedImage>({
+      capacityBytes: config.refineCacheBytes,
+      sizeOf: (s) => s.image.data.byteLength + s.digests.length * 96 + s.detections.reduce((n, d) => n + (d?.length ?? 0) * 80, 0) + 1024,
+    });
+  }
+
+  close(): void {
+    this.prompter.close();
+    this.encoder.close();
+    this.fleet.close();
+  }
+
+  stats(): PipelineStats {
+    const c = this.images.stats();
+    return {
+      ...this.counts,
+      inFlight: this.inFlight,
+      refineCache: { entries: c.entries, bytes: c.bytes, capacityBytes: c.capacityBytes },
+      decoders: this.fleet.stats(),
+    };
+  }
+
+  modelInfo(): segmentationProto.ModelInfo {
+    const m = this.manifest;
+    return {
+      name: m.name,
+      version: m.version,
+      inputSize: m.inputSize,
+      mpp: m.mpp,
+      classes: m.classes.map((c, index) => ({ index, name: c.name, color: c.color })),
+      refinement: m.refinement.mode,
+      refinementWindow: m.refinement.window,
+      maxImagePixels: this.config.maxImagePixels,
+      maxPrompts: this.config.maxPrompts,
+    };
+  }
+
+  private admit(): () => void {
+    if (this.inFlight >= this.config.maxConcurrentRequests) {
+      throw grpcError(
+        status.RESOURCE_EXHAUSTED,
+        `gateway is busy: ${this.inFlight} requests in flight (limit ${this.config.maxConcurrentRequests}); retry with backoff`,
+      );
+    }
+    this.inFlight++;
+    let released = false;
+    return () => {
+      if (!released) {
+        released = true;
+        this.inFlight--;
+      }
+    };
+  }
+
+  private childCall(ctx: RequestContext): ChildCallOptions {
+    return { deadline: ctx.deadline, timeoutMs: this.config.defaultTimeoutMs, signal: ctx.signal };
+  }
+
+  private unaryOptions(ctx: RequestContext, attributes: Record<string, string | number | boolean> = {}) {
+    return {
+      deadline: ctx.deadline,
+      timeoutMs: ctx.deadline ? undefined : this.config.defaultTimeoutMs,
+      signal: ctx.signal,
+      attributes,
+    };
+  }
+
+  private checkModel(model: string): void {
+    if (!model) return;
+    const m = this.manifest;
+    if (model !== m.name && model !== `${m.name}@${m.version}`) {
+      throw grpcError(
+        status.INVALID_ARGUMENT,
+        `model "${model}" is not served here; this gateway serves "${m.name}" version ${m.version} ` +
+          `(send model "${m.name}", "${m.name}@${m.version}" or leave it empty)`,
+      );
+    }
+  }
+
+  // ------------------------------------------------------------------ Segment
+
+  async segment(request: segmentationProto.SegmentRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
+    const release = this.admit();
+    try {
+      this.counts.segments++;
+      return await this.runSegment(request, ctx);
+    } finally {
+      release();
+    }
+  }
+
+  private async runSegment(request: segmentationProto.SegmentRequest, ctx: RequestContext): Promise<segmentationProto.SegmentResponse> {
+    const clock = new StageClock();
+    clock.declare('decode', 'prompter', 'encoder', 'decoder_prepare', 'decoder_decode', 'assemble');
+    this.checkModel(request.model);
+    const mode = resolvePromptMode(request.promptMode, request.prompts.length);
+    if (!Number.isFinite(request.minScore) || request.minScore < 0 || request.minScore > 1) {
+      throw grpcError(status.INVALID_ARGUMENT, `min_score must be in [0, 1], got ${request.minScore}`);
+    }
+    if (!Number.isFinite(request.mpp) || request.mpp < 0) {
+      throw grpcError(status.INVALID_ARGUMENT, `mpp must be a positive number of micrometres per pixel (or 0 for the model's), got ${request.mpp}`);
+    }
+    const image = await clock.time('decode', () =>
+      withSpan('gateway.decode_image', { 'cfrsam.image_bytes': request.image.length }, async (span) => {
+        const decoded = await decodeImage(request.image, {
+          maxPixels: this.config.maxImagePixels,
+          minSide: this.config.minImageSide,
+        });
+        span.setAttributes({ 'cfrsam.width': decoded.width, 'cfrsam.height': decoded.height, 'cfrsam.format': decoded.format });
+        return decoded;
+      }),
+    );
+    validatePrompts(request.prompts, image.width, image.height, this.config);
+    const layout = planTiles(image.width, image.height, this.S, this.config.tileOverlap);
+    const imageId = imageDigest(image, this.manifest.version);
+    const manual: ManualPrompt[] = mode.manual
+      ? request.prompts.map((prompt) => ({ prompt, anchor: promptAnchor(prompt), tile: ownerOfPrompt(layout, prompt).index }))
+      : [];
+    const tilesToRun = mode.auto ? layout.tiles : layout.tiles.filter((t) => manual.some((m) => m.tile === t.index));
+    const digests: string[] = new Array(layout.tiles.length);
+    const detections: (ImageDetection[] | undefined)[] = new Array(layout.tiles.length).fill(undefined);
+    const candidates: DecodedCandidate[] = [];
+    const call = this.childCall(ctx);
+    const batches: Tile[][] = [];
+    for (let i = 0; i < tilesToRun.length; i += this.config.tileBatchSize) batches.push(tilesToRun.slice(i, i + this.config.tileBatchSize));
+
+    await mapConcurrent(batches, this.config.tileBatchConcurrency, async (batch) => {
+      const inputs = batch.map((tile) => {
+        const rgb = extractTileRgb(image, tile, this.S);
+        const digest = digestTile(rgb, this.manifest.version);
+        digests[tile.index] = digest;
+        return { tile, digest, pixels: tensorToProto([3, this.S, this.S], normalizeRgb(rgb, this.S, this.S, this.manifest.normalization)) };
+      });
+      const tileInputs = inputs.map((t) => ({ digest: t.digest, pixels: t.pixels }));
+      const [detected, encoded] = await Promise.all([
+        clock.time('prompter', () => this.detect(tileInputs, ctx)),
+        clock.time('encoder', () => this.encode(tileInputs, ctx)),
+      ]);
+      await Promise.all(
+        inputs.map(async ({ tile, digest, pixels }) => {
+          const tileDetections = toImageDetections(detected.get(digest) ?? [], tile);
+          detections[tile.index] = tileDetections;
+          const features = encoded.get(digest);
+          if (!features) throw grpcError(status.INTERNAL, `encoder returned no features for tile ${digest.slice(0, 12)}`);
+          const planned = this.planTilePrompts(tile, layout, tileDetections, manual, mode, request.minScore);
+          const source: PrepareSource = { digest, load: async () => ({ features, pixels }) };
+          candidates.push(...(await this.decodePlanned(tile, source, planned, call, clock)));
+        }),
+      );
+    });
+
+    const mpp = request.mpp > 0 ? request.mpp : this.manifest.mpp;
+    const assembled = await clock.time('assemble', () =>
+      withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async (span) => {
+        const out = assembleNuclei(candidates, image, this.assembleOptions(mpp, request.minScore, request.returnLabelMap, request.returnMasks));
+        span.setAttribute('cfrsam.nuclei', out.nuclei.length);
+        return out;
+      }),
+    );
+    // Tiles the prompter and encoder did not see (manual mode) get their digest now, for Refine.
+    for (const tile of layout.tiles) {
+      digests[tile.index] ??= digestTile(extractTileRgb(image, tile, this.S), this.manifest.version);
+    }
+    this.images.set(imageId, { imageId, image: { width: image.width, height: image.height, data: image.data }, layout, digests, detections, mpp });
+    return {
+      imageId,
+      width: image.width,
+      height: image.height,
+      nuclei: assembled.nuclei,
+      counts: assembled.counts,
+      labelMap: assembled.labelMap,
+      modelName: this.manifest.name,
+      modelVersion: this.manifest.version,
+      timings: clock.timings(),
+      tiles: layout.tiles.length,
+    };
+  }
+
+  private assembleOptions(mpp: number, minScore: number, returnLabelMap: boolean, returnMasks: boolean) {
+    return {
+      classNames: this.manifest.classes.map((c) => c.name),
+      mpp,
+      minScore,
+      returnLabelMap,
+      returnMasks,
+      minKeptFraction: this.config.minKeptFraction,
+      minAreaPx: this.config.minAreaPx,
+      polygonTolerance: this.config.polygonTolerance,
+    };
+  }
+
+  /** Detect on a batch of tiles: detections (tile coordinates) by digest. */
+  private async detect(tiles: stagesProto.TileInput[], ctx: RequestContext): Promise<Map<string, stagesProto.Detection[]>> {
+    const response = await unary(
+      this.prompter,
+      this.prompter.detect,
+      { tiles, minForeground: 0, nmsRadius: 0, modelVersion: this.manifest.version },
+      this.unaryOptions(ctx, { [SpanAttributes.tiles]: tiles.length, [SpanAttributes.digest]: tiles.map((t) => t.digest).join(',') }),
+    ).catch((err) => {
+      throw stageError('prompter', err);
+    });
+    return new Map(response.tiles.map((t) => [t.digest, t.detections]));
+  }
+
+  /** Encode a batch of tiles (pixels, or digest only to read the encoder's cache): features by digest. */
+  private async encode(tiles: stagesProto.TileInput[], ctx: RequestContext): Promise<Map<string, stagesProto.Tensor>> {
+    const response = await unary(
+      this.encoder,
+      this.encoder.encode,
+      { tiles, modelVersion: this.manifest.version },
+      this.unaryOptions(ctx, { [SpanAttributes.tiles]: tiles.length, [SpanAttributes.digest]: tiles.map((t) => t.digest).join(',') }),
+    ).catch((err) => {
+      throw stageError('encoder', err);
+    });
+    const out = new Map<string, stagesProto.Tensor>();
+    for (const t of response.tiles) if (t.features) out.set(t.digest, t.features);
+    return out;
+  }
+
+  /**
+   * The prompts tile `tile` decodes: its automatic detections whose point lies in its core (each
+   * nucleus is decoded by one tile), and the manual prompts it owns, each classed by the nearest
+   * detection within classRadius. In AUTO_AND_MANUAL mode a manual prompt replaces the automatic
+   * detections around it.
+   */
+  private planTilePrompts(
+    tile: Tile,
+    layout: TileLayout,
+    tileDetections: ImageDetection[],
+    manual: ManualPrompt[],
+    mode: { auto: boolean; manual: boolean },
+    minScore: number,
+  ): PlannedPrompt[] {
+    const planned: PlannedPrompt[] = [];
+    const r2 = this.config.classRadius ** 2;
+    if (mode.auto) {
+      for (const d of tileDetections) {
+        if (!rectContains(tile.core, d.x, d.y)) continue;
+        const classConfidence = d.foreground * (d.classProbabilities[d.classIndex] ?? 0);
+        // score = iou * classConfidence <= classConfidence: skip what min_score would drop anyway.
+        if (classConfidence < minScore) continue;
+        if (mode.manual && manual.some((m) => (m.anchor.x - d.x) ** 2 + (m.anchor.y - d.y) ** 2 <= r2)) continue;
+        planned.push({
+          points: pointPrompt(d.x - tile.x, d.y - tile.y),
+          anchor: { x: d.x, y: d.y },
+          source: PromptSource.PROMPT_SOURCE_AUTO,
+          classIndex: d.classIndex,
+          classProbabilities: d.classProbabilities,
+          classConfidence,
+        });
+      }
+    }
+    for (const m of manual) {
+      if (m.tile !== tile.index) continue;
+      planned.push(this.planManual(m, tile, tileDetections));
+    }
+    void layout;
+    return planned;
+  }
+
+  private planManual(m: ManualPrompt, tile: Tile, tileDetections: readonly ImageDetection[]): PlannedPrompt {
+    const nearest = nearestDetection(tileDetections, m.anchor, this.config.classRadius);
+    return {
+      points: toTilePoints(m.prompt, tile, this.S),
+      anchor: m.anchor,
+      source: PromptSource.PROMPT_SOURCE_MANUAL,
+      classIndex: nearest ? nearest.classIndex : UNCLASSIFIED.index,
+      classProbabilities: nearest ? nearest.classProbabilities : [],
+      classConfidence: nearest ? (nearest.classProbabilities[nearest.classIndex] ?? 0) : 1,
+    };
+  }
+
+  /** Decodes a tile's planned prompts and pastes the masks into image coordinates. */
+  private async decodePlanned(
+    tile: Tile,
+    source: PrepareSource,
+    planned: PlannedPrompt[],
+    call: ChildCallOptions,
+    clock: StageClock,
+  ): Promise<DecodedCandidate[]> {
+    if (planned.length === 0) return [];
+    const masks = await withSpan(
+      'gateway.decode_tile',
+      { [SpanAttributes.digest]: source.digest, [SpanAttributes.prompts]: planned.length, 'cfrsam.tile': tile.index },
+      () => this.fleet.decodeTile(source, planned.map((p) => p.points), call, clock),
+    );
+    const out: DecodedCandidate[] = [];
+    masks.forEach((decoded, i) => {
+      const p = planned[i];
+      const mask = pasteTileMask(decoded, tile);
+      if (mask.width === 0) return;
+      out.push({
+        mask,
+        prompt: p.anchor,
+        score: nucleusScore(decoded.predictedIou, p.classConfidence),
+        predictedIou: decoded.predictedIou,
+        source: p.source,
+        classIndex: p.classIndex,
+        classProbabilities: p.classProbabilities,
+      });
+    });
+    return out;
+  }
+
+  // ------------------------------------------------------------------ Refine
+
+  async refine(request: segmentationProto.RefineRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
+    const release = this.admit();
+    try {
+      this.counts.refines++;
+      return await this.runRefine(request, ctx);
+    } finally {
+      release();
+    }
+  }
+
+  private async runRefine(request: segmentationProto.RefineRequest, ctx: RequestContext): Promise<segmentationProto.SegmentResponse> {
+    const clock = new StageClock();
+    clock.declare('decoder_prepare', 'decoder_decode', 'assemble');
+    if (!request.imageId) throw grpcError(status.INVALID_ARGUMENT, 'image_id is empty; pass the image_id of a SegmentResponse');
+    const entry = this.images.get(request.imageId);
+    if (!entry) {
+      throw grpcError(
+        status.NOT_FOUND,
+        `unknown image_id ${request.imageId.slice(0, 16)}: this gateway does not hold that image (never segmented, or evicted); call Segment first`,
+      );
+    }
+    if (request.prompts.length === 0) throw grpcError(status.INVALID_ARGUMENT, 'Refine needs at least one prompt');
+    const { image, layout } = entry;
+    validatePrompts(request.prompts, image.width, image.height, this.config);
+    const manual: ManualPrompt[] = request.prompts.map((prompt) => ({
+      prompt,
+      anchor: promptAnchor(prompt),
+      tile: ownerOfPrompt(layout, prompt).index,
+    }));
+    const tiles = layout.tiles.filter((t) => manual.some((m) => m.tile === t.index));
+    // Tiles the prompter has not seen (Segment in manual mode): classify their prompts now.
+    const unseen = tiles.filter((t) => entry.detections[t.index] === undefined);
+    if (unseen.length > 0) {
+      const inputs = unseen.map((t) => ({ digest: entry.digests[t.index], pixels: this.tilePixels(image, t) }));
+      const detected = await clock.time('prompter', () => this.detect(inputs, ctx));
+      for (const t of unseen) entry.detections[t.index] = toImageDetections(detected.get(entry.digests[t.index]) ?? [], t);
+    }
+    const call = this.childCall(ctx);
+    const candidates: DecodedCandidate[] = [];
+    await Promise.all(
+      tiles.map(async (tile) => {
+        const digest = entry.digests[tile.index];
+        const planned = manual.filter((m) => m.tile === tile.index).map((m) => this.planManual(m, tile, entry.detections[tile.index] ?? []));
+        let loaded: Promise<{ features: stagesProto.Tensor; pixels: stagesProto.Tensor }> | undefined;
+        const source: PrepareSource = {
+          digest,
+          // Only when a replica must be prepared again: features from the encoder's cache by
+          // digest (a hit), with the pixels as a fallback if the encoder evicted them.
+          load: () => (loaded ??= this.featuresForRefine(image, tile, digest, ctx, clock)),
+        };
+        candidates.push(...(await this.decodePlanned(tile, source, planned, call, clock)));
+      }),
+    );
+    const assembled = await clock.time('assemble', () =>
+      withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async () =>
+        assembleNuclei(candidates, image, this.assembleOptions(entry.mpp, 0, request.returnLabelMap, request.returnMasks)),
+      ),
+    );
+    return {
+      imageId: entry.imageId,
+      width: image.width,
+      height: image.height,
+      nuclei: assembled.nuclei,
+      counts: assembled.counts,
+      labelMap: assembled.labelMap,
+      modelName: this.manifest.name,
+      modelVersion: this.manifest.version,
+      timings: clock.timings(),
+      tiles: layout.tiles.length,
+    };
+  }
+
+  private tilePixels(image: RgbImage, tile: Tile): stagesProto.Tensor {
+    const rgb = extractTileRgb(image, tile, this.S);
+    return tensorToProto([3, this.S, this.S], normalizeRgb(rgb, this.S, this.S, this.manifest.normalization));
+  }
+
+  private async featuresForRefine(
+    image: RgbImage,
+    tile: Tile,
+    digest: string,
+    ctx: RequestContext,
+    clock: StageClock,
+  ): Promise<{ features: stagesProto.Tensor; pixels: stagesProto.Tensor }> {
+    const pixels = this.tilePixels(image, tile);
+    let features: stagesProto.Tensor | undefined;
+    try {
+      features = (await clock.time('encoder', () => this.encode([{ digest }], ctx))).get(digest);
+    } catch (err) {
+      if (!(isServiceError(err) && err.code === status.NOT_FOUND)) throw err;
+    }
+    features ??= (await clock.time('encoder', () => this.encode([{ digest, pixels }], ctx))).get(digest);
+    if (!features) throw grpcError(status.INTERNAL, `encoder returned no features for tile ${digest.slice(0, 12)}`);
+    return { features, pixels };
+  }
+}
+
+/** Detections of one tile (tile pixels) -> image coordinates. */
+function toImageDetections(list: readonly stagesProto.Detection[], tile: Tile): ImageDetection[] {
+  return list.map((d) => ({
+    x: d.x + tile.x,
+    y: d.y + tile.y,
+    classIndex: d.classIndex,
+    foreground: d.foreground,
+    classProbabilities: d.classProbabilities,
+  }));
+}
+
+function nearestDetection(list: readonly ImageDetection[], p: { x: number; y: number }, radius: number): ImageDetection | undefined {
+  let best: ImageDetection | undefined;
+  let bestD = radius * radius;
+  for (const d of list) {
+    const dd = (d.x - p.x) ** 2 + (d.y - p.y) ** 2;
+    if (dd <= bestD) {
+      bestD = dd;
+      best = d;
+    }
+  }
+  return best;
+}
+
+/** image_id: SHA-256 over the decoded RGB pixels, the size and the model version. */
+export function imageDigest(image: RgbImage, modelVersion: string): string {
+  return createHash('sha256')
+    .update(`cfrsam-image/1 ${image.width}x${image.height} ${modelVersion}\n`)
+    .update(image.data)
+    .digest('hex');
+}
+
+/** A stage call failure, with the stage named; the status code is kept. */
+function stageError(stage: string, err: unknown): Error {
+  if (isServiceError(err)) {
+    const details = err.details ?? err.message;
+    // The client's own problems (deadline, cancellation) keep their status and say where they hit.
+    return grpcError(err.code, `${stage}: ${details}`);
+  }
+  return err instanceof Error ? err : new Error(String(err));
+}
+
+export { ownerTile };

@@ -1,0 +1,189 @@
+// Detect: tiles -> prompter.onnx in batches -> point prompts with classes. The graph gives every
+// anchor a point and K+1 logits; here anchors are filtered by foreground probability, merged by
+// point NMS, and their class probabilities renormalised without background.
+import {
+  graphOutputFloat32,
+  grpcError,
+  stackFloat32,
+  status,
+  tensorFromProto,
+  type Float32Tensor,
+  type Manifest,
+  type OnnxWorkerPool,
+  type stagesProto,
+} from '@cfrsam/common';
+
+export interface PrompterPipelineOptions {
+  /** Tiles per prompter.onnx run (default 8). */
+  maxBatch?: number;
+  /** Tiles per Detect request (default 64). */
+  maxTilesPerRequest?: number;
+}
+
+export interface DetectionParams {
+  minForeground: number;
+  nmsRadius: number;
+}
+
+/** One anchor's decoded output. */
+export interface Detection {
+  x: number;
+  y: number;
+  classIndex: number;
+  foreground: number;
+  classProbabilities: number[];
+}
+
+/**
+ * Turns one tile's raw outputs into detections: softmax over K+1 (index K = background), drop
+ * anchors with foreground (1 - p_bg) below `minForeground`, clip points to [0, size], keep the more
+ * confident of any two closer than `nmsRadius`, renormalise class probabilities over the K classes.
+ * Sorted by foreground, most confident first.
+ */
+export function decodeAnchors(
+  points: Float32Array,
+  logits: Float32Array,
+  anchors: number,
+  classes: number,
+  size: number,
+  params: DetectionParams,
+): Detection[] {
+  const stride = classes + 1;
+  const candidates: Detection[] = [];
+  const probs = new Float64Array(stride);
+  for (let a = 0; a < anchors; a++) {
+    const row = a * stride;
+    let max = -Infinity;
+    for (let k = 0; k < stride; k++) max = Math.max(max, logits[row + k]);
+    if (!Number.isFinite(max)) continue; // NaN/Inf logits: no usable detection
+    let sum = 0;
+    for (let k = 0; k < stride; k++) {
+      probs[k] = Math.exp(logits[row + k] - max);
+      sum += probs[k];
+    }
+    const foreground = 1 - probs[classes] / sum;
+    if (!(foreground >= params.minForeground) || foreground <= 0) continue;
+    let classSum = 0;
+    for (let k = 0; k < classes; k++) classSum += probs[k];
+    const classProbabilities: number[] = [];
+    let best = 0;
+    for (let k = 0; k < classes; k++) {
+      classProbabilities.push(classSum > 0 ? probs[k] / classSum : 1 / classes);
+      if (classProbabilities[k] > classProbabilities[best]) best = k;
+    }
+    const x = Math.min(size, Math.max(0, points[a * 2]));
+    const y = Math.min(size, Math.max(0, points[a * 2 + 1]));
+    if (!Number.isFinite(x) || !Number.isFinite(y)) continue;
+    candidates.push({ x, y, classIndex: best, foreground, classProbabilities });
+  }
+  candidates.sort((p, q) => q.foreground - p.foreground);
+  return pointNms(candidates, params.nmsRadius);
+}
+
+/** Greedy NMS on points (input sorted by confidence): drop a point closer than `radius` to a kept one. */
+export function pointNms<T extends { x: number; y: number }>(sorted: readonly T[], radius: number): T[] {
+  if (!(radius > 0)) return [...sorted];
+  // A grid with cells of side `radius`: a conflicting point lies in the 3x3 cells around a point.
+  const cells = new Map<string, T[]>();
+  const kept: T[] = [];
+  const r2 = radius * radius;
+  for (const p of sorted) {
+    const cx = Math.floor(p.x / radius);
+    const cy = Math.floor(p.y / radius);
+    let conflict = false;
+    for (let dy = -1; dy <= 1 && !conflict; dy++) {
+      for (let dx = -1; dx <= 1 && !conflict; dx++) {
+        for (const q of cells.get(`${cx + dx},${cy + dy}`) ?? []) {
+          if ((q.x - p.x) ** 2 + (q.y - p.y) ** 2 < r2) {
+            conflict = true;
+            break;
+          }
+        }
+      }
+    }
+    if (conflict) continue;
+    kept.push(p);
+    const key = `${cx},${cy}`;
+    const cell = cells.get(key);
+    if (cell) cell.push(p);
+    else cells.set(key, [p]);
+  }
+  return kept;
+}
+
+export class PrompterPipeline {
+  readonly maxBatch: number;
+  readonly maxTilesPerRequest: number;
+
+  constructor(
+    readonly manifest: Manifest,
+    private readonly pool: OnnxWorkerPool,
+    options: PrompterPipelineOptions = {},
+  ) {
+    this.maxBatch = Math.max(1, options.maxBatch ?? 8);
+    this.maxTilesPerRequest = Math.max(1, options.maxTilesPerRequest ?? 64);
+  }
+
+  /** Checks the request and resolves its detection parameters (request values, else the manifest's). */
+  validate(request: stagesProto.DetectRequest): { tiles: Float32Tensor[]; params: DetectionParams } {
+    const S = this.manifest.inputSize;
+    if (request.modelVersion && request.modelVersion !== this.manifest.version) {
+      throw grpcError(
+        status.INVALID_ARGUMENT,
+        `model_version "${request.modelVersion}" does not match the served model "${this.manifest.version}"`,
+      );
+    }
+    if (request.tiles.length === 0) throw grpcError(status.INVALID_ARGUMENT, 'tiles: at least one tile is required');
+    if (request.tiles.length > this.maxTilesPerRequest) {
+      throw grpcError(
+        status.INVALID_ARGUMENT,
+        `tiles: ${request.tiles.length} tiles exceed the limit of ${this.maxTilesPerRequest} per request`,
+      );
+    }
+    const minForeground = request.minForeground || this.manifest.prompter.minForeground;
+    if (!(minForeground >= 0 && minForeground <= 1)) {
+      throw grpcError(status.INVALID_ARGUMENT, `min_foreground must be in [0, 1], got ${request.minForeground}`);
+    }
+    const nmsRadius = request.nmsRadius || this.manifest.prompter.nmsRadius;
+    if (!(nmsRadius >= 0 && nmsRadius <= S)) {
+      throw grpcError(status.INVALID_ARGUMENT, `nms_radius must be in [0, ${S}] pixels, got ${request.nmsRadius}`);
+    }
+    const tiles = request.tiles.map((t, i) => tensorFromProto(`tiles[${i}].pixels`, t.pixels, [3, S, S]));
+    return { tiles, params: { minForeground, nmsRadius } };
+  }
+
+  /** Detect for a validated request: runs batches of up to maxBatch tiles in parallel on the pool. */
+  async detect(request: stagesProto.DetectRequest, signal?: AbortSignal): Promise<stagesProto.DetectResponse> {
+    const { tiles, params } = this.validate(request);
+    const S = this.manifest.inputSize;
+    const K = this.manifest.classes.length;
+    const A = this.manifest.prompter.anchors;
+    const batches: number[][] = [];
+    for (let i = 0; i < tiles.length; i += this.maxBatch) {
+      batches.push(Array.from({ length: Math.min(this.maxBatch, tiles.length - i) }, (_, j) => i + j));
+    }
+    const perTile: Detection[][] = new Array(tiles.length);
+    await Promise.all(
+      batches.map(async (indices) => {
+        const image = stackFloat32(indices.map((i) => tiles[i]));
+        const out = await this.pool.run('prompter', { image }, { signal });
+        const B = indices.length;
+        const points = graphOutputFloat32('prompter', out, 'points', [B, A, 2]);
+        const logits = graphOutputFloat32('prompter', out, 'logits', [B, A, K + 1]);
+        indices.forEach((tileIndex, b) => {
+          perTile[tileIndex] = decodeAnchors(
+            points.subarray(b * A * 2, (b + 1) * A * 2),
+            logits.subarray(b * A * (K + 1), (b + 1) * A * (K + 1)),
+            A,
+            K,
+            S,
+            params,
+          );
+        });
+      }),
+    );
+    return {
+      tiles: request.tiles.map((t, i) => ({ digest: t.digest, detections: perTile[i] })),
+    };
+  }
+}
