@@ -1,7 +1,7 @@
 """build_cfr_sam: config (+ overrides) -> model, optionally with SAM and/or CFR-SAM weights."""
 
 import os
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 

@@ -213,7 +213,7 @@ class CFRSAMConfig:
         (HMFM keeps at least the last block) unless those are overridden too.
         """
         cfg = copy.deepcopy(self)
-        keys = {_SHORTCUTS.get(k, (None, k))[1] if k in _SHORTCUTS else k.split("__")[-1] for k in overrides}
+        keys = {_SHORTCUTS[k][1] if k in _SHORTCUTS else k.split("__")[-1] for k in overrides}
         for key, value in overrides.items():
             if value is None:
                 continue

@@ -2,7 +2,7 @@
 
     python -m cfrsam.export --config tiny --out DIR [--checkpoint PT] [--sam-checkpoint PTH]
         [--seed 0] [--input-size N] [--refinement window|full] [--window 64] [--no-parity]
-        [--name NAME] [--precision fp16|fp32]
+        [--name NAME] [--precision fp16|fp32] [--no-full] [--no-weights]
     python -m cfrsam.export --check DIR
 
 The bundle layout, graph names and tensor names are the contract of docs/architecture.md.
@@ -21,10 +21,8 @@ A value passes when |onnx - torch| <= atol + rtol * |torch| elementwise (int64: 
 """
 
 import argparse
-import dataclasses
 import datetime
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -39,7 +37,7 @@ import torch.nn as nn
 from . import __version__
 from .build import build_cfr_sam
 from .checkpoint import CheckpointError, read_checkpoint
-from .configs import CONFIG_NAMES, CFRSAMConfig, ConfigError, make_config
+from .configs import CONFIG_NAMES, CFRSAMConfig, ConfigError
 from .modeling.cfr_sam import CFRSAM
 from .synthetic import normalise, synthetic_he_image
 
@@ -345,8 +343,12 @@ def export_bundle(
     checkpoint_info: Optional[Dict[str, Any]] = None,
     include_full: bool = True,
     source: Optional[Dict[str, Any]] = None,
+    include_weights: bool = True,
 ) -> Dict[str, Any]:
-    """Write the bundle into out_dir (created; existing bundle files replaced). Returns the manifest."""
+    """Write the bundle into out_dir (created; existing bundle files replaced). Returns the manifest.
+
+    With precision fp16 the model's weights are rounded to float16 in place first.
+    """
     if precision not in ("fp16", "fp32"):
         raise ExportError(f"precision must be fp16 or fp32, got {precision!r}")
     if model.prompt_learner is None:
@@ -365,7 +367,8 @@ def export_bundle(
             os.remove(os.path.join(out_dir, stale))
     if os.path.isdir(os.path.join(out_dir, "parity")):
         shutil.rmtree(os.path.join(out_dir, "parity"))
-    torch.save(weights, os.path.join(out_dir, "weights.pt"))
+    if include_weights:
+        torch.save(weights, os.path.join(out_dir, "weights.pt"))
 
     inputs = parity_inputs(model, seed=seed)
     graphs = [g for g in GRAPH_FILES if include_full or g != "decoder_prompts_full"]
@@ -494,18 +497,34 @@ def load_bundle_model(bundle_dir: str) -> Tuple[CFRSAM, Dict[str, Any]]:
         manifest = json.load(f)
     if manifest.get("format") != BUNDLE_FORMAT:
         raise ExportError(f"unsupported bundle format {manifest.get('format')!r}")
+    prov = manifest["provenance"]
+    cfg = CFRSAMConfig.from_dict(prov["config"]).validate()
     weights_path = os.path.join(bundle_dir, "weights.pt")
-    if not os.path.isfile(weights_path):
-        raise ExportError(f"{bundle_dir} has no weights.pt; cannot re-run PyTorch")
-    weights = torch.load(weights_path, map_location="cpu")
+    if os.path.isfile(weights_path):
+        weights = torch.load(weights_path, map_location="cpu")
+        what = "weights.pt"
+    elif _regenerable(prov):
+        # A random-init bundle without weights.pt: rebuild the weights from config and seed.
+        model = build_cfr_sam(cfg, seed=prov["seed"])
+        if prov.get("weights_precision", "fp16") == "fp16":
+            round_to_fp16(model)
+        weights = bundle_state_dict(model, prov.get("weights_precision", "fp16"))
+        what = f"weights regenerated from seed {prov['seed']}"
+    else:
+        raise ExportError(f"{bundle_dir} has no weights.pt and was not exported from a seed alone; "
+                          "cannot re-run PyTorch")
     sha = state_dict_sha256(weights)
-    if sha != manifest["provenance"]["weights_sha256"]:
-        raise ExportError(
-            f"weights.pt sha256 {sha[:12]} does not match the manifest ({manifest['provenance']['weights_sha256'][:12]})")
-    cfg = CFRSAMConfig.from_dict(manifest["provenance"]["config"]).validate()
+    if sha != prov["weights_sha256"]:
+        raise ExportError(f"{what}: sha256 {sha[:12]} does not match the manifest ({prov['weights_sha256'][:12]})")
     model = build_cfr_sam(cfg, checkpoint={"model": {k: v.float() if v.is_floating_point() else v
                                                      for k, v in weights.items()}})
     return model, manifest
+
+
+def _regenerable(provenance: Dict[str, Any]) -> bool:
+    source = provenance.get("source") or {}
+    return (provenance.get("training") is None and not provenance.get("backbone_pretrained")
+            and not source.get("checkpoint") and not source.get("sam_checkpoint"))
 
 
 def check_bundle(bundle_dir: str, verbose: bool = True) -> List[str]:
@@ -548,6 +567,11 @@ def _bundle_size(directory: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    with torch.no_grad():
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cfrsam.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help=f"config name ({', '.join(CONFIG_NAMES)}); default: the checkpoint's")
     p.add_argument("--out", help="bundle directory to write")
@@ -559,11 +583,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--window", type=int)
     p.add_argument("--no-parity", action="store_true")
     p.add_argument("--no-full", action="store_true", help="skip decoder_prompts_full.onnx")
+    p.add_argument("--no-weights", action="store_true",
+                   help="omit weights.pt (a random-init bundle is then checked by regenerating from the seed)")
     p.add_argument("--name")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--check", metavar="DIR", help="check DIR's parity fixture against PyTorch")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
         if args.check:
             failures = check_bundle(args.check)
@@ -590,7 +615,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         manifest = export_bundle(
             model, args.out, name=args.name, seed=args.seed, parity=not args.no_parity,
             precision=args.precision, checkpoint_info=ckpt or {}, include_full=not args.no_full,
-            source=source,
+            source=source, include_weights=not args.no_weights,
         )
         size = _bundle_size(args.out)
         print(f"wrote {args.out}: {manifest['name']} {manifest['version']} ({size / 1e6:.1f} MB)")

@@ -211,8 +211,8 @@ def cfr_sam_loss(
     if window != size:
         if window_origin is None:
             raise ValueError(f"refined logits are {window} px but targets {size} px: pass window_origin")
-        refined_target = crop_windows(targets, window_origin, window)
-        boundary_target = crop_windows(boundary_target, window_origin, window)
+        refined_target = crop_windows(targets, window_origin, window, shared=False)
+        boundary_target = crop_windows(boundary_target, window_origin, window, shared=False)
 
     refined = refined_logits.reshape(refined_target.shape)
     weights = dict(focal_weight=focal_weight, dice_weight=dice_weight, iou_weight=iou_weight)

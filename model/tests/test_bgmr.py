@@ -164,12 +164,16 @@ def test_bad_window_origins_are_rejected(origins):
         bgmr.refine(semantic, boundary_features, coarse_inputs(64, 1), torch.tensor(origins), 32)
 
 
-def test_deform_conv_without_offsets_is_a_plain_conv():
+@pytest.mark.parametrize("in_channels,out_channels", [(4, 5), (6, 2)])  # sample first / project first
+def test_deform_conv_without_offsets_is_a_plain_conv(in_channels, out_channels):
     torch.manual_seed(0)
-    x = torch.randn(2, 4, 9, 11)
-    layer = DeformConv2d(4, 5, modulated=False)  # offset conv starts at zero
+    x = torch.randn(2, in_channels, 9, 11)
+    layer = DeformConv2d(in_channels, out_channels, modulated=False)  # offset conv starts at zero
     expected = F.conv2d(x, layer.weight, layer.bias, padding=1)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    modulated = DeformConv2d(in_channels, out_channels)
+    expected = F.conv2d(x, modulated.weight, padding=1) * 0.5 + modulated.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(modulated(x), expected, atol=1e-5, rtol=1e-5)
     # Integer offsets shift the sampling grid exactly.
     offset = torch.zeros(2, 18, 9, 11)
     offset[:, 1::2] = 1.0  # dx = +1 for every tap
@@ -190,6 +194,7 @@ def test_deform_conv_receptive_radius_bounds_its_reach():
     assert (reach - 10).abs().max().item() <= radius
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch 1.13 exporter noise about prim::Constant
 def test_onnx_export_with_dynamic_prompts():
     bgmr = make_bgmr()
 
@@ -204,6 +209,12 @@ def test_onnx_export_with_dynamic_prompts():
 
     wrapper = Wrapper().eval()
     embedding, image = image_inputs(64)
+    # Traced with one prompt, run with three: nothing about P may be baked into the trace.
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, (embedding, image, coarse_inputs(64, 1), torch.tensor([[8, 4]])))
+        many = (embedding, image, coarse_inputs(64, 3), torch.tensor([[0, 0], [32, 16], [12, 20]]))
+        for got, expected in zip(traced(*many), wrapper(*many)):
+            torch.testing.assert_close(got, expected)
     inputs = (embedding, image, coarse_inputs(64, 2), torch.tensor([[0, 0], [32, 16]]))
     buffer = io.BytesIO()
     torch.onnx.export(

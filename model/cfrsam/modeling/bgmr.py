@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .deform_conv import DeformConv2d
+from .deform_conv import DeformConv2d, static_dim
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
@@ -51,20 +51,23 @@ def crop_windows(
     window: int,
     scale: int = 1,
     image_index: Optional[torch.Tensor] = None,
+    shared: Optional[bool] = None,
 ) -> torch.Tensor:
     """Crop one window per prompt, with ops that export to ONNX with a dynamic prompt count.
 
     tensor: [N,C,H,W] or [N,H,W] at 1/scale of the input resolution. origins: [P,2] int64 (x0, y0)
     in input pixels, multiples of `scale`, windows inside the frame (not checked here: an index
     out of range fails in Gather). window: side in input pixels, a multiple of `scale`.
-    Which image each prompt reads: N == 1, the one image (broadcast over prompts); otherwise
-    `image_index` [P] if given, else N == P and prompt p reads image p.
+    Which image each prompt reads: `image_index` [P] if given; else with `shared` (default: N == 1)
+    the one image, broadcast over prompts; else prompt p reads entry p (N == P). Pass
+    shared=False for per-prompt tensors: under tracing an example with one prompt would otherwise
+    bake the broadcast into the graph.
     Returns [P,C,window/scale,window/scale] (or [P,...,...] for 3-D input).
     """
     squeeze = tensor.dim() == 3
     if squeeze:
         tensor = tensor.unsqueeze(1)
-    n, channels, height, width = tensor.shape
+    channels, height, width = (static_dim(d) for d in tensor.shape[1:])
     size = window // scale
     if scale != 1:
         origins = torch.div(origins, scale, rounding_mode="trunc")  # origins are >= 0
@@ -72,17 +75,19 @@ def crop_windows(
     rows = origins[:, 1:2] + steps  # [P,size]
     cols = origins[:, 0:1] + steps
     flat = (rows.unsqueeze(2) * width + cols.unsqueeze(1)).reshape(-1, size * size)  # [P,size*size]
-    if n == 1 or image_index is not None:
-        if n == 1:
-            source = tensor.reshape(channels, height * width)
-        else:
-            flat = flat + image_index.to(torch.long).unsqueeze(1) * (height * width)
-            source = tensor.transpose(0, 1).reshape(channels, n * height * width)
-        out = source.index_select(1, flat.reshape(-1)).reshape(channels, -1, size, size).transpose(0, 1)
+    if shared is None:
+        shared = static_dim(tensor.shape[0]) == 1
+    if image_index is not None:
+        flat = flat + image_index.to(torch.long).unsqueeze(1) * (height * width)
+        source = tensor.transpose(0, 1).reshape(channels, -1)
+    elif shared:
+        source = tensor.reshape(channels, height * width)
     else:
         index = flat.unsqueeze(1).expand(-1, channels, -1)
-        out = torch.gather(tensor.reshape(n, channels, height * width), 2, index)
+        out = torch.gather(tensor.reshape(-1, channels, height * width), 2, index)
         out = out.reshape(-1, channels, size, size)
+        return out.squeeze(1) if squeeze else out
+    out = source.index_select(1, flat.reshape(-1)).reshape(channels, -1, size, size).transpose(0, 1)
     return out.squeeze(1) if squeeze else out
 
 
@@ -90,7 +95,7 @@ def _per_prompt(tensor: torch.Tensor, prompts: torch.Tensor, image_index: Option
     """The image tensor of each prompt (full-frame mode): broadcast a batch of one or pick by index."""
     if image_index is not None:
         return tensor.index_select(0, image_index.to(torch.long))
-    if tensor.shape[0] == 1:
+    if static_dim(tensor.shape[0]) == 1:
         return tensor.expand(prompts.shape[0], -1, -1, -1)
     return tensor
 
@@ -231,7 +236,7 @@ class BGMR(nn.Module):
         returns its W x W part at the origin; with halo >= window_margin() the result equals
         full-frame refinement.
         """
-        size = boundary_features.shape[-1]
+        size = static_dim(boundary_features.shape[-1])
         if window is None:
             semantic = _per_prompt(semantic, coarse_features, image_index)
             boundary_features = _per_prompt(boundary_features, coarse_features, image_index)
@@ -250,10 +255,10 @@ class BGMR(nn.Module):
             origin = torch.clamp(window_origin - halo, min=0, max=size - extent)
         semantic = crop_windows(semantic, origin, extent, 4, image_index)
         boundary_features = crop_windows(boundary_features, origin, extent, 1, image_index)
-        coarse = crop_windows(coarse_features, origin, extent, 4)
+        coarse = crop_windows(coarse_features, origin, extent, 4, shared=False)
         mask, boundary = self._refine(semantic, boundary_features, coarse)
         if extent > window:
-            both = crop_windows(torch.cat((mask, boundary), dim=1), window_origin - origin, window)
+            both = crop_windows(torch.cat((mask, boundary), dim=1), window_origin - origin, window, shared=False)
             mask, boundary = both[:, :1], both[:, 1:]
         return mask.squeeze(1), boundary.squeeze(1)
 
@@ -274,9 +279,11 @@ class BGMR(nn.Module):
         window_origin: Optional[torch.Tensor] = None,
         window: Optional[int] = None,
         image_index: Optional[torch.Tensor] = None,
+        halo: int = 0,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """image_features + refine in one call (training)."""
         semantic, boundary_features = self.image_features(image_embedding, image)
-        return self.refine(semantic, boundary_features, coarse_features, window_origin, window, image_index)
+        return self.refine(semantic, boundary_features, coarse_features, window_origin, window, image_index, halo)
 
     # ---- window geometry ---------------------------------------------------------------------
     def window_margin(self) -> int:

@@ -217,27 +217,33 @@ def refinement_agreement(
     image: torch.Tensor,
     point_coords: torch.Tensor,
     point_labels: torch.Tensor,
+    chunk: int = 16,
 ) -> Dict[str, float]:
     """Agreement of window-mode and full-frame refinement inside each prompt's window.
 
-    image [1, 3, S, S]; prompts as for decode_prompts. Returns the mean absolute difference of the
-    mask probabilities, the mean and minimum IoU of the masks thresholded at the config's
-    mask_threshold, and the same for the window's interior beyond BGMR's exact margin.
+    image [1, 3, S, S]; prompts as for decode_prompts (run `chunk` at a time). Returns the mean
+    absolute difference of the mask probabilities, the mean and minimum IoU of the masks
+    thresholded at the config's mask_threshold, and the same for the window's interior beyond
+    BGMR's exact margin.
     """
     was_training = model.training
     model.eval()
     prepared = model.prepare(model.encode(image), image)
-    full = model.decode_prompts(*prepared, point_coords, point_labels, refinement="full")
-    win = model.decode_prompts(*prepared, point_coords, point_labels, refinement="window")
-    model.train(was_training)
     window = model.config.bgmr.window
-    origin = win[1]
-    full_in_window = crop_windows(full[0], origin, window)
+    windowed, full_in_window = [], []
+    for start in range(0, point_coords.shape[0], chunk):
+        coords, labels = point_coords[start:start + chunk], point_labels[start:start + chunk]
+        full = model.decode_prompts(*prepared, coords, labels, refinement="full")
+        win = model.decode_prompts(*prepared, coords, labels, refinement="window")
+        windowed.append(win[0])
+        full_in_window.append(crop_windows(full[0], win[1], window))
+    model.train(was_training)
+    a, b = torch.cat(windowed), torch.cat(full_in_window)
     threshold = model.config.mask_threshold
-    result = _agreement(win[0], full_in_window, threshold)
+    result = _agreement(a, b, threshold)
     margin = min(model.bgmr.window_margin(), window // 2 - 1)
     inner = slice(margin, window - margin)
-    interior = _agreement(win[0][:, inner, inner], full_in_window[:, inner, inner], threshold)
+    interior = _agreement(a[:, inner, inner], b[:, inner, inner], threshold)
     result.update({f"interior_{k}": v for k, v in interior.items()})
     result.update({"window": window, "margin": margin, "prompts": int(point_coords.shape[0])})
     return result

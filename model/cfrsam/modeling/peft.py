@@ -148,10 +148,6 @@ def is_peft_parameter(name: str) -> bool:
     return ".adapter." in name or ".lora_" in name
 
 
-# Top-level modules of CFRSAM that are always trained in the second stage.
-SECOND_STAGE_HEADS = ("hmfm", "prompt_encoder", "mask_decoder", "bgmr")
-
-
 def configure_trainable(model: nn.Module, backbone_pretrained: bool) -> List[str]:
     """Apply the freezing rules and return the names of the trainable parameters.
 

@@ -57,6 +57,14 @@ export class ConfigError extends Error {
   }
 }
 
+/** `--help` was given: main() prints the usage to stdout and exits 0. */
+export class HelpRequested extends ConfigError {
+  constructor(usageText: string) {
+    super(usageText);
+    this.name = 'HelpRequested';
+  }
+}
+
 function kebab(name: string): string {
   return name.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
 }
@@ -86,7 +94,7 @@ function convert(name: string, spec: FlagSpec, raw: string | boolean): string | 
 /**
  * Parses `--name value`, `--name=value` and `--flag`/`--no-flag` (booleans); flag names are the
  * spec keys in kebab case (`maxBatch` -> `--max-batch`). Precedence: flag, environment, default.
- * Unknown flags and missing values throw ConfigError; `--help` throws ConfigError with the usage.
+ * Unknown flags and missing values throw ConfigError; `--help` throws HelpRequested with the usage.
  */
 export function parseFlags<S extends Record<string, FlagSpec>>(
   spec: S,
@@ -98,10 +106,10 @@ export function parseFlags<S extends Record<string, FlagSpec>>(
   const raw = new Map<string, string | boolean>();
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
-    if (arg === '--help' || arg === '-h') throw new ConfigError(usage(spec));
+    if (arg === '--help' || arg === '-h') throw new HelpRequested(usage(spec));
     if (!arg.startsWith('--')) throw new ConfigError(`unexpected argument "${arg}"\n${usage(spec)}`);
     const eq = arg.indexOf('=');
-    let flag = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
+    const flag = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
     let key = byFlag.get(flag);
     if (key === undefined && flag.startsWith('no-') && eq < 0) {
       key = byFlag.get(flag.slice(3));

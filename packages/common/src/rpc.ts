@@ -4,7 +4,7 @@
 // aborts a signal when the caller cancels or the deadline passes (so queued inference is dropped).
 import { status, type handleUnaryCall, type Metadata, type ServerUnaryCall } from '@grpc/grpc-js';
 import { context, SpanKind, SpanStatusCode, trace, type Span } from '@opentelemetry/api';
-import { toServiceError } from './status';
+import { StatusError, toServiceError } from './status';
 import { serviceMetrics } from './telemetry';
 import { extractTraceContext, getTracer } from './tracing';
 
@@ -70,7 +70,15 @@ export function unaryHandler<Req, Res>(
       inFlight--;
       metrics.inFlight(method, -1);
       if (err) {
-        const serviceError = toServiceError(err);
+        // After a cancel or an expired deadline the caller is gone; whatever the handler failed
+        // with (often the abort itself) is reported as that, not as a server bug.
+        const serviceError =
+          controller.signal.aborted && !(err instanceof StatusError)
+            ? new StatusError(
+                deadline && Date.now() >= deadline.getTime() ? status.DEADLINE_EXCEEDED : status.CANCELLED,
+                `${method}: ${(controller.signal.reason as Error)?.message ?? 'cancelled'}`,
+              )
+            : toServiceError(err);
         if (serviceError.code === status.INTERNAL || serviceError.code === status.UNKNOWN) {
           console.error(`${method}: ${serviceError.details}${err instanceof Error && err.stack ? `\n${err.stack}` : ''}`);
         }

@@ -1,7 +1,7 @@
 // What every stage service's main() shares: the common flags (with environment fallbacks and
 // defaults that start a working service from a fresh clone), process-level telemetry setup, and
 // exit codes for bad configuration or a failed start.
-import { ConfigError, defaultBundleDir, type FlagSpec } from './config';
+import { ConfigError, defaultBundleDir, HelpRequested, type FlagSpec } from './config';
 import { initServiceMetrics, type ServiceMetrics } from './telemetry';
 import { initTracing, type TraceExporterKind, type Tracing } from './tracing';
 
@@ -45,6 +45,10 @@ export async function initServiceTelemetry(options: {
 /** Runs a service's main(): configuration errors exit 2 with the message, other failures exit 1. */
 export function runMain(name: string, main: () => Promise<unknown>): void {
   main().catch((err: unknown) => {
+    if (err instanceof HelpRequested) {
+      console.log(err.message);
+      process.exit(0);
+    }
     if (err instanceof ConfigError) {
       console.error(`${name}: ${err.message}`);
       process.exit(2);

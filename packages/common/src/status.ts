@@ -58,4 +58,15 @@ export function toServiceError(err: unknown): ServiceError {
   return new StatusError(status.INTERNAL, `internal error: ${message}`);
 }
 
+/**
+ * Decoder protocol: Decode answers FAILED_PRECONDITION with this text in the message when the
+ * replica does not hold the image's prepared state; the caller sends Prepare again.
+ */
+export const NOT_PREPARED = 'not prepared';
+
+/** True for the decoder's "prepare again" answer (see NOT_PREPARED). */
+export function isNotPreparedError(err: unknown): boolean {
+  return isServiceError(err) && err.code === status.FAILED_PRECONDITION && String(err.details ?? err.message).includes(NOT_PREPARED);
+}
+
 export { status };

@@ -67,6 +67,11 @@ export interface OnnxWorkerPoolOptions {
   faultInjection?: boolean;
   /** Called after each completed job with its queue wait and run time. */
   onJobDone?: (info: { graph: string; queuedMs: number; runMs: number }) => void;
+  /**
+   * Called once if the pool becomes unusable (workers cannot load the graphs), e.g. to report
+   * NOT_SERVING so that the orchestrator replaces the process.
+   */
+  onBroken?: (err: Error) => void;
   /** Where worker replacement and startup failures are reported (default console.error). */
   log?: (message: string) => void;
 }
@@ -135,7 +140,8 @@ function prepareFeeds(feeds: Record<string, HostTensor>): { feeds: Record<string
 }
 
 export class OnnxWorkerPool {
-  private readonly options: Required<Omit<OnnxWorkerPoolOptions, 'onJobDone'>> & Pick<OnnxWorkerPoolOptions, 'onJobDone'>;
+  private readonly options: Required<Omit<OnnxWorkerPoolOptions, 'onJobDone' | 'onBroken'>> &
+    Pick<OnnxWorkerPoolOptions, 'onJobDone' | 'onBroken'>;
   private readonly slots: Slot[] = [];
   private readonly queue: Job[] = [];
   private nextId = 1;
@@ -159,6 +165,7 @@ export class OnnxWorkerPool {
       log: options.log ?? ((m: string) => console.error(m)),
       graphs: options.graphs,
       onJobDone: options.onJobDone,
+      onBroken: options.onBroken,
     };
     for (let i = 0; i < this.options.workers; i++) {
       const slot: Slot = { index: i, worker: null, ready: false, job: null, lastError: null, consecutiveStartFailures: 0, retiring: false };
@@ -363,6 +370,7 @@ export class OnnxWorkerPool {
     if (this.startupFailure) return;
     this.startupFailure = err;
     this.options.log(err.message);
+    this.options.onBroken?.(err);
     for (const w of this.readyWaiters.splice(0)) w.reject(err);
     for (const job of this.queue.splice(0)) this.settle(job, err);
   }

@@ -139,6 +139,15 @@ describe('tiling', () => {
     expect(ownerTile(layout, -5, 1000).index).toBe(6);
   });
 
+  it('pads only the short side of a narrow, tall image', () => {
+    const layout = planTiles(100, 600, 256, 64);
+    expect([layout.cols, layout.rows]).toEqual([1, 3]);
+    for (const t of layout.tiles) {
+      expect([t.valid.x0, t.valid.x1, t.valid.y1 - t.valid.y0]).toEqual([0, 100, 256]);
+      expect([t.core.x0, t.core.x1]).toEqual([0, 100]);
+    }
+  });
+
   it('extracts tile pixels and pads with white', () => {
     const img = { width: 20, height: 10, data: new Uint8Array(gradientRgb(20, 10)) };
     const layout = planTiles(20, 10, 16, 4);

@@ -14,6 +14,7 @@ import {
   remapLabels,
   scoreImage,
 } from '../src/metrics';
+import { syntheticPair } from './metrics-synthetic';
 
 /** A label map from rows of space-separated ids. */
 function img(rows: string[], type: 'u16' | 'u32' | 'i32' = 'u16'): LabelImage {
@@ -308,5 +309,58 @@ describe('centroid pairing', () => {
     const gated = pairCentroids({ x: gx, y: gy }, { x: px, y: py }, 12, 'gated');
     expect(dense.pairedCount).toBeGreaterThan(300);
     expect(Array.from(gated.aToB)).toEqual(Array.from(dense.aToB));
+  });
+});
+
+describe('agreement with the reference implementation', () => {
+  // Values computed by the reference algorithms (numpy + scipy.optimize.linear_sum_assignment, as
+  // in HoVer-Net's stats_utils.py / compute_stats.py and PanNuke's run.py) on the same synthetic
+  // images, with centroids as float pixel centres.
+  const reference = {
+    s1: { pq03: 0.8559682473251027, pq: 0.8559682473251027, dq: 0.9210526315789473, sq: 0.9293369542386829, aji: 0.8714974121006603, ajiPlus: 0.8714974121006603, dice: 0.9626168224299065, dice2: 0.950560316413975, mpq: 0.747180454220716 },
+    s2: { pq03: 0.8214526522716157, pq: 0.8123730724247223, dq: 0.8780487804878049, sq: 0.9252026658170449, aji: 0.7949643705463183, ajiPlus: 0.7938342967244701, dice: 0.9263157894736842, dice2: 0.9181305227296923, mpq: 0.7624203889088127 },
+    s3: { pq03: 0.8553815440573748, pq: 0.8553815440573748, dq: 0.9696969696969697, sq: 0.8821122173091677, aji: 0.8593123209169055, ajiPlus: 0.8593123209169055, dice: 0.9255663430420712, dice2: 0.8926872770511296, mpq: 0.8695500536776207 },
+  };
+  const images = [
+    ['s1', 128, 20, 1],
+    ['s2', 160, 16, 2],
+    ['s3', 96, 24, 3],
+  ] as const;
+  const scores = images.map(([name, size, spacing, seed]) => {
+    const s = syntheticPair(size, spacing, 3, seed);
+    return scoreImage({ name, ...s }, { numClasses: 3 });
+  });
+
+  it('per image: PQ (at IoU 0.5 and 0.3), DQ, SQ, AJI, AJI+, Dice, Dice2, mPQ', () => {
+    for (const [name, size, spacing, seed] of images) {
+      const s = syntheticPair(size, spacing, 3, seed);
+      const got = scores.find((x) => x.name === name)!;
+      const ref = reference[name];
+      const pq03 = panopticQuality(computeOverlap(s.gt, s.pred), 0.3).pq;
+      const pairs: [number, number][] = [
+        [pq03, ref.pq03],
+        [got.pq.pq, ref.pq],
+        [got.pq.dq, ref.dq],
+        [got.pq.sq, ref.sq],
+        [got.aji, ref.aji],
+        [got.ajiPlus, ref.ajiPlus],
+        [got.dice, ref.dice],
+        [got.dice2, ref.dice2],
+        [got.classes!.mpq, ref.mpq],
+      ];
+      for (const [a, b] of pairs) expect(a).toBeCloseTo(b, 12);
+    }
+  });
+
+  it('dataset: pooled PQ, per-class PQ, mPQ and HoVer-Net detection / classification', () => {
+    const d = aggregateScores(scores);
+    expect([d.detection.tp, d.detection.fp, d.detection.fn]).toEqual([144, 18, 8]);
+    expect(d.detection.f1).toBeCloseTo(0.9171974522292994, 12);
+    expect(d.detection.typeAccuracy).toBeCloseTo(0.9236111111111112, 12);
+    [0.7735849056603774, 0.8130081300813008, 0.7850467289719626].forEach((v, c) => expect(d.detection.perClassF1[c]).toBeCloseTo(v, 12));
+    expect(d.pooled.pq).toBeCloseTo(0.8274447694193289, 12);
+    [0.7668066691836402, 0.78826514998827, 0.7478051060853221].forEach((v, c) => expect(d.pooled.perClass![c].pq).toBeCloseTo(v, 12));
+    expect(d.perImageMean.mpq).toBeCloseTo(0.7930502989357165, 12);
+    [0.8141603436371345, 0.798969946127371, 0.7660206070426437].forEach((v, c) => expect(d.perImageMean.perClassPq![c]).toBeCloseTo(v, 12));
   });
 });

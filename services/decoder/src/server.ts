@@ -62,6 +62,7 @@ export interface RunningDecoder {
 export async function startDecoder(options: DecoderOptions): Promise<RunningDecoder> {
   const manifest = loadManifest(options.bundle, { graphs: ['decoder_image', 'decoder_prompts'] });
   const metrics = serviceMetrics();
+  let server: RunningServer | undefined;
   const pool = await OnnxWorkerPool.create({
     name: 'decoder',
     graphs: {
@@ -73,6 +74,8 @@ export async function startDecoder(options: DecoderOptions): Promise<RunningDeco
     maxQueue: options.maxQueue,
     executionProviders: options.executionProviders,
     faultInjection: options.faultInjection,
+    // Workers that can no longer load the graphs make the service useless: report NOT_SERVING.
+    onBroken: () => server?.setServing(false),
     onJobDone: ({ graph, queuedMs, runMs }) => {
       metrics.poolWait(graph, queuedMs / 1000);
       metrics.stage(`${graph}.run`, runMs / 1000);
@@ -80,7 +83,7 @@ export async function startDecoder(options: DecoderOptions): Promise<RunningDeco
   });
   const pipeline = new DecoderPipeline(manifest, pool, options);
   try {
-    const server = await startServer({
+    server = await startServer({
       name: 'decoder',
       port: options.port,
       host: options.host,

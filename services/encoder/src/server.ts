@@ -59,6 +59,7 @@ export interface RunningEncoder {
 export async function startEncoder(options: EncoderOptions): Promise<RunningEncoder> {
   const manifest = loadManifest(options.bundle, { graphs: ['encoder'] });
   const metrics = serviceMetrics();
+  let server: RunningServer | undefined;
   const pool = await OnnxWorkerPool.create({
     name: 'encoder',
     graphs: { encoder: manifest.graphs.encoder!.path },
@@ -67,6 +68,8 @@ export async function startEncoder(options: EncoderOptions): Promise<RunningEnco
     maxQueue: options.maxQueue,
     executionProviders: options.executionProviders,
     faultInjection: options.faultInjection,
+    // Workers that can no longer load the graphs make the service useless: report NOT_SERVING.
+    onBroken: () => server?.setServing(false),
     onJobDone: ({ graph, queuedMs, runMs }) => {
       metrics.poolWait(graph, queuedMs / 1000);
       metrics.stage(`${graph}.run`, runMs / 1000);
@@ -74,7 +77,7 @@ export async function startEncoder(options: EncoderOptions): Promise<RunningEnco
   });
   const pipeline = new EncoderPipeline(manifest, pool, options);
   try {
-    const server = await startServer({
+    server = await startServer({
       name: 'encoder',
       port: options.port,
       host: options.host,

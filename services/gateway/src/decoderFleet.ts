@@ -13,6 +13,7 @@ import {
   grpcError,
   isServiceError,
   makeClient,
+  serviceMetrics,
   SpanAttributes,
   stagesProto,
   unary,
@@ -217,6 +218,7 @@ export class DecoderFleet {
           call.signal,
         );
         this.counters.decodes++;
+        serviceMetrics().batch('gateway.decode', batch.length);
         if (response.masks.length !== batch.length) {
           throw grpcError(status.INTERNAL, `decoder ${replica} returned ${response.masks.length} masks for ${batch.length} prompts`);
         }

@@ -12,11 +12,11 @@ import {
   isServiceError,
   makeClient,
   normalizeRgb,
-  ownerTile,
   pasteTileMask,
   planTiles,
   rectContains,
   segmentationProto,
+  serviceMetrics,
   SpanAttributes,
   stagesProto,
   status,
@@ -240,7 +240,8 @@ export class SegmentationPipeline {
     const tilesToRun = mode.auto ? layout.tiles : layout.tiles.filter((t) => manual.some((m) => m.tile === t.index));
     const digests: string[] = new Array(layout.tiles.length);
     const detections: (ImageDetection[] | undefined)[] = new Array(layout.tiles.length).fill(undefined);
-    const candidates: DecodedCandidate[] = [];
+    // Candidates by tile, flattened in tile order so the result does not depend on call timing.
+    const byTile: DecodedCandidate[][] = layout.tiles.map(() => []);
     const call = this.childCall(ctx);
     const batches: Tile[][] = [];
     for (let i = 0; i < tilesToRun.length; i += this.config.tileBatchSize) batches.push(tilesToRun.slice(i, i + this.config.tileBatchSize));
@@ -263,13 +264,14 @@ export class SegmentationPipeline {
           detections[tile.index] = tileDetections;
           const features = encoded.get(digest);
           if (!features) throw grpcError(status.INTERNAL, `encoder returned no features for tile ${digest.slice(0, 12)}`);
-          const planned = this.planTilePrompts(tile, layout, tileDetections, manual, mode, request.minScore);
+          const planned = this.planTilePrompts(tile, tileDetections, manual, mode, request.minScore);
           const source: PrepareSource = { digest, load: async () => ({ features, pixels }) };
-          candidates.push(...(await this.decodePlanned(tile, source, planned, call, clock)));
+          byTile[tile.index] = await this.decodePlanned(tile, source, planned, call, clock);
         }),
       );
     });
 
+    const candidates = byTile.flat();
     const mpp = request.mpp > 0 ? request.mpp : this.manifest.mpp;
     const assembled = await clock.time('assemble', () =>
       withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async (span) => {
@@ -325,13 +327,19 @@ export class SegmentationPipeline {
 
   /** Encode a batch of tiles (pixels, or digest only to read the encoder's cache): features by digest. */
   private async encode(tiles: stagesProto.TileInput[], ctx: RequestContext): Promise<Map<string, stagesProto.Tensor>> {
-    const response = await unary(
-      this.encoder,
-      this.encoder.encode,
-      { tiles, modelVersion: this.manifest.version },
-      this.unaryOptions(ctx, { [SpanAttributes.tiles]: tiles.length, [SpanAttributes.digest]: tiles.map((t) => t.digest).join(',') }),
-    ).catch((err) => {
-      throw stageError('encoder', err);
+    const response = await withSpan('gateway.encode', { [SpanAttributes.tiles]: tiles.length }, async (span) => {
+      const res = await unary(
+        this.encoder,
+        this.encoder.encode,
+        { tiles, modelVersion: this.manifest.version },
+        this.unaryOptions(ctx, { [SpanAttributes.tiles]: tiles.length, [SpanAttributes.digest]: tiles.map((t) => t.digest).join(',') }),
+      ).catch((err) => {
+        throw stageError('encoder', err);
+      });
+      const hits = res.tiles.filter((t) => t.cacheHit).length;
+      serviceMetrics().cache('encoder_features', { hits, misses: res.tiles.length - hits });
+      span.setAttributes({ [SpanAttributes.cacheHit]: hits === res.tiles.length, 'cfrsam.cache_hits': hits });
+      return res;
     });
     const out = new Map<string, stagesProto.Tensor>();
     for (const t of response.tiles) if (t.features) out.set(t.digest, t.features);
@@ -346,7 +354,6 @@ export class SegmentationPipeline {
    */
   private planTilePrompts(
     tile: Tile,
-    layout: TileLayout,
     tileDetections: ImageDetection[],
     manual: ManualPrompt[],
     mode: { auto: boolean; manual: boolean },
@@ -375,7 +382,6 @@ export class SegmentationPipeline {
       if (m.tile !== tile.index) continue;
       planned.push(this.planManual(m, tile, tileDetections));
     }
-    void layout;
     return planned;
   }
 
@@ -463,8 +469,7 @@ export class SegmentationPipeline {
       for (const t of unseen) entry.detections[t.index] = toImageDetections(detected.get(entry.digests[t.index]) ?? [], t);
     }
     const call = this.childCall(ctx);
-    const candidates: DecodedCandidate[] = [];
-    await Promise.all(
+    const byTile = await Promise.all(
       tiles.map(async (tile) => {
         const digest = entry.digests[tile.index];
         const planned = manual.filter((m) => m.tile === tile.index).map((m) => this.planManual(m, tile, entry.detections[tile.index] ?? []));
@@ -475,9 +480,10 @@ export class SegmentationPipeline {
           // digest (a hit), with the pixels as a fallback if the encoder evicted them.
           load: () => (loaded ??= this.featuresForRefine(image, tile, digest, ctx, clock)),
         };
-        candidates.push(...(await this.decodePlanned(tile, source, planned, call, clock)));
+        return this.decodePlanned(tile, source, planned, call, clock);
       }),
     );
+    const candidates = byTile.flat();
     const assembled = await clock.time('assemble', () =>
       withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async () =>
         assembleNuclei(candidates, image, this.assembleOptions(entry.mpp, 0, request.returnLabelMap, request.returnMasks)),
@@ -563,5 +569,3 @@ function stageError(stage: string, err: unknown): Error {
   }
   return err instanceof Error ? err : new Error(String(err));
 }
-
-export { ownerTile };

@@ -59,6 +59,7 @@ export interface RunningPrompter {
 export async function startPrompter(options: PrompterOptions): Promise<RunningPrompter> {
   const manifest = loadManifest(options.bundle, { graphs: ['prompter'] });
   const metrics = serviceMetrics();
+  let server: RunningServer | undefined;
   const pool = await OnnxWorkerPool.create({
     name: 'prompter',
     graphs: { prompter: manifest.graphs.prompter!.path },
@@ -67,6 +68,8 @@ export async function startPrompter(options: PrompterOptions): Promise<RunningPr
     maxQueue: options.maxQueue,
     executionProviders: options.executionProviders,
     faultInjection: options.faultInjection,
+    // Workers that can no longer load the graphs make the service useless: report NOT_SERVING.
+    onBroken: () => server?.setServing(false),
     onJobDone: ({ graph, queuedMs, runMs }) => {
       metrics.poolWait(graph, queuedMs / 1000);
       metrics.stage(`${graph}.run`, runMs / 1000);
@@ -74,7 +77,7 @@ export async function startPrompter(options: PrompterOptions): Promise<RunningPr
   });
   const pipeline = new PrompterPipeline(manifest, pool, options);
   try {
-    const server = await startServer({
+    server = await startServer({
       name: 'prompter',
       port: options.port,
       host: options.host,

@@ -56,15 +56,18 @@ function solveWide(cost: Float64Array | number[], nr: number, nc: number): Int32
       let lowest = Infinity;
       seenRow[i] = 1;
       const base = i * nc;
+      const ui = u[i];
       for (let it = 0; it < remainingCount; it++) {
         const j = remaining[it];
-        const r = minVal + cost[base + j] - u[i] - v[j];
-        if (r < shortest[j]) {
+        let s = shortest[j];
+        const r = minVal + cost[base + j] - ui - v[j];
+        if (r < s) {
           path[j] = i;
           shortest[j] = r;
+          s = r;
         }
-        if (shortest[j] < lowest || (shortest[j] === lowest && row4col[j] === -1)) {
-          lowest = shortest[j];
+        if (s < lowest || (s === lowest && row4col[j] === -1)) {
+          lowest = s;
           index = it;
         }
       }

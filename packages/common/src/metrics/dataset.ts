@@ -5,6 +5,7 @@
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import sharp from 'sharp';
+import { DEFAULT_PAIRING_RADIUS } from './detection';
 import { checkLabelImage, LabelImage } from './labels';
 import { aggregateScores, ClassLookup, DatasetScore, ImageScore, scoreImage, ScoreOptions } from './scoring';
 
@@ -250,7 +251,7 @@ export async function scoreDirectories(gtDir: string, predDir: string, options: 
     dataset: aggregateScores(images),
     classNames: numClasses > 0 ? classNames : undefined,
     notes,
-    options: { matchIou: options.matchIou ?? 0.5, radius: options.radius ?? 12, classes: numClasses > 0 },
+    options: { matchIou: options.matchIou ?? 0.5, radius: options.radius ?? DEFAULT_PAIRING_RADIUS, classes: numClasses > 0 },
   };
 }
 

@@ -52,7 +52,11 @@ export function pairCentroids(a: Points, b: Points, radius = DEFAULT_PAIRING_RAD
       const ax = a.x[i];
       const ay = a.y[i];
       const base = i * nB;
-      for (let j = 0; j < nB; j++) cost[base + j] = Math.hypot(ax - b.x[j], ay - b.y[j]);
+      for (let j = 0; j < nB; j++) {
+        const dx = ax - b.x[j];
+        const dy = ay - b.y[j];
+        cost[base + j] = Math.sqrt(dx * dx + dy * dy);
+      }
     }
     const colForRow = linearSumAssignment(cost, nA, nB);
     for (let i = 0; i < nA; i++) {
@@ -84,7 +88,9 @@ export function pairCentroids(a: Points, b: Points, radius = DEFAULT_PAIRING_RAD
         const list = grid.get(`${cx + dx},${cy + dy}`);
         if (!list) continue;
         for (const j of list) {
-          const d = Math.hypot(a.x[i] - b.x[j], a.y[i] - b.y[j]);
+          const dx = a.x[i] - b.x[j];
+          const dy = a.y[i] - b.y[j];
+          const d = Math.sqrt(dx * dx + dy * dy);
           if (d <= radius) {
             ea.push(i);
             eb.push(j);

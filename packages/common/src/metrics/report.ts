@@ -91,7 +91,10 @@ function summaryRows(run: ScoreRun): Cell[][] {
     if (d.grouped.mpq !== undefined) rows.push(['mPQ by group', d.grouped.mpq, 'mean over groups of the group\'s image mean (PanNuke)']);
   }
   const det = d.detection;
-  rows.push(['F1d', det.f1, `centroids within ${run.options.radius} px, pooled (TP ${det.tp}, FP ${det.fp}, FN ${det.fn})`]);
+  const gated = run.images.filter((im) => im.pairingMode === 'gated').length;
+  const pairing =
+    gated === 0 ? 'Munkres on all distances' : gated === run.images.length ? 'gated pairing' : `Munkres, gated pairing in ${gated} large images`;
+  rows.push(['F1d', det.f1, `centroids within ${run.options.radius} px (${pairing}), pooled: TP ${det.tp}, FP ${det.fp}, FN ${det.fn}`]);
   rows.push(['precision', det.precision, 'pooled']);
   rows.push(['recall', det.recall, 'pooled']);
   if (run.options.classes) rows.push(['type accuracy', det.typeAccuracy, 'paired nuclei with the right class, pooled']);

@@ -23,6 +23,7 @@ const EVALUATE_FLAGS = {
   limit: { type: 'int', default: 0, help: 'evaluate only the first N images (0: all)' },
   concurrency: { type: 'int', default: 2, help: 'Segment calls in flight at once' },
   timeoutS: { type: 'number', default: 300, help: 'deadline of each Segment call in seconds' },
+  connectTimeoutS: { type: 'number', default: 10, help: 'how long to wait for the gateway to accept a connection' },
   minScore: { type: 'number', default: 0, help: 'drop predicted nuclei scoring below this' },
   ...SCORING_FLAGS,
 } satisfies Record<string, FlagSpec>;
@@ -139,6 +140,7 @@ export async function runEvaluate(argv: readonly string[], io: CliIo = defaultIo
     if (flags.limit < 0) throw new ConfigError(`--limit must be >= 0, got ${flags.limit}`);
     if (flags.concurrency < 1) throw new ConfigError(`--concurrency must be >= 1, got ${flags.concurrency}`);
     if (!(flags.timeoutS > 0)) throw new ConfigError(`--timeout-s must be > 0, got ${flags.timeoutS}`);
+    if (!(flags.connectTimeoutS > 0)) throw new ConfigError(`--connect-timeout-s must be > 0, got ${flags.connectTimeoutS}`);
     scoring = scoringOptions(flags);
   } catch (err) {
     if (err instanceof ConfigError) {
@@ -167,9 +169,9 @@ export async function runEvaluate(argv: readonly string[], io: CliIo = defaultIo
   const client = makeClient(segmentationProto.SegmentationClient, flags.gateway);
   try {
     try {
-      await waitForReady(client, 10_000);
+      await waitForReady(client, flags.connectTimeoutS * 1000);
     } catch {
-      io.stderr.write(`cfrsam evaluate: cannot reach the gateway at ${flags.gateway}\n`);
+      io.stderr.write(`cfrsam evaluate: cannot reach the gateway at ${flags.gateway} within ${flags.connectTimeoutS} s\n`);
       return 1;
     }
     const model = await unary(client, client.getModelInfo, {}, { timeoutMs: 10_000 });

@@ -1,11 +1,18 @@
 #!/usr/bin/env node
-// The `cfrsam` command line: dispatches subcommands. (Minimal version with the evaluation
-// commands; other subcommands are added beside these.)
+// The `cfrsam` command line: dispatches subcommands.
+//   stack     run prompter, encoder, decoders and gateway as local processes
+//   segment   segment images and write GeoJSON, CSV, label map, sidecar JSON and overlay
+//   score     score predicted label maps against ground truth
+//   evaluate  segment an annotated dataset through a gateway and score it
 
 import { runEvaluate } from './evaluate';
 import { runScore } from './score';
+import { runSegment } from './segment';
+import { runStack } from './stackCommand';
 
 const COMMANDS: Record<string, { run: (argv: readonly string[]) => Promise<number>; help: string }> = {
+  stack: { run: runStack, help: 'start prompter, encoder, decoders and gateway on this machine (Ctrl-C stops them)' },
+  segment: { run: runSegment, help: 'segment images; writes GeoJSON (QuPath), CSV, label PNG, sidecar JSON and overlay PNG' },
   score: { run: runScore, help: 'score predicted label maps against ground truth (PQ, AJI, Dice, F1...)' },
   evaluate: { run: runEvaluate, help: 'segment a dataset through a running gateway and score it' },
 };

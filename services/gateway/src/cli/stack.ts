@@ -1,0 +1,198 @@
+// Starting the whole system on one machine: prompter, encoder, N decoder replicas and the gateway,
+// each its own process on loopback, from the compiled services (services/*/dist/main.js). Used by
+// `cfrsam stack`, `cfrsam segment --local` and the integration tests.
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { credentials, makeGenericClientConstructor, type Client, type ServiceError } from '@grpc/grpc-js';
+import { repoRoot } from '@cfrsam/common';
+import { service as healthService } from 'grpc-health-check';
+
+export type StackServiceKind = 'prompter' | 'encoder' | 'decoder' | 'gateway';
+
+export interface StackProcess {
+  /** "prompter", "encoder", "decoder-0", "decoder-1", ..., "gateway". */
+  name: string;
+  kind: StackServiceKind;
+  address: string;
+  port: number;
+  child: ChildProcess;
+  /** Resolves with the exit code (or signal name) when the process ends. */
+  exited: Promise<number | string>;
+}
+
+export interface StackOptions {
+  /** Model bundle directory (default: models/tiny, or CFRSAM_BUNDLE). */
+  bundle?: string;
+  /** Decoder replicas (default 2). */
+  decoders?: number;
+  /** Gateway port (0: a free one). */
+  port?: number;
+  /** Loopback address everything listens on (default 127.0.0.1). */
+  host?: string;
+  /** Extra flags per service kind, e.g. { gateway: ['--max-image-pixels', '100000'] }. */
+  args?: Partial<Record<StackServiceKind, string[]>>;
+  /** Extra environment per process (by process name), e.g. a CFRSAM_TRACE_FILE each. */
+  env?: (name: string) => NodeJS.ProcessEnv;
+  /** Output lines of the children (default: stderr, prefixed with the process name). */
+  log?: (name: string, line: string) => void;
+  /** How long to wait for every service to report SERVING (default 120 s). */
+  readyTimeoutMs?: number;
+  /** Repository root holding services/*\/dist (default: found from this module). */
+  root?: string;
+}
+
+export interface RunningStack {
+  gateway: string;
+  prompter: string;
+  encoder: string;
+  decoders: string[];
+  processes: StackProcess[];
+  /** Stops one process (SIGTERM, then SIGKILL after graceMs) and waits for it. */
+  stopProcess(name: string, signal?: NodeJS.Signals, graceMs?: number): Promise<void>;
+  /** Stops every process, gateway first; idempotent. */
+  stop(): Promise<void>;
+}
+
+/** A free TCP port on the host (the OS picks; closed again before use). */
+export function freePort(host = '127.0.0.1'): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.once('error', reject);
+    srv.listen(0, host, () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+const HealthClient = makeGenericClientConstructor(healthService, 'grpc.health.v1.Health');
+
+/** grpc.health.v1 Check of `service` ('' = the whole server): resolves with the status string. */
+export function checkHealth(address: string, service = '', timeoutMs = 2_000): Promise<string> {
+  const client = new HealthClient(address, credentials.createInsecure()) as unknown as Client & {
+    check(req: { service: string }, opts: { deadline: number }, cb: (err: ServiceError | null, res: { status: string }) => void): void;
+  };
+  return new Promise<string>((resolve, reject) => {
+    client.check({ service }, { deadline: Date.now() + timeoutMs }, (err, res) => {
+      client.close();
+      if (err) reject(err);
+      else resolve(res.status);
+    });
+  });
+}
+
+async function waitServing(proc: StackProcess, deadline: number, output: () => string): Promise<void> {
+  let exited: number | string | undefined;
+  void proc.exited.then((code) => (exited = code));
+  for (;;) {
+    if (exited !== undefined) {
+      throw new Error(`${proc.name} exited (${exited}) before serving; its output:\n${output()}`);
+    }
+    try {
+      if ((await checkHealth(proc.address, '', 1_000)) === 'SERVING') return;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) throw new Error(`${proc.name} at ${proc.address} did not become SERVING in time; its output:\n${output()}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+function serviceScript(root: string, kind: StackServiceKind): string {
+  const script = path.join(root, 'services', kind, 'dist', 'main.js');
+  if (!fs.existsSync(script)) throw new Error(`${script} does not exist: run \`npm run build\` first`);
+  return script;
+}
+
+/** Starts the stack and resolves once every service answers SERVING to a health check. */
+export async function startStack(options: StackOptions = {}): Promise<RunningStack> {
+  const root = options.root ?? repoRoot(__dirname);
+  const host = options.host ?? '127.0.0.1';
+  const decoderCount = options.decoders ?? 2;
+  if (!(decoderCount >= 1)) throw new Error(`at least one decoder is needed, got ${decoderCount}`);
+  const bundle = path.resolve(options.bundle ?? process.env.CFRSAM_BUNDLE ?? path.join(root, 'models', 'tiny'));
+  if (!fs.existsSync(path.join(bundle, 'manifest.json'))) throw new Error(`no model bundle at ${bundle} (manifest.json missing)`);
+  const log = options.log ?? ((name: string, line: string) => process.stderr.write(`[${name}] ${line}\n`));
+  const processes: StackProcess[] = [];
+  const outputs = new Map<string, string[]>();
+
+  const launch = (name: string, kind: StackServiceKind, port: number, extra: string[]): StackProcess => {
+    const args = [serviceScript(root, kind), '--port', String(port), '--host', host, '--bundle', bundle, ...extra, ...(options.args?.[kind] ?? [])];
+    const child = spawn(process.execPath, args, {
+      cwd: root,
+      env: { ...process.env, ...(options.env?.(name) ?? {}) },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const lines: string[] = [];
+    outputs.set(name, lines);
+    const onData = (buf: Buffer) => {
+      for (const line of buf.toString('utf8').split('\n')) {
+        if (!line) continue;
+        lines.push(line);
+        if (lines.length > 200) lines.shift();
+        log(name, line);
+      }
+    };
+    child.stdout!.on('data', onData);
+    child.stderr!.on('data', onData);
+    const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? 'unknown')));
+    const proc: StackProcess = { name, kind, address: `${host}:${port}`, port, child, exited };
+    processes.push(proc);
+    return proc;
+  };
+
+  const stopProcess = async (name: string, signal: NodeJS.Signals = 'SIGTERM', graceMs = 10_000): Promise<void> => {
+    const proc = processes.find((p) => p.name === name);
+    if (!proc) throw new Error(`no process named ${name} in the stack`);
+    if (proc.child.exitCode !== null || proc.child.signalCode !== null) return;
+    proc.child.kill(signal);
+    const timer = setTimeout(() => proc.child.kill('SIGKILL'), graceMs);
+    await proc.exited;
+    clearTimeout(timer);
+  };
+
+  let stopping: Promise<void> | undefined;
+  const stop = () =>
+    (stopping ??= (async () => {
+      // The gateway first (it drains client calls that still need the stages), then the stages.
+      const gateway = processes.filter((p) => p.kind === 'gateway');
+      const stages = processes.filter((p) => p.kind !== 'gateway');
+      await Promise.all(gateway.map((p) => stopProcess(p.name)));
+      await Promise.all(stages.map((p) => stopProcess(p.name)));
+    })());
+
+  try {
+    const prompterPort = await freePort(host);
+    const encoderPort = await freePort(host);
+    const decoderPorts: number[] = [];
+    for (let i = 0; i < decoderCount; i++) decoderPorts.push(await freePort(host));
+    const gatewayPort = options.port ? options.port : await freePort(host);
+    const stageProcs = [
+      launch('prompter', 'prompter', prompterPort, []),
+      launch('encoder', 'encoder', encoderPort, []),
+      ...decoderPorts.map((p, i) => launch(`decoder-${i}`, 'decoder', p, [])),
+    ];
+    const gateway = launch('gateway', 'gateway', gatewayPort, [
+      '--prompter', stageProcs[0].address,
+      '--encoder', stageProcs[1].address,
+      '--decoders', stageProcs.slice(2).map((p) => p.address).join(','),
+    ]);
+    const deadline = Date.now() + (options.readyTimeoutMs ?? 120_000);
+    await Promise.all([...stageProcs, gateway].map((p) => waitServing(p, deadline, () => (outputs.get(p.name) ?? []).join('\n'))));
+    return {
+      gateway: gateway.address,
+      prompter: stageProcs[0].address,
+      encoder: stageProcs[1].address,
+      decoders: stageProcs.slice(2).map((p) => p.address),
+      processes,
+      stopProcess,
+      stop,
+    };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}

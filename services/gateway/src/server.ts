@@ -1,0 +1,101 @@
+// Gateway transport: the gRPC handlers of the public Segmentation service and the assembly of a
+// running gateway (manifest -> pipeline -> gRPC server with health, reflection, graceful shutdown).
+import {
+  loadManifest,
+  segmentationProto,
+  serviceMetrics,
+  SpanAttributes,
+  startServer,
+  unaryHandler,
+  type RunningServer,
+} from '@cfrsam/common';
+import { DEFAULT_GATEWAY_CONFIG, type GatewayConfig } from './config';
+import { SegmentationPipeline } from './pipeline';
+
+export const SEGMENTATION_SERVICE_NAME = 'cfrsam.v1.Segmentation';
+export const DEFAULT_GATEWAY_PORT = 50051;
+
+export function segmentationHandlers(pipeline: SegmentationPipeline): segmentationProto.SegmentationServer {
+  return {
+    segment: unaryHandler(`${SEGMENTATION_SERVICE_NAME}/Segment`, async (request: segmentationProto.SegmentRequest, ctx) => {
+      ctx.span.setAttributes({ 'cfrsam.image_bytes': request.image.length, [SpanAttributes.prompts]: request.prompts.length });
+      const response = await pipeline.segment(request, { deadline: ctx.deadline, signal: ctx.signal });
+      recordTimings(response.timings);
+      ctx.span.setAttributes({
+        'cfrsam.image_id': response.imageId,
+        [SpanAttributes.tiles]: response.tiles,
+        'cfrsam.nuclei': response.nuclei.length,
+      });
+      return response;
+    }),
+    refine: unaryHandler(`${SEGMENTATION_SERVICE_NAME}/Refine`, async (request: segmentationProto.RefineRequest, ctx) => {
+      ctx.span.setAttributes({ 'cfrsam.image_id': request.imageId, [SpanAttributes.prompts]: request.prompts.length });
+      const response = await pipeline.refine(request, { deadline: ctx.deadline, signal: ctx.signal });
+      recordTimings(response.timings);
+      ctx.span.setAttribute('cfrsam.nuclei', response.nuclei.length);
+      return response;
+    }),
+    getModelInfo: unaryHandler(`${SEGMENTATION_SERVICE_NAME}/GetModelInfo`, async () => pipeline.modelInfo()),
+  };
+}
+
+/** Stage latency histograms (cfrsam_stage_duration_seconds{stage="gateway.<stage>"}). */
+function recordTimings(timings: readonly segmentationProto.StageTiming[]): void {
+  const metrics = serviceMetrics();
+  for (const t of timings) metrics.stage(`gateway.${t.stage}`, t.ms / 1000);
+}
+
+export interface GatewayOptions extends Partial<Omit<GatewayConfig, 'prompter' | 'encoder' | 'decoders'>> {
+  port: number;
+  host?: string;
+  bundle: string;
+  prompter: string;
+  encoder: string;
+  decoders: string[];
+  /** gRPC message limit for requests, responses and stage calls (label maps of big images are big). */
+  maxMessageBytes?: number;
+  shutdownGraceMs?: number;
+  handleSignals?: boolean;
+  onShutdown?: () => Promise<void> | void;
+}
+
+export interface RunningGateway {
+  server: RunningServer;
+  pipeline: SegmentationPipeline;
+}
+
+/** Loads the manifest (the gateway runs no graph, so graph files are not needed) and serves. */
+export async function startGateway(options: GatewayOptions): Promise<RunningGateway> {
+  const manifest = loadManifest(options.bundle, { graphs: [], verifyGraphs: false });
+  const config: GatewayConfig = { ...DEFAULT_GATEWAY_CONFIG, ...stripUndefined(options) } as GatewayConfig;
+  const pipeline = new SegmentationPipeline(manifest, config, { maxMessageBytes: options.maxMessageBytes });
+  try {
+    const server = await startServer({
+      name: 'gateway',
+      port: options.port,
+      host: options.host,
+      services: [
+        {
+          name: SEGMENTATION_SERVICE_NAME,
+          definition: segmentationProto.SegmentationService,
+          implementation: segmentationHandlers(pipeline),
+        },
+      ],
+      maxMessageBytes: options.maxMessageBytes,
+      shutdownGraceMs: options.shutdownGraceMs,
+      handleSignals: options.handleSignals,
+      onShutdown: async () => {
+        pipeline.close();
+        await options.onShutdown?.();
+      },
+    });
+    return { server, pipeline };
+  } catch (err) {
+    pipeline.close();
+    throw err;
+  }
+}
+
+function stripUndefined<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}

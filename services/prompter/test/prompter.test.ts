@@ -1,0 +1,135 @@
+// Prompter over real gRPC on loopback with models/tiny, plus the anchor decoding on hand-made logits.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { digestTile, makeClient, stagesProto, status, tensorFromProto, tensorToProto, unary, type Manifest } from '@cfrsam/common';
+import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/common/dist/testSupport';
+import { decodeAnchors, pointNms } from '../src/pipeline';
+import { startPrompter, type RunningPrompter } from '../src/server';
+
+describe('decodeAnchors', () => {
+  // 4 anchors, K = 2 classes (+ background at index 2).
+  const points = new Float32Array([10, 10, 50, 50, 12, 11, -5, 300]);
+  const logits = new Float32Array([
+    4, 0, -2, // anchor 0: class 0, very likely foreground
+    0, 0, 5, // anchor 1: background
+    0, 3, 0, // anchor 2: class 1, 2.2 px from anchor 0, less confident -> merged away by NMS
+    1, 1, -3, // anchor 3: foreground, point outside the tile -> clipped
+  ]);
+  const detections = decodeAnchors(points, logits, 4, 2, 256, { minForeground: 0.5, nmsRadius: 4 });
+
+  it('drops background, merges close points keeping the confident one, clips to the tile', () => {
+    expect(detections.map((d) => [d.x, d.y])).toEqual([
+      [10, 10],
+      [0, 256],
+    ]);
+    expect(detections[0].foreground).toBeGreaterThan(detections[1].foreground); // sorted by confidence
+  });
+
+  it('renormalises class probabilities over the K classes', () => {
+    const d = detections.find((x) => x.x === 10)!;
+    expect(d.classIndex).toBe(0);
+    expect(d.classProbabilities[0] + d.classProbabilities[1]).toBeCloseTo(1, 6);
+    expect(d.classProbabilities[0]).toBeCloseTo(Math.exp(4) / (Math.exp(4) + 1), 6);
+    const softmaxBg = Math.exp(-2) / (Math.exp(4) + Math.exp(0) + Math.exp(-2));
+    expect(d.foreground).toBeCloseTo(1 - softmaxBg, 6);
+  });
+
+  it('keeps everything with radius 0 and nothing below the threshold', () => {
+    expect(decodeAnchors(points, logits, 4, 2, 256, { minForeground: 0.5, nmsRadius: 0 })).toHaveLength(3);
+    expect(decodeAnchors(points, logits, 4, 2, 256, { minForeground: 1, nmsRadius: 0 })).toHaveLength(0);
+    expect(pointNms([{ x: 0, y: 0 }, { x: 3, y: 0 }, { x: 5, y: 0 }], 4)).toEqual([{ x: 0, y: 0 }, { x: 5, y: 0 }]);
+  });
+});
+
+const bundle = testBundle();
+if (bundle.skipReason) console.warn(`prompter.test: ${bundle.skipReason}`);
+
+describe.skipIf(!bundle.manifest)('Prompter service', () => {
+  const manifest = bundle.manifest as Manifest;
+  const S = manifest.inputSize;
+  const K = manifest.classes.length;
+  let running: RunningPrompter;
+  let client: stagesProto.PrompterClient;
+  const tiles = [1, 2, 3].map((seed) => {
+    const rgb = syntheticTileRgb(S, seed);
+    return { digest: digestTile(rgb, manifest.version), pixels: tilePixelsTensor(rgb, manifest) };
+  });
+  const detect = (request: Partial<stagesProto.DetectRequest>) =>
+    unary(client, client.detect, { tiles: [], minForeground: 0, nmsRadius: 0, modelVersion: manifest.version, ...request }, { timeoutMs: 30_000 });
+
+  beforeAll(async () => {
+    running = await startPrompter({ port: 0, host: '127.0.0.1', bundle: manifest.dir, maxBatch: 2, faultInjection: true });
+    client = makeClient(stagesProto.PrompterClient, running.server.address);
+  });
+  afterAll(async () => {
+    client?.close();
+    await running?.server.shutdown();
+  });
+
+  it('detects well-formed point prompts for every tile, batching as configured', async () => {
+    const response = await detect({ tiles });
+    expect(response.tiles.map((t) => t.digest)).toEqual(tiles.map((t) => t.digest));
+    const { minForeground, nmsRadius } = manifest.prompter;
+    // Collect violations instead of asserting per detection: an untrained bundle yields ~1000 each.
+    const problems: string[] = [];
+    for (const tile of response.tiles) {
+      const ds = tile.detections;
+      ds.forEach((d, i) => {
+        const sum = d.classProbabilities.reduce((a, b) => a + b, 0);
+        if (!(d.x >= 0 && d.x <= S && d.y >= 0 && d.y <= S)) problems.push(`point ${i} (${d.x}, ${d.y}) outside the tile`);
+        if (!(d.classIndex >= 0 && d.classIndex < K)) problems.push(`class ${d.classIndex} out of range`);
+        if (d.classProbabilities.length !== K || Math.abs(sum - 1) > 1e-4) problems.push(`probabilities ${d.classProbabilities}`);
+        if (d.classProbabilities[d.classIndex] !== Math.max(...d.classProbabilities)) problems.push(`class ${d.classIndex} not the argmax`);
+        if (d.foreground < minForeground - 1e-6) problems.push(`foreground ${d.foreground} below ${minForeground}`);
+        if (i > 0 && d.foreground > ds[i - 1].foreground) problems.push(`not sorted at ${i}`);
+      });
+      for (let i = 0; i < ds.length; i++) {
+        for (let j = i + 1; j < ds.length; j++) {
+          if (Math.hypot(ds[i].x - ds[j].x, ds[i].y - ds[j].y) < nmsRadius - 1e-4) problems.push(`points ${i} and ${j} closer than ${nmsRadius}`);
+        }
+      }
+    }
+    expect(problems.slice(0, 10)).toEqual([]);
+    // The same tile alone (batch of 1) gives the same detections as inside a batch of 2.
+    const alone = await detect({ tiles: [tiles[1]] });
+    expect(alone.tiles[0].detections.length).toBe(response.tiles[1].detections.length);
+    alone.tiles[0].detections.slice(0, 5).forEach((d, i) => {
+      expect(d.x).toBeCloseTo(response.tiles[1].detections[i].x, 2);
+      expect(d.y).toBeCloseTo(response.tiles[1].detections[i].y, 2);
+    });
+  });
+
+  it('honours min_foreground and accepts float16 pixels', async () => {
+    const base = await detect({ tiles: [tiles[0]], minForeground: 0.01 });
+    const strict = await detect({ tiles: [tiles[0]], minForeground: 0.99 });
+    expect(strict.tiles[0].detections.length).toBeLessThanOrEqual(base.tiles[0].detections.length);
+    expect(strict.tiles[0].detections.every((d) => d.foreground >= 0.99)).toBe(true);
+    const f32 = tensorFromProto('p', tiles[0].pixels);
+    const half = tensorToProto(f32.dims, f32.data, stagesProto.DType.DTYPE_FLOAT16);
+    const response = await detect({ tiles: [{ digest: tiles[0].digest, pixels: half }] });
+    expect(response.tiles[0].detections.length).toBeGreaterThanOrEqual(0);
+  });
+
+  it('answers bad input with INVALID_ARGUMENT naming the problem', async () => {
+    const small = tensorToProto([3, 64, 64], new Float32Array(3 * 64 * 64));
+    await expect(detect({ tiles: [{ digest: 'x', pixels: small }] })).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      details: `tiles[0].pixels: expected dims [3,${S},${S}], got [3,64,64]`,
+    });
+    await expect(detect({ tiles: [] })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT, details: expect.stringMatching(/at least one tile/) });
+    await expect(detect({ tiles: [tiles[0]], minForeground: 1.5 })).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      details: expect.stringMatching(/min_foreground must be in \[0, 1\]/),
+    });
+    await expect(detect({ tiles: [tiles[0]], modelVersion: 'other' })).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      details: expect.stringMatching(/does not match the served model/),
+    });
+    await expect(detect({ tiles: [{ digest: 'x' }] })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
+  });
+
+  it('keeps serving after a worker crashes', async () => {
+    await expect(running.pool.run('__exit__', {})).rejects.toThrow(/died/);
+    const response = await detect({ tiles: [tiles[2]] });
+    expect(response.tiles).toHaveLength(1);
+  });
+});
