@@ -447,8 +447,9 @@ def build_manifest(
         "mask_threshold": cfg.mask_threshold,
         "prompter": {
             "anchors": learner_cfg.num_anchors,
-            "min_foreground": PROMPTER_MIN_FOREGROUND,
-            "nms_radius": PROMPTER_NMS_RADIUS,
+            # Tuned on validation when training recorded them (cfrsam.train.tune_prompter).
+            "min_foreground": float((checkpoint_info.get("prompter") or {}).get("min_foreground", PROMPTER_MIN_FOREGROUND)),
+            "nms_radius": float((checkpoint_info.get("prompter") or {}).get("nms_radius", PROMPTER_NMS_RADIUS)),
         },
         "graphs": graph_entries,
         "provenance": {

@@ -67,7 +67,8 @@ def sample_prompts(batch, max_prompts: int, jitter: float, size: int, rng: np.ra
     return coords, labels, targets, valid
 
 
-def validate(model, dataset, device, limit: int, radius: float, pipeline: bool = True):
+def validate(model, dataset, device, limit: int, radius: float, pipeline: bool = True,
+             min_foreground: float = 0.5, nms_radius: float = 4.0):
     """Whole-pipeline metrics on the validation tiles (when `pipeline`), plus bPQ with ground-truth prompts."""
     acc = MetricAccumulator(num_classes=model.config.num_classes, radius=radius)
     acc_gt = MetricAccumulator(num_classes=model.config.num_classes, radius=radius)
@@ -78,7 +79,7 @@ def validate(model, dataset, device, limit: int, radius: float, pipeline: bool =
         gt = item["instances"].numpy()
         gt_classes = {i + 1: int(c) for i, c in enumerate(item["classes"].tolist())}
         if pipeline:
-            pred, pred_classes = segment_tile(model, image)
+            pred, pred_classes = segment_tile(model, image, min_foreground, nms_radius)
             acc.add(gt, pred, gt_classes, pred_classes)
         if len(item["centroids"]):
             pred_gt, _ = segment_tile(model, image, points=item["centroids"].numpy())

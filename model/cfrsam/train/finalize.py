@@ -1,0 +1,87 @@
+"""Assemble the shipped checkpoint from the two stages, tune the prompter, validate the whole model.
+
+    python -m cfrsam.train.finalize --stage1 runs/stage1/best.pt --stage2 runs/stage2/best.pt --out runs/final.pt
+
+The stages train separately (the point selection between them is not differentiable, paper §4.3),
+possibly at the same time, so the final model takes the prompt learner of stage 1 and everything
+else of stage 2. The prompter's foreground threshold is then picked on the validation tiles by
+detection F1 (it trades precision for recall and the paper's argmax rule favours precision on a
+small model), and the whole pipeline is validated with it: bPQ, mPQ, AJI, detection F1. Those
+numbers, the threshold and both stages' provenance go into the checkpoint, and from there into the
+bundle manifest on export.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from ..build import build_cfr_sam
+from ..checkpoint import read_checkpoint
+from ..data import collate_nuclei
+from . import common
+from .stage1 import validate as validate_detection
+from .stage2 import validate as validate_pipeline
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage1", required=True)
+    parser.add_argument("--stage2", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--val-sources", default=",".join(map(str, common.DEFAULT_VAL_SOURCES)))
+    parser.add_argument("--val-limit", type=int, default=0)
+    parser.add_argument("--thresholds", default="0.2,0.3,0.4,0.5,0.6")
+    parser.add_argument("--nms-radius", type=float, default=4.0)
+    parser.add_argument("--radius", type=float, default=12.0)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    s1, s2 = read_checkpoint(args.stage1), read_checkpoint(args.stage2)
+    model = build_cfr_sam(None, checkpoint=s2)
+    learner = {k[len("prompt_learner."):]: v for k, v in s1["model"].items() if k.startswith("prompt_learner.")}
+    if not learner:
+        sys.exit(f"{args.stage1} holds no prompt learner weights")
+    model.prompt_learner.load_state_dict(learner)
+    model.eval()
+
+    ns = argparse.Namespace(data=args.data or str(common.default_data_root()), sets="consep-train",
+                            val_sources=args.val_sources, val_limit=args.val_limit)
+    _, val_set = common.build_datasets(ns, model.config.class_names, model.config.input_size)
+    loader = common.make_loader(val_set, 4, False, 0, 0, collate_nuclei)
+
+    sweep = {}
+    for t in [float(x) for x in args.thresholds.split(",")]:
+        sweep[t] = validate_detection(model, loader, torch.device("cpu"), args.radius, t, args.nms_radius)
+        print(f"min_foreground {t}: " + " ".join(f"{k}={v:.4f}" for k, v in sweep[t].items()), file=sys.stderr)
+    best_t = max(sweep, key=lambda t: sweep[t]["det_f1"])
+
+    started = time.time()
+    val = validate_pipeline(model, val_set, torch.device("cpu"), 0, args.radius,
+                            min_foreground=best_t, nms_radius=args.nms_radius)
+    print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
+          + f" ({time.time() - started:.0f}s)", file=sys.stderr)
+
+    checkpoint = {
+        "format": s2.get("format"),
+        "config": model.config.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "backbone_pretrained": bool(s2.get("backbone_pretrained", False)),
+        "training": {"stage1": s1.get("training"), "stage2": s2.get("training"),
+                     "stage1_checkpoint": args.stage1, "stage2_checkpoint": args.stage2},
+        "metrics": {"validation": val, "prompter_sweep": {str(k): v for k, v in sweep.items()},
+                    "split": f"CoNSeP sources {args.val_sources} held out ({len(val_set)} tiles)"},
+        "prompter": {"min_foreground": best_t, "nms_radius": args.nms_radius},
+    }
+    torch.save(checkpoint, args.out)
+    print(f"wrote {args.out} (min_foreground {best_t})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
