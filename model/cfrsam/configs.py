@@ -77,6 +77,12 @@ class DecoderConfig:
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
     mask_in_chans: int = 16
+    # Also give each prompt's points to the decoder as a dense prompt: a Gaussian heatmap (sigma in
+    # input pixels; + for positive, - for negative points) through SAM's mask-prompt path
+    # (prompt_encoder.mask_downscaling). 0 = off, SAM's behaviour. Without SAM's pretrained weights
+    # the decoder must learn point -> object localisation from a few hundred tiles; the spatially
+    # aligned cue makes that learnable (the coarse mask otherwise collapsed to background).
+    prompt_heatmap_sigma: float = 0.0
 
 
 @dataclass
@@ -313,7 +319,8 @@ def _tiny() -> CFRSAMConfig:
             global_attn_indexes=(2, 5), out_chans=128),
         peft=PEFTConfig(mode="mala", mala_rank=32, lora_rank=4, adapter_dim=32),
         hmfm=HMFMConfig(levels=(1, 3, 5), reduction=8),
-        decoder=DecoderConfig(transformer_dim=128, num_heads=4, mlp_dim=512, iou_head_hidden_dim=128),
+        decoder=DecoderConfig(transformer_dim=128, num_heads=4, mlp_dim=512, iou_head_hidden_dim=128,
+                              prompt_heatmap_sigma=6.0),
         bgmr=BGMRConfig(channels=16, boundary_channels=8, refinement="window", window=64),
         prompt_learner="femto",
         class_names=CONSEP_CLASSES,

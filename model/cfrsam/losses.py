@@ -181,6 +181,7 @@ def cfr_sam_loss(
     iou_weight: float = 1.0,
     iou_on: str = "refined",
     coarse_targets: str = "downsample",
+    coarse_in_window: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """The stage-2 objective.
 
@@ -205,6 +206,16 @@ def cfr_sam_loss(
     else:
         raise ValueError(f"coarse_targets must be downsample or upsample, got {coarse_targets!r}")
 
+    if coarse_in_window and window_origin is not None and coarse_targets == "downsample":
+        # A nucleus covers well under 1% of the coarse frame; over the whole frame dice gives
+        # almost no gradient and the coarse mask collapses to background. Scoring the coarse
+        # mask inside the prompt's refinement window (10-30% foreground) keeps it learnable and
+        # is where BGMR reads it.
+        coarse_window = refined_logits.shape[-1]
+        if coarse_window < size:
+            coarse = crop_windows(coarse, window_origin, coarse_window, scale=size // coarse.shape[-1], shared=False)
+            coarse_target = crop_windows(coarse_target, window_origin, coarse_window,
+                                         scale=size // coarse_target.shape[-1], shared=False)
     boundary_target = boundary_targets(targets, boundary_width)
     window = refined_logits.shape[-1]
     refined_target = targets

@@ -162,7 +162,11 @@ class CFRSAM(nn.Module):
         if mode not in ("window", "full"):
             raise ValueError(f"refinement must be 'window' or 'full', got {mode!r}")
         sparse = self.prompt_encoder.embed_points(point_coords, point_labels)
-        dense = self.prompt_encoder.dense_no_mask(1)
+        sigma = self.config.decoder.prompt_heatmap_sigma
+        if sigma > 0:
+            dense = self.prompt_encoder.dense_from_points(point_coords, point_labels, sigma)
+        else:
+            dense = self.prompt_encoder.dense_no_mask(1)
         image_pe = self.prompt_encoder.get_dense_pe()
         if image_index is not None:
             image_embedding = image_embedding.index_select(0, image_index)

@@ -35,7 +35,8 @@ class PromptEncoder(nn.Module):
         )
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
 
-        # Mask prompts are not served; the layers stay so SAM checkpoints load without surprises.
+        # Mask prompts from clients are not served; the layers carry the point heatmap
+        # (dense_from_points) when the config enables it, and load from SAM checkpoints either way.
         self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
         self.mask_downscaling = nn.Sequential(
             nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
@@ -74,6 +75,27 @@ class PromptEncoder(nn.Module):
                 point_embedding.dtype
             )
         return point_embedding
+
+    def point_heatmap(self, points: torch.Tensor, labels: torch.Tensor, sigma: float) -> torch.Tensor:
+        """points [P, N, 2] (input pixels), labels [P, N] -> [P, 1, 4h, 4w] at SAM's mask-input size:
+        sum of Gaussians, + for positive (1) and - for negative (0) points; other labels add 0."""
+        mh, mw = self.mask_input_size
+        stride_y = self.input_image_size[0] / mh
+        stride_x = self.input_image_size[1] / mw
+        ys = (torch.arange(mh, dtype=torch.float32, device=points.device) + 0.5) * stride_y
+        xs = (torch.arange(mw, dtype=torch.float32, device=points.device) + 0.5) * stride_x
+        px = points[..., 0].to(torch.float32) + 0.5
+        py = points[..., 1].to(torch.float32) + 0.5
+        dy = (ys.view(1, 1, mh, 1) - py.unsqueeze(-1).unsqueeze(-1)) ** 2  # [P, N, mh, 1]
+        dx = (xs.view(1, 1, 1, mw) - px.unsqueeze(-1).unsqueeze(-1)) ** 2  # [P, N, 1, mw]
+        labels = labels.to(torch.float32)
+        sign = (labels == 1).to(torch.float32) - (labels == 0).to(torch.float32)
+        blobs = torch.exp(-(dy + dx) / (2.0 * sigma * sigma)) * sign.unsqueeze(-1).unsqueeze(-1)
+        return blobs.sum(dim=1, keepdim=True)
+
+    def dense_from_points(self, points: torch.Tensor, labels: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Dense prompt embeddings [P, C, h, w] of the points' heatmap (mask-prompt path)."""
+        return self.mask_downscaling(self.point_heatmap(points, labels, sigma))
 
     def dense_no_mask(self, batch: int) -> torch.Tensor:
         h, w = self.image_embedding_size

@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# cfrsam-prompter on CPU. Build from the repository root (the build context):
+#   docker build -f deploy/docker/prompter.Dockerfile -t cfrsam/prompter:0.1.0 .
+# The model bundle is not in this image: it comes from the model-bundle image through an
+# initContainer (deploy/k8s), so models and code are released separately.
+ARG NODE_VERSION=20
+
+# Production dependencies of the workspaces. The repository's .npmrc skips onnxruntime-node's
+# install script, which would download CUDA libraries; the CPU provider ships inside the package.
+FROM node:${NODE_VERSION}-bookworm AS deps
+WORKDIR /src
+COPY package.json package-lock.json .npmrc ./
+COPY packages/common/package.json packages/common/
+COPY services/prompter/package.json services/prompter/
+COPY services/encoder/package.json services/encoder/
+COPY services/decoder/package.json services/decoder/
+COPY services/gateway/package.json services/gateway/
+RUN npm ci --omit=dev --no-audit --no-fund
+# onnxruntime-node carries binaries for every platform (~290 MB); keep this platform's only.
+RUN cd node_modules/onnxruntime-node/bin/napi-v6 \
+ && keep="linux/$(node -p process.arch)" \
+ && for d in */*; do [ "$d" = "$keep" ] || rm -rf "$d"; done \
+ && find . -type d -empty -delete
+
+# Build: protos -> TypeScript (buf + ts-proto), then tsc for @cfrsam/common and this service.
+FROM node:${NODE_VERSION}-bookworm AS build
+WORKDIR /src
+COPY package.json package-lock.json .npmrc ./
+COPY packages/common/package.json packages/common/
+COPY services/prompter/package.json services/prompter/
+COPY services/encoder/package.json services/encoder/
+COPY services/decoder/package.json services/decoder/
+COPY services/gateway/package.json services/gateway/
+RUN npm ci --no-audit --no-fund
+COPY tsconfig.base.json ./
+COPY protos protos
+COPY packages/common packages/common
+COPY services/prompter services/prompter
+RUN npm run build -w @cfrsam/common && npx tsc -b services/prompter
+
+FROM node:${NODE_VERSION}-bookworm-slim
+ENV NODE_ENV=production
+WORKDIR /app
+# The dependency tree with the workspace links (node_modules/@cfrsam/* -> packages/, services/).
+COPY --from=deps /src ./
+# protos/ next to package.json marks the application root, where the services look for protos
+# (gRPC server reflection).
+COPY --from=build /src/protos protos
+COPY --from=build /src/packages/common/dist packages/common/dist
+COPY --from=build /src/services/prompter/dist services/prompter/dist
+USER node
+EXPOSE 50052 9464
+ENTRYPOINT ["node", "services/prompter/dist/main.js"]
