@@ -18,8 +18,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-echo "setup: npm ci"
-npm ci --no-audit --no-fund
+echo "setup: npm install (from package-lock.json)"
+# npm ci refuses this lockfile: the registry mirror lacks buf's other-platform optional packages,
+# so they are not locked; npm install keeps every locked version and skips them.
+npm install --no-audit --no-fund
 echo "setup: build (protos + TypeScript)"
 npm run build
 echo "setup: done"
