@@ -63,7 +63,7 @@ function envReadBy(stage: string): (name: string) => boolean {
  * Set in the manifests ahead of service support (deploy/README.md says what the service must do).
  * Listed so that the check below names them instead of failing.
  */
-const AWAITING_SERVICE_SUPPORT = new Set(['CFRSAM_MAX_CONNECTION_AGE_MS']);
+const AWAITING_SERVICE_SUPPORT = new Set<string>([]);
 
 function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -392,6 +392,15 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
       const svc = serviceFor(resources(), address);
       expect(svc.spec.clusterIP).toBe('None');
       expect(selects(svc.spec.selector, podLabels(named(resources(), 'Deployment', 'decoder')))).toBe(true);
+    }
+  });
+
+  it('points encoder and decoder at the NATS Service for the shared feature cache', () => {
+    for (const stage of ['encoder', 'decoder']) {
+      const url = env(server(resources(), stage), 'CFRSAM_NATS_URL');
+      const m = /^nats:\/\/([a-z0-9-]+:\d+)$/.exec(url ?? '');
+      expect(m, `${stage}: CFRSAM_NATS_URL ${url}`).not.toBeNull();
+      expect(serviceFor(resources(), m![1]).metadata.name).toBe('nats');
     }
   });
 

@@ -19,3 +19,4 @@ export * from './serviceMain';
 export * from './imaging';
 export * from './instances';
 export * from './formats';
+export * from './featureStore';

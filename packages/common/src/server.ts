@@ -34,6 +34,8 @@ export interface StartServerOptions {
   shutdownGraceMs?: number;
   /** Shut down on SIGTERM and SIGINT (default false; main() sets it). */
   handleSignals?: boolean;
+  /** Connection age limits (default: connections live as long as clients keep them). */
+  connectionAge?: ConnectionAgeOptions;
   /** Serve gRPC server reflection (default true; skipped with a warning when protos/ is absent). */
   reflection?: boolean;
   /** Runs after the server stopped: close worker pools, flush tracing, stop metrics. */
@@ -84,15 +86,34 @@ function loadReflectionDefinition(log: (m: string) => void): protoLoader.Package
   return reflectionDefinition;
 }
 
-/** Channel options of every service's server (message sizes, keepalive tolerance). */
-export function serverChannelOptions(maxMessageBytes: number): Record<string, number> {
-  return {
+export interface ConnectionAgeOptions {
+  /**
+   * Close each client connection (with GOAWAY) after this long, so clients reconnect and reach
+   * replicas added since: gRPC clients keep one HTTP/2 connection per channel and a Service
+   * balances connections, not calls. 0 or undefined: off.
+   */
+  maxConnectionAgeMs?: number;
+  /** Time calls in flight on an aged connection get to finish before it is closed (default 60 s). */
+  maxConnectionAgeGraceMs?: number;
+}
+
+/** Default grace after the connection age: longer than the longest stage call. */
+export const DEFAULT_MAX_CONNECTION_AGE_GRACE_MS = 60_000;
+
+/** Channel options of every service's server (message sizes, keepalive tolerance, connection age). */
+export function serverChannelOptions(maxMessageBytes: number, connectionAge: ConnectionAgeOptions = {}): Record<string, number> {
+  const options: Record<string, number> = {
     'grpc.max_receive_message_length': maxMessageBytes,
     'grpc.max_send_message_length': maxMessageBytes,
     // Clients ping every 30 s to detect dead connections; allow that even without calls.
     'grpc.keepalive_permit_without_calls': 1,
     'grpc.http2.min_ping_interval_without_data_ms': 10_000,
   };
+  if (connectionAge.maxConnectionAgeMs && connectionAge.maxConnectionAgeMs > 0) {
+    options['grpc.max_connection_age_ms'] = connectionAge.maxConnectionAgeMs;
+    options['grpc.max_connection_age_grace_ms'] = connectionAge.maxConnectionAgeGraceMs ?? DEFAULT_MAX_CONNECTION_AGE_GRACE_MS;
+  }
+  return options;
 }
 
 /** Starts a gRPC server with health, reflection and graceful shutdown. Resolves once bound. */
@@ -101,7 +122,7 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   const host = options.host ?? '0.0.0.0';
   const maxMessageBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
   const graceMs = options.shutdownGraceMs ?? 15_000;
-  const server = new Server(serverChannelOptions(maxMessageBytes));
+  const server = new Server(serverChannelOptions(maxMessageBytes, options.connectionAge));
 
   for (const s of options.services) server.addService(s.definition, s.implementation);
 

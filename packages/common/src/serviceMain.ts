@@ -2,6 +2,7 @@
 // defaults that start a working service from a fresh clone), process-level telemetry setup, and
 // exit codes for bad configuration or a failed start.
 import { ConfigError, defaultBundleDir, HelpRequested, type FlagSpec } from './config';
+import { DEFAULT_MAX_CONNECTION_AGE_GRACE_MS, type ConnectionAgeOptions } from './server';
 import { initServiceMetrics, type ServiceMetrics } from './telemetry';
 import { initTracing, type TraceExporterKind, type Tracing } from './tracing';
 
@@ -20,7 +21,28 @@ export function stageServiceFlags(defaultPort: number) {
     tracing: { type: 'string', env: 'CFRSAM_TRACING', default: 'none', help: 'trace exporter: otlp, memory or none' },
     otlpEndpoint: { type: 'string', env: 'OTEL_EXPORTER_OTLP_ENDPOINT', default: 'http://localhost:4317', help: 'OTLP/gRPC collector' },
     shutdownGraceMs: { type: 'int', env: 'CFRSAM_SHUTDOWN_GRACE_MS', default: 15000, help: 'drain time for in-flight calls on SIGTERM' },
+    maxConnectionAgeMs: {
+      type: 'int',
+      env: 'CFRSAM_MAX_CONNECTION_AGE_MS',
+      default: 0,
+      help: 'close client connections after this long so clients reconnect and reach new replicas (0: off)',
+    },
+    maxConnectionAgeGraceMs: {
+      type: 'int',
+      env: 'CFRSAM_MAX_CONNECTION_AGE_GRACE_MS',
+      default: DEFAULT_MAX_CONNECTION_AGE_GRACE_MS,
+      help: 'time calls on an aged connection get to finish before it closes',
+    },
   } satisfies Record<string, FlagSpec>;
+}
+
+/** startServer's connection age options from the stage flags. */
+export function connectionAgeFromFlags(config: { maxConnectionAgeMs: number; maxConnectionAgeGraceMs: number }): ConnectionAgeOptions {
+  if (config.maxConnectionAgeMs < 0) throw new ConfigError(`--max-connection-age-ms must be >= 0, got ${config.maxConnectionAgeMs}`);
+  if (config.maxConnectionAgeGraceMs < 0) {
+    throw new ConfigError(`--max-connection-age-grace-ms must be >= 0, got ${config.maxConnectionAgeGraceMs}`);
+  }
+  return { maxConnectionAgeMs: config.maxConnectionAgeMs, maxConnectionAgeGraceMs: config.maxConnectionAgeGraceMs };
 }
 
 /** Starts tracing and service metrics for a service process. */

@@ -9,6 +9,7 @@ import {
   encodeRle,
   fillHoles,
   instanceOrder,
+  isSimplePolygon,
   keepComponent,
   labelMapFromBytes,
   labelMapToBytes,
@@ -154,6 +155,21 @@ describe('contours', () => {
     expect(s.length).toBeLessThan(c.points.length);
     expect(s.every((p) => Number.isInteger(p.x) && Number.isInteger(p.y))).toBe(true);
     expect(Math.abs(polygonArea(s) - maskArea(d)) / maskArea(d)).toBeLessThan(0.05);
+  });
+
+  it('keeps simplified outlines simple (no self-crossing) on irregular shapes', () => {
+    expect(isSimplePolygon([{ x: 0, y: 0 }, { x: 2, y: 0 }, { x: 2, y: 2 }, { x: 0, y: 2 }])).toBe(true);
+    expect(isSimplePolygon([{ x: 0, y: 0 }, { x: 2, y: 2 }, { x: 2, y: 0 }, { x: 0, y: 2 }])).toBe(false); // bow tie
+    expect(isSimplePolygon([{ x: 0, y: 0 }, { x: 3, y: 0 }, { x: 1, y: 0 }, { x: 1, y: 2 }])).toBe(false); // folds back
+    let seed = 3;
+    const rand = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648);
+    for (let k = 0; k < 40; k++) {
+      const blobs = Array.from({ length: 4 }, () => ({ x: 8 + rand() * 16, y: 8 + rand() * 16, r: 2 + rand() * 5 }));
+      const m = keepComponent(fillHoles(maskOf(0, 0, 32, 32, (x, y) => blobs.some((b) => (x - b.x) ** 2 + (y - b.y) ** 2 <= b.r * b.r))));
+      const c = traceOuterContour(m);
+      const s = simplifyClosedPolygon(c.points, 0.5);
+      expect(isSimplePolygon(s) || s.length === c.points.length).toBe(true);
+    }
   });
 
   it('convex hull of a square', () => {

@@ -1,7 +1,16 @@
 #!/usr/bin/env node
 // cfrsam-decoder: serves cfrsam.v1.Decoder (Prepare once per image, Decode prompt batches). Flags
 // fall back to environment variables and defaults that work from a fresh clone; `--help` lists them.
-import { initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/common';
+// --nats-url lets Prepare take features from the shared feature tier (off by default).
+import {
+  connectionAgeFromFlags,
+  initServiceTelemetry,
+  openSharedFeatureStore,
+  parseFlags,
+  runMain,
+  sharedFeatureCacheFlags,
+  stageServiceFlags,
+} from '@cfrsam/common';
 import { DEFAULT_DECODER_PORT, startDecoder } from './server';
 
 const flags = {
@@ -10,10 +19,12 @@ const flags = {
   maxPrompts: { type: 'int', env: 'CFRSAM_MAX_PROMPTS', default: 256, help: 'prompts per Decode request' },
   maxPoints: { type: 'int', env: 'CFRSAM_MAX_POINTS', default: 16, help: 'points per prompt' },
   cacheMb: { type: 'int', env: 'CFRSAM_CACHE_MB', default: 1024, help: 'prepared-state cache capacity in MiB' },
+  ...sharedFeatureCacheFlags(),
 } as const;
 
 async function main(): Promise<void> {
   const config = parseFlags(flags);
+  const connectionAge = connectionAgeFromFlags(config);
   const telemetry = await initServiceTelemetry({ serviceName: 'decoder', ...config });
   await startDecoder({
     port: config.port,
@@ -25,10 +36,13 @@ async function main(): Promise<void> {
     executionProviders: config.executionProviders.split(',').map((s) => s.trim()).filter(Boolean),
     maxMessageBytes: config.maxMessageMb * 1024 * 1024,
     shutdownGraceMs: config.shutdownGraceMs,
+    connectionAge,
     maxBatch: config.maxBatch,
     maxPromptsPerRequest: config.maxPrompts,
     maxPointsPerPrompt: config.maxPoints,
     cacheBytes: config.cacheMb * 1024 * 1024,
+    // Prepares without features read the shared tier (see pipeline.ts); off without --nats-url.
+    sharedStore: openSharedFeatureStore(config, 'decoder'),
     handleSignals: true,
     onShutdown: async () => {
       await telemetry.tracing.shutdown();

@@ -2,8 +2,15 @@
 // and boundary features) and keeps the result in an LRU bounded in bytes; Decode runs
 // decoder_prompts.onnx over a batch of prompts against a prepared image and returns each mask
 // compactly: thresholded, cropped to its foreground box in tile pixels and bit-packed.
+//
+// With the shared feature tier (NATS JetStream, --nats-url), a Prepare may carry the digest and
+// pixels without features: the decoder reads the features the encoder wrote there. This lets a
+// gateway re-prepare a replica (one that answered "not prepared", or a new one in the rendezvous
+// order) without sending the features again.
 import {
   ByteLruCache,
+  featureKey,
+  float32Lookup,
   graphOutput,
   graphOutputFloat32,
   grpcError,
@@ -17,6 +24,7 @@ import {
   type HostTensor,
   type Manifest,
   type OnnxWorkerPool,
+  type SharedFeatureStore,
   type stagesProto,
 } from '@cfrsam/common';
 
@@ -29,7 +37,15 @@ export interface DecoderPipelineOptions {
   maxPointsPerPrompt?: number;
   /** Prepared-state cache capacity in bytes (default 1 GiB). */
   cacheBytes?: number;
+  /** The shared feature tier, read by Prepares without features (off when absent). Closed on shutdown. */
+  sharedStore?: SharedFeatureStore;
 }
+
+/**
+ * What Prepare did, beyond its response: 'hit' when it read its features from the shared tier (a
+ * shared miss is the NOT_FOUND that Prepare throws).
+ */
+export type PrepareResult = stagesProto.PrepareResponse & { sharedFeatures?: 'hit' };
 
 /**
  * The per-image decoder state. The arrays live in SharedArrayBuffers, so each Decode hands them
@@ -101,6 +117,7 @@ export class DecoderPipeline {
   readonly maxPromptsPerRequest: number;
   readonly maxPointsPerPrompt: number;
   readonly cache: ByteLruCache<PreparedImage>;
+  readonly sharedStore: SharedFeatureStore | undefined;
   /** decoder_image.onnx runs since start. */
   preparations = 0;
   private readonly window: number;
@@ -115,6 +132,27 @@ export class DecoderPipeline {
     this.maxPointsPerPrompt = Math.max(1, options.maxPointsPerPrompt ?? 16);
     this.cache = new ByteLruCache<PreparedImage>({ capacityBytes: options.cacheBytes ?? 1024 ** 3, sizeOf: (p) => p.bytes });
     this.window = manifest.refinement.mode === 'window' ? manifest.refinement.window : manifest.inputSize;
+    this.sharedStore = options.sharedStore;
+  }
+
+  /** A Prepare's features from the shared tier; NOT_FOUND when it does not hold them. */
+  private async sharedFeatures(digest: string): Promise<Float32Tensor> {
+    const dims = this.manifest.featureShape;
+    if (!this.sharedStore) {
+      throw grpcError(
+        status.INVALID_ARGUMENT,
+        `features: missing (expected dims [${dims.join(',')}]); this decoder has no shared feature cache to read them from (--nats-url)`,
+      );
+    }
+    const lookup = await this.sharedStore.lookup(featureKey(this.manifest.version, digest));
+    const { values, error } = float32Lookup(lookup, dims.reduce((a, b) => a * b, 1));
+    if (values) return { type: 'float32', dims: [...dims], data: values };
+    throw grpcError(
+      status.NOT_FOUND,
+      error
+        ? `features of digest ${digest}: the shared feature cache could not be read (${error}); send the features in Prepare`
+        : `features of digest ${digest} are not in the shared feature cache; send the features in Prepare`,
+    );
   }
 
   private checkVersionAndDigest(modelVersion: string, digest: string): void {
@@ -130,13 +168,27 @@ export class DecoderPipeline {
    * Prepares an image (once per digest; concurrent Prepares of one digest run decoder_image once).
    * already_prepared is true unless this call ran decoder_image itself. Not cancelled with the
    * call: concurrent Prepares and Decodes of the digest may be waiting on the computation.
+   * Without features (unset or empty), takes them from the shared tier unless the image is
+   * prepared here already (see the file comment).
    */
-  async prepare(request: stagesProto.PrepareRequest): Promise<stagesProto.PrepareResponse> {
+  async prepare(request: stagesProto.PrepareRequest): Promise<PrepareResult> {
     this.checkVersionAndDigest(request.modelVersion, request.digest);
     const S = this.manifest.inputSize;
-    const features = tensorFromProto('features', request.features, this.manifest.featureShape);
     const pixels = tensorFromProto('pixels', request.pixels, [3, S, S]);
+    let features: Float32Tensor | null = null;
+    let sharedFeatures: PrepareResult['sharedFeatures'];
+    if (request.features && request.features.data.byteLength > 0) {
+      features = tensorFromProto('features', request.features, this.manifest.featureShape);
+    } else if (!this.cache.has(request.digest) && !this.cache.pending(request.digest)) {
+      // Read before joining the single-flight below, so that a miss here fails only this call and
+      // never a concurrent Prepare that brought its features.
+      features = await this.sharedFeatures(request.digest);
+      sharedFeatures = 'hit';
+    }
+    // (features is null only when the digest is prepared or being prepared here, with no await
+    // since that check: getOrCompute then answers without calling compute.)
     const result = await this.cache.getOrCompute(request.digest, async () => {
+      if (!features) throw grpcError(status.INTERNAL, `digest ${request.digest}: no features to prepare with`);
       this.preparations++;
       const out = await this.pool.run(
         'decoder_image',
@@ -157,7 +209,7 @@ export class DecoderPipeline {
         bytes: imageEmbedding.data.byteLength + semantic.data.byteLength + boundaryFeatures.data.byteLength,
       };
     });
-    return { alreadyPrepared: result.source !== 'computed' };
+    return { alreadyPrepared: result.source !== 'computed', sharedFeatures };
   }
 
   private validatePrompts(prompts: readonly stagesProto.PromptPoints[]): Prompt[] {

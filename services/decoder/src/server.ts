@@ -7,7 +7,9 @@ import {
   SpanAttributes,
   stagesProto,
   startServer,
+  status,
   unaryHandler,
+  type ConnectionAgeOptions,
   type RunningServer,
 } from '@cfrsam/common';
 import { DecoderPipeline, type DecoderPipelineOptions } from './pipeline';
@@ -20,10 +22,21 @@ export function decoderHandlers(pipeline: DecoderPipeline): stagesProto.DecoderS
     prepare: unaryHandler(`${DECODER_SERVICE_NAME}/Prepare`, async (request: stagesProto.PrepareRequest, ctx) => {
       ctx.span.setAttribute(SpanAttributes.digest, request.digest);
       const metrics = serviceMetrics();
-      const response = await metrics.timeStage('decoder.prepare', () => pipeline.prepare(request));
-      ctx.span.setAttribute(SpanAttributes.cacheHit, response.alreadyPrepared);
-      metrics.cache('decoder.prepared', response.alreadyPrepared ? { hits: 1 } : { misses: 1 });
-      return response;
+      let result;
+      try {
+        result = await metrics.timeStage('decoder.prepare', () => pipeline.prepare(request));
+      } catch (err) {
+        // NOT_FOUND is Prepare's answer to features absent from the shared tier.
+        if (pipeline.sharedStore && (err as { code?: unknown }).code === status.NOT_FOUND) metrics.cache('decoder.shared_features', { misses: 1 });
+        throw err;
+      }
+      if (result.sharedFeatures) {
+        metrics.cache('decoder.shared_features', { hits: 1 });
+        ctx.span.setAttribute('cfrsam.shared_cache_hit', true);
+      }
+      ctx.span.setAttribute(SpanAttributes.cacheHit, result.alreadyPrepared);
+      metrics.cache('decoder.prepared', result.alreadyPrepared ? { hits: 1 } : { misses: 1 });
+      return { alreadyPrepared: result.alreadyPrepared };
     }),
     decode: unaryHandler(`${DECODER_SERVICE_NAME}/Decode`, async (request: stagesProto.DecodeRequest, ctx) => {
       ctx.span.setAttribute(SpanAttributes.digest, request.digest);
@@ -47,6 +60,7 @@ export interface DecoderOptions extends DecoderPipelineOptions {
   executionProviders?: string[];
   maxMessageBytes?: number;
   shutdownGraceMs?: number;
+  connectionAge?: ConnectionAgeOptions;
   handleSignals?: boolean;
   faultInjection?: boolean;
   onShutdown?: () => Promise<void> | void;
@@ -82,6 +96,10 @@ export async function startDecoder(options: DecoderOptions): Promise<RunningDeco
     },
   });
   const pipeline = new DecoderPipeline(manifest, pool, options);
+  const closeAll = async () => {
+    await pool.close();
+    await options.sharedStore?.close();
+  };
   try {
     server = await startServer({
       name: 'decoder',
@@ -90,15 +108,16 @@ export async function startDecoder(options: DecoderOptions): Promise<RunningDeco
       services: [{ name: DECODER_SERVICE_NAME, definition: stagesProto.DecoderService, implementation: decoderHandlers(pipeline) }],
       maxMessageBytes: options.maxMessageBytes,
       shutdownGraceMs: options.shutdownGraceMs,
+      connectionAge: options.connectionAge,
       handleSignals: options.handleSignals,
       onShutdown: async () => {
-        await pool.close();
+        await closeAll();
         await options.onShutdown?.();
       },
     });
     return { server, pipeline, pool };
   } catch (err) {
-    await pool.close();
+    await closeAll();
     throw err;
   }
 }

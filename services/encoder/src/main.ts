@@ -1,7 +1,16 @@
 #!/usr/bin/env node
 // cfrsam-encoder: serves cfrsam.v1.Encoder (Encode with a feature cache, GetCacheStats). Flags fall
 // back to environment variables and defaults that work from a fresh clone; `--help` lists them.
-import { initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/common';
+// --nats-url switches on the shared feature tier in NATS JetStream (off by default).
+import {
+  connectionAgeFromFlags,
+  initServiceTelemetry,
+  openSharedFeatureStore,
+  parseFlags,
+  runMain,
+  sharedFeatureCacheFlags,
+  stageServiceFlags,
+} from '@cfrsam/common';
 import { DEFAULT_ENCODER_PORT, startEncoder } from './server';
 
 const flags = {
@@ -9,10 +18,12 @@ const flags = {
   maxBatch: { type: 'int', env: 'CFRSAM_MAX_BATCH', default: 4, help: 'tiles per encoder.onnx run' },
   maxTiles: { type: 'int', env: 'CFRSAM_MAX_TILES', default: 64, help: 'tiles per Encode request' },
   cacheMb: { type: 'int', env: 'CFRSAM_CACHE_MB', default: 512, help: 'feature cache capacity in MiB' },
+  ...sharedFeatureCacheFlags(),
 } as const;
 
 async function main(): Promise<void> {
   const config = parseFlags(flags);
+  const connectionAge = connectionAgeFromFlags(config);
   const telemetry = await initServiceTelemetry({ serviceName: 'encoder', ...config });
   await startEncoder({
     port: config.port,
@@ -24,9 +35,12 @@ async function main(): Promise<void> {
     executionProviders: config.executionProviders.split(',').map((s) => s.trim()).filter(Boolean),
     maxMessageBytes: config.maxMessageMb * 1024 * 1024,
     shutdownGraceMs: config.shutdownGraceMs,
+    connectionAge,
     maxBatch: config.maxBatch,
     maxTilesPerRequest: config.maxTiles,
     cacheBytes: config.cacheMb * 1024 * 1024,
+    // Connects in the background: the encoder serves (computing) while NATS is unreachable.
+    sharedStore: openSharedFeatureStore(config, 'encoder'),
     handleSignals: true,
     onShutdown: async () => {
       await telemetry.tracing.shutdown();

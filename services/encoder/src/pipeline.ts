@@ -1,6 +1,9 @@
-// Encode: tiles -> HMFM level features [L, D, h, w], cached by digest. Misses of one request run
-// as one encoder.onnx batch (up to maxBatch tiles per run); concurrent requests for a digest that
-// is being computed wait for that computation (single-flight).
+// Encode: tiles -> HMFM level features [L, D, h, w], cached by digest. Lookup order: the local
+// LRU, then the shared tier in NATS JetStream when configured (features another replica computed),
+// then encoder.onnx. Misses of one request run as one encoder.onnx batch (up to maxBatch tiles per
+// run); concurrent requests for a digest that is being looked up or computed wait for that work
+// (single-flight covers the shared lookup too). Computed features are written to the shared tier
+// in the background: the response never waits for it, and a failing tier only costs recomputation.
 //
 // Trust boundary: the digest is computed by the gateway over the tile's RGB bytes, which this
 // service never sees (it receives normalised float pixels). The encoder therefore cannot verify
@@ -9,6 +12,9 @@
 // its own results.
 import {
   ByteLruCache,
+  featureKey,
+  float32Bytes,
+  float32Lookup,
   graphOutputFloat32,
   grpcError,
   isDigest,
@@ -19,6 +25,7 @@ import {
   type Float32Tensor,
   type Manifest,
   type OnnxWorkerPool,
+  type SharedFeatureStore,
   type stagesProto,
 } from '@cfrsam/common';
 
@@ -29,13 +36,20 @@ export interface EncoderPipelineOptions {
   maxTilesPerRequest?: number;
   /** Feature cache capacity in bytes (default 512 MiB). */
   cacheBytes?: number;
+  /** The shared tier (off when absent). The encoder closes it on shutdown. */
+  sharedStore?: SharedFeatureStore;
 }
 
 /** What one Encode call did, for spans and metrics. */
 export interface EncodeSummary {
+  /** Tiles found in the local LRU. */
   hits: number;
+  /** Tiles computed by this call's encoder.onnx runs. */
   misses: number;
   coalesced: number;
+  /** Tiles served from the shared tier, and shared lookups that found nothing (or failed). */
+  sharedHits: number;
+  sharedMisses: number;
   /** encoder.onnx runs this call started. */
   forwardPasses: number;
 }
@@ -44,8 +58,10 @@ export class EncoderPipeline {
   readonly maxBatch: number;
   readonly maxTilesPerRequest: number;
   readonly cache: ByteLruCache<Float32Array>;
+  readonly sharedStore: SharedFeatureStore | undefined;
   /** encoder.onnx runs since start (CacheStats.computations). */
   forwardPasses = 0;
+  private readonly featureCount: number;
 
   constructor(
     readonly manifest: Manifest,
@@ -58,6 +74,14 @@ export class EncoderPipeline {
       capacityBytes: options.cacheBytes ?? 512 * 1024 * 1024,
       sizeOf: (features) => features.byteLength,
     });
+    this.sharedStore = options.sharedStore;
+    this.featureCount = manifest.featureShape.reduce((a, b) => a * b, 1);
+  }
+
+  /** The shared tier's features of a digest, or null (a miss, or a failure already counted). */
+  private async sharedFeatures(digest: string): Promise<Float32Array | null> {
+    if (!this.sharedStore) return null;
+    return float32Lookup(await this.sharedStore.lookup(featureKey(this.manifest.version, digest)), this.featureCount).values;
   }
 
   private validate(request: stagesProto.EncodeRequest): Array<{ digest: string; pixels: Float32Tensor | null }> {
@@ -87,42 +111,86 @@ export class EncoderPipeline {
   /** Encodes a request; see the file comment for caching and the trust boundary. */
   async encode(request: stagesProto.EncodeRequest): Promise<{ response: stagesProto.EncodeResponse; summary: EncodeSummary }> {
     const tiles = this.validate(request);
-    // Digest-only tiles can only be served from the cache or a computation in flight; check that
-    // now, so a compute batch never contains a key without pixels (other callers may join it).
-    const absent = tiles.filter((t) => !t.pixels && !this.cache.has(t.digest) && !this.cache.pending(t.digest));
-    if (absent.length > 0) {
-      throw grpcError(
-        status.NOT_FOUND,
-        `features of ${absent.length} tile(s) are not cached (first: ${absent[0].digest}); send the pixels`,
-      );
-    }
     const pixelsByDigest = new Map<string, Float32Tensor>();
     for (const t of tiles) if (t.pixels && !pixelsByDigest.has(t.digest)) pixelsByDigest.set(t.digest, t.pixels);
 
-    let forwardPasses = 0;
+    const summary: EncodeSummary = { hits: 0, misses: 0, coalesced: 0, sharedHits: 0, sharedMisses: 0, forwardPasses: 0 };
+    // Digests this call took from the shared tier.
+    const fromShared = new Map<string, Float32Array>();
+    // Digest-only tiles can only be served from a cache or a computation in flight. Look the absent
+    // ones up in the shared tier now, before joining the LRU's single-flight, so that a compute
+    // batch never holds a key without pixels (other callers with pixels may join it). Concurrent
+    // lookups of a digest share one read (SharedFeatureStore.lookup).
+    const unavailable = (d: string) => !pixelsByDigest.has(d) && !this.cache.has(d) && !this.cache.pending(d);
+    let absent = [...new Set(tiles.filter((t) => unavailable(t.digest)).map((t) => t.digest))];
+    if (absent.length > 0 && this.sharedStore) {
+      const found = await Promise.all(absent.map((d) => this.sharedFeatures(d)));
+      absent.forEach((d, i) => {
+        if (found[i]) fromShared.set(d, found[i]!);
+        else summary.sharedMisses++;
+      });
+      absent = absent.filter((d) => !fromShared.has(d) && unavailable(d));
+    }
+    if (absent.length > 0) {
+      throw grpcError(
+        status.NOT_FOUND,
+        `features of ${absent.length} tile(s) are not cached${this.sharedStore ? ' here or in the shared feature cache' : ''} ` +
+          `(first: ${absent[0]}); send the pixels`,
+      );
+    }
+
     // Not cancelled with the call: other callers may be waiting on the computation, and its result
     // fills the cache that a retry will hit.
     const results = await this.cache.getOrComputeMany(
       tiles.map((t) => t.digest),
       async (missing) => {
+        const values = new Map<string, Float32Array>();
+        const toCompute: string[] = [];
+        const lookups = missing.map((d) => fromShared.get(d) ?? (this.sharedStore && pixelsByDigest.has(d) ? this.sharedFeatures(d) : null));
+        const found = await Promise.all(lookups);
+        missing.forEach((d, i) => {
+          const value = found[i];
+          if (value) {
+            values.set(d, value);
+            fromShared.set(d, value);
+          } else {
+            if (this.sharedStore && lookups[i] !== null) summary.sharedMisses++;
+            toCompute.push(d);
+          }
+        });
+        // A digest-only key whose earlier computation failed between the check above and now.
+        const withoutPixels = toCompute.find((d) => !pixelsByDigest.has(d));
+        if (withoutPixels) throw grpcError(status.NOT_FOUND, `features of tile ${withoutPixels} are not cached; send the pixels`);
         const batches: string[][] = [];
-        for (let i = 0; i < missing.length; i += this.maxBatch) batches.push(missing.slice(i, i + this.maxBatch));
-        forwardPasses += batches.length;
+        for (let i = 0; i < toCompute.length; i += this.maxBatch) batches.push(toCompute.slice(i, i + this.maxBatch));
+        summary.forwardPasses += batches.length;
         this.forwardPasses += batches.length;
         const computed = new Map<string, Float32Array>();
         await Promise.all(batches.map((digests) => this.runBatch(digests, pixelsByDigest, computed)));
-        return computed;
+        for (const [d, v] of computed) values.set(d, v);
+        if (this.sharedStore && computed.size > 0) {
+          const store = this.sharedStore;
+          const version = this.manifest.version;
+          // After the response is on its way: hashing and publishing are not the caller's wait.
+          setImmediate(() => {
+            for (const [d, v] of computed) store.write(featureKey(version, d), float32Bytes(v));
+          });
+        }
+        return values;
       },
     );
 
     const [L, D, h, w] = this.manifest.featureShape;
-    const summary: EncodeSummary = { hits: 0, misses: 0, coalesced: 0, forwardPasses };
     const response: stagesProto.EncodeResponse = {
       tiles: results.map((r, i) => {
+        const digest = tiles[i].digest;
+        // Served from the shared tier: a cache hit for the caller, although the LRU missed it.
+        const shared = r.source === 'computed' && fromShared.has(digest);
         if (r.source === 'hit') summary.hits++;
         else if (r.source === 'coalesced') summary.coalesced++;
+        else if (shared) summary.sharedHits++;
         else summary.misses++;
-        return { digest: tiles[i].digest, features: tensorToProto([L, D, h, w], r.value), cacheHit: r.source === 'hit' };
+        return { digest, features: tensorToProto([L, D, h, w], r.value), cacheHit: r.source === 'hit' || shared };
       }),
     };
     return { response, summary };
@@ -152,6 +220,12 @@ export class EncoderPipeline {
       capacityBytes: s.capacityBytes,
       coalesced: s.coalesced,
       computations: this.forwardPasses,
+      ...this.sharedStats(),
     };
+  }
+
+  private sharedStats(): Pick<stagesProto.CacheStats, 'sharedHits' | 'sharedMisses' | 'sharedErrors' | 'sharedWrites'> {
+    const s = this.sharedStore?.stats() ?? { hits: 0, misses: 0, errors: 0, writes: 0 };
+    return { sharedHits: s.hits, sharedMisses: s.misses, sharedErrors: s.errors, sharedWrites: s.writes };
   }
 }

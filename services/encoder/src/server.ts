@@ -1,5 +1,5 @@
 // Encoder transport: gRPC handlers for Encode and GetCacheStats and the assembly of a running
-// encoder (manifest -> worker pool -> pipeline with its cache -> gRPC server).
+// encoder (manifest -> worker pool -> pipeline with its cache and optional shared tier -> gRPC server).
 import {
   loadManifest,
   OnnxWorkerPool,
@@ -8,6 +8,7 @@ import {
   stagesProto,
   startServer,
   unaryHandler,
+  type ConnectionAgeOptions,
   type RunningServer,
 } from '@cfrsam/common';
 import { EncoderPipeline, type EncoderPipelineOptions } from './pipeline';
@@ -22,9 +23,12 @@ export function encoderHandlers(pipeline: EncoderPipeline): stagesProto.EncoderS
       if (request.tiles.length === 1) ctx.span.setAttribute(SpanAttributes.digest, request.tiles[0].digest);
       const metrics = serviceMetrics();
       const { response, summary } = await metrics.timeStage('encoder.encode', () => pipeline.encode(request));
-      metrics.cache('encoder.features', summary);
+      // The local LRU missed what the shared tier served.
+      metrics.cache('encoder.features', { hits: summary.hits, misses: summary.misses + summary.sharedHits, coalesced: summary.coalesced });
+      if (pipeline.sharedStore) metrics.cache('encoder.shared_features', { hits: summary.sharedHits, misses: summary.sharedMisses });
       ctx.span.setAttribute(SpanAttributes.cacheHit, summary.misses === 0 && summary.coalesced === 0);
       ctx.span.setAttribute('cfrsam.cache_hits', summary.hits);
+      ctx.span.setAttribute('cfrsam.shared_cache_hits', summary.sharedHits);
       ctx.span.setAttribute('cfrsam.cache_coalesced', summary.coalesced);
       ctx.span.setAttribute(SpanAttributes.batchSize, summary.misses);
       if (summary.misses > 0) metrics.batch('encoder', summary.misses);
@@ -44,6 +48,7 @@ export interface EncoderOptions extends EncoderPipelineOptions {
   executionProviders?: string[];
   maxMessageBytes?: number;
   shutdownGraceMs?: number;
+  connectionAge?: ConnectionAgeOptions;
   handleSignals?: boolean;
   faultInjection?: boolean;
   onShutdown?: () => Promise<void> | void;
@@ -76,6 +81,11 @@ export async function startEncoder(options: EncoderOptions): Promise<RunningEnco
     },
   });
   const pipeline = new EncoderPipeline(manifest, pool, options);
+  const closeAll = async () => {
+    await pool.close();
+    // After the drain: writes of features computed by the last calls still go out.
+    await options.sharedStore?.close();
+  };
   try {
     server = await startServer({
       name: 'encoder',
@@ -84,15 +94,16 @@ export async function startEncoder(options: EncoderOptions): Promise<RunningEnco
       services: [{ name: ENCODER_SERVICE_NAME, definition: stagesProto.EncoderService, implementation: encoderHandlers(pipeline) }],
       maxMessageBytes: options.maxMessageBytes,
       shutdownGraceMs: options.shutdownGraceMs,
+      connectionAge: options.connectionAge,
       handleSignals: options.handleSignals,
       onShutdown: async () => {
-        await pool.close();
+        await closeAll();
         await options.onShutdown?.();
       },
     });
     return { server, pipeline, pool };
   } catch (err) {
-    await pool.close();
+    await closeAll();
     throw err;
   }
 }

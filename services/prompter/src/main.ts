@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // cfrsam-prompter: serves cfrsam.v1.Prompter/Detect. Flags fall back to environment variables and
 // defaults that work from a fresh clone (bundle models/tiny); `--help` lists them.
-import { initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/common';
+import { connectionAgeFromFlags, initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/common';
 import { DEFAULT_PROMPTER_PORT, startPrompter } from './server';
 
 const flags = {
@@ -12,6 +12,7 @@ const flags = {
 
 async function main(): Promise<void> {
   const config = parseFlags(flags);
+  const connectionAge = connectionAgeFromFlags(config);
   const telemetry = await initServiceTelemetry({ serviceName: 'prompter', ...config });
   await startPrompter({
     port: config.port,
@@ -23,6 +24,7 @@ async function main(): Promise<void> {
     executionProviders: config.executionProviders.split(',').map((s) => s.trim()).filter(Boolean),
     maxMessageBytes: config.maxMessageMb * 1024 * 1024,
     shutdownGraceMs: config.shutdownGraceMs,
+    connectionAge,
     maxBatch: config.maxBatch,
     maxTilesPerRequest: config.maxTiles,
     handleSignals: true,

@@ -8,6 +8,7 @@ import {
   stagesProto,
   startServer,
   unaryHandler,
+  type ConnectionAgeOptions,
   type RunningServer,
 } from '@cfrsam/common';
 import { PrompterPipeline, type PrompterPipelineOptions } from './pipeline';
@@ -42,6 +43,7 @@ export interface PrompterOptions extends PrompterPipelineOptions {
   executionProviders?: string[];
   maxMessageBytes?: number;
   shutdownGraceMs?: number;
+  connectionAge?: ConnectionAgeOptions;
   handleSignals?: boolean;
   /** Test hook passed to the pool (see OnnxWorkerPoolOptions.faultInjection). */
   faultInjection?: boolean;
@@ -86,6 +88,7 @@ export async function startPrompter(options: PrompterOptions): Promise<RunningPr
       ],
       maxMessageBytes: options.maxMessageBytes,
       shutdownGraceMs: options.shutdownGraceMs,
+      connectionAge: options.connectionAge,
       handleSignals: options.handleSignals,
       onShutdown: async () => {
         await pool.close();

@@ -165,8 +165,62 @@ export function simplifyClosedPolygon(points: readonly XY[], tolerance: number):
   douglasPeucker(ring, far, n, tolerance, keep);
   const out: XY[] = [];
   for (let i = 0; i < n; i++) if (keep[i]) out.push(points[i]);
-  // Simplification must not collapse a ring; fall back to the original when it would.
-  return out.length >= 3 ? out : points.slice();
+  // Simplification must neither collapse the ring nor make it cross itself (Douglas-Peucker does
+  // not guarantee that); fall back to the exact contour when it would.
+  return out.length >= 3 && isSimplePolygon(out) ? out : points.slice();
+}
+
+function orientation(a: XY, b: XY, c: XY): number {
+  const v = (b.x - a.x) * (c.y - a.y) - (b.y - a.y) * (c.x - a.x);
+  return v > 0 ? 1 : v < 0 ? -1 : 0;
+}
+
+function onSegment(a: XY, b: XY, p: XY): boolean {
+  return Math.min(a.x, b.x) <= p.x && p.x <= Math.max(a.x, b.x) && Math.min(a.y, b.y) <= p.y && p.y <= Math.max(a.y, b.y);
+}
+
+/** Whether segments ab and cd share any point (crossing, touching or overlapping). */
+export function segmentsIntersect(a: XY, b: XY, c: XY, d: XY): boolean {
+  const o1 = orientation(a, b, c);
+  const o2 = orientation(a, b, d);
+  const o3 = orientation(c, d, a);
+  const o4 = orientation(c, d, b);
+  if (o1 !== o2 && o3 !== o4) return true;
+  return (
+    (o1 === 0 && onSegment(a, b, c)) ||
+    (o2 === 0 && onSegment(a, b, d)) ||
+    (o3 === 0 && onSegment(c, d, a)) ||
+    (o4 === 0 && onSegment(c, d, b))
+  );
+}
+
+/**
+ * True when no two edges of the closed polygon meet except consecutive edges at their shared
+ * vertex (O(n^2): nucleus outlines have tens of vertices).
+ */
+export function isSimplePolygon(points: readonly XY[]): boolean {
+  const n = points.length;
+  if (n < 3) return false;
+  for (let i = 0; i < n; i++) {
+    const a = points[i];
+    const b = points[(i + 1) % n];
+    if (a.x === b.x && a.y === b.y) return false;
+    for (let j = i + 1; j < n; j++) {
+      // Skip the edge itself and its neighbours (they share a vertex by construction).
+      if (j === i + 1 || (i === 0 && j === n - 1)) {
+        // Neighbouring edges may only share their common vertex: folding back onto each other is not simple.
+        const c = points[j];
+        const d = points[(j + 1) % n];
+        const shared = j === i + 1 ? b : a;
+        const other1 = j === i + 1 ? a : b;
+        const other2 = j === i + 1 ? d : c;
+        if (orientation(other1, shared, other2) === 0 && (onSegment(shared, other1, other2) || onSegment(shared, other2, other1))) return false;
+        continue;
+      }
+      if (segmentsIntersect(a, b, points[j], points[(j + 1) % n])) return false;
+    }
+  }
+  return true;
 }
 
 /** Convex hull (Andrew's monotone chain), counter-clockwise in math orientation, no repeats. */

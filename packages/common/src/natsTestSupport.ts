@@ -1,0 +1,84 @@
+// A real nats-server with JetStream for the shared feature cache tests (not exported from index):
+// started on a free loopback port with a temporary store directory, stopped and removed by the
+// test. Tests skip with a message when the binary is missing (CI installs it).
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { freePort } from './testSupport';
+
+/** The nats-server binary: CFRSAM_NATS_SERVER, else the Debian package's, else one on PATH. */
+export function natsServerBinary(): string | null {
+  const candidates = [process.env.CFRSAM_NATS_SERVER, '/usr/sbin/nats-server'];
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) if (dir) candidates.push(path.join(dir, 'nats-server'));
+  return candidates.find((c): c is string => !!c && fs.existsSync(c)) ?? null;
+}
+
+/** Why NATS tests cannot run here, or null. */
+export function natsSkipReason(): string | null {
+  return natsServerBinary()
+    ? null
+    : 'nats-server not found (install the nats-server package, or set CFRSAM_NATS_SERVER); skipping the shared feature cache tests';
+}
+
+export interface TestNatsServer {
+  url: string;
+  port: number;
+  storeDir: string;
+  /** Stops the server (SIGTERM, then SIGKILL after 5 s). Idempotent. */
+  stop(): Promise<void>;
+  /** stop() and remove the store directory. */
+  dispose(): Promise<void>;
+}
+
+/** Starts `nats-server -js` on 127.0.0.1 and resolves once it accepts clients. */
+export async function startTestNatsServer(): Promise<TestNatsServer> {
+  const binary = natsServerBinary();
+  if (!binary) throw new Error(natsSkipReason()!);
+  const port = await freePort();
+  const storeDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-nats-'));
+  const child: ChildProcess = spawn(binary, ['-js', '-a', '127.0.0.1', '-p', String(port), '-sd', storeDir], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  let output = '';
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`nats-server did not start within 10 s:\n${output}`)), 10_000);
+      child.stderr!.on('data', (chunk: Buffer) => {
+        output += chunk.toString();
+        if (output.includes('Server is ready')) {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+      child.once('exit', (code) => {
+        clearTimeout(timer);
+        reject(new Error(`nats-server exited with ${code}:\n${output}`));
+      });
+    });
+  } catch (err) {
+    child.kill('SIGKILL');
+    fs.rmSync(storeDir, { recursive: true, force: true });
+    throw err;
+  }
+  // Keep draining the log so the pipe never fills up.
+  child.stderr!.resume();
+  const stop = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill('SIGTERM');
+    const killer = setTimeout(() => child.kill('SIGKILL'), 5_000);
+    await exited;
+    clearTimeout(killer);
+  };
+  return {
+    url: `nats://127.0.0.1:${port}`,
+    port,
+    storeDir,
+    stop,
+    dispose: async () => {
+      await stop();
+      fs.rmSync(storeDir, { recursive: true, force: true });
+    },
+  };
+}
