@@ -200,15 +200,20 @@ class PrompterGraph(nn.Module):
 def decode_prompts(
     points: torch.Tensor, logits: torch.Tensor, min_foreground: float = 0.0
 ) -> List[Dict[str, torch.Tensor]]:
-    """Point prompts per image: anchors whose argmax class is not background (paper §3.3.2).
-
-    min_foreground additionally requires 1 - p(background) >= min_foreground. Returns, per image,
+    """Point prompts per image: with min_foreground = 0 the anchors whose argmax class is not
+    background (paper §3.3.2); otherwise those with 1 - p(background) >= min_foreground, the rule
+    the prompter service applies with the manifest's tuned threshold. Returns, per image,
     dict(points [P, 2], classes [P], scores [P] = probability of the predicted class, anchor_index [P]).
     """
     probs = logits.softmax(-1)
     background = logits.shape[-1] - 1
     scores, classes = probs[..., :background].max(-1)
-    keep = (probs.argmax(-1) != background) & (1.0 - probs[..., background] >= min_foreground)
+    if min_foreground > 0:
+        # Serving rule (the prompter service): a foreground probability threshold tuned on
+        # validation, which trades precision for recall; at 0 the paper's argmax rule applies.
+        keep = 1.0 - probs[..., background] >= min_foreground
+    else:
+        keep = probs.argmax(-1) != background
     result = []
     for b in range(points.shape[0]):
         idx = keep[b].nonzero(as_tuple=True)[0]

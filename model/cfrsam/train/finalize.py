@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--val-sources", default=",".join(map(str, common.DEFAULT_VAL_SOURCES)))
     parser.add_argument("--val-limit", type=int, default=0)
     parser.add_argument("--thresholds", default="0.2,0.3,0.4,0.5,0.6")
-    parser.add_argument("--nms-radius", type=float, default=4.0)
+    parser.add_argument("--nms-radii", default="4,6,8",
+                        help="point NMS radii to try (px): anchors converging on one nucleus are duplicates")
     parser.add_argument("--radius", type=float, default=12.0)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -57,13 +58,15 @@ def main(argv=None) -> int:
 
     sweep = {}
     for t in [float(x) for x in args.thresholds.split(",")]:
-        sweep[t] = validate_detection(model, loader, torch.device("cpu"), args.radius, t, args.nms_radius)
-        print(f"min_foreground {t}: " + " ".join(f"{k}={v:.4f}" for k, v in sweep[t].items()), file=sys.stderr)
-    best_t = max(sweep, key=lambda t: sweep[t]["det_f1"])
+        for r in [float(x) for x in args.nms_radii.split(",")]:
+            sweep[(t, r)] = validate_detection(model, loader, torch.device("cpu"), args.radius, t, r)
+            print(f"min_foreground {t} nms_radius {r}: "
+                  + " ".join(f"{k}={v:.4f}" for k, v in sweep[(t, r)].items()), file=sys.stderr)
+    best_t, best_r = max(sweep, key=lambda key: sweep[key]["det_f1"])
 
     started = time.time()
     val = validate_pipeline(model, val_set, torch.device("cpu"), 0, args.radius,
-                            min_foreground=best_t, nms_radius=args.nms_radius)
+                            min_foreground=best_t, nms_radius=best_r)
     print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
           + f" ({time.time() - started:.0f}s)", file=sys.stderr)
 
@@ -74,12 +77,12 @@ def main(argv=None) -> int:
         "backbone_pretrained": bool(s2.get("backbone_pretrained", False)),
         "training": {"stage1": s1.get("training"), "stage2": s2.get("training"),
                      "stage1_checkpoint": args.stage1, "stage2_checkpoint": args.stage2},
-        "metrics": {"validation": val, "prompter_sweep": {str(k): v for k, v in sweep.items()},
+        "metrics": {"validation": val, "prompter_sweep": {f"min_foreground={t},nms_radius={r}": v for (t, r), v in sweep.items()},
                     "split": f"CoNSeP sources {args.val_sources} held out ({len(val_set)} tiles)"},
-        "prompter": {"min_foreground": best_t, "nms_radius": args.nms_radius},
+        "prompter": {"min_foreground": best_t, "nms_radius": best_r},
     }
     torch.save(checkpoint, args.out)
-    print(f"wrote {args.out} (min_foreground {best_t})", file=sys.stderr)
+    print(f"wrote {args.out} (min_foreground {best_t}, nms_radius {best_r})", file=sys.stderr)
     return 0
 
 

@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     common.add_common_args(parser)
     parser.add_argument("--stage1", help="stage-1 checkpoint (its prompt learner is kept)")
     parser.add_argument("--sam-checkpoint", help="official SAM weights: PEFT mode with a frozen backbone")
+    parser.add_argument("--init", help="start from this CFR-SAM checkpoint's weights (a new schedule, not a resume)")
     parser.add_argument("--max-prompts", type=int, default=25)
     parser.add_argument("--jitter", type=float, default=1.5, help="prompt jitter (px, std)")
     parser.add_argument("--lambda-b", type=float, default=1.0)
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     log = common.RunLog(out / "log.jsonl")
 
     try:
-        model = build_cfr_sam(args.config, sam_checkpoint=args.sam_checkpoint, seed=args.seed)
+        model = build_cfr_sam(args.config if not args.init else None, checkpoint=args.init,
+                              sam_checkpoint=args.sam_checkpoint, seed=args.seed)
         stage1_info = None
         if args.stage1:
             stage1 = read_checkpoint(args.stage1)
