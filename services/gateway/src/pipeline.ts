@@ -202,10 +202,16 @@ export class SegmentationPipeline {
 
   async segment(request: segmentationProto.SegmentRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
     const release = this.admit();
+    const scope = requestScope(ctx);
     try {
       this.counts.segments++;
-      return await this.runSegment(request, ctx);
+      return await this.runSegment(request, scope.ctx);
+    } catch (err) {
+      // Stop the child calls still running for this request (other tile batches).
+      scope.abort();
+      throw err;
     } finally {
+      scope.dispose();
       release();
     }
   }
@@ -433,10 +439,15 @@ export class SegmentationPipeline {
 
   async refine(request: segmentationProto.RefineRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
     const release = this.admit();
+    const scope = requestScope(ctx);
     try {
       this.counts.refines++;
-      return await this.runRefine(request, ctx);
+      return await this.runRefine(request, scope.ctx);
+    } catch (err) {
+      scope.abort();
+      throw err;
     } finally {
+      scope.dispose();
       release();
     }
   }
@@ -526,6 +537,22 @@ export class SegmentationPipeline {
     if (!features) throw grpcError(status.INTERNAL, `encoder returned no features for tile ${digest.slice(0, 12)}`);
     return { features, pixels };
   }
+}
+
+/**
+ * A request's own cancellation: aborted when the client cancels (or its deadline passes) and when
+ * the request fails, so a failure in one tile batch stops the child calls of the others.
+ */
+function requestScope(ctx: RequestContext): { ctx: RequestContext; abort(): void; dispose(): void } {
+  const controller = new AbortController();
+  const onAbort = () => controller.abort(ctx.signal?.reason);
+  if (ctx.signal?.aborted) controller.abort(ctx.signal.reason);
+  else ctx.signal?.addEventListener('abort', onAbort, { once: true });
+  return {
+    ctx: { ...ctx, signal: controller.signal },
+    abort: () => controller.abort(new Error('request failed')),
+    dispose: () => ctx.signal?.removeEventListener('abort', onAbort),
+  };
 }
 
 /** Detections of one tile (tile pixels) -> image coordinates. */
