@@ -125,9 +125,17 @@ def test_cfr_sam_loss_windowed_uses_the_cropped_targets():
     assert torch.equal(crop_windows(targets, origins, window), cropped)
     edges = crop_windows(boundary_targets(targets), origins, window)
     coarse_targets = torch.nn.functional.avg_pool2d(targets.unsqueeze(1), 4).squeeze(1)
-    expected = (mask_loss(coarse, coarse_targets) + mask_loss(refined, cropped, iou)
+    # By default the coarse mask is scored inside the refinement window (at 1/4 resolution).
+    coarse_in = crop_windows(coarse, origins, window, scale=4, shared=False)
+    coarse_targets_in = crop_windows(coarse_targets, origins, window, scale=4, shared=False)
+    expected = (mask_loss(coarse_in, coarse_targets_in) + mask_loss(refined, cropped, iou)
                 + 0.5 * boundary_loss(boundary, edges))
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    whole = cfr_sam_loss(coarse, refined, boundary, targets, iou, lambda_b=0.5, window_origin=origins,
+                         coarse_in_window=False)
+    expected_whole = (mask_loss(coarse, coarse_targets) + mask_loss(refined, cropped, iou)
+                      + 0.5 * boundary_loss(boundary, edges))
+    assert whole["loss"].item() == pytest.approx(expected_whole.item(), rel=1e-5)
     with pytest.raises(ValueError):
         cfr_sam_loss(coarse, refined, boundary, targets, iou)
     # Full-frame shapes, logits upsampled instead of targets downsampled, and no prompts at all.
