@@ -129,9 +129,10 @@ async function decoderThroughput(stack, rgb) {
   const pixels = normalise(rgb, S);
   const digest = common.digestTile(rgb, manifest.version);
   const tensor = { dims: [3, S, S], dtype: common.stagesProto.DType.DTYPE_FLOAT32, data: Buffer.from(pixels.buffer) };
-  const encoded = await promisify(enc, enc.encode)({ tiles: [{ digest, pixels: tensor }], modelVersion: manifest.version });
-  await promisify(dec, dec.prepare)({ digest, features: encoded.tiles[0].features, pixels: tensor, modelVersion: manifest.version });
-  const decode = promisify(dec, dec.decode);
+  const encoded = await promisify(enc, enc.encode)(common.stagesProto.EncodeRequest.fromPartial({ tiles: [{ digest, pixels: tensor }], modelVersion: manifest.version }));
+  await promisify(dec, dec.prepare)(common.stagesProto.PrepareRequest.fromPartial({ digest, features: encoded.tiles[0].features, pixels: tensor, modelVersion: manifest.version }));
+  const decodeRaw = promisify(dec, dec.decode);
+  const decode = (req) => decodeRaw(common.stagesProto.DecodeRequest.fromPartial(req));
   console.log('\ndecoder throughput (one replica, Decode RPCs, 1 worker):');
   for (const batch of [1, 4, 16, 32, 64]) {
     const prompts = Array.from({ length: batch }, (_, i) => ({ coords: [16 + ((i * 37) % (S - 32)), 16 + ((i * 53) % (S - 32))], labels: [1] }));
@@ -152,7 +153,8 @@ async function main() {
   const stack = await startStack({ bundle: args.bundle, decoders: 2, port: 0, log: () => {} });
   try {
     const client = common.makeClient(common.segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
-    const segment = promisify(client, client.segment);
+    const segmentRaw = promisify(client, client.segment);
+    const segment = (req) => segmentRaw(common.segmentationProto.SegmentRequest.fromPartial(req));
     const tile = await loadRgb(path.join(args.data, 'consep-train/train_3_005.png'), S);
     const big = await loadRgb(path.join(args.data, 'monuseg-train', fs.existsSync(path.join(args.data, 'monuseg-train')) ? fs.readdirSync(path.join(args.data, 'monuseg-train')).find((f) => f.endsWith('.png') && !f.includes('labels')) ?? 'x' : 'x'), 1000);
     console.log(`tile: ${tile.source}; large image: ${big.source} (1000x1000)`);
