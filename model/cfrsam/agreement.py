@@ -23,13 +23,28 @@ from .modeling.cfr_sam import refinement_agreement
 from .synthetic import normalise, synthetic_he_image
 
 
-def measure(model, images: int = 2, seed: int = 0) -> Dict[str, float]:
+def _samples(model, images: int, seed: int, data: Optional[str]):
+    """(image [1,3,S,S], centres [n,2]) pairs: real tiles with their ground-truth centroids when
+    `data` is a set directory (centre crops of its first images), else synthetic tiles."""
     cfg = model.config
-    totals: Dict[str, List[float]] = {}
-    weights: List[int] = []
+    if data:
+        from .data import NucleiDataset  # noqa: WPS433 (only this mode needs the loader)
+
+        dataset = NucleiDataset(data, size=cfg.input_size, crop="center")
+        for i in range(min(images, len(dataset))):
+            item = dataset[i]
+            if len(item["centroids"]):
+                yield item["image"][None], item["centroids"].numpy()
+        return
     for i in range(images):
         rgb, centres = synthetic_he_image(cfg.input_size, seed=seed + i)
-        image = torch.from_numpy(normalise(rgb, cfg.pixel_mean, cfg.pixel_std))
+        yield torch.from_numpy(normalise(rgb, cfg.pixel_mean, cfg.pixel_std)), centres
+
+
+def measure(model, images: int = 2, seed: int = 0, data: Optional[str] = None) -> Dict[str, float]:
+    totals: Dict[str, List[float]] = {}
+    weights: List[int] = []
+    for image, centres in _samples(model, images, seed, data):
         coords = torch.from_numpy(centres).unsqueeze(1)
         labels = torch.ones(coords.shape[0], 1)
         result = refinement_agreement(model, image, coords, labels)
@@ -60,6 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--data", help="a set directory (../shared/data layout): real tiles, ground-truth centroid prompts")
     args = p.parse_args(argv)
     try:
         ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
@@ -70,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with torch.no_grad():
-        result = measure(model, args.images, args.seed)
+        result = measure(model, args.images, args.seed, args.data)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
