@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -96,6 +97,19 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                       collate_fn=collate, generator=generator, drop_last=shuffle)
+
+
+def make_optimizer(params, args, batches_per_epoch: int, warmup_steps: int = 50):
+    """AdamW with a linear warm-up and a cosine decay over the whole run.
+
+    Returns (optimizer, scheduler stepped once per batch, steps per epoch)."""
+    steps_per_epoch = batches_per_epoch if not args.steps_per_epoch else min(args.steps_per_epoch, batches_per_epoch)
+    total = max(1, steps_per_epoch * args.epochs)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return optimizer, scheduler, steps_per_epoch
 
 
 class RunLog:

@@ -12,7 +12,6 @@ prompt learner is the best by detection F1) and OUT/log.jsonl.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from ..build import build_cfr_sam
 from ..checkpoint import save_checkpoint
 from ..data import collate_nuclei
+from ..inference import point_nms
 from ..metrics import pair_points
 from ..prompt_learner import PromptLearnerLoss, decode_prompts
 from . import common
@@ -51,16 +51,6 @@ def validate(model, loader, device, radius: float, min_foreground: float, nms_ra
     recall = tp / max(tp + fn, 1)
     return {"det_precision": precision, "det_recall": recall,
             "det_f1": 2 * tp / max(2 * tp + fp + fn, 1), "type_accuracy": correct / max(tp, 1)}
-
-
-def point_nms(points: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
-    """Indices kept by greedy non-maximum suppression of points closer than radius (as the prompter service)."""
-    order = np.argsort(-scores)
-    kept = []
-    for i in order:
-        if all(np.hypot(*(points[i] - points[j])) >= radius for j in kept):
-            kept.append(i)
-    return np.array(sorted(kept), dtype=np.int64)
 
 
 def main(argv=None) -> int:
@@ -96,11 +86,7 @@ def main(argv=None) -> int:
         p.requires_grad_(False)
     for p in learner.parameters():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(learner.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = len(train_loader) if not args.steps_per_epoch else min(args.steps_per_epoch, len(train_loader))
-    total_steps = max(1, steps_per_epoch * args.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    optimizer, scheduler, steps_per_epoch = common.make_optimizer(list(learner.parameters()), args, len(train_loader))
     criterion = PromptLearnerLoss(background_weight=args.background_weight, regression_weight=args.regression_weight)
 
     start_epoch, best = 1, {"det_f1": -1.0}
@@ -114,6 +100,8 @@ def main(argv=None) -> int:
     began = time.time()
     for epoch in range(start_epoch, args.epochs + 1):
         learner.train()
+        # The shuffle order is a function of (seed, epoch), so a resumed run sees the same batches.
+        train_loader.generator.manual_seed(args.seed * 1000 + epoch)
         started, records = time.time(), []
         for step, batch in enumerate(train_loader, 1):
             if step > steps_per_epoch:

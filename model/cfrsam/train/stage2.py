@@ -17,7 +17,6 @@ definitions of the evaluation module); also bPQ with ground-truth prompts, which
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -138,11 +137,7 @@ def main(argv=None) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
           f"({'PEFT, frozen backbone' if model.backbone_pretrained else 'full training'})", file=sys.stderr)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = len(loader) if not args.steps_per_epoch else min(args.steps_per_epoch, len(loader))
-    total_steps = max(1, steps_per_epoch * args.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    optimizer, scheduler, steps_per_epoch = common.make_optimizer(params, args, len(loader))
 
     # Without a trained prompt learner the whole-pipeline numbers are noise; ground-truth prompts
     # then measure what this stage learns.
@@ -155,12 +150,14 @@ def main(argv=None) -> int:
     log.write({"event": "start", "stage": 2, "args": vars(args), "train_images": len(train_set),
                "val_images": len(val_set) if val_set else 0, "device": str(device),
                "trainable": sum(p.numel() for p in params)})
-    rng = np.random.default_rng(args.seed + start_epoch)
 
     began = time.time()
     for epoch in range(start_epoch, args.epochs + 1):
         model.train()
         model.prompt_learner.eval()
+        # Shuffle order and prompt sampling are functions of (seed, epoch): a resumed run is exact.
+        loader.generator.manual_seed(args.seed * 1000 + epoch)
+        rng = np.random.default_rng(args.seed * 1000 + epoch)
         started, records = time.time(), []
         for step, batch in enumerate(loader, 1):
             if step > steps_per_epoch:
