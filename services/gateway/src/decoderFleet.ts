@@ -98,6 +98,8 @@ class BoundedSet {
 
 export class DecoderFleet {
   private readonly clients = new Map<string, stagesProto.DecoderClient>();
+  /** Replicas dropped by discovery, kept until calls already on them are done. */
+  private readonly retired = new Map<string, stagesProto.DecoderClient>();
   private readonly limiter: Limiter;
   /** (replica, digest) pairs this gateway prepared and has not seen fail since. */
   private readonly prepared = new BoundedSet(100_000);
@@ -115,12 +117,46 @@ export class DecoderFleet {
     return [...this.clients.keys()];
   }
 
+  /**
+   * Replaces the replica list (DNS discovery). New replicas get a client; removed ones stop being
+   * chosen at once, and their client closes after `retireAfterMs` so calls already on it finish.
+   */
+  setAddresses(addresses: readonly string[], retireAfterMs = 60_000): void {
+    if (addresses.length === 0) return;
+    const wanted = new Set(addresses);
+    for (const a of wanted) {
+      if (this.clients.has(a)) continue;
+      const revived = this.retired.get(a);
+      this.retired.delete(a);
+      this.clients.set(a, revived ?? makeClient(stagesProto.DecoderClient, a, this.options.client));
+    }
+    for (const [a, client] of [...this.clients]) {
+      if (wanted.has(a)) continue;
+      this.clients.delete(a);
+      this.retired.set(a, client);
+      setTimeout(() => {
+        if (this.retired.get(a) === client) {
+          this.retired.delete(a);
+          client.close();
+        }
+      }, retireAfterMs).unref();
+    }
+  }
+
+  /** The client of a replica; a replica removed meanwhile answers like an unreachable one. */
+  private client(replica: string): stagesProto.DecoderClient {
+    const client = this.clients.get(replica) ?? this.retired.get(replica);
+    if (!client) throw grpcError(status.UNAVAILABLE, `decoder ${replica} is no longer in the fleet`);
+    return client;
+  }
+
   stats(): DecoderFleetStats {
     return { ...this.counters };
   }
 
   close(): void {
-    for (const c of this.clients.values()) c.close();
+    for (const c of [...this.clients.values(), ...this.retired.values()]) c.close();
+    this.retired.clear();
   }
 
   private coolingDown(replica: string): boolean {
@@ -192,7 +228,7 @@ export class DecoderFleet {
   ): Promise<stagesProto.DecodedMask[]> {
     const key = `${replica}|${source.digest}`;
     if (!this.prepared.has(key)) await this.prepare(replica, source, call, clock);
-    const client = this.clients.get(replica)!;
+    const client = this.client(replica);
     for (let attempt = 0; ; attempt++) {
       try {
         const response = await this.limiter.run(
@@ -243,7 +279,7 @@ export class DecoderFleet {
     if (!pending) {
       pending = (async () => {
         const input = await source.load();
-        const client = this.clients.get(replica)!;
+        const client = this.client(replica);
         await this.limiter.run(
           () =>
             clock.time('decoder_prepare', () =>

@@ -2,7 +2,16 @@
 // cfrsam-gateway: serves the public cfrsam.v1.Segmentation API in front of the prompter, encoder
 // and decoder replicas. Flags fall back to environment variables and defaults that work on one
 // machine (stage services on their default loopback ports); `--help` lists them.
-import { ConfigError, defaultBundleDir, initServiceTelemetry, parseFlags, runMain, type FlagSpec } from '@cfrsam/common';
+import {
+  ConfigError,
+  connectionAgeFromFlags,
+  DEFAULT_MAX_CONNECTION_AGE_GRACE_MS,
+  defaultBundleDir,
+  initServiceTelemetry,
+  parseFlags,
+  runMain,
+  type FlagSpec,
+} from '@cfrsam/common';
 import { DEFAULT_GATEWAY_CONFIG as D } from './config';
 import { DEFAULT_GATEWAY_PORT, startGateway } from './server';
 
@@ -12,7 +21,13 @@ export const GATEWAY_FLAGS = {
   bundle: { type: 'string', env: 'CFRSAM_BUNDLE', default: defaultBundleDir(), help: 'model bundle directory (the manifest is read)' },
   prompter: { type: 'string', env: 'CFRSAM_PROMPTER', default: '127.0.0.1:50052', help: 'prompter address' },
   encoder: { type: 'string', env: 'CFRSAM_ENCODER', default: '127.0.0.1:50053', help: 'encoder address' },
-  decoders: { type: 'string', env: 'CFRSAM_DECODERS', default: '127.0.0.1:50054', help: 'decoder replica addresses, comma separated' },
+  decoders: {
+    type: 'string',
+    env: 'CFRSAM_DECODERS',
+    default: '127.0.0.1:50054',
+    help: 'decoder replicas, comma separated: host:port, or dns:///NAME:PORT for every address NAME resolves to (a headless Service)',
+  },
+  decoderDnsIntervalMs: { type: 'int', env: 'CFRSAM_DECODER_DNS_INTERVAL_MS', default: 5000, help: 'how often dns:/// decoder names are resolved again' },
   maxImagePixels: { type: 'int', env: 'CFRSAM_MAX_IMAGE_PIXELS', default: D.maxImagePixels, help: 'largest accepted image (width x height)' },
   minImageSide: { type: 'int', env: 'CFRSAM_MIN_IMAGE_SIDE', default: D.minImageSide, help: 'smallest accepted width and height' },
   maxPrompts: { type: 'int', env: 'CFRSAM_MAX_PROMPTS', default: D.maxPrompts, help: 'manual prompts per request' },
@@ -33,6 +48,18 @@ export const GATEWAY_FLAGS = {
   tracing: { type: 'string', env: 'CFRSAM_TRACING', default: 'none', help: 'trace exporter: otlp, memory or none' },
   otlpEndpoint: { type: 'string', env: 'OTEL_EXPORTER_OTLP_ENDPOINT', default: 'http://localhost:4317', help: 'OTLP/gRPC collector' },
   shutdownGraceMs: { type: 'int', env: 'CFRSAM_SHUTDOWN_GRACE_MS', default: 15000, help: 'drain time for in-flight calls on SIGTERM' },
+  maxConnectionAgeMs: {
+    type: 'int',
+    env: 'CFRSAM_MAX_CONNECTION_AGE_MS',
+    default: 0,
+    help: 'close client connections after this long so clients reconnect and reach new gateway pods (0: off)',
+  },
+  maxConnectionAgeGraceMs: {
+    type: 'int',
+    env: 'CFRSAM_MAX_CONNECTION_AGE_GRACE_MS',
+    default: DEFAULT_MAX_CONNECTION_AGE_GRACE_MS,
+    help: 'time calls on an aged connection get to finish before it closes',
+  },
 } satisfies Record<string, FlagSpec>;
 
 async function main(): Promise<void> {
@@ -40,10 +67,12 @@ async function main(): Promise<void> {
   const decoders = config.decoders.split(',').map((s) => s.trim()).filter(Boolean);
   if (decoders.length === 0) throw new ConfigError('--decoders: at least one decoder address is needed');
   const telemetry = await initServiceTelemetry({ serviceName: 'gateway', ...config });
-  const { refineCacheMb, maxMessageMb, metricsPort: _m, tracing: _t, otlpEndpoint: _o, ...rest } = config;
+  const { refineCacheMb, maxMessageMb, metricsPort: _m, tracing: _t, otlpEndpoint: _o, maxConnectionAgeMs, maxConnectionAgeGraceMs, ...rest } =
+    config;
   await startGateway({
     ...rest,
     decoders,
+    connectionAge: connectionAgeFromFlags({ maxConnectionAgeMs, maxConnectionAgeGraceMs }),
     refineCacheBytes: refineCacheMb * 1024 * 1024,
     maxMessageBytes: maxMessageMb * 1024 * 1024,
     handleSignals: true,

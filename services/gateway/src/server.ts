@@ -7,9 +7,11 @@ import {
   SpanAttributes,
   startServer,
   unaryHandler,
+  type ConnectionAgeOptions,
   type RunningServer,
 } from '@cfrsam/common';
 import { DEFAULT_GATEWAY_CONFIG, type GatewayConfig } from './config';
+import { DecoderDiscovery } from './decoderDiscovery';
 import { SegmentationPipeline } from './pipeline';
 
 export const SEGMENTATION_SERVICE_NAME = 'cfrsam.v1.Segmentation';
@@ -51,7 +53,12 @@ export interface GatewayOptions extends Partial<Omit<GatewayConfig, 'prompter' |
   bundle: string;
   prompter: string;
   encoder: string;
+  /** Decoder replicas: `host:port` entries and/or `dns:///NAME:PORT` (every address NAME resolves to). */
   decoders: string[];
+  /** How often `dns:///` decoder entries are resolved again (default 5000 ms). */
+  decoderDnsIntervalMs?: number;
+  /** Closing client connections after an age, so clients spread over new gateway pods. */
+  connectionAge?: ConnectionAgeOptions;
   /** gRPC message limit for requests, responses and stage calls (label maps of big images are big). */
   maxMessageBytes?: number;
   shutdownGraceMs?: number;
@@ -67,8 +74,16 @@ export interface RunningGateway {
 /** Loads the manifest (the gateway runs no graph, so graph files are not needed) and serves. */
 export async function startGateway(options: GatewayOptions): Promise<RunningGateway> {
   const manifest = loadManifest(options.bundle, { graphs: [], verifyGraphs: false });
-  const config: GatewayConfig = { ...DEFAULT_GATEWAY_CONFIG, ...stripUndefined(options) } as GatewayConfig;
-  const pipeline = new SegmentationPipeline(manifest, config, { maxMessageBytes: options.maxMessageBytes });
+  // `dns:///NAME:PORT` decoder entries (a headless Service) become one address per replica, kept
+  // current while the gateway runs.
+  let pipeline: SegmentationPipeline | null = null;
+  const discovery = new DecoderDiscovery(options.decoders, (addresses) => pipeline?.fleet.setAddresses(addresses),
+    options.decoderDnsIntervalMs ?? 5000);
+  const decoders = await discovery.refresh();
+  if (decoders.length === 0) throw new Error(`no decoder replicas found for --decoders ${options.decoders.join(',')}`);
+  const config: GatewayConfig = { ...DEFAULT_GATEWAY_CONFIG, ...stripUndefined(options), decoders } as GatewayConfig;
+  pipeline = new SegmentationPipeline(manifest, config, { maxMessageBytes: options.maxMessageBytes });
+  discovery.start();
   try {
     const server = await startServer({
       name: 'gateway',
@@ -83,14 +98,17 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
       ],
       maxMessageBytes: options.maxMessageBytes,
       shutdownGraceMs: options.shutdownGraceMs,
+      connectionAge: options.connectionAge,
       handleSignals: options.handleSignals,
       onShutdown: async () => {
-        pipeline.close();
+        discovery.stop();
+        pipeline?.close();
         await options.onShutdown?.();
       },
     });
     return { server, pipeline };
   } catch (err) {
+    discovery.stop();
     pipeline.close();
     throw err;
   }
