@@ -1,10 +1,10 @@
 // Gateway configuration: everything the pipeline can be tuned with, and the defaults.
 
 export interface GatewayConfig {
-  /** Prompter address (host:port). */
-  prompter: string;
-  /** Encoder address. */
-  encoder: string;
+  /** Prompter replica addresses (host:port). */
+  prompter: string[];
+  /** Encoder replica addresses. */
+  encoder: string[];
   /** Decoder replica addresses. */
   decoders: string[];
 

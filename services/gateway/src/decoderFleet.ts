@@ -64,7 +64,7 @@ export function rendezvousOrder(replicas: readonly string[], key: string): strin
 }
 
 /** Errors after which the batch should go to another replica. */
-function isReplicaFailure(err: unknown): boolean {
+export function isReplicaFailure(err: unknown): boolean {
   if (!isServiceError(err)) return false;
   if (err.code === status.UNAVAILABLE || err.code === status.RESOURCE_EXHAUSTED) return true;
   const details = err.details ?? err.message ?? '';

@@ -14,13 +14,14 @@ import {
 } from '@cfrsam/common';
 import { DEFAULT_GATEWAY_CONFIG as D } from './config';
 import { DEFAULT_GATEWAY_PORT, startGateway } from './server';
+import { slideJobFlags } from './slideJobs';
 
 export const GATEWAY_FLAGS = {
   port: { type: 'int', env: 'PORT', default: DEFAULT_GATEWAY_PORT, help: 'gRPC port' },
   host: { type: 'string', env: 'HOST', default: '0.0.0.0', help: 'address to listen on' },
   bundle: { type: 'string', env: 'CFRSAM_BUNDLE', default: defaultBundleDir(), help: 'model bundle directory (the manifest is read)' },
-  prompter: { type: 'string', env: 'CFRSAM_PROMPTER', default: '127.0.0.1:50052', help: 'prompter address' },
-  encoder: { type: 'string', env: 'CFRSAM_ENCODER', default: '127.0.0.1:50053', help: 'encoder address' },
+  prompter: { type: 'string', env: 'CFRSAM_PROMPTER', default: '127.0.0.1:50052', help: 'prompter replicas, comma separated (round-robin with failover)' },
+  encoder: { type: 'string', env: 'CFRSAM_ENCODER', default: '127.0.0.1:50053', help: 'encoder replicas, comma separated (rendezvous on the tile digest, with failover)' },
   decoders: {
     type: 'string',
     env: 'CFRSAM_DECODERS',
@@ -60,18 +61,25 @@ export const GATEWAY_FLAGS = {
     default: DEFAULT_MAX_CONNECTION_AGE_GRACE_MS,
     help: 'time calls on an aged connection get to finish before it closes',
   },
+  ...slideJobFlags(),
 } satisfies Record<string, FlagSpec>;
 
 async function main(): Promise<void> {
   const config = parseFlags(GATEWAY_FLAGS);
   const decoders = config.decoders.split(',').map((s) => s.trim()).filter(Boolean);
   if (decoders.length === 0) throw new ConfigError('--decoders: at least one decoder address is needed');
+  const prompter = config.prompter.split(',').map((s) => s.trim()).filter(Boolean);
+  if (prompter.length === 0) throw new ConfigError('--prompter: at least one prompter address is needed');
+  const encoder = config.encoder.split(',').map((s) => s.trim()).filter(Boolean);
+  if (encoder.length === 0) throw new ConfigError('--encoder: at least one encoder address is needed');
   const telemetry = await initServiceTelemetry({ serviceName: 'gateway', ...config });
   const { refineCacheMb, maxMessageMb, metricsPort: _m, tracing: _t, otlpEndpoint: _o, maxConnectionAgeMs, maxConnectionAgeGraceMs, ...rest } =
     config;
   await startGateway({
     ...rest,
     decoders,
+    prompter,
+    encoder,
     connectionAge: connectionAgeFromFlags({ maxConnectionAgeMs, maxConnectionAgeGraceMs }),
     refineCacheBytes: refineCacheMb * 1024 * 1024,
     maxMessageBytes: maxMessageMb * 1024 * 1024,

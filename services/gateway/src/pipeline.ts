@@ -33,6 +33,7 @@ import type { GatewayConfig } from './config';
 import { DecoderFleet, type ChildCallOptions, type PrepareSource } from './decoderFleet';
 import { ownerOfPrompt, pointPrompt, promptAnchor, resolvePromptMode, toTilePoints, validatePrompts } from './prompts';
 import { mapConcurrent, withSpan } from './spans';
+import { StageReplicas } from './stageReplicas';
 import { StageClock } from './timing';
 
 const { PromptSource } = segmentationProto;
@@ -90,8 +91,8 @@ export interface PipelineStats {
 }
 
 export class SegmentationPipeline {
-  private readonly prompter: stagesProto.PrompterClient;
-  private readonly encoder: stagesProto.EncoderClient;
+  private readonly prompters: StageReplicas<stagesProto.PrompterClient>;
+  private readonly encoders: StageReplicas<stagesProto.EncoderClient>;
   readonly fleet: DecoderFleet;
   private readonly images: ByteLruCache<SegmentedImage>;
   private inFlight = 0;
@@ -107,8 +108,22 @@ export class SegmentationPipeline {
     if (config.tileOverlap < 0 || config.tileOverlap >= this.S) {
       throw new Error(`tile overlap ${config.tileOverlap} must be in [0, ${this.S})`);
     }
-    this.prompter = makeClient(stagesProto.PrompterClient, config.prompter, clientOptions);
-    this.encoder = makeClient(stagesProto.EncoderClient, config.encoder, clientOptions);
+    const onStageFailover = (stage: string) => (replica: string, err: { details?: string; message: string }) =>
+      console.error(`gateway: ${stage} ${replica} failed (${err.details ?? err.message}); trying the next replica`);
+    this.prompters = new StageReplicas({
+      stage: 'prompter',
+      addresses: config.prompter,
+      makeClient: (a) => makeClient(stagesProto.PrompterClient, a, clientOptions),
+      cooldownMs: config.replicaCooldownMs,
+      onFailover: onStageFailover('prompter'),
+    });
+    this.encoders = new StageReplicas({
+      stage: 'encoder',
+      addresses: config.encoder,
+      makeClient: (a) => makeClient(stagesProto.EncoderClient, a, clientOptions),
+      cooldownMs: config.replicaCooldownMs,
+      onFailover: onStageFailover('encoder'),
+    });
     this.fleet = new DecoderFleet({
       addresses: config.decoders,
       modelVersion: manifest.version,
@@ -126,8 +141,8 @@ export class SegmentationPipeline {
   }
 
   close(): void {
-    this.prompter.close();
-    this.encoder.close();
+    this.prompters.close();
+    this.encoders.close();
     this.fleet.close();
   }
 
@@ -320,12 +335,24 @@ export class SegmentationPipeline {
 
   /** Detect on a batch of tiles: detections (tile coordinates) by digest. */
   private async detect(tiles: stagesProto.TileInput[], ctx: RequestContext): Promise<Map<string, stagesProto.Detection[]>> {
-    const response = await unary(
-      this.prompter,
-      this.prompter.detect,
-      { tiles, minForeground: 0, nmsRadius: 0, modelVersion: this.manifest.version },
-      this.unaryOptions(ctx, { [SpanAttributes.tiles]: tiles.length, [SpanAttributes.digest]: tiles.map((t) => t.digest).join(',') }),
-    ).catch((err) => {
+    // The prompter keeps nothing per tile: round-robin, failing over to the other replicas.
+    const response = await this.prompters
+      .call(
+        this.prompters.roundRobin(),
+        (client, replica) =>
+          unary(
+            client,
+            client.detect,
+            { tiles, minForeground: 0, nmsRadius: 0, modelVersion: this.manifest.version },
+            this.unaryOptions(ctx, {
+              [SpanAttributes.tiles]: tiles.length,
+              [SpanAttributes.digest]: tiles.map((t) => t.digest).join(','),
+              'cfrsam.replica': replica,
+            }),
+          ),
+        ctx,
+      )
+      .catch((err) => {
       throw stageError('prompter', err);
     });
     return new Map(response.tiles.map((t) => [t.digest, t.detections]));
@@ -333,22 +360,46 @@ export class SegmentationPipeline {
 
   /** Encode a batch of tiles (pixels, or digest only to read the encoder's cache): features by digest. */
   private async encode(tiles: stagesProto.TileInput[], ctx: RequestContext): Promise<Map<string, stagesProto.Tensor>> {
-    const response = await withSpan('gateway.encode', { [SpanAttributes.tiles]: tiles.length }, async (span) => {
-      const res = await unary(
-        this.encoder,
-        this.encoder.encode,
-        { tiles, modelVersion: this.manifest.version },
-        this.unaryOptions(ctx, { [SpanAttributes.tiles]: tiles.length, [SpanAttributes.digest]: tiles.map((t) => t.digest).join(',') }),
-      ).catch((err) => {
-        throw stageError('encoder', err);
-      });
-      const hits = res.tiles.filter((t) => t.cacheHit).length;
-      serviceMetrics().cache('encoder_features', { hits, misses: res.tiles.length - hits });
-      span.setAttributes({ [SpanAttributes.cacheHit]: hits === res.tiles.length, 'cfrsam.cache_hits': hits });
-      return res;
-    });
+    // Each tile goes to its rendezvous replica (by digest), so its features are cached on one
+    // replica and later digest-only reads (Refine) find them; a batch splits by replica.
+    const groups = new Map<string, { order: string[]; tiles: stagesProto.TileInput[] }>();
+    for (const tile of tiles) {
+      const order = this.encoders.orderFor(tile.digest);
+      const group = groups.get(order[0]);
+      if (group) group.tiles.push(tile);
+      else groups.set(order[0], { order, tiles: [tile] });
+    }
+    const responses = await Promise.all(
+      [...groups.values()].map((group) =>
+        withSpan('gateway.encode', { [SpanAttributes.tiles]: group.tiles.length }, async (span) => {
+          const res = await this.encoders
+            .call(
+              group.order,
+              (client, replica) =>
+                unary(
+                  client,
+                  client.encode,
+                  { tiles: group.tiles, modelVersion: this.manifest.version },
+                  this.unaryOptions(ctx, {
+                    [SpanAttributes.tiles]: group.tiles.length,
+                    [SpanAttributes.digest]: group.tiles.map((t) => t.digest).join(','),
+                    'cfrsam.replica': replica,
+                  }),
+                ),
+              ctx,
+            )
+            .catch((err) => {
+              throw stageError('encoder', err);
+            });
+          const hits = res.tiles.filter((t) => t.cacheHit).length;
+          serviceMetrics().cache('encoder_features', { hits, misses: res.tiles.length - hits });
+          span.setAttributes({ [SpanAttributes.cacheHit]: hits === res.tiles.length, 'cfrsam.cache_hits': hits });
+          return res;
+        }),
+      ),
+    );
     const out = new Map<string, stagesProto.Tensor>();
-    for (const t of response.tiles) if (t.features) out.set(t.digest, t.features);
+    for (const response of responses) for (const t of response.tiles) if (t.features) out.set(t.digest, t.features);
     return out;
   }
 

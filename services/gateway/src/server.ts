@@ -13,11 +13,15 @@ import {
 import { DEFAULT_GATEWAY_CONFIG, type GatewayConfig } from './config';
 import { DecoderDiscovery } from './decoderDiscovery';
 import { SegmentationPipeline } from './pipeline';
+import { DEFAULT_SLIDE_JOB_SETTINGS, type SlideJobSettings } from './slideJobs';
+import { slideJobHandlers, startSlideJobs, type SlideJobsRuntime } from './slideWorker';
 
 export const SEGMENTATION_SERVICE_NAME = 'cfrsam.v1.Segmentation';
 export const DEFAULT_GATEWAY_PORT = 50051;
 
-export function segmentationHandlers(pipeline: SegmentationPipeline): segmentationProto.SegmentationServer {
+export function segmentationHandlers(
+  pipeline: SegmentationPipeline,
+): Omit<segmentationProto.SegmentationServer, 'submitSlideJob' | 'getSlideJob' | 'getSlideJobResult'> {
   return {
     segment: unaryHandler(`${SEGMENTATION_SERVICE_NAME}/Segment`, async (request: segmentationProto.SegmentRequest, ctx) => {
       ctx.span.setAttributes({ 'cfrsam.image_bytes': request.image.length, [SpanAttributes.prompts]: request.prompts.length });
@@ -47,12 +51,14 @@ function recordTimings(timings: readonly segmentationProto.StageTiming[]): void 
   for (const t of timings) metrics.stage(`gateway.${t.stage}`, t.ms / 1000);
 }
 
-export interface GatewayOptions extends Partial<Omit<GatewayConfig, 'prompter' | 'encoder' | 'decoders'>> {
+export interface GatewayOptions extends Partial<Omit<GatewayConfig, 'prompter' | 'encoder' | 'decoders'>>, Partial<SlideJobSettings> {
   port: number;
   host?: string;
   bundle: string;
-  prompter: string;
-  encoder: string;
+  /** Prompter replicas (one address, or a list used round-robin with failover). */
+  prompter: string | string[];
+  /** Encoder replicas (one address, or a list; tiles go to replicas by rendezvous on their digest). */
+  encoder: string | string[];
   /** Decoder replicas: `host:port` entries and/or `dns:///NAME:PORT` (every address NAME resolves to). */
   decoders: string[];
   /** How often `dns:///` decoder entries are resolved again (default 5000 ms). */
@@ -81,10 +87,21 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
     options.decoderDnsIntervalMs ?? 5000);
   const decoders = await discovery.refresh();
   if (decoders.length === 0) throw new Error(`no decoder replicas found for --decoders ${options.decoders.join(',')}`);
-  const config: GatewayConfig = { ...DEFAULT_GATEWAY_CONFIG, ...stripUndefined(options), decoders } as GatewayConfig;
+  const prompter = [options.prompter].flat().filter(Boolean);
+  const encoder = [options.encoder].flat().filter(Boolean);
+  if (prompter.length === 0 || encoder.length === 0) throw new Error('at least one prompter and one encoder address are needed');
+  const config: GatewayConfig = { ...DEFAULT_GATEWAY_CONFIG, ...stripUndefined(options), decoders, prompter, encoder } as GatewayConfig;
   pipeline = new SegmentationPipeline(manifest, config, { maxMessageBytes: options.maxMessageBytes });
   discovery.start();
+  // Slide jobs (slideJobs.ts) when a NATS server is configured.
+  let slideJobs: SlideJobsRuntime | null = null;
   try {
+    if (options.natsUrl) {
+      slideJobs = await startSlideJobs(
+        { ...DEFAULT_SLIDE_JOB_SETTINGS, ...stripUndefined(options), natsUrl: options.natsUrl, ...config, modelInputSize: pipeline.modelInfo().inputSize },
+        pipeline,
+      );
+    }
     const server = await startServer({
       name: 'gateway',
       port: options.port,
@@ -93,7 +110,7 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
         {
           name: SEGMENTATION_SERVICE_NAME,
           definition: segmentationProto.SegmentationService,
-          implementation: segmentationHandlers(pipeline),
+          implementation: { ...segmentationHandlers(pipeline), ...slideJobHandlers(slideJobs) },
         },
       ],
       maxMessageBytes: options.maxMessageBytes,
@@ -102,6 +119,7 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
       handleSignals: options.handleSignals,
       onShutdown: async () => {
         discovery.stop();
+        await slideJobs?.close();
         pipeline?.close();
         await options.onShutdown?.();
       },
@@ -109,6 +127,7 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
     return { server, pipeline };
   } catch (err) {
     discovery.stop();
+    await slideJobs?.close();
     pipeline.close();
     throw err;
   }

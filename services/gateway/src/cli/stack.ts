@@ -12,7 +12,10 @@ import { service as healthService } from 'grpc-health-check';
 export type StackServiceKind = 'prompter' | 'encoder' | 'decoder' | 'gateway';
 
 export interface StackProcess {
-  /** "prompter", "encoder", "decoder-0", "decoder-1", ..., "gateway". */
+  /**
+   * "prompter", "encoder", "decoder-0", "decoder-1", ..., "gateway"; a kind started more than
+   * once is numbered like the decoders ("encoder-0", "encoder-1", "gateway-0", ...).
+   */
   name: string;
   kind: StackServiceKind;
   address: string;
@@ -27,7 +30,13 @@ export interface StackOptions {
   bundle?: string;
   /** Decoder replicas (default 2). */
   decoders?: number;
-  /** Gateway port (0: a free one). */
+  /** Prompter replicas (default 1). */
+  prompters?: number;
+  /** Encoder replicas (default 1). */
+  encoders?: number;
+  /** Gateways, each in front of every stage replica (default 1). */
+  gateways?: number;
+  /** Gateway port (0: a free one); with several gateways, the first one's. */
   port?: number;
   /** Loopback address everything listens on (default 127.0.0.1). */
   host?: string;
@@ -44,9 +53,15 @@ export interface StackOptions {
 }
 
 export interface RunningStack {
+  /** The first gateway (of `gateways`). */
   gateway: string;
+  /** The first prompter (of `prompters`). */
   prompter: string;
+  /** The first encoder (of `encoders`). */
   encoder: string;
+  gateways: string[];
+  prompters: string[];
+  encoders: string[];
   decoders: string[];
   processes: StackProcess[];
   /** Stops one process (SIGTERM, then SIGKILL after graceMs) and waits for it. */
@@ -113,6 +128,12 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
   const host = options.host ?? '127.0.0.1';
   const decoderCount = options.decoders ?? 2;
   if (!(decoderCount >= 1)) throw new Error(`at least one decoder is needed, got ${decoderCount}`);
+  const prompterCount = options.prompters ?? 1;
+  const encoderCount = options.encoders ?? 1;
+  const gatewayCount = options.gateways ?? 1;
+  for (const [kind, n] of [['prompter', prompterCount], ['encoder', encoderCount], ['gateway', gatewayCount]] as const) {
+    if (!(Number.isInteger(n) && n >= 1)) throw new Error(`at least one ${kind} is needed, got ${n}`);
+  }
   const bundle = path.resolve(options.bundle ?? process.env.CFRSAM_BUNDLE ?? path.join(root, 'models', 'tiny'));
   if (!fs.existsSync(path.join(bundle, 'manifest.json'))) throw new Error(`no model bundle at ${bundle} (manifest.json missing)`);
   const log = options.log ?? ((name: string, line: string) => process.stderr.write(`[${name}] ${line}\n`));
@@ -165,28 +186,35 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
     })());
 
   try {
-    const prompterPort = await freePort(host);
-    const encoderPort = await freePort(host);
-    const decoderPorts: number[] = [];
-    for (let i = 0; i < decoderCount; i++) decoderPorts.push(await freePort(host));
-    const gatewayPort = options.port ? options.port : await freePort(host);
-    const stageProcs = [
-      launch('prompter', 'prompter', prompterPort, []),
-      launch('encoder', 'encoder', encoderPort, []),
-      ...decoderPorts.map((p, i) => launch(`decoder-${i}`, 'decoder', p, [])),
-    ];
-    const gateway = launch('gateway', 'gateway', gatewayPort, [
-      '--prompter', stageProcs[0].address,
-      '--encoder', stageProcs[1].address,
-      '--decoders', stageProcs.slice(2).map((p) => p.address).join(','),
-    ]);
+    const ports = async (n: number): Promise<number[]> => {
+      const out: number[] = [];
+      for (let i = 0; i < n; i++) out.push(await freePort(host));
+      return out;
+    };
+    // Decoders are always numbered; the other kinds only when there are several.
+    const nameOf = (kind: StackServiceKind, i: number, n: number) => (n === 1 && kind !== 'decoder' ? kind : `${kind}-${i}`);
+    const prompters = (await ports(prompterCount)).map((p, i) => launch(nameOf('prompter', i, prompterCount), 'prompter', p, []));
+    const encoders = (await ports(encoderCount)).map((p, i) => launch(nameOf('encoder', i, encoderCount), 'encoder', p, []));
+    const decoders = (await ports(decoderCount)).map((p, i) => launch(nameOf('decoder', i, decoderCount), 'decoder', p, []));
+    const gatewayPorts = await ports(gatewayCount);
+    if (options.port) gatewayPorts[0] = options.port;
+    const gateways = gatewayPorts.map((p, i) =>
+      launch(nameOf('gateway', i, gatewayCount), 'gateway', p, [
+        '--prompter', prompters.map((q) => q.address).join(','),
+        '--encoder', encoders.map((q) => q.address).join(','),
+        '--decoders', decoders.map((q) => q.address).join(','),
+      ]),
+    );
     const deadline = Date.now() + (options.readyTimeoutMs ?? 120_000);
-    await Promise.all([...stageProcs, gateway].map((p) => waitServing(p, deadline, () => (outputs.get(p.name) ?? []).join('\n'))));
+    await Promise.all(processes.map((p) => waitServing(p, deadline, () => (outputs.get(p.name) ?? []).join('\n'))));
     return {
-      gateway: gateway.address,
-      prompter: stageProcs[0].address,
-      encoder: stageProcs[1].address,
-      decoders: stageProcs.slice(2).map((p) => p.address),
+      gateway: gateways[0].address,
+      prompter: prompters[0].address,
+      encoder: encoders[0].address,
+      gateways: gateways.map((p) => p.address),
+      prompters: prompters.map((p) => p.address),
+      encoders: encoders.map((p) => p.address),
+      decoders: decoders.map((p) => p.address),
       processes,
       stopProcess,
       stop,
