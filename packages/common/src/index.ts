@@ -20,3 +20,4 @@ export * from './imaging';
 export * from './instances';
 export * from './formats';
 export * from './featureStore';
+export * from './stageService';

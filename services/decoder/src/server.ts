@@ -1,16 +1,14 @@
 // Decoder transport: gRPC handlers for Prepare and Decode and the assembly of a running decoder
 // (manifest -> worker pool -> pipeline with its prepared-state cache -> gRPC server).
 import {
-  loadManifest,
-  OnnxWorkerPool,
   serviceMetrics,
   SpanAttributes,
   stagesProto,
-  startServer,
+  startStageService,
   status,
   unaryHandler,
-  type ConnectionAgeOptions,
-  type RunningServer,
+  type RunningStageService,
+  type StageServiceOptions,
 } from '@cfrsam/common';
 import { DecoderPipeline, type DecoderPipelineOptions } from './pipeline';
 
@@ -50,74 +48,22 @@ export function decoderHandlers(pipeline: DecoderPipeline): stagesProto.DecoderS
   };
 }
 
-export interface DecoderOptions extends DecoderPipelineOptions {
-  port: number;
-  host?: string;
-  bundle: string;
-  workers?: number;
-  intraOpThreads?: number;
-  maxQueue?: number;
-  executionProviders?: string[];
-  maxMessageBytes?: number;
-  shutdownGraceMs?: number;
-  connectionAge?: ConnectionAgeOptions;
-  handleSignals?: boolean;
-  faultInjection?: boolean;
-  onShutdown?: () => Promise<void> | void;
-}
+export interface DecoderOptions extends DecoderPipelineOptions, StageServiceOptions {}
 
-export interface RunningDecoder {
-  server: RunningServer;
-  pipeline: DecoderPipeline;
-  pool: OnnxWorkerPool;
-}
+export type RunningDecoder = RunningStageService<DecoderPipeline>;
 
 /** Loads the bundle, starts the worker pool and serves Prepare/Decode. */
-export async function startDecoder(options: DecoderOptions): Promise<RunningDecoder> {
-  const manifest = loadManifest(options.bundle, { graphs: ['decoder_image', 'decoder_prompts'] });
-  const metrics = serviceMetrics();
-  let server: RunningServer | undefined;
-  const pool = await OnnxWorkerPool.create({
-    name: 'decoder',
-    graphs: {
-      decoder_image: manifest.graphs.decoder_image!.path,
-      decoder_prompts: manifest.graphs.decoder_prompts!.path,
-    },
-    workers: options.workers,
-    intraOpThreads: options.intraOpThreads,
-    maxQueue: options.maxQueue,
-    executionProviders: options.executionProviders,
-    faultInjection: options.faultInjection,
-    // Workers that can no longer load the graphs make the service useless: report NOT_SERVING.
-    onBroken: () => server?.setServing(false),
-    onJobDone: ({ graph, queuedMs, runMs }) => {
-      metrics.poolWait(graph, queuedMs / 1000);
-      metrics.stage(`${graph}.run`, runMs / 1000);
-    },
-  });
-  const pipeline = new DecoderPipeline(manifest, pool, options);
-  const closeAll = async () => {
-    await pool.close();
-    await options.sharedStore?.close();
-  };
-  try {
-    server = await startServer({
+export function startDecoder(options: DecoderOptions): Promise<RunningDecoder> {
+  return startStageService(
+    {
       name: 'decoder',
-      port: options.port,
-      host: options.host,
-      services: [{ name: DECODER_SERVICE_NAME, definition: stagesProto.DecoderService, implementation: decoderHandlers(pipeline) }],
-      maxMessageBytes: options.maxMessageBytes,
-      shutdownGraceMs: options.shutdownGraceMs,
-      connectionAge: options.connectionAge,
-      handleSignals: options.handleSignals,
-      onShutdown: async () => {
-        await closeAll();
-        await options.onShutdown?.();
-      },
-    });
-    return { server, pipeline, pool };
-  } catch (err) {
-    await closeAll();
-    throw err;
-  }
+      serviceName: DECODER_SERVICE_NAME,
+      definition: stagesProto.DecoderService,
+      graphs: ['decoder_image', 'decoder_prompts'],
+      createPipeline: (manifest, pool) => new DecoderPipeline(manifest, pool, options),
+      handlers: decoderHandlers,
+      closeAfterPool: () => options.sharedStore?.close(),
+    },
+    options,
+  );
 }

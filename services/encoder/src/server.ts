@@ -1,15 +1,13 @@
 // Encoder transport: gRPC handlers for Encode and GetCacheStats and the assembly of a running
 // encoder (manifest -> worker pool -> pipeline with its cache and optional shared tier -> gRPC server).
 import {
-  loadManifest,
-  OnnxWorkerPool,
   serviceMetrics,
   SpanAttributes,
   stagesProto,
-  startServer,
+  startStageService,
   unaryHandler,
-  type ConnectionAgeOptions,
-  type RunningServer,
+  type RunningStageService,
+  type StageServiceOptions,
 } from '@cfrsam/common';
 import { EncoderPipeline, type EncoderPipelineOptions } from './pipeline';
 
@@ -38,72 +36,23 @@ export function encoderHandlers(pipeline: EncoderPipeline): stagesProto.EncoderS
   };
 }
 
-export interface EncoderOptions extends EncoderPipelineOptions {
-  port: number;
-  host?: string;
-  bundle: string;
-  workers?: number;
-  intraOpThreads?: number;
-  maxQueue?: number;
-  executionProviders?: string[];
-  maxMessageBytes?: number;
-  shutdownGraceMs?: number;
-  connectionAge?: ConnectionAgeOptions;
-  handleSignals?: boolean;
-  faultInjection?: boolean;
-  onShutdown?: () => Promise<void> | void;
-}
+export interface EncoderOptions extends EncoderPipelineOptions, StageServiceOptions {}
 
-export interface RunningEncoder {
-  server: RunningServer;
-  pipeline: EncoderPipeline;
-  pool: OnnxWorkerPool;
-}
+export type RunningEncoder = RunningStageService<EncoderPipeline>;
 
 /** Loads the bundle, starts the worker pool and serves Encode/GetCacheStats. */
-export async function startEncoder(options: EncoderOptions): Promise<RunningEncoder> {
-  const manifest = loadManifest(options.bundle, { graphs: ['encoder'] });
-  const metrics = serviceMetrics();
-  let server: RunningServer | undefined;
-  const pool = await OnnxWorkerPool.create({
-    name: 'encoder',
-    graphs: { encoder: manifest.graphs.encoder!.path },
-    workers: options.workers,
-    intraOpThreads: options.intraOpThreads,
-    maxQueue: options.maxQueue,
-    executionProviders: options.executionProviders,
-    faultInjection: options.faultInjection,
-    // Workers that can no longer load the graphs make the service useless: report NOT_SERVING.
-    onBroken: () => server?.setServing(false),
-    onJobDone: ({ graph, queuedMs, runMs }) => {
-      metrics.poolWait(graph, queuedMs / 1000);
-      metrics.stage(`${graph}.run`, runMs / 1000);
-    },
-  });
-  const pipeline = new EncoderPipeline(manifest, pool, options);
-  const closeAll = async () => {
-    await pool.close();
-    // After the drain: writes of features computed by the last calls still go out.
-    await options.sharedStore?.close();
-  };
-  try {
-    server = await startServer({
+export function startEncoder(options: EncoderOptions): Promise<RunningEncoder> {
+  return startStageService(
+    {
       name: 'encoder',
-      port: options.port,
-      host: options.host,
-      services: [{ name: ENCODER_SERVICE_NAME, definition: stagesProto.EncoderService, implementation: encoderHandlers(pipeline) }],
-      maxMessageBytes: options.maxMessageBytes,
-      shutdownGraceMs: options.shutdownGraceMs,
-      connectionAge: options.connectionAge,
-      handleSignals: options.handleSignals,
-      onShutdown: async () => {
-        await closeAll();
-        await options.onShutdown?.();
-      },
-    });
-    return { server, pipeline, pool };
-  } catch (err) {
-    await closeAll();
-    throw err;
-  }
+      serviceName: ENCODER_SERVICE_NAME,
+      definition: stagesProto.EncoderService,
+      graphs: ['encoder'],
+      createPipeline: (manifest, pool) => new EncoderPipeline(manifest, pool, options),
+      handlers: encoderHandlers,
+      // After the drain: writes of features computed by the last calls still go out.
+      closeAfterPool: () => options.sharedStore?.close(),
+    },
+    options,
+  );
 }

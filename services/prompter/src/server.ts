@@ -1,15 +1,13 @@
 // Prompter transport: the gRPC handler for Detect and the assembly of a running prompter
 // (manifest -> worker pool -> pipeline -> gRPC server).
 import {
-  loadManifest,
-  OnnxWorkerPool,
   serviceMetrics,
   SpanAttributes,
   stagesProto,
-  startServer,
+  startStageService,
   unaryHandler,
-  type ConnectionAgeOptions,
-  type RunningServer,
+  type RunningStageService,
+  type StageServiceOptions,
 } from '@cfrsam/common';
 import { PrompterPipeline, type PrompterPipelineOptions } from './pipeline';
 
@@ -33,71 +31,21 @@ export function prompterHandlers(pipeline: PrompterPipeline): stagesProto.Prompt
   };
 }
 
-export interface PrompterOptions extends PrompterPipelineOptions {
-  port: number;
-  host?: string;
-  bundle: string;
-  workers?: number;
-  intraOpThreads?: number;
-  maxQueue?: number;
-  executionProviders?: string[];
-  maxMessageBytes?: number;
-  shutdownGraceMs?: number;
-  connectionAge?: ConnectionAgeOptions;
-  handleSignals?: boolean;
-  /** Test hook passed to the pool (see OnnxWorkerPoolOptions.faultInjection). */
-  faultInjection?: boolean;
-  /** Extra work on shutdown, after the pool closed (flush tracing, stop metrics). */
-  onShutdown?: () => Promise<void> | void;
-}
+export interface PrompterOptions extends PrompterPipelineOptions, StageServiceOptions {}
 
-export interface RunningPrompter {
-  server: RunningServer;
-  pipeline: PrompterPipeline;
-  pool: OnnxWorkerPool;
-}
+export type RunningPrompter = RunningStageService<PrompterPipeline>;
 
 /** Loads the bundle, starts the worker pool and serves Detect. */
-export async function startPrompter(options: PrompterOptions): Promise<RunningPrompter> {
-  const manifest = loadManifest(options.bundle, { graphs: ['prompter'] });
-  const metrics = serviceMetrics();
-  let server: RunningServer | undefined;
-  const pool = await OnnxWorkerPool.create({
-    name: 'prompter',
-    graphs: { prompter: manifest.graphs.prompter!.path },
-    workers: options.workers,
-    intraOpThreads: options.intraOpThreads,
-    maxQueue: options.maxQueue,
-    executionProviders: options.executionProviders,
-    faultInjection: options.faultInjection,
-    // Workers that can no longer load the graphs make the service useless: report NOT_SERVING.
-    onBroken: () => server?.setServing(false),
-    onJobDone: ({ graph, queuedMs, runMs }) => {
-      metrics.poolWait(graph, queuedMs / 1000);
-      metrics.stage(`${graph}.run`, runMs / 1000);
-    },
-  });
-  const pipeline = new PrompterPipeline(manifest, pool, options);
-  try {
-    server = await startServer({
+export function startPrompter(options: PrompterOptions): Promise<RunningPrompter> {
+  return startStageService(
+    {
       name: 'prompter',
-      port: options.port,
-      host: options.host,
-      services: [
-        { name: PROMPTER_SERVICE_NAME, definition: stagesProto.PrompterService, implementation: prompterHandlers(pipeline) },
-      ],
-      maxMessageBytes: options.maxMessageBytes,
-      shutdownGraceMs: options.shutdownGraceMs,
-      connectionAge: options.connectionAge,
-      handleSignals: options.handleSignals,
-      onShutdown: async () => {
-        await pool.close();
-        await options.onShutdown?.();
-      },
-    });
-    return { server, pipeline, pool };
-  } catch (err) {
-    await pool.close();
-    throw err;
-  }
+      serviceName: PROMPTER_SERVICE_NAME,
+      definition: stagesProto.PrompterService,
+      graphs: ['prompter'],
+      createPipeline: (manifest, pool) => new PrompterPipeline(manifest, pool, options),
+      handlers: prompterHandlers,
+    },
+    options,
+  );
 }
