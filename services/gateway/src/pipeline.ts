@@ -215,14 +215,23 @@ export class SegmentationPipeline {
 
   // ------------------------------------------------------------------ Segment
 
-  async segment(request: segmentationProto.SegmentRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
+  segment(request: segmentationProto.SegmentRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
+    return this.admitted(ctx, (scoped) => {
+      this.counts.segments++;
+      return this.runSegment(request, scoped);
+    });
+  }
+
+  /**
+   * Runs one public request under the admission limit, in its own cancellation scope: a failure
+   * stops the child calls still running for it (other tile batches).
+   */
+  private async admitted<T>(ctx: RequestContext, run: (ctx: RequestContext) => Promise<T>): Promise<T> {
     const release = this.admit();
     const scope = requestScope(ctx);
     try {
-      this.counts.segments++;
-      return await this.runSegment(request, scope.ctx);
+      return await run(scope.ctx);
     } catch (err) {
-      // Stop the child calls still running for this request (other tile batches).
       scope.abort();
       throw err;
     } finally {
@@ -488,19 +497,11 @@ export class SegmentationPipeline {
 
   // ------------------------------------------------------------------ Refine
 
-  async refine(request: segmentationProto.RefineRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
-    const release = this.admit();
-    const scope = requestScope(ctx);
-    try {
+  refine(request: segmentationProto.RefineRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
+    return this.admitted(ctx, (scoped) => {
       this.counts.refines++;
-      return await this.runRefine(request, scope.ctx);
-    } catch (err) {
-      scope.abort();
-      throw err;
-    } finally {
-      scope.dispose();
-      release();
-    }
+      return this.runRefine(request, scoped);
+    });
   }
 
   private async runRefine(request: segmentationProto.RefineRequest, ctx: RequestContext): Promise<segmentationProto.SegmentResponse> {
