@@ -8,7 +8,7 @@ import { createRequire } from 'node:module';
 import { parseArgs } from 'node:util';
 
 const require = createRequire(import.meta.url);
-const { metrics } = require('../packages/common/dist/index.js');
+const { metrics } = require('../packages/nuclei/dist/index.js');
 
 const { values: args } = parseArgs({
   options: {

@@ -15,9 +15,9 @@ import { parseArgs } from 'node:util';
 
 const require = createRequire(import.meta.url);
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-const common = require(path.join(root, 'packages/common/dist/index.js'));
+const common = Object.assign({}, ...['rpc', 'contract', 'runtime', 'nuclei'].map((p) => require(path.join(root, 'packages', p, 'dist/index.js'))));
 const { startStack } = require(path.join(root, 'services/gateway/dist/cli/stack.js'));
-const sharp = require(require.resolve('sharp', { paths: [path.join(root, 'packages/common')] }));
+const sharp = require(require.resolve('sharp', { paths: [path.join(root, 'packages/runtime')] }));
 
 const { values: args } = parseArgs({
   options: {
@@ -36,7 +36,7 @@ const fmt = (x) => (x >= 100 ? x.toFixed(0) : x.toFixed(1));
 function promisify(client, method) {
   return (req, timeoutMs = 600_000) =>
     new Promise((resolve, reject) =>
-      method.call(client, req, new (require(require.resolve('@grpc/grpc-js', { paths: [path.join(root, 'packages/common')] })).Metadata)(),
+      method.call(client, req, new (require(require.resolve('@grpc/grpc-js', { paths: [path.join(root, 'packages/runtime')] })).Metadata)(),
         { deadline: new Date(Date.now() + timeoutMs) }, (err, res) => (err ? reject(err) : resolve(res))),
     );
 }
@@ -123,7 +123,7 @@ async function inProcess(rgb, points) {
 }
 
 async function decoderThroughput(stack, rgb) {
-  const grpc = require(require.resolve('@grpc/grpc-js', { paths: [path.join(root, 'packages/common')] }));
+  const grpc = require(require.resolve('@grpc/grpc-js', { paths: [path.join(root, 'packages/runtime')] }));
   const enc = common.makeClient(common.stagesProto.EncoderClient, stack.encoder);
   const dec = common.makeClient(common.stagesProto.DecoderClient, stack.decoders[0]);
   const pixels = normalise(rgb, S);

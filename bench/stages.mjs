@@ -10,7 +10,7 @@ import { parseArgs } from 'node:util';
 
 const require = createRequire(import.meta.url);
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-const ort = require(require.resolve('onnxruntime-node', { paths: [path.join(root, 'packages/common')] }));
+const ort = require(require.resolve('onnxruntime-node', { paths: [path.join(root, 'packages/runtime')] }));
 const { values: args } = parseArgs({
   options: {
     bundle: { type: 'string', default: path.join(root, 'models/tiny') },

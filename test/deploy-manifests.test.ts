@@ -11,7 +11,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { parse as parseYaml } from 'yaml';
 import { renderKustomization, strategicMerge, type Resource } from '../deploy/tools/kustomize-lite';
 import { unknownFields, validateResource } from '../deploy/tools/validate-resources';
-import { initServiceMetrics } from '../packages/common/src/telemetry';
+import { initServiceMetrics } from '../packages/rpc/src/telemetry';
 
 const ROOT = path.resolve(__dirname, '..');
 const K8S = path.join(ROOT, 'deploy', 'k8s');
@@ -51,9 +51,9 @@ function tsFilesUnder(dir: string): string[] {
   return out;
 }
 
-/** Environment variables a service reads: string literals in its source and in @cfrsam/common. */
+/** Environment variables a service reads: string literals in its source and in the shared packages. */
 function envReadBy(stage: string): (name: string) => boolean {
-  const text = [...tsFilesUnder(path.join(ROOT, 'packages/common/src')), ...tsFilesUnder(path.join(ROOT, `services/${stage}/src`))]
+  const text = [...['rpc', 'contract', 'runtime', 'nuclei'].flatMap((p) => tsFilesUnder(path.join(ROOT, 'packages', p, 'src'))), ...tsFilesUnder(path.join(ROOT, `services/${stage}/src`))]
     .map((f) => fs.readFileSync(f, 'utf8'))
     .join('\n');
   return (name) => text.includes(`'${name}'`) || text.includes(`"${name}"`);

@@ -7,14 +7,8 @@ import * as path from 'node:path';
 import { PassThrough } from 'node:stream';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  labelMapFromBytes,
-  planTiles,
-  segmentationProto,
-  status,
-  unary,
-  type SpanRecord,
-} from '@cfrsam/common';
+import { segmentationProto, type SpanRecord, status, unary } from '@cfrsam/rpc';
+import { labelMapFromBytes, planTiles } from '@cfrsam/nuclei';
 import { runSegment } from '../services/gateway/dist/cli/segment';
 import { startTestStack, type TestStack } from './stack';
 import { blobGrid, syntheticPng, type Blob } from './synthetic';

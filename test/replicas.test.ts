@@ -5,7 +5,7 @@
 // with a retryable status and a message, and every answer must equal the one computed for the
 // same image before the kills. The numbers are printed for the README.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeClient, segmentationProto, stagesProto, status, unary } from '@cfrsam/common';
+import { makeClient, segmentationProto, stagesProto, status, unary } from '@cfrsam/rpc';
 import { startTestStack, type TestStack } from './stack';
 import { blobGrid, syntheticPng, type Blob } from './synthetic';
 

@@ -5,7 +5,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { makeClient, segmentationProto, stagesProto, type SpanRecord } from '@cfrsam/common';
+import { makeClient, segmentationProto, type SpanRecord, stagesProto } from '@cfrsam/rpc';
 import { startStack, type RunningStack, type StackOptions } from '../services/gateway/dist/cli/stack';
 
 export interface TestStack extends RunningStack {

@@ -1,6 +1,6 @@
 // Synthetic H&E-like test images: a pink background with mild texture and dark purple elliptical
 // "nuclei" at known centres, so tests can prompt at known positions.
-import { encodeRgbPng } from '@cfrsam/common';
+import { encodeRgbPng } from '@cfrsam/nuclei';
 
 export interface Blob {
   x: number;

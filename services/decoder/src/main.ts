@@ -2,15 +2,8 @@
 // cfrsam-decoder: serves cfrsam.v1.Decoder (Prepare once per image, Decode prompt batches). Flags
 // fall back to environment variables and defaults that work from a fresh clone; `--help` lists them.
 // --nats-url lets Prepare take features from the shared feature tier (off by default).
-import {
-  connectionAgeFromFlags,
-  initServiceTelemetry,
-  openSharedFeatureStore,
-  parseFlags,
-  runMain,
-  sharedFeatureCacheFlags,
-  stageServiceFlags,
-} from '@cfrsam/common';
+import { connectionAgeFromFlags, initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/rpc';
+import { openSharedFeatureStore, sharedFeatureCacheFlags } from '@cfrsam/runtime';
 import { DEFAULT_DECODER_PORT, startDecoder } from './server';
 
 const flags = {

@@ -7,26 +7,19 @@
 // pixels without features: the decoder reads the features the encoder wrote there. This lets a
 // gateway re-prepare a replica (one that answered "not prepared", or a new one in the rendezvous
 // order) without sending the features again.
+import { ByteLruCache, grpcError, NOT_PREPARED, type stagesProto, status } from '@cfrsam/rpc';
 import {
-  ByteLruCache,
-  featureKey,
-  float32Lookup,
+  type Float32Tensor,
   graphOutput,
   graphOutputFloat32,
-  grpcError,
+  type HostTensor,
   isDigest,
-  NOT_PREPARED,
+  type Manifest,
   packBits,
-  status,
   tensorFromProto,
   thresholdAndCrop,
-  type Float32Tensor,
-  type HostTensor,
-  type Manifest,
-  type OnnxWorkerPool,
-  type SharedFeatureStore,
-  type stagesProto,
-} from '@cfrsam/common';
+} from '@cfrsam/contract';
+import { featureKey, float32Lookup, type OnnxWorkerPool, type SharedFeatureStore } from '@cfrsam/runtime';
 
 export interface DecoderPipelineOptions {
   /** Prompts per decoder_prompts.onnx run (default 32). */

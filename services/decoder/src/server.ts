@@ -1,15 +1,7 @@
 // Decoder transport: gRPC handlers for Prepare and Decode and the assembly of a running decoder
 // (manifest -> worker pool -> pipeline with its prepared-state cache -> gRPC server).
-import {
-  serviceMetrics,
-  SpanAttributes,
-  stagesProto,
-  startStageService,
-  status,
-  unaryHandler,
-  type RunningStageService,
-  type StageServiceOptions,
-} from '@cfrsam/common';
+import { serviceMetrics, SpanAttributes, stagesProto, status, unaryHandler } from '@cfrsam/rpc';
+import { type RunningStageService, type StageServiceOptions, startStageService } from '@cfrsam/runtime';
 import { DecoderPipeline, type DecoderPipelineOptions } from './pipeline';
 
 export const DECODER_SERVICE_NAME = 'cfrsam.v1.Decoder';

@@ -2,19 +2,10 @@
 // digest, Decode of prompt batches into compact masks that match the graph's own logits, and
 // prompt validation.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  digestTile,
-  isNotPreparedError,
-  makeClient,
-  OnnxWorkerPool,
-  stagesProto,
-  status,
-  tensorToProto,
-  unary,
-  unpackBits,
-  type Manifest,
-} from '@cfrsam/common';
-import { normalizeTile, syntheticTileRgb, testBundle } from '@cfrsam/common/dist/testSupport';
+import { isNotPreparedError, makeClient, stagesProto, status, unary } from '@cfrsam/rpc';
+import { digestTile, type Manifest, tensorToProto, unpackBits } from '@cfrsam/contract';
+import { OnnxWorkerPool } from '@cfrsam/runtime';
+import { normalizeTile, syntheticTileRgb, testBundle } from '@cfrsam/testing';
 import { encodeMask } from '../src/pipeline';
 import { startDecoder, type RunningDecoder } from '../src/server';
 

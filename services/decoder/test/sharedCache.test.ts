@@ -3,21 +3,11 @@
 // bundle's encoder graph) let a Prepare carry only the digest and pixels; absent features are
 // NOT_FOUND; a decoder without the tier says what is missing.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  digestTile,
-  featureKey,
-  float32Bytes,
-  makeClient,
-  OnnxWorkerPool,
-  SharedFeatureStore,
-  stagesProto,
-  status,
-  tensorToProto,
-  unary,
-  type Manifest,
-} from '@cfrsam/common';
-import { natsSkipReason, startTestNatsServer, type TestNatsServer } from '@cfrsam/common/dist/natsTestSupport';
-import { normalizeTile, syntheticTileRgb, testBundle } from '@cfrsam/common/dist/testSupport';
+import { makeClient, stagesProto, status, unary } from '@cfrsam/rpc';
+import { digestTile, type Manifest, tensorToProto } from '@cfrsam/contract';
+import { featureKey, float32Bytes, OnnxWorkerPool, SharedFeatureStore } from '@cfrsam/runtime';
+import { natsSkipReason, startTestNatsServer, type TestNatsServer } from '@cfrsam/testing';
+import { normalizeTile, syntheticTileRgb, testBundle } from '@cfrsam/testing';
 import { DecoderPipeline } from '../src/pipeline';
 import { startDecoder, type RunningDecoder } from '../src/server';
 

@@ -2,15 +2,8 @@
 // cfrsam-encoder: serves cfrsam.v1.Encoder (Encode with a feature cache, GetCacheStats). Flags fall
 // back to environment variables and defaults that work from a fresh clone; `--help` lists them.
 // --nats-url switches on the shared feature tier in NATS JetStream (off by default).
-import {
-  connectionAgeFromFlags,
-  initServiceTelemetry,
-  openSharedFeatureStore,
-  parseFlags,
-  runMain,
-  sharedFeatureCacheFlags,
-  stageServiceFlags,
-} from '@cfrsam/common';
+import { connectionAgeFromFlags, initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/rpc';
+import { openSharedFeatureStore, sharedFeatureCacheFlags } from '@cfrsam/runtime';
 import { DEFAULT_ENCODER_PORT, startEncoder } from './server';
 
 const flags = {

@@ -10,24 +10,23 @@
 // that a digest matches its pixels and trusts the caller: Encode is an internal API, reachable
 // only from the gateway inside the cluster. A caller that sent wrong digests could only poison
 // its own results.
+import { ByteLruCache, grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import {
-  ByteLruCache,
+  type Float32Tensor,
+  graphOutputFloat32,
+  isDigest,
+  type Manifest,
+  stackFloat32,
+  tensorFromProto,
+  tensorToProto,
+} from '@cfrsam/contract';
+import {
   featureKey,
   float32Bytes,
   float32Lookup,
-  graphOutputFloat32,
-  grpcError,
-  isDigest,
-  stackFloat32,
-  status,
-  tensorFromProto,
-  tensorToProto,
-  type Float32Tensor,
-  type Manifest,
   type OnnxWorkerPool,
   type SharedFeatureStore,
-  type stagesProto,
-} from '@cfrsam/common';
+} from '@cfrsam/runtime';
 
 export interface EncoderPipelineOptions {
   /** Tiles per encoder.onnx run (default 4). */

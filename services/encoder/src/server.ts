@@ -1,14 +1,7 @@
 // Encoder transport: gRPC handlers for Encode and GetCacheStats and the assembly of a running
 // encoder (manifest -> worker pool -> pipeline with its cache and optional shared tier -> gRPC server).
-import {
-  serviceMetrics,
-  SpanAttributes,
-  stagesProto,
-  startStageService,
-  unaryHandler,
-  type RunningStageService,
-  type StageServiceOptions,
-} from '@cfrsam/common';
+import { serviceMetrics, SpanAttributes, stagesProto, unaryHandler } from '@cfrsam/rpc';
+import { type RunningStageService, type StageServiceOptions, startStageService } from '@cfrsam/runtime';
 import { EncoderPipeline, type EncoderPipelineOptions } from './pipeline';
 
 export const ENCODER_SERVICE_NAME = 'cfrsam.v1.Encoder';

@@ -1,8 +1,9 @@
 // Encoder over real gRPC on loopback with models/tiny: caching, single-flight, batching, NOT_FOUND
 // for digest-only tiles, bad input, and a graceful shutdown that drains an in-flight call.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { digestTile, inFlightCalls, makeClient, stagesProto, status, tensorToProto, unary, type Manifest } from '@cfrsam/common';
-import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/common/dist/testSupport';
+import { inFlightCalls, makeClient, stagesProto, status, unary } from '@cfrsam/rpc';
+import { digestTile, type Manifest, tensorToProto } from '@cfrsam/contract';
+import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/testing';
 import { startEncoder, type RunningEncoder } from '../src/server';
 
 const bundle = testBundle();

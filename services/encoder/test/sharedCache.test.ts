@@ -3,9 +3,11 @@
 // replica computed are served by the other without recomputation (also to digest-only Encodes),
 // and with the tier gone Encode still succeeds by computing.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { digestTile, makeClient, SharedFeatureStore, stagesProto, status, unary, type Manifest } from '@cfrsam/common';
-import { natsSkipReason, startTestNatsServer, type TestNatsServer } from '@cfrsam/common/dist/natsTestSupport';
-import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/common/dist/testSupport';
+import { makeClient, stagesProto, status, unary } from '@cfrsam/rpc';
+import { digestTile, type Manifest } from '@cfrsam/contract';
+import { SharedFeatureStore } from '@cfrsam/runtime';
+import { natsSkipReason, startTestNatsServer, type TestNatsServer } from '@cfrsam/testing';
+import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/testing';
 import { startEncoder, type RunningEncoder } from '../src/server';
 
 const bundle = testBundle();

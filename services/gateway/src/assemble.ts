@@ -2,20 +2,19 @@
 // label map. Overlaps are resolved here (higher score keeps contested pixels), then every
 // surviving instance is measured and numbered.
 import { status } from '@grpc/grpc-js';
+import { grpcError, segmentationProto } from '@cfrsam/rpc';
 import {
   buildLabelMap,
   encodeRle,
-  grpcError,
   instanceOrder,
   labelMapToBytes,
   MAX_LABEL,
   measureMask,
-  resolveOverlaps,
-  segmentationProto,
-  simplifyClosedPolygon,
   type PlacedMask,
+  resolveOverlaps,
   type RgbImage,
-} from '@cfrsam/common';
+  simplifyClosedPolygon,
+} from '@cfrsam/nuclei';
 
 export const UNCLASSIFIED = { index: -1, name: 'unclassified' } as const;
 

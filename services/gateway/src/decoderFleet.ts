@@ -13,12 +13,12 @@ import {
   grpcError,
   isServiceError,
   makeClient,
+  type MakeClientOptions,
   serviceMetrics,
   SpanAttributes,
   stagesProto,
   unary,
-  type MakeClientOptions,
-} from '@cfrsam/common';
+} from '@cfrsam/rpc';
 import { Limiter } from './limiter';
 import type { StageClock } from './timing';
 

@@ -7,11 +7,11 @@ import {
   connectionAgeFromFlags,
   DEFAULT_MAX_CONNECTION_AGE_GRACE_MS,
   defaultBundleDir,
+  type FlagSpec,
   initServiceTelemetry,
   parseFlags,
   runMain,
-  type FlagSpec,
-} from '@cfrsam/common';
+} from '@cfrsam/rpc';
 import { DEFAULT_GATEWAY_CONFIG as D } from './config';
 import { DEFAULT_GATEWAY_PORT, startGateway } from './server';
 import { slideJobFlags } from './slideJobs';

@@ -5,29 +5,29 @@
 import { createHash } from 'node:crypto';
 import {
   ByteLruCache,
-  decodeImage,
-  digestTile,
-  extractTileRgb,
   grpcError,
   isServiceError,
   makeClient,
-  normalizeRgb,
-  pasteTileMask,
-  planTiles,
-  rectContains,
+  type MakeClientOptions,
   segmentationProto,
   serviceMetrics,
   SpanAttributes,
   stagesProto,
   status,
-  tensorToProto,
   unary,
-  type Manifest,
-  type MakeClientOptions,
+} from '@cfrsam/rpc';
+import { digestTile, type Manifest, tensorToProto } from '@cfrsam/contract';
+import {
+  decodeImage,
+  extractTileRgb,
+  normalizeRgb,
+  pasteTileMask,
+  planTiles,
+  rectContains,
   type RgbImage,
   type Tile,
   type TileLayout,
-} from '@cfrsam/common';
+} from '@cfrsam/nuclei';
 import { assembleNuclei, nucleusScore, UNCLASSIFIED, type DecodedCandidate } from './assemble';
 import type { GatewayConfig } from './config';
 import { DecoderFleet, type ChildCallOptions, type PrepareSource } from './decoderFleet';

@@ -2,7 +2,8 @@
 // translation of a prompt into the decoder's point form in the coordinates of the tile that owns
 // it.
 import { status } from '@grpc/grpc-js';
-import { grpcError, ownerTile, segmentationProto, stagesProto, type Tile, type TileLayout } from '@cfrsam/common';
+import { grpcError, segmentationProto, stagesProto } from '@cfrsam/rpc';
+import { ownerTile, type Tile, type TileLayout } from '@cfrsam/nuclei';
 
 const { PromptMode } = segmentationProto;
 

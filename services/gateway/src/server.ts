@@ -1,15 +1,15 @@
 // Gateway transport: the gRPC handlers of the public Segmentation service and the assembly of a
 // running gateway (manifest -> pipeline -> gRPC server with health, reflection, graceful shutdown).
 import {
-  loadManifest,
+  type ConnectionAgeOptions,
+  type RunningServer,
   segmentationProto,
   serviceMetrics,
   SpanAttributes,
   startServer,
   unaryHandler,
-  type ConnectionAgeOptions,
-  type RunningServer,
-} from '@cfrsam/common';
+} from '@cfrsam/rpc';
+import { loadManifest } from '@cfrsam/contract';
 import { DEFAULT_GATEWAY_CONFIG, type GatewayConfig } from './config';
 import { DecoderDiscovery } from './decoderDiscovery';
 import { SegmentationPipeline } from './pipeline';

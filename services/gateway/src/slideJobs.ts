@@ -27,19 +27,16 @@ import {
   type NatsConnection,
   type ObjectStore,
 } from 'nats';
+import { type FlagSpec, grpcError, segmentationProto, status } from '@cfrsam/rpc';
 import {
   decodeImage,
   encodeRgbPng,
-  grpcError,
   planTiles,
   rectContains,
-  segmentationProto,
-  status,
-  type FlagSpec,
   type RgbImage,
   type Tile,
   type TileLayout,
-} from '@cfrsam/common';
+} from '@cfrsam/nuclei';
 
 const { SlideJobState } = segmentationProto;
 

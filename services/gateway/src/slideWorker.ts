@@ -5,7 +5,7 @@
 // region is not handed out twice; a gateway that dies stops doing so, and its task goes to another
 // gateway after the ack wait.
 import type { JsMsg } from 'nats';
-import { grpcError, isServiceError, segmentationProto, status, unaryHandler } from '@cfrsam/common';
+import { grpcError, isServiceError, segmentationProto, status, unaryHandler } from '@cfrsam/rpc';
 import type { SegmentationPipeline } from './pipeline';
 import { decodeTask, SLIDE_TASK_STREAM, SLIDE_WORKER_DURABLE, SlideJobService, SlideJobStore, type SlideTask } from './slideJobs';
 

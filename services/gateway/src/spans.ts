@@ -1,7 +1,7 @@
 // Internal spans of the gateway (image decode, stage calls, assembly), children of the active span
 // so the whole Segment call is one trace.
 import { SpanStatusCode, type Attributes, type Span } from '@opentelemetry/api';
-import { getTracer } from '@cfrsam/common';
+import { getTracer } from '@cfrsam/rpc';
 
 export async function withSpan<T>(name: string, attributes: Attributes, fn: (span: Span) => Promise<T> | T): Promise<T> {
   return getTracer().startActiveSpan(name, { attributes }, async (span) => {

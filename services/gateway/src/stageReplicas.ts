@@ -7,7 +7,7 @@
 // (RESOURCE_EXHAUSTED) is skipped and the call goes to the next one, at most once per replica and
 // never past the request's deadline; every other status is the answer.
 import type { Client, ServiceError } from '@grpc/grpc-js';
-import { grpcError, status } from '@cfrsam/common';
+import { grpcError, status } from '@cfrsam/rpc';
 import { isReplicaFailure, rendezvousOrder } from './decoderFleet';
 
 export interface StageReplicasOptions<C extends Client> {

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { cropToForeground, encodeRle, planTiles, segmentationProto, status, type PlacedMask } from '@cfrsam/common';
+import { segmentationProto, status } from '@cfrsam/rpc';
+import { cropToForeground, encodeRle, type PlacedMask, planTiles } from '@cfrsam/nuclei';
 import { assembleNuclei, nucleusScore, type DecodedCandidate } from '../src/assemble';
 import { rendezvousOrder } from '../src/decoderFleet';
 import { Limiter } from '../src/limiter';

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { segmentationProto } from '@cfrsam/common';
+import { segmentationProto } from '@cfrsam/rpc';
 import { cropRegion, slideLayout, stitchSlideResult, type SlideJobRecord } from '../src/slideJobs';
 
 const job: SlideJobRecord = {

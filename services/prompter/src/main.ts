@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // cfrsam-prompter: serves cfrsam.v1.Prompter/Detect. Flags fall back to environment variables and
 // defaults that work from a fresh clone (bundle models/tiny); `--help` lists them.
-import { connectionAgeFromFlags, initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/common';
+import { connectionAgeFromFlags, initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/rpc';
 import { DEFAULT_PROMPTER_PORT, startPrompter } from './server';
 
 const flags = {

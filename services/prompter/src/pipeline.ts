@@ -1,17 +1,15 @@
 // Detect: tiles -> prompter.onnx in batches -> point prompts with classes. The graph gives every
 // anchor a point and K+1 logits; here anchors are filtered by foreground probability, merged by
 // point NMS, and their class probabilities renormalised without background.
+import { grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import {
-  graphOutputFloat32,
-  grpcError,
-  stackFloat32,
-  status,
-  tensorFromProto,
   type Float32Tensor,
+  graphOutputFloat32,
   type Manifest,
-  type OnnxWorkerPool,
-  type stagesProto,
-} from '@cfrsam/common';
+  stackFloat32,
+  tensorFromProto,
+} from '@cfrsam/contract';
+import { type OnnxWorkerPool } from '@cfrsam/runtime';
 
 export interface PrompterPipelineOptions {
   /** Tiles per prompter.onnx run (default 8). */

@@ -1,14 +1,7 @@
 // Prompter transport: the gRPC handler for Detect and the assembly of a running prompter
 // (manifest -> worker pool -> pipeline -> gRPC server).
-import {
-  serviceMetrics,
-  SpanAttributes,
-  stagesProto,
-  startStageService,
-  unaryHandler,
-  type RunningStageService,
-  type StageServiceOptions,
-} from '@cfrsam/common';
+import { serviceMetrics, SpanAttributes, stagesProto, unaryHandler } from '@cfrsam/rpc';
+import { type RunningStageService, type StageServiceOptions, startStageService } from '@cfrsam/runtime';
 import { PrompterPipeline, type PrompterPipelineOptions } from './pipeline';
 
 export const PROMPTER_SERVICE_NAME = 'cfrsam.v1.Prompter';

@@ -1,7 +1,8 @@
 // Prompter over real gRPC on loopback with models/tiny, plus the anchor decoding on hand-made logits.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { digestTile, makeClient, stagesProto, status, tensorFromProto, tensorToProto, unary, type Manifest } from '@cfrsam/common';
-import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/common/dist/testSupport';
+import { makeClient, stagesProto, status, unary } from '@cfrsam/rpc';
+import { digestTile, type Manifest, tensorFromProto, tensorToProto } from '@cfrsam/contract';
+import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/testing';
 import { decodeAnchors, pointNms } from '../src/pipeline';
 import { startPrompter, type RunningPrompter } from '../src/server';
 

@@ -6,15 +6,15 @@ import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import {
   ConfigError,
+  type FlagSpec,
   makeClient,
-  metrics,
   parseFlags,
   segmentationProto,
   unary,
   usage,
   waitForReady,
-  type FlagSpec,
-} from '@cfrsam/common';
+} from '@cfrsam/rpc';
+import { metrics } from '@cfrsam/nuclei';
 import { reportRun, SCORING_FLAGS, scoringOptions, type CliIo } from './score';
 
 const EVALUATE_FLAGS = {

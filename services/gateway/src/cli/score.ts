@@ -1,7 +1,8 @@
 // `cfrsam score`: scores predicted label maps against ground truth, both in the data layout of
 // ../shared/data (NAME.labels.png + NAME.json), so any tool's output is scored the same way.
 
-import { ConfigError, metrics, parseFlags, usage, type FlagSpec } from '@cfrsam/common';
+import { ConfigError, type FlagSpec, parseFlags, usage } from '@cfrsam/rpc';
+import { metrics } from '@cfrsam/nuclei';
 
 export interface CliIo {
   stdout: NodeJS.WritableStream;

@@ -9,24 +9,26 @@ import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import {
   ConfigError,
+  type FlagSpec,
+  makeClient,
+  parseFlags,
+  segmentationProto,
+  unary,
+  usage,
+  waitForReady,
+} from '@cfrsam/rpc';
+import {
   decodeImage,
   encodeLabelPng,
   encodeOverlayPng,
   labelMapFromBytes,
-  makeClient,
   nucleiToCsv,
   nucleiToGeoJson,
   nucleiToSidecar,
-  parseFlags,
   parseHexColor,
-  segmentationProto,
-  UNCLASSIFIED_COLOR,
-  unary,
-  usage,
-  waitForReady,
-  type FlagSpec,
   type Rgb,
-} from '@cfrsam/common';
+  UNCLASSIFIED_COLOR,
+} from '@cfrsam/nuclei';
 import { startStack, type RunningStack } from './stack';
 
 export interface CliIo {

@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { credentials, makeGenericClientConstructor, type Client, type ServiceError } from '@grpc/grpc-js';
-import { repoRoot } from '@cfrsam/common';
+import { repoRoot } from '@cfrsam/rpc';
 import { service as healthService } from 'grpc-health-check';
 
 export type StackServiceKind = 'prompter' | 'encoder' | 'decoder' | 'gateway';

@@ -1,6 +1,6 @@
 // `cfrsam stack [--bundle models/tiny] [--decoders 2] [--port 50051]`: runs the whole system on
 // this machine until SIGINT/SIGTERM, then stops every process.
-import { ConfigError, parseFlags, usage, type FlagSpec } from '@cfrsam/common';
+import { ConfigError, type FlagSpec, parseFlags, usage } from '@cfrsam/rpc';
 import type { CliIo } from './segment';
 import { startStack } from './stack';
 

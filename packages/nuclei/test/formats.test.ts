@@ -1,0 +1,119 @@
+import sharp from 'sharp';
+import { describe, expect, it } from 'vitest';
+import {
+  decodeLabelPng,
+  drawOutlines,
+  encodeLabelPng,
+  encodeOverlayPng,
+  nucleiToCsv,
+  nucleiToGeoJson,
+  nucleiToSidecar,
+  parseCsv,
+  parseHexColor,
+} from '../src/formats';
+import { segmentationProto } from '@cfrsam/rpc';
+
+const { PromptSource } = segmentationProto;
+type Nucleus = segmentationProto.Nucleus;
+
+const classes = [
+  { index: 0, name: 'other', color: '#808080' },
+  { index: 1, name: 'inflammatory', color: '#ff0000' },
+  { index: 2, name: 'epithelial, "glandular"', color: '#00ff00' },
+];
+
+function nucleus(id: number, classIndex: number): Nucleus {
+  return {
+    id,
+    classIndex,
+    className: classIndex >= 0 ? classes[classIndex].name : 'unclassified',
+    score: 0.81234567,
+    classProbabilities: classIndex >= 0 ? [0.1, 0.2, 0.7] : [],
+    centroid: { x: 12.5, y: 7.25 },
+    bbox: { x0: 10, y0: 5, x1: 15, y1: 10 },
+    polygon: [{ x: 10, y: 5 }, { x: 15, y: 5 }, { x: 15, y: 10 }, { x: 10, y: 10 }],
+    measurements: {
+      areaPx: 25, areaUm2: 1.5625, perimeterPx: 19.5, circularity: 0.8, eccentricity: 0.1, majorAxisPx: 5.1,
+      minorAxisPx: 5, solidity: 1, meanR: 120, meanG: 80, meanB: 160,
+    },
+    source: PromptSource.PROMPT_SOURCE_AUTO,
+    prompt: { x: 12, y: 7 },
+    predictedIou: 0.9,
+  };
+}
+
+describe('QuPath GeoJSON', () => {
+  it('is a FeatureCollection of closed polygons with objectType, classification and measurements', () => {
+    const fc = nucleiToGeoJson([nucleus(1, 1), nucleus(2, -1)], classes, 'img');
+    expect(fc.type).toBe('FeatureCollection');
+    expect(fc.features).toHaveLength(2);
+    const [f, g] = fc.features;
+    expect(f.type).toBe('Feature');
+    expect(f.geometry.type).toBe('Polygon');
+    const ring = f.geometry.coordinates[0];
+    expect(ring).toHaveLength(5);
+    expect(ring[0]).toEqual(ring[4]);
+    expect(f.properties.objectType).toBe('detection');
+    expect(f.properties.classification).toEqual({ name: 'inflammatory', color: [255, 0, 0] });
+    expect(f.properties.measurements['Area px^2']).toBe(25);
+    expect(f.properties.measurements['Area um^2']).toBe(1.5625);
+    expect(f.properties.measurements['P(inflammatory)']).toBe(0.2);
+    expect(f.id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    expect(g.properties.classification).toBeUndefined();
+    // JSON round trip keeps everything (no typed arrays or undefined in the output)
+    expect(JSON.parse(JSON.stringify(fc))).toEqual(fc);
+  });
+});
+
+describe('CSV', () => {
+  it('has a header and one row per nucleus, quoting names with commas and quotes', () => {
+    const text = nucleiToCsv([nucleus(1, 2), nucleus(2, 0)], classes);
+    const rows = parseCsv(text);
+    expect(rows).toHaveLength(3);
+    const header = rows[0];
+    expect(header.slice(0, 6)).toEqual(['id', 'class_index', 'class', 'score', 'predicted_iou', 'source']);
+    expect(header[header.length - 1]).toBe('p_epithelial, "glandular"');
+    expect(rows[1][header.indexOf('class')]).toBe('epithelial, "glandular"');
+    expect(rows[1][header.indexOf('score')]).toBe('0.8123');
+    expect(rows[1][header.indexOf('source')]).toBe('auto');
+    expect(rows[2][header.indexOf('area_px')]).toBe('25');
+    expect(rows.every((r) => r.length === header.length)).toBe(true);
+  });
+});
+
+describe('label PNG, overlay, sidecar', () => {
+  it('16-bit label PNG round-trips values above 255', async () => {
+    const labels = new Uint16Array(6 * 4).map((_, i) => (i % 3 === 0 ? 0 : 1000 + i));
+    const png = await encodeLabelPng(labels, 6, 4);
+    const meta = await sharp(png).metadata();
+    expect([meta.format, meta.depth, meta.channels]).toEqual(['png', 'ushort', 1]);
+    const back = await decodeLabelPng(png);
+    expect([back.width, back.height]).toEqual([6, 4]);
+    expect([...back.labels]).toEqual([...labels]);
+  });
+
+  it('overlay draws outlines in class colours and leaves the rest of the image', async () => {
+    const w = 10;
+    const image = { width: w, height: w, data: new Uint8Array(w * w * 3).fill(200) };
+    const labels = new Uint16Array(w * w);
+    for (let y = 2; y < 7; y++) for (let x = 2; x < 7; x++) labels[y * w + x] = 1;
+    const px = drawOutlines(image, labels, () => parseHexColor('#ff0000'));
+    const at = (x: number, y: number) => [...px.subarray((y * w + x) * 3, (y * w + x) * 3 + 3)];
+    expect(at(2, 2)).toEqual([255, 0, 0]); // boundary
+    expect(at(4, 4)).toEqual([200, 200, 200]); // interior
+    expect(at(0, 0)).toEqual([200, 200, 200]); // background
+    const png = await encodeOverlayPng(image, labels, () => [0, 0, 255]);
+    expect((await sharp(png).metadata()).width).toBe(w);
+  });
+
+  it('sidecar JSON follows the shared data layout', () => {
+    const s = nucleiToSidecar([nucleus(1, 2), nucleus(2, -1), nucleus(3, 0)], classes.map((c) => c.name), 'cfrsam segment', 0.25);
+    expect(s).toEqual({
+      source: 'cfrsam segment',
+      classNames: classes.map((c) => c.name),
+      instances: 3,
+      classes: { '1': 2, '3': 0 },
+      mpp: 0.25,
+    });
+  });
+});

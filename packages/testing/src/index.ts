@@ -1,0 +1,3 @@
+// @cfrsam/testing: helpers the tests import from source (vitest compiles them; never built).
+export * from './testSupport';
+export * from './natsTestSupport';
