@@ -389,7 +389,7 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     const decoders = env(gw, 'CFRSAM_DECODERS')!.split(',');
     expect(decoders.length).toBeGreaterThan(0);
     for (const entry of decoders) {
-      // dns:///NAME:PORT: the gateway resolves NAME to every replica (services/gateway/src/decoderDiscovery.ts).
+      // dns:///NAME:PORT: the gateway resolves NAME to every replica (packages/rpc/src/discovery.ts).
       const address = entry.replace(/^dns:\/\/\//, '');
       const svc = serviceFor(resources(), address);
       expect(svc.spec.clusterIP).toBe('None');

@@ -10,7 +10,12 @@ ARG NODE_VERSION=20
 FROM node:${NODE_VERSION}-bookworm AS deps
 WORKDIR /src
 COPY package.json package-lock.json .npmrc ./
-COPY packages/common/package.json packages/common/
+COPY packages/rpc/package.json packages/rpc/
+COPY packages/contract/package.json packages/contract/
+COPY packages/runtime/package.json packages/runtime/
+COPY packages/nuclei/package.json packages/nuclei/
+COPY packages/testing/package.json packages/testing/
+COPY packages/slides/package.json packages/slides/
 COPY services/prompter/package.json services/prompter/
 COPY services/encoder/package.json services/encoder/
 COPY services/decoder/package.json services/decoder/
@@ -22,11 +27,16 @@ RUN cd node_modules/onnxruntime-node/bin/napi-v6 \
  && for d in */*; do [ "$d" = "$keep" ] || rm -rf "$d"; done \
  && find . -type d -empty -delete
 
-# Build: protos -> TypeScript (buf + ts-proto), then tsc for @cfrsam/common and this service.
+# Build: protos -> TypeScript (buf + ts-proto), then tsc for the shared packages and this service.
 FROM node:${NODE_VERSION}-bookworm AS build
 WORKDIR /src
 COPY package.json package-lock.json .npmrc ./
-COPY packages/common/package.json packages/common/
+COPY packages/rpc/package.json packages/rpc/
+COPY packages/contract/package.json packages/contract/
+COPY packages/runtime/package.json packages/runtime/
+COPY packages/nuclei/package.json packages/nuclei/
+COPY packages/testing/package.json packages/testing/
+COPY packages/slides/package.json packages/slides/
 COPY services/prompter/package.json services/prompter/
 COPY services/encoder/package.json services/encoder/
 COPY services/decoder/package.json services/decoder/
@@ -34,9 +44,11 @@ COPY services/gateway/package.json services/gateway/
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.base.json ./
 COPY protos protos
-COPY packages/common packages/common
+COPY packages/rpc packages/rpc
+COPY packages/contract packages/contract
+COPY packages/runtime packages/runtime
 COPY services/decoder services/decoder
-RUN npm run build -w @cfrsam/common && npx tsc -b services/decoder
+RUN npm run generate -w @cfrsam/rpc && npx tsc -b services/decoder
 
 FROM node:${NODE_VERSION}-bookworm-slim
 ENV NODE_ENV=production
@@ -46,7 +58,9 @@ COPY --from=deps /src ./
 # protos/ next to package.json marks the application root, where the services look for protos
 # (gRPC server reflection).
 COPY --from=build /src/protos protos
-COPY --from=build /src/packages/common/dist packages/common/dist
+COPY --from=build /src/packages/rpc/dist packages/rpc/dist
+COPY --from=build /src/packages/contract/dist packages/contract/dist
+COPY --from=build /src/packages/runtime/dist packages/runtime/dist
 COPY --from=build /src/services/decoder/dist services/decoder/dist
 USER node
 EXPOSE 50054 9464

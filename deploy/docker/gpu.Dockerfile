@@ -12,7 +12,12 @@ ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
 FROM node:${NODE_VERSION}-bookworm AS deps
 WORKDIR /src
 COPY package.json package-lock.json .npmrc ./
-COPY packages/common/package.json packages/common/
+COPY packages/rpc/package.json packages/rpc/
+COPY packages/contract/package.json packages/contract/
+COPY packages/runtime/package.json packages/runtime/
+COPY packages/nuclei/package.json packages/nuclei/
+COPY packages/testing/package.json packages/testing/
+COPY packages/slides/package.json packages/slides/
 COPY services/prompter/package.json services/prompter/
 COPY services/encoder/package.json services/encoder/
 COPY services/decoder/package.json services/decoder/
@@ -33,7 +38,12 @@ FROM node:${NODE_VERSION}-bookworm AS build
 ARG SERVICE
 WORKDIR /src
 COPY package.json package-lock.json .npmrc ./
-COPY packages/common/package.json packages/common/
+COPY packages/rpc/package.json packages/rpc/
+COPY packages/contract/package.json packages/contract/
+COPY packages/runtime/package.json packages/runtime/
+COPY packages/nuclei/package.json packages/nuclei/
+COPY packages/testing/package.json packages/testing/
+COPY packages/slides/package.json packages/slides/
 COPY services/prompter/package.json services/prompter/
 COPY services/encoder/package.json services/encoder/
 COPY services/decoder/package.json services/decoder/
@@ -41,10 +51,12 @@ COPY services/gateway/package.json services/gateway/
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.base.json ./
 COPY protos protos
-COPY packages/common packages/common
+COPY packages/rpc packages/rpc
+COPY packages/contract packages/contract
+COPY packages/runtime packages/runtime
 COPY services/${SERVICE} services/${SERVICE}
 RUN case "${SERVICE}" in prompter|encoder|decoder) ;; *) echo "SERVICE must be prompter, encoder or decoder" >&2; exit 1;; esac \
- && npm run build -w @cfrsam/common && npx tsc -b "services/${SERVICE}"
+ && npm run generate -w @cfrsam/rpc && npx tsc -b "services/${SERVICE}"
 
 FROM node:${NODE_VERSION}-bookworm-slim AS node
 
@@ -58,7 +70,9 @@ RUN useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin node
 WORKDIR /app
 COPY --from=deps /src ./
 COPY --from=build /src/protos protos
-COPY --from=build /src/packages/common/dist packages/common/dist
+COPY --from=build /src/packages/rpc/dist packages/rpc/dist
+COPY --from=build /src/packages/contract/dist packages/contract/dist
+COPY --from=build /src/packages/runtime/dist packages/runtime/dist
 COPY --from=build /src/services/${SERVICE}/dist services/${SERVICE}/dist
 # One entry point whatever the stage (Node resolves the link, so __dirname is the service's dist/).
 RUN ln -s "services/${SERVICE}/dist/main.js" main.js

@@ -4,3 +4,5 @@ export * from './manifest';
 export * from './tensor';
 export * from './digest';
 export * from './masks';
+export * from './normalize';
+export * from './tileInput';

@@ -1,11 +1,10 @@
 import sharp from 'sharp';
 import { describe, expect, it } from 'vitest';
+import { denormalizeToRgb, normalizeRgb } from '@cfrsam/contract';
 import {
   decodeImage,
-  denormalizeToRgb,
   extractTileRgb,
   ImageInputError,
-  normalizeRgb,
   ownerTile,
   PAD_RGB,
   planAxis,

@@ -11,3 +11,5 @@ export * from './rpc';
 export * from './server';
 export * from './client';
 export * from './serviceMain';
+export * from './discovery';
+export * from './replicas';

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // cfrsam-decoder: serves cfrsam.v1.Decoder (Prepare once per image, Decode prompt batches). Flags
 // fall back to environment variables and defaults that work from a fresh clone; `--help` lists them.
-// --nats-url lets Prepare take features from the shared feature tier (off by default).
+// Prepare fetches a tile's features itself: from the shared tier (--nats-url) and from the encoders
+// (--encoder), so they never travel through the gateway.
 import { connectionAgeFromFlags, initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/rpc';
 import { openSharedFeatureStore, sharedFeatureCacheFlags } from '@cfrsam/runtime';
 import { DEFAULT_DECODER_PORT, startDecoder } from './server';
@@ -12,6 +13,12 @@ const flags = {
   maxPrompts: { type: 'int', env: 'CFRSAM_MAX_PROMPTS', default: 256, help: 'prompts per Decode request' },
   maxPoints: { type: 'int', env: 'CFRSAM_MAX_POINTS', default: 16, help: 'points per prompt' },
   cacheMb: { type: 'int', env: 'CFRSAM_CACHE_MB', default: 1024, help: 'prepared-state cache capacity in MiB' },
+  encoder: {
+    type: 'string',
+    env: 'CFRSAM_ENCODER',
+    default: '127.0.0.1:50053',
+    help: 'encoder replicas Prepare fetches features from, comma separated: host:port or dns:///NAME:PORT ("" for none)',
+  },
   ...sharedFeatureCacheFlags(),
 } as const;
 
@@ -36,6 +43,7 @@ async function main(): Promise<void> {
     cacheBytes: config.cacheMb * 1024 * 1024,
     // Prepares without features read the shared tier (see pipeline.ts); off without --nats-url.
     sharedStore: openSharedFeatureStore(config, 'decoder'),
+    encoders: config.encoder.split(',').map((s) => s.trim()).filter(Boolean),
     handleSignals: true,
     onShutdown: async () => {
       await telemetry.tracing.shutdown();

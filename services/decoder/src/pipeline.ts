@@ -3,11 +3,12 @@
 // decoder_prompts.onnx over a batch of prompts against a prepared image and returns each mask
 // compactly: thresholded, cropped to its foreground box in tile pixels and bit-packed.
 //
-// With the shared feature tier (NATS JetStream, --nats-url), a Prepare may carry the digest and
-// pixels without features: the decoder reads the features the encoder wrote there. This lets a
-// gateway re-prepare a replica (one that answered "not prepared", or a new one in the rendezvous
-// order) without sending the features again.
-import { ByteLruCache, grpcError, NOT_PREPARED, type stagesProto, status } from '@cfrsam/rpc';
+// Features never travel through the gateway: a Prepare carries the tile's digest, its RGB bytes
+// (the decoder checks the digest against them) and the encoder that encoded it; the decoder
+// fetches the features itself, from the shared tier (NATS JetStream, --nats-url) when it has one,
+// then from the encoders (--encoder: the hinted replica first, then the digest's rendezvous order).
+// A Prepare may still carry the features (tools, tests).
+import { ByteLruCache, ErrorReason, grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import {
   type Float32Tensor,
   graphOutput,
@@ -16,6 +17,7 @@ import {
   isDigest,
   type Manifest,
   packBits,
+  readStageTile,
   tensorFromProto,
   thresholdAndCrop,
 } from '@cfrsam/contract';
@@ -32,13 +34,31 @@ export interface DecoderPipelineOptions {
   cacheBytes?: number;
   /** The shared feature tier, read by Prepares without features (off when absent). Closed on shutdown. */
   sharedStore?: SharedFeatureStore;
+  /** Further feature sources, tried after the shared tier (the encoders). Closed on shutdown. */
+  featureSources?: FeatureSource[];
 }
 
+/** What Prepare did, beyond its response: where it fetched the features from, when it did. */
+export type PrepareResult = stagesProto.PrepareResponse & { featuresFrom?: string };
+
 /**
- * What Prepare did, beyond its response: 'hit' when it read its features from the shared tier (a
- * shared miss is the NOT_FOUND that Prepare throws).
+ * Where a decoder fetches a tile's features when Prepare does not carry them (see the file
+ * comment): the shared tier and the encoders. `hint` is the encoder that encoded the tile.
  */
-export type PrepareResult = stagesProto.PrepareResponse & { sharedFeatures?: 'hit' };
+export interface FeatureSource {
+  readonly name: string;
+  fetch(digest: string, hint: string): Promise<{ values: Float32Array | null; error?: string }>;
+  close?(): Promise<void> | void;
+}
+
+/** The shared tier (NATS JetStream) as a feature source. */
+export function sharedTierSource(store: SharedFeatureStore, manifest: Manifest): FeatureSource {
+  const count = manifest.featureShape.reduce((a, b) => a * b, 1);
+  return {
+    name: 'shared tier',
+    fetch: async (digest) => float32Lookup(await store.lookup(featureKey(manifest.version, digest)), count),
+  };
+}
 
 /**
  * The per-image decoder state. The arrays live in SharedArrayBuffers, so each Decode hands them
@@ -111,6 +131,7 @@ export class DecoderPipeline {
   readonly maxPointsPerPrompt: number;
   readonly cache: ByteLruCache<PreparedImage>;
   readonly sharedStore: SharedFeatureStore | undefined;
+  readonly featureSources: FeatureSource[];
   /** decoder_image.onnx runs since start. */
   preparations = 0;
   private readonly window: number;
@@ -126,25 +147,36 @@ export class DecoderPipeline {
     this.cache = new ByteLruCache<PreparedImage>({ capacityBytes: options.cacheBytes ?? 1024 ** 3, sizeOf: (p) => p.bytes });
     this.window = manifest.refinement.mode === 'window' ? manifest.refinement.window : manifest.inputSize;
     this.sharedStore = options.sharedStore;
+    this.featureSources = [
+      ...(options.sharedStore ? [sharedTierSource(options.sharedStore, manifest)] : []),
+      ...(options.featureSources ?? []),
+    ];
   }
 
-  /** A Prepare's features from the shared tier; NOT_FOUND when it does not hold them. */
-  private async sharedFeatures(digest: string): Promise<Float32Tensor> {
+  /**
+   * A Prepare's features fetched by this decoder: from each source in turn (the shared tier, then
+   * the encoders), `hint` being the encoder that encoded the tile. FAILED_PRECONDITION with reason
+   * FEATURES_MISSING when no source holds them (the caller encodes the tile again).
+   */
+  private async fetchFeatures(digest: string, hint: string): Promise<{ features: Float32Tensor; source: string }> {
     const dims = this.manifest.featureShape;
-    if (!this.sharedStore) {
+    if (this.featureSources.length === 0) {
       throw grpcError(
         status.INVALID_ARGUMENT,
-        `features: missing (expected dims [${dims.join(',')}]); this decoder has no shared feature cache to read them from (--nats-url)`,
+        `features: missing (expected dims [${dims.join(',')}]); this decoder has no feature source to fetch them from ` +
+          '(--nats-url for the shared tier, --encoder for the encoders)',
       );
     }
-    const lookup = await this.sharedStore.lookup(featureKey(this.manifest.version, digest));
-    const { values, error } = float32Lookup(lookup, dims.reduce((a, b) => a * b, 1));
-    if (values) return { type: 'float32', dims: [...dims], data: values };
+    const problems: string[] = [];
+    for (const source of this.featureSources) {
+      const { values, error } = await source.fetch(digest, hint);
+      if (values) return { features: { type: 'float32', dims: [...dims], data: values }, source: source.name };
+      problems.push(`${source.name}: ${error ?? 'absent'}`);
+    }
     throw grpcError(
-      status.NOT_FOUND,
-      error
-        ? `features of digest ${digest}: the shared feature cache could not be read (${error}); send the features in Prepare`
-        : `features of digest ${digest} are not in the shared feature cache; send the features in Prepare`,
+      status.FAILED_PRECONDITION,
+      `features of digest ${digest} are in no source this decoder can read (${problems.join('; ')}); encode the tile again`,
+      { reason: ErrorReason.FEATURES_MISSING },
     );
   }
 
@@ -167,21 +199,27 @@ export class DecoderPipeline {
   async prepare(request: stagesProto.PrepareRequest): Promise<PrepareResult> {
     this.checkVersionAndDigest(request.modelVersion, request.digest);
     const S = this.manifest.inputSize;
-    const pixels = tensorFromProto('pixels', request.pixels, [3, S, S]);
+    const pixels = readStageTile('prepare', request, this.manifest).pixels;
+    if (!pixels && !this.cache.has(request.digest) && !this.cache.pending(request.digest)) {
+      throw grpcError(status.INVALID_ARGUMENT, `prepare: no pixels for digest ${request.digest.slice(0, 16)}... (send rgb bytes)`, {
+        fieldViolations: [{ field: 'rgb', description: 'required' }],
+      });
+    }
     let features: Float32Tensor | null = null;
-    let sharedFeatures: PrepareResult['sharedFeatures'];
+    let featuresFrom: PrepareResult['featuresFrom'];
     if (request.features && request.features.data.byteLength > 0) {
       features = tensorFromProto('features', request.features, this.manifest.featureShape);
     } else if (!this.cache.has(request.digest) && !this.cache.pending(request.digest)) {
-      // Read before joining the single-flight below, so that a miss here fails only this call and
-      // never a concurrent Prepare that brought its features.
-      features = await this.sharedFeatures(request.digest);
-      sharedFeatures = 'hit';
+      // Fetched before joining the single-flight below, so that a miss here fails only this call
+      // and never a concurrent Prepare that brought its features.
+      const fetched = await this.fetchFeatures(request.digest, request.featuresFrom ?? '');
+      features = fetched.features;
+      featuresFrom = fetched.source;
     }
     // (features is null only when the digest is prepared or being prepared here, with no await
     // since that check: getOrCompute then answers without calling compute.)
     const result = await this.cache.getOrCompute(request.digest, async () => {
-      if (!features) throw grpcError(status.INTERNAL, `digest ${request.digest}: no features to prepare with`);
+      if (!features || !pixels) throw grpcError(status.INTERNAL, `digest ${request.digest}: no features or pixels to prepare with`);
       this.preparations++;
       const out = await this.pool.run(
         'decoder_image',
@@ -202,7 +240,7 @@ export class DecoderPipeline {
         bytes: imageEmbedding.data.byteLength + semantic.data.byteLength + boundaryFeatures.data.byteLength,
       };
     });
-    return { alreadyPrepared: result.source !== 'computed', sharedFeatures };
+    return { alreadyPrepared: result.source !== 'computed', featuresFrom };
   }
 
   private validatePrompts(prompts: readonly stagesProto.PromptPoints[]): Prompt[] {
@@ -265,7 +303,9 @@ export class DecoderPipeline {
     if (!prepared) {
       const pending = this.cache.pending(request.digest);
       if (!pending) {
-        throw grpcError(status.FAILED_PRECONDITION, `digest ${request.digest}: ${NOT_PREPARED} on this replica; call Prepare first`);
+        throw grpcError(status.FAILED_PRECONDITION, `digest ${request.digest}: not prepared on this replica; call Prepare first`, {
+          reason: ErrorReason.NOT_PREPARED,
+        });
       }
       prepared = await pending;
     }

@@ -1,7 +1,8 @@
 // Decoder transport: gRPC handlers for Prepare and Decode and the assembly of a running decoder
 // (manifest -> worker pool -> pipeline with its prepared-state cache -> gRPC server).
-import { serviceMetrics, SpanAttributes, stagesProto, status, unaryHandler } from '@cfrsam/rpc';
+import { ErrorReason, errorReason, serviceMetrics, SpanAttributes, stagesProto, unaryHandler } from '@cfrsam/rpc';
 import { type RunningStageService, type StageServiceOptions, startStageService } from '@cfrsam/runtime';
+import { EncoderFeatureSource } from './encoderFeatures';
 import { DecoderPipeline, type DecoderPipelineOptions } from './pipeline';
 
 export const DECODER_SERVICE_NAME = 'cfrsam.v1.Decoder';
@@ -16,13 +17,12 @@ export function decoderHandlers(pipeline: DecoderPipeline): stagesProto.DecoderS
       try {
         result = await metrics.timeStage('decoder.prepare', () => pipeline.prepare(request));
       } catch (err) {
-        // NOT_FOUND is Prepare's answer to features absent from the shared tier.
-        if (pipeline.sharedStore && (err as { code?: unknown }).code === status.NOT_FOUND) metrics.cache('decoder.shared_features', { misses: 1 });
+        if (errorReason(err) === ErrorReason.FEATURES_MISSING) metrics.cache('decoder.fetched_features', { misses: 1 });
         throw err;
       }
-      if (result.sharedFeatures) {
-        metrics.cache('decoder.shared_features', { hits: 1 });
-        ctx.span.setAttribute('cfrsam.shared_cache_hit', true);
+      if (result.featuresFrom) {
+        metrics.cache('decoder.fetched_features', { hits: 1 });
+        ctx.span.setAttribute('cfrsam.features_from', result.featuresFrom);
       }
       ctx.span.setAttribute(SpanAttributes.cacheHit, result.alreadyPrepared);
       metrics.cache('decoder.prepared', result.alreadyPrepared ? { hits: 1 } : { misses: 1 });
@@ -40,22 +40,41 @@ export function decoderHandlers(pipeline: DecoderPipeline): stagesProto.DecoderS
   };
 }
 
-export interface DecoderOptions extends DecoderPipelineOptions, StageServiceOptions {}
+export interface DecoderOptions extends DecoderPipelineOptions, StageServiceOptions {
+  /** Encoder replicas Prepare fetches features from (host:port, dns:///NAME:PORT); none when empty. */
+  encoders?: string[];
+}
 
 export type RunningDecoder = RunningStageService<DecoderPipeline>;
 
 /** Loads the bundle, starts the worker pool and serves Prepare/Decode. */
-export function startDecoder(options: DecoderOptions): Promise<RunningDecoder> {
-  return startStageService(
+export async function startDecoder(options: DecoderOptions): Promise<RunningDecoder> {
+  let encoderSource: EncoderFeatureSource | undefined;
+  const running = await startStageService(
     {
       name: 'decoder',
       serviceName: DECODER_SERVICE_NAME,
       definition: stagesProto.DecoderService,
       graphs: ['decoder_image', 'decoder_prompts'],
-      createPipeline: (manifest, pool) => new DecoderPipeline(manifest, pool, options),
+      createPipeline: (manifest, pool) => {
+        if (options.encoders?.length) {
+          encoderSource = new EncoderFeatureSource({
+            targets: options.encoders,
+            modelVersion: manifest.version,
+            featureCount: manifest.featureShape.reduce((a, b) => a * b, 1),
+            client: { maxMessageBytes: options.maxMessageBytes },
+          });
+        }
+        return new DecoderPipeline(manifest, pool, { ...options, featureSources: encoderSource ? [encoderSource] : [] });
+      },
       handlers: decoderHandlers,
-      closeAfterPool: () => options.sharedStore?.close(),
+      closeAfterPool: async () => {
+        encoderSource?.close();
+        await options.sharedStore?.close();
+      },
     },
     options,
   );
+  await encoderSource?.start();
+  return running;
 }

@@ -1,7 +1,7 @@
 // Prepare from the shared feature tier, with a real nats-server (JetStream) and models/tiny over
 // real gRPC: features written to the tier (as the encoder writes them, computed here with the
 // bundle's encoder graph) let a Prepare carry only the digest and pixels; absent features are
-// NOT_FOUND; a decoder without the tier says what is missing.
+// FAILED_PRECONDITION with reason FEATURES_MISSING; a decoder without the tier says what is missing.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeClient, stagesProto, status, unary } from '@cfrsam/rpc';
 import { digestTile, type Manifest, tensorToProto } from '@cfrsam/contract';
@@ -77,10 +77,10 @@ describe.skipIf(skipReason !== null)('Decoder Prepare from the shared feature ti
     expect(running.pipeline.sharedStore!.stats().hits).toBe(1);
   });
 
-  it('answers NOT_FOUND for features the tier does not hold', async () => {
+  it('answers FAILED_PRECONDITION (FEATURES_MISSING) for features the tier does not hold', async () => {
     await expect(prepare({ digest: 'c'.repeat(64) })).rejects.toMatchObject({
-      code: status.NOT_FOUND,
-      details: `features of digest ${'c'.repeat(64)} are not in the shared feature cache; send the features in Prepare`,
+      code: status.FAILED_PRECONDITION,
+      details: expect.stringMatching(new RegExp(`features of digest ${'c'.repeat(64)} are in no source this decoder can read \\(shared tier: absent\\)`)),
     });
     expect(running.pipeline.preparations).toBe(1);
   });
@@ -89,7 +89,7 @@ describe.skipIf(skipReason !== null)('Decoder Prepare from the shared feature ti
     const withoutTier = new DecoderPipeline(manifest, running.pool);
     await expect(withoutTier.prepare({ digest, pixels, modelVersion: manifest.version })).rejects.toMatchObject({
       code: status.INVALID_ARGUMENT,
-      details: expect.stringMatching(/^features: missing .*no shared feature cache/),
+      details: expect.stringMatching(/^features: missing .*no feature source/),
     });
   });
 });

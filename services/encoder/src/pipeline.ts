@@ -5,19 +5,20 @@
 // (single-flight covers the shared lookup too). Computed features are written to the shared tier
 // in the background: the response never waits for it, and a failing tier only costs recomputation.
 //
-// Trust boundary: the digest is computed by the gateway over the tile's RGB bytes, which this
-// service never sees (it receives normalised float pixels). The encoder therefore cannot verify
-// that a digest matches its pixels and trusts the caller: Encode is an internal API, reachable
-// only from the gateway inside the cluster. A caller that sent wrong digests could only poison
-// its own results.
-import { ByteLruCache, grpcError, type stagesProto, status } from '@cfrsam/rpc';
+// Trust boundary: tiles sent as RGB bytes (the gateway's form) have their digest recomputed and
+// checked here (readStageTile), so the caches only hold features under the digest of the pixels
+// they came from. Tiles sent as normalised float pixels (the older form) cannot be checked; that
+// form stays for tools and tests, behind the internal network boundary.
+//
+// Features are returned only when the request asks (return_features): the gateway never does, a
+// decoder fetching a tile's features does.
+import { ByteLruCache, ErrorReason, grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import {
   type Float32Tensor,
   graphOutputFloat32,
-  isDigest,
   type Manifest,
   stackFloat32,
-  tensorFromProto,
+  readStageTile,
   tensorToProto,
 } from '@cfrsam/contract';
 import {
@@ -98,13 +99,7 @@ export class EncoderPipeline {
         `tiles: ${request.tiles.length} tiles exceed the limit of ${this.maxTilesPerRequest} per request`,
       );
     }
-    return request.tiles.map((tile, i) => {
-      if (!isDigest(tile.digest)) {
-        throw grpcError(status.INVALID_ARGUMENT, `tiles[${i}].digest must be a SHA-256 in 64 lowercase hex digits, got "${tile.digest}"`);
-      }
-      const pixels = tile.pixels ? tensorFromProto(`tiles[${i}].pixels`, tile.pixels, [3, S, S]) : null;
-      return { digest: tile.digest, pixels };
-    });
+    return request.tiles.map((tile, i) => readStageTile(`tiles[${i}]`, tile, this.manifest));
   }
 
   /** Encodes a request; see the file comment for caching and the trust boundary. */
@@ -135,6 +130,7 @@ export class EncoderPipeline {
         status.NOT_FOUND,
         `features of ${absent.length} tile(s) are not cached${this.sharedStore ? ' here or in the shared feature cache' : ''} ` +
           `(first: ${absent[0]}); send the pixels`,
+        { reason: ErrorReason.NOT_CACHED },
       );
     }
 
@@ -159,7 +155,7 @@ export class EncoderPipeline {
         });
         // A digest-only key whose earlier computation failed between the check above and now.
         const withoutPixels = toCompute.find((d) => !pixelsByDigest.has(d));
-        if (withoutPixels) throw grpcError(status.NOT_FOUND, `features of tile ${withoutPixels} are not cached; send the pixels`);
+        if (withoutPixels) throw grpcError(status.NOT_FOUND, `features of tile ${withoutPixels} are not cached; send the pixels`, { reason: ErrorReason.NOT_CACHED });
         const batches: string[][] = [];
         for (let i = 0; i < toCompute.length; i += this.maxBatch) batches.push(toCompute.slice(i, i + this.maxBatch));
         summary.forwardPasses += batches.length;
@@ -189,7 +185,8 @@ export class EncoderPipeline {
         else if (r.source === 'coalesced') summary.coalesced++;
         else if (shared) summary.sharedHits++;
         else summary.misses++;
-        return { digest, features: tensorToProto([L, D, h, w], r.value), cacheHit: r.source === 'hit' || shared };
+        const features = request.returnFeatures ? tensorToProto([L, D, h, w], r.value) : undefined;
+        return { digest, features, cacheHit: r.source === 'hit' || shared };
       }),
     };
     return { response, summary };
@@ -197,7 +194,7 @@ export class EncoderPipeline {
 
   private async runBatch(digests: string[], pixelsByDigest: Map<string, Float32Tensor>, into: Map<string, Float32Array>): Promise<void> {
     const missingPixels = digests.find((d) => !pixelsByDigest.has(d));
-    if (missingPixels) throw grpcError(status.NOT_FOUND, `features of tile ${missingPixels} are not cached; send the pixels`);
+    if (missingPixels) throw grpcError(status.NOT_FOUND, `features of tile ${missingPixels} are not cached; send the pixels`, { reason: ErrorReason.NOT_CACHED });
     const image = stackFloat32(digests.map((d) => pixelsByDigest.get(d)!));
     const [L, D, h, w] = this.manifest.featureShape;
     const B = digests.length;

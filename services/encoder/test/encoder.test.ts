@@ -19,7 +19,7 @@ describe.skipIf(!bundle.manifest)('Encoder service', () => {
     return { digest: digestTile(rgb, manifest.version), pixels: tilePixelsTensor(rgb, manifest) };
   };
   const encode = (tiles: stagesProto.TileInput[], modelVersion = manifest.version) =>
-    unary(client, client.encode, { tiles, modelVersion }, { timeoutMs: 30_000 });
+    unary(client, client.encode, { tiles, modelVersion, returnFeatures: true }, { timeoutMs: 30_000 });
   const stats = () => unary(client, client.getCacheStats, {});
 
   beforeAll(async () => {
@@ -63,7 +63,7 @@ describe.skipIf(!bundle.manifest)('Encoder service', () => {
     expect(response.tiles.map((t) => t.cacheHit)).toEqual([false, false, false, true]);
     expect(after.computations - before.computations).toBe(2); // 3 misses, max batch 2
     // Each tile of a batch is cached under its own digest, with its own features.
-    const cached = await unary(client, client.encode, { tiles: [{ digest: tile(4).digest }], modelVersion: '' });
+    const cached = await unary(client, client.encode, { tiles: [{ digest: tile(4).digest }], modelVersion: '', returnFeatures: true });
     expect(Buffer.compare(cached.tiles[0].features!.data, response.tiles[1].features!.data)).toBe(0);
     expect(Buffer.compare(response.tiles[0].features!.data, response.tiles[1].features!.data)).not.toBe(0);
   });

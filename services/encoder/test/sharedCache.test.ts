@@ -24,7 +24,7 @@ describe.skipIf(skipReason !== null)('Encoder shared feature tier (NATS JetStrea
     return { digest: digestTile(rgb, manifest.version), pixels: tilePixelsTensor(rgb, manifest) };
   };
   const encode = (replica: number, tiles: stagesProto.TileInput[]) =>
-    unary(replicas[replica].client, replicas[replica].client.encode, { tiles, modelVersion: manifest.version }, { timeoutMs: 30_000 });
+    unary(replicas[replica].client, replicas[replica].client.encode, { tiles, modelVersion: manifest.version, returnFeatures: true }, { timeoutMs: 30_000 });
   const stats = (replica: number) => unary(replicas[replica].client, replicas[replica].client.getCacheStats, {});
   /** Waits until replica's background writes reached `count`. */
   const writesReach = async (replica: number, count: number) => {

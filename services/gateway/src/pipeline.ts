@@ -1,39 +1,17 @@
-// The gateway's pipeline (docs/architecture.md, "Pipeline"): decode and validate the image, tile
-// it, run the prompter and the encoder side by side on batches of tiles, fan the prompts of every
-// tile out to decoder replicas, and assemble the masks into nuclei. Refine re-runs only the last
-// step for new prompts on an image kept from an earlier Segment.
+// The gateway's orchestration (docs/architecture.md, "Pipeline"): decode and validate the image,
+// tile it, run the prompter and the encoder side by side on batches of tiles, decode the prompts
+// of every tile, and assemble the masks into nuclei. Refine re-runs only the last step for new
+// prompts on an image kept from an earlier Segment. The stages are ports (stages/ports.ts): the
+// gRPC adapter in production, in-memory fakes in the unit tests; nothing here knows the transport.
 import { createHash } from 'node:crypto';
-import {
-  ByteLruCache,
-  grpcError,
-  isServiceError,
-  makeClient,
-  type MakeClientOptions,
-  segmentationProto,
-  serviceMetrics,
-  SpanAttributes,
-  stagesProto,
-  status,
-  unary,
-} from '@cfrsam/rpc';
-import { digestTile, type Manifest, tensorToProto } from '@cfrsam/contract';
-import {
-  decodeImage,
-  extractTileRgb,
-  normalizeRgb,
-  pasteTileMask,
-  planTiles,
-  rectContains,
-  type RgbImage,
-  type Tile,
-  type TileLayout,
-} from '@cfrsam/nuclei';
+import { digestTile, type Manifest } from '@cfrsam/contract';
+import { decodeImage, extractTileRgb, pasteTileMask, planTiles, rectContains, type RgbImage, type Tile, type TileLayout } from '@cfrsam/nuclei';
+import { ByteLruCache, grpcError, segmentationProto, SpanAttributes, stagesProto, status } from '@cfrsam/rpc';
 import { assembleNuclei, nucleusScore, UNCLASSIFIED, type DecodedCandidate } from './assemble';
 import type { GatewayConfig } from './config';
-import { DecoderFleet, type ChildCallOptions, type PrepareSource } from './decoderFleet';
 import { ownerOfPrompt, pointPrompt, promptAnchor, resolvePromptMode, toTilePoints, validatePrompts } from './prompts';
 import { mapConcurrent, withSpan } from './spans';
-import { StageReplicas } from './stageReplicas';
+import type { StageCall, StagePorts, StageTile } from './stages/ports';
 import { StageClock } from './timing';
 
 const { PromptSource } = segmentationProto;
@@ -87,13 +65,9 @@ export interface PipelineStats {
   refines: number;
   inFlight: number;
   refineCache: { entries: number; bytes: number; capacityBytes: number };
-  decoders: ReturnType<DecoderFleet['stats']>;
 }
 
 export class SegmentationPipeline {
-  private readonly prompters: StageReplicas<stagesProto.PrompterClient>;
-  private readonly encoders: StageReplicas<stagesProto.EncoderClient>;
-  readonly fleet: DecoderFleet;
   private readonly images: ByteLruCache<SegmentedImage>;
   private inFlight = 0;
   private counts = { segments: 0, refines: 0 };
@@ -102,38 +76,12 @@ export class SegmentationPipeline {
   constructor(
     readonly manifest: Manifest,
     readonly config: GatewayConfig,
-    clientOptions: MakeClientOptions = {},
+    readonly stages: StagePorts,
   ) {
     this.S = manifest.inputSize;
     if (config.tileOverlap < 0 || config.tileOverlap >= this.S) {
       throw new Error(`tile overlap ${config.tileOverlap} must be in [0, ${this.S})`);
     }
-    const onStageFailover = (stage: string) => (replica: string, err: { details?: string; message: string }) =>
-      console.error(`gateway: ${stage} ${replica} failed (${err.details ?? err.message}); trying the next replica`);
-    this.prompters = new StageReplicas({
-      stage: 'prompter',
-      addresses: config.prompter,
-      makeClient: (a) => makeClient(stagesProto.PrompterClient, a, clientOptions),
-      cooldownMs: config.replicaCooldownMs,
-      onFailover: onStageFailover('prompter'),
-    });
-    this.encoders = new StageReplicas({
-      stage: 'encoder',
-      addresses: config.encoder,
-      makeClient: (a) => makeClient(stagesProto.EncoderClient, a, clientOptions),
-      cooldownMs: config.replicaCooldownMs,
-      onFailover: onStageFailover('encoder'),
-    });
-    this.fleet = new DecoderFleet({
-      addresses: config.decoders,
-      modelVersion: manifest.version,
-      replicasPerTile: config.replicasPerTile,
-      batchSize: config.decodeBatchSize,
-      maxCalls: config.maxDecoderCalls,
-      cooldownMs: config.replicaCooldownMs,
-      client: clientOptions,
-      onFailover: (replica, err) => console.error(`gateway: decoder ${replica} failed (${err.details ?? err.message}); trying the next replica`),
-    });
     this.images = new ByteLruCache<SegmentedImage>({
       capacityBytes: config.refineCacheBytes,
       sizeOf: (s) => s.image.data.byteLength + s.digests.length * 96 + s.detections.reduce((n, d) => n + (d?.length ?? 0) * 80, 0) + 1024,
@@ -141,9 +89,7 @@ export class SegmentationPipeline {
   }
 
   close(): void {
-    this.prompters.close();
-    this.encoders.close();
-    this.fleet.close();
+    this.stages.close();
   }
 
   stats(): PipelineStats {
@@ -152,7 +98,6 @@ export class SegmentationPipeline {
       ...this.counts,
       inFlight: this.inFlight,
       refineCache: { entries: c.entries, bytes: c.bytes, capacityBytes: c.capacityBytes },
-      decoders: this.fleet.stats(),
     };
   }
 
@@ -188,17 +133,9 @@ export class SegmentationPipeline {
     };
   }
 
-  private childCall(ctx: RequestContext): ChildCallOptions {
-    return { deadline: ctx.deadline, timeoutMs: this.config.defaultTimeoutMs, signal: ctx.signal };
-  }
-
-  private unaryOptions(ctx: RequestContext, attributes: Record<string, string | number | boolean> = {}) {
-    return {
-      deadline: ctx.deadline,
-      timeoutMs: ctx.deadline ? undefined : this.config.defaultTimeoutMs,
-      signal: ctx.signal,
-      attributes,
-    };
+  private stageCall(ctx: RequestContext, clock: StageClock): StageCall {
+    // Without a client deadline, stage calls still get one, so nothing waits forever.
+    return { deadline: ctx.deadline ?? new Date(Date.now() + this.config.defaultTimeoutMs), signal: ctx.signal, clock };
   }
 
   private checkModel(model: string): void {
@@ -272,31 +209,25 @@ export class SegmentationPipeline {
     const detections: (ImageDetection[] | undefined)[] = new Array(layout.tiles.length).fill(undefined);
     // Candidates by tile, flattened in tile order so the result does not depend on call timing.
     const byTile: DecodedCandidate[][] = layout.tiles.map(() => []);
-    const call = this.childCall(ctx);
+    const call = this.stageCall(ctx, clock);
     const batches: Tile[][] = [];
     for (let i = 0; i < tilesToRun.length; i += this.config.tileBatchSize) batches.push(tilesToRun.slice(i, i + this.config.tileBatchSize));
 
     await mapConcurrent(batches, this.config.tileBatchConcurrency, async (batch) => {
-      const inputs = batch.map((tile) => {
-        const rgb = extractTileRgb(image, tile, this.S);
-        const digest = digestTile(rgb, this.manifest.version);
-        digests[tile.index] = digest;
-        return { tile, digest, pixels: tensorToProto([3, this.S, this.S], normalizeRgb(rgb, this.S, this.S, this.manifest.normalization)) };
+      const tiles = batch.map((tile) => {
+        const stageTile = this.stageTile(image, tile);
+        digests[tile.index] = stageTile.digest;
+        return stageTile;
       });
-      const tileInputs = inputs.map((t) => ({ digest: t.digest, pixels: t.pixels }));
-      const [detected, encoded] = await Promise.all([
-        clock.time('prompter', () => this.detect(tileInputs, ctx)),
-        clock.time('encoder', () => this.encode(tileInputs, ctx)),
-      ]);
+      // The prompter and the encoder side by side; decoding a tile needs both (its prompts, and
+      // its features where the decoders fetch them).
+      const [detected] = await Promise.all([this.stages.prompter.detect(tiles, call), this.stages.encoder.encode(tiles, call)]);
       await Promise.all(
-        inputs.map(async ({ tile, digest, pixels }) => {
-          const tileDetections = toImageDetections(detected.get(digest) ?? [], tile);
+        batch.map(async (tile, i) => {
+          const tileDetections = toImageDetections(detected.get(tiles[i].digest) ?? [], tile);
           detections[tile.index] = tileDetections;
-          const features = encoded.get(digest);
-          if (!features) throw grpcError(status.INTERNAL, `encoder returned no features for tile ${digest.slice(0, 12)}`);
           const planned = this.planTilePrompts(tile, tileDetections, manual, mode, request.minScore);
-          const source: PrepareSource = { digest, load: async () => ({ features, pixels }) };
-          byTile[tile.index] = await this.decodePlanned(tile, source, planned, call, clock);
+          byTile[tile.index] = await this.decodePlanned(tile, tiles[i], planned, call);
         }),
       );
     });
@@ -342,74 +273,10 @@ export class SegmentationPipeline {
     };
   }
 
-  /** Detect on a batch of tiles: detections (tile coordinates) by digest. */
-  private async detect(tiles: stagesProto.TileInput[], ctx: RequestContext): Promise<Map<string, stagesProto.Detection[]>> {
-    // The prompter keeps nothing per tile: round-robin, failing over to the other replicas.
-    const response = await this.prompters
-      .call(
-        this.prompters.roundRobin(),
-        (client, replica) =>
-          unary(
-            client,
-            client.detect,
-            { tiles, minForeground: 0, nmsRadius: 0, modelVersion: this.manifest.version },
-            this.unaryOptions(ctx, {
-              [SpanAttributes.tiles]: tiles.length,
-              [SpanAttributes.digest]: tiles.map((t) => t.digest).join(','),
-              'cfrsam.replica': replica,
-            }),
-          ),
-        ctx,
-      )
-      .catch((err) => {
-      throw stageError('prompter', err);
-    });
-    return new Map(response.tiles.map((t) => [t.digest, t.detections]));
-  }
-
-  /** Encode a batch of tiles (pixels, or digest only to read the encoder's cache): features by digest. */
-  private async encode(tiles: stagesProto.TileInput[], ctx: RequestContext): Promise<Map<string, stagesProto.Tensor>> {
-    // Each tile goes to its rendezvous replica (by digest), so its features are cached on one
-    // replica and later digest-only reads (Refine) find them; a batch splits by replica.
-    const groups = new Map<string, { order: string[]; tiles: stagesProto.TileInput[] }>();
-    for (const tile of tiles) {
-      const order = this.encoders.orderFor(tile.digest);
-      const group = groups.get(order[0]);
-      if (group) group.tiles.push(tile);
-      else groups.set(order[0], { order, tiles: [tile] });
-    }
-    const responses = await Promise.all(
-      [...groups.values()].map((group) =>
-        withSpan('gateway.encode', { [SpanAttributes.tiles]: group.tiles.length }, async (span) => {
-          const res = await this.encoders
-            .call(
-              group.order,
-              (client, replica) =>
-                unary(
-                  client,
-                  client.encode,
-                  { tiles: group.tiles, modelVersion: this.manifest.version },
-                  this.unaryOptions(ctx, {
-                    [SpanAttributes.tiles]: group.tiles.length,
-                    [SpanAttributes.digest]: group.tiles.map((t) => t.digest).join(','),
-                    'cfrsam.replica': replica,
-                  }),
-                ),
-              ctx,
-            )
-            .catch((err) => {
-              throw stageError('encoder', err);
-            });
-          const hits = res.tiles.filter((t) => t.cacheHit).length;
-          serviceMetrics().cache('encoder_features', { hits, misses: res.tiles.length - hits });
-          span.setAttributes({ [SpanAttributes.cacheHit]: hits === res.tiles.length, 'cfrsam.cache_hits': hits });
-          return res;
-        }),
-      ),
-    );
-    const out = new Map<string, stagesProto.Tensor>();
-    for (const response of responses) for (const t of response.tiles) if (t.features) out.set(t.digest, t.features);
-    return out;
+  /** A tile of the image as the stages take it: RGB bytes and digest. */
+  private stageTile(image: RgbImage, tile: Tile): StageTile {
+    const rgb = extractTileRgb(image, tile, this.S);
+    return { digest: digestTile(rgb, this.manifest.version), rgb };
   }
 
   /**
@@ -464,18 +331,12 @@ export class SegmentationPipeline {
   }
 
   /** Decodes a tile's planned prompts and pastes the masks into image coordinates. */
-  private async decodePlanned(
-    tile: Tile,
-    source: PrepareSource,
-    planned: PlannedPrompt[],
-    call: ChildCallOptions,
-    clock: StageClock,
-  ): Promise<DecodedCandidate[]> {
+  private async decodePlanned(tile: Tile, stageTile: StageTile, planned: PlannedPrompt[], call: StageCall): Promise<DecodedCandidate[]> {
     if (planned.length === 0) return [];
     const masks = await withSpan(
       'gateway.decode_tile',
-      { [SpanAttributes.digest]: source.digest, [SpanAttributes.prompts]: planned.length, 'cfrsam.tile': tile.index },
-      () => this.fleet.decodeTile(source, planned.map((p) => p.points), call, clock),
+      { [SpanAttributes.digest]: stageTile.digest, [SpanAttributes.prompts]: planned.length, 'cfrsam.tile': tile.index },
+      () => this.stages.decoder.decodeTile(stageTile, planned.map((p) => p.points), call),
     );
     const out: DecodedCandidate[] = [];
     masks.forEach((decoded, i) => {
@@ -524,26 +385,22 @@ export class SegmentationPipeline {
       tile: ownerOfPrompt(layout, prompt).index,
     }));
     const tiles = layout.tiles.filter((t) => manual.some((m) => m.tile === t.index));
+    const call = this.stageCall(ctx, clock);
+    const stageTiles = new Map(tiles.map((t) => [t.index, this.stageTile(image, t)]));
     // Tiles the prompter has not seen (Segment in manual mode): classify their prompts now.
     const unseen = tiles.filter((t) => entry.detections[t.index] === undefined);
     if (unseen.length > 0) {
-      const inputs = unseen.map((t) => ({ digest: entry.digests[t.index], pixels: this.tilePixels(image, t) }));
-      const detected = await clock.time('prompter', () => this.detect(inputs, ctx));
+      const detected = await this.stages.prompter.detect(unseen.map((t) => stageTiles.get(t.index)!), call);
       for (const t of unseen) entry.detections[t.index] = toImageDetections(detected.get(entry.digests[t.index]) ?? [], t);
+      // The entry grew: store it again so the cache counts its new size.
+      this.images.set(entry.imageId, entry);
     }
-    const call = this.childCall(ctx);
+    // The decoders that prepared these tiles in Segment still hold them (or fetch the features
+    // again from the encoders); nothing is relayed through here.
     const byTile = await Promise.all(
-      tiles.map(async (tile) => {
-        const digest = entry.digests[tile.index];
+      tiles.map((tile) => {
         const planned = manual.filter((m) => m.tile === tile.index).map((m) => this.planManual(m, tile, entry.detections[tile.index] ?? []));
-        let loaded: Promise<{ features: stagesProto.Tensor; pixels: stagesProto.Tensor }> | undefined;
-        const source: PrepareSource = {
-          digest,
-          // Only when a replica must be prepared again: features from the encoder's cache by
-          // digest (a hit), with the pixels as a fallback if the encoder evicted them.
-          load: () => (loaded ??= this.featuresForRefine(image, tile, digest, ctx, clock)),
-        };
-        return this.decodePlanned(tile, source, planned, call, clock);
+        return this.decodePlanned(tile, stageTiles.get(tile.index)!, planned, call);
       }),
     );
     const candidates = byTile.flat();
@@ -564,30 +421,6 @@ export class SegmentationPipeline {
       timings: clock.timings(),
       tiles: layout.tiles.length,
     };
-  }
-
-  private tilePixels(image: RgbImage, tile: Tile): stagesProto.Tensor {
-    const rgb = extractTileRgb(image, tile, this.S);
-    return tensorToProto([3, this.S, this.S], normalizeRgb(rgb, this.S, this.S, this.manifest.normalization));
-  }
-
-  private async featuresForRefine(
-    image: RgbImage,
-    tile: Tile,
-    digest: string,
-    ctx: RequestContext,
-    clock: StageClock,
-  ): Promise<{ features: stagesProto.Tensor; pixels: stagesProto.Tensor }> {
-    const pixels = this.tilePixels(image, tile);
-    let features: stagesProto.Tensor | undefined;
-    try {
-      features = (await clock.time('encoder', () => this.encode([{ digest }], ctx))).get(digest);
-    } catch (err) {
-      if (!(isServiceError(err) && err.code === status.NOT_FOUND)) throw err;
-    }
-    features ??= (await clock.time('encoder', () => this.encode([{ digest, pixels }], ctx))).get(digest);
-    if (!features) throw grpcError(status.INTERNAL, `encoder returned no features for tile ${digest.slice(0, 12)}`);
-    return { features, pixels };
   }
 }
 
@@ -637,14 +470,4 @@ export function imageDigest(image: RgbImage, modelVersion: string): string {
     .update(`cfrsam-image/1 ${image.width}x${image.height} ${modelVersion}\n`)
     .update(image.data)
     .digest('hex');
-}
-
-/** A stage call failure, with the stage named; the status code is kept. */
-function stageError(stage: string, err: unknown): Error {
-  if (isServiceError(err)) {
-    const details = err.details ?? err.message;
-    // The client's own problems (deadline, cancellation) keep their status and say where they hit.
-    return grpcError(err.code, `${stage}: ${details}`);
-  }
-  return err instanceof Error ? err : new Error(String(err));
 }

@@ -11,8 +11,8 @@ import {
 } from '@cfrsam/rpc';
 import { loadManifest } from '@cfrsam/contract';
 import { DEFAULT_GATEWAY_CONFIG, type GatewayConfig } from './config';
-import { DecoderDiscovery } from './decoderDiscovery';
 import { SegmentationPipeline } from './pipeline';
+import { GrpcStages } from './stages/grpcStages';
 import { DEFAULT_SLIDE_JOB_SETTINGS, type SlideJobSettings } from './slideJobs';
 import { slideJobHandlers, startSlideJobs, type SlideJobsRuntime } from './slideWorker';
 
@@ -75,24 +75,32 @@ export interface GatewayOptions extends Partial<Omit<GatewayConfig, 'prompter' |
 export interface RunningGateway {
   server: RunningServer;
   pipeline: SegmentationPipeline;
+  stages: GrpcStages;
 }
 
 /** Loads the manifest (the gateway runs no graph, so graph files are not needed) and serves. */
 export async function startGateway(options: GatewayOptions): Promise<RunningGateway> {
   const manifest = loadManifest(options.bundle, { graphs: [], verifyGraphs: false });
-  // `dns:///NAME:PORT` decoder entries (a headless Service) become one address per replica, kept
-  // current while the gateway runs.
-  let pipeline: SegmentationPipeline | null = null;
-  const discovery = new DecoderDiscovery(options.decoders, (addresses) => pipeline?.fleet.setAddresses(addresses),
-    options.decoderDnsIntervalMs ?? 5000);
-  const decoders = await discovery.refresh();
-  if (decoders.length === 0) throw new Error(`no decoder replicas found for --decoders ${options.decoders.join(',')}`);
   const prompter = [options.prompter].flat().filter(Boolean);
   const encoder = [options.encoder].flat().filter(Boolean);
   if (prompter.length === 0 || encoder.length === 0) throw new Error('at least one prompter and one encoder address are needed');
-  const config: GatewayConfig = { ...DEFAULT_GATEWAY_CONFIG, ...stripUndefined(options), decoders, prompter, encoder } as GatewayConfig;
-  pipeline = new SegmentationPipeline(manifest, config, { maxMessageBytes: options.maxMessageBytes });
-  discovery.start();
+  const config: GatewayConfig = { ...DEFAULT_GATEWAY_CONFIG, ...stripUndefined(options), decoders: options.decoders, prompter, encoder } as GatewayConfig;
+  // The stages over gRPC; `dns:///NAME:PORT` entries (headless Services) become one replica per
+  // address, kept current while the gateway runs.
+  const stages = new GrpcStages({
+    ...config,
+    modelVersion: manifest.version,
+    dnsIntervalMs: options.decoderDnsIntervalMs ?? 5000,
+    client: { maxMessageBytes: options.maxMessageBytes },
+    onFailover: (stage, replica, err) => console.error(`gateway: ${stage} ${replica} failed (${err.details ?? err.message}); trying the next replica`),
+  });
+  try {
+    await stages.start();
+  } catch (err) {
+    stages.close();
+    throw err;
+  }
+  const pipeline = new SegmentationPipeline(manifest, config, stages);
   // Slide jobs (slideJobs.ts) when a NATS server is configured.
   let slideJobs: SlideJobsRuntime | null = null;
   try {
@@ -118,15 +126,13 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
       connectionAge: options.connectionAge,
       handleSignals: options.handleSignals,
       onShutdown: async () => {
-        discovery.stop();
         await slideJobs?.close();
-        pipeline?.close();
+        pipeline.close();
         await options.onShutdown?.();
       },
     });
-    return { server, pipeline };
+    return { server, pipeline, stages };
   } catch (err) {
-    discovery.stop();
     await slideJobs?.close();
     pipeline.close();
     throw err;

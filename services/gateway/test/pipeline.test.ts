@@ -2,7 +2,6 @@ import { describe, expect, it } from 'vitest';
 import { segmentationProto, status } from '@cfrsam/rpc';
 import { cropToForeground, encodeRle, type PlacedMask, planTiles } from '@cfrsam/nuclei';
 import { assembleNuclei, nucleusScore, type DecodedCandidate } from '../src/assemble';
-import { rendezvousOrder } from '../src/decoderFleet';
 import { Limiter } from '../src/limiter';
 import { ownerOfPrompt, promptAnchor, resolvePromptMode, toTilePoints, validatePrompts } from '../src/prompts';
 import { StageClock } from '../src/timing';
@@ -53,23 +52,6 @@ describe('prompts', () => {
     expect(pts.labels).toEqual([1, 0, 2, 3]);
     expect(pts.coords).toEqual([300 - tile.x, 20 - tile.y, 330 - tile.x, 25 - tile.y, 280 - tile.x, 5 - tile.y, 320 - tile.x, 40 - tile.y]);
     expect(promptAnchor({ positive: [], negative: [], box: { x0: 10, y0: 20, x1: 30, y1: 60 } })).toEqual({ x: 20, y: 40 });
-  });
-});
-
-describe('rendezvous hashing', () => {
-  it('is stable, a permutation, spreads keys, and moves only the keys of a removed replica', () => {
-    const replicas = ['a:1', 'b:2', 'c:3', 'd:4'];
-    const first = new Map<string, number>();
-    for (let i = 0; i < 400; i++) {
-      const key = `digest-${i}`;
-      const order = rendezvousOrder(replicas, key);
-      expect([...order].sort()).toEqual(replicas);
-      expect(rendezvousOrder(replicas, key)).toEqual(order);
-      first.set(order[0], (first.get(order[0]) ?? 0) + 1);
-      const without = rendezvousOrder(replicas.filter((r) => r !== 'b:2'), key);
-      expect(without).toEqual(order.filter((r) => r !== 'b:2'));
-    }
-    for (const r of replicas) expect(first.get(r)!).toBeGreaterThan(60);
   });
 });
 

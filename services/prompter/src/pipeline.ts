@@ -7,7 +7,7 @@ import {
   graphOutputFloat32,
   type Manifest,
   stackFloat32,
-  tensorFromProto,
+  readStageTile,
 } from '@cfrsam/contract';
 import { type OnnxWorkerPool } from '@cfrsam/runtime';
 
@@ -146,7 +146,11 @@ export class PrompterPipeline {
     if (!(nmsRadius >= 0 && nmsRadius <= S)) {
       throw grpcError(status.INVALID_ARGUMENT, `nms_radius must be in [0, ${S}] pixels, got ${request.nmsRadius}`);
     }
-    const tiles = request.tiles.map((t, i) => tensorFromProto(`tiles[${i}].pixels`, t.pixels, [3, S, S]));
+    const tiles = request.tiles.map((t, i) => {
+      const tile = readStageTile(`tiles[${i}]`, t, this.manifest);
+      if (!tile.pixels) throw grpcError(status.INVALID_ARGUMENT, `tiles[${i}]: no pixels (send rgb bytes or normalised pixels)`);
+      return tile.pixels;
+    });
     return { tiles, params: { minForeground, nmsRadius } };
   }
 

@@ -112,9 +112,17 @@ describe.skipIf(!bundle.manifest)('Prompter service', () => {
 
   it('answers bad input with INVALID_ARGUMENT naming the problem', async () => {
     const small = tensorToProto([3, 64, 64], new Float32Array(3 * 64 * 64));
-    await expect(detect({ tiles: [{ digest: 'x', pixels: small }] })).rejects.toMatchObject({
+    await expect(detect({ tiles: [{ digest: 'a'.repeat(64), pixels: small }] })).rejects.toMatchObject({
       code: status.INVALID_ARGUMENT,
       details: `tiles[0].pixels: expected dims [3,${S},${S}], got [3,64,64]`,
+    });
+    await expect(detect({ tiles: [{ digest: 'x', pixels: small }] })).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      details: expect.stringMatching(/tiles\[0\]\.digest must be a SHA-256/),
+    });
+    await expect(detect({ tiles: [{ digest: 'a'.repeat(64), rgb: Buffer.alloc(S * S * 3) }] })).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      details: expect.stringMatching(/tiles\[0\]\.digest a{16}\.\.\. is not the digest of its RGB bytes/),
     });
     await expect(detect({ tiles: [] })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT, details: expect.stringMatching(/at least one tile/) });
     await expect(detect({ tiles: [tiles[0]], minForeground: 1.5 })).rejects.toMatchObject({

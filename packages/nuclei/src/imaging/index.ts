@@ -1,4 +1,3 @@
-// Image decoding, validation, tiling and normalisation (pure, no service state).
+// Image decoding, validation and tiling (normalisation is in @cfrsam/contract) (pure, no service state).
 export * from './decode';
 export * from './tiling';
-export * from './normalize';

@@ -195,7 +195,9 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
     const nameOf = (kind: StackServiceKind, i: number, n: number) => (n === 1 && kind !== 'decoder' ? kind : `${kind}-${i}`);
     const prompters = (await ports(prompterCount)).map((p, i) => launch(nameOf('prompter', i, prompterCount), 'prompter', p, []));
     const encoders = (await ports(encoderCount)).map((p, i) => launch(nameOf('encoder', i, encoderCount), 'encoder', p, []));
-    const decoders = (await ports(decoderCount)).map((p, i) => launch(nameOf('decoder', i, decoderCount), 'decoder', p, []));
+    // Decoders fetch tile features from the encoders themselves (never through the gateway).
+    const encoderList = encoders.map((q) => q.address).join(',');
+    const decoders = (await ports(decoderCount)).map((p, i) => launch(nameOf('decoder', i, decoderCount), 'decoder', p, ['--encoder', encoderList]));
     const gatewayPorts = await ports(gatewayCount);
     if (options.port) gatewayPorts[0] = options.port;
     const gateways = gatewayPorts.map((p, i) =>

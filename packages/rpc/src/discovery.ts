@@ -1,8 +1,9 @@
-// Decoder replicas from DNS. In Kubernetes the decoders sit behind a headless Service, whose name
-// resolves to one A record per ready pod. grpc-js would open one connection to one of them, but the
-// gateway routes each tile to chosen replicas (rendezvous hashing), so it must see every replica as
-// its own address. An entry `dns:///NAME:PORT` in --decoders is resolved every `intervalMs`
-// to `IP:PORT` addresses; static entries are used as they are.
+// Replicas from DNS. In Kubernetes each stage sits behind a headless Service, whose name resolves
+// to one A record per ready pod. grpc-js would open one connection to one of them, but callers
+// route work to chosen replicas (rendezvous hashing, round-robin) and must see every replica as
+// its own address. An entry `dns:///NAME:PORT` in a replica list (--prompter, --encoder,
+// --decoders, the decoder's --encoder) is resolved every `intervalMs` to `IP:PORT` addresses;
+// static entries are used as they are.
 import { promises as dns } from 'node:dns';
 
 export type ResolveAll = (host: string) => Promise<string[]>;
@@ -15,8 +16,8 @@ export interface DnsEntry {
   port: number;
 }
 
-/** Splits --decoders entries into static addresses and `dns:///host:port` names. */
-export function parseDecoderEntries(entries: readonly string[]): { fixed: string[]; dns: DnsEntry[] } {
+/** Splits replica entries into static addresses and `dns:///host:port` names. */
+export function parseReplicaEntries(entries: readonly string[]): { fixed: string[]; dns: DnsEntry[] } {
   const fixed: string[] = [];
   const names: DnsEntry[] = [];
   for (const entry of entries) {
@@ -26,7 +27,7 @@ export function parseDecoderEntries(entries: readonly string[]): { fixed: string
     }
     const target = entry.replace(/^dns:(\/\/[^/]*\/)?/, '');
     const match = /^(.+):(\d+)$/.exec(target);
-    if (!match) throw new Error(`decoder entry "${entry}": expected dns:///HOST:PORT`);
+    if (!match) throw new Error(`replica entry "${entry}": expected dns:///HOST:PORT`);
     names.push({ host: match[1], port: Number(match[2]) });
   }
   return { fixed, dns: names };
@@ -37,12 +38,12 @@ function formatAddress(ip: string, port: number): string {
 }
 
 /**
- * Keeps the decoder address list current: resolves the DNS entries now and then every
+ * Keeps a replica address list current: resolves the DNS entries now and then every
  * `intervalMs`, and reports the full list (static + resolved, sorted) to `onChange` when it
  * changes. A failed or empty resolution keeps the previous addresses of that name, so a DNS
  * hiccup never empties the fleet.
  */
-export class DecoderDiscovery {
+export class ReplicaDiscovery {
   private readonly fixed: string[];
   private readonly names: DnsEntry[];
   private readonly last = new Map<string, string[]>();
@@ -55,8 +56,9 @@ export class DecoderDiscovery {
     private readonly intervalMs = 5000,
     private readonly resolveAll: ResolveAll = systemResolveAll,
     private readonly log: (message: string) => void = (m) => console.error(m),
+    private readonly what = 'replicas',
   ) {
-    const parsed = parseDecoderEntries(entries);
+    const parsed = parseReplicaEntries(entries);
     this.fixed = parsed.fixed;
     this.names = parsed.dns;
   }
@@ -74,7 +76,7 @@ export class DecoderDiscovery {
         const ips = [...new Set(await this.resolveAll(host))];
         if (ips.length > 0) this.last.set(key, ips.map((ip) => formatAddress(ip, port)));
       } catch (err) {
-        this.log(`gateway: resolving decoders ${key} failed (${(err as Error).message}); keeping ${this.last.get(key)?.length ?? 0} known`);
+        this.log(`resolving ${this.what} ${key} failed (${(err as Error).message}); keeping ${this.last.get(key)?.length ?? 0} known`);
       }
     }
     const next = [...new Set([...this.fixed, ...[...this.last.values()].flat()])].sort();

@@ -1,24 +1,26 @@
 import { describe, expect, it } from 'vitest';
-import { DecoderDiscovery, parseDecoderEntries, systemResolveAll } from '../src/decoderDiscovery';
-import { DecoderFleet } from '../src/decoderFleet';
+import { ReplicaDiscovery, parseReplicaEntries, systemResolveAll } from '../src/discovery';
+import { credentials, makeGenericClientConstructor, type Client } from '@grpc/grpc-js';
+import { service as healthService } from 'grpc-health-check';
+import { ReplicaSet } from '../src/replicas';
 
-describe('decoder discovery', () => {
+describe('replica discovery', () => {
   it('splits static addresses from dns:/// names and rejects malformed ones', () => {
-    expect(parseDecoderEntries(['10.0.0.1:50054', 'dns:///decoder-headless.cfrsam.svc:50054', 'dns:decoder:1'])).toEqual({
+    expect(parseReplicaEntries(['10.0.0.1:50054', 'dns:///decoder-headless.cfrsam.svc:50054', 'dns:decoder:1'])).toEqual({
       fixed: ['10.0.0.1:50054'],
       dns: [
         { host: 'decoder-headless.cfrsam.svc', port: 50054 },
         { host: 'decoder', port: 1 },
       ],
     });
-    expect(() => parseDecoderEntries(['dns:///no-port'])).toThrow(/dns:\/\/\/HOST:PORT/);
+    expect(() => parseReplicaEntries(['dns:///no-port'])).toThrow(/dns:\/\/\/HOST:PORT/);
   });
 
   it('reports every resolved replica, follows changes and keeps the last answer when DNS fails', async () => {
     const answers: Array<string[] | Error> = [['10.0.0.2', '10.0.0.1'], ['10.0.0.1', '10.0.0.3', 'fd00::7'], new Error('SERVFAIL'), []];
     const seen: string[][] = [];
     const logs: string[] = [];
-    const discovery = new DecoderDiscovery(
+    const discovery = new ReplicaDiscovery(
       ['127.0.0.1:50054', 'dns:///decoders:50054'],
       (a) => seen.push(a),
       1000,
@@ -44,21 +46,20 @@ describe('decoder discovery', () => {
     expect(ips.some((ip) => ip === '127.0.0.1' || ip === '::1')).toBe(true);
   });
 
-  it('a fleet takes new replicas and stops choosing removed ones', () => {
-    const fleet = new DecoderFleet({
-      addresses: ['127.0.0.1:1'],
-      modelVersion: 'v',
-      replicasPerTile: 2,
-      batchSize: 16,
-      maxCalls: 4,
-      cooldownMs: 1000,
-    } as ConstructorParameters<typeof DecoderFleet>[0]);
-    fleet.setAddresses(['127.0.0.1:2', '127.0.0.1:3']);
-    expect(fleet.addresses.sort()).toEqual(['127.0.0.1:2', '127.0.0.1:3']);
-    fleet.setAddresses([]); // an empty list never empties the fleet
-    expect(fleet.addresses.sort()).toEqual(['127.0.0.1:2', '127.0.0.1:3']);
-    fleet.setAddresses(['127.0.0.1:1', '127.0.0.1:3'], 10);
-    expect(fleet.addresses.sort()).toEqual(['127.0.0.1:1', '127.0.0.1:3']);
-    fleet.close();
+  it('a replica set takes new replicas and stops choosing removed ones', () => {
+    const Ctor = makeGenericClientConstructor(healthService, 'grpc.health.v1.Health');
+    const set = new ReplicaSet<Client>({
+      stage: 'decoder',
+      targets: ['127.0.0.1:1'],
+      makeClient: (a) => new Ctor(a, credentials.createInsecure()),
+      retireAfterMs: 10,
+    });
+    set.setAddresses(['127.0.0.1:2', '127.0.0.1:3']);
+    expect(set.addresses.sort()).toEqual(['127.0.0.1:2', '127.0.0.1:3']);
+    set.setAddresses([]); // an empty list never empties the set
+    expect(set.addresses.sort()).toEqual(['127.0.0.1:2', '127.0.0.1:3']);
+    set.setAddresses(['127.0.0.1:1', '127.0.0.1:3']);
+    expect(set.addresses.sort()).toEqual(['127.0.0.1:1', '127.0.0.1:3']);
+    set.close();
   });
 });

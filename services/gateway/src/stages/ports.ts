@@ -1,0 +1,47 @@
+// The stages as the gateway's orchestration sees them: three ports, no transport. The gRPC
+// adapter (grpcStages.ts) implements them over replica sets; the orchestration's unit tests
+// implement them in memory.
+import type { stagesProto } from '@cfrsam/rpc';
+import type { StageClock } from '../timing';
+
+/** One model-input tile: its digest (SHA-256 of the RGB bytes and the model version) and RGB bytes (S x S x 3). */
+export interface StageTile {
+  digest: string;
+  rgb: Uint8Array;
+}
+
+/** Deadline, cancellation and timing of the request a stage call serves. */
+export interface StageCall {
+  deadline?: Date;
+  signal?: AbortSignal;
+  clock: StageClock;
+}
+
+export interface PrompterPort {
+  /** Point prompts with classes for each tile (tile pixels), by digest. */
+  detect(tiles: readonly StageTile[], call: StageCall): Promise<Map<string, stagesProto.Detection[]>>;
+}
+
+export interface EncoderPort {
+  /**
+   * Makes sure the tiles' features exist on the encoder side (computed or cached), where the
+   * decoders fetch them; the features themselves never come back. Resolves to the cache hits.
+   */
+  encode(tiles: readonly StageTile[], call: StageCall): Promise<{ cacheHits: number }>;
+}
+
+export interface DecoderPort {
+  /**
+   * Decodes a tile's prompts (tile pixels): one mask per prompt, in order. Preparing the decoder
+   * replicas for the tile, and encoding it again when its features were evicted everywhere, is
+   * the port's business.
+   */
+  decodeTile(tile: StageTile, prompts: readonly stagesProto.PromptPoints[], call: StageCall): Promise<stagesProto.DecodedMask[]>;
+}
+
+export interface StagePorts {
+  prompter: PrompterPort;
+  encoder: EncoderPort;
+  decoder: DecoderPort;
+  close(): void;
+}

@@ -1,0 +1,283 @@
+// The gateway's orchestration (SegmentationPipeline) driven through its stage ports by in-memory
+// fakes, no processes: a synthetic image of dark disks on a light background, a fake prompter
+// that finds the disks in a tile, a fake encoder that records what it was given, and a fake
+// decoder that returns the disk under each prompt. What is checked is the orchestration: prompt
+// modes, tiling and stitching at the edges, Refine on tiles the prompter has not seen, a failing
+// batch cancelling its siblings, deadlines, and the Refine cache's accounting.
+import * as path from 'node:path';
+import sharp from 'sharp';
+import { describe, expect, it } from 'vitest';
+import { loadManifest, packBits } from '@cfrsam/contract';
+import { grpcError, segmentationProto, status, type stagesProto } from '@cfrsam/rpc';
+import { DEFAULT_GATEWAY_CONFIG, type GatewayConfig } from '../src/config';
+import { SegmentationPipeline } from '../src/pipeline';
+import type { StageCall, StagePorts, StageTile } from '../src/stages/ports';
+
+const { PromptMode, PromptSource } = segmentationProto;
+const manifest = loadManifest(path.join(__dirname, '../../../models/tiny'), { graphs: [], verifyGraphs: false });
+const S = manifest.inputSize;
+const K = manifest.classes.length;
+const RADIUS = 6;
+
+interface Disk {
+  x: number;
+  y: number;
+}
+
+function isDark(rgb: Uint8Array, i: number): boolean {
+  return rgb[i * 3] < 128;
+}
+
+async function diskImage(width: number, height: number, disks: Disk[]): Promise<Buffer> {
+  const raw = Buffer.alloc(width * height * 3, 235);
+  for (const d of disks) {
+    for (let y = Math.max(0, d.y - RADIUS); y <= Math.min(height - 1, d.y + RADIUS); y++) {
+      for (let x = Math.max(0, d.x - RADIUS); x <= Math.min(width - 1, d.x + RADIUS); x++) {
+        if ((x - d.x) ** 2 + (y - d.y) ** 2 <= RADIUS * RADIUS) raw.fill(60, (y * width + x) * 3, (y * width + x) * 3 + 3);
+      }
+    }
+  }
+  return sharp(raw, { raw: { width, height, channels: 3 } }).png().toBuffer();
+}
+
+/** Dark connected components of a tile: [pixel indices]. */
+function components(rgb: Uint8Array): number[][] {
+  const seen = new Uint8Array(S * S);
+  const out: number[][] = [];
+  for (let start = 0; start < S * S; start++) {
+    if (seen[start] || !isDark(rgb, start)) continue;
+    const comp: number[] = [];
+    const stack = [start];
+    seen[start] = 1;
+    while (stack.length) {
+      const p = stack.pop()!;
+      comp.push(p);
+      const x = p % S;
+      const y = (p - x) / S;
+      for (const [dx, dy] of [[1, 0], [-1, 0], [0, 1], [0, -1]]) {
+        const nx = x + dx;
+        const ny = y + dy;
+        if (nx < 0 || ny < 0 || nx >= S || ny >= S) continue;
+        const q = ny * S + nx;
+        if (!seen[q] && isDark(rgb, q)) {
+          seen[q] = 1;
+          stack.push(q);
+        }
+      }
+    }
+    out.push(comp);
+  }
+  return out;
+}
+
+interface FakeOptions {
+  /** Fails decodeTile for tiles whose digest this returns true, after `failAfterMs`. */
+  failDecode?: (tile: StageTile) => boolean;
+  failAfterMs?: number;
+  /** Delay of every decodeTile (ms). */
+  decodeDelayMs?: number;
+}
+
+/** In-memory stages with call logs. */
+function fakeStages(options: FakeOptions = {}) {
+  const log = { detect: [] as string[], encode: [] as string[], decode: [] as { digest: string; prompts: number }[], aborted: 0, calls: [] as StageCall[] };
+  const stages: StagePorts = {
+    prompter: {
+      async detect(tiles, call) {
+        log.calls.push(call);
+        const out = new Map<string, stagesProto.Detection[]>();
+        for (const t of tiles) {
+          log.detect.push(t.digest);
+          out.set(
+            t.digest,
+            components(t.rgb).map((comp) => {
+              const cx = comp.reduce((a, p) => a + (p % S), 0) / comp.length + 0.5;
+              const cy = comp.reduce((a, p) => a + Math.floor(p / S), 0) / comp.length + 0.5;
+              const probs = Array.from({ length: K }, (_, k) => (k === 1 ? 0.7 : 0.3 / (K - 1)));
+              return { x: cx, y: cy, classIndex: 1, foreground: 0.95, classProbabilities: probs };
+            }),
+          );
+        }
+        return out;
+      },
+    },
+    encoder: {
+      async encode(tiles) {
+        for (const t of tiles) log.encode.push(t.digest);
+        return { cacheHits: 0 };
+      },
+    },
+    decoder: {
+      async decodeTile(tile, prompts, call) {
+        log.calls.push(call);
+        log.decode.push({ digest: tile.digest, prompts: prompts.length });
+        if (options.decodeDelayMs || options.failDecode?.(tile)) {
+          const ms = options.failDecode?.(tile) ? (options.failAfterMs ?? 5) : options.decodeDelayMs!;
+          await new Promise<void>((resolve, reject) => {
+            const timer = setTimeout(resolve, ms);
+            call.signal?.addEventListener('abort', () => {
+              clearTimeout(timer);
+              log.aborted++;
+              reject(grpcError(status.CANCELLED, 'cancelled'));
+            });
+          });
+        }
+        if (options.failDecode?.(tile)) throw grpcError(status.INTERNAL, 'decoder exploded');
+        const comps = components(tile.rgb);
+        return prompts.map((p) => {
+          const px = Math.min(S - 1, Math.floor(p.coords[0]));
+          const py = Math.min(S - 1, Math.floor(p.coords[1]));
+          const comp = comps.find((c) => c.includes(py * S + px));
+          if (!comp) return { x0: 0, y0: 0, width: 0, height: 0, bits: Buffer.alloc(0), predictedIou: 0, meanProbability: 0 };
+          const xs = comp.map((q) => q % S);
+          const ys = comp.map((q) => Math.floor(q / S));
+          const x0 = Math.min(...xs);
+          const y0 = Math.min(...ys);
+          const w = Math.max(...xs) - x0 + 1;
+          const h = Math.max(...ys) - y0 + 1;
+          const mask = new Uint8Array(w * h);
+          for (const q of comp) mask[(Math.floor(q / S) - y0) * w + ((q % S) - x0)] = 1;
+          return { x0, y0, width: w, height: h, bits: Buffer.from(packBits(mask, w, h)), predictedIou: 0.9, meanProbability: 0.9 };
+        });
+      },
+    },
+    close() {},
+  };
+  return { stages, log };
+}
+
+function pipelineWith(stages: StagePorts, overrides: Partial<GatewayConfig> = {}) {
+  const config: GatewayConfig = { ...DEFAULT_GATEWAY_CONFIG, prompter: ['p'], encoder: ['e'], decoders: ['d'], ...overrides };
+  return new SegmentationPipeline(manifest, config, stages);
+}
+
+function request(image: Buffer, extra: Partial<segmentationProto.SegmentRequest> = {}): segmentationProto.SegmentRequest {
+  return segmentationProto.SegmentRequest.fromPartial({ image, ...extra });
+}
+
+function nearest(nuclei: segmentationProto.Nucleus[], d: Disk) {
+  return nuclei.find((n) => Math.hypot(n.centroid!.x - d.x - 0.5, n.centroid!.y - d.y - 0.5) < 2);
+}
+
+// Disks on a 600 x 500 image: in tile interiors, on the seams of the 256/64 tiling, at the border.
+const DISKS: Disk[] = [
+  { x: 40, y: 40 },
+  { x: 200, y: 100 },
+  { x: 224, y: 230 }, // in the overlap of four tiles
+  { x: 300, y: 60 },
+  { x: 420, y: 300 },
+  { x: 590, y: 490 }, // cut by the image corner
+  { x: 150, y: 420 },
+  { x: 500, y: 120 },
+];
+
+describe('SegmentationPipeline over in-memory stages', () => {
+  it('automatic mode: every disk once, across seams, with the class and score of its detection', async () => {
+    const { stages, log } = fakeStages();
+    const p = pipelineWith(stages);
+    const res = await p.segment(request(await diskImage(600, 500, DISKS)));
+    expect(res.nuclei).toHaveLength(DISKS.length);
+    for (const d of DISKS) {
+      const n = nearest(res.nuclei, d);
+      expect(n, `disk at ${d.x},${d.y}`).toBeDefined();
+      expect(n!.source).toBe(PromptSource.PROMPT_SOURCE_AUTO);
+      expect(n!.classIndex).toBe(1);
+      expect(n!.score).toBeCloseTo(0.9 * 0.95 * 0.7, 5);
+    }
+    // Every tile went to the prompter and the encoder exactly once.
+    expect(log.detect.length).toBe(res.tiles);
+    expect(new Set(log.encode)).toEqual(new Set(log.detect));
+  });
+
+  it('manual mode: only the prompted tiles run, and each prompt gives its nucleus', async () => {
+    const { stages, log } = fakeStages();
+    const p = pipelineWith(stages);
+    const prompts = [DISKS[0], DISKS[4]].map((d) => ({ positive: [{ x: d.x, y: d.y }], negative: [] }));
+    const res = await p.segment(request(await diskImage(600, 500, DISKS), { prompts }));
+    expect(res.nuclei).toHaveLength(2);
+    for (const n of res.nuclei) expect(n.source).toBe(PromptSource.PROMPT_SOURCE_MANUAL);
+    expect(log.detect.length).toBe(2); // the two owner tiles, for classes
+    expect(res.tiles).toBeGreaterThan(2);
+  });
+
+  it('AUTO_AND_MANUAL: a manual prompt replaces the automatic detection around it', async () => {
+    const { stages } = fakeStages();
+    const p = pipelineWith(stages);
+    const prompts = [{ positive: [{ x: DISKS[1].x + 1, y: DISKS[1].y }], negative: [] }];
+    const res = await p.segment(request(await diskImage(600, 500, DISKS), { prompts, promptMode: PromptMode.PROMPT_MODE_AUTO_AND_MANUAL }));
+    expect(res.nuclei).toHaveLength(DISKS.length);
+    const replaced = nearest(res.nuclei, DISKS[1])!;
+    expect(replaced.source).toBe(PromptSource.PROMPT_SOURCE_MANUAL);
+    expect(replaced.classIndex).toBe(1); // the class of the detection it replaced
+    expect(res.nuclei.filter((n) => n.source === PromptSource.PROMPT_SOURCE_AUTO)).toHaveLength(DISKS.length - 1);
+  });
+
+  it('Refine on a tile the prompter has not seen classifies it first, and the cache counts the growth', async () => {
+    const { stages, log } = fakeStages();
+    const p = pipelineWith(stages);
+    const image = await diskImage(600, 500, DISKS);
+    const seg = await p.segment(request(image, { prompts: [{ positive: [{ x: DISKS[0].x, y: DISKS[0].y }], negative: [] }] }));
+    const before = p.stats().refineCache.bytes;
+    const detectsBefore = log.detect.length;
+    const refined = await p.refine(
+      segmentationProto.RefineRequest.fromPartial({ imageId: seg.imageId, prompts: [{ positive: [{ x: DISKS[4].x, y: DISKS[4].y }], negative: [] }] }),
+    );
+    expect(refined.nuclei).toHaveLength(1);
+    expect(refined.nuclei[0].classIndex).toBe(1);
+    expect(log.detect.length).toBe(detectsBefore + 1);
+    expect(p.stats().refineCache.bytes).toBeGreaterThan(before);
+    // Refine never encodes: the decoders fetch features themselves.
+    expect(log.encode.length).toBe(1);
+    await expect(p.refine(segmentationProto.RefineRequest.fromPartial({ imageId: 'f'.repeat(64), prompts: [{ positive: [{ x: 1, y: 1 }], negative: [] }] }))).rejects.toMatchObject({
+      code: status.NOT_FOUND,
+    });
+  });
+
+  it('a failing tile cancels its siblings and the request answers with its status', async () => {
+    let failing: string | undefined;
+    const { stages, log } = fakeStages({
+      failDecode: (t) => (failing ??= t.digest) === t.digest,
+      failAfterMs: 30,
+      decodeDelayMs: 2_000,
+    });
+    const p = pipelineWith(stages);
+    const started = Date.now();
+    await expect(p.segment(request(await diskImage(600, 500, DISKS)))).rejects.toMatchObject({ code: status.INTERNAL });
+    expect(Date.now() - started).toBeLessThan(1_500);
+    expect(log.aborted).toBeGreaterThan(0);
+    expect(p.stats().inFlight).toBe(0);
+  });
+
+  it('passes the client deadline to every stage call, and sets one when the client has none', async () => {
+    const { stages, log } = fakeStages();
+    const p = pipelineWith(stages, { defaultTimeoutMs: 7_000 });
+    const deadline = new Date(Date.now() + 20_000);
+    await p.segment(request(await diskImage(300, 300, DISKS.slice(0, 2))), { deadline });
+    expect(log.calls.length).toBeGreaterThan(0);
+    for (const c of log.calls) expect(c.deadline).toEqual(deadline);
+    log.calls.length = 0;
+    const t0 = Date.now();
+    await p.segment(request(await diskImage(300, 300, DISKS.slice(0, 2))));
+    for (const c of log.calls) {
+      expect(c.deadline!.getTime()).toBeGreaterThanOrEqual(t0 + 7_000);
+      expect(c.deadline!.getTime()).toBeLessThanOrEqual(Date.now() + 7_000);
+    }
+  });
+
+  it('tiles edge cases: a 1-pixel remainder and an image smaller than a tile', async () => {
+    for (const [w, h, disks] of [
+      [S + 1, 300, [{ x: S - 3, y: 100 }, { x: 30, y: 290 }]],
+      [100, 80, [{ x: 50, y: 40 }, { x: 95, y: 75 }]],
+    ] as const) {
+      const { stages } = fakeStages();
+      const res = await pipelineWith(stages).segment(request(await diskImage(w, h, [...disks])));
+      expect(res.width).toBe(w);
+      expect(res.height).toBe(h);
+      expect(res.nuclei).toHaveLength(disks.length);
+      for (const n of res.nuclei) {
+        expect(n.bbox!.x1).toBeLessThanOrEqual(w);
+        expect(n.bbox!.y1).toBeLessThanOrEqual(h);
+      }
+    }
+  });
+});
