@@ -1,178 +1,220 @@
-// Benchmark of the serving pipeline (prints numbers; nothing is asserted).
+// Benchmark of the serving pipeline: what the split into services costs (prints numbers; nothing
+// is asserted).
 //
-//   npm run build && node bench/pipeline.mjs [--bundle models/tiny] [--reps 5] [--data ../shared/data]
+//   npm run build && node bench/pipeline.mjs [--bundle models/tiny] [--reps 5] [--clients 8] [--data ../shared/data]
 //
-// 1. Segment through the four services (separate processes, loopback gRPC) on a 256x256 tile and a
-//    1000x1000 image: cold (new pixels each time: encoder miss, decoder prepare) and hot (the same
-//    image again: encoder cache hit, decoder state reused), with the gateway's stage breakdown.
-// 2. The same graphs run in this one process (one worker pool, no gRPC) on the 256 tile with the
-//    same prompts: the services' overhead as a ratio.
-// 3. Decoder prompts per second at several batch sizes (Decode RPCs to one decoder replica).
+// The same orchestration (the gateway's SegmentationPipeline) runs over two sets of stage ports:
+//   services     the four services as separate processes (1 prompter, 1 encoder, 2 decoders,
+//                1 worker each) behind a gateway process, called over loopback gRPC;
+//   one process  the stage pipelines (PrompterPipeline, EncoderPipeline, DecoderPipeline) called
+//                directly in this process, with the same worker counts (1, 1, 2), no gRPC.
+// For a 256 tile and a 1000x1000 image it prints the latency of one request (cold: new pixels),
+// the ratio services / one process, the sustained throughput with N concurrent clients for both,
+// and the tensor bytes that cross the gateway per tile (measured on the gRPC stage adapter) next to
+// what the previous message layout sent (float32 pixels to every stage, features through the
+// gateway), for this bundle and for the b config.
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 
 const require = createRequire(import.meta.url);
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-const common = Object.assign({}, ...['rpc', 'contract', 'runtime', 'nuclei'].map((p) => require(path.join(root, 'packages', p, 'dist/index.js'))));
-const { startStack } = require(path.join(root, 'services/gateway/dist/cli/stack.js'));
-const sharp = require(require.resolve('sharp', { paths: [path.join(root, 'packages/runtime')] }));
+const lib = (p) => require(path.join(root, p));
+const { loadManifest } = lib('packages/contract/dist/index.js');
+const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
+const { OnnxWorkerPool } = lib('packages/runtime/dist/index.js');
+const { startStack } = lib('services/gateway/dist/cli/stack.js');
+const { SegmentationPipeline } = lib('services/gateway/dist/pipeline.js');
+const { GrpcStages } = lib('services/gateway/dist/stages/grpcStages.js');
+const { DEFAULT_GATEWAY_CONFIG } = lib('services/gateway/dist/config.js');
+const { PrompterPipeline } = lib('services/prompter/dist/pipeline.js');
+const { EncoderPipeline } = lib('services/encoder/dist/pipeline.js');
+const { DecoderPipeline } = lib('services/decoder/dist/pipeline.js');
+const sharp = require(require.resolve('sharp', { paths: [path.join(root, 'packages/nuclei')] }));
 
 const { values: args } = parseArgs({
   options: {
     bundle: { type: 'string', default: path.join(root, 'models/tiny') },
     reps: { type: 'string', default: '5' },
+    clients: { type: 'string', default: '8' },
     data: { type: 'string', default: path.join(root, '../shared/data') },
   },
 });
 const REPS = Number(args.reps);
-const manifest = common.loadManifest(args.bundle);
+const CLIENTS = Number(args.clients);
+const manifest = loadManifest(args.bundle);
 const S = manifest.inputSize;
+const DECODERS = 2;
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const fmt = (x) => (x >= 100 ? x.toFixed(0) : x.toFixed(1));
-
-function promisify(client, method) {
-  return (req, timeoutMs = 600_000) =>
-    new Promise((resolve, reject) =>
-      method.call(client, req, new (require(require.resolve('@grpc/grpc-js', { paths: [path.join(root, 'packages/runtime')] })).Metadata)(),
-        { deadline: new Date(Date.now() + timeoutMs) }, (err, res) => (err ? reject(err) : resolve(res))),
-    );
-}
+const mb = (b) => (b / 1e6).toFixed(b < 1e6 ? 3 : 1);
 
 /** A real H&E image when the shared data is there, else the committed synthetic sample. */
 async function loadRgb(preferred, size) {
   const file = fs.existsSync(preferred) ? preferred : path.join(root, 'samples/synthetic-he-512.png');
-  const img = sharp(file).removeAlpha().resize(size, size, { fit: 'cover' });
-  const { data } = await img.raw().toBuffer({ resolveWithObject: true });
+  const { data } = await sharp(file).removeAlpha().resize(size, size, { fit: 'cover' }).raw().toBuffer({ resolveWithObject: true });
   return { rgb: new Uint8Array(data), source: path.relative(root, file) };
 }
 
-async function png(rgb, size) {
-  return sharp(Buffer.from(rgb), { raw: { width: size, height: size, channels: 3 } }).png().toBuffer();
-}
+const png = (rgb, size) => sharp(Buffer.from(rgb), { raw: { width: size, height: size, channels: 3 } }).png().toBuffer();
 
-function normalise(rgb, size) {
-  const { mean, std } = manifest.normalization;
-  const out = new Float32Array(3 * size * size);
-  for (let i = 0; i < size * size; i++) for (let c = 0; c < 3; c++) out[c * size * size + i] = (rgb[3 * i + c] - mean[c]) / std[c];
+/** PNGs of the image with one pixel changed per copy: each a cold request (new digests). */
+async function coldCopies(rgb, size, n, salt = 0) {
+  const out = [];
+  for (let r = 0; r < n; r++) {
+    const copy = rgb.slice();
+    copy[0] = (copy[0] + 1 + r) % 256;
+    copy[3 * (salt + 1)] = (copy[3 * (salt + 1)] + 1 + r) % 256;
+    out.push(await png(copy, size));
+  }
   return out;
 }
 
-async function segmentBench(segment, rgb, size, label) {
-  const cold = [];
+/** The stage pipelines in this process, as the gateway's ports (no gRPC, no serialisation). */
+async function inProcessStages() {
+  const pool = (graphs, workers) =>
+    OnnxWorkerPool.create({ graphs: Object.fromEntries(graphs.map((g) => [g, manifest.graphs[g].path])), workers, intraOpThreads: 1 });
+  const [pp, ep, dp] = await Promise.all([pool(['prompter'], 1), pool(['encoder'], 1), pool(['decoder_image', 'decoder_prompts'], DECODERS)]);
+  const prompter = new PrompterPipeline(manifest, pp);
+  const encoder = new EncoderPipeline(manifest, ep);
+  const decoder = new DecoderPipeline(manifest, dp);
+  const input = (t) => ({ digest: t.digest, rgb: Buffer.from(t.rgb.buffer, t.rgb.byteOffset, t.rgb.byteLength) });
+  const features = new Map();
+  return {
+    prompter: {
+      async detect(tiles, call) {
+        const res = await call.clock.time('prompter', () => prompter.detect({ tiles: tiles.map(input), minForeground: 0, nmsRadius: 0, modelVersion: '' }, call.signal));
+        return new Map(res.tiles.map((t) => [t.digest, t.detections]));
+      },
+    },
+    encoder: {
+      async encode(tiles, call) {
+        const { response } = await call.clock.time('encoder', () => encoder.encode({ tiles: tiles.map(input), modelVersion: '', returnFeatures: true }));
+        for (const t of response.tiles) features.set(t.digest, t.features);
+        return { cacheHits: response.tiles.filter((t) => t.cacheHit).length };
+      },
+    },
+    decoder: {
+      async decodeTile(tile, prompts, call) {
+        if (!decoder.cache.has(tile.digest)) {
+          // A copy: the worker pool takes ownership of what it is given, and the encoder's cache keeps its own.
+          const f = features.get(tile.digest);
+          await call.clock.time('decoder_prepare', () => decoder.prepare({ ...input(tile), features: { ...f, data: Buffer.from(f.data) }, modelVersion: '' }));
+        }
+        const batches = [];
+        for (let i = 0; i < prompts.length; i += DEFAULT_GATEWAY_CONFIG.decodeBatchSize) batches.push(prompts.slice(i, i + DEFAULT_GATEWAY_CONFIG.decodeBatchSize));
+        const out = await call.clock.time('decoder_decode', () =>
+          Promise.all(batches.map((b) => decoder.decode({ digest: tile.digest, prompts: b, modelVersion: '' }, call.signal))),
+        );
+        return out.flatMap((r) => r.masks);
+      },
+    },
+    close() {
+      void pp.close();
+      void ep.close();
+      void dp.close();
+    },
+  };
+}
+
+async function latency(segment, images) {
+  await segment(images[0]); // warm-up (sessions, code paths); its digests are then warm, so skip it
+  const ms = [];
   const stages = new Map();
   let nuclei = 0;
-  for (let r = 0; r < REPS; r++) {
-    const copy = rgb.slice();
-    copy[0] = (copy[0] + 1 + r) % 256; // new pixels, new digest: a cold request
+  for (const image of images.slice(1)) {
     const t = performance.now();
-    const res = await segment({ image: await png(copy, size) });
-    cold.push(performance.now() - t);
+    const res = await segment(image);
+    ms.push(performance.now() - t);
     nuclei = res.nuclei.length;
     for (const s of res.timings) stages.set(s.stage, [...(stages.get(s.stage) ?? []), s.ms]);
   }
-  const image = await png(rgb, size);
-  await segment({ image });
-  const hot = [];
-  for (let r = 0; r < REPS; r++) {
-    const t = performance.now();
-    await segment({ image });
-    hot.push(performance.now() - t);
-  }
-  console.log(`\n${label}: ${nuclei} nuclei`);
-  console.log(`  Segment cold  ${fmt(median(cold))} ms   hot (cache hit) ${fmt(median(hot))} ms   hot/cold ${(median(hot) / median(cold)).toFixed(2)}`);
-  console.log(`  gateway stage breakdown (cold, median ms): ${[...stages].map(([k, v]) => `${k} ${fmt(median(v))}`).join(', ')}`);
-  return { cold: median(cold), hot: median(hot), nuclei };
+  return { ms: median(ms), nuclei, stages: [...stages].map(([k, v]) => `${k} ${fmt(median(v))}`).join(', ') };
 }
 
-/** The pipeline without services: the same graphs in one worker pool, one process. */
-async function inProcess(rgb, points) {
-  const graphs = Object.fromEntries(['prompter', 'encoder', 'decoder_image', 'decoder_prompts'].map((g) => [g, manifest.graphs[g].path]));
-  const pool = new common.OnnxWorkerPool({ graphs, workers: 1 });
-  const image = normalise(rgb, S);
-  const run = async () => {
-    const t0 = performance.now();
-    const img = { image: { type: 'float32', dims: [1, 3, S, S], data: image.slice() } };
-    const det = await pool.run('prompter', { image: { type: 'float32', dims: [1, 3, S, S], data: image.slice() } });
-    const t1 = performance.now();
-    const enc = await pool.run('encoder', img);
-    const t2 = performance.now();
-    const prep = await pool.run('decoder_image', { features: enc.features, image: { type: 'float32', dims: [1, 3, S, S], data: image.slice() } });
-    const t3 = performance.now();
-    for (let i = 0; i < points.length; i += 16) {
-      const batch = points.slice(i, i + 16);
-      await pool.run('decoder_prompts', {
-        image_embedding: { ...prep.image_embedding, data: prep.image_embedding.data.slice() },
-        semantic: { ...prep.semantic, data: prep.semantic.data.slice() },
-        boundary_features: { ...prep.boundary_features, data: prep.boundary_features.data.slice() },
-        point_coords: { type: 'float32', dims: [batch.length, 1, 2], data: Float32Array.from(batch.flat()) },
-        point_labels: { type: 'float32', dims: [batch.length, 1], data: new Float32Array(batch.length).fill(1) },
-      });
-    }
-    const t4 = performance.now();
-    void det;
-    return { total: t4 - t0, prompter: t1 - t0, encoder: t2 - t1, prepare: t3 - t2, decode: t4 - t3 };
-  };
-  await run();
-  const runs = [];
-  for (let r = 0; r < REPS; r++) runs.push(await run());
-  await pool.close();
-  return Object.fromEntries(Object.keys(runs[0]).map((k) => [k, median(runs.map((x) => x[k]))]));
-}
-
-async function decoderThroughput(stack, rgb) {
-  const grpc = require(require.resolve('@grpc/grpc-js', { paths: [path.join(root, 'packages/runtime')] }));
-  const enc = common.makeClient(common.stagesProto.EncoderClient, stack.encoder);
-  const dec = common.makeClient(common.stagesProto.DecoderClient, stack.decoders[0]);
-  const pixels = normalise(rgb, S);
-  const digest = common.digestTile(rgb, manifest.version);
-  const tensor = { dims: [3, S, S], dtype: common.stagesProto.DType.DTYPE_FLOAT32, data: Buffer.from(pixels.buffer) };
-  const encoded = await promisify(enc, enc.encode)(common.stagesProto.EncodeRequest.fromPartial({ tiles: [{ digest, pixels: tensor }], modelVersion: manifest.version }));
-  await promisify(dec, dec.prepare)(common.stagesProto.PrepareRequest.fromPartial({ digest, features: encoded.tiles[0].features, pixels: tensor, modelVersion: manifest.version }));
-  const decodeRaw = promisify(dec, dec.decode);
-  const decode = (req) => decodeRaw(common.stagesProto.DecodeRequest.fromPartial(req));
-  console.log('\ndecoder throughput (one replica, Decode RPCs, 1 worker):');
-  for (const batch of [1, 4, 16, 32, 64]) {
-    const prompts = Array.from({ length: batch }, (_, i) => ({ coords: [16 + ((i * 37) % (S - 32)), 16 + ((i * 53) % (S - 32))], labels: [1] }));
-    await decode({ digest, prompts, modelVersion: manifest.version });
-    const t = performance.now();
-    const rounds = Math.max(1, Math.ceil(64 / batch));
-    for (let r = 0; r < rounds; r++) await decode({ digest, prompts, modelVersion: manifest.version });
-    const ms = performance.now() - t;
-    console.log(`  batch ${String(batch).padStart(2)}: ${(rounds * batch / (ms / 1000)).toFixed(1)} prompts/s (${fmt(ms / rounds)} ms per batch)`);
-  }
-  enc.close();
-  dec.close();
-  void grpc;
+async function throughput(segment, images, clients) {
+  let next = 0;
+  const t = performance.now();
+  await Promise.all(
+    Array.from({ length: clients }, async () => {
+      while (next < images.length) await segment(images[next++]);
+    }),
+  );
+  return images.length / ((performance.now() - t) / 1000);
 }
 
 async function main() {
-  console.log(`bundle ${manifest.name} ${manifest.version}, input ${S}, refinement ${manifest.refinement.mode} ${manifest.refinement.window}`);
-  const stack = await startStack({ bundle: args.bundle, decoders: 2, port: 0, log: () => {} });
-  try {
-    const client = common.makeClient(common.segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
-    const segmentRaw = promisify(client, client.segment);
-    const segment = (req) => segmentRaw(common.segmentationProto.SegmentRequest.fromPartial(req));
-    const tile = await loadRgb(path.join(args.data, 'consep-train/train_3_005.png'), S);
-    const big = await loadRgb(path.join(args.data, 'monuseg-train', fs.existsSync(path.join(args.data, 'monuseg-train')) ? fs.readdirSync(path.join(args.data, 'monuseg-train')).find((f) => f.endsWith('.png') && !f.includes('labels')) ?? 'x' : 'x'), 1000);
-    console.log(`tile: ${tile.source}; large image: ${big.source} (1000x1000)`);
-    const small = await segmentBench(segment, tile.rgb, S, `${S}x${S} tile`);
-    await segmentBench(segment, big.rgb, 1000, '1000x1000 image');
+  console.log(`bundle ${manifest.name} ${manifest.version}, input ${S}, ${os.cpus().length} CPUs, ${REPS} requests per latency, ${CLIENTS} clients`);
+  const tile = await loadRgb(path.join(args.data, 'consep-train/train_3_005.png'), S);
+  const monuseg = path.join(args.data, 'monuseg-train');
+  const bigFile = fs.existsSync(monuseg) ? fs.readdirSync(monuseg).find((f) => f.endsWith('.png') && !f.includes('labels')) : undefined;
+  const big = await loadRgb(bigFile ? path.join(monuseg, bigFile) : 'x', 1000);
+  console.log(`tile: ${tile.source}; large image: ${big.source} (1000x1000)`);
+  const cases = [
+    { label: `${S}x${S} tile`, rgb: tile.rgb, size: S, n: REPS + 1, tput: 4 * CLIENTS },
+    { label: '1000x1000 image', rgb: big.rgb, size: 1000, n: REPS + 1, tput: CLIENTS },
+  ];
+  for (const c of cases) {
+    c.images = await coldCopies(c.rgb, c.size, c.n);
+    c.tputImages = await coldCopies(c.rgb, c.size, c.tput, 1); // other digests than the latency runs
+  }
+  const config = { ...DEFAULT_GATEWAY_CONFIG, prompter: ['-'], encoder: ['-'], decoders: ['-'], maxConcurrentRequests: 1000 };
+  const request = (image) => segmentationProto.SegmentRequest.fromPartial({ image });
+  const results = {};
 
-    // Same prompts in both runs: those the services found on the tile.
-    const res = await segment({ image: await png(tile.rgb, S) });
-    const points = res.nuclei.map((n) => [n.prompt.x, n.prompt.y]);
-    const local = await inProcess(tile.rgb, points);
-    console.log(`\nsame graphs in one process (${points.length} prompts, batches of 16): total ${fmt(local.total)} ms ` +
-      `(prompter ${fmt(local.prompter)}, encoder ${fmt(local.encoder)}, prepare ${fmt(local.prepare)}, decode ${fmt(local.decode)})`);
-    console.log(`four services / one process (cold ${S} tile): ${(small.cold / local.total).toFixed(2)}x`);
-    await decoderThroughput(stack, tile.rgb);
+  // --- four services
+  const stack = await startStack({ bundle: args.bundle, decoders: DECODERS, port: 0, log: () => {}, args: { gateway: ['--max-concurrent-requests', '1000'] } });
+  try {
+    const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
+    const segment = (image) => unary(client, client.segment, request(image), { timeoutMs: 600_000 });
+    for (const c of cases) results[`services ${c.label}`] = { lat: await latency(segment, c.images), tput: await throughput(segment, c.tputImages, CLIENTS) };
     client.close();
+
+    // Bytes through the gateway: the gRPC stage adapter in this process against the same stack.
+    const grpcStages = new GrpcStages({ ...config, prompter: [stack.prompter], encoder: stack.encoders, decoders: stack.decoders, modelVersion: manifest.version });
+    await grpcStages.start();
+    const viaGrpc = new SegmentationPipeline(manifest, config, grpcStages);
+    const res = await viaGrpc.segment(request((await coldCopies(big.rgb, 1000, 1, 4))[0]));
+    const st = grpcStages.stats();
+    const tiles = res.tiles;
+    const after = (st.bytes.tilesOut + st.bytes.featuresIn) / tiles;
+    const prepares = st.prepares / tiles;
+    const F = manifest.featureShape.reduce((a, b) => a * b, 4);
+    // The previous layout: float32 pixels to prompter and encoder, the features back, then
+    // features + float32 pixels in every Prepare.
+    const before = (f, s) => 2 * 4 * 3 * s * s + f + prepares * (f + 4 * 3 * s * s);
+    const afterFor = (s) => 2 * 3 * s * s + prepares * 3 * s * s;
+    const fB = 4 * 768 * 64 * 64 * 4; // b: 1024 input, 4 HMFM levels of 768 x 64 x 64
+    console.log(`\nbytes of tensors through the gateway per tile (1000x1000 image, ${tiles} tiles, ${prepares.toFixed(2)} Prepares per tile):`);
+    console.log(`  ${manifest.config} (features ${mb(F)} MB): before ${mb(before(F, S))} MB, after ${mb(after)} MB measured (${mb(afterFor(S))} MB computed), features through the gateway: ${st.bytes.featuresIn}`);
+    console.log(`  b at 1024 (features ${mb(fB)} MB): before ${mb(before(fB, 1024))} MB, after ${mb(afterFor(1024))} MB (computed with the same Prepares per tile)`);
+    viaGrpc.close();
   } finally {
     await stack.stop();
   }
+
+  // --- one process
+  const local = await inProcessStages();
+  const pipeline = new SegmentationPipeline(manifest, config, local);
+  const segmentLocal = (image) => pipeline.segment(request(image));
+  for (const c of cases) {
+    c.localImages = await coldCopies(c.rgb, c.size, c.n, 2);
+    c.localTput = await coldCopies(c.rgb, c.size, c.tput, 3);
+    results[`one process ${c.label}`] = { lat: await latency(segmentLocal, c.localImages), tput: await throughput(segmentLocal, c.localTput, CLIENTS) };
+  }
+  pipeline.close();
+
+  console.log('\n| case | latency one request (ms) | services / one process | throughput, ' + CLIENTS + ' clients (images/s) | services / one process |');
+  console.log('| --- | --- | --- | --- | --- |');
+  for (const c of cases) {
+    const s = results[`services ${c.label}`];
+    const l = results[`one process ${c.label}`];
+    console.log(`| ${c.label} | ${fmt(s.lat.ms)} vs ${fmt(l.lat.ms)} | **${(s.lat.ms / l.lat.ms).toFixed(2)}x** | ${s.tput.toFixed(2)} vs ${l.tput.toFixed(2)} | **${(s.tput / l.tput).toFixed(2)}x** |`);
+  }
+  for (const [k, v] of Object.entries(results)) console.log(`  ${k}: ${v.lat.nuclei} nuclei; stages (median ms): ${v.lat.stages}`);
 }
 
 main().catch((err) => {

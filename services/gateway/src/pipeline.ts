@@ -4,8 +4,24 @@
 // prompts on an image kept from an earlier Segment. The stages are ports (stages/ports.ts): the
 // gRPC adapter in production, in-memory fakes in the unit tests; nothing here knows the transport.
 import { createHash } from 'node:crypto';
+import { setMaxListeners } from 'node:events';
 import { digestTile, type Manifest } from '@cfrsam/contract';
-import { decodeImage, extractTileRgb, pasteTileMask, planTiles, rectContains, type RgbImage, type Tile, type TileLayout } from '@cfrsam/nuclei';
+import {
+  decodeImage,
+  extractTileRgb,
+  isIdentity,
+  pasteTileMask,
+  planTiles,
+  rectContains,
+  rescaleMask,
+  resizeRgb,
+  scaledSize,
+  scaleToModel,
+  type ResampleScale,
+  type RgbImage,
+  type Tile,
+  type TileLayout,
+} from '@cfrsam/nuclei';
 import { ByteLruCache, grpcError, segmentationProto, SpanAttributes, stagesProto, status } from '@cfrsam/rpc';
 import { assembleNuclei, nucleusScore, UNCLASSIFIED, type DecodedCandidate } from './assemble';
 import type { GatewayConfig } from './config';
@@ -28,7 +44,13 @@ export interface ImageDetection {
 /** What the gateway keeps of a segmented image for Refine. */
 export interface SegmentedImage {
   imageId: string;
+  /** The image as sent (outlines and measurements are in its pixels). */
   image: RgbImage;
+  /** The image at the model's resolution (the same object when no resampling was needed). */
+  work: RgbImage;
+  /** Model pixels per image pixel. */
+  scale: ResampleScale;
+  mppAssumed: boolean;
   layout: TileLayout;
   /** Tile digests by tile index. */
   digests: string[];
@@ -84,7 +106,7 @@ export class SegmentationPipeline {
     }
     this.images = new ByteLruCache<SegmentedImage>({
       capacityBytes: config.refineCacheBytes,
-      sizeOf: (s) => s.image.data.byteLength + s.digests.length * 96 + s.detections.reduce((n, d) => n + (d?.length ?? 0) * 80, 0) + 1024,
+      sizeOf: (s) => s.image.data.byteLength + (s.work === s.image ? 0 : s.work.data.byteLength) + s.digests.length * 96 + s.detections.reduce((n, d) => n + (d?.length ?? 0) * 80, 0) + 1024,
     });
   }
 
@@ -199,11 +221,14 @@ export class SegmentationPipeline {
       }),
     );
     validatePrompts(request.prompts, image.width, image.height, this.config);
-    const layout = planTiles(image.width, image.height, this.S, this.config.tileOverlap);
-    const imageId = imageDigest(image, this.manifest.version);
-    const manual: ManualPrompt[] = mode.manual
-      ? request.prompts.map((prompt) => ({ prompt, anchor: promptAnchor(prompt), tile: ownerOfPrompt(layout, prompt).index }))
-      : [];
+    // The model's resolution: resample (and later map every mask back to the image's pixels).
+    const mppAssumed = !(request.mpp > 0);
+    const imageMpp = mppAssumed ? this.manifest.mpp : request.mpp;
+    const scale = scaleToModel(imageMpp, this.manifest.mpp);
+    const work = await this.toModelResolution(image, scale, clock);
+    const layout = planTiles(work.width, work.height, this.S, this.config.tileOverlap);
+    const imageId = imageDigest(image, this.manifest.version, imageMpp);
+    const manual = mode.manual ? this.manualPrompts(request.prompts, layout, scale) : [];
     const tilesToRun = mode.auto ? layout.tiles : layout.tiles.filter((t) => manual.some((m) => m.tile === t.index));
     const digests: string[] = new Array(layout.tiles.length);
     const detections: (ImageDetection[] | undefined)[] = new Array(layout.tiles.length).fill(undefined);
@@ -215,7 +240,7 @@ export class SegmentationPipeline {
 
     await mapConcurrent(batches, this.config.tileBatchConcurrency, async (batch) => {
       const tiles = batch.map((tile) => {
-        const stageTile = this.stageTile(image, tile);
+        const stageTile = this.stageTile(work, tile);
         digests[tile.index] = stageTile.digest;
         return stageTile;
       });
@@ -232,20 +257,20 @@ export class SegmentationPipeline {
       );
     });
 
-    const candidates = byTile.flat();
-    const mpp = request.mpp > 0 ? request.mpp : this.manifest.mpp;
+    const candidates = toImageFrame(byTile.flat(), scale, image);
     const assembled = await clock.time('assemble', () =>
       withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async (span) => {
-        const out = assembleNuclei(candidates, image, this.assembleOptions(mpp, request.minScore, request.returnLabelMap, request.returnMasks));
+        const out = assembleNuclei(candidates, image, this.assembleOptions(imageMpp, request.minScore, request.returnLabelMap, request.returnMasks));
         span.setAttribute('cfrsam.nuclei', out.nuclei.length);
         return out;
       }),
     );
     // Tiles the prompter and encoder did not see (manual mode) get their digest now, for Refine.
     for (const tile of layout.tiles) {
-      digests[tile.index] ??= digestTile(extractTileRgb(image, tile, this.S), this.manifest.version);
+      digests[tile.index] ??= digestTile(extractTileRgb(work, tile, this.S), this.manifest.version);
     }
-    this.images.set(imageId, { imageId, image: { width: image.width, height: image.height, data: image.data }, layout, digests, detections, mpp });
+    const kept: RgbImage = { width: image.width, height: image.height, data: image.data };
+    this.images.set(imageId, { imageId, image: kept, work: work === image ? kept : work, scale, mppAssumed, layout, digests, detections, mpp: imageMpp });
     return {
       imageId,
       width: image.width,
@@ -257,7 +282,37 @@ export class SegmentationPipeline {
       modelVersion: this.manifest.version,
       timings: clock.timings(),
       tiles: layout.tiles.length,
+      imageMpp,
+      mppAssumed,
+      modelMpp: this.manifest.mpp,
     };
+  }
+
+  /** The image resized by `scale` (itself when no resampling is needed), within the pixel limit. */
+  private async toModelResolution(image: RgbImage, scale: ResampleScale, clock: StageClock): Promise<RgbImage> {
+    if (isIdentity(scale)) return image;
+    const size = scaledSize(image.width, image.height, scale);
+    if (size.width * size.height > this.config.maxImagePixels) {
+      throw grpcError(
+        status.INVALID_ARGUMENT,
+        `at the model's resolution (${this.manifest.mpp} um/px) the ${image.width}x${image.height} image is ${size.width}x${size.height}, ` +
+          `over the limit of ${this.config.maxImagePixels} pixels; send smaller regions (or use cfrsam slide run)`,
+        { fieldViolations: [{ field: 'image', description: 'too large at the model resolution' }] },
+      );
+    }
+    return clock.time('resample', () =>
+      withSpan('gateway.resample', { 'cfrsam.scale': scale.x, 'cfrsam.width': size.width, 'cfrsam.height': size.height }, () =>
+        resizeRgb(image, size.width, size.height),
+      ),
+    );
+  }
+
+  /** Manual prompts (image pixels) in the model frame, with their owner tiles. */
+  private manualPrompts(prompts: readonly segmentationProto.Prompt[], layout: TileLayout, scale: ResampleScale): ManualPrompt[] {
+    return prompts.map((p) => {
+      const prompt = scalePrompt(p, scale);
+      return { prompt, anchor: promptAnchor(prompt), tile: ownerOfPrompt(layout, prompt).index };
+    });
   }
 
   private assembleOptions(mpp: number, minScore: number, returnLabelMap: boolean, returnMasks: boolean) {
@@ -377,16 +432,12 @@ export class SegmentationPipeline {
       );
     }
     if (request.prompts.length === 0) throw grpcError(status.INVALID_ARGUMENT, 'Refine needs at least one prompt');
-    const { image, layout } = entry;
+    const { image, work, layout, scale } = entry;
     validatePrompts(request.prompts, image.width, image.height, this.config);
-    const manual: ManualPrompt[] = request.prompts.map((prompt) => ({
-      prompt,
-      anchor: promptAnchor(prompt),
-      tile: ownerOfPrompt(layout, prompt).index,
-    }));
+    const manual = this.manualPrompts(request.prompts, layout, scale);
     const tiles = layout.tiles.filter((t) => manual.some((m) => m.tile === t.index));
     const call = this.stageCall(ctx, clock);
-    const stageTiles = new Map(tiles.map((t) => [t.index, this.stageTile(image, t)]));
+    const stageTiles = new Map(tiles.map((t) => [t.index, this.stageTile(work, t)]));
     // Tiles the prompter has not seen (Segment in manual mode): classify their prompts now.
     const unseen = tiles.filter((t) => entry.detections[t.index] === undefined);
     if (unseen.length > 0) {
@@ -403,7 +454,7 @@ export class SegmentationPipeline {
         return this.decodePlanned(tile, stageTiles.get(tile.index)!, planned, call);
       }),
     );
-    const candidates = byTile.flat();
+    const candidates = toImageFrame(byTile.flat(), scale, image);
     const assembled = await clock.time('assemble', () =>
       withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async () =>
         assembleNuclei(candidates, image, this.assembleOptions(entry.mpp, 0, request.returnLabelMap, request.returnMasks)),
@@ -420,6 +471,9 @@ export class SegmentationPipeline {
       modelVersion: this.manifest.version,
       timings: clock.timings(),
       tiles: layout.tiles.length,
+      imageMpp: entry.mpp,
+      mppAssumed: entry.mppAssumed,
+      modelMpp: this.manifest.mpp,
     };
   }
 }
@@ -430,6 +484,8 @@ export class SegmentationPipeline {
  */
 function requestScope(ctx: RequestContext): { ctx: RequestContext; abort(): void; dispose(): void } {
   const controller = new AbortController();
+  // Every stage call of the request listens on this signal (a large image makes hundreds).
+  setMaxListeners(0, controller.signal);
   const onAbort = () => controller.abort(ctx.signal?.reason);
   if (ctx.signal?.aborted) controller.abort(ctx.signal.reason);
   else ctx.signal?.addEventListener('abort', onAbort, { once: true });
@@ -464,10 +520,30 @@ function nearestDetection(list: readonly ImageDetection[], p: { x: number; y: nu
   return best;
 }
 
-/** image_id: SHA-256 over the decoded RGB pixels, the size and the model version. */
-export function imageDigest(image: RgbImage, modelVersion: string): string {
+/** Masks found at the model's resolution, mapped back to the image's pixels. */
+function toImageFrame(candidates: DecodedCandidate[], scale: ResampleScale, image: RgbImage): DecodedCandidate[] {
+  if (isIdentity(scale)) return candidates;
+  return candidates
+    .map((c) => ({ ...c, mask: rescaleMask(c.mask, scale.x, scale.y, image.width, image.height), prompt: { x: c.prompt.x / scale.x, y: c.prompt.y / scale.y } }))
+    .filter((c) => c.mask.width > 0);
+}
+
+/** A prompt in image pixels -> the model frame. */
+function scalePrompt(p: segmentationProto.Prompt, scale: ResampleScale): segmentationProto.Prompt {
+  if (isIdentity(scale)) return p;
+  const pt = (q: { x: number; y: number }) => ({ x: q.x * scale.x, y: q.y * scale.y });
+  return {
+    ...p,
+    positive: p.positive.map(pt),
+    negative: p.negative.map(pt),
+    box: p.box ? { x0: p.box.x0 * scale.x, y0: p.box.y0 * scale.y, x1: p.box.x1 * scale.x, y1: p.box.y1 * scale.y } : undefined,
+  };
+}
+
+/** image_id: SHA-256 over the decoded RGB pixels, the size, the resolution and the model version. */
+export function imageDigest(image: RgbImage, modelVersion: string, mpp: number): string {
   return createHash('sha256')
-    .update(`cfrsam-image/1 ${image.width}x${image.height} ${modelVersion}\n`)
+    .update(`cfrsam-image/2 ${image.width}x${image.height} ${mpp} ${modelVersion}\n`)
     .update(image.data)
     .digest('hex');
 }

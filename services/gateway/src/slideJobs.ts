@@ -180,6 +180,9 @@ export function stitchSlideResult(
     modelVersion,
     timings: [],
     tiles,
+    imageMpp: regionResults[0]?.imageMpp ?? 0,
+    mppAssumed: regionResults[0]?.mppAssumed ?? false,
+    modelMpp: regionResults[0]?.modelMpp ?? 0,
   };
 }
 

@@ -280,4 +280,33 @@ describe('SegmentationPipeline over in-memory stages', () => {
       }
     }
   });
+
+  it('segments a 20x image at the model resolution and reports it in the image pixels', async () => {
+    // The same scene at 0.25 um/px (the model's) and halved to 0.5 um/px (20x).
+    const disks40 = DISKS.slice(0, 5);
+    const disks20 = disks40.map((d) => ({ x: Math.round(d.x / 2), y: Math.round(d.y / 2) }));
+    const { stages } = fakeStages();
+    const p = pipelineWith(stages);
+    const at40 = await p.segment(request(await diskImage(600, 500, disks40)));
+    const small = await sharp(await diskImage(600, 500, disks40)).resize(300, 250, { kernel: 'nearest' }).png().toBuffer();
+    const at20 = await p.segment(request(small, { mpp: 0.5 }));
+    expect(at20.width).toBe(300);
+    expect(at20.imageMpp).toBe(0.5);
+    expect(at20.mppAssumed).toBe(false);
+    expect(at20.modelMpp).toBe(manifest.mpp);
+    expect(at20.nuclei).toHaveLength(at40.nuclei.length);
+    for (const d of disks20) expect(at20.nuclei.some((n) => Math.hypot(n.centroid!.x - d.x, n.centroid!.y - d.y) < 2)).toBe(true);
+    const area = (r: segmentationProto.SegmentResponse) => r.nuclei.map((n) => n.measurements!.areaUm2).reduce((a, b) => a + b, 0) / r.nuclei.length;
+    // Same physical areas up to the discretisation of 3-pixel-radius disks at 20x (bench/scale.mjs
+    // measures this on real MoNuSeg nuclei).
+    expect(Math.abs(area(at20) / area(at40) - 1)).toBeLessThan(0.2);
+    // Without an mpp the model's is assumed, and the response says so.
+    const assumed = await p.segment(request(small));
+    expect(assumed.mppAssumed).toBe(true);
+    expect(assumed.imageMpp).toBe(manifest.mpp);
+    // Manual prompts are given in the image's pixels.
+    const manual = await p.segment(request(small, { mpp: 0.5, prompts: [{ positive: [{ x: disks20[1].x, y: disks20[1].y }], negative: [] }] }));
+    expect(manual.nuclei).toHaveLength(1);
+    expect(Math.hypot(manual.nuclei[0].centroid!.x - disks20[1].x, manual.nuclei[0].centroid!.y - disks20[1].y)).toBeLessThan(2);
+  });
 });

@@ -1,3 +1,4 @@
 // Image decoding, validation and tiling (normalisation is in @cfrsam/contract) (pure, no service state).
 export * from './decode';
 export * from './tiling';
+export * from './resample';

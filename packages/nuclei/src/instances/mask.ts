@@ -194,3 +194,27 @@ export function forEachPixel(mask: PlacedMask, fn: (x: number, y: number) => voi
     for (let x = 0; x < w; x++) if (data[row + x]) fn(x0 + x, y0 + y);
   }
 }
+
+/**
+ * Maps a mask from a frame scaled by (sx, sy) relative to the target frame (source pixel =
+ * target pixel x scale) into the target frame: each target pixel takes the source pixel under its
+ * centre (nearest neighbour), then the result is cropped to its foreground. Used to bring masks
+ * found at the model's resolution back to the image's own pixels.
+ */
+export function rescaleMask(mask: PlacedMask, sx: number, sy: number, frameWidth: number, frameHeight: number): PlacedMask {
+  if (mask.width === 0 || mask.height === 0) return EMPTY_MASK;
+  if (sx === 1 && sy === 1) return mask;
+  const x0 = Math.max(0, Math.floor(mask.x0 / sx));
+  const y0 = Math.max(0, Math.floor(mask.y0 / sy));
+  const x1 = Math.min(frameWidth, Math.ceil((mask.x0 + mask.width) / sx));
+  const y1 = Math.min(frameHeight, Math.ceil((mask.y0 + mask.height) / sy));
+  const width = Math.max(0, x1 - x0);
+  const height = Math.max(0, y1 - y0);
+  if (width === 0 || height === 0) return EMPTY_MASK;
+  const data = new Uint8Array(width * height);
+  for (let r = 0; r < height; r++) {
+    const sy0 = Math.floor((y0 + r + 0.5) * sy);
+    for (let c = 0; c < width; c++) data[r * width + c] = maskGet(mask, Math.floor((x0 + c + 0.5) * sx), sy0);
+  }
+  return cropToForeground({ x0, y0, width, height, data });
+}

@@ -45,7 +45,7 @@ const SEGMENT_FLAGS = {
   bundle: { type: 'string', default: '', help: 'model bundle for --local (default models/tiny)' },
   decoders: { type: 'int', default: 1, help: 'decoder replicas for --local' },
   minScore: { type: 'number', default: 0, help: 'drop nuclei scoring below this' },
-  mpp: { type: 'number', default: 0, help: 'micrometres per pixel of the images (0: the model\'s)' },
+  mpp: { type: 'number', default: 0, help: 'micrometres per pixel of the images; they are resampled to the model\'s resolution (0: assume the model\'s)' },
   timeoutS: { type: 'number', default: 600, help: 'deadline of each Segment call in seconds' },
   maxMessageMb: { type: 'int', default: 256, help: 'max gRPC message size in MiB (label maps of large images)' },
   quiet: { type: 'boolean', default: false, help: 'print only the summary' },
