@@ -22,7 +22,7 @@ import {
   type Tile,
   type TileLayout,
 } from '@cfrsam/nuclei';
-import { ByteLruCache, grpcError, segmentationProto, SpanAttributes, stagesProto, status } from '@cfrsam/rpc';
+import { ByteLruCache, ErrorReason, grpcError, segmentationProto, SpanAttributes, stagesProto, status } from '@cfrsam/rpc';
 import { assembleNuclei, nucleusScore, UNCLASSIFIED, type DecodedCandidate } from './assemble';
 import type { GatewayConfig } from './config';
 import { ownerOfPrompt, pointPrompt, promptAnchor, resolvePromptMode, toTilePoints, validatePrompts } from './prompts';
@@ -143,6 +143,7 @@ export class SegmentationPipeline {
       throw grpcError(
         status.RESOURCE_EXHAUSTED,
         `gateway is busy: ${this.inFlight} requests in flight (limit ${this.config.maxConcurrentRequests}); retry with backoff`,
+        { reason: ErrorReason.QUEUE_FULL, retryDelayMs: 1_000 },
       );
     }
     this.inFlight++;
