@@ -1,6 +1,5 @@
 import { inflateSync, inflateRawSync } from 'node:zlib';
 import sharp from 'sharp';
-import { SlideError } from './errors.js';
 
 /** 8-bit RGB pixels, interleaved, row-major, no padding. */
 export interface RgbImage {

@@ -85,7 +85,6 @@ export class EncoderPipeline {
   }
 
   private validate(request: stagesProto.EncodeRequest): Array<{ digest: string; pixels: Float32Tensor | null }> {
-    const S = this.manifest.inputSize;
     if (request.modelVersion && request.modelVersion !== this.manifest.version) {
       throw grpcError(
         status.INVALID_ARGUMENT,

@@ -235,7 +235,7 @@ export class SegmentationPipeline {
     const detections: (ImageDetection[] | undefined)[] = new Array(layout.tiles.length).fill(undefined);
     // Candidates by tile, flattened in tile order so the result does not depend on call timing.
     const byTile: DecodedCandidate[][] = layout.tiles.map(() => []);
-    const call = this.stageCall(ctx, clock);
+    const call = { ...this.stageCall(ctx, clock), tiles: tilesToRun.length };
     const batches: Tile[][] = [];
     for (let i = 0; i < tilesToRun.length; i += this.config.tileBatchSize) batches.push(tilesToRun.slice(i, i + this.config.tileBatchSize));
 
@@ -437,7 +437,7 @@ export class SegmentationPipeline {
     validatePrompts(request.prompts, image.width, image.height, this.config);
     const manual = this.manualPrompts(request.prompts, layout, scale);
     const tiles = layout.tiles.filter((t) => manual.some((m) => m.tile === t.index));
-    const call = this.stageCall(ctx, clock);
+    const call = { ...this.stageCall(ctx, clock), tiles: tiles.length };
     const stageTiles = new Map(tiles.map((t) => [t.index, this.stageTile(work, t)]));
     // Tiles the prompter has not seen (Segment in manual mode): classify their prompts now.
     const unseen = tiles.filter((t) => entry.detections[t.index] === undefined);

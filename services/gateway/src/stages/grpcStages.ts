@@ -265,11 +265,15 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     const size = this.options.decodeBatchSize;
     const batches: stagesProto.PromptPoints[][] = [];
     for (let i = 0; i < prompts.length; i += size) batches.push(prompts.slice(i, i + size));
+    // A tile's batches go to its top-k replicas; each of them prepares the tile (decoder_image),
+    // so spreading pays only when the request has fewer tiles than there are replicas to keep busy.
+    const replicas = this.decoders.addresses.length;
+    const k = Math.max(1, Math.min(this.options.replicasPerTile, Math.ceil(replicas / Math.max(1, call.tiles ?? 1))));
     const results = await Promise.all(
       batches.map((batch, i) =>
         this.decoders
           .call(
-            this.decoders.spreadOrderFor(tile.digest, i, this.options.replicasPerTile),
+            this.decoders.spreadOrderFor(tile.digest, i, k),
             (_client, replica) => this.decodeOn(replica, tile, batch, call),
             call,
           )

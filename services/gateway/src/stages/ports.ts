@@ -15,6 +15,8 @@ export interface StageCall {
   deadline?: Date;
   signal?: AbortSignal;
   clock: StageClock;
+  /** Tiles the request decodes: with fewer tiles than replicas, a tile's prompts may be spread. */
+  tiles?: number;
 }
 
 export interface PrompterPort {
