@@ -382,18 +382,24 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     expect(init.command.join(' ')).toContain(bundleDir);
   });
 
-  it('lets the gateway reach the stages, and each decoder replica through a headless Service', () => {
+  it('lets the gateway reach every replica of every stage, and the decoders every encoder, through headless Services', () => {
     const gw = server(resources(), 'gateway');
-    serviceFor(resources(), env(gw, 'CFRSAM_PROMPTER')!);
-    serviceFor(resources(), env(gw, 'CFRSAM_ENCODER')!);
-    const decoders = env(gw, 'CFRSAM_DECODERS')!.split(',');
-    expect(decoders.length).toBeGreaterThan(0);
-    for (const entry of decoders) {
-      // dns:///NAME:PORT: the gateway resolves NAME to every replica (packages/rpc/src/discovery.ts).
-      const address = entry.replace(/^dns:\/\/\//, '');
-      const svc = serviceFor(resources(), address);
-      expect(svc.spec.clusterIP).toBe('None');
-      expect(selects(svc.spec.selector, podLabels(named(resources(), 'Deployment', 'decoder')))).toBe(true);
+    const callers: Array<[string, Obj, string]> = [
+      ['prompter', gw, 'CFRSAM_PROMPTER'],
+      ['encoder', gw, 'CFRSAM_ENCODER'],
+      ['decoder', gw, 'CFRSAM_DECODERS'],
+      ['encoder', server(resources(), 'decoder'), 'CFRSAM_ENCODER'],
+    ];
+    for (const [stage, container, variable] of callers) {
+      const entries = env(container, variable)!.split(',');
+      expect(entries.length).toBeGreaterThan(0);
+      for (const entry of entries) {
+        // dns:///NAME:PORT: the caller resolves NAME to every replica (packages/rpc/src/discovery.ts).
+        expect(entry, `${variable}`).toMatch(/^dns:\/\/\//);
+        const svc = serviceFor(resources(), entry.replace(/^dns:\/\/\//, ''));
+        expect(svc.spec.clusterIP).toBe('None');
+        expect(selects(svc.spec.selector, podLabels(named(resources(), 'Deployment', stage)))).toBe(true);
+      }
     }
   });
 
