@@ -29,6 +29,7 @@ const { startStack } = lib('services/gateway/dist/cli/stack.js');
 const { SegmentationPipeline } = lib('services/gateway/dist/pipeline.js');
 const { GrpcStages } = lib('services/gateway/dist/stages/grpcStages.js');
 const { DEFAULT_GATEWAY_CONFIG } = lib('services/gateway/dist/config.js');
+const { Limiter } = lib('services/gateway/dist/limiter.js');
 const { PrompterPipeline } = lib('services/prompter/dist/pipeline.js');
 const { EncoderPipeline } = lib('services/encoder/dist/pipeline.js');
 const { DecoderPipeline } = lib('services/decoder/dist/pipeline.js');
@@ -83,6 +84,8 @@ async function inProcessStages() {
   const decoder = new DecoderPipeline(manifest, dp);
   const input = (t) => ({ digest: t.digest, rgb: Buffer.from(t.rgb.buffer, t.rgb.byteOffset, t.rgb.byteLength) });
   const features = new Map();
+  // Decoder calls in flight are capped as the gRPC adapter caps them.
+  const limiter = new Limiter(DEFAULT_GATEWAY_CONFIG.maxDecoderCalls);
   return {
     prompter: {
       async detect(tiles, call) {
@@ -102,12 +105,12 @@ async function inProcessStages() {
         if (!decoder.cache.has(tile.digest)) {
           // A copy: the worker pool takes ownership of what it is given, and the encoder's cache keeps its own.
           const f = features.get(tile.digest);
-          await call.clock.time('decoder_prepare', () => decoder.prepare({ ...input(tile), features: { ...f, data: Buffer.from(f.data) }, modelVersion: '' }));
+          await limiter.run(() => call.clock.time('decoder_prepare', () => decoder.prepare({ ...input(tile), features: { ...f, data: Buffer.from(f.data) }, modelVersion: '' })));
         }
         const batches = [];
         for (let i = 0; i < prompts.length; i += DEFAULT_GATEWAY_CONFIG.decodeBatchSize) batches.push(prompts.slice(i, i + DEFAULT_GATEWAY_CONFIG.decodeBatchSize));
         const out = await call.clock.time('decoder_decode', () =>
-          Promise.all(batches.map((b) => decoder.decode({ digest: tile.digest, prompts: b, modelVersion: '' }, call.signal))),
+          Promise.all(batches.map((b) => limiter.run(() => decoder.decode({ digest: tile.digest, prompts: b, modelVersion: '' }, call.signal)))),
         );
         return out.flatMap((r) => r.masks);
       },
@@ -170,7 +173,10 @@ async function main() {
   try {
     const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
     const segment = (image) => unary(client, client.segment, request(image), { timeoutMs: 600_000 });
-    for (const c of cases) results[`services ${c.label}`] = { lat: await latency(segment, c.images), tput: await throughput(segment, c.tputImages, CLIENTS) };
+    for (const c of cases) {
+      const r = (results[`services ${c.label}`] = { lat: await latency(segment, c.images), tput: await throughput(segment, c.tputImages, CLIENTS) });
+      console.log(`services ${c.label}: ${fmt(r.lat.ms)} ms, ${r.tput.toFixed(2)} images/s`);
+    }
     client.close();
 
     // Bytes through the gateway: the gRPC stage adapter in this process against the same stack.
@@ -203,7 +209,8 @@ async function main() {
   for (const c of cases) {
     c.localImages = await coldCopies(c.rgb, c.size, c.n, 2);
     c.localTput = await coldCopies(c.rgb, c.size, c.tput, 3);
-    results[`one process ${c.label}`] = { lat: await latency(segmentLocal, c.localImages), tput: await throughput(segmentLocal, c.localTput, CLIENTS) };
+    const r = (results[`one process ${c.label}`] = { lat: await latency(segmentLocal, c.localImages), tput: await throughput(segmentLocal, c.localTput, CLIENTS) });
+    console.log(`one process ${c.label}: ${fmt(r.lat.ms)} ms, ${r.tput.toFixed(2)} images/s`);
   }
   pipeline.close();
 

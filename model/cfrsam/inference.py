@@ -1,9 +1,20 @@
 """Whole-tile inference in PyTorch: the reference of what the services compute, used for validation.
 
-Mirrors the serving pipeline for one S x S tile: prompter -> point prompts (non-background anchors,
-foreground >= min_foreground, point NMS) -> encoder -> decoder (prepare once, decode prompts in
-batches) -> masks pasted into the frame -> overlaps resolved (higher score keeps contested pixels,
-instances that keep less than half their area are dropped) -> label map and classes.
+Mirrors the serving pipeline for one S x S tile, rule for rule:
+
+- prompter (services/prompter/src/pipeline.ts `decodeAnchors`): anchors with foreground
+  1 - p(background) >= min_foreground, points clipped to [0, S], sorted by foreground (ties: anchor
+  order), greedy point NMS in that order (a point closer than nms_radius to a kept one is dropped);
+- gateway (`planTilePrompts`): a detection's class confidence is foreground x its class probability
+  renormalised over the K classes, i.e. p(class) over all K+1 outputs;
+- decoder: masks thresholded at logit > mask_threshold in the prompt's window;
+- gateway assembly (packages/nuclei/src/instances/stitching.ts `resolveOverlaps`, options of
+  services/gateway/src/config.ts): score = clamp(predicted IoU, 0, 1) x class confidence;
+  candidates in decreasing score (ties: detection order); each mask first has its holes filled and
+  keeps one 4-connected component (the one under its prompt point, else the largest); it then loses
+  the pixels of instances already accepted, is dropped when that leaves nothing or less than
+  `min_kept_fraction` (0.5) of its area, otherwise is reduced to one component again, and is
+  dropped when smaller than `min_area_px` (4) pixels.
 """
 from __future__ import annotations
 
@@ -11,24 +22,114 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from .prompt_learner import decode_prompts
 
+# The gateway's defaults (services/gateway/src/config.ts, DEFAULT_OVERLAP_OPTIONS).
+MIN_KEPT_FRACTION = 0.5
+MIN_AREA_PX = 4
+
 
 def point_nms(points: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
-    """Greedy suppression of points closer than radius, keeping the higher score."""
-    order = np.argsort(-scores)
+    """Greedy suppression of points closer than radius: in decreasing score order (ties: input order),
+    a point closer than `radius` to one already kept is dropped. Returns the kept indices in that
+    order (most confident first), as the prompter service does."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    if not radius > 0:
+        return order.astype(np.int64)
     kept = []
+    r2 = float(radius) ** 2
     for i in order:
-        if not kept or np.min(np.hypot(*(points[kept] - points[i]).T)) >= radius:
+        if not kept or np.min(((points[kept] - points[i]) ** 2).sum(-1)) >= r2:
             kept.append(i)
-    return np.array(sorted(kept), dtype=np.int64)
+    return np.array(kept, dtype=np.int64)
+
+
+def keep_component(mask: np.ndarray, point: Optional[Tuple[float, float]]) -> np.ndarray:
+    """The 4-connected component of `mask` under the point (x, y) in the mask's pixel frame
+    (continuous coordinates, floored), else the largest (ties: first in raster order)."""
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask if count == 1 else np.zeros_like(mask)
+    keep = 0
+    if point is not None:
+        px, py = int(np.floor(point[0])), int(np.floor(point[1]))
+        if 0 <= px < mask.shape[1] and 0 <= py < mask.shape[0]:
+            keep = int(labels[py, px])
+    if keep == 0:
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        sizes[0] = 0
+        keep = int(np.argmax(sizes))
+    return labels == keep
+
+
+def resolve_overlaps(masks: np.ndarray, origins: np.ndarray, scores: np.ndarray, prompts: np.ndarray,
+                     size: Tuple[int, int], min_kept_fraction: float = MIN_KEPT_FRACTION,
+                     min_area_px: int = MIN_AREA_PX) -> Tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping instances from window masks, the gateway's rule.
+
+    masks [N, W, W] bool (window pixels), origins [N, 2] (x0, y0) of each window in the frame,
+    scores [N], prompts [N, 2] (x, y) frame coordinates, size (H, W) of the frame.
+    Returns (label map [H, W] int32 with ids 1..M in acceptance order, candidate index of each id [M]).
+    """
+    h, w = size
+    labels = np.zeros((h, w), dtype=np.int32)
+    accepted = []
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    win_h, win_w = masks.shape[-2:]
+    for i in order:
+        x0, y0 = int(origins[i][0]), int(origins[i][1])
+        # Paste: the window clipped to the frame.
+        fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + win_w, w), min(y0 + win_h, h)
+        if fx1 <= fx0 or fy1 <= fy0:
+            continue
+        window = masks[i][fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0]
+        ys, xs = np.nonzero(window)
+        if len(xs) == 0:
+            continue
+        # Crop to the foreground's box, fill holes, keep the component under the prompt.
+        bx0, by0 = fx0 + int(xs.min()), fy0 + int(ys.min())
+        box = window[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        box = ndimage.binary_fill_holes(box)
+        point = (float(prompts[i][0]) - bx0, float(prompts[i][1]) - by0)
+        box = keep_component(box, point)
+        own = int(box.sum())
+        if own == 0:
+            continue
+        region = labels[by0:by0 + box.shape[0], bx0:bx0 + box.shape[1]]
+        free = box & (region == 0)
+        kept = int(free.sum())
+        if kept < own:
+            if kept == 0 or kept < min_kept_fraction * own:
+                continue
+            free = keep_component(free, point)
+        if int(free.sum()) < min_area_px:
+            continue
+        accepted.append(int(i))
+        region[free] = len(accepted)
+    return labels, np.array(accepted, dtype=np.int64)
+
+
+@torch.no_grad()
+def detect_points(model, image: torch.Tensor, min_foreground: float, nms_radius: float):
+    """The prompter service's detections for one tile: (points [P, 2], classes [P], class
+    confidence [P] = p(class) over K+1, foreground [P]), most confident (foreground) first."""
+    size = image.shape[-1]
+    out = model.detect(image)
+    det = decode_prompts(out["points"], out["logits"], min_foreground)[0]
+    pts = np.clip(det["points"].float().cpu().numpy(), 0, size)
+    foreground = det["foreground"].float().cpu().numpy()
+    keep = point_nms(pts, foreground, nms_radius)
+    return (pts[keep], det["classes"].cpu().numpy()[keep], det["scores"].float().cpu().numpy()[keep],
+            foreground[keep])
 
 
 @torch.no_grad()
 def segment_tile(model, image: torch.Tensor, min_foreground: float = 0.5, nms_radius: float = 4.0,
                  batch: int = 64, mask_threshold: float = 0.0, points: Optional[np.ndarray] = None,
-                 point_classes: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict[int, int]]:
+                 point_classes: Optional[np.ndarray] = None, min_kept_fraction: float = MIN_KEPT_FRACTION,
+                 min_area_px: int = MIN_AREA_PX) -> Tuple[np.ndarray, Dict[int, int]]:
     """image [1,3,S,S] normalised -> (label map [S,S] int32, {instance id: class index}).
 
     With `points` (x, y) given, they are the prompts (their classes `point_classes`), bypassing the
@@ -38,20 +139,13 @@ def segment_tile(model, image: torch.Tensor, min_foreground: float = 0.5, nms_ra
     size = image.shape[-1]
     device = image.device
     if points is None:
-        out = model.detect(image)
-        det = decode_prompts(out["points"], out["logits"], min_foreground)[0]
-        pts = det["points"].cpu().numpy()
-        scores = det["scores"].cpu().numpy()
-        classes = det["classes"].cpu().numpy()
-        keep = point_nms(pts, scores, nms_radius)
-        pts, scores, classes = pts[keep], scores[keep], classes[keep]
+        pts, classes, scores, _ = detect_points(model, image, min_foreground, nms_radius)
     else:
         pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
         scores = np.ones(len(pts), dtype=np.float32)
         classes = np.asarray(point_classes if point_classes is not None else np.zeros(len(pts)), dtype=np.int64)
-    labels = np.zeros((size, size), dtype=np.int32)
     if len(pts) == 0:
-        return labels, {}
+        return np.zeros((size, size), dtype=np.int32), {}
     prepared = model.prepare(model.encode(image), image)
     masks, origins, ious = [], [], []
     for start in range(0, len(pts), batch):
@@ -61,24 +155,9 @@ def segment_tile(model, image: torch.Tensor, min_foreground: float = 0.5, nms_ra
         mask_logits, origin, iou, _, _ = model.decode_prompts(*prepared, coords, point_labels)
         masks.append((mask_logits > mask_threshold).cpu().numpy())
         origins.append(origin.cpu().numpy())
-        ious.append(iou.cpu().numpy())
+        ious.append(iou.float().cpu().numpy())
     masks, origins, ious = np.concatenate(masks), np.concatenate(origins), np.concatenate(ious)
-    quality = np.clip(ious, 0, 1) * scores
-    order = np.argsort(-quality)
-    result_classes: Dict[int, int] = {}
-    next_id = 1
-    win = masks.shape[-1]
-    for i in order:
-        x0, y0 = int(origins[i][0]), int(origins[i][1])
-        region = labels[y0:y0 + win, x0:x0 + win]
-        mask = masks[i][: region.shape[0], : region.shape[1]]
-        area = int(mask.sum())
-        if area == 0:
-            continue
-        free = mask & (region == 0)
-        if free.sum() < 0.5 * area:
-            continue
-        region[free] = next_id
-        result_classes[next_id] = int(classes[i])
-        next_id += 1
-    return labels, result_classes
+    quality = np.clip(np.nan_to_num(ious, nan=0.0), 0, 1) * scores
+    labels, accepted = resolve_overlaps(masks, origins, quality, pts, (size, size),
+                                        min_kept_fraction, min_area_px)
+    return labels, {k + 1: int(classes[i]) for k, i in enumerate(accepted)}

@@ -154,4 +154,7 @@ class MetricAccumulator:
             "det_recall": self.tp / max(self.tp + self.fn, 1),
             "type_accuracy": self.type_correct / max(self.tp, 1),
             "images": len(self.aji_values),
+            # PQ of each class (PanNuke averaging over the images whose ground truth has it; None when
+            # no image has it): the terms of mpq.
+            "pq_per_class": [float(np.mean(v)) if v else None for v in self.class_pq],
         }

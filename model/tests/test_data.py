@@ -253,3 +253,19 @@ def test_real_data_reads_exactly():
         assert item["image"].shape == (3, 256, 256)
         assert len(item["centroids"]) > 0
         assert (item["classes"] >= 0).all()
+
+
+def test_target_mpp_resamples_samples_that_give_their_scale(tmp_path):
+    # One 8x8 nucleus in the centre of a 64 px image at 0.5 um/px; resampled to 0.25 um/px it is 16x16.
+    labels = blocks(64, 64, [(28, 28, 8, 8)])
+    write_sample(tmp_path, "half", labels, {"classNames": ["nucleus"], "mpp": 0.5})
+    write_sample(tmp_path, "unknown", labels, {"classNames": ["nucleus"]})
+    ds = NucleiDataset(tmp_path, size=32, crop="center", target_mpp=0.25)
+    half, unknown = ds[0], ds[1]
+    assert half["name"] == "half" and half["scale"] == pytest.approx(2.0)
+    assert (half["instances"] == 1).sum().item() == 16 * 16
+    assert half["centroids"].tolist() == [[16.0, 16.0]]
+    assert unknown["scale"] == 1.0 and (unknown["instances"] == 1).sum().item() == 8 * 8
+    assert NucleiDataset(tmp_path, size=32, crop="center")[0]["scale"] == 1.0
+    with pytest.raises(ValueError):
+        NucleiDataset(tmp_path, size=32, target_mpp=0)

@@ -239,6 +239,27 @@ def test_classification_loss_is_weighted_cross_entropy():
     assert torch.allclose(loss.classification_loss(logits, matches, classes), expected)
 
 
+def test_class_weights_are_cross_entropy_weights():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 4)
+    matches = [(torch.tensor([1, 4]), torch.tensor([1, 0])), (torch.tensor([2]), torch.tensor([0]))]
+    classes = [torch.tensor([2, 0]), torch.tensor([1])]
+    loss = PromptLearnerLoss(background_weight=0.4, class_weights=[3.0, 0.5, 2.0])
+    target = torch.full((2, 6), 3)
+    target[0, 1], target[0, 4], target[1, 2] = 0, 2, 1
+    expected = F.cross_entropy(
+        logits.transpose(1, 2), target, weight=torch.tensor([3.0, 0.5, 2.0, 0.4])
+    )
+    assert torch.allclose(loss.classification_loss(logits, matches, classes), expected)
+    # Unknown-class nuclei keep weight 1 whatever the class weights.
+    unknown = PromptLearnerLoss(class_weights=[5.0, 5.0]).classification_loss(
+        torch.tensor([[[2.0, 1.0, 0.5]]]), [(torch.tensor([0]), torch.tensor([0]))], [torch.tensor([-1])])
+    p = torch.tensor([2.0, 1.0, 0.5]).softmax(-1)
+    assert torch.allclose(unknown, -torch.log(p[0] + p[1]))
+    with pytest.raises(ValueError):
+        PromptLearnerLoss(class_weights=[1.0]).classification_loss(logits, matches, classes)
+
+
 def test_unknown_class_trains_nucleus_vs_background():
     logits = torch.tensor([[[2.0, 1.0, 0.5]]])  # K = 2
     loss = PromptLearnerLoss(background_weight=0.4)

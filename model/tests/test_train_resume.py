@@ -2,6 +2,7 @@
 uninterrupted run, for both stages; and a few steps lower each stage's loss. Synthetic tiles in
 the ../shared/data layout, so no real data is needed."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,11 +38,12 @@ def _weights(path):
     return torch.load(path, map_location="cpu")["model"]
 
 
+@pytest.mark.parametrize("flags", [(), ("--bf16", "--channels-last")], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [stage1, stage2], ids=["stage1", "stage2"])
-def test_resume_is_exact(tmp_path, stage):
+def test_resume_is_exact(tmp_path, stage, flags):
     data = tmp_path / "data"
     _write_set(data / "synth")
-    extra = ("--max-prompts", "4") if stage is stage2 else ()
+    extra = ("--max-prompts", "4", *flags) if stage is stage2 else ("--class-weights", "balanced", *flags)
     assert stage.main(_args(data, tmp_path / "straight", 2, extra)) == 0
     # Interrupted after epoch 1 (a time budget that has run out), then resumed with the same flags.
     assert stage.main(_args(data, tmp_path / "resumed", 2, (*extra, "--time-budget", "1e-9"))) == 0
@@ -64,3 +66,22 @@ def test_steps_lower_the_loss(tmp_path, stage):
     losses = [r["train_loss"] for r in log if r["event"] == "epoch"]
     assert len(losses) == 6
     assert min(losses[-2:]) < losses[0]
+
+
+BUNDLE = Path(__file__).resolve().parents[2] / "models" / "tiny"
+
+
+@pytest.mark.skipif(not (BUNDLE / "weights.pt").is_file(), reason="models/tiny is not here")
+@pytest.mark.parametrize("stage", [stage1, stage2], ids=["stage1", "stage2"])
+def test_init_from_a_bundle(tmp_path, stage):
+    """--init takes an exported bundle: its float16 weights, widened, are where training starts."""
+    from cfrsam.export import load_bundle_model
+    data = tmp_path / "data"
+    _write_set(data / "synth", n=1)
+    extra = ("--max-prompts", "4") if stage is stage2 else ()
+    assert stage.main(_args(data, tmp_path / "run", 1, (*extra, "--init", str(BUNDLE), "--lr", "0"))) == 0
+    shipped, _ = load_bundle_model(str(BUNDLE))
+    trained = _weights(tmp_path / "run" / "last.pt")
+    # Parameters only: BatchNorm running statistics move in a training step even at lr 0.
+    for name, value in shipped.named_parameters():
+        assert torch.equal(trained[name], value), name

@@ -165,6 +165,8 @@ class NucleiDataset(Dataset):
       class_map: {class name: target index}; see the module doc. None keeps the set's indices.
       crop: "random" or "center" (deterministic, for validation).
       cache: keep decoded images and labels in memory.
+      target_mpp: resample every sample whose JSON gives an `mpp` to this many micrometres per pixel
+        (before the scale jitter); samples without `mpp` keep their pixels. None: no resampling.
 
     Item: dict with
       image       [3, S, S] float32, (rgb - SAM mean) / SAM std
@@ -190,7 +192,11 @@ class NucleiDataset(Dataset):
         crop: str = "random",
         pad_value: int = 255,
         cache: bool = False,
+        target_mpp: Optional[float] = None,
     ) -> None:
+        if target_mpp is not None and not target_mpp > 0:
+            raise ValueError(f"target_mpp must be positive, got {target_mpp!r}")
+        self.target_mpp = target_mpp
         self.root = Path(root)
         names = list(names) if names is not None else list_samples(self.root)
         if split is not None:
@@ -254,6 +260,10 @@ class NucleiDataset(Dataset):
         if self.augment is not None:
             lo, hi = self.augment.scale_range
             scale = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
+        mpp = meta.get("mpp")
+        if self.target_mpp is not None and isinstance(mpp, (int, float)) and mpp > 0:
+            # Output pixels per source pixel: a 0.5 um/px image is enlarged 2x to 0.25 um/px.
+            scale *= float(mpp) / self.target_mpp
         origin = (0, 0)
         if self.size is not None:
             image, labels, points, origin, scale = self._crop(image, labels, points, scale, rng)

@@ -20,7 +20,12 @@ class MLPBlock(nn.Module):
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of an NCHW tensor."""
+    """LayerNorm over the channel axis of an NCHW tensor (image encoder neck, mask decoder, prompt
+    encoder and the prompt learner's ConvNeXt).
+
+    Written with mean/var rather than a permute to channels-last so the ONNX graph stays a handful of
+    elementwise ops on the native layout.
+    """
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
         super().__init__()

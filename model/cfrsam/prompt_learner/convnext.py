@@ -11,25 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel dimension of an NCHW tensor.
-
-    Written with mean/var rather than a permute to channels-last so the ONNX graph stays a handful of
-    elementwise ops on the native layout.
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+from ..modeling.common import LayerNorm2d
 
 
 class DropPath(nn.Module):

@@ -1,6 +1,6 @@
 """Stage-1 training loss (CFR-SAM §3.3.2, eq. for L_prompt):
 
-    L = w_cls * CE(logits, targets; background weight)
+    L = w_cls * CE(logits, targets; background weight, optional per-class weights)
       + w_reg * sum over matched anchors || p_i - x_j ||^2 / N
       + w_mask * Focal(foreground_logits, ground-truth foreground)
 
@@ -73,6 +73,7 @@ class PromptLearnerLoss(nn.Module):
         distance_weight: float = DISTANCE_WEIGHT,
         focal_gamma: float = 2.0,
         focal_alpha: Optional[float] = None,
+        class_weights: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         if regression not in ("l2", "smooth_l1"):
@@ -84,6 +85,8 @@ class PromptLearnerLoss(nn.Module):
         self.regression = regression
         self.focal_gamma = focal_gamma
         self.focal_alpha = focal_alpha
+        # Per nucleus class CE weights (rare classes up); None = 1 for every class.
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
         self.matcher = HungarianMatcher(distance_weight=distance_weight)
 
     def classification_loss(
@@ -104,10 +107,18 @@ class PromptLearnerLoss(nn.Module):
         # -log(1 - p(background)), computed stably as -logsumexp over the nucleus classes.
         nll_nucleus = -torch.logsumexp(log_probs[..., :background], dim=-1)
         nll = torch.where(unknown, nll_nucleus, nll)
+        if self.class_weights is None:
+            nucleus_weight = torch.ones_like(nll)
+        else:
+            if len(self.class_weights) != background:
+                raise ValueError(f"class_weights has {len(self.class_weights)} entries for {background} classes")
+            table = torch.tensor(self.class_weights + [1.0], dtype=nll.dtype, device=nll.device)
+            # Unknown-class nuclei (partial label) keep weight 1.
+            nucleus_weight = torch.where(unknown, torch.ones_like(nll), table[known_target])
         weight = torch.where(
             known_target == background,
             torch.full_like(nll, self.background_weight),
-            torch.ones_like(nll),
+            nucleus_weight,
         )
         return (weight * nll).sum() / weight.sum().clamp(min=1e-12)
 

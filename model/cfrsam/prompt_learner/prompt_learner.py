@@ -203,11 +203,13 @@ def decode_prompts(
     """Point prompts per image: with min_foreground = 0 the anchors whose argmax class is not
     background (paper §3.3.2); otherwise those with 1 - p(background) >= min_foreground, the rule
     the prompter service applies with the manifest's tuned threshold. Returns, per image,
-    dict(points [P, 2], classes [P], scores [P] = probability of the predicted class, anchor_index [P]).
+    dict(points [P, 2], classes [P], scores [P] = probability of the predicted class (over all K+1),
+    foreground [P] = 1 - p(background) (what the prompter ranks its point NMS by), anchor_index [P]).
     """
-    probs = logits.softmax(-1)
+    probs = logits.float().softmax(-1)
     background = logits.shape[-1] - 1
     scores, classes = probs[..., :background].max(-1)
+    foreground = 1.0 - probs[..., background]
     if min_foreground > 0:
         # Serving rule (the prompter service): a foreground probability threshold tuned on
         # validation, which trades precision for recall; at 0 the paper's argmax rule applies.
@@ -222,6 +224,7 @@ def decode_prompts(
                 "points": points[b, idx],
                 "classes": classes[b, idx],
                 "scores": scores[b, idx],
+                "foreground": foreground[b, idx],
                 "anchor_index": idx,
             }
         )

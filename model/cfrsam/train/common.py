@@ -8,6 +8,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -59,6 +60,71 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-limit", type=int, default=0, help="validate on at most N tiles (0: all)")
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="cap steps per epoch (0: whole set)")
     parser.add_argument("--time-budget", type=float, default=0, help="stop after this many minutes")
+    parser.add_argument("--target-mpp", type=float, default=0.0,
+                        help="resample training sets whose samples give an mpp to this many um/px (0: off)")
+    parser.add_argument("--init", help="start from this CFR-SAM checkpoint's weights, or a bundle directory "
+                                       "(its weights.pt); a new schedule, not a resume")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast for the forward pass (CPU or CUDA); losses, optimiser and "
+                             "weights stay float32")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels-last memory format for the convolutional parts and the input")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on `device` when enabled (a no-op context otherwise)."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _float_input(module, inputs):
+    return tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x for x in inputs)
+
+
+def make_autocast_safe(model: torch.nn.Module) -> List[Any]:
+    """Let nn.LayerNorm / nn.GroupNorm take bfloat16 activations under CPU autocast.
+
+    torch 1.13's CPU autocast leaves layer_norm out of its cast lists, so a bfloat16 input meets
+    float32 weights and fails; a forward pre-hook widens such inputs to float32 (normalisation in
+    float32 is what autocast does on CUDA anyway). Hooks only: the modules and the exported graphs
+    are unchanged. Returns the hook handles."""
+    handles = []
+    for module in model.modules():
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+            handles.append(module.register_forward_pre_hook(_float_input))
+    return handles
+
+
+def to_float(value):
+    """Cast floating tensors in a (nested) output to float32, so losses are computed in float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: to_float(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_float(v) for v in value)
+    return value
+
+
+def read_init(path: str) -> Dict[str, Any]:
+    """A CFR-SAM checkpoint dict from a checkpoint file or an exported bundle directory.
+
+    A bundle's weights.pt holds the (float16-rounded) state dict of the merged model and its
+    manifest the config; the weights are widened to float32 to train on."""
+    if Path(path).is_dir():
+        from ..export import ExportError, load_bundle_model
+        try:
+            model, manifest = load_bundle_model(path)
+        except ExportError as e:
+            raise ValueError(str(e)) from e
+        return {"format": "cfrsam-checkpoint/1", "config": model.config.to_dict(),
+                "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "backbone_pretrained": bool(manifest["provenance"].get("backbone_pretrained", False)),
+                "training": {"bundle": str(path), "version": manifest.get("version")},
+                "metrics": manifest.get("metrics")}
+    from ..checkpoint import read_checkpoint
+    return read_checkpoint(path)
 
 
 def class_map(class_names: Sequence[str]) -> Dict[str, int]:
@@ -83,7 +149,8 @@ def build_datasets(args, class_names: Sequence[str], size: int):
             val = NucleiDataset(set_dir, size=size, augment=False, split="val", val_sources=val_sources,
                                 class_map=cmap, crop="center", cache=True)
         else:
-            train_parts.append(NucleiDataset(set_dir, size=size, augment=True, class_map=cmap, cache=True))
+            train_parts.append(NucleiDataset(set_dir, size=size, augment=True, class_map=cmap, cache=True,
+                                             target_mpp=getattr(args, "target_mpp", 0) or None))
     if not train_parts:
         sys.exit("no training sets selected")
     train = ConcatDataset(train_parts) if len(train_parts) > 1 else train_parts[0]

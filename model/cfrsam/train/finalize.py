@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     val = validate_pipeline(model, val_set, torch.device("cpu"), 0, args.radius,
                             min_foreground=best_t, nms_radius=best_r)
     print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
-          + f" ({time.time() - started:.0f}s)", file=sys.stderr)
+          + f" pq_per_class={val.get('pq_per_class')} ({time.time() - started:.0f}s)", file=sys.stderr)
 
     checkpoint = {
         "format": s2.get("format"),

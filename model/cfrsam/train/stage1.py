@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..build import build_cfr_sam
-from ..checkpoint import save_checkpoint
+from ..checkpoint import CheckpointError, save_checkpoint
 from ..data import collate_nuclei
 from ..inference import point_nms
 from ..metrics import pair_points
@@ -34,11 +34,13 @@ def validate(model, loader, device, radius: float, min_foreground: float, nms_ra
     model.prompt_learner.eval()
     with torch.no_grad():
         for batch in loader:
-            out = model.prompt_learner(batch["image"].to(device))
+            image = batch["image"].to(device)
+            out = model.prompt_learner(image)
             for i, det in enumerate(decode_prompts(out["points"], out["logits"], min_foreground)):
-                pts, cls, scores = (det["points"].cpu().numpy(), det["classes"].cpu().numpy(),
-                                    det["scores"].cpu().numpy())
-                keep = point_nms(pts, scores, nms_radius)
+                # The prompter service's rule: points clipped to the tile, NMS ranked by foreground.
+                pts = np.clip(det["points"].cpu().numpy(), 0, image.shape[-1])
+                cls = det["classes"].cpu().numpy()
+                keep = point_nms(pts, det["foreground"].cpu().numpy(), nms_radius)
                 pts, cls = pts[keep], cls[keep]
                 gt = batch["centroids"][i].numpy()
                 gt_cls = batch["classes"][i].numpy()
@@ -53,6 +55,41 @@ def validate(model, loader, device, radius: float, min_foreground: float, nms_ra
             "det_f1": 2 * tp / max(2 * tp + fp + fn, 1), "type_accuracy": correct / max(tp, 1)}
 
 
+def class_frequencies(dataset, num_classes: int) -> np.ndarray:
+    """Nuclei per known class over the training samples' whole images (no crops, no augmentation)."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    parts = dataset.datasets if hasattr(dataset, "datasets") else [dataset]
+    for part in parts:
+        for name in part.names:
+            _, _, _, (_, pixels), classes = part._load(name)
+            present = classes[1:][pixels[1:] > 0]
+            present = present[(present >= 0) & (present < num_classes)]
+            counts += np.bincount(present, minlength=num_classes)[:num_classes]
+    return counts
+
+
+def resolve_class_weights(spec: str, dataset, num_classes: int):
+    """--class-weights -> list of num_classes floats, or None (unweighted)."""
+    if not spec:
+        return None
+    if spec == "balanced":
+        counts = class_frequencies(dataset, num_classes)
+        if (counts <= 0).any():
+            sys.exit(f"--class-weights balanced: a class has no training nuclei ({counts.tolist()})")
+        freq = counts / counts.sum()
+        weights = 1.0 / np.sqrt(freq)
+        # Normalised so the average weight of a training nucleus stays 1: the balance against the
+        # background weight is unchanged, only the classes are reweighted among themselves.
+        return [float(w) for w in weights / float((freq * weights).sum())]
+    try:
+        weights = [float(x) for x in spec.split(",")]
+    except ValueError:
+        sys.exit(f"--class-weights: expected 'balanced' or {num_classes} numbers, got {spec!r}")
+    if len(weights) != num_classes or min(weights) <= 0:
+        sys.exit(f"--class-weights: expected {num_classes} positive numbers, got {spec!r}")
+    return weights
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
@@ -61,6 +98,9 @@ def main(argv=None) -> int:
     parser.add_argument("--radius", type=float, default=12.0, help="detection pairing radius (px)")
     parser.add_argument("--min-foreground", type=float, default=0.5)
     parser.add_argument("--nms-radius", type=float, default=4.0)
+    parser.add_argument("--class-weights", default="",
+                        help="cross-entropy weights of the nucleus classes: comma-separated (one per class), "
+                             "'balanced' (inverse square root of the training frequency, mean 1 per nucleus) or empty (all 1)")
     args = parser.parse_args(argv)
 
     common.seed_everything(args.seed)
@@ -72,10 +112,15 @@ def main(argv=None) -> int:
     log = common.RunLog(out / "log.jsonl")
 
     try:
-        model = build_cfr_sam(args.config, seed=args.seed)
-    except ValueError as e:
+        model = build_cfr_sam(args.config if not args.init else None,
+                              checkpoint=common.read_init(args.init) if args.init else None, seed=args.seed)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
         sys.exit(str(e))
     model.to(device)
+    if args.bf16:
+        common.make_autocast_safe(model)
+    if args.channels_last:
+        model.prompt_learner.to(memory_format=torch.channels_last)
     size = model.config.input_size
     train_set, val_set = common.build_datasets(args, model.config.class_names, size)
     train_loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed, collate_nuclei)
@@ -87,7 +132,9 @@ def main(argv=None) -> int:
     for p in learner.parameters():
         p.requires_grad_(True)
     optimizer, scheduler, steps_per_epoch = common.make_optimizer(list(learner.parameters()), args, len(train_loader))
-    criterion = PromptLearnerLoss(background_weight=args.background_weight, regression_weight=args.regression_weight)
+    class_weights = resolve_class_weights(args.class_weights, train_set, model.config.num_classes)
+    criterion = PromptLearnerLoss(background_weight=args.background_weight, regression_weight=args.regression_weight,
+                                  class_weights=class_weights)
 
     start_epoch, best = 1, {"det_f1": -1.0}
     if args.resume and (out / "last.pt").exists():
@@ -95,6 +142,7 @@ def main(argv=None) -> int:
         start_epoch, best = state["epoch"] + 1, state["best"]
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}", file=sys.stderr)
     log.write({"event": "start", "stage": 1, "args": vars(args), "train_images": len(train_set),
+               "class_weights": class_weights,
                "val_images": len(val_set) if val_set else 0, "device": str(device)})
 
     began = time.time()
@@ -106,7 +154,12 @@ def main(argv=None) -> int:
         for step, batch in enumerate(train_loader, 1):
             if step > steps_per_epoch:
                 break
-            outputs = learner(batch["image"].to(device))
+            image = batch["image"].to(device)
+            if args.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            with common.autocast(device, args.bf16):
+                outputs = learner(image)
+            outputs = common.to_float(outputs)
             targets = {"centroids": [c.to(device) for c in batch["centroids"]],
                        "classes": [c.to(device) for c in batch["classes"]],
                        "foreground": batch["foreground"].to(device)}

@@ -94,7 +94,6 @@ def main(argv=None) -> int:
     common.add_common_args(parser)
     parser.add_argument("--stage1", help="stage-1 checkpoint (its prompt learner is kept)")
     parser.add_argument("--sam-checkpoint", help="official SAM weights: PEFT mode with a frozen backbone")
-    parser.add_argument("--init", help="start from this CFR-SAM checkpoint's weights (a new schedule, not a resume)")
     parser.add_argument("--max-prompts", type=int, default=25)
     parser.add_argument("--jitter", type=float, default=1.5, help="prompt jitter (px, std)")
     parser.add_argument("--lambda-b", type=float, default=1.0)
@@ -113,7 +112,8 @@ def main(argv=None) -> int:
     log = common.RunLog(out / "log.jsonl")
 
     try:
-        model = build_cfr_sam(args.config if not args.init else None, checkpoint=args.init,
+        model = build_cfr_sam(args.config if not args.init else None,
+                              checkpoint=common.read_init(args.init) if args.init else None,
                               sam_checkpoint=args.sam_checkpoint, seed=args.seed)
         stage1_info = None
         if args.stage1:
@@ -130,6 +130,10 @@ def main(argv=None) -> int:
     for p in model.prompt_learner.parameters():
         p.requires_grad_(False)
     model.to(device)
+    if args.bf16:
+        common.make_autocast_safe(model)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     size = model.config.input_size
     train_set, val_set = common.build_datasets(args, model.config.class_names, size)
     loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed, collate_nuclei)
@@ -166,13 +170,17 @@ def main(argv=None) -> int:
             if not valid.any():
                 continue
             image = batch["image"].to(device)
+            if args.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
             b, p = valid.shape
-            prepared = model.prepare(model.encode(image), image)
             flat_valid = valid.reshape(-1)
             image_index = torch.arange(b).repeat_interleave(p)[flat_valid].to(device)
-            mask_logits, origin, iou, coarse, boundary = model.decode_prompts(
-                *prepared, coords.reshape(b * p, 1, 2)[flat_valid].to(device),
-                labels.reshape(b * p, 1)[flat_valid].to(device), image_index=image_index)
+            with common.autocast(device, args.bf16):
+                prepared = model.prepare(model.encode(image), image)
+                mask_logits, origin, iou, coarse, boundary = model.decode_prompts(
+                    *prepared, coords.reshape(b * p, 1, 2)[flat_valid].to(device),
+                    labels.reshape(b * p, 1)[flat_valid].to(device), image_index=image_index)
+            mask_logits, iou, coarse, boundary = common.to_float((mask_logits, iou, coarse, boundary))
             losses = cfr_sam_loss(coarse, mask_logits, boundary,
                                   targets.reshape(b * p, size, size)[flat_valid].to(device), iou,
                                   lambda_b=args.lambda_b, window_origin=origin)

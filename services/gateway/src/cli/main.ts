@@ -4,10 +4,12 @@
 //   segment   segment images and write GeoJSON, CSV, label map, sidecar JSON and overlay
 //   score     score predicted label maps against ground truth
 //   evaluate  segment an annotated dataset through a gateway and score it
+//   slide     whole slides: `slide run` segments every tissue region at the model's resolution
 
 import { runEvaluate } from './evaluate';
 import { runScore } from './score';
 import { runSegment } from './segment';
+import { runSlide } from './slide';
 import { runStack } from './stackCommand';
 
 const COMMANDS: Record<string, { run: (argv: readonly string[]) => Promise<number>; help: string }> = {
@@ -15,6 +17,7 @@ const COMMANDS: Record<string, { run: (argv: readonly string[]) => Promise<numbe
   segment: { run: runSegment, help: 'segment images; writes GeoJSON (QuPath), CSV, label PNG, sidecar JSON and overlay PNG' },
   score: { run: runScore, help: 'score predicted label maps against ground truth (PQ, AJI, Dice, F1...)' },
   evaluate: { run: runEvaluate, help: 'segment a dataset through a running gateway and score it' },
+  slide: { run: runSlide, help: 'slide run SLIDE... --out DIR: segment whole slides (SVS, TIFF, OME-TIFF, DICOM) region by region' },
 };
 
 function usage(): string {
