@@ -60,7 +60,10 @@ async function loadRgb(preferred, size) {
   return { rgb: new Uint8Array(data), source: path.relative(root, file) };
 }
 
-const png = (rgb, size) => sharp(Buffer.from(rgb), { raw: { width: size, height: size, channels: 3 } }).png().toBuffer();
+const png = (rgb, size) =>
+  sharp(Buffer.from(rgb), { raw: { width: size, height: size, channels: 3 } })
+    .png()
+    .toBuffer();
 
 /** PNGs of the image with one pixel changed per copy: each a cold request (new digests). */
 async function coldCopies(rgb, size, n, salt = 0) {
@@ -89,13 +92,17 @@ async function inProcessStages() {
   return {
     prompter: {
       async detect(tiles, call) {
-        const res = await call.clock.time('prompter', () => prompter.detect({ tiles: tiles.map(input), minForeground: 0, nmsRadius: 0, modelVersion: '' }, call.signal));
+        const res = await call.clock.time('prompter', () =>
+          prompter.detect({ tiles: tiles.map(input), minForeground: 0, nmsRadius: 0, modelVersion: '' }, call.signal),
+        );
         return new Map(res.tiles.map((t) => [t.digest, t.detections]));
       },
     },
     encoder: {
       async encode(tiles, call) {
-        const { response } = await call.clock.time('encoder', () => encoder.encode({ tiles: tiles.map(input), modelVersion: '', returnFeatures: true }));
+        const { response } = await call.clock.time('encoder', () =>
+          encoder.encode({ tiles: tiles.map(input), modelVersion: '', returnFeatures: true }),
+        );
         for (const t of response.tiles) features.set(t.digest, t.features);
         return { cacheHits: response.tiles.filter((t) => t.cacheHit).length };
       },
@@ -105,10 +112,15 @@ async function inProcessStages() {
         if (!decoder.cache.has(tile.digest)) {
           // A copy: the worker pool takes ownership of what it is given, and the encoder's cache keeps its own.
           const f = features.get(tile.digest);
-          await limiter.run(() => call.clock.time('decoder_prepare', () => decoder.prepare({ ...input(tile), features: { ...f, data: Buffer.from(f.data) }, modelVersion: '' })));
+          await limiter.run(() =>
+            call.clock.time('decoder_prepare', () =>
+              decoder.prepare({ ...input(tile), features: { ...f, data: Buffer.from(f.data) }, modelVersion: '' }),
+            ),
+          );
         }
         const batches = [];
-        for (let i = 0; i < prompts.length; i += DEFAULT_GATEWAY_CONFIG.decodeBatchSize) batches.push(prompts.slice(i, i + DEFAULT_GATEWAY_CONFIG.decodeBatchSize));
+        for (let i = 0; i < prompts.length; i += DEFAULT_GATEWAY_CONFIG.decodeBatchSize)
+          batches.push(prompts.slice(i, i + DEFAULT_GATEWAY_CONFIG.decodeBatchSize));
         const out = await call.clock.time('decoder_decode', () =>
           Promise.all(batches.map((b) => limiter.run(() => decoder.decode({ digest: tile.digest, prompts: b, modelVersion: '' }, call.signal)))),
         );
@@ -169,7 +181,13 @@ async function main() {
   const results = {};
 
   // --- four services
-  const stack = await startStack({ bundle: args.bundle, decoders: DECODERS, port: 0, log: () => {}, args: { gateway: ['--max-concurrent-requests', '1000'] } });
+  const stack = await startStack({
+    bundle: args.bundle,
+    decoders: DECODERS,
+    port: 0,
+    log: () => {},
+    args: { gateway: ['--max-concurrent-requests', '1000'] },
+  });
   try {
     const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
     const segment = (image) => unary(client, client.segment, request(image), { timeoutMs: 600_000 });
@@ -180,7 +198,13 @@ async function main() {
     client.close();
 
     // Bytes through the gateway: the gRPC stage adapter in this process against the same stack.
-    const grpcStages = new GrpcStages({ ...config, prompter: [stack.prompter], encoder: stack.encoders, decoders: stack.decoders, modelVersion: manifest.version });
+    const grpcStages = new GrpcStages({
+      ...config,
+      prompter: [stack.prompter],
+      encoder: stack.encoders,
+      decoders: stack.decoders,
+      modelVersion: manifest.version,
+    });
     await grpcStages.start();
     const viaGrpc = new SegmentationPipeline(manifest, config, grpcStages);
     const res = await viaGrpc.segment(request((await coldCopies(big.rgb, 1000, 1, 4))[0]));
@@ -195,8 +219,12 @@ async function main() {
     const afterFor = (s) => 2 * 3 * s * s + prepares * 3 * s * s;
     const fB = 4 * 768 * 64 * 64 * 4; // b: 1024 input, 4 HMFM levels of 768 x 64 x 64
     console.log(`\nbytes of tensors through the gateway per tile (1000x1000 image, ${tiles} tiles, ${prepares.toFixed(2)} Prepares per tile):`);
-    console.log(`  ${manifest.config} (features ${mb(F)} MB): before ${mb(before(F, S))} MB, after ${mb(after)} MB measured (${mb(afterFor(S))} MB computed), features through the gateway: ${st.bytes.featuresIn}`);
-    console.log(`  b at 1024 (features ${mb(fB)} MB): before ${mb(before(fB, 1024))} MB, after ${mb(afterFor(1024))} MB (computed with the same Prepares per tile)`);
+    console.log(
+      `  ${manifest.config} (features ${mb(F)} MB): before ${mb(before(F, S))} MB, after ${mb(after)} MB measured (${mb(afterFor(S))} MB computed), features through the gateway: ${st.bytes.featuresIn}`,
+    );
+    console.log(
+      `  b at 1024 (features ${mb(fB)} MB): before ${mb(before(fB, 1024))} MB, after ${mb(afterFor(1024))} MB (computed with the same Prepares per tile)`,
+    );
     viaGrpc.close();
   } finally {
     await stack.stop();
@@ -209,17 +237,24 @@ async function main() {
   for (const c of cases) {
     c.localImages = await coldCopies(c.rgb, c.size, c.n, 2);
     c.localTput = await coldCopies(c.rgb, c.size, c.tput, 3);
-    const r = (results[`one process ${c.label}`] = { lat: await latency(segmentLocal, c.localImages), tput: await throughput(segmentLocal, c.localTput, CLIENTS) });
+    const r = (results[`one process ${c.label}`] = {
+      lat: await latency(segmentLocal, c.localImages),
+      tput: await throughput(segmentLocal, c.localTput, CLIENTS),
+    });
     console.log(`one process ${c.label}: ${fmt(r.lat.ms)} ms, ${r.tput.toFixed(2)} images/s`);
   }
   pipeline.close();
 
-  console.log('\n| case | latency one request (ms) | services / one process | throughput, ' + CLIENTS + ' clients (images/s) | services / one process |');
+  console.log(
+    '\n| case | latency one request (ms) | services / one process | throughput, ' + CLIENTS + ' clients (images/s) | services / one process |',
+  );
   console.log('| --- | --- | --- | --- | --- |');
   for (const c of cases) {
     const s = results[`services ${c.label}`];
     const l = results[`one process ${c.label}`];
-    console.log(`| ${c.label} | ${fmt(s.lat.ms)} vs ${fmt(l.lat.ms)} | **${(s.lat.ms / l.lat.ms).toFixed(2)}x** | ${s.tput.toFixed(2)} vs ${l.tput.toFixed(2)} | **${(s.tput / l.tput).toFixed(2)}x** |`);
+    console.log(
+      `| ${c.label} | ${fmt(s.lat.ms)} vs ${fmt(l.lat.ms)} | **${(s.lat.ms / l.lat.ms).toFixed(2)}x** | ${s.tput.toFixed(2)} vs ${l.tput.toFixed(2)} | **${(s.tput / l.tput).toFixed(2)}x** |`,
+    );
   }
   for (const [k, v] of Object.entries(results)) console.log(`  ${k}: ${v.lat.nuclei} nuclei; stages (median ms): ${v.lat.stages}`);
 }

@@ -33,7 +33,12 @@ if (!fs.existsSync(dir)) {
   console.log(`no MoNuSeg data at ${dir}: nothing to measure`);
   process.exit(0);
 }
-const names = fs.readdirSync(dir).filter((f) => f.endsWith('.png') && !f.endsWith('.labels.png')).sort().slice(0, Number(args.images)).map((f) => f.slice(0, -4));
+const names = fs
+  .readdirSync(dir)
+  .filter((f) => f.endsWith('.png') && !f.endsWith('.labels.png'))
+  .sort()
+  .slice(0, Number(args.images))
+  .map((f) => f.slice(0, -4));
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
@@ -64,7 +69,10 @@ async function main() {
     for (const name of names) {
       const gt = await metrics.readLabelPng(path.join(dir, `${name}.labels.png`));
       const full = fs.readFileSync(path.join(dir, `${name}.png`));
-      const half = await sharp(full).resize(Math.round(gt.width / 2), Math.round(gt.height / 2), { kernel: 'lanczos3' }).png().toBuffer();
+      const half = await sharp(full)
+        .resize(Math.round(gt.width / 2), Math.round(gt.height / 2), { kernel: 'lanczos3' })
+        .png()
+        .toBuffer();
       for (const [label, image, mpp] of [
         ['40x, mpp 0.25', full, 0.25],
         ['20x, mpp 0.5 (resampled)', half, 0.5],

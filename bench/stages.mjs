@@ -27,8 +27,13 @@ const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 let seed = 1;
 const rnd = (n) => Float32Array.from({ length: n }, () => ((seed = (seed * 16807) % 2147483647) / 2147483647) * 2 - 1);
 const size = (p) => fs.statSync(p).size;
-const bytes = fs.readdirSync(dir).filter((f) => f.endsWith('.onnx') || f.endsWith('.pt')).reduce((a, f) => a + size(path.join(dir, f)), 0);
-console.log(`${manifest.name} ${manifest.version} (config ${manifest.config}), input ${S}x${S}, graphs+weights ${(bytes / 1e6).toFixed(1)} MB, ${args.threads} intra-op thread(s)`);
+const bytes = fs
+  .readdirSync(dir)
+  .filter((f) => f.endsWith('.onnx') || f.endsWith('.pt'))
+  .reduce((a, f) => a + size(path.join(dir, f)), 0);
+console.log(
+  `${manifest.name} ${manifest.version} (config ${manifest.config}), input ${S}x${S}, graphs+weights ${(bytes / 1e6).toFixed(1)} MB, ${args.threads} intra-op thread(s)`,
+);
 
 async function time(name, feeds) {
   const t0 = performance.now();
@@ -41,7 +46,9 @@ async function time(name, feeds) {
     out = await session.run(feeds);
     runs.push(performance.now() - t);
   }
-  console.log(`  ${name.padEnd(16)} ${(size(path.join(dir, manifest.graphs[name].file)) / 1e6).toFixed(1).padStart(7)} MB  load ${load.toFixed(0).padStart(6)} ms  run ${median(runs).toFixed(1).padStart(8)} ms`);
+  console.log(
+    `  ${name.padEnd(16)} ${(size(path.join(dir, manifest.graphs[name].file)) / 1e6).toFixed(1).padStart(7)} MB  load ${load.toFixed(0).padStart(6)} ms  run ${median(runs).toFixed(1).padStart(8)} ms`,
+  );
   return out;
 }
 
@@ -50,7 +57,11 @@ await time('prompter', { image });
 const enc = await time('encoder', { image });
 const prep = await time('decoder_image', { features: enc.features, image });
 const coords = Float32Array.from({ length: P * 2 }, (_, i) => 8 + ((i * 97) % (S - 16)));
-const dec = { ...prep, point_coords: new ort.Tensor('float32', coords, [P, 1, 2]), point_labels: new ort.Tensor('float32', new Float32Array(P).fill(1), [P, 1]) };
+const dec = {
+  ...prep,
+  point_coords: new ort.Tensor('float32', coords, [P, 1, 2]),
+  point_labels: new ort.Tensor('float32', new Float32Array(P).fill(1), [P, 1]),
+};
 await time('decoder_prompts', dec);
 if (manifest.graphs.decoder_prompts_full) await time('decoder_prompts_full', dec);
 console.log(`  (decoder_prompts at ${P} prompts; _full = BGMR over the whole frame instead of the ${manifest.refinement.window} px window)`);

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# All tests: the model package (pytest), the committed bundle still matching the code, and the
+# All tests: lint, the model package (pytest), the committed bundle still matching the code, and the
 # TypeScript unit and integration tests (real services over loopback gRPC, real nats-server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== lint: TypeScript (ESLint, Prettier) and Python (flake8, black)"
+npm run lint --silent
+/usr/bin/python3 -m flake8 --config .flake8 model
+black --check --quiet model
 echo "== model package (pytest)"
 (cd model && /usr/bin/python3 -m pytest -q)
 echo "== committed bundle models/tiny matches the model code"

@@ -53,7 +53,10 @@ function tsFilesUnder(dir: string): string[] {
 
 /** Environment variables a service reads: string literals in its source and in the shared packages. */
 function envReadBy(stage: string): (name: string) => boolean {
-  const text = [...['rpc', 'contract', 'runtime', 'nuclei'].flatMap((p) => tsFilesUnder(path.join(ROOT, 'packages', p, 'src'))), ...tsFilesUnder(path.join(ROOT, `services/${stage}/src`))]
+  const text = [
+    ...['rpc', 'contract', 'runtime', 'nuclei'].flatMap((p) => tsFilesUnder(path.join(ROOT, 'packages', p, 'src'))),
+    ...tsFilesUnder(path.join(ROOT, `services/${stage}/src`)),
+  ]
     .map((f) => fs.readFileSync(f, 'utf8'))
     .join('\n');
   return (name) => text.includes(`'${name}'`) || text.includes(`"${name}"`);
@@ -100,9 +103,35 @@ async function exportedMetricNames(): Promise<Set<string>> {
 }
 
 const PROMQL_FUNCTIONS = new Set([
-  'abs', 'avg', 'avg_over_time', 'bottomk', 'ceil', 'clamp_max', 'clamp_min', 'count', 'count_over_time', 'delta',
-  'deriv', 'floor', 'histogram_quantile', 'increase', 'irate', 'label_replace', 'max', 'max_over_time', 'min',
-  'min_over_time', 'quantile', 'rate', 'round', 'scalar', 'stddev', 'sum', 'sum_over_time', 'topk', 'vector',
+  'abs',
+  'avg',
+  'avg_over_time',
+  'bottomk',
+  'ceil',
+  'clamp_max',
+  'clamp_min',
+  'count',
+  'count_over_time',
+  'delta',
+  'deriv',
+  'floor',
+  'histogram_quantile',
+  'increase',
+  'irate',
+  'label_replace',
+  'max',
+  'max_over_time',
+  'min',
+  'min_over_time',
+  'quantile',
+  'rate',
+  'round',
+  'scalar',
+  'stddev',
+  'sum',
+  'sum_over_time',
+  'topk',
+  'vector',
 ]);
 const PROMQL_KEYWORDS = new Set(['and', 'or', 'unless', 'bool', 'offset']);
 
@@ -115,7 +144,10 @@ function promqlMetricNames(expr: string): string[] {
   for (const m of s.matchAll(/[A-Za-z_:][A-Za-z0-9_:]*/g)) {
     const word = m[0];
     if (m.index > 0 && /[0-9.]/.test(s[m.index - 1])) continue; // exponent of a number (1e3)
-    const isCall = s.slice(m.index + word.length).trimStart().startsWith('(');
+    const isCall = s
+      .slice(m.index + word.length)
+      .trimStart()
+      .startsWith('(');
     if (isCall) {
       if (!PROMQL_FUNCTIONS.has(word)) throw new Error(`"${expr}": unknown PromQL function ${word}`);
       continue;
@@ -183,7 +215,10 @@ function serviceFor(resources: Resource[], address: string): Obj {
   const m = /^(?:https?:\/\/)?([a-z0-9-]+):(\d+)$/.exec(address);
   if (!m) throw new Error(`"${address}" is not <service>:<port>`);
   const svc = named(resources, 'Service', m[1]);
-  expect(svc.spec.ports.map((p: Obj) => p.port), `${address}: port of Service ${m[1]}`).toContain(Number(m[2]));
+  expect(
+    svc.spec.ports.map((p: Obj) => p.port),
+    `${address}: port of Service ${m[1]}`,
+  ).toContain(Number(m[2]));
   return svc;
 }
 
@@ -201,19 +236,44 @@ describe('the offline checks themselves', () => {
       },
     } as unknown as Resource;
     expect(unknownFields(deployment)).toEqual(['Deployment/x: spec.template.spec.containers[0].readinesProbe']);
-    const badPort = strategicMerge(deployment as never, {
-      spec: { template: { spec: { containers: [{ name: 'c', ports: [{ containerPort: 'grpc' }] }] } } },
-    } as never) as unknown as Resource;
+    const badPort = strategicMerge(
+      deployment as never,
+      {
+        spec: { template: { spec: { containers: [{ name: 'c', ports: [{ containerPort: 'grpc' }] }] } } },
+      } as never,
+    ) as unknown as Resource;
     expect(() => validateResource(badPort)).toThrow(/containerPort must be integer/);
     expect(promqlMetricNames('histogram_quantile(0.95, sum by (le, stage) (rate(a_bucket{x="y"}[5m]))) / b')).toEqual(['a_bucket', 'b']);
   });
 
   it('merge lists the way strategic merge patch does', () => {
     const merged = strategicMerge(
-      { containers: [{ name: 'a', env: [{ name: 'X', value: '1' }, { name: 'Y', value: '2' }] }], metrics: [{ type: 'Resource' }] },
+      {
+        containers: [
+          {
+            name: 'a',
+            env: [
+              { name: 'X', value: '1' },
+              { name: 'Y', value: '2' },
+            ],
+          },
+        ],
+        metrics: [{ type: 'Resource' }],
+      },
       { containers: [{ name: 'a', env: [{ name: 'X', value: '3' }] }], metrics: [{ type: 'Pods' }] },
     );
-    expect(merged).toEqual({ containers: [{ name: 'a', env: [{ name: 'X', value: '3' }, { name: 'Y', value: '2' }] }], metrics: [{ type: 'Pods' }] });
+    expect(merged).toEqual({
+      containers: [
+        {
+          name: 'a',
+          env: [
+            { name: 'X', value: '3' },
+            { name: 'Y', value: '2' },
+          ],
+        },
+      ],
+      metrics: [{ type: 'Pods' }],
+    });
   });
 });
 
@@ -222,16 +282,19 @@ describe('deploy/docker', () => {
   const workspaces: string[] = JSON.parse(readSource('package.json')).workspaces;
   const dockerfile = (name: string) => readSource(`deploy/docker/${name}.Dockerfile`);
 
-  it.each(['prompter', 'encoder', 'decoder', 'gateway', 'gpu'])('%s.Dockerfile installs with every workspace manifest (npm ci needs them)', (name) => {
-    const text = dockerfile(name);
-    for (const ws of workspaces) {
-      const line = `COPY ${ws}/package.json ${ws}/`;
-      // once for the production dependencies, once for the build
-      expect(text.split(line).length - 1, `${name}.Dockerfile: ${line}`).toBe(2);
-    }
-    expect(text).toContain('COPY package.json package-lock.json .npmrc ./');
-    expect(text).toContain('npm ci --omit=dev');
-  });
+  it.each(['prompter', 'encoder', 'decoder', 'gateway', 'gpu'])(
+    '%s.Dockerfile installs with every workspace manifest (npm ci needs them)',
+    (name) => {
+      const text = dockerfile(name);
+      for (const ws of workspaces) {
+        const line = `COPY ${ws}/package.json ${ws}/`;
+        // once for the production dependencies, once for the build
+        expect(text.split(line).length - 1, `${name}.Dockerfile: ${line}`).toBe(2);
+      }
+      expect(text).toContain('COPY package.json package-lock.json .npmrc ./');
+      expect(text).toContain('npm ci --omit=dev');
+    },
+  );
 
   it.each(STAGES)('$name.Dockerfile starts the service on its default port', (stage) => {
     const text = dockerfile(stage.name);
@@ -442,11 +505,18 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     const collector = named(resources(), 'Deployment', 'otel-collector').spec.template.spec.containers[0];
     const portOf = (endpoint: string) => Number(endpoint.split(':').pop());
     expect(collector.ports.map((p: Obj) => p.containerPort)).toContain(portOf(config.receivers.otlp.protocols.grpc.endpoint));
-    expect(env(server(resources(), 'gateway'), 'OTEL_EXPORTER_OTLP_ENDPOINT')).toBe(`http://otel-collector:${portOf(config.receivers.otlp.protocols.grpc.endpoint)}`);
+    expect(env(server(resources(), 'gateway'), 'OTEL_EXPORTER_OTLP_ENDPOINT')).toBe(
+      `http://otel-collector:${portOf(config.receivers.otlp.protocols.grpc.endpoint)}`,
+    );
     serviceFor(resources(), config.exporters['otlp/jaeger'].endpoint);
     const annotations = named(resources(), 'Deployment', 'otel-collector').spec.template.metadata.annotations;
     expect(annotations['prometheus.io/port']).toBe(String(portOf(config.exporters.prometheus.endpoint)));
-    const defined = new Set([...Object.keys(config.receivers), ...Object.keys(config.processors), ...Object.keys(config.exporters), ...Object.keys(config.connectors)]);
+    const defined = new Set([
+      ...Object.keys(config.receivers),
+      ...Object.keys(config.processors),
+      ...Object.keys(config.exporters),
+      ...Object.keys(config.connectors),
+    ]);
     for (const pipeline of Object.values(config.service.pipelines) as Obj[]) {
       for (const part of [...pipeline.receivers, ...(pipeline.processors ?? []), ...pipeline.exporters]) expect(defined.has(part), part).toBe(true);
     }

@@ -38,8 +38,7 @@ function request(image: Buffer, extra: Partial<SegmentRequest> = {}): SegmentReq
   };
 }
 
-const pointPrompts = (blobs: readonly Blob[]): segmentationProto.Prompt[] =>
-  blobs.map((b) => ({ positive: [{ x: b.x, y: b.y }], negative: [] }));
+const pointPrompts = (blobs: readonly Blob[]): segmentationProto.Prompt[] => blobs.map((b) => ({ positive: [{ x: b.x, y: b.y }], negative: [] }));
 
 function segment(req: SegmentRequest, timeoutMs = 120_000): Promise<SegmentResponse> {
   return unary(stack.segmentation, stack.segmentation.segment, req, { timeoutMs });
@@ -154,9 +153,11 @@ function expectPromptsCovered(r: SegmentResponse, blobs: readonly Blob[], fracti
 /** Prompts sent to decoders in the trace of the call that produced `imageId` (sum over Decode batches). */
 function decodedPrompts(imageId: string): number {
   const spans = stack.spans();
-  const root = spans.filter(
-    (s) => s.service === 'gateway' && s.kind === 'SERVER' && s.name.endsWith('Segmentation/Segment') && s.attributes['cfrsam.image_id'] === imageId,
-  ).pop();
+  const root = spans
+    .filter(
+      (s) => s.service === 'gateway' && s.kind === 'SERVER' && s.name.endsWith('Segmentation/Segment') && s.attributes['cfrsam.image_id'] === imageId,
+    )
+    .pop();
   if (!root) throw new Error(`no Segment span for ${imageId}`);
   return spans
     .filter((s) => s.traceId === root.traceId && s.service === 'gateway' && s.kind === 'CLIENT' && s.name.endsWith('Decoder/Decode'))
@@ -168,12 +169,18 @@ beforeAll(async () => {
     decoders: 2,
     args: {
       gateway: [
-        '--max-image-pixels', String(MAX_PIXELS),
-        '--max-prompts', String(MAX_PROMPTS),
-        '--tile-overlap', String(OVERLAP),
-        '--decode-batch-size', '4',
-        '--max-decoder-calls', '4',
-        '--replica-cooldown-ms', '600000',
+        '--max-image-pixels',
+        String(MAX_PIXELS),
+        '--max-prompts',
+        String(MAX_PROMPTS),
+        '--tile-overlap',
+        String(OVERLAP),
+        '--decode-batch-size',
+        '4',
+        '--max-decoder-calls',
+        '4',
+        '--replica-cooldown-ms',
+        '600000',
       ],
     },
   });
@@ -284,9 +291,15 @@ describe('gateway', () => {
   });
 
   it('answers bad input with INVALID_ARGUMENT naming the problem, and keeps serving', async () => {
-    const one = await sharp({ create: { width: 1, height: 1, channels: 3, background: 'red' } }).png().toBuffer();
-    const huge = await sharp({ create: { width: 700, height: 700, channels: 3, background: 'white' } }).png().toBuffer();
-    const gif = await sharp({ create: { width: 16, height: 16, channels: 3, background: 'red' } }).gif().toBuffer();
+    const one = await sharp({ create: { width: 1, height: 1, channels: 3, background: 'red' } })
+      .png()
+      .toBuffer();
+    const huge = await sharp({ create: { width: 700, height: 700, channels: 3, background: 'white' } })
+      .png()
+      .toBuffer();
+    const gif = await sharp({ create: { width: 16, height: 16, channels: 3, background: 'red' } })
+      .gif()
+      .toBuffer();
     const bmp = Buffer.concat([Buffer.from('BM'), Buffer.alloc(64, 1)]);
     const corrupt = Buffer.concat([smallPng.subarray(0, 64), Buffer.alloc(256, 7)]);
     const prompt = (x: number, y: number) => ({ positive: [{ x, y }], negative: [] });
@@ -297,10 +310,22 @@ describe('gateway', () => {
       ['over the pixel limit', request(huge), /700x700 = 490000 pixels, over the limit of 400000/],
       ['GIF', request(gif), /GIF images are not supported; send PNG, JPEG or TIFF/],
       ['BMP', request(bmp), /BMP images are not supported/],
-      ['point outside', request(smallPng, { prompts: [prompt(300, 10)] }), /prompts\[0\]\.positive\[0\] \(x=300, y=10\) is outside the 256x256 image/],
+      [
+        'point outside',
+        request(smallPng, { prompts: [prompt(300, 10)] }),
+        /prompts\[0\]\.positive\[0\] \(x=300, y=10\) is outside the 256x256 image/,
+      ],
       ['negative coordinates', request(smallPng, { prompts: [prompt(10, -1)] }), /outside the 256x256 image/],
-      ['too many prompts', request(smallPng, { prompts: Array.from({ length: MAX_PROMPTS + 1 }, () => prompt(10, 10)) }), /too many prompts: 201, at most 200/],
-      ['malformed box', request(smallPng, { prompts: [{ positive: [], negative: [], box: { x0: 50, y0: 50, x1: 40, y1: 60 } }] }), /box .* is malformed/],
+      [
+        'too many prompts',
+        request(smallPng, { prompts: Array.from({ length: MAX_PROMPTS + 1 }, () => prompt(10, 10)) }),
+        /too many prompts: 201, at most 200/,
+      ],
+      [
+        'malformed box',
+        request(smallPng, { prompts: [{ positive: [], negative: [], box: { x0: 50, y0: 50, x1: 40, y1: 60 } }] }),
+        /box .* is malformed/,
+      ],
       ['empty prompt', request(smallPng, { prompts: [{ positive: [], negative: [{ x: 5, y: 5 }] }] }), /no positive point and no box/],
       ['wrong model', request(smallPng, { model: 'sam-vit-h' }), /model "sam-vit-h" is not served here/],
       ['manual mode without prompts', request(smallPng, { promptMode: PromptMode.PROMPT_MODE_MANUAL }), /MANUAL needs at least one prompt/],
@@ -321,7 +346,8 @@ describe('gateway', () => {
     const r = await segment(request(png, { prompts: pointPrompts(blobs) }));
     const spans = stack.spans();
     const root = spans.find(
-      (s) => s.service === 'gateway' && s.kind === 'SERVER' && s.name.endsWith('Segmentation/Segment') && s.attributes['cfrsam.image_id'] === r.imageId,
+      (s) =>
+        s.service === 'gateway' && s.kind === 'SERVER' && s.name.endsWith('Segmentation/Segment') && s.attributes['cfrsam.image_id'] === r.imageId,
     );
     expect(root).toBeDefined();
     const trace = spans.filter((s) => s.traceId === root!.traceId);

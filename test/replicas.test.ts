@@ -159,7 +159,10 @@ describe('replicas of every stage, some killed mid-run', () => {
     // call off the dead encoder.
     const okAfterKill = after.filter((o) => o.response && o.startedAt + o.ms > killedAt);
     expect(okAfterKill.length).toBeGreaterThan(0);
-    const gatewayLogs = [...stack.logs.entries()].filter(([name]) => name.startsWith('gateway')).flatMap(([, lines]) => lines).join('\n');
+    const gatewayLogs = [...stack.logs.entries()]
+      .filter(([name]) => name.startsWith('gateway'))
+      .flatMap(([, lines]) => lines)
+      .join('\n');
     const failovers = (what: string, address: string) =>
       (gatewayLogs.match(new RegExp(`${what} ${address.replace(/\./g, '\\.')} failed .*trying the next replica`, 'g')) ?? []).length;
     const encoderFailovers = failovers('encoder', encoderVictim.address);

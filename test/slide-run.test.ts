@@ -19,7 +19,10 @@ const have = existsSync(SVS);
 if (!have) console.warn(`slide samples not found at ${SLIDES}: skipping the cfrsam slide run tests (set CFRSAM_SLIDES_DIR)`);
 
 const CLI = path.join(ROOT, 'services/gateway/dist/cli/main.js');
-const W0 = 2220, H0 = 2967, SLIDE_MPP = 0.499, MODEL_MPP = 0.25;
+const W0 = 2220,
+  H0 = 2967,
+  SLIDE_MPP = 0.499,
+  MODEL_MPP = 0.25;
 // A 512 x 512 level-0 rectangle in tissue, and one 4x its area with the same corner.
 const ROI = { x: 832, y: 1152, width: 512, height: 512 };
 const ROI4 = { x: 832, y: 1152, width: 1024, height: 1024 };
@@ -36,7 +39,8 @@ interface Run {
 function cli(args: string[]): Promise<Run> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '', stderr = '';
+    let stdout = '',
+      stderr = '';
     child.stdout.on('data', (b: Buffer) => (stdout += b.toString()));
     child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
     child.once('error', reject);
@@ -65,7 +69,8 @@ function readOutputs(dir: string, name = 'CMU-1-Small-Region') {
 function insidePolygon(ring: number[][], x: number, y: number): boolean {
   let inside = false;
   for (let i = 0, j = ring.length - 1; i < ring.length; j = i++) {
-    const [xi, yi] = ring[i], [xj, yj] = ring[j];
+    const [xi, yi] = ring[i],
+      [xj, yj] = ring[j];
     if (yi > y !== yj > y && x < ((xj - xi) * (y - yi)) / (yj - yi) + xi) inside = !inside;
   }
   return inside;
@@ -80,7 +85,8 @@ function twins(features: Feature[]): string[] {
   for (let i = 0; i < features.length; i++) {
     for (let j = i + 1; j < features.length; j++) {
       if (Math.hypot(c[i][0] - c[j][0], c[i][1] - c[j][1]) > 40) continue;
-      const pa = features[i].geometry.coordinates[0], pb = features[j].geometry.coordinates[0];
+      const pa = features[i].geometry.coordinates[0],
+        pb = features[j].geometry.coordinates[0];
       if (insidePolygon(pa, c[j][0], c[j][1]) || insidePolygon(pb, c[i][0], c[i][1])) out.push(`${c[i]} / ${c[j]}`);
     }
   }
@@ -97,7 +103,7 @@ describe.skipIf(!have || !existsSync(CLI))('cfrsam slide run on the 20x SVS', ()
   afterAll(() => rmSync(tmp, { recursive: true, force: true }));
   let firstPeakMb = 0;
 
-  it('an ROI: level-0 GeoJSON inside the slide and the ROI, nuclei once across seams, areas at the file\'s mpp, CSV, overview', async () => {
+  it("an ROI: level-0 GeoJSON inside the slide and the ROI, nuclei once across seams, areas at the file's mpp, CSV, overview", async () => {
     const out = path.join(tmp, 'roi');
     const run = await cli(['slide', 'run', SVS, '--out', out, '--roi', roiArg(ROI), ...REGION]);
     expect(run.code, run.stderr).toBe(0);
@@ -124,7 +130,8 @@ describe.skipIf(!have || !existsSync(CLI))('cfrsam slide run on the 20x SVS', ()
         expect(x >= ROI.x - MARGIN_L0 - 1 && x <= ROI.x + ROI.width + MARGIN_L0 + 1, `x ${x} outside the ROI`).toBe(true);
         expect(y >= ROI.y - MARGIN_L0 - 1 && y <= ROI.y + ROI.height + MARGIN_L0 + 1, `y ${y} outside the ROI`).toBe(true);
       }
-      const cx = f.properties.measurements['Centroid X px'], cy = f.properties.measurements['Centroid Y px'];
+      const cx = f.properties.measurements['Centroid X px'],
+        cy = f.properties.measurements['Centroid Y px'];
       expect(cx >= ROI.x && cx < ROI.x + ROI.width && cy >= ROI.y && cy < ROI.y + ROI.height, `centroid ${cx},${cy} outside the ROI`).toBe(true);
       centroids.push([cx, cy]);
     }
@@ -172,7 +179,9 @@ describe.skipIf(!have || !existsSync(CLI))('cfrsam slide run on the 20x SVS', ()
     expect(run.code, run.stderr).toBe(0);
     const { geo, summary } = readOutputs(out);
     const peak = summary.peakRssMb.cli as number;
-    console.log(`peak RSS of the CLI: ROI ${roiArg(ROI)} ${firstPeakMb} MB, ROI ${roiArg(ROI4)} (4x) ${peak} MB; ${summary.regions} regions, ${geo.features.length} nuclei`);
+    console.log(
+      `peak RSS of the CLI: ROI ${roiArg(ROI)} ${firstPeakMb} MB, ROI ${roiArg(ROI4)} (4x) ${peak} MB; ${summary.regions} regions, ${geo.features.length} nuclei`,
+    );
     expect(summary.regions).toBeGreaterThan(12);
     expect(twins(geo.features), 'nuclei found twice').toEqual([]);
     expect(peak).toBeLessThanOrEqual(1.5 * firstPeakMb + 64);

@@ -29,16 +29,7 @@ export interface Resource {
 type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 type JsonObject = { [key: string]: Json };
 
-const SUPPORTED_FIELDS = new Set([
-  'apiVersion',
-  'kind',
-  'namespace',
-  'resources',
-  'patches',
-  'configMapGenerator',
-  'generatorOptions',
-  'images',
-]);
+const SUPPORTED_FIELDS = new Set(['apiVersion', 'kind', 'namespace', 'resources', 'patches', 'configMapGenerator', 'generatorOptions', 'images']);
 
 /** Kinds that have no namespace (the namespace transformer leaves them alone). */
 const CLUSTER_SCOPED_KINDS = new Set([
@@ -243,7 +234,9 @@ export function renderKustomization(dir: string): Resource[] {
     if (fs.statSync(target).isDirectory()) resources.push(...renderKustomization(target));
     else resources.push(...loadYamlDocuments(target).map((d) => asResource(d, target)));
   }
-  resources.push(...generateConfigMaps(dir, (doc.configMapGenerator as JsonObject[] | undefined) ?? [], doc.generatorOptions as JsonObject | undefined));
+  resources.push(
+    ...generateConfigMaps(dir, (doc.configMapGenerator as JsonObject[] | undefined) ?? [], doc.generatorOptions as JsonObject | undefined),
+  );
 
   for (const patch of (doc.patches as JsonObject[] | undefined) ?? []) {
     const target = patch.target as PatchTarget | undefined;

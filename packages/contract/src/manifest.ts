@@ -215,9 +215,7 @@ export function loadManifest(dir: string, options: LoadManifestOptions = {}): Ma
     if (options.verifyGraphs ?? true) {
       const actual = sha256File(entry.path);
       if (actual !== entry.sha256) {
-        throw new ManifestError(
-          `graph "${name}": ${entry.path} has sha256 ${actual}, the manifest says ${entry.sha256} (stale or corrupt bundle)`,
-        );
+        throw new ManifestError(`graph "${name}": ${entry.path} has sha256 ${actual}, the manifest says ${entry.sha256} (stale or corrupt bundle)`);
       }
     }
   }

@@ -42,7 +42,11 @@ export function readStageTile(field: string, tile: { digest: string; pixels?: st
         { fieldViolations: [{ field: `${field}.digest`, description: 'does not match the RGB bytes' }] },
       );
     }
-    return { digest: tile.digest, pixels: { type: 'float32', dims: [3, S, S], data: normalizeRgb(tile.rgb, S, S, manifest.normalization) }, verified: true };
+    return {
+      digest: tile.digest,
+      pixels: { type: 'float32', dims: [3, S, S], data: normalizeRgb(tile.rgb, S, S, manifest.normalization) },
+      verified: true,
+    };
   }
   const pixels = tile.pixels ? tensorFromProto(`${field}.pixels`, tile.pixels, [3, S, S]) : null;
   return { digest: tile.digest, pixels, verified: false };

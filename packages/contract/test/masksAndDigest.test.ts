@@ -11,7 +11,7 @@ describe('bit packing', () => {
   });
 
   it('round-trips arbitrary masks', () => {
-    const mask = Uint8Array.from({ length: 7 * 13 }, (_, i) => (i * 2654435761) % 7 < 3 ? 1 : 0);
+    const mask = Uint8Array.from({ length: 7 * 13 }, (_, i) => ((i * 2654435761) % 7 < 3 ? 1 : 0));
     expect([...unpackBits(packBits(mask, 7, 13), 7, 13)]).toEqual([...mask]);
   });
 });
@@ -38,7 +38,9 @@ describe('thresholdAndCrop', () => {
 describe('digestTile', () => {
   it('is SHA-256 over the RGB bytes followed by the model version', () => {
     const rgb = new Uint8Array([1, 2, 3, 4, 5, 6]);
-    const expected = createHash('sha256').update(Buffer.concat([Buffer.from(rgb), Buffer.from('0.1.0+abc')])).digest('hex');
+    const expected = createHash('sha256')
+      .update(Buffer.concat([Buffer.from(rgb), Buffer.from('0.1.0+abc')]))
+      .digest('hex');
     expect(digestTile(rgb, '0.1.0+abc')).toBe(expected);
     expect(digestTile(rgb, '0.1.0+abd')).not.toBe(expected);
     expect(isDigest(expected)).toBe(true);

@@ -54,9 +54,7 @@ describe('proto tensors', () => {
 
   it('names the field and the expected shape on a mismatch', () => {
     const t = tensorToProto([3, 128, 128], new Float32Array(3 * 128 * 128));
-    expect(() => tensorFromProto('tiles[1].pixels', t, [3, 256, 256])).toThrow(
-      'tiles[1].pixels: expected dims [3,256,256], got [3,128,128]',
-    );
+    expect(() => tensorFromProto('tiles[1].pixels', t, [3, 256, 256])).toThrow('tiles[1].pixels: expected dims [3,256,256], got [3,128,128]');
     expect(() => tensorFromProto('pixels', undefined, [3, 256, 256])).toThrow(/pixels: missing tensor/);
     const short = { dims: [4], dtype: stagesProto.DType.DTYPE_FLOAT32, data: Buffer.alloc(8) };
     expect(() => tensorFromProto('x', short)).toThrow('x: float32 [4] needs 16 bytes, got 8');

@@ -31,10 +31,24 @@ function nucleus(id: number, classIndex: number): Nucleus {
     classProbabilities: classIndex >= 0 ? [0.1, 0.2, 0.7] : [],
     centroid: { x: 12.5, y: 7.25 },
     bbox: { x0: 10, y0: 5, x1: 15, y1: 10 },
-    polygon: [{ x: 10, y: 5 }, { x: 15, y: 5 }, { x: 15, y: 10 }, { x: 10, y: 10 }],
+    polygon: [
+      { x: 10, y: 5 },
+      { x: 15, y: 5 },
+      { x: 15, y: 10 },
+      { x: 10, y: 10 },
+    ],
     measurements: {
-      areaPx: 25, areaUm2: 1.5625, perimeterPx: 19.5, circularity: 0.8, eccentricity: 0.1, majorAxisPx: 5.1,
-      minorAxisPx: 5, solidity: 1, meanR: 120, meanG: 80, meanB: 160,
+      areaPx: 25,
+      areaUm2: 1.5625,
+      perimeterPx: 19.5,
+      circularity: 0.8,
+      eccentricity: 0.1,
+      majorAxisPx: 5.1,
+      minorAxisPx: 5,
+      solidity: 1,
+      meanR: 120,
+      meanG: 80,
+      meanB: 160,
     },
     source: PromptSource.PROMPT_SOURCE_AUTO,
     prompt: { x: 12, y: 7 },
@@ -107,7 +121,12 @@ describe('label PNG, overlay, sidecar', () => {
   });
 
   it('sidecar JSON follows the shared data layout', () => {
-    const s = nucleiToSidecar([nucleus(1, 2), nucleus(2, -1), nucleus(3, 0)], classes.map((c) => c.name), 'cfrsam segment', 0.25);
+    const s = nucleiToSidecar(
+      [nucleus(1, 2), nucleus(2, -1), nucleus(3, 0)],
+      classes.map((c) => c.name),
+      'cfrsam segment',
+      0.25,
+    );
     expect(s).toEqual({
       source: 'cfrsam segment',
       classNames: classes.map((c) => c.name),

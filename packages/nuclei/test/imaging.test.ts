@@ -41,7 +41,9 @@ async function expectInputError(bytes: Uint8Array, pattern: RegExp, l = limits) 
 describe('decodeImage', () => {
   it('decodes 8-bit RGB PNG exactly', async () => {
     const raw = gradientRgb(20, 12);
-    const png = await sharp(raw, { raw: { width: 20, height: 12, channels: 3 } }).png().toBuffer();
+    const png = await sharp(raw, { raw: { width: 20, height: 12, channels: 3 } })
+      .png()
+      .toBuffer();
     const img = await decodeImage(png, limits);
     expect([img.width, img.height, img.format, img.sourceBitDepth]).toEqual([20, 12, 'png', 8]);
     expect(Buffer.from(img.data).equals(raw)).toBe(true);
@@ -49,7 +51,10 @@ describe('decodeImage', () => {
 
   it('converts 16-bit grey PNG to 8-bit RGB and decodes TIFF', async () => {
     const u16 = new Uint16Array(10 * 10).map((_, i) => i * 600);
-    const png = await sharp(u16, { raw: { width: 10, height: 10, channels: 1 } }).toColourspace('grey16').png().toBuffer();
+    const png = await sharp(u16, { raw: { width: 10, height: 10, channels: 1 } })
+      .toColourspace('grey16')
+      .png()
+      .toBuffer();
     const img = await decodeImage(png, limits);
     expect(img.sourceBitDepth).toBe(16);
     expect(img.sourceChannels).toBe(1);
@@ -60,17 +65,23 @@ describe('decodeImage', () => {
       expect(img.data[i * 3 + 1]).toBe(img.data[i * 3]);
       expect(img.data[i * 3 + 2]).toBe(img.data[i * 3]);
     }
-    const tif = await sharp(gradientRgb(9, 9), { raw: { width: 9, height: 9, channels: 3 } }).tiff({ compression: 'lzw' }).toBuffer();
+    const tif = await sharp(gradientRgb(9, 9), { raw: { width: 9, height: 9, channels: 3 } })
+      .tiff({ compression: 'lzw' })
+      .toBuffer();
     const t = await decodeImage(tif, limits);
     expect([t.format, t.width, t.height]).toEqual(['tiff', 9, 9]);
     expect(Buffer.from(t.data).equals(gradientRgb(9, 9))).toBe(true);
   });
 
   it('composites RGBA over white and decodes JPEG', async () => {
-    const rgba = await sharp({ create: { width: 8, height: 8, channels: 4, background: { r: 0, g: 0, b: 0, alpha: 0 } } }).png().toBuffer();
+    const rgba = await sharp({ create: { width: 8, height: 8, channels: 4, background: { r: 0, g: 0, b: 0, alpha: 0 } } })
+      .png()
+      .toBuffer();
     const img = await decodeImage(rgba, limits);
     expect(img.data.every((v) => v === 255)).toBe(true);
-    const jpg = await sharp(gradientRgb(16, 16), { raw: { width: 16, height: 16, channels: 3 } }).jpeg().toBuffer();
+    const jpg = await sharp(gradientRgb(16, 16), { raw: { width: 16, height: 16, channels: 3 } })
+      .jpeg()
+      .toBuffer();
     const j = await decodeImage(jpg, limits);
     expect([j.format, j.width, j.height, j.data.length]).toEqual(['jpeg', 16, 16, 16 * 16 * 3]);
   });
@@ -78,19 +89,27 @@ describe('decodeImage', () => {
   it('rejects empty, corrupt, truncated and unsupported input with a clear message', async () => {
     await expectInputError(new Uint8Array(0), /empty/);
     await expectInputError(Buffer.from('definitely not an image'), /not recognised.*PNG, JPEG or TIFF/);
-    const gif = await sharp({ create: { width: 8, height: 8, channels: 3, background: 'red' } }).gif().toBuffer();
+    const gif = await sharp({ create: { width: 8, height: 8, channels: 3, background: 'red' } })
+      .gif()
+      .toBuffer();
     expect(sniffImageFormat(gif)).toBe('gif');
     await expectInputError(gif, /GIF images are not supported.*PNG, JPEG or TIFF/);
     await expectInputError(Buffer.concat([Buffer.from('BM'), Buffer.alloc(60)]), /BMP images are not supported/);
-    const png = await sharp(gradientRgb(64, 64), { raw: { width: 64, height: 64, channels: 3 } }).png().toBuffer();
+    const png = await sharp(gradientRgb(64, 64), { raw: { width: 64, height: 64, channels: 3 } })
+      .png()
+      .toBuffer();
     await expectInputError(png.subarray(0, png.length - 40), /corrupt or truncated/);
     await expectInputError(png.subarray(0, 20), /corrupt/);
   });
 
   it('rejects images below the minimum size and over the pixel limit (from the header)', async () => {
-    const one = await sharp({ create: { width: 1, height: 1, channels: 3, background: 'red' } }).png().toBuffer();
+    const one = await sharp({ create: { width: 1, height: 1, channels: 3, background: 'red' } })
+      .png()
+      .toBuffer();
     await expectInputError(one, /1x1 pixels, smaller than the minimum of 8x8/);
-    const big = await sharp({ create: { width: 2000, height: 1000, channels: 3, background: 'white' } }).png().toBuffer();
+    const big = await sharp({ create: { width: 2000, height: 1000, channels: 3, background: 'white' } })
+      .png()
+      .toBuffer();
     await expectInputError(big, /2000x1000 = 2000000 pixels, over the limit of 1000000/);
   });
 });
@@ -129,7 +148,13 @@ describe('tiling', () => {
       expect(t.valid.y1 - t.valid.y0).toBe(256);
     }
     expect(owners.every((v) => v === 1)).toBe(true);
-    for (const [x, y] of [[0, 0], [213.9, 214], [214, 213], [599.5, 499.5], [386, 100]]) {
+    for (const [x, y] of [
+      [0, 0],
+      [213.9, 214],
+      [214, 213],
+      [599.5, 499.5],
+      [386, 100],
+    ]) {
       const t = ownerTile(layout, x, y);
       expect(rectContains(t.core, x, y)).toBe(true);
       expect(rectContains(t.valid, x, y)).toBe(true);

@@ -36,7 +36,13 @@ function maskOf(x0: number, y0: number, w: number, h: number, inside: (x: number
 }
 
 const disk = (cx: number, cy: number, r: number) =>
-  maskOf(Math.floor(cx - r) - 1, Math.floor(cy - r) - 1, Math.ceil(2 * r) + 3, Math.ceil(2 * r) + 3, (x, y) => (x - cx) ** 2 + (y - cy) ** 2 <= r * r);
+  maskOf(
+    Math.floor(cx - r) - 1,
+    Math.floor(cy - r) - 1,
+    Math.ceil(2 * r) + 3,
+    Math.ceil(2 * r) + 3,
+    (x, y) => (x - cx) ** 2 + (y - cy) ** 2 <= r * r,
+  );
 
 function fromRows(rows: string[], x0 = 0, y0 = 0): PlacedMask {
   const h = rows.length;
@@ -92,12 +98,13 @@ describe('overlap resolution', () => {
     expect(maskArea(bm)).toBeLessThan(maskArea(disk(62, 50, 10)));
     const labels = buildLabelMap(100, 100, [am, bm]);
     let overlap = 0;
-    for (let y = 0; y < 100; y++) for (let x = 0; x < 100; x++) {
-      const inA = x >= am.x0 && x < am.x0 + am.width && y >= am.y0 && y < am.y0 + am.height && am.data[(y - am.y0) * am.width + x - am.x0];
-      const inB = x >= bm.x0 && x < bm.x0 + bm.width && y >= bm.y0 && y < bm.y0 + bm.height && bm.data[(y - bm.y0) * bm.width + x - bm.x0];
-      if (inA && inB) overlap++;
-      if (inA) expect(labels[y * 100 + x]).toBe(1);
-    }
+    for (let y = 0; y < 100; y++)
+      for (let x = 0; x < 100; x++) {
+        const inA = x >= am.x0 && x < am.x0 + am.width && y >= am.y0 && y < am.y0 + am.height && am.data[(y - am.y0) * am.width + x - am.x0];
+        const inB = x >= bm.x0 && x < bm.x0 + bm.width && y >= bm.y0 && y < bm.y0 + bm.height && bm.data[(y - bm.y0) * bm.width + x - bm.x0];
+        if (inA && inB) overlap++;
+        if (inA) expect(labels[y * 100 + x]).toBe(1);
+      }
     expect(overlap).toBe(0);
   });
 
@@ -112,15 +119,24 @@ describe('overlap resolution', () => {
   it('drops empty masks and orders ids by position', () => {
     const empty = { mask: { x0: 0, y0: 0, width: 0, height: 0, data: new Uint8Array(0) }, score: 1, prompt: { x: 0, y: 0 } };
     expect(resolveOverlaps([empty])).toEqual([]);
-    expect(instanceOrder([{ cx: 5, cy: 9, score: 1 }, { cx: 50, cy: 2, score: 1 }, { cx: 1, cy: 9.5, score: 1 }])).toEqual([1, 2, 0]);
+    expect(
+      instanceOrder([
+        { cx: 5, cy: 9, score: 1 },
+        { cx: 50, cy: 2, score: 1 },
+        { cx: 1, cy: 9.5, score: 1 },
+      ]),
+    ).toEqual([1, 2, 0]);
   });
 
   it('suppresses nearby points across tiles, keeping the more confident', () => {
-    const kept = suppressNearbyPoints([
-      { x: 127.5, y: 40, score: 0.7 },
-      { x: 129, y: 41, score: 0.9 },
-      { x: 140, y: 40, score: 0.6 },
-    ], 4);
+    const kept = suppressNearbyPoints(
+      [
+        { x: 127.5, y: 40, score: 0.7 },
+        { x: 129, y: 41, score: 0.9 },
+        { x: 140, y: 40, score: 0.6 },
+      ],
+      4,
+    );
     expect(kept).toEqual([1, 2]);
   });
 });
@@ -128,7 +144,12 @@ describe('overlap resolution', () => {
 describe('contours', () => {
   it('traces a square clockwise on pixel corners', () => {
     const c = traceOuterContour(fromRows(['###', '###'], 5, 7));
-    expect(c.points).toEqual([{ x: 5, y: 7 }, { x: 8, y: 7 }, { x: 8, y: 9 }, { x: 5, y: 9 }]);
+    expect(c.points).toEqual([
+      { x: 5, y: 7 },
+      { x: 8, y: 7 },
+      { x: 8, y: 9 },
+      { x: 5, y: 9 },
+    ]);
     expect(c.edgeLength).toBe(10);
   });
 
@@ -142,7 +163,11 @@ describe('contours', () => {
     for (const s of shapes) {
       const main = keepComponent(fillHoles(s));
       const c = traceOuterContour(main);
-      const raster = rasterizePolygon(c.points.map((p) => ({ x: p.x - main.x0, y: p.y - main.y0 })), main.width, main.height);
+      const raster = rasterizePolygon(
+        c.points.map((p) => ({ x: p.x - main.x0, y: p.y - main.y0 })),
+        main.width,
+        main.height,
+      );
       expect([...raster]).toEqual([...main.data]);
       expect(polygonArea(c.points)).toBe(maskArea(main));
     }
@@ -158,11 +183,32 @@ describe('contours', () => {
   });
 
   it('keeps simplified outlines simple (no self-crossing) on irregular shapes', () => {
-    expect(isSimplePolygon([{ x: 0, y: 0 }, { x: 2, y: 0 }, { x: 2, y: 2 }, { x: 0, y: 2 }])).toBe(true);
-    expect(isSimplePolygon([{ x: 0, y: 0 }, { x: 2, y: 2 }, { x: 2, y: 0 }, { x: 0, y: 2 }])).toBe(false); // bow tie
-    expect(isSimplePolygon([{ x: 0, y: 0 }, { x: 3, y: 0 }, { x: 1, y: 0 }, { x: 1, y: 2 }])).toBe(false); // folds back
+    expect(
+      isSimplePolygon([
+        { x: 0, y: 0 },
+        { x: 2, y: 0 },
+        { x: 2, y: 2 },
+        { x: 0, y: 2 },
+      ]),
+    ).toBe(true);
+    expect(
+      isSimplePolygon([
+        { x: 0, y: 0 },
+        { x: 2, y: 2 },
+        { x: 2, y: 0 },
+        { x: 0, y: 2 },
+      ]),
+    ).toBe(false); // bow tie
+    expect(
+      isSimplePolygon([
+        { x: 0, y: 0 },
+        { x: 3, y: 0 },
+        { x: 1, y: 0 },
+        { x: 1, y: 2 },
+      ]),
+    ).toBe(false); // folds back
     let seed = 3;
-    const rand = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648);
+    const rand = () => (seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648;
     for (let k = 0; k < 40; k++) {
       const blobs = Array.from({ length: 4 }, () => ({ x: 8 + rand() * 16, y: 8 + rand() * 16, r: 2 + rand() * 5 }));
       const m = keepComponent(fillHoles(maskOf(0, 0, 32, 32, (x, y) => blobs.some((b) => (x - b.x) ** 2 + (y - b.y) ** 2 <= b.r * b.r))));
@@ -173,7 +219,13 @@ describe('contours', () => {
   });
 
   it('convex hull of a square', () => {
-    const hull = convexHull([{ x: 0, y: 0 }, { x: 2, y: 0 }, { x: 1, y: 1 }, { x: 2, y: 2 }, { x: 0, y: 2 }]);
+    const hull = convexHull([
+      { x: 0, y: 0 },
+      { x: 2, y: 0 },
+      { x: 1, y: 1 },
+      { x: 2, y: 2 },
+      { x: 0, y: 2 },
+    ]);
     expect(hull).toHaveLength(4);
     expect(polygonArea(hull)).toBe(4);
   });

@@ -30,8 +30,17 @@ function assignedCost(cost: number[], cols: number, colForRow: Int32Array): numb
 describe('linearSumAssignment (Munkres, scipy semantics)', () => {
   it('finds the optimum of random square and rectangular matrices', () => {
     let seed = 3;
-    const rand = () => ((seed = (seed * 16807) % 2147483647) / 2147483647);
-    for (const [rows, cols] of [[1, 1], [3, 3], [4, 4], [5, 5], [2, 5], [5, 2], [3, 6], [6, 4]]) {
+    const rand = () => (seed = (seed * 16807) % 2147483647) / 2147483647;
+    for (const [rows, cols] of [
+      [1, 1],
+      [3, 3],
+      [4, 4],
+      [5, 5],
+      [2, 5],
+      [5, 2],
+      [3, 6],
+      [6, 4],
+    ]) {
       for (let trial = 0; trial < 10; trial++) {
         const cost = Array.from({ length: rows * cols }, () => Math.round(rand() * 20) - 5);
         const a = linearSumAssignment(cost, rows, cols);

@@ -35,12 +35,19 @@ const CLASS_NAMES = ['non-tumor', 'tumor'];
 beforeAll(async () => {
   dir = await fs.mkdtemp(path.join(os.tmpdir(), 'cfrsam-metrics-'));
   // Image a_1: three nuclei, predicted exactly, with one class wrong.
-  const a = boxes(48, 32, [[1, 2, 2, 6, 6], [2, 20, 2, 6, 6], [300, 36, 20, 6, 6]]);
+  const a = boxes(48, 32, [
+    [1, 2, 2, 6, 6],
+    [2, 20, 2, 6, 6],
+    [300, 36, 20, 6, 6],
+  ]);
   await writeSample('gt', 'a_1', a, { classNames: CLASS_NAMES, instances: 3, classes: { '1': 0, '2': 1, '300': 1 } });
   await writeSample('pred', 'a_1', a, { classNames: ['Tumor', 'non-tumor'], classes: { '1': 1, '2': 1, '300': 0 } });
   // Image b_10: one nucleus split in two by the prediction (IoU 0.75 and 0.25).
   const b = boxes(48, 32, [[7, 10, 10, 8, 4]]);
-  const bPred = boxes(48, 32, [[3, 10, 10, 6, 4], [9, 16, 10, 2, 4]]);
+  const bPred = boxes(48, 32, [
+    [3, 10, 10, 6, 4],
+    [9, 16, 10, 2, 4],
+  ]);
   await writeSample('gt', 'b_10', b, { classNames: CLASS_NAMES, instances: 1, classes: { '7': 0 } });
   await writeSample('pred', 'b_10', bPred, { classNames: ['Tumor', 'non-tumor'], classes: { '3': 0, '9': 0 } });
   // b_2 has no prediction.

@@ -211,15 +211,30 @@ describe('classes: mPQ and classification F1', () => {
   const H = 8;
   const imageA = {
     name: 'A',
-    gt: boxes(W, H, [[1, 1, 1, 3, 3], [2, 15, 1, 3, 3], [3, 29, 1, 3, 3]]),
-    pred: boxes(W, H, [[11, 1, 1, 3, 3], [12, 15, 1, 3, 3], [13, 29, 1, 3, 3]]),
+    gt: boxes(W, H, [
+      [1, 1, 1, 3, 3],
+      [2, 15, 1, 3, 3],
+      [3, 29, 1, 3, 3],
+    ]),
+    pred: boxes(W, H, [
+      [11, 1, 1, 3, 3],
+      [12, 15, 1, 3, 3],
+      [13, 29, 1, 3, 3],
+    ]),
     gtClasses: { '1': 0, '2': 0, '3': 1 },
-    predClasses: new Map([[11, 0], [12, 1], [13, 1]]),
+    predClasses: new Map([
+      [11, 0],
+      [12, 1],
+      [13, 1],
+    ]),
   };
   const imageB = {
     name: 'B',
     gt: boxes(W, H, [[4, 1, 1, 3, 3]]),
-    pred: boxes(W, H, [[1, 1, 1, 3, 3], [2, 29, 1, 3, 3]]),
+    pred: boxes(W, H, [
+      [1, 1, 1, 3, 3],
+      [2, 29, 1, 3, 3],
+    ]),
     gtClasses: { '4': 1 },
     predClasses: (id: number) => (id === 1 ? 1 : 0),
   };
@@ -267,13 +282,19 @@ describe('classes: mPQ and classification F1', () => {
     ];
     const d = aggregateScores(images);
     expect(d.perImageMean.mpq).toBeCloseTo(8 / 9, 12);
-    expect(d.groups!.map((g) => [g.name, g.images])).toEqual([['x', 1], ['y', 2]]);
+    expect(d.groups!.map((g) => [g.name, g.images])).toEqual([
+      ['x', 1],
+      ['y', 2],
+    ]);
     expect(d.grouped!.mpq).toBeCloseTo(5 / 6, 12);
     expect(d.grouped!.bpq).toBeCloseTo((1 + 2 / 3) / 2, 12);
   });
 
   it('unannotated ground-truth types (-1) count for detection but not for FP_c or type accuracy', () => {
-    const gt = boxes(W, H, [[1, 1, 1, 3, 3], [2, 15, 1, 3, 3]]);
+    const gt = boxes(W, H, [
+      [1, 1, 1, 3, 3],
+      [2, 15, 1, 3, 3],
+    ]);
     const s = scoreImage({ gt, pred: gt, gtClasses: { '1': 0 }, predClasses: { '1': 0, '2': 1 } }, opts);
     const d = aggregateScores([s]);
     expect(d.detection.f1).toBe(1);
@@ -296,13 +317,14 @@ describe('centroid pairing', () => {
 
   it('dense (HoVer-Net) and gated pairing agree on well-separated random nuclei', () => {
     let seed = 7;
-    const rand = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648);
+    const rand = () => (seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648;
     const gx: number[] = [];
     const gy: number[] = [];
-    for (let i = 0; i < 20; i++) for (let j = 0; j < 20; j++) {
-      gx.push(i * 25 + rand() * 6);
-      gy.push(j * 25 + rand() * 6);
-    }
+    for (let i = 0; i < 20; i++)
+      for (let j = 0; j < 20; j++) {
+        gx.push(i * 25 + rand() * 6);
+        gy.push(j * 25 + rand() * 6);
+      }
     const px = gx.map((v) => v + (rand() - 0.5) * 14).filter((_, k) => k % 10 !== 3);
     const py = gy.map((v) => v + (rand() - 0.5) * 14).filter((_, k) => k % 10 !== 3);
     const dense = pairCentroids({ x: gx, y: gy }, { x: px, y: py }, 12, 'dense');
@@ -317,9 +339,39 @@ describe('agreement with the reference implementation', () => {
   // in HoVer-Net's stats_utils.py / compute_stats.py and PanNuke's run.py) on the same synthetic
   // images, with centroids as float pixel centres.
   const reference = {
-    s1: { pq03: 0.8559682473251027, pq: 0.8559682473251027, dq: 0.9210526315789473, sq: 0.9293369542386829, aji: 0.8714974121006603, ajiPlus: 0.8714974121006603, dice: 0.9626168224299065, dice2: 0.950560316413975, mpq: 0.747180454220716 },
-    s2: { pq03: 0.8214526522716157, pq: 0.8123730724247223, dq: 0.8780487804878049, sq: 0.9252026658170449, aji: 0.7949643705463183, ajiPlus: 0.7938342967244701, dice: 0.9263157894736842, dice2: 0.9181305227296923, mpq: 0.7624203889088127 },
-    s3: { pq03: 0.8553815440573748, pq: 0.8553815440573748, dq: 0.9696969696969697, sq: 0.8821122173091677, aji: 0.8593123209169055, ajiPlus: 0.8593123209169055, dice: 0.9255663430420712, dice2: 0.8926872770511296, mpq: 0.8695500536776207 },
+    s1: {
+      pq03: 0.8559682473251027,
+      pq: 0.8559682473251027,
+      dq: 0.9210526315789473,
+      sq: 0.9293369542386829,
+      aji: 0.8714974121006603,
+      ajiPlus: 0.8714974121006603,
+      dice: 0.9626168224299065,
+      dice2: 0.950560316413975,
+      mpq: 0.747180454220716,
+    },
+    s2: {
+      pq03: 0.8214526522716157,
+      pq: 0.8123730724247223,
+      dq: 0.8780487804878049,
+      sq: 0.9252026658170449,
+      aji: 0.7949643705463183,
+      ajiPlus: 0.7938342967244701,
+      dice: 0.9263157894736842,
+      dice2: 0.9181305227296923,
+      mpq: 0.7624203889088127,
+    },
+    s3: {
+      pq03: 0.8553815440573748,
+      pq: 0.8553815440573748,
+      dq: 0.9696969696969697,
+      sq: 0.8821122173091677,
+      aji: 0.8593123209169055,
+      ajiPlus: 0.8593123209169055,
+      dice: 0.9255663430420712,
+      dice2: 0.8926872770511296,
+      mpq: 0.8695500536776207,
+    },
   };
   const images = [
     ['s1', 128, 20, 1],

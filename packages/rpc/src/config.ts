@@ -42,11 +42,7 @@ export interface FlagSpec {
 }
 
 export type FlagValues<S extends Record<string, FlagSpec>> = {
-  [K in keyof S]: S[K]['type'] extends 'string'
-    ? string
-    : S[K]['type'] extends 'boolean'
-      ? boolean
-      : number;
+  [K in keyof S]: S[K]['type'] extends 'string' ? string : S[K]['type'] extends 'boolean' ? boolean : number;
 };
 
 /** Bad command-line or environment configuration; main() prints it with the usage and exits 2. */
@@ -143,9 +139,7 @@ export function parseFlags<S extends Record<string, FlagSpec>>(
 export function usage(spec: Record<string, FlagSpec>): string {
   const lines = ['flags:'];
   for (const [key, s] of Object.entries(spec)) {
-    const extra = [s.env ? `env ${s.env}` : '', s.default !== undefined ? `default ${JSON.stringify(s.default)}` : '']
-      .filter(Boolean)
-      .join(', ');
+    const extra = [s.env ? `env ${s.env}` : '', s.default !== undefined ? `default ${JSON.stringify(s.default)}` : ''].filter(Boolean).join(', ');
     lines.push(`  --${kebab(key)} <${s.type}>  ${s.help}${extra ? ` (${extra})` : ''}`);
   }
   return lines.join('\n');

@@ -74,7 +74,11 @@ export class ReplicaDiscovery {
       const key = `${host}:${port}`;
       try {
         const ips = [...new Set(await this.resolveAll(host))];
-        if (ips.length > 0) this.last.set(key, ips.map((ip) => formatAddress(ip, port)));
+        if (ips.length > 0)
+          this.last.set(
+            key,
+            ips.map((ip) => formatAddress(ip, port)),
+          );
       } catch (err) {
         this.log(`resolving ${this.what} ${key} failed (${(err as Error).message}); keeping ${this.last.get(key)?.length ?? 0} known`);
       }

@@ -127,10 +127,7 @@ export class ByteLruCache<V> {
    * batch), which must return a value for every key it was given. Results are in `keys` order.
    * Duplicate keys are computed once. Rejects if any key's computation fails.
    */
-  async getOrComputeMany(
-    keys: readonly string[],
-    computeMany: (missing: string[]) => Promise<Map<string, V>>,
-  ): Promise<CacheResult<V>[]> {
+  async getOrComputeMany(keys: readonly string[], computeMany: (missing: string[]) => Promise<Map<string, V>>): Promise<CacheResult<V>[]> {
     const plan: Array<{ source: CacheSource; value?: V; promise?: Promise<V> }> = [];
     const missing: string[] = [];
     const settlers = new Map<string, { resolve: (v: V) => void; reject: (e: unknown) => void }>();

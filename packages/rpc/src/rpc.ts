@@ -40,10 +40,7 @@ function deadlineOf(call: ServerUnaryCall<unknown, unknown>): Date | undefined {
  * Whatever `fn` throws is answered with its status (see toServiceError); unknown errors become
  * INTERNAL and are logged, since they are bugs.
  */
-export function unaryHandler<Req, Res>(
-  method: string,
-  fn: (request: Req, ctx: CallContext) => Promise<Res>,
-): handleUnaryCall<Req, Res> {
+export function unaryHandler<Req, Res>(method: string, fn: (request: Req, ctx: CallContext) => Promise<Res>): handleUnaryCall<Req, Res> {
   return (call, callback) => {
     inFlight++;
     const metrics = serviceMetrics();
@@ -98,7 +95,10 @@ export function unaryHandler<Req, Res>(
     try {
       context
         .with(trace.setSpan(parent, span), () => fn(call.request, ctx))
-        .then((response) => finish(null, response), (err: unknown) => finish(err));
+        .then(
+          (response) => finish(null, response),
+          (err: unknown) => finish(err),
+        );
     } catch (err) {
       finish(err);
     }

@@ -15,7 +15,12 @@ export function stageServiceFlags(defaultPort: number) {
     workers: { type: 'int', env: 'CFRSAM_WORKERS', default: 1, help: 'inference worker threads' },
     intraOpThreads: { type: 'int', env: 'CFRSAM_INTRA_OP_THREADS', default: 1, help: 'onnxruntime threads per worker' },
     maxQueue: { type: 'int', env: 'CFRSAM_MAX_QUEUE', default: 64, help: 'inference jobs that may wait; more get RESOURCE_EXHAUSTED' },
-    executionProviders: { type: 'string', env: 'CFRSAM_EXECUTION_PROVIDERS', default: 'cpu', help: 'onnxruntime providers, comma separated (e.g. cuda,cpu)' },
+    executionProviders: {
+      type: 'string',
+      env: 'CFRSAM_EXECUTION_PROVIDERS',
+      default: 'cpu',
+      help: 'onnxruntime providers, comma separated (e.g. cuda,cpu)',
+    },
     maxMessageMb: { type: 'int', env: 'CFRSAM_MAX_MESSAGE_MB', default: 64, help: 'max gRPC message size in MiB' },
     metricsPort: { type: 'int', env: 'METRICS_PORT', default: 0, help: 'Prometheus /metrics port (0: off)' },
     tracing: { type: 'string', env: 'CFRSAM_TRACING', default: 'none', help: 'trace exporter: otlp, memory or none' },

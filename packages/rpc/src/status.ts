@@ -59,7 +59,9 @@ export function encodeStatusDetails(code: status, message: string, details: Erro
   }
   if (details.retryDelayMs !== undefined) {
     const ms = Math.max(0, Math.round(details.retryDelayMs));
-    anys.push(packAny('google.rpc.RetryInfo', RetryInfo.encode({ retryDelay: { seconds: Math.floor(ms / 1000), nanos: (ms % 1000) * 1e6 } }).finish()));
+    anys.push(
+      packAny('google.rpc.RetryInfo', RetryInfo.encode({ retryDelay: { seconds: Math.floor(ms / 1000), nanos: (ms % 1000) * 1e6 } }).finish()),
+    );
   }
   if (details.fieldViolations?.length) {
     anys.push(packAny('google.rpc.BadRequest', BadRequest.encode({ fieldViolations: details.fieldViolations }).finish()));

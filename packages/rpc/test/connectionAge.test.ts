@@ -4,15 +4,7 @@
 import { connectivityState, credentials, makeGenericClientConstructor, type ServiceError } from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
 import { describe, expect, it } from 'vitest';
-import {
-  ConfigError,
-  connectionAgeFromFlags,
-  parseFlags,
-  serverChannelOptions,
-  stageServiceFlags,
-  stagesProto,
-  startServer,
-} from '@cfrsam/rpc';
+import { ConfigError, connectionAgeFromFlags, parseFlags, serverChannelOptions, stageServiceFlags, stagesProto, startServer } from '@cfrsam/rpc';
 
 describe('connection age', () => {
   it('is off by default and read from --max-connection-age-ms or CFRSAM_MAX_CONNECTION_AGE_MS', () => {

@@ -2,7 +2,16 @@
 // health service) and an address where nothing listens (connection refused); failure classes by
 // status code and ErrorInfo; DNS discovery with a fake resolver.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { credentials, makeGenericClientConstructor, Metadata, Server, ServerCredentials, status, type Client, type ServiceError } from '@grpc/grpc-js';
+import {
+  credentials,
+  makeGenericClientConstructor,
+  Metadata,
+  Server,
+  ServerCredentials,
+  status,
+  type Client,
+  type ServiceError,
+} from '@grpc/grpc-js';
 import { HealthImplementation, service as healthService } from 'grpc-health-check';
 import { isReplicaFailure, rendezvousOrder, ReplicaSet } from '../src/replicas';
 import { ErrorReason, grpcError } from '../src/status';
@@ -130,7 +139,10 @@ describe('rendezvous hashing', () => {
       expect([...order].sort()).toEqual(replicas);
       expect(rendezvousOrder(replicas, key)).toEqual(order);
       first.set(order[0], (first.get(order[0]) ?? 0) + 1);
-      const without = rendezvousOrder(replicas.filter((r) => r !== 'b:2'), key);
+      const without = rendezvousOrder(
+        replicas.filter((r) => r !== 'b:2'),
+        key,
+      );
       expect(without).toEqual(order.filter((r) => r !== 'b:2'));
     }
     for (const r of replicas) expect(first.get(r)!).toBeGreaterThan(60);

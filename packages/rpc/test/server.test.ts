@@ -102,7 +102,15 @@ describe('startServer', () => {
   });
 
   it('serves reflection for the cfrsam and health services', async () => {
-    const reflectionProto = path.join(path.dirname(require.resolve('@grpc/reflection')), '..', 'proto', 'grpc', 'reflection', 'v1', 'reflection.proto');
+    const reflectionProto = path.join(
+      path.dirname(require.resolve('@grpc/reflection')),
+      '..',
+      'proto',
+      'grpc',
+      'reflection',
+      'v1',
+      'reflection.proto',
+    );
     const pkg = loadPackageDefinition(protoLoader.loadSync(reflectionProto, { keepCase: true })) as any;
     const reflection = new pkg.grpc.reflection.v1.ServerReflection(running.address, credentials.createInsecure());
     const stream = reflection.ServerReflectionInfo();
@@ -150,12 +158,18 @@ describe('startServer', () => {
     parent.end();
     const spans = tracing.memoryExporter!.getFinishedSpans();
     const server = spans.find((s) => s.name === 'cfrsam.v1.Prompter/Detect' && lastContext?.span.spanContext().spanId === s.spanContext().spanId)!;
-    const clientSpan = spans.find((s) => s.name === 'cfrsam.v1.Prompter/Detect' && s !== server && s.spanContext().traceId === parent.spanContext().traceId)!;
+    const clientSpan = spans.find(
+      (s) => s.name === 'cfrsam.v1.Prompter/Detect' && s !== server && s.spanContext().traceId === parent.spanContext().traceId,
+    )!;
     expect(server.spanContext().traceId).toBe(parent.spanContext().traceId);
     expect(server.parentSpanContext?.spanId).toBe(clientSpan.spanContext().spanId);
     expect(clientSpan.parentSpanContext?.spanId).toBe(parent.spanContext().spanId);
     // The same spans went to the trace file as JSON lines.
-    const records = fs.readFileSync(traceFile, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as SpanRecord);
+    const records = fs
+      .readFileSync(traceFile, 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as SpanRecord);
     const fileServer = records.find((r) => r.spanId === server.spanContext().spanId)!;
     expect(fileServer).toMatchObject({ service: 'server-test', kind: 'SERVER', parentSpanId: clientSpan.spanContext().spanId });
   });
@@ -163,11 +177,13 @@ describe('startServer', () => {
   it('exports service metrics for Prometheus', async () => {
     await call('fine');
     const text = await new Promise<string>((resolve, reject) => {
-      http.get(`http://127.0.0.1:${metricsPort}/metrics`, (res) => {
-        let body = '';
-        res.on('data', (chunk) => (body += chunk));
-        res.on('end', () => resolve(body));
-      }).on('error', reject);
+      http
+        .get(`http://127.0.0.1:${metricsPort}/metrics`, (res) => {
+          let body = '';
+          res.on('data', (chunk) => (body += chunk));
+          res.on('end', () => resolve(body));
+        })
+        .on('error', reject);
     });
     expect(text).toMatch(/cfrsam_rpc_duration_seconds_bucket\{.*method="cfrsam.v1.Prompter\/Detect"/);
     expect(text).toMatch(/cfrsam_in_flight_calls\{/);

@@ -96,10 +96,7 @@ export interface SharedFeatureStoreOptions {
   log?: (message: string) => void;
 }
 
-export type SharedLookup =
-  | { status: 'hit'; bytes: Uint8Array }
-  | { status: 'miss' }
-  | { status: 'error'; reason: string };
+export type SharedLookup = { status: 'hit'; bytes: Uint8Array } | { status: 'miss' } | { status: 'error'; reason: string };
 
 export interface SharedFeatureStoreStats {
   hits: number;
@@ -208,7 +205,10 @@ export class SharedFeatureStore {
   }
 
   private get servers(): string[] {
-    return this.options.url.split(',').map((s) => s.trim()).filter(Boolean);
+    return this.options.url
+      .split(',')
+      .map((s) => s.trim())
+      .filter(Boolean);
   }
 
   private async connectLoop(): Promise<void> {

@@ -140,8 +140,7 @@ function prepareFeeds(feeds: Record<string, HostTensor>): { feeds: Record<string
 }
 
 export class OnnxWorkerPool {
-  private readonly options: Required<Omit<OnnxWorkerPoolOptions, 'onJobDone' | 'onBroken'>> &
-    Pick<OnnxWorkerPoolOptions, 'onJobDone' | 'onBroken'>;
+  private readonly options: Required<Omit<OnnxWorkerPoolOptions, 'onJobDone' | 'onBroken'>> & Pick<OnnxWorkerPoolOptions, 'onJobDone' | 'onBroken'>;
   private readonly slots: Slot[] = [];
   private readonly queue: Job[] = [];
   private nextId = 1;

@@ -26,17 +26,31 @@ export const Compression = {
 
 export function compressionName(c: number): string {
   switch (c) {
-    case 1: return 'none';
-    case 5: return 'LZW';
-    case 6: return 'old-style JPEG';
-    case 7: return 'JPEG';
-    case 8: case 32946: return 'deflate';
-    case 32773: return 'PackBits';
-    case 33003: case 33005: case 34712: return 'JPEG 2000';
-    case 34887: return 'LERC';
-    case 50000: return 'ZSTD';
-    case 50001: return 'WebP';
-    default: return `compression ${c}`;
+    case 1:
+      return 'none';
+    case 5:
+      return 'LZW';
+    case 6:
+      return 'old-style JPEG';
+    case 7:
+      return 'JPEG';
+    case 8:
+    case 32946:
+      return 'deflate';
+    case 32773:
+      return 'PackBits';
+    case 33003:
+    case 33005:
+    case 34712:
+      return 'JPEG 2000';
+    case 34887:
+      return 'LERC';
+    case 50000:
+      return 'ZSTD';
+    case 50001:
+      return 'WebP';
+    default:
+      return `compression ${c}`;
   }
 }
 
@@ -45,9 +59,7 @@ export function isJpeg2000(c: number): boolean {
 }
 
 /** Adobe APP14 segment with transform 0: tells libjpeg the 3 components are RGB, not YCbCr. */
-const ADOBE_RGB = Buffer.from([
-  0xff, 0xee, 0x00, 0x0e, 0x41, 0x64, 0x6f, 0x62, 0x65, 0x00, 0x64, 0x00, 0x00, 0x00, 0x00, 0x00,
-]);
+const ADOBE_RGB = Buffer.from([0xff, 0xee, 0x00, 0x0e, 0x41, 0x64, 0x6f, 0x62, 0x65, 0x00, 0x64, 0x00, 0x00, 0x00, 0x00, 0x00]);
 
 /**
  * Builds a complete JPEG stream from an abbreviated TIFF/DICOM tile: splices the shared JPEGTables
@@ -75,7 +87,10 @@ export function spliceJpeg(tile: Buffer, tables: Buffer | undefined, rgb: boolea
     while (p + 4 <= tile.length && tile[p] === 0xff) {
       const m = tile[p + 1];
       if (m === 0xda || m === 0xd9) break; // SOS / EOI: entropy-coded data follows
-      if (m === 0xff) { p++; continue; }
+      if (m === 0xff) {
+        p++;
+        continue;
+      }
       const len = tile.readUInt16BE(p + 2);
       if (m !== 0xe0 && m !== 0xee) parts.push(tile.subarray(p, p + 2 + len));
       p += 2 + len;
@@ -87,9 +102,7 @@ export function spliceJpeg(tile: Buffer, tables: Buffer | undefined, rgb: boolea
 
 /** Decodes any image stream sharp knows (JPEG, WebP, PNG, ...) to 8-bit RGB. */
 export async function decodeWithSharp(buf: Buffer): Promise<RgbImage> {
-  const { data, info } = await sharp(buf, { failOn: 'error', limitInputPixels: false })
-    .raw()
-    .toBuffer({ resolveWithObject: true });
+  const { data, info } = await sharp(buf, { failOn: 'error', limitInputPixels: false }).raw().toBuffer({ resolveWithObject: true });
   return toRgbFromChannels(data, info.width, info.height, info.channels);
 }
 
@@ -101,11 +114,15 @@ export function toRgbFromChannels(data: Buffer, width: number, height: number, c
   if (channels === 1 || channels === 2) {
     for (let i = 0, j = 0; i < n; i++, j += channels) {
       const v = data[j];
-      out[i * 3] = v; out[i * 3 + 1] = v; out[i * 3 + 2] = v;
+      out[i * 3] = v;
+      out[i * 3 + 1] = v;
+      out[i * 3 + 2] = v;
     }
   } else {
     for (let i = 0, j = 0; i < n; i++, j += channels) {
-      out[i * 3] = data[j]; out[i * 3 + 1] = data[j + 1]; out[i * 3 + 2] = data[j + 2];
+      out[i * 3] = data[j];
+      out[i * 3 + 1] = data[j + 1];
+      out[i * 3 + 2] = data[j + 2];
     }
   }
   return { data: out, width, height };
@@ -118,8 +135,17 @@ export function lzwDecode(input: Buffer, expected: number): Buffer {
   const suffix = new Uint8Array(4096);
   const first = new Uint8Array(4096);
   const len = new Int32Array(4096);
-  for (let i = 0; i < 256; i++) { prefix[i] = -1; suffix[i] = i; first[i] = i; len[i] = 1; }
-  let next = 258, width = 9, old = -1, op = 0, bitPos = 0;
+  for (let i = 0; i < 256; i++) {
+    prefix[i] = -1;
+    suffix[i] = i;
+    first[i] = i;
+    len[i] = 1;
+  }
+  let next = 258,
+    width = 9,
+    old = -1,
+    op = 0,
+    bitPos = 0;
   const totalBits = input.length * 8;
   const write = (code: number): void => {
     const l = len[code];
@@ -138,7 +164,12 @@ export function lzwDecode(input: Buffer, expected: number): Buffer {
     }
     bitPos += width;
     if (code === 257) break;
-    if (code === 256) { next = 258; width = 9; old = -1; continue; }
+    if (code === 256) {
+      next = 258;
+      width = 9;
+      old = -1;
+      continue;
+    }
     if (old === -1) {
       if (code > 255) throw new Error('LZW stream starts with a non-literal code');
       write(code);
@@ -147,10 +178,20 @@ export function lzwDecode(input: Buffer, expected: number): Buffer {
     }
     if (code < next) {
       write(code);
-      if (next < 4096) { prefix[next] = old; suffix[next] = first[code]; first[next] = first[old]; len[next] = len[old] + 1; next++; }
+      if (next < 4096) {
+        prefix[next] = old;
+        suffix[next] = first[code];
+        first[next] = first[old];
+        len[next] = len[old] + 1;
+        next++;
+      }
     } else if (code === next) {
       if (next >= 4096) throw new Error('LZW table overflow');
-      prefix[next] = old; suffix[next] = first[old]; first[next] = first[old]; len[next] = len[old] + 1; next++;
+      prefix[next] = old;
+      suffix[next] = first[old];
+      first[next] = first[old];
+      len[next] = len[old] + 1;
+      next++;
       write(code);
     } else {
       throw new Error(`bad LZW code ${code}`);
@@ -163,12 +204,14 @@ export function lzwDecode(input: Buffer, expected: number): Buffer {
 
 export function packBitsDecode(input: Buffer, expected: number): Buffer {
   const out = Buffer.alloc(expected);
-  let ip = 0, op = 0;
+  let ip = 0,
+    op = 0;
   while (ip < input.length && op < expected) {
     const n = input.readInt8(ip++);
     if (n >= 0) {
       input.copy(out, op, ip, ip + n + 1);
-      ip += n + 1; op += n + 1;
+      ip += n + 1;
+      op += n + 1;
     } else if (n !== -128) {
       out.fill(input[ip++], op, Math.min(expected, op + 1 - n));
       op += 1 - n;
@@ -193,12 +236,7 @@ export interface TiffPixelLayout {
  * Decodes one TIFF tile or strip (`width` x `rows` pixels as stored) to 8-bit RGB. Throws plain
  * Errors; the caller wraps them into SlideErrors naming the file.
  */
-export async function decodeTiffBlock(
-  data: Buffer,
-  width: number,
-  rows: number,
-  l: TiffPixelLayout,
-): Promise<RgbImage> {
+export async function decodeTiffBlock(data: Buffer, width: number, rows: number, l: TiffPixelLayout): Promise<RgbImage> {
   const c = l.compression;
   if (c === Compression.JPEG) {
     // photometric RGB (2) with JPEG: components are RGB without the YCbCr transform (Aperio)
@@ -214,12 +252,22 @@ export async function decodeTiffBlock(
   const expected = rowBytes * rows;
   let raw: Buffer;
   switch (c) {
-    case Compression.None: raw = data; break;
-    case Compression.LZW: raw = lzwDecode(data, expected); break;
-    case Compression.PackBits: raw = packBitsDecode(data, expected); break;
+    case Compression.None:
+      raw = data;
+      break;
+    case Compression.LZW:
+      raw = lzwDecode(data, expected);
+      break;
+    case Compression.PackBits:
+      raw = packBitsDecode(data, expected);
+      break;
     case Compression.AdobeDeflate:
     case Compression.Deflate:
-      try { raw = inflateSync(data); } catch { raw = inflateRawSync(data); }
+      try {
+        raw = inflateSync(data);
+      } catch {
+        raw = inflateRawSync(data);
+      }
       break;
     default:
       throw new UnsupportedError(`${compressionName(c)} compression`);
@@ -237,9 +285,11 @@ export async function decodeTiffBlock(
       for (let y = 0; y < rows; y++) {
         const o = y * rowBytes;
         for (let i = spp; i < width * spp; i++) {
-          const p = o + i * 2, q = o + (i - spp) * 2;
+          const p = o + i * 2,
+            q = o + (i - spp) * 2;
           const v = l.littleEndian ? raw.readUInt16LE(p) + raw.readUInt16LE(q) : raw.readUInt16BE(p) + raw.readUInt16BE(q);
-          if (l.littleEndian) raw.writeUInt16LE(v & 0xffff, p); else raw.writeUInt16BE(v & 0xffff, p);
+          if (l.littleEndian) raw.writeUInt16LE(v & 0xffff, p);
+          else raw.writeUInt16BE(v & 0xffff, p);
         }
       }
     }
@@ -269,17 +319,24 @@ export function rawToRgb(
   if (pm === 0 || pm === 1) {
     for (let i = 0; i < n; i++) {
       const v = pm === 0 ? 255 - s(i * spp) : s(i * spp);
-      out[i * 3] = v; out[i * 3 + 1] = v; out[i * 3 + 2] = v;
+      out[i * 3] = v;
+      out[i * 3 + 1] = v;
+      out[i * 3 + 2] = v;
     }
   } else if (pm === 2 && spp >= 3) {
     for (let i = 0; i < n; i++) {
-      out[i * 3] = s(i * spp); out[i * 3 + 1] = s(i * spp + 1); out[i * 3 + 2] = s(i * spp + 2);
+      out[i * 3] = s(i * spp);
+      out[i * 3 + 1] = s(i * spp + 1);
+      out[i * 3 + 2] = s(i * spp + 2);
     }
   } else if (pm === 3 && l.colorMap && !b16) {
-    const cm = l.colorMap, k = cm.length / 3;
+    const cm = l.colorMap,
+      k = cm.length / 3;
     for (let i = 0; i < n; i++) {
       const v = raw[i * spp];
-      out[i * 3] = cm[v] >> 8; out[i * 3 + 1] = cm[k + v] >> 8; out[i * 3 + 2] = cm[2 * k + v] >> 8;
+      out[i * 3] = cm[v] >> 8;
+      out[i * 3 + 1] = cm[k + v] >> 8;
+      out[i * 3 + 2] = cm[2 * k + v] >> 8;
     }
   } else {
     throw new UnsupportedError(`photometric interpretation ${pm} with ${spp} samples per pixel`);

@@ -2,7 +2,17 @@ import { readdir } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { SlideError } from './errors.js';
 import { decodeWithSharp, rawToRgb, spliceJpeg, UnsupportedError, type RgbImage } from './codecs.js';
-import { BaseSlide, makeLevels, plausibleMpp, readWholeGrid, type Mpp, type SlideLevel, type SlideOptions, type SlideStats, type TileGrid } from './slide.js';
+import {
+  BaseSlide,
+  makeLevels,
+  plausibleMpp,
+  readWholeGrid,
+  type Mpp,
+  type SlideLevel,
+  type SlideOptions,
+  type SlideStats,
+  type TileGrid,
+} from './slide.js';
 import { FileSource, type ByteSource } from './source.js';
 
 // ---------------------------------------------------------------------------------------------
@@ -42,12 +52,26 @@ const T = {
 const LONG_VRS = new Set(['OB', 'OD', 'OF', 'OL', 'OV', 'OW', 'SQ', 'SV', 'UC', 'UN', 'UR', 'UT', 'UV']);
 /** VRs of the tags we read, for implicit-VR files. */
 const IMPLICIT_VR: Record<number, string> = {
-  [T.SamplesPerPixel]: 'US', [T.PlanarConfiguration]: 'US', [T.Rows]: 'US', [T.Columns]: 'US', [T.BitsAllocated]: 'US',
-  [T.TotalPixelMatrixColumns]: 'UL', [T.TotalPixelMatrixRows]: 'UL',
-  [T.ColumnPositionInTotalImagePixelMatrix]: 'SL', [T.RowPositionInTotalImagePixelMatrix]: 'SL',
-  [T.SharedFunctionalGroupsSequence]: 'SQ', [T.PerFrameFunctionalGroupsSequence]: 'SQ', [T.PixelMeasuresSequence]: 'SQ',
-  [T.PlanePositionSlideSequence]: 'SQ', 0x00209111: 'SQ', 0x00480105: 'SQ', 0x00480008: 'SQ', 0x00400560: 'SQ',
-  [T.ExtendedOffsetTable]: 'OV', [T.ExtendedOffsetTableLengths]: 'OV', [T.PixelData]: 'OB',
+  [T.SamplesPerPixel]: 'US',
+  [T.PlanarConfiguration]: 'US',
+  [T.Rows]: 'US',
+  [T.Columns]: 'US',
+  [T.BitsAllocated]: 'US',
+  [T.TotalPixelMatrixColumns]: 'UL',
+  [T.TotalPixelMatrixRows]: 'UL',
+  [T.ColumnPositionInTotalImagePixelMatrix]: 'SL',
+  [T.RowPositionInTotalImagePixelMatrix]: 'SL',
+  [T.SharedFunctionalGroupsSequence]: 'SQ',
+  [T.PerFrameFunctionalGroupsSequence]: 'SQ',
+  [T.PixelMeasuresSequence]: 'SQ',
+  [T.PlanePositionSlideSequence]: 'SQ',
+  0x00209111: 'SQ',
+  0x00480105: 'SQ',
+  0x00480008: 'SQ',
+  0x00400560: 'SQ',
+  [T.ExtendedOffsetTable]: 'OV',
+  [T.ExtendedOffsetTableLengths]: 'OV',
+  [T.PixelData]: 'OB',
 };
 const UNDEFINED = 0xffffffff;
 const MAX_VALUE = 1 << 20;
@@ -78,15 +102,30 @@ class Cursor {
     const o = this.pos - this.start;
     return this.buf.subarray(o, o + n);
   }
-  async u16(): Promise<number> { const b = await this.need(2); this.pos += 2; return b.readUInt16LE(0); }
-  async u32(): Promise<number> { const b = await this.need(4); this.pos += 4; return b.readUInt32LE(0); }
-  async tag(): Promise<number> { const g = await this.u16(); const e = await this.u16(); return ((g << 16) | e) >>> 0; }
+  async u16(): Promise<number> {
+    const b = await this.need(2);
+    this.pos += 2;
+    return b.readUInt16LE(0);
+  }
+  async u32(): Promise<number> {
+    const b = await this.need(4);
+    this.pos += 4;
+    return b.readUInt32LE(0);
+  }
+  async tag(): Promise<number> {
+    const g = await this.u16();
+    const e = await this.u16();
+    return ((g << 16) | e) >>> 0;
+  }
 }
 
 async function parseDataset(c: Cursor, explicit: boolean, end: number | undefined, top: boolean, ds: DcmDataset = new Map()): Promise<DcmDataset> {
   while (end === undefined ? c.pos < c.src.size : c.pos < end) {
     const tag = await c.tag();
-    if (tag === 0xfffee00d) { await c.u32(); break; } // item delimiter
+    if (tag === 0xfffee00d) {
+      await c.u32();
+      break;
+    } // item delimiter
     let vr: string;
     let length: number;
     const isMeta = tag >>> 16 === 0x0002;
@@ -95,7 +134,10 @@ async function parseDataset(c: Cursor, explicit: boolean, end: number | undefine
       vr = b.toString('latin1', 0, 2);
       c.pos += 2;
       if (!/^[A-Z]{2}$/.test(vr)) throw new SlideError('CORRUPT', `bad DICOM VR at byte ${c.pos - 2}`, c.src.name);
-      if (LONG_VRS.has(vr)) { c.pos += 2; length = await c.u32(); } else length = await c.u16();
+      if (LONG_VRS.has(vr)) {
+        c.pos += 2;
+        length = await c.u32();
+      } else length = await c.u16();
     } else {
       length = await c.u32();
       vr = IMPLICIT_VR[tag] ?? (length === UNDEFINED ? 'SQ' : 'UN');
@@ -126,7 +168,8 @@ async function parseDataset(c: Cursor, explicit: boolean, end: number | undefine
       el.value = Buffer.from(await c.need(length));
     }
     c.pos = offset + length;
-    if (c.pos > c.src.size) throw new SlideError('TRUNCATED', `file is truncated or corrupt: DICOM element ${hex(tag)} runs past the end`, c.src.name);
+    if (c.pos > c.src.size)
+      throw new SlideError('TRUNCATED', `file is truncated or corrupt: DICOM element ${hex(tag)} runs past the end`, c.src.name);
     ds.set(tag, el);
   }
   return ds;
@@ -138,7 +181,10 @@ function hex(tag: number): string {
 
 function str(ds: DcmDataset | undefined, tag: number): string | undefined {
   const v = ds?.get(tag)?.value;
-  return v?.toString('latin1').replace(/[\0 ]+$/, '').trim();
+  return v
+    ?.toString('latin1')
+    .replace(/[\0 ]+$/, '')
+    .trim();
 }
 
 function num(ds: DcmDataset | undefined, tag: number): number | undefined {
@@ -146,10 +192,14 @@ function num(ds: DcmDataset | undefined, tag: number): number | undefined {
   if (!e?.value) return undefined;
   const b = e.value;
   switch (e.vr) {
-    case 'US': return b.length >= 2 ? b.readUInt16LE(0) : undefined;
-    case 'SS': return b.length >= 2 ? b.readInt16LE(0) : undefined;
-    case 'UL': return b.length >= 4 ? b.readUInt32LE(0) : undefined;
-    case 'SL': return b.length >= 4 ? b.readInt32LE(0) : undefined;
+    case 'US':
+      return b.length >= 2 ? b.readUInt16LE(0) : undefined;
+    case 'SS':
+      return b.length >= 2 ? b.readInt16LE(0) : undefined;
+    case 'UL':
+      return b.length >= 4 ? b.readUInt32LE(0) : undefined;
+    case 'SL':
+      return b.length >= 4 ? b.readInt32LE(0) : undefined;
     case 'UN':
       // implicit VR without a dictionary entry: guess from the length
       return b.length === 2 ? b.readUInt16LE(0) : b.length === 4 ? b.readUInt32LE(0) : parseFloat(b.toString('latin1'));
@@ -171,7 +221,13 @@ const TS = {
   ExplicitBE: '1.2.840.10008.1.2.2',
 };
 const JPEG_TS = new Set(['1.2.840.10008.1.2.4.50', '1.2.840.10008.1.2.4.51', '1.2.840.10008.1.2.4.57', '1.2.840.10008.1.2.4.70']);
-const J2K_TS = new Set(['1.2.840.10008.1.2.4.90', '1.2.840.10008.1.2.4.91', '1.2.840.10008.1.2.4.201', '1.2.840.10008.1.2.4.202', '1.2.840.10008.1.2.4.203']);
+const J2K_TS = new Set([
+  '1.2.840.10008.1.2.4.90',
+  '1.2.840.10008.1.2.4.91',
+  '1.2.840.10008.1.2.4.201',
+  '1.2.840.10008.1.2.4.202',
+  '1.2.840.10008.1.2.4.203',
+]);
 
 export async function isDicom(src: ByteSource): Promise<boolean> {
   if (src.size < 132) return false;
@@ -190,7 +246,11 @@ export class DicomInstance implements TileGrid {
   private frameIndex?: Promise<{ off: number; len: number }[][]>;
   private positions?: Map<string, number>;
 
-  private constructor(readonly src: FileSource | ByteSource, readonly ds: DcmDataset, readonly ts: string) {
+  private constructor(
+    readonly src: FileSource | ByteSource,
+    readonly ds: DcmDataset,
+    readonly ts: string,
+  ) {
     const name = src.name;
     this.tileWidth = num(ds, T.Columns) ?? 0;
     this.tileHeight = num(ds, T.Rows) ?? 0;
@@ -206,7 +266,11 @@ export class DicomInstance implements TileGrid {
     const pd = ds.get(T.PixelData);
     if (!pd) throw new SlideError('CORRUPT', 'DICOM file has no Pixel Data', name);
     if (pd.length !== UNDEFINED && pd.offset + pd.length > src.size) {
-      throw new SlideError('TRUNCATED', `file is truncated or corrupt: Pixel Data needs ${pd.length} bytes, the file ends after ${src.size - pd.offset}`, name);
+      throw new SlideError(
+        'TRUNCATED',
+        `file is truncated or corrupt: Pixel Data needs ${pd.length} bytes, the file ends after ${src.size - pd.offset}`,
+        name,
+      );
     }
     const org = str(ds, T.DimensionOrganizationType);
     const perFrame = ds.get(T.PerFrameFunctionalGroupsSequence)?.items;
@@ -214,7 +278,8 @@ export class DicomInstance implements TileGrid {
       const m = new Map<string, number>();
       perFrame.forEach((f, i) => {
         const pos = item(f, T.PlanePositionSlideSequence);
-        const col = num(pos, T.ColumnPositionInTotalImagePixelMatrix), row = num(pos, T.RowPositionInTotalImagePixelMatrix);
+        const col = num(pos, T.ColumnPositionInTotalImagePixelMatrix),
+          row = num(pos, T.RowPositionInTotalImagePixelMatrix);
         if (col !== undefined && row !== undefined) {
           const key = `${Math.floor((col - 1) / this.tileWidth)},${Math.floor((row - 1) / this.tileHeight)}`;
           if (!m.has(key)) m.set(key, i);
@@ -243,8 +308,12 @@ export class DicomInstance implements TileGrid {
     return new DicomInstance(src, ds, ts);
   }
 
-  get sopClass(): string { return str(this.ds, T.SOPClassUID) ?? ''; }
-  get photometric(): string { return str(this.ds, T.Photometric) ?? 'RGB'; }
+  get sopClass(): string {
+    return str(this.ds, T.SOPClassUID) ?? '';
+  }
+  get photometric(): string {
+    return str(this.ds, T.Photometric) ?? 'RGB';
+  }
 
   pixelSpacing(): Mpp | null {
     const pm = item(item(this.ds, T.SharedFunctionalGroupsSequence), T.PixelMeasuresSequence);
@@ -253,7 +322,8 @@ export class DicomInstance implements TileGrid {
       // PixelSpacing is (row spacing = vertical, column spacing = horizontal) in mm
       return { x: ps[1] * 1000, y: ps[0] * 1000, source: 'DICOM PixelSpacing (shared functional groups)' };
     }
-    const w = num(this.ds, T.ImagedVolumeWidth), h = num(this.ds, T.ImagedVolumeHeight);
+    const w = num(this.ds, T.ImagedVolumeWidth),
+      h = num(this.ds, T.ImagedVolumeHeight);
     if (w && h && plausibleMpp((w * 1000) / this.width)) {
       return { x: (w * 1000) / this.width, y: (h * 1000) / this.height, source: 'DICOM ImagedVolumeWidth/Height' };
     }
@@ -264,10 +334,15 @@ export class DicomInstance implements TileGrid {
     const pd = this.ds.get(T.PixelData)!;
     const name = this.src.name;
     if (pd.length !== UNDEFINED) {
-      const spp = num(this.ds, T.SamplesPerPixel) ?? 1, bits = num(this.ds, T.BitsAllocated) ?? 8;
+      const spp = num(this.ds, T.SamplesPerPixel) ?? 1,
+        bits = num(this.ds, T.BitsAllocated) ?? 8;
       const fb = this.tileWidth * this.tileHeight * spp * (bits / 8);
       if (pd.offset + fb * this.frames > this.src.size || pd.length < fb * this.frames) {
-        throw new SlideError('TRUNCATED', `file is truncated or corrupt: Pixel Data holds ${pd.length} bytes, ${this.frames} frames need ${fb * this.frames}`, name);
+        throw new SlideError(
+          'TRUNCATED',
+          `file is truncated or corrupt: Pixel Data holds ${pd.length} bytes, ${this.frames} frames need ${fb * this.frames}`,
+          name,
+        );
       }
       return Array.from({ length: this.frames }, (_, i) => [{ off: pd.offset + i * fb, len: fb }]);
     }
@@ -283,15 +358,19 @@ export class DicomInstance implements TileGrid {
     p += 8 + bot.len;
     const first = p;
     const frags: { off: number; len: number; at: number }[] = [];
-    const eot = this.ds.get(T.ExtendedOffsetTable)?.value, eotl = this.ds.get(T.ExtendedOffsetTableLengths)?.value;
+    const eot = this.ds.get(T.ExtendedOffsetTable)?.value,
+      eotl = this.ds.get(T.ExtendedOffsetTableLengths)?.value;
     if (eot && eotl && eot.length / 8 === this.frames) {
-      return Array.from({ length: this.frames }, (_, i) => [{ off: first + Number(eot.readBigUInt64LE(i * 8)) + 8, len: Number(eotl.readBigUInt64LE(i * 8)) }]);
+      return Array.from({ length: this.frames }, (_, i) => [
+        { off: first + Number(eot.readBigUInt64LE(i * 8)) + 8, len: Number(eotl.readBigUInt64LE(i * 8)) },
+      ]);
     }
     for (;;) {
       const h = await hdr(p);
       if (h.tag === 0xfffee0dd) break;
       if (h.tag !== 0xfffee000) throw new SlideError('CORRUPT', `bad Pixel Data fragment at byte ${p}`, name);
-      if (p + 8 + h.len > this.src.size) throw new SlideError('TRUNCATED', 'file is truncated or corrupt: a Pixel Data fragment runs past the end', name);
+      if (p + 8 + h.len > this.src.size)
+        throw new SlideError('TRUNCATED', 'file is truncated or corrupt: a Pixel Data fragment runs past the end', name);
       frags.push({ off: p + 8, len: h.len, at: p - first });
       p += 8 + h.len;
     }
@@ -305,7 +384,8 @@ export class DicomInstance implements TileGrid {
     const out: { off: number; len: number }[][] = [];
     for (const f of frags) {
       const b = await this.src.read(f.off, Math.min(2, f.len));
-      if ((b[0] === 0xff && b[1] === 0xd8) || out.length === 0) out.push([f]); else out[out.length - 1].push(f);
+      if ((b[0] === 0xff && b[1] === 0xd8) || out.length === 0) out.push([f]);
+      else out[out.length - 1].push(f);
     }
     if (out.length !== this.frames) throw new SlideError('CORRUPT', `Pixel Data has ${out.length} frames, expected ${this.frames}`, name);
     return out;
@@ -317,19 +397,26 @@ export class DicomInstance implements TileGrid {
     const index = await this.frameIndex;
     const parts = index[i];
     if (!parts) throw new SlideError('CORRUPT', `DICOM frame ${i} does not exist`, name);
-    const bytes = parts.length === 1 ? await this.src.read(parts[0].off, parts[0].len)
-      : Buffer.concat(await Promise.all(parts.map((f) => this.src.read(f.off, f.len))));
+    const bytes =
+      parts.length === 1
+        ? await this.src.read(parts[0].off, parts[0].len)
+        : Buffer.concat(await Promise.all(parts.map((f) => this.src.read(f.off, f.len))));
     const pm = this.photometric;
     try {
       if (JPEG_TS.has(this.ts)) return await decodeWithSharp(spliceJpeg(bytes, undefined, pm === 'RGB'));
       if (J2K_TS.has(this.ts)) throw new UnsupportedError('JPEG 2000 compressed frames (no JPEG 2000 decoder available)');
       if (this.ts !== TS.ExplicitLE && this.ts !== TS.ImplicitLE) throw new UnsupportedError(`transfer syntax ${this.ts}`);
-      const spp = num(this.ds, T.SamplesPerPixel) ?? 1, bits = num(this.ds, T.BitsAllocated) ?? 8;
+      const spp = num(this.ds, T.SamplesPerPixel) ?? 1,
+        bits = num(this.ds, T.BitsAllocated) ?? 8;
       let raw = bytes;
       if (num(this.ds, T.PlanarConfiguration) === 1 && spp === 3) {
         const n = this.tileWidth * this.tileHeight;
         raw = Buffer.allocUnsafe(n * 3);
-        for (let k = 0; k < n; k++) { raw[k * 3] = bytes[k]; raw[k * 3 + 1] = bytes[n + k]; raw[k * 3 + 2] = bytes[2 * n + k]; }
+        for (let k = 0; k < n; k++) {
+          raw[k * 3] = bytes[k];
+          raw[k * 3 + 1] = bytes[n + k];
+          raw[k * 3 + 2] = bytes[2 * n + k];
+        }
       }
       const photometric = pm === 'RGB' ? 2 : pm === 'MONOCHROME2' ? 1 : pm === 'MONOCHROME1' ? 0 : -1;
       if (photometric < 0) throw new UnsupportedError(`uncompressed ${pm} pixels`);
@@ -389,11 +476,17 @@ export class DicomSlide extends BaseSlide {
       for (const p of extraPaths) {
         if (resolve(p) === resolve(first.name)) continue;
         let src: FileSource;
-        try { src = await FileSource.open(p); } catch { continue; }
+        try {
+          src = await FileSource.open(p);
+        } catch {
+          continue;
+        }
         let inst: DicomInstance | undefined;
         try {
           if (await isDicom(src)) inst = await DicomInstance.open(src);
-        } catch { /* not part of the slide */ }
+        } catch {
+          /* not part of the slide */
+        }
         if (inst && inst.seriesUid === main.seriesUid && main.seriesUid) instances.push(inst);
         else others.push(src);
       }
@@ -409,7 +502,11 @@ export class DicomSlide extends BaseSlide {
     }
     if (levels.length === 0) {
       await Promise.all(instances.map((d) => d.src.close()));
-      throw new SlideError('UNSUPPORTED', `DICOM series has no VOLUME image (only ${[...new Set(instances.map((d) => d.kind))].join(', ')}); open the series' pyramid instead`, first.name);
+      throw new SlideError(
+        'UNSUPPORTED',
+        `DICOM series has no VOLUME image (only ${[...new Set(instances.map((d) => d.kind))].join(', ')}); open the series' pyramid instead`,
+        first.name,
+      );
     }
     return new DicomSlide(first.name, levels, assoc, instances, opts);
   }
@@ -439,7 +536,10 @@ export async function siblingFiles(path: string, limit = 2000): Promise<string[]
   const dir = dirname(path);
   try {
     const ents = await readdir(dir, { withFileTypes: true });
-    return ents.filter((e) => e.isFile() && !e.name.startsWith('.')).slice(0, limit).map((e) => join(dir, e.name));
+    return ents
+      .filter((e) => e.isFile() && !e.name.startsWith('.'))
+      .slice(0, limit)
+      .map((e) => join(dir, e.name));
   } catch {
     return [];
   }

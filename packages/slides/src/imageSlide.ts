@@ -67,7 +67,10 @@ export class ImageSlide extends BaseSlide {
   protected grid(): TileGrid {
     const L = this.levels[0];
     return {
-      width: L.width, height: L.height, tileWidth: L.width, tileHeight: L.height,
+      width: L.width,
+      height: L.height,
+      tileWidth: L.width,
+      tileHeight: L.height,
       tile: () => this.decode(),
     };
   }

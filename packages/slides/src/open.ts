@@ -11,8 +11,13 @@ import { TiffReader } from './tiff.js';
 
 /** Extensions of formats only OpenSlide reads (no TIFF structure we could parse ourselves). */
 const OPENSLIDE_EXT: Record<string, string> = {
-  '.mrxs': '3DHISTECH MIRAX', '.vms': 'Hamamatsu VMS', '.vmu': 'Hamamatsu VMU', '.ndpi': 'Hamamatsu NDPI',
-  '.scn': 'Leica SCN', '.bif': 'Ventana BIF', '.svslide': 'Sakura SVSlide',
+  '.mrxs': '3DHISTECH MIRAX',
+  '.vms': 'Hamamatsu VMS',
+  '.vmu': 'Hamamatsu VMU',
+  '.ndpi': 'Hamamatsu NDPI',
+  '.scn': 'Leica SCN',
+  '.bif': 'Ventana BIF',
+  '.svslide': 'Sakura SVSlide',
 };
 
 function isFileSource(s: ByteSource): s is FileSource {
@@ -33,7 +38,9 @@ export async function openSlide(input: string | string[] | ByteSource, opts: Sli
   }
   if (typeof input === 'string') {
     let st;
-    try { st = await stat(input); } catch (err) {
+    try {
+      st = await stat(input);
+    } catch (err) {
       throw new SlideError('NOT_FOUND', `cannot open slide: ${(err as Error).message}`, input, { cause: err });
     }
     if (st.isDirectory()) {

@@ -34,7 +34,12 @@ export function loadOpenSlide(): OsLib | null {
   }
   let so: any;
   for (const n of ['libopenslide.so.1', 'libopenslide.so.0', 'libopenslide.dylib', 'libopenslide-1.dll', 'libopenslide-0.dll']) {
-    try { so = koffi.load(n); break; } catch { /* next */ }
+    try {
+      so = koffi.load(n);
+      break;
+    } catch {
+      /* next */
+    }
   }
   if (!so) {
     libError = 'libopenslide is not installed (Debian: apt-get install libopenslide0)';
@@ -53,22 +58,26 @@ export function loadOpenSlide(): OsLib | null {
     assocNames: so.func('const char **openslide_get_associated_image_names(openslide_t *osr)'),
     assocDims: so.func('void openslide_get_associated_image_dimensions(openslide_t *osr, const char *name, _Out_ int64_t *w, _Out_ int64_t *h)'),
     readAssoc: so.func('void openslide_read_associated_image(openslide_t *osr, const char *name, _Out_ uint32_t *dest)'),
-    readRegion: so.func('void openslide_read_region(openslide_t *osr, _Out_ uint32_t *dest, int64_t x, int64_t y, int32_t level, int64_t w, int64_t h)'),
+    readRegion: so.func(
+      'void openslide_read_region(openslide_t *osr, _Out_ uint32_t *dest, int64_t x, int64_t y, int32_t level, int64_t w, int64_t h)',
+    ),
     detectVendor: so.func('const char *openslide_detect_vendor(const char *filename)'),
   };
   void handle;
   // const char ** arrays are NULL-terminated: decode them by hand
-  const decodeStrings = (fn: any) => (osr: unknown): string[] | null => {
-    const ptr = fn(osr);
-    if (!ptr) return null;
-    const out: string[] = [];
-    for (let i = 0; ; i++) {
-      const s = koffi.decode(ptr, i * 8, 'const char *');
-      if (!s) break;
-      out.push(s);
-    }
-    return out;
-  };
+  const decodeStrings =
+    (fn: any) =>
+    (osr: unknown): string[] | null => {
+      const ptr = fn(osr);
+      if (!ptr) return null;
+      const out: string[] = [];
+      for (let i = 0; ; i++) {
+        const s = koffi.decode(ptr, i * 8, 'const char *');
+        if (!s) break;
+        out.push(s);
+      }
+      return out;
+    };
   lib.propNames = decodeStrings(so.func('void *openslide_get_property_names(openslide_t *osr)'));
   lib.assocNames = decodeStrings(so.func('void *openslide_get_associated_image_names(openslide_t *osr)'));
   return lib;
@@ -100,14 +109,20 @@ export class OpenSlideSlide extends BaseSlide {
   private osr: unknown;
   private regions = 0;
 
-  private constructor(readonly path: string, private readonly os: OsLib, osr: unknown, opts: SlideOptions) {
+  private constructor(
+    readonly path: string,
+    private readonly os: OsLib,
+    osr: unknown,
+    opts: SlideOptions,
+  ) {
     super(opts);
     this.osr = osr;
     const n = os.levelCount(osr);
     const dims: { width: number; height: number; tileWidth?: number; tileHeight?: number }[] = [];
     const ds: number[] = [];
     for (let i = 0; i < n; i++) {
-      const w: [number] = [0], h: [number] = [0];
+      const w: [number] = [0],
+        h: [number] = [0];
       os.levelDims(osr, i, w as any, h as any);
       const tw = Number(os.prop(osr, `openslide.level[${i}].tile-width`) ?? 0);
       const th = Number(os.prop(osr, `openslide.level[${i}].tile-height`) ?? 0);
@@ -148,18 +163,27 @@ export class OpenSlideSlide extends BaseSlide {
   }
 
   protected override async readInto(
-    level: number, out: RgbImage, dx: number, dy: number, sx: number, sy: number, w: number, h: number,
+    level: number,
+    out: RgbImage,
+    dx: number,
+    dy: number,
+    sx: number,
+    sy: number,
+    w: number,
+    h: number,
   ): Promise<void> {
     const L = this.levels[level];
     // OpenSlide takes the top-left corner in level-0 coordinates
-    const x0 = Math.round(sx * L.downsample), y0 = Math.round(sy * L.downsample);
+    const x0 = Math.round(sx * L.downsample),
+      y0 = Math.round(sy * L.downsample);
     const band = Math.max(1, Math.floor((16 * 1024 * 1024) / (w * 4)));
     for (let r = 0; r < h; r += band) {
       const bh = Math.min(band, h - r);
       const buf = new Uint32Array(w * bh);
       await new Promise<void>((resolve, reject) =>
         this.os.readRegion.async(this.osr, buf, x0, y0 + Math.round(r * L.downsample), level, w, bh, (err: unknown) =>
-          err ? reject(err) : resolve()),
+          err ? reject(err) : resolve(),
+        ),
       );
       this.checkError();
       this.regions++;
@@ -174,9 +198,11 @@ export class OpenSlideSlide extends BaseSlide {
     if (!this.associatedImages.includes(name)) {
       throw this.err('BAD_ARGUMENT', `no associated image '${name}' (has: ${this.associatedImages.join(', ') || 'none'})`);
     }
-    const w: [number] = [0], h: [number] = [0];
+    const w: [number] = [0],
+      h: [number] = [0];
     this.os.assocDims(this.osr, name, w as any, h as any);
-    const W = Number(w[0]), H = Number(h[0]);
+    const W = Number(w[0]),
+      H = Number(h[0]);
     const buf = new Uint32Array(W * H);
     this.os.readAssoc(this.osr, name, buf);
     this.checkError();

@@ -77,12 +77,17 @@ export async function readRegionAtMpp(slide: Slide, rect: Rect, targetMpp: numbe
   const mpp = resolveMpp(slide, opts.slideMpp);
   const level = levelForMpp(slide, mpp, targetMpp);
   const L = slide.levels[level];
-  const dsx = L.downsampleX, dsy = L.downsampleY;
-  const lx0 = Math.floor(rect.x / dsx + 1e-9), ly0 = Math.floor(rect.y / dsy + 1e-9);
-  const lx1 = Math.ceil((rect.x + rect.width) / dsx - 1e-9), ly1 = Math.ceil((rect.y + rect.height) / dsy - 1e-9);
-  const lw = lx1 - lx0, lh = ly1 - ly0;
+  const dsx = L.downsampleX,
+    dsy = L.downsampleY;
+  const lx0 = Math.floor(rect.x / dsx + 1e-9),
+    ly0 = Math.floor(rect.y / dsy + 1e-9);
+  const lx1 = Math.ceil((rect.x + rect.width) / dsx - 1e-9),
+    ly1 = Math.ceil((rect.y + rect.height) / dsy - 1e-9);
+  const lw = lx1 - lx0,
+    lh = ly1 - ly0;
   const img = await slide.readRegion({ level, x: lx0, y: ly0, width: lw, height: lh });
-  const spanW = lw * dsx, spanH = lh * dsy;
+  const spanW = lw * dsx,
+    spanH = lh * dsy;
   const outW = Math.max(1, Math.round((spanW * mpp.x) / targetMpp));
   const outH = Math.max(1, Math.round((spanH * mpp.y) / targetMpp));
   let data = img.data;

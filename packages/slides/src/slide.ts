@@ -90,13 +90,12 @@ export interface TileGrid {
   tile(col: number, row: number): Promise<RgbImage | null>;
 }
 
-export function makeLevels(
-  dims: { width: number; height: number; tileWidth?: number; tileHeight?: number }[],
-  downsamples?: number[],
-): SlideLevel[] {
-  const w0 = dims[0].width, h0 = dims[0].height;
+export function makeLevels(dims: { width: number; height: number; tileWidth?: number; tileHeight?: number }[], downsamples?: number[]): SlideLevel[] {
+  const w0 = dims[0].width,
+    h0 = dims[0].height;
   return dims.map((d, i) => {
-    const dx = w0 / d.width, dy = h0 / d.height;
+    const dx = w0 / d.width,
+      dy = h0 / d.height;
     return {
       width: d.width,
       height: d.height,
@@ -199,19 +198,15 @@ export abstract class BaseSlide implements Slide {
     }
     if (width <= 0 || height <= 0) throw this.err('BAD_ARGUMENT', `region size ${width}x${height} is empty`);
     if (width * height > this.maxRegionPixels) {
-      throw this.err(
-        'REGION_TOO_LARGE',
-        `region ${width}x${height} exceeds the limit of ${this.maxRegionPixels} pixels; read it in parts`,
-      );
+      throw this.err('REGION_TOO_LARGE', `region ${width}x${height} exceeds the limit of ${this.maxRegionPixels} pixels; read it in parts`);
     }
     const L = this.levels[level];
-    const x0 = Math.max(0, x), y0 = Math.max(0, y);
-    const x1 = Math.min(L.width, x + width), y1 = Math.min(L.height, y + height);
+    const x0 = Math.max(0, x),
+      y0 = Math.max(0, y);
+    const x1 = Math.min(L.width, x + width),
+      y1 = Math.min(L.height, y + height);
     if (x1 <= x0 || y1 <= y0) {
-      throw this.err(
-        'REGION_OUTSIDE',
-        `region ${width}x${height} at (${x},${y}) is outside level ${level} (${L.width}x${L.height})`,
-      );
+      throw this.err('REGION_OUTSIDE', `region ${width}x${height} at (${x},${y}) is outside level ${level} (${L.width}x${L.height})`);
     }
     const out: RgbImage = { data: Buffer.alloc(width * height * 3, 255), width, height };
     await this.readInto(level, out, x0 - x, y0 - y, x0, y0, x1 - x0, y1 - y0);
@@ -219,12 +214,12 @@ export abstract class BaseSlide implements Slide {
   }
 
   /** Copies level pixels [sx, sx+w) x [sy, sy+h) (inside the level) to `out` at (dx, dy). */
-  protected async readInto(
-    level: number, out: RgbImage, dx: number, dy: number, sx: number, sy: number, w: number, h: number,
-  ): Promise<void> {
+  protected async readInto(level: number, out: RgbImage, dx: number, dy: number, sx: number, sy: number, w: number, h: number): Promise<void> {
     const g = this.grid(level);
-    const c0 = Math.floor(sx / g.tileWidth), c1 = Math.floor((sx + w - 1) / g.tileWidth);
-    const r0 = Math.floor(sy / g.tileHeight), r1 = Math.floor((sy + h - 1) / g.tileHeight);
+    const c0 = Math.floor(sx / g.tileWidth),
+      c1 = Math.floor((sx + w - 1) / g.tileWidth);
+    const r0 = Math.floor(sy / g.tileHeight),
+      r1 = Math.floor((sy + h - 1) / g.tileHeight);
     const jobs: [number, number][] = [];
     for (let r = r0; r <= r1; r++) for (let c = c0; c <= c1; c++) jobs.push([c, r]);
     await mapLimit(jobs, this.concurrency, async ([c, r]) => {
@@ -234,10 +229,13 @@ export abstract class BaseSlide implements Slide {
         return v;
       });
       if (!t) return; // sparse: stays white
-      const tx = c * g.tileWidth, ty = r * g.tileHeight;
+      const tx = c * g.tileWidth,
+        ty = r * g.tileHeight;
       // intersection of the tile's valid pixels with the request, in level coordinates
-      const ix0 = Math.max(sx, tx), iy0 = Math.max(sy, ty);
-      const ix1 = Math.min(sx + w, tx + t.width, g.width), iy1 = Math.min(sy + h, ty + t.height, g.height);
+      const ix0 = Math.max(sx, tx),
+        iy0 = Math.max(sy, ty);
+      const ix1 = Math.min(sx + w, tx + t.width, g.width),
+        iy1 = Math.min(sy + h, ty + t.height, g.height);
       if (ix1 <= ix0 || iy1 <= iy0) return;
       const rowBytes = (ix1 - ix0) * 3;
       for (let yy = iy0; yy < iy1; yy++) {
@@ -263,7 +261,8 @@ export async function readWholeGrid(g: TileGrid): Promise<RgbImage> {
     for (let tx = 0, c = 0; tx < g.width; tx += g.tileWidth, c++) {
       const t = await g.tile(c, r);
       if (!t) continue;
-      const w = Math.min(t.width, g.width - tx), h = Math.min(t.height, g.height - ty);
+      const w = Math.min(t.width, g.width - tx),
+        h = Math.min(t.height, g.height - ty);
       for (let yy = 0; yy < h; yy++) {
         t.data.copy(out.data, ((ty + yy) * g.width + tx) * 3, yy * t.width * 3, (yy * t.width + w) * 3);
       }

@@ -23,11 +23,7 @@ function checkRange(src: ByteSource, offset: number, length: number): void {
     throw new SlideError('CORRUPT', `invalid byte range ${offset}+${length}`, src.name);
   }
   if (offset + length > src.size) {
-    throw new SlideError(
-      'TRUNCATED',
-      `file is truncated or corrupt: needs bytes ${offset}..${offset + length} but has ${src.size}`,
-      src.name,
-    );
+    throw new SlideError('TRUNCATED', `file is truncated or corrupt: needs bytes ${offset}..${offset + length} but has ${src.size}`, src.name);
   }
 }
 

@@ -34,7 +34,22 @@ export const Tag = {
 
 // byte size of each TIFF field type
 const TYPE_SIZE: Record<number, number> = {
-  1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8,
+  1: 1,
+  2: 1,
+  3: 2,
+  4: 4,
+  5: 8,
+  6: 1,
+  7: 1,
+  8: 2,
+  9: 4,
+  10: 8,
+  11: 4,
+  12: 8,
+  13: 4,
+  16: 8,
+  17: 8,
+  18: 8,
 };
 
 /** Values up to this many bytes are read with the directory; larger ones (tile tables) on demand. */
@@ -90,7 +105,11 @@ export class TiffReader {
   async readIfd(offset: number): Promise<Ifd> {
     const name = this.src.name;
     if (offset < 8 || offset >= this.src.size) {
-      throw new SlideError('CORRUPT', `file is truncated or corrupt: TIFF directory offset ${offset} is outside the file (${this.src.size} bytes)`, name);
+      throw new SlideError(
+        'CORRUPT',
+        `file is truncated or corrupt: TIFF directory offset ${offset} is outside the file (${this.src.size} bytes)`,
+        name,
+      );
     }
     const cntSize = this.bigTiff ? 8 : 2;
     const entSize = this.bigTiff ? 20 : 12;
@@ -117,11 +136,7 @@ export class TiffReader {
       } else {
         e.offset = this.bigTiff ? this.u64(body, vp) : this.u32(body, vp);
         if (e.offset + size > this.src.size) {
-          throw new SlideError(
-            'TRUNCATED',
-            `file is truncated or corrupt: TIFF tag ${tag} points past the end of the file`,
-            name,
-          );
+          throw new SlideError('TRUNCATED', `file is truncated or corrupt: TIFF tag ${tag} points past the end of the file`, name);
         }
         if (size <= EAGER_BYTES) deferred.push(e);
       }
@@ -206,34 +221,73 @@ export class Ifd {
     const le = t.littleEndian;
     for (let i = 0; i < e.count; i++) {
       switch (e.type) {
-        case 1: case 2: case 7: out[i] = b[i]; break;
-        case 6: out[i] = b.readInt8(i); break;
-        case 3: out[i] = t.u16(b, i * 2); break;
-        case 8: out[i] = le ? b.readInt16LE(i * 2) : b.readInt16BE(i * 2); break;
-        case 4: case 13: out[i] = t.u32(b, i * 4); break;
-        case 9: out[i] = le ? b.readInt32LE(i * 4) : b.readInt32BE(i * 4); break;
-        case 5: { const d = t.u32(b, i * 8 + 4); out[i] = d === 0 ? 0 : t.u32(b, i * 8) / d; break; }
+        case 1:
+        case 2:
+        case 7:
+          out[i] = b[i];
+          break;
+        case 6:
+          out[i] = b.readInt8(i);
+          break;
+        case 3:
+          out[i] = t.u16(b, i * 2);
+          break;
+        case 8:
+          out[i] = le ? b.readInt16LE(i * 2) : b.readInt16BE(i * 2);
+          break;
+        case 4:
+        case 13:
+          out[i] = t.u32(b, i * 4);
+          break;
+        case 9:
+          out[i] = le ? b.readInt32LE(i * 4) : b.readInt32BE(i * 4);
+          break;
+        case 5: {
+          const d = t.u32(b, i * 8 + 4);
+          out[i] = d === 0 ? 0 : t.u32(b, i * 8) / d;
+          break;
+        }
         case 10: {
           const n = le ? b.readInt32LE(i * 8) : b.readInt32BE(i * 8);
           const d = le ? b.readInt32LE(i * 8 + 4) : b.readInt32BE(i * 8 + 4);
           out[i] = d === 0 ? 0 : n / d;
           break;
         }
-        case 11: out[i] = le ? b.readFloatLE(i * 4) : b.readFloatBE(i * 4); break;
-        case 12: out[i] = le ? b.readDoubleLE(i * 8) : b.readDoubleBE(i * 8); break;
-        case 16: case 18: out[i] = t.u64(b, i * 8); break;
-        case 17: out[i] = Number(le ? b.readBigInt64LE(i * 8) : b.readBigInt64BE(i * 8)); break;
-        default: out[i] = 0;
+        case 11:
+          out[i] = le ? b.readFloatLE(i * 4) : b.readFloatBE(i * 4);
+          break;
+        case 12:
+          out[i] = le ? b.readDoubleLE(i * 8) : b.readDoubleBE(i * 8);
+          break;
+        case 16:
+        case 18:
+          out[i] = t.u64(b, i * 8);
+          break;
+        case 17:
+          out[i] = Number(le ? b.readBigInt64LE(i * 8) : b.readBigInt64BE(i * 8));
+          break;
+        default:
+          out[i] = 0;
       }
     }
     return out;
   }
 
-  get width(): number { return this.num(Tag.ImageWidth, 0); }
-  get height(): number { return this.num(Tag.ImageLength, 0); }
-  get tiled(): boolean { return this.has(Tag.TileWidth) && this.has(Tag.TileOffsets); }
-  get subfileType(): number { return this.num(Tag.NewSubfileType, 0); }
-  get compression(): number { return this.num(Tag.Compression, 1); }
+  get width(): number {
+    return this.num(Tag.ImageWidth, 0);
+  }
+  get height(): number {
+    return this.num(Tag.ImageLength, 0);
+  }
+  get tiled(): boolean {
+    return this.has(Tag.TileWidth) && this.has(Tag.TileOffsets);
+  }
+  get subfileType(): number {
+    return this.num(Tag.NewSubfileType, 0);
+  }
+  get compression(): number {
+    return this.num(Tag.Compression, 1);
+  }
 }
 
 function toSafe(v: bigint, name: string): number {

@@ -1,6 +1,17 @@
 import { SlideError } from './errors.js';
 import { compressionName, decodeTiffBlock, isJpeg2000, UnsupportedError, type RgbImage, type TiffPixelLayout } from './codecs.js';
-import { BaseSlide, makeLevels, plausibleMpp, readWholeGrid, type Mpp, type SlideFormat, type SlideLevel, type SlideOptions, type SlideStats, type TileGrid } from './slide.js';
+import {
+  BaseSlide,
+  makeLevels,
+  plausibleMpp,
+  readWholeGrid,
+  type Mpp,
+  type SlideFormat,
+  type SlideLevel,
+  type SlideOptions,
+  type SlideStats,
+  type TileGrid,
+} from './slide.js';
 import type { ByteSource } from './source.js';
 import { Tag, type Ifd, type TiffReader } from './tiff.js';
 
@@ -16,7 +27,10 @@ export class TiffImage implements TileGrid {
   private layout?: TiffPixelLayout;
   onDecode?: () => void;
 
-  constructor(readonly ifd: Ifd, private readonly name: string) {
+  constructor(
+    readonly ifd: Ifd,
+    private readonly name: string,
+  ) {
     this.width = ifd.width;
     this.height = ifd.height;
     if (!(this.width > 0 && this.height > 0)) throw new SlideError('CORRUPT', 'TIFF image has no size', name);
@@ -48,7 +62,8 @@ export class TiffImage implements TileGrid {
     if (!offsets || !counts || counts.length < offsets.length) {
       throw new SlideError('CORRUPT', 'TIFF tile offsets or byte counts are missing', this.name);
     }
-    const across = Math.ceil(this.width / this.tileWidth), down = Math.ceil(this.height / this.tileHeight);
+    const across = Math.ceil(this.width / this.tileWidth),
+      down = Math.ceil(this.height / this.tileHeight);
     const planar = ifd.num(Tag.PlanarConfiguration, 1);
     const spp = ifd.num(Tag.SamplesPerPixel, 1);
     if (offsets.length < across * down) {
@@ -73,7 +88,8 @@ export class TiffImage implements TileGrid {
     await this.init();
     const across = Math.ceil(this.width / this.tileWidth);
     const i = row * across + col;
-    const off = this.offsets![i], len = this.counts![i];
+    const off = this.offsets![i],
+      len = this.counts![i];
     if (!off || !len) return null;
     const bytes = await this.ifd.tiff.src.read(off, len);
     const rows = this.tiled ? this.tileHeight : Math.min(this.tileHeight, this.height - row * this.tileHeight);
@@ -97,7 +113,17 @@ export class TiffImage implements TileGrid {
 }
 
 const OME_UNIT_UM: Record<string, number> = {
-  m: 1e6, dm: 1e5, cm: 1e4, mm: 1e3, 'µm': 1, 'μm': 1, um: 1, nm: 1e-3, pm: 1e-6, 'Å': 1e-4, A: 1e-4,
+  m: 1e6,
+  dm: 1e5,
+  cm: 1e4,
+  mm: 1e3,
+  µm: 1,
+  μm: 1,
+  um: 1,
+  nm: 1e-3,
+  pm: 1e-6,
+  Å: 1e-4,
+  A: 1e-4,
 };
 
 export function parseOmeMpp(xml: string): { x: number; y: number } | null {
@@ -131,7 +157,8 @@ export function tiffResolutionMpp(ifd: Ifd): Mpp | null {
   const unit = ifd.num(Tag.ResolutionUnit, 2);
   if (!xr || unit === 1) return null;
   const per = unit === 3 ? 1e4 : 25400;
-  const x = per / xr, y = yr ? per / yr : x;
+  const x = per / xr,
+    y = yr ? per / yr : x;
   if (!plausibleMpp(x) || !plausibleMpp(y)) return null;
   return { x, y, source: `TIFF XResolution/YResolution (${unit === 3 ? 'cm' : 'inch'})` };
 }
@@ -197,8 +224,12 @@ export class TiffSlide extends BaseSlide {
   }
 
   static async open(
-    src: ByteSource, tiff: TiffReader, kind: Exclude<TiffKind, { openslide: string }>, description: string,
-    chain: Ifd[], opts: SlideOptions,
+    src: ByteSource,
+    tiff: TiffReader,
+    kind: Exclude<TiffKind, { openslide: string }>,
+    description: string,
+    chain: Ifd[],
+    opts: SlideOptions,
   ): Promise<TiffSlide> {
     const name = src.name;
     const props: Record<string, string> = {};
@@ -248,7 +279,8 @@ export class TiffSlide extends BaseSlide {
       levelIfds = all.filter((d) => {
         if (d.subfileType & 4) return false; // transparency mask
         if (d.width > base.width || d.height > base.height || d.width <= 0 || d.height <= 0) return false;
-        const dx = base.width / d.width, dy = base.height / d.height;
+        const dx = base.width / d.width,
+          dy = base.height / d.height;
         return Math.abs(dx - dy) <= 0.02 * dx + dx / Math.min(d.width, d.height) + 1e-9;
       });
     }

@@ -48,7 +48,8 @@ export async function detectTissue(slide: Slide, opts: TissueOptions = {}): Prom
   });
   const L = slide.levels[level];
   const f = Math.max(1, Math.ceil(Math.max(L.width, L.height) / maxSide));
-  const mw = Math.ceil(L.width / f), mh = Math.ceil(L.height / f);
+  const mw = Math.ceil(L.width / f),
+    mh = Math.ceil(L.height / f);
   const sum = new Float64Array(mw * mh);
   const cnt = new Uint32Array(mw * mh);
   // read in bands of whole mask rows, ~4 Mpx each, so memory stays bounded on single-level slides
@@ -59,7 +60,9 @@ export async function detectTissue(slide: Slide, opts: TissueOptions = {}): Prom
     for (let y = 0; y < h; y++) {
       const row = Math.floor((y0 + y) / f) * mw;
       for (let x = 0, p = y * L.width * 3; x < L.width; x++, p += 3) {
-        const r = data[p], g = data[p + 1], b = data[p + 2];
+        const r = data[p],
+          g = data[p + 1],
+          b = data[p + 2];
         const mx = r > g ? (r > b ? r : b) : g > b ? g : b;
         const mn = r < g ? (r < b ? r : b) : g < b ? g : b;
         // saturation; very dark pixels (pen, scanner borders) are not tissue
@@ -88,7 +91,9 @@ export async function detectTissue(slide: Slide, opts: TissueOptions = {}): Prom
   let n = 0;
   for (let i = 0; i < mask.length; i++) n += mask[i];
   return {
-    mask, width: mw, height: mh,
+    mask,
+    width: mw,
+    height: mh,
     downsample: { x: L.downsampleX * f, y: L.downsampleY * f },
     level0: { width: L0.width, height: L0.height },
     fraction: n / mask.length,
@@ -99,18 +104,29 @@ export async function detectTissue(slide: Slide, opts: TissueOptions = {}): Prom
 
 /** Otsu's threshold of a 256-bin histogram (the bin value maximising between-class variance). */
 export function otsu(hist: ArrayLike<number>): number {
-  let total = 0, sumAll = 0;
-  for (let i = 0; i < 256; i++) { total += hist[i]; sumAll += i * hist[i]; }
-  let wB = 0, sumB = 0, best = 0, bestVar = -1;
+  let total = 0,
+    sumAll = 0;
+  for (let i = 0; i < 256; i++) {
+    total += hist[i];
+    sumAll += i * hist[i];
+  }
+  let wB = 0,
+    sumB = 0,
+    best = 0,
+    bestVar = -1;
   for (let t = 0; t < 256; t++) {
     wB += hist[t];
     if (wB === 0) continue;
     const wF = total - wB;
     if (wF === 0) break;
     sumB += t * hist[t];
-    const mB = sumB / wB, mF = (sumAll - sumB) / wF;
+    const mB = sumB / wB,
+      mF = (sumAll - sumB) / wF;
     const v = wB * wF * (mB - mF) ** 2;
-    if (v > bestVar) { bestVar = v; best = t; }
+    if (v > bestVar) {
+      bestVar = v;
+      best = t;
+    }
   }
   return best;
 }
@@ -118,7 +134,8 @@ export function otsu(hist: ArrayLike<number>): number {
 function morph(m: Uint8Array, w: number, h: number, r: number, erodeOp: boolean): Uint8Array {
   // separable square structuring element (2r+1)^2; outside the image counts as background for
   // dilation and as foreground for erosion (so tissue touching the border is not eaten)
-  const tmp = new Uint8Array(m.length), out = new Uint8Array(m.length);
+  const tmp = new Uint8Array(m.length),
+    out = new Uint8Array(m.length);
   for (let y = 0; y < h; y++) {
     for (let x = 0; x < w; x++) {
       let v = erodeOp ? 1 : 0;
@@ -126,7 +143,10 @@ function morph(m: Uint8Array, w: number, h: number, r: number, erodeOp: boolean)
         const xx = x + d;
         if (xx < 0 || xx >= w) continue;
         const s = m[y * w + xx];
-        if (erodeOp ? !s : s) { v = erodeOp ? 0 : 1; break; }
+        if (erodeOp ? !s : s) {
+          v = erodeOp ? 0 : 1;
+          break;
+        }
       }
       tmp[y * w + x] = v;
     }
@@ -138,7 +158,10 @@ function morph(m: Uint8Array, w: number, h: number, r: number, erodeOp: boolean)
         const yy = y + d;
         if (yy < 0 || yy >= h) continue;
         const s = tmp[yy * w + x];
-        if (erodeOp ? !s : s) { v = erodeOp ? 0 : 1; break; }
+        if (erodeOp ? !s : s) {
+          v = erodeOp ? 0 : 1;
+          break;
+        }
       }
       out[y * w + x] = v;
     }
@@ -163,7 +186,8 @@ export function removeSmallComponents(mask: Uint8Array, w: number, h: number, mi
     while (stack.length) {
       const p = stack.pop()!;
       members.push(p);
-      const px = p % w, py = (p - px) / w;
+      const px = p % w,
+        py = (p - px) / w;
       for (let dy = -1; dy <= 1; dy++) {
         const yy = py + dy;
         if (yy < 0 || yy >= h) continue;
@@ -171,7 +195,10 @@ export function removeSmallComponents(mask: Uint8Array, w: number, h: number, mi
           const xx = px + dx;
           if (xx < 0 || xx >= w) continue;
           const q = yy * w + xx;
-          if (mask[q] && !label[q]) { label[q] = next; stack.push(q); }
+          if (mask[q] && !label[q]) {
+            label[q] = next;
+            stack.push(q);
+          }
         }
       }
     }
@@ -195,8 +222,10 @@ export interface TissueRegionOptions {
 
 function roiBounds(roi: Roi): Rect {
   if ('polygon' in roi) {
-    const xs = roi.polygon.map((p) => p[0]), ys = roi.polygon.map((p) => p[1]);
-    const x = Math.min(...xs), y = Math.min(...ys);
+    const xs = roi.polygon.map((p) => p[0]),
+      ys = roi.polygon.map((p) => p[1]);
+    const x = Math.min(...xs),
+      y = Math.min(...ys);
     return { x, y, width: Math.max(...xs) - x, height: Math.max(...ys) - y };
   }
   return roi;
@@ -208,7 +237,8 @@ export function pointInRoi(roi: Roi, x: number, y: number): boolean {
   const pts = roi.polygon;
   let inside = false;
   for (let i = 0, j = pts.length - 1; i < pts.length; j = i++) {
-    const [xi, yi] = pts[i], [xj, yj] = pts[j];
+    const [xi, yi] = pts[i],
+      [xj, yj] = pts[j];
     if (yi > y !== yj > y && x < ((xj - xi) * (y - yi)) / (yj - yi) + xi) inside = !inside;
   }
   return inside;
@@ -227,7 +257,8 @@ export function tissueRegions(
   const rw = typeof regionSize === 'number' ? regionSize : regionSize.width;
   const rh = typeof regionSize === 'number' ? regionSize : regionSize.height;
   if (!(rw >= 1 && rh >= 1)) throw new SlideError('BAD_ARGUMENT', `region size must be at least 1 pixel, got ${rw}x${rh}`);
-  const W0 = tissue.level0.width, H0 = tissue.level0.height;
+  const W0 = tissue.level0.width,
+    H0 = tissue.level0.height;
   const { mask, width: mw, height: mh } = tissue;
   const { x: dsx, y: dsy } = tissue.downsample;
   let area: Rect = { x: 0, y: 0, width: W0, height: H0 };
@@ -242,8 +273,10 @@ export function tissueRegions(
       throw new SlideError('BAD_ARGUMENT', `invalid ROI rectangle ${JSON.stringify(roi)}`);
     }
     const b = roiBounds(roi);
-    const x0 = Math.max(0, Math.floor(b.x)), y0 = Math.max(0, Math.floor(b.y));
-    const x1 = Math.min(W0, Math.ceil(b.x + b.width)), y1 = Math.min(H0, Math.ceil(b.y + b.height));
+    const x0 = Math.max(0, Math.floor(b.x)),
+      y0 = Math.max(0, Math.floor(b.y));
+    const x1 = Math.min(W0, Math.ceil(b.x + b.width)),
+      y1 = Math.min(H0, Math.ceil(b.y + b.height));
     if (x1 <= x0 || y1 <= y0) {
       throw new SlideError('ROI_OUTSIDE', `ROI with bounds ${b.width}x${b.height} at (${b.x},${b.y}) is outside the slide (${W0}x${H0})`);
     }
@@ -257,7 +290,8 @@ export function tissueRegions(
       }
       // tiny polygons that contain no mask pixel centre: the pixels under their vertices
       for (const [px, py] of roi.polygon) {
-        const mx = Math.floor(px / dsx), my = Math.floor(py / dsy);
+        const mx = Math.floor(px / dsx),
+          my = Math.floor(py / dsy);
         if (mx >= 0 && mx < mw && my >= 0 && my < mh) roiMask[my * mw + mx] = 1;
       }
     }
@@ -266,9 +300,12 @@ export function tissueRegions(
   const out: TissueRegion[] = [];
   for (let y = area.y; y < area.y + area.height; y += rh) {
     for (let x = area.x; x < area.x + area.width; x += rw) {
-      const w = Math.min(rw, area.x + area.width - x), h = Math.min(rh, area.y + area.height - y);
-      const mx0 = Math.floor(x / dsx), my0 = Math.floor(y / dsy);
-      const mx1 = Math.min(mw, Math.max(mx0 + 1, Math.ceil((x + w) / dsx))), my1 = Math.min(mh, Math.max(my0 + 1, Math.ceil((y + h) / dsy)));
+      const w = Math.min(rw, area.x + area.width - x),
+        h = Math.min(rh, area.y + area.height - y);
+      const mx0 = Math.floor(x / dsx),
+        my0 = Math.floor(y / dsy);
+      const mx1 = Math.min(mw, Math.max(mx0 + 1, Math.ceil((x + w) / dsx))),
+        my1 = Math.min(mh, Math.max(my0 + 1, Math.ceil((y + h) / dsy)));
       let t = 0;
       for (let my = my0; my < my1; my++) {
         for (let mx = mx0; mx < mx1; mx++) {

@@ -14,8 +14,12 @@ const CROP = { x: 500, y: 900 };
 
 describe.skipIf(!have)('real sample slides (../shared/slides)', () => {
   let svs: Slide;
-  beforeAll(async () => { svs = await openSlide(f('CMU-1-Small-Region.svs')); });
-  afterAll(async () => { await svs?.close(); });
+  beforeAll(async () => {
+    svs = await openSlide(f('CMU-1-Small-Region.svs'));
+  });
+  afterAll(async () => {
+    await svs?.close();
+  });
 
   it('levels, sizes and mpp of every sample', async () => {
     expect(svs.format).toBe('aperio-svs');
@@ -27,15 +31,48 @@ describe.skipIf(!have)('real sample slides (../shared/slides)', () => {
 
     const expectations: [string, string, number[][], number | null][] = [
       ['openslide-python_small.svs', 'aperio-svs', [[16, 16]], 0.499],
-      ['openslide-python_boxes.tiff', 'tiff', [[300, 250], [150, 125], [75, 62], [37, 31]], null],
+      [
+        'openslide-python_boxes.tiff',
+        'tiff',
+        [
+          [300, 250],
+          [150, 125],
+          [75, 62],
+          [37, 31],
+        ],
+        null,
+      ],
       ['openslide-python_boxes_0.dcm', 'dicom', [[16, 16]], 0.499],
-      ['derived/CMU-1-Small-Region.crop.ome.tif', 'ome-tiff', [[1024, 1024], [512, 512], [256, 256], [128, 128]], 0.499],
-      ['derived/CMU-1-Small-Region.crop.tif', 'tiff', [[1024, 1024], [512, 512], [256, 256], [128, 128]], 0.499],
+      [
+        'derived/CMU-1-Small-Region.crop.ome.tif',
+        'ome-tiff',
+        [
+          [1024, 1024],
+          [512, 512],
+          [256, 256],
+          [128, 128],
+        ],
+        0.499,
+      ],
+      [
+        'derived/CMU-1-Small-Region.crop.tif',
+        'tiff',
+        [
+          [1024, 1024],
+          [512, 512],
+          [256, 256],
+          [128, 128],
+        ],
+        0.499,
+      ],
     ];
     for (const [name, format, sizes, mpp] of expectations) {
       const s = await openSlide(f(name));
       expect(s.format, name).toBe(format);
-      expect(s.levels.map((l) => [l.width, l.height]), name).toEqual(sizes);
+      expect(
+        s.levels.map((l) => [l.width, l.height]),
+        name,
+      ).toEqual(sizes);
       if (mpp === null) expect(s.mpp, name).toBeNull();
       else {
         expect(s.mpp!.x, name).toBeCloseTo(mpp, 5);
@@ -73,21 +110,32 @@ describe.skipIf(!have)('real sample slides (../shared/slides)', () => {
       expect(meanAbsDiff(part.data, crop(ref.data, 1024, 250, 130, 300, 260)), name).toBeLessThan(1);
       // reduced level vs the SVS region downsampled
       const l2 = await s.readRegion({ level: 2, x: 0, y: 0, width: 256, height: 256 });
-      const down = await sharp(ref.data, { raw: { width: 1024, height: 1024, channels: 3 } }).resize(256, 256, { kernel: 'linear' }).raw().toBuffer();
+      const down = await sharp(ref.data, { raw: { width: 1024, height: 1024, channels: 3 } })
+        .resize(256, 256, { kernel: 'linear' })
+        .raw()
+        .toBuffer();
       expect(meanAbsDiff(l2.data, down), name).toBeLessThan(6);
       await s.close();
     }
   });
 
-  it('SVS colour: level 0 downsampled matches the file\'s own thumbnail page', async () => {
+  it("SVS colour: level 0 downsampled matches the file's own thumbnail page", async () => {
     const th = await svs.readAssociated('thumbnail');
     expect([th.width, th.height]).toEqual([574, 768]);
     const L = svs.levels[0];
     const full = await svs.readRegion({ x: 0, y: 0, width: L.width, height: L.height });
-    const small = await sharp(full.data, { raw: { width: L.width, height: L.height, channels: 3 } }).resize(th.width, th.height, { fit: 'fill' }).raw().toBuffer();
+    const small = await sharp(full.data, { raw: { width: L.width, height: L.height, channels: 3 } })
+      .resize(th.width, th.height, { fit: 'fill' })
+      .raw()
+      .toBuffer();
     expect(meanAbsDiff(small, th.data)).toBeLessThan(8);
     // per-channel means agree closely (a YCbCr/RGB mix-up shifts them by tens)
-    const means = (b: Buffer) => [0, 1, 2].map((c) => { let s = 0; for (let i = c; i < b.length; i += 3) s += b[i]; return s / (b.length / 3); });
+    const means = (b: Buffer) =>
+      [0, 1, 2].map((c) => {
+        let s = 0;
+        for (let i = c; i < b.length; i += 3) s += b[i];
+        return s / (b.length / 3);
+      });
     const [m1, m2] = [means(small), means(th.data)];
     for (let c = 0; c < 3; c++) expect(Math.abs(m1[c] - m2[c])).toBeLessThan(2);
     // H&E: stained tissue is pink/purple, red > green
@@ -143,7 +191,7 @@ describe.skipIf(!have)('real sample slides (../shared/slides)', () => {
     await s.close();
   });
 
-  it('readRegionAtMpp: 20x SVS to the model\'s 0.25 um/px, and back to level 0', async () => {
+  it("readRegionAtMpp: 20x SVS to the model's 0.25 um/px, and back to level 0", async () => {
     const r = await readRegionAtMpp(svs, { x: 1000, y: 1000, width: 256, height: 256 }, 0.25);
     expect(r.level).toBe(0);
     expect([r.width, r.height]).toEqual([511, 511]);
@@ -151,7 +199,10 @@ describe.skipIf(!have)('real sample slides (../shared/slides)', () => {
     expect(r.scale.x * r.width).toBeCloseTo(256, 9);
     expect(r.mpp.x).toBeCloseTo(0.25, 2);
     // downsampling it back gives the original region
-    const back = await sharp(r.data, { raw: { width: r.width, height: r.height, channels: 3 } }).resize(256, 256, { fit: 'fill' }).raw().toBuffer();
+    const back = await sharp(r.data, { raw: { width: r.width, height: r.height, channels: 3 } })
+      .resize(256, 256, { fit: 'fill' })
+      .raw()
+      .toBuffer();
     const orig = await svs.readRegion({ x: 1000, y: 1000, width: 256, height: 256 });
     expect(meanAbsDiff(back, orig.data)).toBeLessThan(10);
     // the derived pyramid: 2 um/px comes from level 2 (0.998) resized
@@ -175,15 +226,26 @@ describe.skipIf(!have)('real sample slides (../shared/slides)', () => {
     // glass, from the image itself: mask pixels whose level-0 block is bright and grey are background
     const L = svs.levels[0];
     const full = await svs.readRegion({ x: 0, y: 0, width: L.width, height: L.height });
-    let glass = 0, glassInMask = 0, dark = 0, darkInMask = 0;
-    for (let my = 0; my < t.height; my++) for (let mx = 0; mx < t.width; mx++) {
-      const x = Math.min(L.width - 1, Math.floor((mx + 0.5) * t.downsample.x)), y = Math.min(L.height - 1, Math.floor((my + 0.5) * t.downsample.y));
-      const p = (y * L.width + x) * 3;
-      const [r, g, b] = [full.data[p], full.data[p + 1], full.data[p + 2]];
-      const m = t.mask[my * t.width + mx];
-      if (Math.min(r, g, b) > 225 && Math.max(r, g, b) - Math.min(r, g, b) < 8) { glass++; glassInMask += m; }
-      if (r < 190 && g < 160 && r - g > 30) { dark++; darkInMask += m; } // clearly stained
-    }
+    let glass = 0,
+      glassInMask = 0,
+      dark = 0,
+      darkInMask = 0;
+    for (let my = 0; my < t.height; my++)
+      for (let mx = 0; mx < t.width; mx++) {
+        const x = Math.min(L.width - 1, Math.floor((mx + 0.5) * t.downsample.x)),
+          y = Math.min(L.height - 1, Math.floor((my + 0.5) * t.downsample.y));
+        const p = (y * L.width + x) * 3;
+        const [r, g, b] = [full.data[p], full.data[p + 1], full.data[p + 2]];
+        const m = t.mask[my * t.width + mx];
+        if (Math.min(r, g, b) > 225 && Math.max(r, g, b) - Math.min(r, g, b) < 8) {
+          glass++;
+          glassInMask += m;
+        }
+        if (r < 190 && g < 160 && r - g > 30) {
+          dark++;
+          darkInMask += m;
+        } // clearly stained
+      }
     expect(glass).toBeGreaterThan(100);
     expect(glassInMask / glass).toBeLessThan(0.1);
     expect(darkInMask / dark).toBeGreaterThan(0.95);
@@ -204,14 +266,28 @@ describe.skipIf(!have)('real sample slides (../shared/slides)', () => {
       const { readFileSync } = await import('node:fs');
       const bytes = readFileSync(f('CMU-1-Small-Region.svs'));
       const cut = d.file('cut.svs', bytes.subarray(0, Math.floor(bytes.length / 2)));
-      const err = await (async () => { const s = await openSlide(cut); try { const L = s.levels[0]; await s.readRegion({ x: 0, y: 0, width: L.width, height: L.height }); } finally { await s.close(); } })().then(() => null, (e: unknown) => e as SlideError);
+      const err = await (async () => {
+        const s = await openSlide(cut);
+        try {
+          const L = s.levels[0];
+          await s.readRegion({ x: 0, y: 0, width: L.width, height: L.height });
+        } finally {
+          await s.close();
+        }
+      })().then(
+        () => null,
+        (e: unknown) => e as SlideError,
+      );
       expect(err).toBeInstanceOf(SlideError);
       expect(['TRUNCATED', 'CORRUPT']).toContain(err!.code);
       expect(err!.message).toMatch(/truncated|corrupt/);
       expect(err!.message).toContain('cut.svs');
       const junk = Buffer.from(bytes.subarray(0, 4096));
       junk.fill(0xab, 8);
-      const e2 = await openSlide(d.file('junk.svs', junk)).then(() => null, (e: unknown) => e as SlideError);
+      const e2 = await openSlide(d.file('junk.svs', junk)).then(
+        () => null,
+        (e: unknown) => e as SlideError,
+      );
       expect(e2).toBeInstanceOf(SlideError);
       expect(e2!.message).toContain('junk.svs');
     } finally {

@@ -9,7 +9,10 @@ const tmp = tempDir();
 afterAll(() => tmp.cleanup());
 
 async function expectSlideError(p: Promise<unknown>, code: string, re?: RegExp): Promise<SlideError> {
-  const err = await p.then(() => null, (e: unknown) => e);
+  const err = await p.then(
+    () => null,
+    (e: unknown) => e,
+  );
   expect(err).toBeInstanceOf(SlideError);
   expect((err as SlideError).code).toBe(code);
   if (re) expect((err as SlideError).message).toMatch(re);
@@ -17,14 +20,25 @@ async function expectSlideError(p: Promise<unknown>, code: string, re?: RegExp):
 }
 
 describe('generic pyramidal TIFF written by libvips (sharp)', () => {
-  const W = 301, H = 203;
+  const W = 301,
+    H = 203;
   const px = pattern(W, H);
   let slide: Slide;
   let file: string;
 
   it('opens with levels, tile size and the resolution in px/cm', async () => {
     const buf = await sharp(px, { raw: { width: W, height: H, channels: 3 } })
-      .tiff({ compression: 'deflate', predictor: 'horizontal', tile: true, tileWidth: 64, tileHeight: 64, pyramid: true, xres: 2000 / 1000 * 1000 / 0.5 / 1000, yres: 2, resolutionUnit: 'cm' })
+      .tiff({
+        compression: 'deflate',
+        predictor: 'horizontal',
+        tile: true,
+        tileWidth: 64,
+        tileHeight: 64,
+        pyramid: true,
+        xres: ((2000 / 1000) * 1000) / 0.5 / 1000,
+        yres: 2,
+        resolutionUnit: 'cm',
+      })
       .toBuffer();
     file = tmp.file('pyr.tif', buf);
     slide = await openSlide(file);
@@ -53,7 +67,7 @@ describe('generic pyramidal TIFF written by libvips (sharp)', () => {
     await expectSlideError(slide.readRegion({ x: 0, y: 0, width: 0, height: 5 }), 'BAD_ARGUMENT');
   });
 
-  it('reads reduced levels in that level\'s own pixel grid', async () => {
+  it("reads reduced levels in that level's own pixel grid", async () => {
     const L = slide.levels[1];
     const r = await slide.readRegion({ level: 1, x: 0, y: 0, width: L.width, height: L.height });
     const ref = downsample(px, W, H, 2);
@@ -70,7 +84,9 @@ describe('generic pyramidal TIFF written by libvips (sharp)', () => {
     expect(s.mpp?.source).toMatch(/cm/);
     const r = await s.readRegion({ x: 0, y: 0, width: W, height: H });
     expect(r.data.equals(px)).toBe(true); // LZW decoded exactly
-    const inch = await sharp(px, { raw: { width: W, height: H, channels: 3 } }).tiff({ compression: 'packbits', xres: 2000, yres: 2000, resolutionUnit: 'inch' }).toBuffer();
+    const inch = await sharp(px, { raw: { width: W, height: H, channels: 3 } })
+      .tiff({ compression: 'packbits', xres: 2000, yres: 2000, resolutionUnit: 'inch' })
+      .toBuffer();
     const s2 = await openSlide(new BufferSource(inch, 'inch.tif'));
     expect(s2.mpp?.x).toBeCloseTo(0.5, 3);
     expect(s2.mpp?.source).toMatch(/inch/);
@@ -89,7 +105,8 @@ describe('generic pyramidal TIFF written by libvips (sharp)', () => {
 });
 
 describe('hand-written TIFF variants', () => {
-  const W = 100, H = 70;
+  const W = 100,
+    H = 70;
   const px = pattern(W, H, 9);
   const levels = [{ data: px, width: W, height: H }, downsample(px, W, H, 2), downsample(px, W, H, 4)];
 
@@ -101,7 +118,11 @@ describe('hand-written TIFF variants', () => {
     it(`reads ${label}`, async () => {
       const buf = writeTiledTiff(levels, { ...opts, tile: 16, resolution: { value: 20000, unit: 3 } });
       const s = await openSlide(new BufferSource(buf, `${label}.tif`));
-      expect(s.levels.map((l) => [l.width, l.height])).toEqual([[100, 70], [50, 35], [25, 17]]);
+      expect(s.levels.map((l) => [l.width, l.height])).toEqual([
+        [100, 70],
+        [50, 35],
+        [25, 17],
+      ]);
       expect(s.mpp?.x).toBeCloseTo(0.5, 6);
       expect((await s.readRegion({ x: 13, y: 9, width: 60, height: 50 })).data.equals(crop(px, W, 13, 9, 60, 50))).toBe(true);
       const l2 = await s.readRegion({ level: 2, x: 0, y: 0, width: 25, height: 17 });
@@ -110,7 +131,8 @@ describe('hand-written TIFF variants', () => {
   }
 
   it('reads an OME-TIFF with PhysicalSizeX/Y in nm', async () => {
-    const xml = '<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="100" SizeY="70" SizeC="3" SizeZ="1" SizeT="1" PhysicalSizeX="250" PhysicalSizeXUnit="nm" PhysicalSizeY="260" PhysicalSizeYUnit="nm"><Channel ID="Channel:0" SamplesPerPixel="3"/><TiffData IFD="0"/></Pixels></Image></OME>';
+    const xml =
+      '<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="100" SizeY="70" SizeC="3" SizeZ="1" SizeT="1" PhysicalSizeX="250" PhysicalSizeXUnit="nm" PhysicalSizeY="260" PhysicalSizeYUnit="nm"><Channel ID="Channel:0" SamplesPerPixel="3"/><TiffData IFD="0"/></Pixels></Image></OME>';
     const buf = writeTiledTiff(levels, { subIfds: true, description: xml, resolution: { value: 1, unit: 1 } });
     const s = await openSlide(new BufferSource(buf, 'x.ome.tif'));
     expect(s.format).toBe('ome-tiff');
@@ -129,7 +151,9 @@ describe('hand-written TIFF variants', () => {
     bad.writeUInt32LE(buf.length + 1000, 4);
     await expectSlideError(openSlide(new BufferSource(bad, 'bad.tif')), 'CORRUPT', /bad\.tif/);
     // a tile whose bytes are garbage for its compression
-    const jpg = await sharp(px, { raw: { width: W, height: H, channels: 3 } }).tiff({ compression: 'jpeg', tile: true, tileWidth: 32, tileHeight: 32 }).toBuffer();
+    const jpg = await sharp(px, { raw: { width: W, height: H, channels: 3 } })
+      .tiff({ compression: 'jpeg', tile: true, tileWidth: 32, tileHeight: 32 })
+      .toBuffer();
     const s = await openSlide(new BufferSource(jpg, 'j.tif'));
     const tr = await TiffReader.open(new BufferSource(jpg));
     const firstTileAt = (await (await tr.readIfd(tr.firstIfd)).numbers(324))![0];
@@ -143,10 +167,16 @@ describe('hand-written TIFF variants', () => {
 
 describe('errors naming the problem and the file', () => {
   it('unknown format, empty file, missing file, closed slide', async () => {
-    await expectSlideError(openSlide(tmp.file('notes.txt', Buffer.from('hello world, not a slide'))), 'UNKNOWN_FORMAT', /unknown slide format.*notes\.txt/);
+    await expectSlideError(
+      openSlide(tmp.file('notes.txt', Buffer.from('hello world, not a slide'))),
+      'UNKNOWN_FORMAT',
+      /unknown slide format.*notes\.txt/,
+    );
     await expectSlideError(openSlide(tmp.file('empty.svs', Buffer.alloc(0))), 'CORRUPT', /empty.*empty\.svs/);
     await expectSlideError(openSlide(tmp.dir + '/nope.svs'), 'NOT_FOUND', /nope\.svs/);
-    const png = await sharp({ create: { width: 10, height: 10, channels: 3, background: '#f00' } }).png().toBuffer();
+    const png = await sharp({ create: { width: 10, height: 10, channels: 3, background: '#f00' } })
+      .png()
+      .toBuffer();
     const s = await openSlide(tmp.file('a.png', png));
     await s.close();
     await expectSlideError(s.readRegion({ x: 0, y: 0, width: 1, height: 1 }), 'CLOSED');
@@ -154,7 +184,10 @@ describe('errors naming the problem and the file', () => {
 
   it('OpenSlide-only formats: opened through libopenslide, or an error naming the format and what is missing', async () => {
     const p = tmp.file('fake.mrxs', Buffer.from('not really a mirax'));
-    const err = await openSlide(p).then(() => null, (e: unknown) => e as SlideError);
+    const err = await openSlide(p).then(
+      () => null,
+      (e: unknown) => e as SlideError,
+    );
     expect(err).toBeInstanceOf(SlideError);
     expect(['OPENSLIDE_MISSING', 'UNKNOWN_FORMAT', 'CORRUPT']).toContain(err!.code);
     expect(err!.message).toMatch(/MIRAX/);
@@ -162,14 +195,23 @@ describe('errors naming the problem and the file', () => {
   });
 
   it('a TIFF flagged as JPEG 2000 (Aperio 33003) is refused naming JPEG 2000 or opened by OpenSlide', async () => {
-    const buf = writeTiledTiff([{ data: pattern(32, 32), width: 32, height: 32 }], { tile: 16, description: 'Aperio Image Library v10.0.50\r\n32x32 -> 32x32 - |MPP = 0.25' });
+    const buf = writeTiledTiff([{ data: pattern(32, 32), width: 32, height: 32 }], {
+      tile: 16,
+      description: 'Aperio Image Library v10.0.50\r\n32x32 -> 32x32 - |MPP = 0.25',
+    });
     // patch Compression (tag 259, value 1) to 33003
     const i = buf.indexOf(Buffer.from([0x03, 0x01, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00]));
     buf.writeUInt16LE(33003, i + 8);
     const p = tmp.file('j2k.svs', buf);
-    const res = await openSlide(p).then((s) => s, (e: unknown) => e as SlideError);
+    const res = await openSlide(p).then(
+      (s) => s,
+      (e: unknown) => e as SlideError,
+    );
     if (res instanceof SlideError) expect(res.message).toMatch(/JPEG 2000.*j2k\.svs/);
-    else { expect(res.format).toBe('openslide'); await res.close(); }
+    else {
+      expect(res.format).toBe('openslide');
+      await res.close();
+    }
   });
 });
 
@@ -190,7 +232,8 @@ describe('plain images as single-level slides', () => {
 });
 
 describe('DICOM VL whole-slide series', () => {
-  const W = 90, H = 70;
+  const W = 90,
+    H = 70;
   const px = pattern(W, H, 4);
   it('groups a multi-file series into one slide (levels by TotalPixelMatrixColumns), mpp from PixelSpacing', async () => {
     const d = tempDir();
@@ -200,23 +243,37 @@ describe('DICOM VL whole-slide series', () => {
       // sharp is async; encode synchronously beforehand
       const encoded: Buffer[] = [];
       const T = 32;
-      for (let r = 0; r < Math.ceil(half.height / T); r++) for (let c = 0; c < Math.ceil(half.width / T); c++) {
-        const t = Buffer.alloc(T * T * 3, 255);
-        for (let y = 0; y < T && r * T + y < half.height; y++) {
-          const w = Math.min(T, half.width - c * T);
-          half.data.copy(t, y * T * 3, ((r * T + y) * half.width + c * T) * 3, ((r * T + y) * half.width + c * T + w) * 3);
+      for (let r = 0; r < Math.ceil(half.height / T); r++)
+        for (let c = 0; c < Math.ceil(half.width / T); c++) {
+          const t = Buffer.alloc(T * T * 3, 255);
+          for (let y = 0; y < T && r * T + y < half.height; y++) {
+            const w = Math.min(T, half.width - c * T);
+            half.data.copy(t, y * T * 3, ((r * T + y) * half.width + c * T) * 3, ((r * T + y) * half.width + c * T + w) * 3);
+          }
+          encoded.push(
+            await sharp(t, { raw: { width: T, height: T, channels: 3 } })
+              .jpeg({ quality: 95, chromaSubsampling: '4:4:4' })
+              .toBuffer(),
+          );
         }
-        encoded.push(await sharp(t, { raw: { width: T, height: T, channels: 3 } }).jpeg({ quality: 95, chromaSubsampling: '4:4:4' }).toBuffer());
-      }
       let k = 0;
       const l0 = d.file('a_level0.dcm', writeDicomWsi({ data: px, width: W, height: H, tile: 32 }, series, '1.2.3.4.5.1', 0.0005));
-      d.file('b_level1.dcm', writeDicomWsi({ data: half.data, width: half.width, height: half.height, tile: 32, jpeg: () => encoded[k++] }, series, '1.2.3.4.5.2', 0.001));
-      d.file('c_thumb.dcm', writeDicomWsi({ data: half.data, width: half.width, height: half.height, tile: 64, kind: 'THUMBNAIL' }, series, '1.2.3.4.5.3', 0.001));
+      d.file(
+        'b_level1.dcm',
+        writeDicomWsi({ data: half.data, width: half.width, height: half.height, tile: 32, jpeg: () => encoded[k++] }, series, '1.2.3.4.5.2', 0.001),
+      );
+      d.file(
+        'c_thumb.dcm',
+        writeDicomWsi({ data: half.data, width: half.width, height: half.height, tile: 64, kind: 'THUMBNAIL' }, series, '1.2.3.4.5.3', 0.001),
+      );
       d.file('d_other.dcm', writeDicomWsi({ data: px, width: W, height: H, tile: 32 }, '9.9.9', '9.9.9.1', 0.0005));
       d.file('readme.txt', Buffer.from('not dicom'));
       for (const s of [await openSlide(l0), await openSlide(d.dir)]) {
         expect(s.format).toBe('dicom');
-        expect(s.levels.map((l) => [l.width, l.height])).toEqual([[90, 70], [45, 35]]);
+        expect(s.levels.map((l) => [l.width, l.height])).toEqual([
+          [90, 70],
+          [45, 35],
+        ]);
         expect(s.levels[0]).toMatchObject({ tileWidth: 32, tileHeight: 32 });
         expect(s.mpp).toMatchObject({ x: 0.5, y: 0.5 });
         expect(s.associatedImages).toEqual(['thumbnail']);
@@ -244,7 +301,8 @@ describe('DICOM VL whole-slide series', () => {
 });
 
 describe('readRegionAtMpp', () => {
-  const W = 400, H = 300;
+  const W = 400,
+    H = 300;
   const px = pattern(W, H, 2);
   const levels = [{ data: px, width: W, height: H }, downsample(px, W, H, 2), downsample(px, W, H, 4)];
   const buf = writeTiledTiff(levels, { tile: 32, resolution: { value: 40000, unit: 3 } }); // 0.25 um/px
@@ -289,20 +347,42 @@ describe('readRegionAtMpp', () => {
 
 describe('tissue detection', () => {
   // white glass with a pink "tissue" blob, a few dust specks and a grey smudge
-  const W = 800, H = 600;
+  const W = 800,
+    H = 600;
   const img = Buffer.alloc(W * H * 3, 245);
   const inBlob = (x: number, y: number) => ((x - 300) / 200) ** 2 + ((y - 300) / 150) ** 2 < 1;
-  for (let y = 0; y < H; y++) for (let x = 0; x < W; x++) {
-    const p = (y * W + x) * 3;
-    if (inBlob(x, y)) { img[p] = 200 + ((x * y) % 30); img[p + 1] = 120; img[p + 2] = 170; }
+  for (let y = 0; y < H; y++)
+    for (let x = 0; x < W; x++) {
+      const p = (y * W + x) * 3;
+      if (inBlob(x, y)) {
+        img[p] = 200 + ((x * y) % 30);
+        img[p + 1] = 120;
+        img[p + 2] = 170;
+      }
+    }
+  for (const [sx, sy] of [
+    [700, 100],
+    [650, 500],
+    [100, 550],
+  ]) {
+    for (let y = sy; y < sy + 3; y++)
+      for (let x = sx; x < sx + 3; x++) {
+        const p = (y * W + x) * 3;
+        img[p] = 150;
+        img[p + 1] = 60;
+        img[p + 2] = 120;
+      }
   }
-  for (const [sx, sy] of [[700, 100], [650, 500], [100, 550]]) {
-    for (let y = sy; y < sy + 3; y++) for (let x = sx; x < sx + 3; x++) { const p = (y * W + x) * 3; img[p] = 150; img[p + 1] = 60; img[p + 2] = 120; }
-  }
-  for (let y = 50; y < 120; y++) for (let x = 600; x < 700; x++) { const p = (y * W + x) * 3; img.fill(200, p, p + 3); } // grey: not tissue
+  for (let y = 50; y < 120; y++)
+    for (let x = 600; x < 700; x++) {
+      const p = (y * W + x) * 3;
+      img.fill(200, p, p + 3);
+    } // grey: not tissue
 
   it('finds the blob, ignores glass, grey and specks; tissueRegions with ROIs', async () => {
-    const buf = await sharp(img, { raw: { width: W, height: H, channels: 3 } }).tiff({ compression: 'deflate', tile: true, tileWidth: 128, tileHeight: 128, pyramid: true }).toBuffer();
+    const buf = await sharp(img, { raw: { width: W, height: H, channels: 3 } })
+      .tiff({ compression: 'deflate', tile: true, tileWidth: 128, tileHeight: 128, pyramid: true })
+      .toBuffer();
     const s = await openSlide(new BufferSource(buf, 'tissue.tif'));
     const t = await detectTissue(s, { maxSide: 200 });
     expect(Math.max(t.width, t.height)).toBeLessThanOrEqual(200);
@@ -319,7 +399,8 @@ describe('tissue detection', () => {
     expect(regions.length).toBeGreaterThan(0);
     for (const r of regions) {
       // every region touches the blob (allowing the mask's coarse pixels)
-      const cx = Math.min(Math.max(300, r.x), r.x + r.width), cy = Math.min(Math.max(300, r.y), r.y + r.height);
+      const cx = Math.min(Math.max(300, r.x), r.x + r.width),
+        cy = Math.min(Math.max(300, r.y), r.y + r.height);
       expect(((cx - 300) / 210) ** 2 + ((cy - 300) / 160) ** 2).toBeLessThan(1.05);
     }
     expect(regions.some((r) => r.x === 0 && r.y === 0)).toBe(false); // glass corner
@@ -328,19 +409,58 @@ describe('tissue detection', () => {
 
     // rectangle ROI: clipped grid starting at the ROI
     const inRect = tissueRegions(t, 64, { roi: { x: 250, y: 250, width: 100, height: 100 } });
-    expect(inRect.map((r) => [r.x, r.y, r.width, r.height])).toEqual([[250, 250, 64, 64], [314, 250, 36, 64], [250, 314, 64, 36], [314, 314, 36, 36]]);
+    expect(inRect.map((r) => [r.x, r.y, r.width, r.height])).toEqual([
+      [250, 250, 64, 64],
+      [314, 250, 36, 64],
+      [250, 314, 64, 36],
+      [314, 314, 36, 36],
+    ]);
     // polygon ROI on glass only: nothing to do
-    expect(tissueRegions(t, 64, { roi: { polygon: [[700, 400], [780, 400], [780, 580]] } })).toEqual([]);
+    expect(
+      tissueRegions(t, 64, {
+        roi: {
+          polygon: [
+            [700, 400],
+            [780, 400],
+            [780, 580],
+          ],
+        },
+      }),
+    ).toEqual([]);
     // polygon over the blob
-    expect(tissueRegions(t, 64, { roi: { polygon: [[200, 200], [400, 200], [300, 400]] } }).length).toBeGreaterThan(0);
+    expect(
+      tissueRegions(t, 64, {
+        roi: {
+          polygon: [
+            [200, 200],
+            [400, 200],
+            [300, 400],
+          ],
+        },
+      }).length,
+    ).toBeGreaterThan(0);
     // ROI outside the slide
     expect(() => tissueRegions(t, 64, { roi: { x: 5000, y: 0, width: 10, height: 10 } })).toThrow(/outside the slide/);
-    try { tissueRegions(t, 64, { roi: { polygon: [[-50, -50], [-10, -50], [-10, -10]] } }); } catch (e) { expect((e as SlideError).code).toBe('ROI_OUTSIDE'); }
+    try {
+      tissueRegions(t, 64, {
+        roi: {
+          polygon: [
+            [-50, -50],
+            [-10, -50],
+            [-10, -10],
+          ],
+        },
+      });
+    } catch (e) {
+      expect((e as SlideError).code).toBe('ROI_OUTSIDE');
+    }
     await s.close();
   });
 
   it('an all-glass slide has no tissue', async () => {
-    const glass = await sharp({ create: { width: 300, height: 200, channels: 3, background: { r: 242, g: 240, b: 241 } } }).png().toBuffer();
+    const glass = await sharp({ create: { width: 300, height: 200, channels: 3, background: { r: 242, g: 240, b: 241 } } })
+      .png()
+      .toBuffer();
     const s = await openSlide(new BufferSource(glass, 'glass.png'));
     const t = await detectTissue(s);
     expect(t.fraction).toBe(0);
@@ -364,7 +484,9 @@ describe('codecs', () => {
 
   it('LZW decodes a libtiff stream', async () => {
     const px = pattern(50, 40, 7);
-    const buf = await sharp(px, { raw: { width: 50, height: 40, channels: 3 } }).tiff({ compression: 'lzw', predictor: 'none' }).toBuffer();
+    const buf = await sharp(px, { raw: { width: 50, height: 40, channels: 3 } })
+      .tiff({ compression: 'lzw', predictor: 'none' })
+      .toBuffer();
     const s = await openSlide(new BufferSource(buf, 'l.tif'));
     expect((await s.readRegion({ x: 0, y: 0, width: 50, height: 40 })).data.equals(px)).toBe(true);
     expect(() => lzwDecode(Buffer.from([0xff, 0xff, 0xff]), 10)).toThrow();

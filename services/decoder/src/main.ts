@@ -33,7 +33,10 @@ async function main(): Promise<void> {
     workers: config.workers,
     intraOpThreads: config.intraOpThreads,
     maxQueue: config.maxQueue,
-    executionProviders: config.executionProviders.split(',').map((s) => s.trim()).filter(Boolean),
+    executionProviders: config.executionProviders
+      .split(',')
+      .map((s) => s.trim())
+      .filter(Boolean),
     maxMessageBytes: config.maxMessageMb * 1024 * 1024,
     shutdownGraceMs: config.shutdownGraceMs,
     connectionAge,
@@ -43,7 +46,10 @@ async function main(): Promise<void> {
     cacheBytes: config.cacheMb * 1024 * 1024,
     // Prepares without features read the shared tier (see pipeline.ts); off without --nats-url.
     sharedStore: openSharedFeatureStore(config, 'decoder'),
-    encoders: config.encoder.split(',').map((s) => s.trim()).filter(Boolean),
+    encoders: config.encoder
+      .split(',')
+      .map((s) => s.trim())
+      .filter(Boolean),
     handleSignals: true,
     onShutdown: async () => {
       await telemetry.tracing.shutdown();

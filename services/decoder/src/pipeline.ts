@@ -147,10 +147,7 @@ export class DecoderPipeline {
     this.cache = new ByteLruCache<PreparedImage>({ capacityBytes: options.cacheBytes ?? 1024 ** 3, sizeOf: (p) => p.bytes });
     this.window = manifest.refinement.mode === 'window' ? manifest.refinement.window : manifest.inputSize;
     this.sharedStore = options.sharedStore;
-    this.featureSources = [
-      ...(options.sharedStore ? [sharedTierSource(options.sharedStore, manifest)] : []),
-      ...(options.featureSources ?? []),
-    ];
+    this.featureSources = [...(options.sharedStore ? [sharedTierSource(options.sharedStore, manifest)] : []), ...(options.featureSources ?? [])];
   }
 
   /**
@@ -327,7 +324,11 @@ export class DecoderPipeline {
     const masks: stagesProto.DecodedMask[] = new Array(prompts.length);
     await Promise.all(
       batches.map(async (indices) => {
-        const decoded = await this.decodeBatch(prepared!, indices.map((i) => prompts[i]), signal);
+        const decoded = await this.decodeBatch(
+          prepared!,
+          indices.map((i) => prompts[i]),
+          signal,
+        );
         indices.forEach((promptIndex, k) => (masks[promptIndex] = decoded[k]));
       }),
     );

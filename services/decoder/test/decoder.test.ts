@@ -145,12 +145,16 @@ describe.skipIf(!bundle.manifest)('Decoder service', () => {
     await bad([{ coords: [10, 10, 20], labels: [1, 1] }], /3 coords for 2 labels/);
     await bad([{ coords: [10, 10], labels: [0] }], /needs a positive point or a box/);
     await bad([{ coords: [1, 1, 2, 2], labels: [2, 2] }], /a box is one top-left/);
-    await bad(Array.from({ length: 9 }, () => ({ coords: [10, 10], labels: [1] })), /9 prompts exceed the limit of 8 per request/);
+    await bad(
+      Array.from({ length: 9 }, () => ({ coords: [10, 10], labels: [1] })),
+      /9 prompts exceed the limit of 8 per request/,
+    );
     await bad([{ coords: Array(10).fill(5), labels: [1, 1, 1, 1, 1] }], /5 points exceed the limit of 4 per prompt/);
     await bad([], /at least one prompt/);
     await expect(decode([{ coords: [1, 1], labels: [1] }], 'nothex')).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
-    await expect(
-      unary(client, client.prepare, { digest, features: pixels, pixels, modelVersion: '' }),
-    ).rejects.toMatchObject({ code: status.INVALID_ARGUMENT, details: expect.stringMatching(/^features: expected dims/) });
+    await expect(unary(client, client.prepare, { digest, features: pixels, pixels, modelVersion: '' })).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      details: expect.stringMatching(/^features: expected dims/),
+    });
   });
 });

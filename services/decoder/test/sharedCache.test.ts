@@ -27,7 +27,9 @@ describe.skipIf(skipReason !== null)('Decoder Prepare from the shared feature ti
   let features: Float32Array;
 
   const prepare = (request: Partial<stagesProto.PrepareRequest>) =>
-    unary(client, client.prepare, { digest, pixels, modelVersion: manifest.version, ...request } as stagesProto.PrepareRequest, { timeoutMs: 30_000 });
+    unary(client, client.prepare, { digest, pixels, modelVersion: manifest.version, ...request } as stagesProto.PrepareRequest, {
+      timeoutMs: 30_000,
+    });
 
   beforeAll(async () => {
     nats = await startTestNatsServer();
@@ -80,7 +82,9 @@ describe.skipIf(skipReason !== null)('Decoder Prepare from the shared feature ti
   it('answers FAILED_PRECONDITION (FEATURES_MISSING) for features the tier does not hold', async () => {
     await expect(prepare({ digest: 'c'.repeat(64) })).rejects.toMatchObject({
       code: status.FAILED_PRECONDITION,
-      details: expect.stringMatching(new RegExp(`features of digest ${'c'.repeat(64)} are in no source this decoder can read \\(shared tier: absent\\)`)),
+      details: expect.stringMatching(
+        new RegExp(`features of digest ${'c'.repeat(64)} are in no source this decoder can read \\(shared tier: absent\\)`),
+      ),
     });
     expect(running.pipeline.preparations).toBe(1);
   });

@@ -25,7 +25,10 @@ async function main(): Promise<void> {
     workers: config.workers,
     intraOpThreads: config.intraOpThreads,
     maxQueue: config.maxQueue,
-    executionProviders: config.executionProviders.split(',').map((s) => s.trim()).filter(Boolean),
+    executionProviders: config.executionProviders
+      .split(',')
+      .map((s) => s.trim())
+      .filter(Boolean),
     maxMessageBytes: config.maxMessageMb * 1024 * 1024,
     shutdownGraceMs: config.shutdownGraceMs,
     connectionAge,

@@ -13,21 +13,8 @@
 // Features are returned only when the request asks (return_features): the gateway never does, a
 // decoder fetching a tile's features does.
 import { ByteLruCache, ErrorReason, grpcError, type stagesProto, status } from '@cfrsam/rpc';
-import {
-  type Float32Tensor,
-  graphOutputFloat32,
-  type Manifest,
-  stackFloat32,
-  readStageTile,
-  tensorToProto,
-} from '@cfrsam/contract';
-import {
-  featureKey,
-  float32Bytes,
-  float32Lookup,
-  type OnnxWorkerPool,
-  type SharedFeatureStore,
-} from '@cfrsam/runtime';
+import { type Float32Tensor, graphOutputFloat32, type Manifest, stackFloat32, readStageTile, tensorToProto } from '@cfrsam/contract';
+import { featureKey, float32Bytes, float32Lookup, type OnnxWorkerPool, type SharedFeatureStore } from '@cfrsam/runtime';
 
 export interface EncoderPipelineOptions {
   /** Tiles per encoder.onnx run (default 4). */
@@ -86,17 +73,11 @@ export class EncoderPipeline {
 
   private validate(request: stagesProto.EncodeRequest): Array<{ digest: string; pixels: Float32Tensor | null }> {
     if (request.modelVersion && request.modelVersion !== this.manifest.version) {
-      throw grpcError(
-        status.INVALID_ARGUMENT,
-        `model_version "${request.modelVersion}" does not match the served model "${this.manifest.version}"`,
-      );
+      throw grpcError(status.INVALID_ARGUMENT, `model_version "${request.modelVersion}" does not match the served model "${this.manifest.version}"`);
     }
     if (request.tiles.length === 0) throw grpcError(status.INVALID_ARGUMENT, 'tiles: at least one tile is required');
     if (request.tiles.length > this.maxTilesPerRequest) {
-      throw grpcError(
-        status.INVALID_ARGUMENT,
-        `tiles: ${request.tiles.length} tiles exceed the limit of ${this.maxTilesPerRequest} per request`,
-      );
+      throw grpcError(status.INVALID_ARGUMENT, `tiles: ${request.tiles.length} tiles exceed the limit of ${this.maxTilesPerRequest} per request`);
     }
     return request.tiles.map((tile, i) => readStageTile(`tiles[${i}]`, tile, this.manifest));
   }
@@ -154,7 +135,8 @@ export class EncoderPipeline {
         });
         // A digest-only key whose earlier computation failed between the check above and now.
         const withoutPixels = toCompute.find((d) => !pixelsByDigest.has(d));
-        if (withoutPixels) throw grpcError(status.NOT_FOUND, `features of tile ${withoutPixels} are not cached; send the pixels`, { reason: ErrorReason.NOT_CACHED });
+        if (withoutPixels)
+          throw grpcError(status.NOT_FOUND, `features of tile ${withoutPixels} are not cached; send the pixels`, { reason: ErrorReason.NOT_CACHED });
         const batches: string[][] = [];
         for (let i = 0; i < toCompute.length; i += this.maxBatch) batches.push(toCompute.slice(i, i + this.maxBatch));
         summary.forwardPasses += batches.length;
@@ -193,7 +175,8 @@ export class EncoderPipeline {
 
   private async runBatch(digests: string[], pixelsByDigest: Map<string, Float32Tensor>, into: Map<string, Float32Array>): Promise<void> {
     const missingPixels = digests.find((d) => !pixelsByDigest.has(d));
-    if (missingPixels) throw grpcError(status.NOT_FOUND, `features of tile ${missingPixels} are not cached; send the pixels`, { reason: ErrorReason.NOT_CACHED });
+    if (missingPixels)
+      throw grpcError(status.NOT_FOUND, `features of tile ${missingPixels} are not cached; send the pixels`, { reason: ErrorReason.NOT_CACHED });
     const image = stackFloat32(digests.map((d) => pixelsByDigest.get(d)!));
     const [L, D, h, w] = this.manifest.featureShape;
     const B = digests.length;

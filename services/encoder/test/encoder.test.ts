@@ -85,7 +85,10 @@ describe.skipIf(!bundle.manifest)('Encoder service', () => {
       code: status.INVALID_ARGUMENT,
       details: `tiles[0].pixels: expected dims [3,${S},${S}], got [3,${S}]`,
     });
-    await expect(encode([t], 'some-other-model')).rejects.toMatchObject({ code: status.INVALID_ARGUMENT, details: expect.stringMatching(/model_version/) });
+    await expect(encode([t], 'some-other-model')).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      details: expect.stringMatching(/model_version/),
+    });
     await expect(encode([])).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
   });
 

@@ -24,7 +24,12 @@ describe.skipIf(skipReason !== null)('Encoder shared feature tier (NATS JetStrea
     return { digest: digestTile(rgb, manifest.version), pixels: tilePixelsTensor(rgb, manifest) };
   };
   const encode = (replica: number, tiles: stagesProto.TileInput[]) =>
-    unary(replicas[replica].client, replicas[replica].client.encode, { tiles, modelVersion: manifest.version, returnFeatures: true }, { timeoutMs: 30_000 });
+    unary(
+      replicas[replica].client,
+      replicas[replica].client.encode,
+      { tiles, modelVersion: manifest.version, returnFeatures: true },
+      { timeoutMs: 30_000 },
+    );
   const stats = (replica: number) => unary(replicas[replica].client, replicas[replica].client.getCacheStats, {});
   /** Waits until replica's background writes reached `count`. */
   const writesReach = async (replica: number, count: number) => {
@@ -38,7 +43,14 @@ describe.skipIf(skipReason !== null)('Encoder shared feature tier (NATS JetStrea
   beforeAll(async () => {
     nats = await startTestNatsServer();
     for (const name of ['encoder-a', 'encoder-b']) {
-      const sharedStore = SharedFeatureStore.open({ url: nats.url, maxBytes: 64 << 20, ttlMs: 600_000, timeoutMs: 2_000, name, log: () => undefined });
+      const sharedStore = SharedFeatureStore.open({
+        url: nats.url,
+        maxBytes: 64 << 20,
+        ttlMs: 600_000,
+        timeoutMs: 2_000,
+        name,
+        log: () => undefined,
+      });
       expect(await sharedStore.ready()).toBe(true);
       const running = await startEncoder({ port: 0, host: '127.0.0.1', bundle: manifest.dir, cacheBytes: 16 << 20, sharedStore });
       replicas.push({ running, client: makeClient(stagesProto.EncoderClient, running.server.address) });

@@ -20,30 +20,80 @@ export const GATEWAY_FLAGS = {
   port: { type: 'int', env: 'PORT', default: DEFAULT_GATEWAY_PORT, help: 'gRPC port' },
   host: { type: 'string', env: 'HOST', default: '0.0.0.0', help: 'address to listen on' },
   bundle: { type: 'string', env: 'CFRSAM_BUNDLE', default: defaultBundleDir(), help: 'model bundle directory (the manifest is read)' },
-  prompter: { type: 'string', env: 'CFRSAM_PROMPTER', default: '127.0.0.1:50052', help: 'prompter replicas, comma separated: host:port or dns:///NAME:PORT (round-robin with failover)' },
-  encoder: { type: 'string', env: 'CFRSAM_ENCODER', default: '127.0.0.1:50053', help: 'encoder replicas, comma separated: host:port or dns:///NAME:PORT (rendezvous on the tile digest, with failover)' },
+  prompter: {
+    type: 'string',
+    env: 'CFRSAM_PROMPTER',
+    default: '127.0.0.1:50052',
+    help: 'prompter replicas, comma separated: host:port or dns:///NAME:PORT (round-robin with failover)',
+  },
+  encoder: {
+    type: 'string',
+    env: 'CFRSAM_ENCODER',
+    default: '127.0.0.1:50053',
+    help: 'encoder replicas, comma separated: host:port or dns:///NAME:PORT (rendezvous on the tile digest, with failover)',
+  },
   decoders: {
     type: 'string',
     env: 'CFRSAM_DECODERS',
     default: '127.0.0.1:50054',
     help: 'decoder replicas, comma separated: host:port, or dns:///NAME:PORT for every address NAME resolves to (a headless Service)',
   },
-  decoderDnsIntervalMs: { type: 'int', env: 'CFRSAM_DECODER_DNS_INTERVAL_MS', default: 5000, help: 'how often dns:/// replica names (prompter, encoder, decoders) are resolved again' },
+  decoderDnsIntervalMs: {
+    type: 'int',
+    env: 'CFRSAM_DECODER_DNS_INTERVAL_MS',
+    default: 5000,
+    help: 'how often dns:/// replica names (prompter, encoder, decoders) are resolved again',
+  },
   maxImagePixels: { type: 'int', env: 'CFRSAM_MAX_IMAGE_PIXELS', default: D.maxImagePixels, help: 'largest accepted image (width x height)' },
   minImageSide: { type: 'int', env: 'CFRSAM_MIN_IMAGE_SIDE', default: D.minImageSide, help: 'smallest accepted width and height' },
   maxPrompts: { type: 'int', env: 'CFRSAM_MAX_PROMPTS', default: D.maxPrompts, help: 'manual prompts per request' },
   maxPointsPerPrompt: { type: 'int', env: 'CFRSAM_MAX_POINTS', default: D.maxPointsPerPrompt, help: 'points per manual prompt' },
   tileOverlap: { type: 'int', env: 'CFRSAM_TILE_OVERLAP', default: D.tileOverlap, help: 'overlap of neighbouring tiles in pixels' },
   tileBatchSize: { type: 'int', env: 'CFRSAM_TILE_BATCH', default: D.tileBatchSize, help: 'tiles per Detect/Encode call' },
-  tileBatchConcurrency: { type: 'int', env: 'CFRSAM_TILE_BATCH_CONCURRENCY', default: D.tileBatchConcurrency, help: 'tile batches in flight per request' },
+  tileBatchConcurrency: {
+    type: 'int',
+    env: 'CFRSAM_TILE_BATCH_CONCURRENCY',
+    default: D.tileBatchConcurrency,
+    help: 'tile batches in flight per request',
+  },
   decodeBatchSize: { type: 'int', env: 'CFRSAM_DECODE_BATCH', default: D.decodeBatchSize, help: 'prompts per Decode call' },
-  replicasPerTile: { type: 'int', env: 'CFRSAM_REPLICAS_PER_TILE', default: D.replicasPerTile, help: 'decoder replicas sharing one tile (rendezvous top-k)' },
+  replicasPerTile: {
+    type: 'int',
+    env: 'CFRSAM_REPLICAS_PER_TILE',
+    default: D.replicasPerTile,
+    help: 'decoder replicas sharing one tile (rendezvous top-k)',
+  },
   maxDecoderCalls: { type: 'int', env: 'CFRSAM_MAX_DECODER_CALLS', default: D.maxDecoderCalls, help: 'decoder calls in flight across all requests' },
-  replicaCooldownMs: { type: 'int', env: 'CFRSAM_REPLICA_COOLDOWN_MS', default: D.replicaCooldownMs, help: 'how long an unavailable replica is skipped' },
-  classRadius: { type: 'number', env: 'CFRSAM_CLASS_RADIUS', default: D.classRadius, help: 'px: a manual prompt takes the class of a detection this close' },
-  maxConcurrentRequests: { type: 'int', env: 'CFRSAM_MAX_REQUESTS', default: D.maxConcurrentRequests, help: 'requests handled at once; more get RESOURCE_EXHAUSTED' },
-  defaultTimeoutMs: { type: 'int', env: 'CFRSAM_STAGE_TIMEOUT_MS', default: D.defaultTimeoutMs, help: 'stage call timeout when the client sets no deadline' },
-  refineCacheMb: { type: 'int', env: 'CFRSAM_REFINE_CACHE_MB', default: D.refineCacheBytes / (1024 * 1024), help: 'MiB of recent images kept for Refine' },
+  replicaCooldownMs: {
+    type: 'int',
+    env: 'CFRSAM_REPLICA_COOLDOWN_MS',
+    default: D.replicaCooldownMs,
+    help: 'how long an unavailable replica is skipped',
+  },
+  classRadius: {
+    type: 'number',
+    env: 'CFRSAM_CLASS_RADIUS',
+    default: D.classRadius,
+    help: 'px: a manual prompt takes the class of a detection this close',
+  },
+  maxConcurrentRequests: {
+    type: 'int',
+    env: 'CFRSAM_MAX_REQUESTS',
+    default: D.maxConcurrentRequests,
+    help: 'requests handled at once; more get RESOURCE_EXHAUSTED',
+  },
+  defaultTimeoutMs: {
+    type: 'int',
+    env: 'CFRSAM_STAGE_TIMEOUT_MS',
+    default: D.defaultTimeoutMs,
+    help: 'stage call timeout when the client sets no deadline',
+  },
+  refineCacheMb: {
+    type: 'int',
+    env: 'CFRSAM_REFINE_CACHE_MB',
+    default: D.refineCacheBytes / (1024 * 1024),
+    help: 'MiB of recent images kept for Refine',
+  },
   maxMessageMb: { type: 'int', env: 'CFRSAM_MAX_MESSAGE_MB', default: 256, help: 'max gRPC message size in MiB' },
   metricsPort: { type: 'int', env: 'METRICS_PORT', default: 0, help: 'Prometheus /metrics port (0: off)' },
   tracing: { type: 'string', env: 'CFRSAM_TRACING', default: 'none', help: 'trace exporter: otlp, memory or none' },
@@ -66,15 +116,32 @@ export const GATEWAY_FLAGS = {
 
 async function main(): Promise<void> {
   const config = parseFlags(GATEWAY_FLAGS);
-  const decoders = config.decoders.split(',').map((s) => s.trim()).filter(Boolean);
+  const decoders = config.decoders
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
   if (decoders.length === 0) throw new ConfigError('--decoders: at least one decoder address is needed');
-  const prompter = config.prompter.split(',').map((s) => s.trim()).filter(Boolean);
+  const prompter = config.prompter
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
   if (prompter.length === 0) throw new ConfigError('--prompter: at least one prompter address is needed');
-  const encoder = config.encoder.split(',').map((s) => s.trim()).filter(Boolean);
+  const encoder = config.encoder
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
   if (encoder.length === 0) throw new ConfigError('--encoder: at least one encoder address is needed');
   const telemetry = await initServiceTelemetry({ serviceName: 'gateway', ...config });
-  const { refineCacheMb, maxMessageMb, metricsPort: _m, tracing: _t, otlpEndpoint: _o, maxConnectionAgeMs, maxConnectionAgeGraceMs, ...rest } =
-    config;
+  const {
+    refineCacheMb,
+    maxMessageMb,
+    metricsPort: _m,
+    tracing: _t,
+    otlpEndpoint: _o,
+    maxConnectionAgeMs,
+    maxConnectionAgeGraceMs,
+    ...rest
+  } = config;
   await startGateway({
     ...rest,
     decoders,

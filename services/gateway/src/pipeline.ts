@@ -106,7 +106,12 @@ export class SegmentationPipeline {
     }
     this.images = new ByteLruCache<SegmentedImage>({
       capacityBytes: config.refineCacheBytes,
-      sizeOf: (s) => s.image.data.byteLength + (s.work === s.image ? 0 : s.work.data.byteLength) + s.digests.length * 96 + s.detections.reduce((n, d) => n + (d?.length ?? 0) * 80, 0) + 1024,
+      sizeOf: (s) =>
+        s.image.data.byteLength +
+        (s.work === s.image ? 0 : s.work.data.byteLength) +
+        s.digests.length * 96 +
+        s.detections.reduce((n, d) => n + (d?.length ?? 0) * 80, 0) +
+        1024,
     });
   }
 
@@ -271,7 +276,17 @@ export class SegmentationPipeline {
       digests[tile.index] ??= digestTile(extractTileRgb(work, tile, this.S), this.manifest.version);
     }
     const kept: RgbImage = { width: image.width, height: image.height, data: image.data };
-    this.images.set(imageId, { imageId, image: kept, work: work === image ? kept : work, scale, mppAssumed, layout, digests, detections, mpp: imageMpp });
+    this.images.set(imageId, {
+      imageId,
+      image: kept,
+      work: work === image ? kept : work,
+      scale,
+      mppAssumed,
+      layout,
+      digests,
+      detections,
+      mpp: imageMpp,
+    });
     return {
       imageId,
       width: image.width,
@@ -392,7 +407,12 @@ export class SegmentationPipeline {
     const masks = await withSpan(
       'gateway.decode_tile',
       { [SpanAttributes.digest]: stageTile.digest, [SpanAttributes.prompts]: planned.length, 'cfrsam.tile': tile.index },
-      () => this.stages.decoder.decodeTile(stageTile, planned.map((p) => p.points), call),
+      () =>
+        this.stages.decoder.decodeTile(
+          stageTile,
+          planned.map((p) => p.points),
+          call,
+        ),
     );
     const out: DecodedCandidate[] = [];
     masks.forEach((decoded, i) => {
@@ -442,7 +462,10 @@ export class SegmentationPipeline {
     // Tiles the prompter has not seen (Segment in manual mode): classify their prompts now.
     const unseen = tiles.filter((t) => entry.detections[t.index] === undefined);
     if (unseen.length > 0) {
-      const detected = await this.stages.prompter.detect(unseen.map((t) => stageTiles.get(t.index)!), call);
+      const detected = await this.stages.prompter.detect(
+        unseen.map((t) => stageTiles.get(t.index)!),
+        call,
+      );
       for (const t of unseen) entry.detections[t.index] = toImageDetections(detected.get(entry.digests[t.index]) ?? [], t);
       // The entry grew: store it again so the cache counts its new size.
       this.images.set(entry.imageId, entry);
@@ -525,7 +548,11 @@ function nearestDetection(list: readonly ImageDetection[], p: { x: number; y: nu
 function toImageFrame(candidates: DecodedCandidate[], scale: ResampleScale, image: RgbImage): DecodedCandidate[] {
   if (isIdentity(scale)) return candidates;
   return candidates
-    .map((c) => ({ ...c, mask: rescaleMask(c.mask, scale.x, scale.y, image.width, image.height), prompt: { x: c.prompt.x / scale.x, y: c.prompt.y / scale.y } }))
+    .map((c) => ({
+      ...c,
+      mask: rescaleMask(c.mask, scale.x, scale.y, image.width, image.height),
+      prompt: { x: c.prompt.x / scale.x, y: c.prompt.y / scale.y },
+    }))
     .filter((c) => c.mask.width > 0);
 }
 
@@ -543,8 +570,5 @@ function scalePrompt(p: segmentationProto.Prompt, scale: ResampleScale): segment
 
 /** image_id: SHA-256 over the decoded RGB pixels, the size, the resolution and the model version. */
 export function imageDigest(image: RgbImage, modelVersion: string, mpp: number): string {
-  return createHash('sha256')
-    .update(`cfrsam-image/2 ${image.width}x${image.height} ${mpp} ${modelVersion}\n`)
-    .update(image.data)
-    .digest('hex');
+  return createHash('sha256').update(`cfrsam-image/2 ${image.width}x${image.height} ${mpp} ${modelVersion}\n`).update(image.data).digest('hex');
 }

@@ -41,7 +41,10 @@ export function validatePrompts(prompts: readonly segmentationProto.Prompt[], wi
     if (points > limits.maxPointsPerPrompt) {
       throw bad(`${where} has ${points} points, at most ${limits.maxPointsPerPrompt} per prompt`);
     }
-    for (const [kind, list] of [['positive', p.positive], ['negative', p.negative]] as const) {
+    for (const [kind, list] of [
+      ['positive', p.positive],
+      ['negative', p.negative],
+    ] as const) {
       list.forEach((pt, j) => {
         if (!finite(pt.x, pt.y)) throw bad(`${where}.${kind}[${j}] is not a finite point`);
         if (pt.x < 0 || pt.y < 0 || pt.x >= width || pt.y >= height) {
@@ -63,10 +66,7 @@ export function validatePrompts(prompts: readonly segmentationProto.Prompt[], wi
 }
 
 /** Which prompts run: automatic detections and/or the manual prompts. */
-export function resolvePromptMode(
-  mode: segmentationProto.PromptMode,
-  manualCount: number,
-): { auto: boolean; manual: boolean } {
+export function resolvePromptMode(mode: segmentationProto.PromptMode, manualCount: number): { auto: boolean; manual: boolean } {
   switch (mode) {
     case PromptMode.PROMPT_MODE_UNSPECIFIED:
       return manualCount > 0 ? { auto: false, manual: true } : { auto: true, manual: false };

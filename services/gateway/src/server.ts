@@ -84,7 +84,13 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
   const prompter = [options.prompter].flat().filter(Boolean);
   const encoder = [options.encoder].flat().filter(Boolean);
   if (prompter.length === 0 || encoder.length === 0) throw new Error('at least one prompter and one encoder address are needed');
-  const config: GatewayConfig = { ...DEFAULT_GATEWAY_CONFIG, ...stripUndefined(options), decoders: options.decoders, prompter, encoder } as GatewayConfig;
+  const config: GatewayConfig = {
+    ...DEFAULT_GATEWAY_CONFIG,
+    ...stripUndefined(options),
+    decoders: options.decoders,
+    prompter,
+    encoder,
+  } as GatewayConfig;
   // The stages over gRPC; `dns:///NAME:PORT` entries (headless Services) become one replica per
   // address, kept current while the gateway runs.
   const stages = new GrpcStages({
@@ -92,7 +98,8 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
     modelVersion: manifest.version,
     dnsIntervalMs: options.decoderDnsIntervalMs ?? 5000,
     client: { maxMessageBytes: options.maxMessageBytes },
-    onFailover: (stage, replica, err) => console.error(`gateway: ${stage} ${replica} failed (${err.details ?? err.message}); trying the next replica`),
+    onFailover: (stage, replica, err) =>
+      console.error(`gateway: ${stage} ${replica} failed (${err.details ?? err.message}); trying the next replica`),
   });
   try {
     await stages.start();
@@ -106,7 +113,13 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
   try {
     if (options.natsUrl) {
       slideJobs = await startSlideJobs(
-        { ...DEFAULT_SLIDE_JOB_SETTINGS, ...stripUndefined(options), natsUrl: options.natsUrl, ...config, modelInputSize: pipeline.modelInfo().inputSize },
+        {
+          ...DEFAULT_SLIDE_JOB_SETTINGS,
+          ...stripUndefined(options),
+          natsUrl: options.natsUrl,
+          ...config,
+          modelInputSize: pipeline.modelInfo().inputSize,
+        },
         pipeline,
       );
     }

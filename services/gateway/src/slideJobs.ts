@@ -16,27 +16,9 @@
 // are the job's own data, not a cache; a full store must refuse a new job (RESOURCE_EXHAUSTED)
 // rather than silently drop the regions of a running one. Entries expire after the job TTL.
 import { randomUUID } from 'node:crypto';
-import {
-  AckPolicy,
-  connect,
-  nanos,
-  RetentionPolicy,
-  StorageType,
-  type JetStreamClient,
-  type KV,
-  type NatsConnection,
-  type ObjectStore,
-} from 'nats';
+import { AckPolicy, connect, nanos, RetentionPolicy, StorageType, type JetStreamClient, type KV, type NatsConnection, type ObjectStore } from 'nats';
 import { type FlagSpec, grpcError, segmentationProto, status } from '@cfrsam/rpc';
-import {
-  decodeImage,
-  encodeRgbPng,
-  planTiles,
-  rectContains,
-  type RgbImage,
-  type Tile,
-  type TileLayout,
-} from '@cfrsam/nuclei';
+import { decodeImage, encodeRgbPng, planTiles, rectContains, type RgbImage, type Tile, type TileLayout } from '@cfrsam/nuclei';
 
 const { SlideJobState } = segmentationProto;
 
@@ -199,7 +181,10 @@ export class SlideJobStore {
   /** Connects (reconnecting forever once connected) and creates what is missing. */
   static async open(settings: SlideJobSettings): Promise<SlideJobStore> {
     const nc = await connect({
-      servers: settings.natsUrl.split(',').map((s) => s.trim()).filter(Boolean),
+      servers: settings.natsUrl
+        .split(',')
+        .map((s) => s.trim())
+        .filter(Boolean),
       name: 'cfrsam-gateway-slide-jobs',
       maxReconnectAttempts: -1,
     });
@@ -292,7 +277,10 @@ export class SlideJobService {
   async submit(request: segmentationProto.SubmitSlideJobRequest): Promise<segmentationProto.SubmitSlideJobResponse> {
     const regionSize = request.regionSize || this.store.settings.slideRegionSize;
     if (!Number.isInteger(regionSize) || regionSize < this.limits.modelInputSize || regionSize > 16_384) {
-      throw grpcError(status.INVALID_ARGUMENT, `region_size must be between the model input ${this.limits.modelInputSize} and 16384 px, got ${regionSize}`);
+      throw grpcError(
+        status.INVALID_ARGUMENT,
+        `region_size must be between the model input ${this.limits.modelInputSize} and 16384 px, got ${regionSize}`,
+      );
     }
     if (!Number.isFinite(request.minScore) || request.minScore < 0 || request.minScore > 1) {
       throw grpcError(status.INVALID_ARGUMENT, `min_score must be in [0, 1], got ${request.minScore}`);
@@ -351,7 +339,15 @@ export class SlideJobService {
         : done > 0 || (started && started.operation === 'PUT')
           ? SlideJobState.SLIDE_JOB_STATE_RUNNING
           : SlideJobState.SLIDE_JOB_STATE_QUEUED;
-    return { jobId: job.jobId, state, tilesTotal: job.regions, tilesDone: Math.min(done, job.regions), error: error ?? '', width: job.width, height: job.height };
+    return {
+      jobId: job.jobId,
+      state,
+      tilesTotal: job.regions,
+      tilesDone: Math.min(done, job.regions),
+      error: error ?? '',
+      width: job.width,
+      height: job.height,
+    };
   }
 
   async result(request: segmentationProto.GetSlideJobResultRequest): Promise<segmentationProto.SegmentResponse> {
@@ -360,7 +356,10 @@ export class SlideJobService {
       throw grpcError(status.FAILED_PRECONDITION, `slide job ${progress.jobId} failed: ${progress.error}`);
     }
     if (progress.state !== SlideJobState.SLIDE_JOB_STATE_DONE) {
-      throw grpcError(status.FAILED_PRECONDITION, `slide job ${progress.jobId} is not done yet (${progress.tilesDone}/${progress.tilesTotal} regions)`);
+      throw grpcError(
+        status.FAILED_PRECONDITION,
+        `slide job ${progress.jobId} is not done yet (${progress.tilesDone}/${progress.tilesTotal} regions)`,
+      );
     }
     const job = (await this.store.job(progress.jobId))!;
     const results: segmentationProto.SegmentResponse[] = [];

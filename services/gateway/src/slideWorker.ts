@@ -108,7 +108,8 @@ type SlideMethods = Pick<segmentationProto.SegmentationServer, 'submitSlideJob' 
 /** Handlers of the slide job methods; with no runtime (no --nats-url) every call is FAILED_PRECONDITION. */
 export function slideJobHandlers(runtime: SlideJobsRuntime | null): SlideMethods {
   const require = (): SlideJobService => {
-    if (!runtime) throw grpcError(status.FAILED_PRECONDITION, 'slide jobs are off on this gateway: start it with --nats-url (a NATS server with JetStream)');
+    if (!runtime)
+      throw grpcError(status.FAILED_PRECONDITION, 'slide jobs are off on this gateway: start it with --nats-url (a NATS server with JetStream)');
     return runtime.service();
   };
   return {

@@ -103,7 +103,12 @@ describe('cfrsam evaluate', () => {
     expect(meta.classes).toEqual({ '1': 1, '2': 0 });
     expect(meta.instances).toBe(2);
     expect(modelClassNames(model)).toEqual(['other', 'inflammatory']);
-    const gap = segmentationProto.ModelInfo.fromPartial({ classes: [{ index: 0, name: 'a' }, { index: 2, name: 'b' }] });
+    const gap = segmentationProto.ModelInfo.fromPartial({
+      classes: [
+        { index: 0, name: 'a' },
+        { index: 2, name: 'b' },
+      ],
+    });
     expect(() => modelClassNames(gap)).toThrow(/not indexed 0\.\.1/);
   });
 

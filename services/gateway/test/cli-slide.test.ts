@@ -31,9 +31,20 @@ describe('cfrsam slide run: arguments', () => {
   });
 
   it('parses a GeoJSON ROI: one Polygon from a geometry, Feature or FeatureCollection', () => {
-    const ring = [[0, 0], [100, 0], [100, 50], [0, 0]];
+    const ring = [
+      [0, 0],
+      [100, 0],
+      [100, 50],
+      [0, 0],
+    ];
     const poly = { type: 'Polygon', coordinates: [ring] };
-    const expected = { polygon: [[0, 0], [100, 0], [100, 50]] };
+    const expected = {
+      polygon: [
+        [0, 0],
+        [100, 0],
+        [100, 50],
+      ],
+    };
     expect(parseRoiGeoJson(JSON.stringify(poly), 'a.geojson')).toEqual(expected);
     expect(parseRoiGeoJson(JSON.stringify({ type: 'Feature', geometry: poly, properties: {} }), 'a')).toEqual(expected);
     expect(parseRoiGeoJson(JSON.stringify({ type: 'FeatureCollection', features: [{ type: 'Feature', geometry: poly }] }), 'a')).toEqual(expected);
@@ -71,7 +82,12 @@ describe('cfrsam slide run: level 0', () => {
       id: 7,
       centroid: { x: 10.5, y: 20.5 },
       bbox: { x0: 8, y0: 18, x1: 13, y1: 23 },
-      polygon: [{ x: 8, y: 18 }, { x: 13, y: 18 }, { x: 13, y: 23 }, { x: 8, y: 23 }],
+      polygon: [
+        { x: 8, y: 18 },
+        { x: 13, y: 18 },
+        { x: 13, y: 23 },
+        { x: 8, y: 23 },
+      ],
       measurements: { areaPx: 25, areaUm2: 25 * 0.0625, perimeterPx: 20, majorAxisPx: 5, minorAxisPx: 5 },
     });
     const m = nucleusToLevel0(n, { x: 100, y: 200 }, { x: 0.5, y: 0.5 }, { width: 1000, height: 1000 }, 3);

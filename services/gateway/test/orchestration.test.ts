@@ -37,7 +37,9 @@ async function diskImage(width: number, height: number, disks: Disk[]): Promise<
       }
     }
   }
-  return sharp(raw, { raw: { width, height, channels: 3 } }).png().toBuffer();
+  return sharp(raw, { raw: { width, height, channels: 3 } })
+    .png()
+    .toBuffer();
 }
 
 /** Dark connected components of a tile: [pixel indices]. */
@@ -54,7 +56,12 @@ function components(rgb: Uint8Array): number[][] {
       comp.push(p);
       const x = p % S;
       const y = (p - x) / S;
-      for (const [dx, dy] of [[1, 0], [-1, 0], [0, 1], [0, -1]]) {
+      for (const [dx, dy] of [
+        [1, 0],
+        [-1, 0],
+        [0, 1],
+        [0, -1],
+      ]) {
         const nx = x + dx;
         const ny = y + dy;
         if (nx < 0 || ny < 0 || nx >= S || ny >= S) continue;
@@ -80,7 +87,13 @@ interface FakeOptions {
 
 /** In-memory stages with call logs. */
 function fakeStages(options: FakeOptions = {}) {
-  const log = { detect: [] as string[], encode: [] as string[], decode: [] as { digest: string; prompts: number }[], aborted: 0, calls: [] as StageCall[] };
+  const log = {
+    detect: [] as string[],
+    encode: [] as string[],
+    decode: [] as { digest: string; prompts: number }[],
+    aborted: 0,
+    calls: [] as StageCall[],
+  };
   const stages: StagePorts = {
     prompter: {
       async detect(tiles, call) {
@@ -220,7 +233,10 @@ describe('SegmentationPipeline over in-memory stages', () => {
     const before = p.stats().refineCache.bytes;
     const detectsBefore = log.detect.length;
     const refined = await p.refine(
-      segmentationProto.RefineRequest.fromPartial({ imageId: seg.imageId, prompts: [{ positive: [{ x: DISKS[4].x, y: DISKS[4].y }], negative: [] }] }),
+      segmentationProto.RefineRequest.fromPartial({
+        imageId: seg.imageId,
+        prompts: [{ positive: [{ x: DISKS[4].x, y: DISKS[4].y }], negative: [] }],
+      }),
     );
     expect(refined.nuclei).toHaveLength(1);
     expect(refined.nuclei[0].classIndex).toBe(1);
@@ -228,7 +244,9 @@ describe('SegmentationPipeline over in-memory stages', () => {
     expect(p.stats().refineCache.bytes).toBeGreaterThan(before);
     // Refine never encodes: the decoders fetch features themselves.
     expect(log.encode.length).toBe(1);
-    await expect(p.refine(segmentationProto.RefineRequest.fromPartial({ imageId: 'f'.repeat(64), prompts: [{ positive: [{ x: 1, y: 1 }], negative: [] }] }))).rejects.toMatchObject({
+    await expect(
+      p.refine(segmentationProto.RefineRequest.fromPartial({ imageId: 'f'.repeat(64), prompts: [{ positive: [{ x: 1, y: 1 }], negative: [] }] })),
+    ).rejects.toMatchObject({
       code: status.NOT_FOUND,
     });
   });
@@ -266,8 +284,22 @@ describe('SegmentationPipeline over in-memory stages', () => {
 
   it('tiles edge cases: a 1-pixel remainder and an image smaller than a tile', async () => {
     for (const [w, h, disks] of [
-      [S + 1, 300, [{ x: S - 3, y: 100 }, { x: 30, y: 290 }]],
-      [100, 80, [{ x: 50, y: 40 }, { x: 95, y: 75 }]],
+      [
+        S + 1,
+        300,
+        [
+          { x: S - 3, y: 100 },
+          { x: 30, y: 290 },
+        ],
+      ],
+      [
+        100,
+        80,
+        [
+          { x: 50, y: 40 },
+          { x: 95, y: 75 },
+        ],
+      ],
     ] as const) {
       const { stages } = fakeStages();
       const res = await pipelineWith(stages).segment(request(await diskImage(w, h, [...disks])));
@@ -288,7 +320,10 @@ describe('SegmentationPipeline over in-memory stages', () => {
     const { stages } = fakeStages();
     const p = pipelineWith(stages);
     const at40 = await p.segment(request(await diskImage(600, 500, disks40)));
-    const small = await sharp(await diskImage(600, 500, disks40)).resize(300, 250, { kernel: 'nearest' }).png().toBuffer();
+    const small = await sharp(await diskImage(600, 500, disks40))
+      .resize(300, 250, { kernel: 'nearest' })
+      .png()
+      .toBuffer();
     const at20 = await p.segment(request(small, { mpp: 0.5 }));
     expect(at20.width).toBe(300);
     expect(at20.imageMpp).toBe(0.5);

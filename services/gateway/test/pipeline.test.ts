@@ -24,13 +24,43 @@ describe('prompts', () => {
   it('validates prompts with messages naming the prompt and the problem', () => {
     const p = (x: number, y: number) => ({ positive: [{ x, y }], negative: [] });
     validatePrompts([p(0, 0), p(99.9, 49.9)], 100, 50, limits);
-    expectStatus(() => validatePrompts([p(1, 1), p(1, 1), p(1, 1), p(1, 1)], 100, 50, limits), status.INVALID_ARGUMENT, /too many prompts: 4, at most 3/);
-    expectStatus(() => validatePrompts([p(1, 1), p(100, 1)], 100, 50, limits), status.INVALID_ARGUMENT, /prompts\[1\]\.positive\[0\] \(x=100, y=1\) is outside the 100x50 image/);
-    expectStatus(() => validatePrompts([{ positive: [], negative: [{ x: 1, y: 1 }] }], 100, 50, limits), status.INVALID_ARGUMENT, /no positive point and no box/);
-    expectStatus(() => validatePrompts([{ positive: [{ x: NaN, y: 1 }], negative: [] }], 100, 50, limits), status.INVALID_ARGUMENT, /not a finite point/);
-    expectStatus(() => validatePrompts([{ positive: [], negative: [], box: { x0: 5, y0: 5, x1: 5, y1: 9 } }], 100, 50, limits), status.INVALID_ARGUMENT, /malformed/);
-    expectStatus(() => validatePrompts([{ positive: [], negative: [], box: { x0: 5, y0: 5, x1: 101, y1: 9 } }], 100, 50, limits), status.INVALID_ARGUMENT, /box .* is outside/);
-    const many = { positive: Array.from({ length: 3 }, () => ({ x: 1, y: 1 })), negative: [{ x: 2, y: 2 }, { x: 3, y: 3 }] };
+    expectStatus(
+      () => validatePrompts([p(1, 1), p(1, 1), p(1, 1), p(1, 1)], 100, 50, limits),
+      status.INVALID_ARGUMENT,
+      /too many prompts: 4, at most 3/,
+    );
+    expectStatus(
+      () => validatePrompts([p(1, 1), p(100, 1)], 100, 50, limits),
+      status.INVALID_ARGUMENT,
+      /prompts\[1\]\.positive\[0\] \(x=100, y=1\) is outside the 100x50 image/,
+    );
+    expectStatus(
+      () => validatePrompts([{ positive: [], negative: [{ x: 1, y: 1 }] }], 100, 50, limits),
+      status.INVALID_ARGUMENT,
+      /no positive point and no box/,
+    );
+    expectStatus(
+      () => validatePrompts([{ positive: [{ x: NaN, y: 1 }], negative: [] }], 100, 50, limits),
+      status.INVALID_ARGUMENT,
+      /not a finite point/,
+    );
+    expectStatus(
+      () => validatePrompts([{ positive: [], negative: [], box: { x0: 5, y0: 5, x1: 5, y1: 9 } }], 100, 50, limits),
+      status.INVALID_ARGUMENT,
+      /malformed/,
+    );
+    expectStatus(
+      () => validatePrompts([{ positive: [], negative: [], box: { x0: 5, y0: 5, x1: 101, y1: 9 } }], 100, 50, limits),
+      status.INVALID_ARGUMENT,
+      /box .* is outside/,
+    );
+    const many = {
+      positive: Array.from({ length: 3 }, () => ({ x: 1, y: 1 })),
+      negative: [
+        { x: 2, y: 2 },
+        { x: 3, y: 3 },
+      ],
+    };
     expectStatus(() => validatePrompts([many], 100, 50, limits), status.INVALID_ARGUMENT, /5 points, at most 4/);
   });
 
@@ -75,8 +105,14 @@ describe('assembly', () => {
   });
   const image = { width: 64, height: 48, data: new Uint8Array(64 * 48 * 3).fill(100) };
   const options = {
-    classNames: ['a', 'b'], mpp: 0.5, minScore: 0.2, returnLabelMap: true, returnMasks: true,
-    minKeptFraction: 0.5, minAreaPx: 4, polygonTolerance: 0.5,
+    classNames: ['a', 'b'],
+    mpp: 0.5,
+    minScore: 0.2,
+    returnLabelMap: true,
+    returnMasks: true,
+    minKeptFraction: 0.5,
+    minAreaPx: 4,
+    polygonTolerance: 0.5,
   };
 
   it('numbers nuclei in reading order, drops duplicates and low scores, counts classes, paints the label map', () => {

@@ -58,7 +58,10 @@ describe('slide job stitching', () => {
 
   it('crops a region’s valid pixels', () => {
     const data = new Uint8Array(4 * 3 * 3).map((_, i) => i);
-    const crop = cropRegion({ width: 4, height: 3, data }, { index: 0, col: 0, row: 0, x: 1, y: 1, valid: { x0: 1, y0: 1, x1: 3, y1: 3 }, core: { x0: 1, y0: 1, x1: 3, y1: 3 } });
+    const crop = cropRegion(
+      { width: 4, height: 3, data },
+      { index: 0, col: 0, row: 0, x: 1, y: 1, valid: { x0: 1, y0: 1, x1: 3, y1: 3 }, core: { x0: 1, y0: 1, x1: 3, y1: 3 } },
+    );
     expect(crop.width).toBe(2);
     expect(Array.from(crop.data)).toEqual([15, 16, 17, 18, 19, 20, 27, 28, 29, 30, 31, 32]);
   });

@@ -2,13 +2,7 @@
 // anchor a point and K+1 logits; here anchors are filtered by foreground probability, merged by
 // point NMS, and their class probabilities renormalised without background.
 import { grpcError, type stagesProto, status } from '@cfrsam/rpc';
-import {
-  type Float32Tensor,
-  graphOutputFloat32,
-  type Manifest,
-  stackFloat32,
-  readStageTile,
-} from '@cfrsam/contract';
+import { type Float32Tensor, graphOutputFloat32, type Manifest, stackFloat32, readStageTile } from '@cfrsam/contract';
 import { type OnnxWorkerPool } from '@cfrsam/runtime';
 
 export interface PrompterPipelineOptions {
@@ -126,17 +120,11 @@ export class PrompterPipeline {
   validate(request: stagesProto.DetectRequest): { tiles: Float32Tensor[]; params: DetectionParams } {
     const S = this.manifest.inputSize;
     if (request.modelVersion && request.modelVersion !== this.manifest.version) {
-      throw grpcError(
-        status.INVALID_ARGUMENT,
-        `model_version "${request.modelVersion}" does not match the served model "${this.manifest.version}"`,
-      );
+      throw grpcError(status.INVALID_ARGUMENT, `model_version "${request.modelVersion}" does not match the served model "${this.manifest.version}"`);
     }
     if (request.tiles.length === 0) throw grpcError(status.INVALID_ARGUMENT, 'tiles: at least one tile is required');
     if (request.tiles.length > this.maxTilesPerRequest) {
-      throw grpcError(
-        status.INVALID_ARGUMENT,
-        `tiles: ${request.tiles.length} tiles exceed the limit of ${this.maxTilesPerRequest} per request`,
-      );
+      throw grpcError(status.INVALID_ARGUMENT, `tiles: ${request.tiles.length} tiles exceed the limit of ${this.maxTilesPerRequest} per request`);
     }
     const minForeground = request.minForeground || this.manifest.prompter.minForeground;
     if (!(minForeground >= 0 && minForeground <= 1)) {

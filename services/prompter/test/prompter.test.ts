@@ -10,10 +10,18 @@ describe('decodeAnchors', () => {
   // 4 anchors, K = 2 classes (+ background at index 2).
   const points = new Float32Array([10, 10, 50, 50, 12, 11, -5, 300]);
   const logits = new Float32Array([
-    4, 0, -2, // anchor 0: class 0, very likely foreground
-    0, 0, 5, // anchor 1: background
-    0, 3, 0, // anchor 2: class 1, 2.2 px from anchor 0, less confident -> merged away by NMS
-    1, 1, -3, // anchor 3: foreground, point outside the tile -> clipped
+    4,
+    0,
+    -2, // anchor 0: class 0, very likely foreground
+    0,
+    0,
+    5, // anchor 1: background
+    0,
+    3,
+    0, // anchor 2: class 1, 2.2 px from anchor 0, less confident -> merged away by NMS
+    1,
+    1,
+    -3, // anchor 3: foreground, point outside the tile -> clipped
   ]);
   const detections = decodeAnchors(points, logits, 4, 2, 256, { minForeground: 0.5, nmsRadius: 4 });
 
@@ -37,7 +45,19 @@ describe('decodeAnchors', () => {
   it('keeps everything with radius 0 and nothing below the threshold', () => {
     expect(decodeAnchors(points, logits, 4, 2, 256, { minForeground: 0.5, nmsRadius: 0 })).toHaveLength(3);
     expect(decodeAnchors(points, logits, 4, 2, 256, { minForeground: 1, nmsRadius: 0 })).toHaveLength(0);
-    expect(pointNms([{ x: 0, y: 0 }, { x: 3, y: 0 }, { x: 5, y: 0 }], 4)).toEqual([{ x: 0, y: 0 }, { x: 5, y: 0 }]);
+    expect(
+      pointNms(
+        [
+          { x: 0, y: 0 },
+          { x: 3, y: 0 },
+          { x: 5, y: 0 },
+        ],
+        4,
+      ),
+    ).toEqual([
+      { x: 0, y: 0 },
+      { x: 5, y: 0 },
+    ]);
   });
 });
 

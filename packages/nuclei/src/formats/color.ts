@@ -13,7 +13,16 @@ export function parseHexColor(hex: string, fallback: Rgb = UNCLASSIFIED_COLOR): 
 }
 
 export function toHexColor([r, g, b]: Rgb): string {
-  return '#' + [r, g, b].map((c) => Math.max(0, Math.min(255, Math.round(c))).toString(16).padStart(2, '0')).join('');
+  return (
+    '#' +
+    [r, g, b]
+      .map((c) =>
+        Math.max(0, Math.min(255, Math.round(c)))
+          .toString(16)
+          .padStart(2, '0'),
+      )
+      .join('')
+  );
 }
 
 /** A class as the exports need it: index, name and colour. */

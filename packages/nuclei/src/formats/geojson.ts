@@ -31,7 +31,7 @@ export interface GeoJsonFeatureCollection {
 export function nucleusMeasurementMap(n: Nucleus, classes: readonly ClassStyle[]): Record<string, number> {
   const m = n.measurements;
   const out: Record<string, number> = {
-    'Score': n.score,
+    Score: n.score,
     'Predicted IoU': n.predictedIou,
     'Centroid X px': n.centroid?.x ?? 0,
     'Centroid Y px': n.centroid?.y ?? 0,
@@ -40,11 +40,11 @@ export function nucleusMeasurementMap(n: Nucleus, classes: readonly ClassStyle[]
   if (m && m.areaUm2 > 0) out['Area um^2'] = m.areaUm2;
   Object.assign(out, {
     'Perimeter px': m?.perimeterPx ?? 0,
-    'Circularity': m?.circularity ?? 0,
-    'Eccentricity': m?.eccentricity ?? 0,
+    Circularity: m?.circularity ?? 0,
+    Eccentricity: m?.eccentricity ?? 0,
     'Major axis px': m?.majorAxisPx ?? 0,
     'Minor axis px': m?.minorAxisPx ?? 0,
-    'Solidity': m?.solidity ?? 0,
+    Solidity: m?.solidity ?? 0,
     'Mean R': m?.meanR ?? 0,
     'Mean G': m?.meanG ?? 0,
     'Mean B': m?.meanB ?? 0,
@@ -62,11 +62,7 @@ export function featureId(imageId: string, nucleusId: number): string {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-5${h.slice(13, 16)}-${((parseInt(h[16], 16) & 3) | 8).toString(16)}${h.slice(17, 20)}-${h.slice(20, 32)}`;
 }
 
-export function nucleiToGeoJson(
-  nuclei: readonly Nucleus[],
-  classes: readonly ClassStyle[],
-  imageId = '',
-): GeoJsonFeatureCollection {
+export function nucleiToGeoJson(nuclei: readonly Nucleus[], classes: readonly ClassStyle[], imageId = ''): GeoJsonFeatureCollection {
   const features: GeoJsonFeature[] = [];
   for (const n of nuclei) {
     if (n.polygon.length < 3) continue;

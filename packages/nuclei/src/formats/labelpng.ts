@@ -4,7 +4,10 @@ import sharp from 'sharp';
 export async function encodeLabelPng(labels: Uint16Array, width: number, height: number): Promise<Buffer> {
   if (labels.length !== width * height) throw new RangeError(`expected ${width * height} labels, got ${labels.length}`);
   // sharp takes 16-bit raw input from a Uint16Array (a Buffer would be read as 8-bit samples).
-  return sharp(labels, { raw: { width, height, channels: 1 } }).toColourspace('grey16').png({ compressionLevel: 9 }).toBuffer();
+  return sharp(labels, { raw: { width, height, channels: 1 } })
+    .toColourspace('grey16')
+    .png({ compressionLevel: 9 })
+    .toBuffer();
 }
 
 export async function decodeLabelPng(png: Uint8Array): Promise<{ labels: Uint16Array; width: number; height: number }> {

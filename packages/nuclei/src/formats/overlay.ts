@@ -18,8 +18,17 @@ export function drawOutlines(image: RgbImage, labels: Uint16Array, colorOfLabel:
       const i = y * w + x;
       const l = labels[i];
       if (!l) continue;
-      if (x === 0 || y === 0 || x === w - 1 || y === h - 1 ||
-          labels[i - 1] !== l || labels[i + 1] !== l || labels[i - w] !== l || labels[i + w] !== l) edge[i] = 1;
+      if (
+        x === 0 ||
+        y === 0 ||
+        x === w - 1 ||
+        y === h - 1 ||
+        labels[i - 1] !== l ||
+        labels[i + 1] !== l ||
+        labels[i - w] !== l ||
+        labels[i + w] !== l
+      )
+        edge[i] = 1;
     }
   }
   // Thicker outlines grow inwards, so neighbouring nuclei do not paint over each other.
@@ -29,8 +38,13 @@ export function drawOutlines(image: RgbImage, labels: Uint16Array, colorOfLabel:
       const l = labels[i];
       if (!l || edge[i]) continue;
       const x = i % w;
-      if ((x > 0 && edge[i - 1] && labels[i - 1] === l) || (x < w - 1 && edge[i + 1] && labels[i + 1] === l) ||
-          (i >= w && edge[i - w] && labels[i - w] === l) || (i + w < w * h && edge[i + w] && labels[i + w] === l)) grown[i] = 1;
+      if (
+        (x > 0 && edge[i - 1] && labels[i - 1] === l) ||
+        (x < w - 1 && edge[i + 1] && labels[i + 1] === l) ||
+        (i >= w && edge[i - w] && labels[i - w] === l) ||
+        (i + w < w * h && edge[i + w] && labels[i + w] === l)
+      )
+        grown[i] = 1;
     }
     edge = grown;
   }
@@ -38,7 +52,10 @@ export function drawOutlines(image: RgbImage, labels: Uint16Array, colorOfLabel:
     if (!edge[i]) continue;
     const l = labels[i];
     let c = colorCache.get(l);
-    if (!c) { c = colorOfLabel(l); colorCache.set(l, c); }
+    if (!c) {
+      c = colorOfLabel(l);
+      colorCache.set(l, c);
+    }
     out[i * 3] = c[0];
     out[i * 3 + 1] = c[1];
     out[i * 3 + 2] = c[2];
@@ -50,5 +67,7 @@ export async function encodeOverlayPng(image: RgbImage, labels: Uint16Array, col
   const pixels = drawOutlines(image, labels, colorOfLabel, thickness);
   return sharp(Buffer.from(pixels.buffer, pixels.byteOffset, pixels.byteLength), {
     raw: { width: image.width, height: image.height, channels: 3 },
-  }).png().toBuffer();
+  })
+    .png()
+    .toBuffer();
 }

@@ -69,14 +69,11 @@ export function checkImageSize(width: number, height: number, limits: ImageLimit
     throw new ImageInputError(`image has no pixels (width ${width}, height ${height})`);
   }
   if (width < limits.minSide || height < limits.minSide) {
-    throw new ImageInputError(
-      `image is ${width}x${height} pixels, smaller than the minimum of ${limits.minSide}x${limits.minSide}`,
-    );
+    throw new ImageInputError(`image is ${width}x${height} pixels, smaller than the minimum of ${limits.minSide}x${limits.minSide}`);
   }
   if (width * height > limits.maxPixels) {
     throw new ImageInputError(
-      `image is ${width}x${height} = ${width * height} pixels, over the limit of ${limits.maxPixels} pixels; ` +
-        'cut it into smaller regions',
+      `image is ${width}x${height} = ${width * height} pixels, over the limit of ${limits.maxPixels} pixels; ` + 'cut it into smaller regions',
     );
   }
 }
@@ -136,9 +133,7 @@ export async function decodeImage(bytes: Uint8Array, limits: ImageLimits = DEFAU
   }
   const { info, data } = out;
   if (info.channels !== 3 || info.width !== width || info.height !== height) {
-    throw new ImageInputError(
-      `image decoded to an unexpected layout (${info.width}x${info.height}x${info.channels}); send ${SUPPORTED_LIST}`,
-    );
+    throw new ImageInputError(`image decoded to an unexpected layout (${info.width}x${info.height}x${info.channels}); send ${SUPPORTED_LIST}`);
   }
   return {
     width,

@@ -29,7 +29,11 @@ const DY = [0, 1, 0, -1];
 export function traceOuterContour(mask: PlacedMask): Contour {
   const { width: w, height: h, data } = mask;
   let start = -1;
-  for (let i = 0; i < w * h; i++) if (data[i]) { start = i; break; }
+  for (let i = 0; i < w * h; i++)
+    if (data[i]) {
+      start = i;
+      break;
+    }
   if (start < 0) return { points: [], edgeLength: 0, turns: 0 };
   const fg = (x: number, y: number) => x >= 0 && y >= 0 && x < w && y < h && data[y * w + x] === 1;
   // The first pixel's top edge is on the boundary (the pixel above is background): start at its
@@ -51,10 +55,22 @@ export function traceOuterContour(mask: PlacedMask): Contour {
     let aheadLeft: boolean;
     let aheadRight: boolean;
     switch (d) {
-      case 0: aheadLeft = fg(cx, cy - 1); aheadRight = fg(cx, cy); break;
-      case 1: aheadLeft = fg(cx, cy); aheadRight = fg(cx - 1, cy); break;
-      case 2: aheadLeft = fg(cx - 1, cy); aheadRight = fg(cx - 1, cy - 1); break;
-      default: aheadLeft = fg(cx - 1, cy - 1); aheadRight = fg(cx, cy - 1); break;
+      case 0:
+        aheadLeft = fg(cx, cy - 1);
+        aheadRight = fg(cx, cy);
+        break;
+      case 1:
+        aheadLeft = fg(cx, cy);
+        aheadRight = fg(cx - 1, cy);
+        break;
+      case 2:
+        aheadLeft = fg(cx - 1, cy);
+        aheadRight = fg(cx - 1, cy - 1);
+        break;
+      default:
+        aheadLeft = fg(cx - 1, cy - 1);
+        aheadRight = fg(cx, cy - 1);
+        break;
     }
     let nd = d;
     // Right-hand rule with 4-connectivity: pixels touching only at a corner are not connected.
@@ -133,7 +149,10 @@ function douglasPeucker(points: readonly XY[], first: number, last: number, eps:
   let idx = -1;
   for (let i = first + 1; i < last; i++) {
     const d = perpendicularDistance(points[i], points[first], points[last]);
-    if (d > maxD) { maxD = d; idx = i; }
+    if (d > maxD) {
+      maxD = d;
+      idx = i;
+    }
   }
   if (idx >= 0 && maxD > eps) {
     keep[idx] = 1;
@@ -156,7 +175,10 @@ export function simplifyClosedPolygon(points: readonly XY[], tolerance: number):
   let farD = -1;
   for (let i = 1; i < n; i++) {
     const d = Math.hypot(points[i].x - points[0].x, points[i].y - points[0].y);
-    if (d > farD) { farD = d; far = i; }
+    if (d > farD) {
+      farD = d;
+      far = i;
+    }
   }
   const ring = [...points, points[0]];
   const keep = new Uint8Array(n + 1);
@@ -186,12 +208,7 @@ export function segmentsIntersect(a: XY, b: XY, c: XY, d: XY): boolean {
   const o3 = orientation(c, d, a);
   const o4 = orientation(c, d, b);
   if (o1 !== o2 && o3 !== o4) return true;
-  return (
-    (o1 === 0 && onSegment(a, b, c)) ||
-    (o2 === 0 && onSegment(a, b, d)) ||
-    (o3 === 0 && onSegment(c, d, a)) ||
-    (o4 === 0 && onSegment(c, d, b))
-  );
+  return (o1 === 0 && onSegment(a, b, c)) || (o2 === 0 && onSegment(a, b, d)) || (o3 === 0 && onSegment(c, d, a)) || (o4 === 0 && onSegment(c, d, b));
 }
 
 /**

@@ -124,10 +124,22 @@ export function connectedComponents(mask: PlacedMask): { labels: Int32Array; cou
       const p = stack[--top];
       size++;
       const x = p % w;
-      if (x > 0 && data[p - 1] && !labels[p - 1]) { labels[p - 1] = count; stack[top++] = p - 1; }
-      if (x < w - 1 && data[p + 1] && !labels[p + 1]) { labels[p + 1] = count; stack[top++] = p + 1; }
-      if (p >= w && data[p - w] && !labels[p - w]) { labels[p - w] = count; stack[top++] = p - w; }
-      if (p + w < w * h && data[p + w] && !labels[p + w]) { labels[p + w] = count; stack[top++] = p + w; }
+      if (x > 0 && data[p - 1] && !labels[p - 1]) {
+        labels[p - 1] = count;
+        stack[top++] = p - 1;
+      }
+      if (x < w - 1 && data[p + 1] && !labels[p + 1]) {
+        labels[p + 1] = count;
+        stack[top++] = p + 1;
+      }
+      if (p >= w && data[p - w] && !labels[p - w]) {
+        labels[p - w] = count;
+        stack[top++] = p - w;
+      }
+      if (p + w < w * h && data[p + w] && !labels[p + w]) {
+        labels[p + w] = count;
+        stack[top++] = p + w;
+      }
     }
     sizes.push(size);
   }
@@ -150,7 +162,11 @@ export function keepComponent(mask: PlacedMask, point?: { x: number; y: number }
   }
   if (keep === 0) {
     let best = 0;
-    for (let i = 1; i <= count; i++) if (sizes[i] > best) { best = sizes[i]; keep = i; }
+    for (let i = 1; i <= count; i++)
+      if (sizes[i] > best) {
+        best = sizes[i];
+        keep = i;
+      }
   }
   const out = new Uint8Array(mask.data.length);
   for (let i = 0; i < out.length; i++) out[i] = labels[i] === keep ? 1 : 0;
@@ -166,10 +182,19 @@ export function fillHoles(mask: PlacedMask): PlacedMask {
   const stack = new Int32Array(w * h);
   let top = 0;
   const seed = (p: number) => {
-    if (!data[p] && !outside[p]) { outside[p] = 1; stack[top++] = p; }
+    if (!data[p] && !outside[p]) {
+      outside[p] = 1;
+      stack[top++] = p;
+    }
   };
-  for (let x = 0; x < w; x++) { seed(x); seed((h - 1) * w + x); }
-  for (let y = 0; y < h; y++) { seed(y * w); seed(y * w + w - 1); }
+  for (let x = 0; x < w; x++) {
+    seed(x);
+    seed((h - 1) * w + x);
+  }
+  for (let y = 0; y < h; y++) {
+    seed(y * w);
+    seed(y * w + w - 1);
+  }
   while (top > 0) {
     const p = stack[--top];
     const x = p % w;
@@ -179,7 +204,11 @@ export function fillHoles(mask: PlacedMask): PlacedMask {
     if (p + w < w * h) seed(p + w);
   }
   let holes = false;
-  for (let i = 0; i < data.length; i++) if (!data[i] && !outside[i]) { holes = true; break; }
+  for (let i = 0; i < data.length; i++)
+    if (!data[i] && !outside[i]) {
+      holes = true;
+      break;
+    }
   if (!holes) return mask;
   const out = new Uint8Array(w * h);
   for (let i = 0; i < out.length; i++) out[i] = outside[i] ? 0 : 1;

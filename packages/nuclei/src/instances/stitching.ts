@@ -56,7 +56,10 @@ export function suppressNearbyPoints(points: readonly ScoredPoint[], radius: num
       for (let dx = -1; dx <= 1 && !suppressed; dx++) {
         for (const j of grid.get(`${gx + dx},${gy + dy}`) ?? []) {
           const q = points[j];
-          if ((q.x - p.x) ** 2 + (q.y - p.y) ** 2 < r2) { suppressed = true; break; }
+          if ((q.x - p.x) ** 2 + (q.y - p.y) ** 2 < r2) {
+            suppressed = true;
+            break;
+          }
         }
       }
     }
@@ -105,10 +108,7 @@ function intersects(a: PlacedMask, b: PlacedMask): boolean {
  * is reduced again to one connected component. Returns the survivors in input order, each with its
  * final mask; empty masks are dropped.
  */
-export function resolveOverlaps<T extends CandidateInstance>(
-  candidates: readonly T[],
-  options: OverlapOptions = DEFAULT_OVERLAP_OPTIONS,
-): T[] {
+export function resolveOverlaps<T extends CandidateInstance>(candidates: readonly T[], options: OverlapOptions = DEFAULT_OVERLAP_OPTIONS): T[] {
   const order = candidates.map((_, i) => i).sort((a, b) => candidates[b].score - candidates[a].score || a - b);
   const accepted: PlacedMask[] = [];
   const finalMasks = new Map<number, PlacedMask>();

@@ -158,7 +158,11 @@ export interface ScoreRun {
 }
 
 /** Group of a sample from the regex on its name or a field of its ground-truth JSON. */
-export function groupOf(name: string, meta: SampleMeta | undefined, opts: Pick<ScoreDirectoriesOptions, 'groupRegex' | 'groupField'>): string | undefined {
+export function groupOf(
+  name: string,
+  meta: SampleMeta | undefined,
+  opts: Pick<ScoreDirectoriesOptions, 'groupRegex' | 'groupField'>,
+): string | undefined {
   if (opts.groupField) {
     const v = meta?.[opts.groupField];
     return v === undefined || v === null ? '' : String(v);
@@ -194,18 +198,23 @@ export async function scoreDirectories(gtDir: string, predDir: string, options: 
   if (options.classes) {
     classNames = [...gtMetas.values()].find((m) => m?.classNames)?.classNames;
     const differing = [...gtMetas.entries()].find(([, m]) => m?.classNames && m.classNames.join('\u0000') !== classNames!.join('\u0000'));
-    const predMetaNames = await firstPredClassNames(predDir, names.filter((n) => predNames.has(n)));
+    const predMetaNames = await firstPredClassNames(
+      predDir,
+      names.filter((n) => predNames.has(n)),
+    );
     if (!classNames) {
       notes.push('class metrics skipped: the ground truth names no classes (classNames in NAME.json)');
     } else if (differing) {
-      notes.push(`class metrics skipped: ${differing[0]}.json has classNames [${differing[1]!.classNames!.join(', ')}], other images [${classNames.join(', ')}]`);
+      notes.push(
+        `class metrics skipped: ${differing[0]}.json has classNames [${differing[1]!.classNames!.join(', ')}], other images [${classNames.join(', ')}]`,
+      );
       classNames = undefined;
     } else if (![...gtMetas.values()].some((m) => m?.classes)) {
       notes.push('class metrics skipped: the ground truth has no per-instance classes');
       classNames = undefined;
     } else {
       const pn = predMetaNames ?? classNames;
-      if (!predMetaNames) notes.push('predictions name no classes; assuming the ground truth\'s class order');
+      if (!predMetaNames) notes.push("predictions name no classes; assuming the ground truth's class order");
       const match = matchTaxonomy(classNames, pn);
       if (match.ok) {
         predToGt = match.predToGt;

@@ -23,7 +23,10 @@ export function formatTable(header: string[], rows: Cell[][], countColumns: read
   const widths = header.map((h, i) => Math.max(h.length, ...cells.map((r) => (r[i] ?? '').length)));
   const numeric = header.map((_, i) => rows.every((r) => typeof r[i] !== 'string'));
   const line = (r: string[]) =>
-    r.map((c, i) => (numeric[i] && i > 0 ? c.padStart(widths[i]) : c.padEnd(widths[i]))).join('  ').trimEnd();
+    r
+      .map((c, i) => (numeric[i] && i > 0 ? c.padStart(widths[i]) : c.padEnd(widths[i])))
+      .join('  ')
+      .trimEnd();
   return [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...cells.map(line)].join('\n');
 }
 
@@ -88,7 +91,7 @@ function summaryRows(run: ScoreRun): Cell[][] {
   }
   if (d.grouped) {
     rows.push(['bPQ by group', d.grouped.bpq, `mean over ${d.groups!.length} groups of the group's image mean (PanNuke)`]);
-    if (d.grouped.mpq !== undefined) rows.push(['mPQ by group', d.grouped.mpq, 'mean over groups of the group\'s image mean (PanNuke)']);
+    if (d.grouped.mpq !== undefined) rows.push(['mPQ by group', d.grouped.mpq, "mean over groups of the group's image mean (PanNuke)"]);
   }
   const det = d.detection;
   const gated = run.images.filter((im) => im.pairingMode === 'gated').length;
@@ -130,7 +133,13 @@ export function formatScoreReport(run: ScoreRun, opts: { perImage?: boolean } = 
   if (run.dataset.groups) {
     const header = ['group', 'images', 'bPQ'];
     if (run.options.classes) header.push('mPQ');
-    parts.push(formatTable(header, run.dataset.groups.map((g) => [g.name, g.images, g.bpq, ...(run.options.classes ? [g.mpq ?? NaN] : [])]), [1]));
+    parts.push(
+      formatTable(
+        header,
+        run.dataset.groups.map((g) => [g.name, g.images, g.bpq, ...(run.options.classes ? [g.mpq ?? NaN] : [])]),
+        [1],
+      ),
+    );
   }
   for (const n of run.notes) parts.push(`note: ${n}`);
   return parts.join('\n\n') + '\n';
@@ -176,7 +185,10 @@ export async function writeScoreReport(dir: string, run: ScoreRun, extra: Record
   if (run.dataset.groups) {
     await put(
       'groups.csv',
-      toCsv(['group', 'images', 'bPQ', 'mPQ'], run.dataset.groups.map((g) => [g.name, g.images, g.bpq, g.mpq ?? NaN])),
+      toCsv(
+        ['group', 'images', 'bPQ', 'mPQ'],
+        run.dataset.groups.map((g) => [g.name, g.images, g.bpq, g.mpq ?? NaN]),
+      ),
     );
   }
   return written;

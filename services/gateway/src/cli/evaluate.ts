@@ -4,16 +4,7 @@
 
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
-import {
-  ConfigError,
-  type FlagSpec,
-  makeClient,
-  parseFlags,
-  segmentationProto,
-  unary,
-  usage,
-  waitForReady,
-} from '@cfrsam/rpc';
+import { ConfigError, type FlagSpec, makeClient, parseFlags, segmentationProto, unary, usage, waitForReady } from '@cfrsam/rpc';
 import { metrics } from '@cfrsam/nuclei';
 import { reportRun, SCORING_FLAGS, scoringOptions, type CliIo } from './score';
 
@@ -51,7 +42,10 @@ export function predictionMeta(res: segmentationProto.SegmentResponse, model: se
   for (const n of res.nuclei) classes[String(n.id)] = n.classIndex;
   return {
     source: `cfrsam evaluate: ${res.modelName || model.name} ${res.modelVersion || model.version}`,
-    classNames: model.classes.slice().sort((a, b) => a.index - b.index).map((c) => c.name),
+    classNames: model.classes
+      .slice()
+      .sort((a, b) => a.index - b.index)
+      .map((c) => c.name),
     instances: res.nuclei.length,
     classes,
   };
@@ -189,7 +183,10 @@ export async function runEvaluate(argv: readonly string[], io: CliIo = defaultIo
     } else {
       const match = metrics.matchTaxonomy(datasetNames, modelNames);
       if (match.ok && [...metas.values()].some((m) => m?.classes)) predToGt = match.predToGt;
-      else notes.push(`class metrics skipped (bPQ, AJI, Dice and detection only): ${match.ok ? 'the dataset has no per-instance classes' : match.reason}`);
+      else
+        notes.push(
+          `class metrics skipped (bPQ, AJI, Dice and detection only): ${match.ok ? 'the dataset has no per-instance classes' : match.reason}`,
+        );
     }
     const numClasses = predToGt ? datasetNames!.length : 0;
 
@@ -243,7 +240,9 @@ export async function runEvaluate(argv: readonly string[], io: CliIo = defaultIo
 
     const images = scores.filter((s): s is metrics.ImageScore => s !== undefined);
     if (failures.length > 0) {
-      notes.push(`${failures.length} of ${names.length} images failed and are not scored: ${failures.slice(0, 5).join('; ')}${failures.length > 5 ? '; ...' : ''}`);
+      notes.push(
+        `${failures.length} of ${names.length} images failed and are not scored: ${failures.slice(0, 5).join('; ')}${failures.length > 5 ? '; ...' : ''}`,
+      );
     }
     if (images.length === 0) {
       io.stderr.write(`cfrsam evaluate: every image failed; first: ${failures[0]}\n`);

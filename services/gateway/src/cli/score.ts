@@ -41,7 +41,9 @@ export interface ScoringFlagValues {
 }
 
 /** Validated scoring options from the shared flags; throws ConfigError naming the bad flag. */
-export function scoringOptions(f: ScoringFlagValues): Pick<metrics.ScoreDirectoriesOptions, 'radius' | 'matchIou' | 'pairing' | 'groupRegex' | 'groupField'> {
+export function scoringOptions(
+  f: ScoringFlagValues,
+): Pick<metrics.ScoreDirectoriesOptions, 'radius' | 'matchIou' | 'pairing' | 'groupRegex' | 'groupField'> {
   if (!(f.radius >= 0)) throw new ConfigError(`--radius must be >= 0, got ${f.radius}`);
   if (!(f.matchIou >= 0 && f.matchIou < 1)) throw new ConfigError(`--match-iou must be in [0, 1), got ${f.matchIou}`);
   if (!['auto', 'dense', 'gated'].includes(f.pairing)) throw new ConfigError(`--pairing must be auto, dense or gated, got "${f.pairing}"`);

@@ -7,16 +7,7 @@
 //   NAME.overlay.png  outlines coloured by class over the image
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
-import {
-  ConfigError,
-  type FlagSpec,
-  makeClient,
-  parseFlags,
-  segmentationProto,
-  unary,
-  usage,
-  waitForReady,
-} from '@cfrsam/rpc';
+import { ConfigError, type FlagSpec, makeClient, parseFlags, segmentationProto, unary, usage, waitForReady } from '@cfrsam/rpc';
 import {
   decodeImage,
   encodeLabelPng,
@@ -45,7 +36,11 @@ const SEGMENT_FLAGS = {
   bundle: { type: 'string', default: '', help: 'model bundle for --local (default models/tiny)' },
   decoders: { type: 'int', default: 1, help: 'decoder replicas for --local' },
   minScore: { type: 'number', default: 0, help: 'drop nuclei scoring below this' },
-  mpp: { type: 'number', default: 0, help: 'micrometres per pixel of the images; they are resampled to the model\'s resolution (0: assume the model\'s)' },
+  mpp: {
+    type: 'number',
+    default: 0,
+    help: "micrometres per pixel of the images; they are resampled to the model's resolution (0: assume the model's)",
+  },
   timeoutS: { type: 'number', default: 600, help: 'deadline of each Segment call in seconds' },
   maxMessageMb: { type: 'int', default: 256, help: 'max gRPC message size in MiB (label maps of large images)' },
   quiet: { type: 'boolean', default: false, help: 'print only the summary' },

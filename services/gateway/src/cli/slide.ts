@@ -39,15 +39,7 @@ import {
   usage,
   waitForReady,
 } from '@cfrsam/rpc';
-import {
-  encodeRgbPng,
-  nucleiToCsv,
-  nucleiToGeoJson,
-  parseHexColor,
-  type ClassStyle,
-  type Rgb,
-  UNCLASSIFIED_COLOR,
-} from '@cfrsam/nuclei';
+import { encodeRgbPng, nucleiToCsv, nucleiToGeoJson, parseHexColor, type ClassStyle, type Rgb, UNCLASSIFIED_COLOR } from '@cfrsam/nuclei';
 import {
   detectTissue,
   openSlide,
@@ -79,16 +71,24 @@ const RUN_FLAGS = {
   bundle: { type: 'string', default: '', help: 'model bundle of the local stack (default models/tiny)' },
   decoders: { type: 'int', default: 1, help: 'decoder replicas of the local stack' },
   roi: { type: 'string', default: '', help: 'region of interest x,y,w,h in level-0 pixels' },
-  roiGeojson: { type: 'string', default: '', help: 'region of interest: a GeoJSON file with one Polygon in level-0 pixels (e.g. a QuPath annotation)' },
-  mpp: { type: 'number', default: 0, help: 'micrometres per level-0 pixel for slides whose file has no resolution (the file\'s own mpp wins)' },
-  regionSize: { type: 'int', default: 1024, help: 'side of a region in pixels at the model\'s resolution' },
-  overlap: { type: 'int', default: 64, help: 'margin read around each region, in pixels at the model\'s resolution' },
+  roiGeojson: {
+    type: 'string',
+    default: '',
+    help: 'region of interest: a GeoJSON file with one Polygon in level-0 pixels (e.g. a QuPath annotation)',
+  },
+  mpp: { type: 'number', default: 0, help: "micrometres per level-0 pixel for slides whose file has no resolution (the file's own mpp wins)" },
+  regionSize: { type: 'int', default: 1024, help: "side of a region in pixels at the model's resolution" },
+  overlap: { type: 'int', default: 64, help: "margin read around each region, in pixels at the model's resolution" },
   concurrency: { type: 'int', default: 2, help: 'regions in flight' },
   minScore: { type: 'number', default: 0, help: 'drop nuclei scoring below this' },
   tissueMaxSide: { type: 'int', default: 1024, help: 'long side of the tissue mask in pixels' },
   overviewSize: { type: 'int', default: 2048, help: 'long side of the overview picture in pixels' },
   timeoutS: { type: 'number', default: 600, help: 'deadline of each Segment call in seconds' },
-  retries: { type: 'int', default: 3, help: 'retries of a region whose Segment call failed with UNAVAILABLE, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED' },
+  retries: {
+    type: 'int',
+    default: 3,
+    help: 'retries of a region whose Segment call failed with UNAVAILABLE, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED',
+  },
   maxMessageMb: { type: 'int', default: 256, help: 'max gRPC message size in MiB' },
   quiet: { type: 'boolean', default: false, help: 'no progress output, only errors and the summary' },
 } satisfies Record<string, FlagSpec>;
@@ -97,7 +97,7 @@ export const SLIDE_RUN_USAGE =
   'usage: cfrsam slide run SLIDE... --out DIR [--gateway host:port] [--roi x,y,w,h | --roi-geojson FILE] [--mpp X]\n' +
   '                        [--region-size 1024] [--overlap 64] [--concurrency 2]\n' +
   'Segments every tissue region of each slide (Aperio SVS, pyramidal/OME-TIFF, DICOM WSI, OpenSlide formats, PNG/JPEG/TIFF)\n' +
-  'at the model\'s resolution and writes NAME.geojson.gz, NAME.csv, NAME.overview.png and NAME.summary.json.\n' +
+  "at the model's resolution and writes NAME.geojson.gz, NAME.csv, NAME.overview.png and NAME.summary.json.\n" +
   'Exit code: 0 all slides done, 2 a slide was bad input (the others are still processed), 1 other failures.\n' +
   usage(RUN_FLAGS);
 
@@ -192,7 +192,10 @@ class TextSink {
   private readonly target: NodeJS.WritableStream;
   private error: Error | undefined;
 
-  constructor(readonly filePath: string, gzip: boolean) {
+  constructor(
+    readonly filePath: string,
+    gzip: boolean,
+  ) {
     this.file = createWriteStream(filePath);
     this.file.on('error', (e) => (this.error ??= e));
     if (gzip) {
@@ -237,7 +240,8 @@ class Overview {
   static async create(slide: Slide, maxSide: number, mpp: Mpp): Promise<Overview> {
     const L0 = slide.levels[0];
     const s = Math.min(1, maxSide / Math.max(L0.width, L0.height));
-    const width = Math.max(1, Math.round(L0.width * s)), height = Math.max(1, Math.round(L0.height * s));
+    const width = Math.max(1, Math.round(L0.width * s)),
+      height = Math.max(1, Math.round(L0.height * s));
     const data = Buffer.alloc(width * height * 3, 255);
     // The coarsest level still at least as large as the overview; read in blocks (memory bounded
     // by a block, never the level) and resized into place.
@@ -246,12 +250,15 @@ class Overview {
       if (L.width >= width && L.height >= height && L.downsample > slide.levels[level].downsample) level = i;
     });
     const L = slide.levels[level];
-    const fx = L.width / width, fy = L.height / height;
+    const fx = L.width / width,
+      fy = L.height / height;
     const block = Math.max(32, Math.min(512, Math.round(2048 / Math.max(fx, fy))));
     for (let oy = 0; oy < height; oy += block) {
       for (let ox = 0; ox < width; ox += block) {
-        const ow = Math.min(block, width - ox), oh = Math.min(block, height - oy);
-        const lx0 = Math.floor(ox * fx), ly0 = Math.floor(oy * fy);
+        const ow = Math.min(block, width - ox),
+          oh = Math.min(block, height - oy);
+        const lx0 = Math.floor(ox * fx),
+          ly0 = Math.floor(oy * fy);
         const lx1 = Math.min(L.width, Math.max(lx0 + 1, Math.ceil((ox + ow) * fx)));
         const ly1 = Math.min(L.height, Math.max(ly0 + 1, Math.ceil((oy + oh) * fy)));
         const img = await slide.readRegion({ level, x: lx0, y: ly0, width: lx1 - lx0, height: ly1 - ly0 });
@@ -280,7 +287,9 @@ class Overview {
 
   /** A class-coloured dot at a level-0 point. */
   dot(x0: number, y0: number, c: Rgb): void {
-    const cx = Math.floor(x0 * this.sx), cy = Math.floor(y0 * this.sy), r = this.dotRadius;
+    const cx = Math.floor(x0 * this.sx),
+      cy = Math.floor(y0 * this.sy),
+      r = this.dotRadius;
     for (let dy = -r; dy <= r; dy++) {
       for (let dx = -r; dx <= r; dx++) if (dx * dx + dy * dy <= r * r + r) this.set(cx + dx, cy + dy, c);
     }
@@ -317,11 +326,20 @@ class Overview {
     const pts: [number, number][] =
       'polygon' in roi
         ? roi.polygon
-        : [[roi.x, roi.y], [roi.x + roi.width, roi.y], [roi.x + roi.width, roi.y + roi.height], [roi.x, roi.y + roi.height]];
+        : [
+            [roi.x, roi.y],
+            [roi.x + roi.width, roi.y],
+            [roi.x + roi.width, roi.y + roi.height],
+            [roi.x, roi.y + roi.height],
+          ];
     const c: Rgb = [30, 60, 230];
     for (let i = 0; i < pts.length; i++) {
-      const [ax, ay] = pts[i], [bx, by] = pts[(i + 1) % pts.length];
-      const x0 = ax * this.sx, y0 = ay * this.sy, x1 = bx * this.sx, y1 = by * this.sy;
+      const [ax, ay] = pts[i],
+        [bx, by] = pts[(i + 1) % pts.length];
+      const x0 = ax * this.sx,
+        y0 = ay * this.sy,
+        x1 = bx * this.sx,
+        y1 = by * this.sy;
       const n = Math.max(1, Math.ceil(2 * Math.hypot(x1 - x0, y1 - y0)));
       for (let k = 0; k <= n; k++) {
         const x = Math.min(this.width - 1, Math.floor(x0 + ((x1 - x0) * k) / n));
@@ -332,7 +350,9 @@ class Overview {
   }
 
   png(): Promise<Buffer> {
-    return sharp(this.data, { raw: { width: this.width, height: this.height, channels: 3 } }).png({ compressionLevel: 6 }).toBuffer();
+    return sharp(this.data, { raw: { width: this.width, height: this.height, channels: 3 } })
+      .png({ compressionLevel: 6 })
+      .toBuffer();
   }
 }
 
@@ -342,7 +362,9 @@ class Overview {
 function formatDuration(s: number): string {
   if (!Number.isFinite(s) || s < 0) return '--';
   s = Math.round(s);
-  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  const h = Math.floor(s / 3600),
+    m = Math.floor((s % 3600) / 60),
+    sec = s % 60;
   return h > 0 ? `${h}h${String(m).padStart(2, '0')}m` : m > 0 ? `${m}m${String(sec).padStart(2, '0')}s` : `${sec}s`;
 }
 
@@ -375,7 +397,8 @@ class Progress {
       `${done}/${this.totalRegions} regions, ${nuclei} nuclei, ${rate.toFixed(3)} tissue Mpx/s, ` +
       `${formatDuration(elapsed)} elapsed, ETA ${done >= this.totalRegions ? '0s' : formatDuration(eta)}`;
     if (this.tty) {
-      const w = 24, filled = Math.round(frac * w);
+      const w = 24,
+        filled = Math.round(frac * w);
       this.io.stderr.write(`\r\x1b[K${this.name} [${'#'.repeat(filled)}${'-'.repeat(w - filled)}] ${(frac * 100).toFixed(0)}% ${stats}`);
     } else {
       this.io.stderr.write(`${this.name}: ${stats}\n`);
@@ -464,7 +487,10 @@ function insidePolygon(poly: readonly number[], x: number, y: number): boolean {
   let inside = false;
   const n = poly.length / 2;
   for (let i = 0, j = n - 1; i < n; j = i++) {
-    const xi = poly[2 * i], yi = poly[2 * i + 1], xj = poly[2 * j], yj = poly[2 * j + 1];
+    const xi = poly[2 * i],
+      yi = poly[2 * i + 1],
+      xj = poly[2 * j],
+      yj = poly[2 * j + 1];
     if (yi > y !== yj > y && x < ((xj - xi) * (y - yi)) / (yj - yi) + xi) inside = !inside;
   }
   return inside;
@@ -490,8 +516,10 @@ export class SeamLedger {
     private readonly cells: readonly { x: number; y: number; width: number; height: number }[],
     private readonly band: { x: number; y: number },
   ) {
-    const pitchX = Math.max(1, ...cells.map((c) => c.width)), pitchY = Math.max(1, ...cells.map((c) => c.height));
-    const x0 = Math.min(...cells.map((c) => c.x)), y0 = Math.min(...cells.map((c) => c.y));
+    const pitchX = Math.max(1, ...cells.map((c) => c.width)),
+      pitchY = Math.max(1, ...cells.map((c) => c.height));
+    const x0 = Math.min(...cells.map((c) => c.x)),
+      y0 = Math.min(...cells.map((c) => c.y));
     const key = (gx: number, gy: number) => `${gx},${gy}`;
     const grid = cells.map((c) => [Math.round((c.x - x0) / pitchX), Math.round((c.y - y0) / pitchY)]);
     const byKey = new Map<string, number>();
@@ -510,25 +538,30 @@ export class SeamLedger {
 
   /** Whether a level-0 centroid is a candidate of region `i` (in its cell grown by the band). */
   candidate(i: number, x: number, y: number): boolean {
-    const c = this.cells[i], b = this.band;
+    const c = this.cells[i],
+      b = this.band;
     return x >= c.x - b.x && x < c.x + c.width + b.x && y >= c.y - b.y && y < c.y + c.height + b.y;
   }
 
   /** The nuclei of region `i` to write (level-0 coordinates); remembers its seam nuclei. */
   admit(i: number, nuclei: readonly Nucleus[]): Nucleus[] {
-    const c = this.cells[i], b = this.band;
+    const c = this.cells[i],
+      b = this.band;
     const written = this.neighbours[i].filter((j) => this.written.has(j)).flatMap((j) => this.seams.get(j) ?? []);
     const mine: SeamEntry[] = [];
     const out: Nucleus[] = [];
     for (const n of nuclei) {
-      const cx = n.centroid?.x ?? NaN, cy = n.centroid?.y ?? NaN;
+      const cx = n.centroid?.x ?? NaN,
+        cy = n.centroid?.y ?? NaN;
       if (!this.candidate(i, cx, cy)) continue;
       // Twins of a neighbour's candidate (up to `band` past the seam, a pixel or more from its
       // estimate of the centroid) lie within 2 x band of the seam on this side.
       const deep = cx >= c.x + 2 * b.x && cx < c.x + c.width - 2 * b.x && cy >= c.y + 2 * b.y && cy < c.y + c.height - 2 * b.y;
       if (!deep) {
         const poly = n.polygon.flatMap((p) => [p.x, p.y]);
-        const twin = written.some((e) => (poly.length >= 6 && insidePolygon(poly, e.cx, e.cy)) || (e.poly.length >= 6 && insidePolygon(e.poly, cx, cy)));
+        const twin = written.some(
+          (e) => (poly.length >= 6 && insidePolygon(poly, e.cx, e.cy)) || (e.poly.length >= 6 && insidePolygon(e.poly, cx, cy)),
+        );
         if (twin) continue;
         mine.push({ cx, cy, poly });
       }
@@ -704,12 +737,15 @@ export async function runSlideRun(argv: readonly string[], io: CliIo = defaultIo
     if (Math.abs(segmenter.model.mpp - modelMpp) > 1e-6) {
       modelMpp = segmenter.model.mpp;
     }
-    io.stderr.write(`model ${segmenter.model.name} ${segmenter.model.version} (${modelMpp} um/px), local stack at ${stack.gateway} (started in ${segmenter.stackStartS!.toFixed(1)} s)\n`);
+    io.stderr.write(
+      `model ${segmenter.model.name} ${segmenter.model.version} (${modelMpp} um/px), local stack at ${stack.gateway} (started in ${segmenter.stackStartS!.toFixed(1)} s)\n`,
+    );
     return segmenter;
   };
 
   const usedNames = new Set<string>();
-  let badInput = 0, failed = 0;
+  let badInput = 0,
+    failed = 0;
   try {
     for (const file of slides) {
       let prepared: Prepared | undefined;
@@ -746,7 +782,9 @@ export async function runSlideRun(argv: readonly string[], io: CliIo = defaultIo
     if (segmenter?.stack) await segmenter.stack.stop();
   }
   const ok = slides.length - badInput - failed;
-  io.stdout.write(`wrote ${ok} of ${slides.length} slide(s) to ${flags.out}${badInput ? `; ${badInput} bad input` : ''}${failed ? `; ${failed} failed` : ''}\n`);
+  io.stdout.write(
+    `wrote ${ok} of ${slides.length} slide(s) to ${flags.out}${badInput ? `; ${badInput} bad input` : ''}${failed ? `; ${failed} failed` : ''}\n`,
+  );
   return badInput > 0 ? 2 : failed > 0 ? 1 : 0;
 }
 
@@ -850,9 +888,13 @@ async function runOneSlide(
   // Column header of `cfrsam segment`'s CSV, plus the region that owns the nucleus.
   const csvHeader = nucleiToCsv([], classes).trimEnd();
   let writeChain: Promise<void> = Promise.resolve();
-  let nucleiWritten = 0, featuresWritten = 0;
+  let nucleiWritten = 0,
+    featuresWritten = 0;
   const byClass: Record<string, number> = {};
-  let done = 0, regionsFailed = 0, consecutiveFailures = 0, tissueDone = 0;
+  let done = 0,
+    regionsFailed = 0,
+    consecutiveFailures = 0,
+    tissueDone = 0;
   let abort: { kind: 'bad-input' | 'failed'; message: string } | undefined;
   const progress = new Progress(io, name, regions.length, totalTissueL0 * toModel, !flags.quiet);
   const imageKey = `${path.basename(file)}:${L0.width}x${L0.height}`;
@@ -1021,10 +1063,16 @@ export function formatSummary(s: SlideSummary, stackStartS?: number): string {
     `  mpp          ${s.mpp.x}${s.mpp.y !== s.mpp.x ? ` x ${s.mpp.y}` : ''} um/px (${s.mpp.source}); model ${s.model.name} ${s.model.version} at ${s.model.mpp} um/px`,
     `  tissue       ${(s.tissueFraction * 100).toFixed(1)}% of the slide; ${s.tissueMpx.model.toFixed(2)} Mpx at the model's resolution${s.roi ? ' in the ROI' : ''}`,
     `  regions      ${s.regions} (${s.regionSize.model} px + ${s.overlap} px margin at the model's resolution = ${s.regionSize.level0.width} level-0 px)${s.regionsFailed ? `, ${s.regionsFailed} failed` : ''}`,
-    `  nuclei       ${s.nuclei} (${Object.entries(s.nucleiByClass).map(([k, v]) => `${k} ${v}`).join(', ') || 'none'})`,
+    `  nuclei       ${s.nuclei} (${
+      Object.entries(s.nucleiByClass)
+        .map(([k, v]) => `${k} ${v}`)
+        .join(', ') || 'none'
+    })`,
     `  wall time    ${s.wallS.toFixed(1)} s (open + tissue ${s.prepareS.toFixed(1)} s, regions ${s.segmentS.toFixed(1)} s${stackStartS !== undefined ? `; local stack start ${stackStartS.toFixed(1)} s not included` : ''})`,
     `  throughput   ${s.tissueMpxPerS.toFixed(3)} tissue Mpx/s at the model's resolution, ${s.regionsPerS.toFixed(3)} regions/s`,
-    `  peak RSS     ${Object.entries(s.peakRssMb).map(([k, v]) => `${k} ${mb(v)}`).join(', ')}`,
+    `  peak RSS     ${Object.entries(s.peakRssMb)
+      .map(([k, v]) => `${k} ${mb(v)}`)
+      .join(', ')}`,
     `  outputs      ${s.outputs.geojson}, ${s.outputs.csv}, ${s.outputs.overview}, ${s.outputs.summary}`,
   ];
   return lines.join('\n') + '\n';

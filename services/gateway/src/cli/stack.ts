@@ -131,7 +131,11 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
   const prompterCount = options.prompters ?? 1;
   const encoderCount = options.encoders ?? 1;
   const gatewayCount = options.gateways ?? 1;
-  for (const [kind, n] of [['prompter', prompterCount], ['encoder', encoderCount], ['gateway', gatewayCount]] as const) {
+  for (const [kind, n] of [
+    ['prompter', prompterCount],
+    ['encoder', encoderCount],
+    ['gateway', gatewayCount],
+  ] as const) {
     if (!(Number.isInteger(n) && n >= 1)) throw new Error(`at least one ${kind} is needed, got ${n}`);
   }
   const bundle = path.resolve(options.bundle ?? process.env.CFRSAM_BUNDLE ?? path.join(root, 'models', 'tiny'));
@@ -202,9 +206,12 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
     if (options.port) gatewayPorts[0] = options.port;
     const gateways = gatewayPorts.map((p, i) =>
       launch(nameOf('gateway', i, gatewayCount), 'gateway', p, [
-        '--prompter', prompters.map((q) => q.address).join(','),
-        '--encoder', encoders.map((q) => q.address).join(','),
-        '--decoders', decoders.map((q) => q.address).join(','),
+        '--prompter',
+        prompters.map((q) => q.address).join(','),
+        '--encoder',
+        encoders.map((q) => q.address).join(','),
+        '--decoders',
+        decoders.map((q) => q.address).join(','),
       ]),
     );
     const deadline = Date.now() + (options.readyTimeoutMs ?? 120_000);

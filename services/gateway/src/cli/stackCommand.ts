@@ -9,7 +9,7 @@ const STACK_FLAGS = {
   decoders: { type: 'int', default: 2, help: 'decoder replicas' },
   port: { type: 'int', default: 50051, help: 'gateway port (stage services get free loopback ports)' },
   host: { type: 'string', default: '127.0.0.1', help: 'address every service listens on' },
-  quiet: { type: 'boolean', default: false, help: 'do not echo the services\' logs' },
+  quiet: { type: 'boolean', default: false, help: "do not echo the services' logs" },
 } satisfies Record<string, FlagSpec>;
 
 export const STACK_USAGE = `usage: cfrsam stack [--bundle DIR] [--decoders 2] [--port 50051]\n${usage(STACK_FLAGS)}`;

@@ -272,11 +272,7 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     const results = await Promise.all(
       batches.map((batch, i) =>
         this.decoders
-          .call(
-            this.decoders.spreadOrderFor(tile.digest, i, k),
-            (_client, replica) => this.decodeOn(replica, tile, batch, call),
-            call,
-          )
+          .call(this.decoders.spreadOrderFor(tile.digest, i, k), (_client, replica) => this.decodeOn(replica, tile, batch, call), call)
           .catch((err) => {
             throw stageError('decoder', err);
           }),
