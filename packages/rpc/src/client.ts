@@ -36,6 +36,9 @@ export function makeClient<C extends Client>(ctor: ClientConstructor<C>, address
     'grpc.keepalive_time_ms': options.keepaliveMs ?? 30_000,
     'grpc.keepalive_timeout_ms': 10_000,
     'grpc.keepalive_permit_without_calls': 1,
+    // A large receive window: responses of hundreds of KB (masks, features fetched by a decoder)
+    // flow without waiting for WINDOW_UPDATEs from a busy event loop (HTTP/2's default is 64 KB).
+    'grpc-node.flow_control_window': 16 * 1024 * 1024,
     ...options.channelOptions,
   });
 }

@@ -100,6 +100,8 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
   private readonly preparing = new Map<string, Promise<void>>();
   /** The encoder replica that encoded each tile: the decoder's first place to fetch features. */
   private readonly encodedOn = new BoundedMap<string>(100_000);
+  /** Decode batches this gateway has in flight or queued per decoder replica. */
+  private readonly busy = new Map<string, number>();
   private readonly counters = { prepares: 0, decodes: 0, reprepares: 0, reencodes: 0, tilesOut: 0, featuresIn: 0 };
 
   constructor(private readonly options: GrpcStagesOptions) {
@@ -267,12 +269,15 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     for (let i = 0; i < prompts.length; i += size) batches.push(prompts.slice(i, i + size));
     // A tile's batches go to its top-k replicas; each of them prepares the tile (decoder_image),
     // so spreading pays only when the request has fewer tiles than there are replicas to keep busy.
+    // Otherwise the tile goes to the less busy of its two rendezvous replicas (power of two
+    // choices): affinity keeps prepared state reusable, the choice keeps replicas evenly loaded.
     const replicas = this.decoders.addresses.length;
     const k = Math.max(1, Math.min(this.options.replicasPerTile, Math.ceil(replicas / Math.max(1, call.tiles ?? 1))));
+    const order = k > 1 ? null : this.leastBusyFirst(this.decoders.orderFor(tile.digest));
     const results = await Promise.all(
       batches.map((batch, i) =>
         this.decoders
-          .call(this.decoders.spreadOrderFor(tile.digest, i, k), (_client, replica) => this.decodeOn(replica, tile, batch, call), call)
+          .call(order ?? this.decoders.spreadOrderFor(tile.digest, i, k), (_client, replica) => this.decodeOn(replica, tile, batch, call), call)
           .catch((err) => {
             throw stageError('decoder', err);
           }),
@@ -281,8 +286,18 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     return results.flat();
   }
 
+  /** The order with the less busy of its first two healthy replicas first. */
+  private leastBusyFirst(order: string[]): string[] {
+    const healthy = order.filter((r) => !this.decoders.coolingDown(r));
+    if (healthy.length < 2) return order;
+    const [a, b] = healthy;
+    const first = (this.busy.get(b) ?? 0) < (this.busy.get(a) ?? 0) ? b : a;
+    return [first, ...order.filter((r) => r !== first)];
+  }
+
   private async decodeOn(replica: string, tile: StageTile, batch: stagesProto.PromptPoints[], call: StageCall): Promise<stagesProto.DecodedMask[]> {
     const key = `${replica}|${tile.digest}`;
+    this.busy.set(replica, (this.busy.get(replica) ?? 0) + 1);
     try {
       if (!this.prepared.has(key)) await this.prepare(replica, tile, call);
       const client = this.decoders.client(replica);
@@ -325,6 +340,8 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     } catch (err) {
       if (isReplicaFailure(err)) this.prepared.delete(key);
       throw err;
+    } finally {
+      this.busy.set(replica, (this.busy.get(replica) ?? 1) - 1);
     }
   }
 
