@@ -5,6 +5,7 @@
 //   NAME.labels.png   16-bit label map (0 background, i = nucleus i)
 //   NAME.json         the ../shared/data sidecar: classNames, instances, classes {id: classIndex}
 //   NAME.overlay.png  outlines coloured by class over the image
+import { openSlide } from '@cfrsam/slides';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { ConfigError, type FlagSpec, makeClient, parseFlags, segmentationProto, unary, usage, waitForReady } from '@cfrsam/rpc';
@@ -193,6 +194,9 @@ export async function runSegment(argv: readonly string[], io: CliIo = defaultIo)
       const name = path.basename(imagePath).replace(/\.(png|jpe?g|tiff?)$/i, '');
       try {
         const bytes = await fs.readFile(imagePath);
+        // The image's resolution: --mpp, else what the file says (TIFF resolution tags, OME), else
+        // none (the gateway then assumes the model's and says so).
+        const mpp = flags.mpp > 0 ? flags.mpp : await fileMpp(imagePath);
         const response = await unary(
           client,
           client.segment,
@@ -204,11 +208,13 @@ export async function runSegment(argv: readonly string[], io: CliIo = defaultIo)
             returnLabelMap: true,
             returnMasks: false,
             minScore: flags.minScore,
-            mpp: flags.mpp,
+            mpp,
           },
           { timeoutMs: flags.timeoutS * 1000 },
         );
-        await writeOutputs(flags.out, name, bytes, response, model, flags.mpp > 0 ? flags.mpp : model.mpp);
+        await writeOutputs(flags.out, name, bytes, response, model, response.imageMpp || model.mpp);
+        if (response.mppAssumed)
+          io.stderr.write(`${name}: no resolution given or in the file; assumed the model's ${response.modelMpp} um/px (pass --mpp)\n`);
         for (const c of response.counts) totals.set(c.className, (totals.get(c.className) ?? 0) + c.count);
         io.stdout.write(
           `${name}: ${response.width}x${response.height}, ${response.tiles} tile${response.tiles > 1 ? 's' : ''}, ` +
@@ -232,4 +238,19 @@ export async function runSegment(argv: readonly string[], io: CliIo = defaultIo)
     if (stack) await stack.stop();
   }
   return failures > 0 ? 1 : 0;
+}
+
+/** The resolution a TIFF-family file declares (0 when none, or not a format that carries one). */
+async function fileMpp(file: string): Promise<number> {
+  if (!/\.(tiff?|svs|dcm)$/i.test(file)) return 0;
+  try {
+    const slide = await openSlide(file);
+    try {
+      return slide.mpp?.x ?? 0;
+    } finally {
+      await slide.close();
+    }
+  } catch {
+    return 0;
+  }
 }
