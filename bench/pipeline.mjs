@@ -196,7 +196,15 @@ async function main() {
     const segment = (image) => unary(client, client.segment, request(image), { timeoutMs: 600_000 });
     for (const c of cases) {
       const r = (results[`services ${c.label}`] = { lat: await latency(segment, c.images), tput: await throughput(segment, c.tputImages, CLIENTS) });
-      console.log(`services ${c.label}: ${fmt(r.lat.ms)} ms, ${r.tput.toFixed(2)} images/s`);
+      // A repeated request (slide-job redelivery, a client retrying): the gateway's result cache.
+      const repeat = [];
+      for (const image of c.images.slice(-3)) {
+        const t = performance.now();
+        await segment(image);
+        repeat.push(performance.now() - t);
+      }
+      r.repeat = median(repeat);
+      console.log(`services ${c.label}: ${fmt(r.lat.ms)} ms, ${r.tput.toFixed(2)} images/s; repeated request ${fmt(r.repeat)} ms (${(r.lat.ms / r.repeat).toFixed(0)}x faster)`);
     }
     client.close();
 

@@ -206,7 +206,7 @@ describe('gateway', () => {
     expect(model.maxPrompts).toBe(MAX_PROMPTS);
   });
 
-  it('segments manual prompts into well-formed nuclei, deterministically, and a repeat hits the encoder cache', async () => {
+  it('segments manual prompts into well-formed nuclei, deterministically; a repeat hits the result cache, a variant the encoder cache', async () => {
     smallPng = await syntheticPng(256, 256, small);
     const req = request(smallPng, { prompts: pointPrompts(small) });
     first = await segment(req);
@@ -214,9 +214,15 @@ describe('gateway', () => {
     expect(first.tiles).toBe(1);
     expectPromptsCovered(first, small, 0.9);
     const before = await cacheStats();
+    // The same request again: answered from the gateway's result cache, no stage runs.
     const again = await segment(req);
-    const after = await cacheStats();
     expect(comparable(again)).toEqual(comparable(first));
+    expect(again.timings.map((t) => t.stage)).toEqual(['result_cache']);
+    expect(await cacheStats()).toEqual(before);
+    // Another request on the same pixels: the stages run, the encoder serves its cached features.
+    const variant = await segment({ ...req, minScore: 1e-6 });
+    const after = await cacheStats();
+    expect(comparable(variant)).toEqual(comparable(first));
     expect(Number(after.hits)).toBe(Number(before.hits) + 1);
     expect(Number(after.computations)).toBe(Number(before.computations));
   });
@@ -428,7 +434,8 @@ describe('gateway', () => {
     const victim = stack.processes.find((p) => p.name === 'decoder-1')!;
     const victimSpans = () => stack.spans(victim.name).filter((s) => s.name.endsWith('Decoder/Decode')).length;
     const decodesBefore = victimSpans();
-    const pending = segment(req);
+    // Not the same request (that would be answered from the result cache): the same work.
+    const pending = segment({ ...req, minScore: 1e-6 });
     // Kill the replica as soon as it has answered a Decode of this request.
     const deadline = Date.now() + 60_000;
     while (victimSpans() === decodesBefore && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));

@@ -85,7 +85,8 @@ describe('replicas of every stage, some killed mid-run', () => {
   let cases: Case[] = [];
 
   beforeAll(async () => {
-    stack = await startTestStack({ prompters: 1, encoders: 2, decoders: 3, gateways: 2 });
+    // Without the result cache: every request must do its stage work while replicas die.
+    stack = await startTestStack({ prompters: 1, encoders: 2, decoders: 3, gateways: 2, args: { gateway: ['--result-cache-mb', '0'] } });
     gateways = stack.gateways.map((g) => makeClient(segmentationProto.SegmentationClient, g));
     // Six 256x256 images (one tile each): four with manual prompts at the blob centres (the
     // answer does not depend on the model's detections) and two in automatic mode.

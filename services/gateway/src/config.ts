@@ -49,6 +49,12 @@ export interface GatewayConfig {
   defaultTimeoutMs: number;
   /** Bytes of recently segmented images kept for Refine. */
   refineCacheBytes: number;
+  /**
+   * Bytes of recent Segment responses, keyed by the request (image bytes and every parameter) and
+   * the model version: a repeated request (a slide region delivered twice, a client retrying) is
+   * answered without running the model. 0 turns it off.
+   */
+  resultCacheBytes: number;
 
   /** Overlap resolution: drop an instance left with less than this fraction of its mask. */
   minKeptFraction: number;
@@ -74,6 +80,7 @@ export const DEFAULT_GATEWAY_CONFIG: Omit<GatewayConfig, 'prompter' | 'encoder' 
   maxConcurrentRequests: 8,
   defaultTimeoutMs: 120_000,
   refineCacheBytes: 512 * 1024 * 1024,
+  resultCacheBytes: 256 * 1024 * 1024,
   minKeptFraction: 0.5,
   minAreaPx: 4,
   polygonTolerance: 0.5,

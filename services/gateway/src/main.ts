@@ -94,6 +94,12 @@ export const GATEWAY_FLAGS = {
     default: D.refineCacheBytes / (1024 * 1024),
     help: 'MiB of recent images kept for Refine',
   },
+  resultCacheMb: {
+    type: 'int',
+    env: 'CFRSAM_RESULT_CACHE_MB',
+    default: D.resultCacheBytes / (1024 * 1024),
+    help: 'MiB of recent Segment responses answered again for identical requests (0: off)',
+  },
   maxMessageMb: { type: 'int', env: 'CFRSAM_MAX_MESSAGE_MB', default: 256, help: 'max gRPC message size in MiB' },
   metricsPort: { type: 'int', env: 'METRICS_PORT', default: 0, help: 'Prometheus /metrics port (0: off)' },
   tracing: { type: 'string', env: 'CFRSAM_TRACING', default: 'none', help: 'trace exporter: otlp, memory or none' },
@@ -134,6 +140,7 @@ async function main(): Promise<void> {
   const telemetry = await initServiceTelemetry({ serviceName: 'gateway', ...config });
   const {
     refineCacheMb,
+    resultCacheMb,
     maxMessageMb,
     metricsPort: _m,
     tracing: _t,
@@ -149,6 +156,7 @@ async function main(): Promise<void> {
     encoder,
     connectionAge: connectionAgeFromFlags({ maxConnectionAgeMs, maxConnectionAgeGraceMs }),
     refineCacheBytes: refineCacheMb * 1024 * 1024,
+    resultCacheBytes: resultCacheMb * 1024 * 1024,
     maxMessageBytes: maxMessageMb * 1024 * 1024,
     handleSignals: true,
     onShutdown: async () => {

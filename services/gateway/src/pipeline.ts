@@ -85,14 +85,18 @@ interface PlannedPrompt {
 export interface PipelineStats {
   segments: number;
   refines: number;
+  /** Segment requests answered from the result cache. */
+  resultHits: number;
   inFlight: number;
   refineCache: { entries: number; bytes: number; capacityBytes: number };
 }
 
 export class SegmentationPipeline {
   private readonly images: ByteLruCache<SegmentedImage>;
+  /** Recent Segment responses by request digest (see GatewayConfig.resultCacheBytes). */
+  private readonly results: ByteLruCache<segmentationProto.SegmentResponse>;
   private inFlight = 0;
-  private counts = { segments: 0, refines: 0 };
+  private counts = { segments: 0, refines: 0, resultHits: 0 };
   private readonly S: number;
 
   constructor(
@@ -104,6 +108,14 @@ export class SegmentationPipeline {
     if (config.tileOverlap < 0 || config.tileOverlap >= this.S) {
       throw new Error(`tile overlap ${config.tileOverlap} must be in [0, ${this.S})`);
     }
+    this.results = new ByteLruCache<segmentationProto.SegmentResponse>({
+      capacityBytes: config.resultCacheBytes ?? 0,
+      // Polygons dominate a nucleus's size; the label map when asked for.
+      sizeOf: (r) =>
+        1024 +
+        (r.labelMap?.data.byteLength ?? 0) +
+        r.nuclei.reduce((n, x) => n + 400 + x.polygon.length * 16 + (x.mask ? x.mask.counts.length * 4 : 0), 0),
+    });
     this.images = new ByteLruCache<SegmentedImage>({
       capacityBytes: config.refineCacheBytes,
       sizeOf: (s) =>
@@ -181,9 +193,19 @@ export class SegmentationPipeline {
   // ------------------------------------------------------------------ Segment
 
   segment(request: segmentationProto.SegmentRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
-    return this.admitted(ctx, (scoped) => {
+    return this.admitted(ctx, async (scoped) => {
       this.counts.segments++;
-      return this.runSegment(request, scoped);
+      const started = performance.now();
+      const key = this.results.capacityBytes > 0 ? resultKey(request, this.manifest.version) : '';
+      const cached = key ? this.results.get(key) : undefined;
+      // A hit needs the image still held for Refine, so that its image_id keeps working.
+      if (cached && this.images.has(cached.imageId)) {
+        this.counts.resultHits++;
+        return { ...cached, timings: [{ stage: 'result_cache', ms: performance.now() - started }] };
+      }
+      const response = await this.runSegment(request, scoped);
+      if (key) this.results.set(key, response);
+      return response;
     });
   }
 
@@ -566,6 +588,14 @@ function scalePrompt(p: segmentationProto.Prompt, scale: ResampleScale): segment
     negative: p.negative.map(pt),
     box: p.box ? { x0: p.box.x0 * scale.x, y0: p.box.y0 * scale.y, x1: p.box.x1 * scale.x, y1: p.box.y1 * scale.y } : undefined,
   };
+}
+
+/** The result cache's key: SHA-256 over the model version and the whole request, image included. */
+function resultKey(request: segmentationProto.SegmentRequest, modelVersion: string): string {
+  return createHash('sha256')
+    .update(`cfrsam-result/1 ${modelVersion}\n`)
+    .update(segmentationProto.SegmentRequest.encode(request).finish())
+    .digest('hex');
 }
 
 /** image_id: SHA-256 over the decoded RGB pixels, the size, the resolution and the model version. */

@@ -275,7 +275,8 @@ describe('SegmentationPipeline over in-memory stages', () => {
     for (const c of log.calls) expect(c.deadline).toEqual(deadline);
     log.calls.length = 0;
     const t0 = Date.now();
-    await p.segment(request(await diskImage(300, 300, DISKS.slice(0, 2))));
+    await p.segment(request(await diskImage(300, 300, DISKS.slice(1, 3))));
+    expect(log.calls.length).toBeGreaterThan(0);
     for (const c of log.calls) {
       expect(c.deadline!.getTime()).toBeGreaterThanOrEqual(t0 + 7_000);
       expect(c.deadline!.getTime()).toBeLessThanOrEqual(Date.now() + 7_000);
@@ -343,5 +344,27 @@ describe('SegmentationPipeline over in-memory stages', () => {
     const manual = await p.segment(request(small, { mpp: 0.5, prompts: [{ positive: [{ x: disks20[1].x, y: disks20[1].y }], negative: [] }] }));
     expect(manual.nuclei).toHaveLength(1);
     expect(Math.hypot(manual.nuclei[0].centroid!.x - disks20[1].x, manual.nuclei[0].centroid!.y - disks20[1].y)).toBeLessThan(2);
+  });
+
+  it('answers a repeated request from the result cache without running a stage', async () => {
+    const { stages, log } = fakeStages();
+    const p = pipelineWith(stages);
+    const image = await diskImage(600, 500, DISKS);
+    const first = await p.segment(request(image));
+    const calls = [log.detect.length, log.encode.length, log.decode.length];
+    const again = await p.segment(request(image));
+    expect([log.detect.length, log.encode.length, log.decode.length]).toEqual(calls);
+    expect(again.nuclei).toEqual(first.nuclei);
+    expect(again.imageId).toBe(first.imageId);
+    expect(again.timings.map((t) => t.stage)).toEqual(['result_cache']);
+    expect(p.stats().resultHits).toBe(1);
+    // Any other parameter is another request.
+    await p.segment(request(image, { minScore: 0.5 }));
+    expect(log.decode.length).toBeGreaterThan(calls[2]);
+    // Off when its capacity is 0.
+    const off = pipelineWith(fakeStages().stages, { resultCacheBytes: 0 });
+    await off.segment(request(image));
+    await off.segment(request(image));
+    expect(off.stats().resultHits).toBe(0);
   });
 });
