@@ -18,6 +18,18 @@ import { slideJobFlags } from './slideJobs';
 
 export const GATEWAY_FLAGS = {
   port: { type: 'int', env: 'PORT', default: DEFAULT_GATEWAY_PORT, help: 'gRPC port' },
+  httpPort: {
+    type: 'int',
+    env: 'CFRSAM_HTTP_PORT',
+    default: -1,
+    help: 'HTTP/JSON API port (POST /v1/segment, /v1/refine; GET /v1/model); -1: off, 0: any free port',
+  },
+  corsOrigins: {
+    type: 'string',
+    env: 'CFRSAM_CORS_ORIGINS',
+    default: '*',
+    help: 'CORS origins of the HTTP/JSON API: *, a comma-separated list, or empty for none',
+  },
   host: { type: 'string', env: 'HOST', default: '0.0.0.0', help: 'address to listen on' },
   bundle: { type: 'string', env: 'CFRSAM_BUNDLE', default: defaultBundleDir(), help: 'model bundle directory (the manifest is read)' },
   prompter: {

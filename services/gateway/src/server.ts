@@ -11,6 +11,7 @@ import {
 } from '@cfrsam/rpc';
 import { loadManifest } from '@cfrsam/contract';
 import { DEFAULT_GATEWAY_CONFIG, type GatewayConfig } from './config';
+import { startHttpGateway, type RunningHttpGateway } from './http';
 import { SegmentationPipeline } from './pipeline';
 import { GrpcStages } from './stages/grpcStages';
 import { DEFAULT_SLIDE_JOB_SETTINGS, type SlideJobSettings } from './slideJobs';
@@ -67,6 +68,10 @@ export interface GatewayOptions extends Partial<Omit<GatewayConfig, 'prompter' |
   connectionAge?: ConnectionAgeOptions;
   /** gRPC message limit for requests, responses and stage calls (label maps of big images are big). */
   maxMessageBytes?: number;
+  /** Port of the HTTP/JSON API beside gRPC (http.ts); off when absent or negative, any free port when 0. */
+  httpPort?: number;
+  /** CORS origins of the HTTP/JSON API ("*", a comma-separated list, or "" for none). */
+  corsOrigins?: string;
   shutdownGraceMs?: number;
   handleSignals?: boolean;
   onShutdown?: () => Promise<void> | void;
@@ -76,6 +81,7 @@ export interface RunningGateway {
   server: RunningServer;
   pipeline: SegmentationPipeline;
   stages: GrpcStages;
+  http?: RunningHttpGateway;
 }
 
 /** Loads the manifest (the gateway runs no graph, so graph files are not needed) and serves. */
@@ -110,6 +116,7 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
   const pipeline = new SegmentationPipeline(manifest, config, stages);
   // Slide jobs (slideJobs.ts) when a NATS server is configured.
   let slideJobs: SlideJobsRuntime | null = null;
+  let httpGateway: RunningHttpGateway | undefined;
   try {
     if (options.natsUrl) {
       slideJobs = await startSlideJobs(
@@ -139,13 +146,23 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
       connectionAge: options.connectionAge,
       handleSignals: options.handleSignals,
       onShutdown: async () => {
+        await httpGateway?.close();
         await slideJobs?.close();
         pipeline.close();
         await options.onShutdown?.();
       },
     });
-    return { server, pipeline, stages };
+    if (options.httpPort !== undefined && options.httpPort >= 0) {
+      httpGateway = await startHttpGateway(pipeline, {
+        port: options.httpPort,
+        host: options.host,
+        maxBodyBytes: options.maxMessageBytes ?? 256 * 1024 * 1024,
+        corsOrigins: options.corsOrigins ?? '*',
+      });
+    }
+    return { server, pipeline, stages, http: httpGateway };
   } catch (err) {
+    await httpGateway?.close();
     await slideJobs?.close();
     pipeline.close();
     throw err;

@@ -1,0 +1,173 @@
+// HTTP/JSON beside gRPC: the same Segmentation methods for curl, browsers, QuPath scripts and
+// anything else without gRPC stubs. Messages use the protobuf JSON mapping (camelCase fields,
+// bytes as base64, enums by name), so a request is the gRPC request written as JSON:
+//
+//   curl -s localhost:8080/v1/segment -H 'content-type: application/json' \
+//        -d "{\"image\": \"$(base64 -w0 tile.png)\", \"mpp\": 0.5}"
+//
+// Routes: POST /v1/segment, POST /v1/refine, GET /v1/model, GET /healthz. Errors answer with the
+// HTTP status that matches the gRPC code and a JSON body {code, status, message, details}
+// (RESOURCE_EXHAUSTED is 429 with Retry-After). An optional `x-timeout-ms` header is the request's
+// deadline; a client that disconnects cancels its request. CORS for browser viewers.
+import * as http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { errorDetailsOf, segmentationProto, status, toServiceError } from '@cfrsam/rpc';
+import type { SegmentationPipeline } from './pipeline';
+
+export interface HttpGatewayOptions {
+  port: number;
+  host?: string;
+  /** Largest request body in bytes. */
+  maxBodyBytes: number;
+  /** Access-Control-Allow-Origin: "*" or a comma-separated list of origins ("" turns CORS off). */
+  corsOrigins: string;
+}
+
+export interface RunningHttpGateway {
+  port: number;
+  close(): Promise<void>;
+}
+
+/** The HTTP status for a gRPC status code (as grpc-gateway maps them). */
+export function httpStatusOf(code: number): number {
+  switch (code) {
+    case status.OK:
+      return 200;
+    case status.INVALID_ARGUMENT:
+    case status.FAILED_PRECONDITION:
+    case status.OUT_OF_RANGE:
+      return 400;
+    case status.UNAUTHENTICATED:
+      return 401;
+    case status.PERMISSION_DENIED:
+      return 403;
+    case status.NOT_FOUND:
+      return 404;
+    case status.ALREADY_EXISTS:
+    case status.ABORTED:
+      return 409;
+    case status.RESOURCE_EXHAUSTED:
+      return 429;
+    case status.CANCELLED:
+      return 499;
+    case status.UNIMPLEMENTED:
+      return 501;
+    case status.UNAVAILABLE:
+      return 503;
+    case status.DEADLINE_EXCEEDED:
+      return 504;
+    default:
+      return 500;
+  }
+}
+
+class HttpError extends Error {
+  constructor(
+    readonly httpStatus: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+function readBody(req: http.IncomingMessage, limit: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on('data', (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > limit) {
+        reject(new HttpError(413, `request body over the limit of ${limit} bytes`));
+        req.destroy();
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on('end', () => resolve(Buffer.concat(chunks)));
+    req.on('error', reject);
+  });
+}
+
+function parseJson(body: Buffer): unknown {
+  if (body.length === 0) throw new HttpError(400, 'empty body: send the request as JSON');
+  try {
+    return JSON.parse(body.toString('utf8'));
+  } catch (err) {
+    throw new HttpError(400, `body is not JSON: ${(err as Error).message}`);
+  }
+}
+
+export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGatewayOptions): Promise<RunningHttpGateway> {
+  const allowed = options.corsOrigins
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
+  const cors = (req: http.IncomingMessage, res: http.ServerResponse) => {
+    const origin = req.headers.origin;
+    if (!origin || allowed.length === 0) return;
+    if (allowed.includes('*') || allowed.includes(origin)) {
+      res.setHeader('access-control-allow-origin', allowed.includes('*') ? '*' : origin);
+      res.setHeader('access-control-allow-methods', 'GET, POST, OPTIONS');
+      res.setHeader('access-control-allow-headers', 'content-type, x-timeout-ms, authorization');
+      res.setHeader('access-control-max-age', '600');
+      res.setHeader('vary', 'origin');
+    }
+  };
+  const send = (res: http.ServerResponse, code: number, body: unknown, headers: Record<string, string> = {}) => {
+    const text = JSON.stringify(body);
+    res.writeHead(code, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), ...headers });
+    res.end(text);
+  };
+
+  const server = http.createServer((req, res) => {
+    cors(req, res);
+    const controller = new AbortController();
+    res.on('close', () => {
+      if (!res.writableFinished) controller.abort(new Error('client went away'));
+    });
+    const timeoutMs = Number(req.headers['x-timeout-ms'] ?? 0);
+    const ctx = { signal: controller.signal, deadline: timeoutMs > 0 ? new Date(Date.now() + timeoutMs) : undefined };
+    const route = `${req.method} ${(req.url ?? '').split('?')[0]}`;
+    (async () => {
+      switch (route) {
+        case 'OPTIONS /v1/segment':
+        case 'OPTIONS /v1/refine':
+        case 'OPTIONS /v1/model':
+          res.writeHead(204);
+          res.end();
+          return;
+        case 'GET /healthz':
+          return send(res, 200, { status: 'SERVING' });
+        case 'GET /v1/model':
+          return send(res, 200, segmentationProto.ModelInfo.toJSON(pipeline.modelInfo()));
+        case 'POST /v1/segment': {
+          const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+          return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.segment(request, ctx)));
+        }
+        case 'POST /v1/refine': {
+          const request = segmentationProto.RefineRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+          return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.refine(request, ctx)));
+        }
+        default:
+          throw new HttpError(404, `no route ${route}; routes: POST /v1/segment, POST /v1/refine, GET /v1/model, GET /healthz`);
+      }
+    })().catch((err: unknown) => {
+      if (res.headersSent) return res.destroy();
+      if (err instanceof HttpError) return send(res, err.httpStatus, { code: -1, status: 'HTTP', message: err.message });
+      const e = toServiceError(err);
+      const details = errorDetailsOf(e);
+      const headers: Record<string, string> = {};
+      if (details.retryDelayMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(details.retryDelayMs / 1000)));
+      send(res, httpStatusOf(e.code), { code: e.code, status: status[e.code], message: e.details, details }, headers);
+    });
+  });
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(options.port, options.host ?? '0.0.0.0', () => {
+      resolve({
+        port: (server.address() as AddressInfo).port,
+        close: () => new Promise<void>((done) => server.close(() => done())),
+      });
+    });
+  });
+}
