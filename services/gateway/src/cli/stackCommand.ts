@@ -8,11 +8,12 @@ const STACK_FLAGS = {
   bundle: { type: 'string', default: '', help: 'model bundle directory (default models/tiny or CFRSAM_BUNDLE)' },
   decoders: { type: 'int', default: 2, help: 'decoder replicas' },
   port: { type: 'int', default: 50051, help: 'gateway port (stage services get free loopback ports)' },
+  httpPort: { type: 'int', default: -1, help: 'HTTP/JSON API port of the gateway (-1: off)' },
   host: { type: 'string', default: '127.0.0.1', help: 'address every service listens on' },
   quiet: { type: 'boolean', default: false, help: "do not echo the services' logs" },
 } satisfies Record<string, FlagSpec>;
 
-export const STACK_USAGE = `usage: cfrsam stack [--bundle DIR] [--decoders 2] [--port 50051]\n${usage(STACK_FLAGS)}`;
+export const STACK_USAGE = `usage: cfrsam stack [--bundle DIR] [--decoders 2] [--port 50051] [--http-port 8080]\n${usage(STACK_FLAGS)}`;
 
 export async function runStack(argv: readonly string[], io: CliIo = { stdout: process.stdout, stderr: process.stderr }): Promise<number> {
   if (argv.includes('--help') || argv.includes('-h')) {
@@ -47,6 +48,7 @@ export async function runStack(argv: readonly string[], io: CliIo = { stdout: pr
       decoders: flags.decoders,
       port: flags.port,
       host: flags.host,
+      args: flags.httpPort >= 0 ? { gateway: ['--http-port', String(flags.httpPort)] } : undefined,
       log: flags.quiet ? () => undefined : undefined,
     });
   } catch (err) {
