@@ -2,8 +2,8 @@
 // anything else without gRPC stubs. Messages use the protobuf JSON mapping (camelCase fields,
 // bytes as base64, enums by name), so a request is the gRPC request written as JSON:
 //
-//   curl -s localhost:8080/v1/segment -H 'content-type: application/json' \
-//        -d "{\"image\": \"$(base64 -w0 tile.png)\", \"mpp\": 0.5}"
+//   echo "{\"image\": \"$(base64 -w0 tile.png)\", \"mpp\": 0.5}" > request.json
+//   curl -s localhost:8080/v1/segment -H 'content-type: application/json' -d @request.json
 //
 // Routes: POST /v1/segment, POST /v1/refine, GET /v1/model, GET /healthz. Errors answer with the
 // HTTP status that matches the gRPC code and a JSON body {code, status, message, details}
