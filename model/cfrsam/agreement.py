@@ -79,9 +79,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
-        model = build_cfr_sam(args.config or (None if ckpt else "tiny"), checkpoint=ckpt,
-                              sam_checkpoint=args.sam_checkpoint, seed=args.seed,
-                              input_size=args.input_size, window=args.window, with_prompt_learner=False)
+        model = build_cfr_sam(
+            args.config or (None if ckpt else "tiny"),
+            checkpoint=ckpt,
+            sam_checkpoint=args.sam_checkpoint,
+            seed=args.seed,
+            input_size=args.input_size,
+            window=args.window,
+            with_prompt_learner=False,
+        )
     except (ConfigError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -91,10 +97,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"window {result['window']} px, exact margin {result['margin']} px, {result['prompts']} prompts")
-        print(f"  whole window : mean |dp| {result['mean_abs_prob_diff']:.2e}, IoU mean {result['mean_iou']:.4f}"
-              f" min {result['min_iou']:.4f}")
-        print(f"  interior     : mean |dp| {result['interior_mean_abs_prob_diff']:.2e}, IoU mean "
-              f"{result['interior_mean_iou']:.4f} min {result['interior_min_iou']:.4f}")
+        print(
+            f"  whole window : mean |dp| {result['mean_abs_prob_diff']:.2e}, IoU mean {result['mean_iou']:.4f}"
+            f" min {result['min_iou']:.4f}"
+        )
+        print(
+            f"  interior     : mean |dp| {result['interior_mean_abs_prob_diff']:.2e}, IoU mean "
+            f"{result['interior_mean_iou']:.4f} min {result['interior_min_iou']:.4f}"
+        )
     return 0
 
 

@@ -31,8 +31,11 @@ def build_cfr_sam(
     """
     ckpt = None
     if checkpoint is not None:
-        ckpt = checkpoint if isinstance(checkpoint, dict) and "model" in checkpoint else (
-            read_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else {"model": checkpoint})
+        ckpt = (
+            checkpoint
+            if isinstance(checkpoint, dict) and "model" in checkpoint
+            else (read_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else {"model": checkpoint})
+        )
     if config_name_or_config is None:
         if ckpt is None or not ckpt.get("config"):
             raise ValueError("no config given and the checkpoint does not record one")

@@ -37,14 +37,11 @@ class CheckpointError(ValueError):
 
 def is_not_in_sam(name: str) -> bool:
     """Parameters CFR-SAM adds to SAM: never present in a SAM checkpoint."""
-    return (
-        ".adapter." in name
-        or ".lora_" in name
-        or not name.startswith(SAM_PREFIXES)
-    )
+    return ".adapter." in name or ".lora_" in name or not name.startswith(SAM_PREFIXES)
 
 
 # ---- resizing ---------------------------------------------------------------------------------
+
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     """[1, H, W, D] absolute position embedding -> [1, grid_h, grid_w, D] (bicubic)."""
@@ -75,13 +72,17 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], target: Mapping[str, tor
         want = target[name].shape
         if name.endswith("pos_embed") and value.dim() == 4 and value.shape[-1] == want[-1]:
             out[name] = resize_pos_embed(value, (want[1], want[2]))
-        elif (name.endswith("rel_pos_h") or name.endswith("rel_pos_w")) and value.dim() == 2 \
-                and value.shape[1] == want[1]:
+        elif (
+            (name.endswith("rel_pos_h") or name.endswith("rel_pos_w"))
+            and value.dim() == 2
+            and value.shape[1] == want[1]
+        ):
             out[name] = resize_rel_pos(value, want[0])
     return out
 
 
 # ---- strict loading ---------------------------------------------------------------------------
+
 
 def _summarise(names: Iterable[str], limit: int = 20) -> str:
     names = sorted(names)
@@ -152,6 +153,7 @@ def _as_state_dict(obj: Any, source: Any) -> Dict[str, torch.Tensor]:
 
 # ---- SAM checkpoints ----------------------------------------------------------------------------
 
+
 def load_sam_checkpoint(model: nn.Module, source: Union[PathOrFile, Mapping[str, torch.Tensor]]) -> List[str]:
     """Load an official SAM checkpoint (or a state dict in its layout) into a CFRSAM model."""
     obj = source if isinstance(source, Mapping) else _torch_load(source)
@@ -159,22 +161,20 @@ def load_sam_checkpoint(model: nn.Module, source: Union[PathOrFile, Mapping[str,
     if not any(k.startswith("image_encoder.") for k in state):
         raise CheckpointError(
             f"{source if not isinstance(source, Mapping) else 'state dict'} is not a SAM checkpoint "
-            "(no image_encoder.* keys)")
+            "(no image_encoder.* keys)"
+        )
     return load_state_strict(
-        model, state, allow_missing=is_not_in_sam, ignore_unexpected=SAM_IGNORED_KEYS,
-        what="SAM checkpoint")
+        model, state, allow_missing=is_not_in_sam, ignore_unexpected=SAM_IGNORED_KEYS, what="SAM checkpoint"
+    )
 
 
 def sam_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The SAM-layout part of a model's state dict (what an official checkpoint would hold)."""
-    return {
-        k: v.detach().clone()
-        for k, v in model.state_dict().items()
-        if not is_not_in_sam(k)
-    }
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not is_not_in_sam(k)}
 
 
 # ---- our checkpoints ----------------------------------------------------------------------------
+
 
 def save_checkpoint(
     path: PathOrFile,
@@ -190,7 +190,8 @@ def save_checkpoint(
             "config": config,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "backbone_pretrained": bool(
-                getattr(model, "backbone_pretrained", False) if backbone_pretrained is None else backbone_pretrained),
+                getattr(model, "backbone_pretrained", False) if backbone_pretrained is None else backbone_pretrained
+            ),
             "training": training,
             "metrics": metrics,
         },
@@ -204,14 +205,19 @@ def read_checkpoint(source: PathOrFile) -> Dict[str, Any]:
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         return dict(obj)
     state = _as_state_dict(obj, source)
-    if any(k.startswith("image_encoder.") for k in state) and not any(
-        k.startswith(("hmfm.", "bgmr.")) for k in state
-    ):
+    if any(k.startswith("image_encoder.") for k in state) and not any(k.startswith(("hmfm.", "bgmr.")) for k in state):
         raise CheckpointError(
             f"{source} looks like an official SAM checkpoint; pass it as the SAM checkpoint "
-            "(--sam-checkpoint), not as a CFR-SAM checkpoint")
-    return {"format": CHECKPOINT_FORMAT, "config": None, "model": state, "training": None, "metrics": None,
-            "backbone_pretrained": False}
+            "(--sam-checkpoint), not as a CFR-SAM checkpoint"
+        )
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": None,
+        "model": state,
+        "training": None,
+        "metrics": None,
+        "backbone_pretrained": False,
+    }
 
 
 def load_checkpoint(model: nn.Module, source: Union[PathOrFile, Mapping[str, Any]]) -> Dict[str, Any]:

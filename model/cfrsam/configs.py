@@ -142,8 +142,7 @@ class CFRSAMConfig:
         if enc.patch_size != 16:
             raise ConfigError(f"patch_size must be 16 (SAM), got {enc.patch_size}")
         if enc.img_size < 64 or enc.img_size % 16 != 0:
-            raise ConfigError(
-                f"input size must be a multiple of 16 and at least 64, got {enc.img_size}")
+            raise ConfigError(f"input size must be a multiple of 16 and at least 64, got {enc.img_size}")
         if enc.embed_dim % enc.num_heads != 0:
             raise ConfigError(f"embed_dim {enc.embed_dim} is not divisible by num_heads {enc.num_heads}")
         bad = [i for i in enc.global_attn_indexes if not 0 <= i < enc.depth]
@@ -165,13 +164,15 @@ class CFRSAMConfig:
         dec = self.decoder
         if dec.transformer_dim % 8 != 0 or dec.transformer_dim % dec.num_heads != 0:
             raise ConfigError(
-                f"transformer_dim {dec.transformer_dim} must be divisible by 8 and by num_heads {dec.num_heads}")
+                f"transformer_dim {dec.transformer_dim} must be divisible by 8 and by num_heads {dec.num_heads}"
+            )
         if self.bgmr.refinement not in REFINEMENT_MODES:
             raise ConfigError(f"bgmr.refinement must be one of {REFINEMENT_MODES}, got {self.bgmr.refinement!r}")
         w = self.bgmr.window
         if w % 4 != 0 or w < 8 or w > enc.img_size:
             raise ConfigError(
-                f"refinement window must be a multiple of 4 between 8 and the input size {enc.img_size}, got {w}")
+                f"refinement window must be a multiple of 4 between 8 and the input size {enc.img_size}, got {w}"
+            )
         if len(self.class_names) < 1 or len(self.class_colors) != len(self.class_names):
             raise ConfigError("class_names must be non-empty and class_colors must have one colour per class")
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
@@ -244,7 +245,8 @@ class CFRSAMConfig:
             # exist unless they were given explicitly.
             if "global_attn_indexes" not in keys:
                 cfg.image_encoder.global_attn_indexes = tuple(
-                    i for i in cfg.image_encoder.global_attn_indexes if i < depth)
+                    i for i in cfg.image_encoder.global_attn_indexes if i < depth
+                )
             if "levels" not in keys:
                 cfg.hmfm.levels = tuple(i for i in cfg.hmfm.levels if i < depth) or (depth - 1,)
         return cfg
@@ -302,8 +304,7 @@ def resolve_prompt_learner_config(cfg: CFRSAMConfig) -> Any:
 
     pl = cfg.prompt_learner
     if isinstance(pl, str):
-        return pl_config.prompt_learner_config(
-            pl, num_classes=cfg.num_classes, input_size=cfg.input_size)
+        return pl_config.prompt_learner_config(pl, num_classes=cfg.num_classes, input_size=cfg.input_size)
     if isinstance(pl, dict):
         pl = pl_config.PromptLearnerConfig.from_dict(pl)
     return dataclasses.replace(pl, num_classes=cfg.num_classes, input_size=cfg.input_size)
@@ -311,16 +312,18 @@ def resolve_prompt_learner_config(cfg: CFRSAMConfig) -> Any:
 
 # ---- presets ------------------------------------------------------------------------------
 
+
 def _tiny() -> CFRSAMConfig:
     return CFRSAMConfig(
         name="tiny",
         image_encoder=ImageEncoderConfig(
-            img_size=256, embed_dim=192, depth=6, num_heads=3, window_size=8,
-            global_attn_indexes=(2, 5), out_chans=128),
+            img_size=256, embed_dim=192, depth=6, num_heads=3, window_size=8, global_attn_indexes=(2, 5), out_chans=128
+        ),
         peft=PEFTConfig(mode="mala", mala_rank=32, lora_rank=4, adapter_dim=32),
         hmfm=HMFMConfig(levels=(1, 3, 5), reduction=8),
-        decoder=DecoderConfig(transformer_dim=128, num_heads=4, mlp_dim=512, iou_head_hidden_dim=128,
-                              prompt_heatmap_sigma=6.0),
+        decoder=DecoderConfig(
+            transformer_dim=128, num_heads=4, mlp_dim=512, iou_head_hidden_dim=128, prompt_heatmap_sigma=6.0
+        ),
         bgmr=BGMRConfig(channels=16, boundary_channels=8, refinement="window", window=64),
         prompt_learner="femto",
         class_names=CONSEP_CLASSES,
@@ -333,8 +336,14 @@ def _b() -> CFRSAMConfig:
     return CFRSAMConfig(
         name="b",
         image_encoder=ImageEncoderConfig(
-            img_size=1024, embed_dim=768, depth=12, num_heads=12, window_size=14,
-            global_attn_indexes=(2, 5, 8, 11), out_chans=256),
+            img_size=1024,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            window_size=14,
+            global_attn_indexes=(2, 5, 8, 11),
+            out_chans=256,
+        ),
         peft=PEFTConfig(mode="mala", mala_rank=64, lora_rank=64, adapter_dim=64),
         hmfm=HMFMConfig(levels=(2, 5, 8, 11)),
         decoder=DecoderConfig(transformer_dim=256, num_heads=8, mlp_dim=2048),
@@ -350,8 +359,14 @@ def _h() -> CFRSAMConfig:
     cfg = _b()
     cfg.name = "h"
     cfg.image_encoder = ImageEncoderConfig(
-        img_size=1024, embed_dim=1280, depth=32, num_heads=16, window_size=14,
-        global_attn_indexes=(7, 15, 23, 31), out_chans=256)
+        img_size=1024,
+        embed_dim=1280,
+        depth=32,
+        num_heads=16,
+        window_size=14,
+        global_attn_indexes=(7, 15, 23, 31),
+        out_chans=256,
+    )
     cfg.hmfm = HMFMConfig(levels=(7, 15, 23, 31))
     return cfg
 

@@ -95,6 +95,7 @@ class ExportError(Exception):
 
 # ---- stage graphs -----------------------------------------------------------------------------
 
+
 class PrompterGraph(nn.Module):
     def __init__(self, model: CFRSAM) -> None:
         super().__init__()
@@ -151,6 +152,7 @@ def stage_module(model: CFRSAM, graph: str) -> nn.Module:
 
 # ---- weights ----------------------------------------------------------------------------------
 
+
 def round_to_fp16(model: nn.Module) -> None:
     """Round every float parameter and buffer to float16 precision (kept as float32)."""
     with torch.no_grad():
@@ -189,6 +191,7 @@ def file_sha256(path: str) -> str:
 
 # ---- ONNX -------------------------------------------------------------------------------------
 
+
 def _export_onnx(module: nn.Module, args: Tuple[torch.Tensor, ...], graph: str, path: str) -> None:
     inputs, outputs = GRAPH_IO[graph]
     module.eval()
@@ -226,8 +229,9 @@ def _store_initializers_fp16(path: str, graph: str, version: str) -> None:
             continue
         half_name = init.name + "__fp16"
         keep.append(numpy_helper.from_array(half, half_name))
-        casts.append(helper.make_node("Cast", [half_name], [init.name], to=TensorProto.FLOAT,
-                                      name=init.name + "__cast"))
+        casts.append(
+            helper.make_node("Cast", [half_name], [init.name], to=TensorProto.FLOAT, name=init.name + "__cast")
+        )
     del g.initializer[:]
     g.initializer.extend(keep)
     nodes = casts + list(g.node)
@@ -256,6 +260,7 @@ def _set_metadata(model, graph: str, version: str) -> None:
 
 
 # ---- parity fixture -----------------------------------------------------------------------------
+
 
 def parity_prompts(size: int, centres: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Three prompts of two points: positive + padding, positive + negative, a box (corners 2/3)."""
@@ -333,6 +338,7 @@ def example_args(inputs: Dict[str, np.ndarray], graph: str) -> Tuple[torch.Tenso
 
 # ---- bundle -----------------------------------------------------------------------------------
 
+
 def export_bundle(
     model: CFRSAM,
     out_dir: str,
@@ -353,7 +359,6 @@ def export_bundle(
         raise ExportError(f"precision must be fp16 or fp32, got {precision!r}")
     if model.prompt_learner is None:
         raise ExportError("the model has no prompt learner; a bundle needs prompter.onnx")
-    cfg = model.config
     model.eval()
     if precision == "fp16":
         round_to_fp16(model)
@@ -398,8 +403,9 @@ def export_bundle(
                 json.dump(fixture, f, indent=2)
                 f.write("\n")
 
-    manifest = build_manifest(model, name, version, weights_sha, seed, precision, graph_entries,
-                              checkpoint_info or {}, source or {})
+    manifest = build_manifest(
+        model, name, version, weights_sha, seed, precision, graph_entries, checkpoint_info or {}, source or {}
+    )
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
@@ -427,8 +433,11 @@ def build_manifest(
         "boundary_features": [1, model.bgmr.boundary_dim, size, size],
     }
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    now = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
-           else datetime.datetime.now(datetime.timezone.utc))
+    now = (
+        datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+        if epoch
+        else datetime.datetime.now(datetime.timezone.utc)
+    )
     return {
         "format": BUNDLE_FORMAT,
         "name": name or f"cfrsam-{cfg.name}",
@@ -442,13 +451,18 @@ def build_manifest(
         "hmfm_levels": list(cfg.hmfm.levels),
         "feature_shape": cfg.feature_shape(),
         "prepared_shapes": prepared_shapes,
-        "refinement": {"mode": cfg.bgmr.refinement, "window": window,
-                       "exact_margin": min(model.bgmr.window_margin(), window // 2)},
+        "refinement": {
+            "mode": cfg.bgmr.refinement,
+            "window": window,
+            "exact_margin": min(model.bgmr.window_margin(), window // 2),
+        },
         "mask_threshold": cfg.mask_threshold,
         "prompter": {
             "anchors": learner_cfg.num_anchors,
             # Tuned on validation when training recorded them (cfrsam.train.tune_prompter).
-            "min_foreground": float((checkpoint_info.get("prompter") or {}).get("min_foreground", PROMPTER_MIN_FOREGROUND)),
+            "min_foreground": float(
+                (checkpoint_info.get("prompter") or {}).get("min_foreground", PROMPTER_MIN_FOREGROUND)
+            ),
             "nms_radius": float((checkpoint_info.get("prompter") or {}).get("nms_radius", PROMPTER_NMS_RADIUS)),
         },
         "graphs": graph_entries,
@@ -469,6 +483,7 @@ def build_manifest(
 
 
 # ---- check ------------------------------------------------------------------------------------
+
 
 def _read_bin(directory: str, spec: Dict[str, Any]) -> np.ndarray:
     dtype = {"float32": "<f4", "int64": "<i8"}[spec["dtype"]]
@@ -512,20 +527,26 @@ def load_bundle_model(bundle_dir: str) -> Tuple[CFRSAM, Dict[str, Any]]:
         weights = bundle_state_dict(model, prov.get("weights_precision", "fp16"))
         what = f"weights regenerated from seed {prov['seed']}"
     else:
-        raise ExportError(f"{bundle_dir} has no weights.pt and was not exported from a seed alone; "
-                          "cannot re-run PyTorch")
+        raise ExportError(
+            f"{bundle_dir} has no weights.pt and was not exported from a seed alone; " "cannot re-run PyTorch"
+        )
     sha = state_dict_sha256(weights)
     if sha != prov["weights_sha256"]:
         raise ExportError(f"{what}: sha256 {sha[:12]} does not match the manifest ({prov['weights_sha256'][:12]})")
-    model = build_cfr_sam(cfg, checkpoint={"model": {k: v.float() if v.is_floating_point() else v
-                                                     for k, v in weights.items()}})
+    model = build_cfr_sam(
+        cfg, checkpoint={"model": {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}}
+    )
     return model, manifest
 
 
 def _regenerable(provenance: Dict[str, Any]) -> bool:
     source = provenance.get("source") or {}
-    return (provenance.get("training") is None and not provenance.get("backbone_pretrained")
-            and not source.get("checkpoint") and not source.get("sam_checkpoint"))
+    return (
+        provenance.get("training") is None
+        and not provenance.get("backbone_pretrained")
+        and not source.get("checkpoint")
+        and not source.get("sam_checkpoint")
+    )
 
 
 def check_bundle(bundle_dir: str, verbose: bool = True) -> List[str]:
@@ -557,11 +578,14 @@ def check_bundle(bundle_dir: str, verbose: bool = True) -> List[str]:
             if verbose:
                 print(f"{graph}.{name}: max |diff| {max_diff:.3g} {'ok' if ok else 'FAIL'}")
             if not ok:
-                failures.append(f"{graph}.{name}: max |diff| {max_diff:.3g} exceeds atol {tol['atol']} rtol {tol['rtol']}")
+                failures.append(
+                    f"{graph}.{name}: max |diff| {max_diff:.3g} exceeds atol {tol['atol']} rtol {tol['rtol']}"
+                )
     return failures
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
+
 
 def _bundle_size(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)
@@ -584,8 +608,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--window", type=int)
     p.add_argument("--no-parity", action="store_true")
     p.add_argument("--no-full", action="store_true", help="skip decoder_prompts_full.onnx")
-    p.add_argument("--no-weights", action="store_true",
-                   help="omit weights.pt (a random-init bundle is then checked by regenerating from the seed)")
+    p.add_argument(
+        "--no-weights",
+        action="store_true",
+        help="omit weights.pt (a random-init bundle is then checked by regenerating from the seed)",
+    )
     p.add_argument("--name")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--check", metavar="DIR", help="check DIR's parity fixture against PyTorch")
@@ -606,17 +633,29 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             raise ExportError("--config is required unless --checkpoint records a config")
         ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
         model = build_cfr_sam(
-            args.config, checkpoint=ckpt, sam_checkpoint=args.sam_checkpoint, seed=args.seed,
-            input_size=args.input_size, refinement=args.refinement, window=args.window,
+            args.config,
+            checkpoint=ckpt,
+            sam_checkpoint=args.sam_checkpoint,
+            seed=args.seed,
+            input_size=args.input_size,
+            refinement=args.refinement,
+            window=args.window,
         )
         source = {
             "checkpoint": os.path.basename(args.checkpoint) if args.checkpoint else None,
             "sam_checkpoint": os.path.basename(args.sam_checkpoint) if args.sam_checkpoint else None,
         }
         manifest = export_bundle(
-            model, args.out, name=args.name, seed=args.seed, parity=not args.no_parity,
-            precision=args.precision, checkpoint_info=ckpt or {}, include_full=not args.no_full,
-            source=source, include_weights=not args.no_weights,
+            model,
+            args.out,
+            name=args.name,
+            seed=args.seed,
+            parity=not args.no_parity,
+            precision=args.precision,
+            checkpoint_info=ckpt or {},
+            include_full=not args.no_full,
+            source=source,
+            include_weights=not args.no_weights,
         )
         size = _bundle_size(args.out)
         print(f"wrote {args.out}: {manifest['name']} {manifest['version']} ({size / 1e6:.1f} MB)")

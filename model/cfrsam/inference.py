@@ -64,9 +64,15 @@ def keep_component(mask: np.ndarray, point: Optional[Tuple[float, float]]) -> np
     return labels == keep
 
 
-def resolve_overlaps(masks: np.ndarray, origins: np.ndarray, scores: np.ndarray, prompts: np.ndarray,
-                     size: Tuple[int, int], min_kept_fraction: float = MIN_KEPT_FRACTION,
-                     min_area_px: int = MIN_AREA_PX) -> Tuple[np.ndarray, np.ndarray]:
+def resolve_overlaps(
+    masks: np.ndarray,
+    origins: np.ndarray,
+    scores: np.ndarray,
+    prompts: np.ndarray,
+    size: Tuple[int, int],
+    min_kept_fraction: float = MIN_KEPT_FRACTION,
+    min_area_px: int = MIN_AREA_PX,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Non-overlapping instances from window masks, the gateway's rule.
 
     masks [N, W, W] bool (window pixels), origins [N, 2] (x0, y0) of each window in the frame,
@@ -84,20 +90,20 @@ def resolve_overlaps(masks: np.ndarray, origins: np.ndarray, scores: np.ndarray,
         fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + win_w, w), min(y0 + win_h, h)
         if fx1 <= fx0 or fy1 <= fy0:
             continue
-        window = masks[i][fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0]
+        window = masks[i][fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
         ys, xs = np.nonzero(window)
         if len(xs) == 0:
             continue
         # Crop to the foreground's box, fill holes, keep the component under the prompt.
         bx0, by0 = fx0 + int(xs.min()), fy0 + int(ys.min())
-        box = window[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        box = window[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
         box = ndimage.binary_fill_holes(box)
         point = (float(prompts[i][0]) - bx0, float(prompts[i][1]) - by0)
         box = keep_component(box, point)
         own = int(box.sum())
         if own == 0:
             continue
-        region = labels[by0:by0 + box.shape[0], bx0:bx0 + box.shape[1]]
+        region = labels[by0 : by0 + box.shape[0], bx0 : bx0 + box.shape[1]]
         free = box & (region == 0)
         kept = int(free.sum())
         if kept < own:
@@ -121,15 +127,22 @@ def detect_points(model, image: torch.Tensor, min_foreground: float, nms_radius:
     pts = np.clip(det["points"].float().cpu().numpy(), 0, size)
     foreground = det["foreground"].float().cpu().numpy()
     keep = point_nms(pts, foreground, nms_radius)
-    return (pts[keep], det["classes"].cpu().numpy()[keep], det["scores"].float().cpu().numpy()[keep],
-            foreground[keep])
+    return (pts[keep], det["classes"].cpu().numpy()[keep], det["scores"].float().cpu().numpy()[keep], foreground[keep])
 
 
 @torch.no_grad()
-def segment_tile(model, image: torch.Tensor, min_foreground: float = 0.5, nms_radius: float = 4.0,
-                 batch: int = 64, mask_threshold: float = 0.0, points: Optional[np.ndarray] = None,
-                 point_classes: Optional[np.ndarray] = None, min_kept_fraction: float = MIN_KEPT_FRACTION,
-                 min_area_px: int = MIN_AREA_PX) -> Tuple[np.ndarray, Dict[int, int]]:
+def segment_tile(
+    model,
+    image: torch.Tensor,
+    min_foreground: float = 0.5,
+    nms_radius: float = 4.0,
+    batch: int = 64,
+    mask_threshold: float = 0.0,
+    points: Optional[np.ndarray] = None,
+    point_classes: Optional[np.ndarray] = None,
+    min_kept_fraction: float = MIN_KEPT_FRACTION,
+    min_area_px: int = MIN_AREA_PX,
+) -> Tuple[np.ndarray, Dict[int, int]]:
     """image [1,3,S,S] normalised -> (label map [S,S] int32, {instance id: class index}).
 
     With `points` (x, y) given, they are the prompts (their classes `point_classes`), bypassing the
@@ -149,7 +162,7 @@ def segment_tile(model, image: torch.Tensor, min_foreground: float = 0.5, nms_ra
     prepared = model.prepare(model.encode(image), image)
     masks, origins, ious = [], [], []
     for start in range(0, len(pts), batch):
-        chunk = torch.from_numpy(np.clip(pts[start:start + batch], 0, size - 1e-3)).float().to(device)
+        chunk = torch.from_numpy(np.clip(pts[start : start + batch], 0, size - 1e-3)).float().to(device)
         coords = chunk[:, None, :]
         point_labels = torch.ones(coords.shape[:2], device=device)
         mask_logits, origin, iou, _, _ = model.decode_prompts(*prepared, coords, point_labels)
@@ -158,6 +171,5 @@ def segment_tile(model, image: torch.Tensor, min_foreground: float = 0.5, nms_ra
         ious.append(iou.float().cpu().numpy())
     masks, origins, ious = np.concatenate(masks), np.concatenate(origins), np.concatenate(ious)
     quality = np.clip(np.nan_to_num(ious, nan=0.0), 0, 1) * scores
-    labels, accepted = resolve_overlaps(masks, origins, quality, pts, (size, size),
-                                        min_kept_fraction, min_area_px)
+    labels, accepted = resolve_overlaps(masks, origins, quality, pts, (size, size), min_kept_fraction, min_area_px)
     return labels, {k + 1: int(classes[i]) for k, i in enumerate(accepted)}

@@ -75,7 +75,9 @@ def sigmoid_focal_loss(
     return _reduce(loss.mean(dim=1), reduction)
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0, reduction: str = "mean"
+) -> torch.Tensor:
     prob, targets = torch.sigmoid(_flat(logits)), _flat(targets).to(logits.dtype)
     numerator = 2 * (prob * targets).sum(dim=1) + smooth
     denominator = prob.sum(dim=1) + targets.sum(dim=1) + smooth
@@ -93,7 +95,10 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0
 
 
 def iou_prediction_loss(
-    logits: torch.Tensor, targets: torch.Tensor, iou_pred: torch.Tensor, threshold: float = 0.0,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    iou_pred: torch.Tensor,
+    threshold: float = 0.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """MSE between the predicted IoU [P] and the actual IoU of the thresholded prediction."""
@@ -214,8 +219,9 @@ def cfr_sam_loss(
         coarse_window = refined_logits.shape[-1]
         if coarse_window < size:
             coarse = crop_windows(coarse, window_origin, coarse_window, scale=size // coarse.shape[-1], shared=False)
-            coarse_target = crop_windows(coarse_target, window_origin, coarse_window,
-                                         scale=size // coarse_target.shape[-1], shared=False)
+            coarse_target = crop_windows(
+                coarse_target, window_origin, coarse_window, scale=size // coarse_target.shape[-1], shared=False
+            )
     boundary_target = boundary_targets(targets, boundary_width)
     window = refined_logits.shape[-1]
     refined_target = targets
@@ -235,8 +241,11 @@ def cfr_sam_loss(
         if iou_pred is None:
             iou_term = torch.zeros((), dtype=total.dtype, device=total.device)
         else:
-            iou_term = iou_prediction_loss(refined if iou_on == "refined" else coarse,
-                                           refined_target if iou_on == "refined" else coarse_target, iou_pred)
+            iou_term = iou_prediction_loss(
+                refined if iou_on == "refined" else coarse,
+                refined_target if iou_on == "refined" else coarse_target,
+                iou_pred,
+            )
     return {
         "loss": total,
         "coarse": coarse_term.detach(),

@@ -9,7 +9,7 @@ counts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -115,8 +115,13 @@ class MetricAccumulator:
     def __post_init__(self):
         self.class_pq = [[] for _ in range(self.num_classes)]
 
-    def add(self, gt: np.ndarray, pred: np.ndarray, gt_classes: Optional[Dict[int, int]] = None,
-            pred_classes: Optional[Dict[int, int]] = None) -> Dict[str, float]:
+    def add(
+        self,
+        gt: np.ndarray,
+        pred: np.ndarray,
+        gt_classes: Optional[Dict[int, int]] = None,
+        pred_classes: Optional[Dict[int, int]] = None,
+    ) -> Dict[str, float]:
         b = pq(gt, pred)["pq"] if gt.max() > 0 else None
         a = aji(gt, pred)
         if b is not None:

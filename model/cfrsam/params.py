@@ -59,8 +59,7 @@ def count_by_component(model: nn.Module) -> Dict[str, Dict[str, int]]:
         if p.requires_grad:
             c["trainable"] += p.numel()
     for key in ("total", "trainable"):
-        counts.setdefault("second_stage", {"total": 0, "trainable": 0})[key] = sum(
-            counts[c][key] for c in SECOND_STAGE)
+        counts.setdefault("second_stage", {"total": 0, "trainable": 0})[key] = sum(counts[c][key] for c in SECOND_STAGE)
         counts.setdefault("all", {"total": 0, "trainable": 0})[key] = sum(counts[c][key] for c in COMPONENTS)
     return counts
 

@@ -69,15 +69,16 @@ def test_full_size_parameter_counts(name):
 
 
 def test_window_origins():
-    model = CFRSAM.from_config(small("tiny"), with_prompt_learner=False)
     from cfrsam.modeling import window_origins
 
-    coords = torch.tensor([
-        [[30.0, 31.0], [0.0, 0.0]],     # positive + padding -> centre (30, 31)
-        [[2.0, 3.0], [60.0, 60.0]],     # positive + negative: the negative is ignored
-        [[40.0, 40.0], [63.0, 63.0]],   # box corners -> clamped to the frame
-        [[10.0, 10.0], [20.0, 20.0]],   # only negatives / padding -> frame centre
-    ])
+    coords = torch.tensor(
+        [
+            [[30.0, 31.0], [0.0, 0.0]],  # positive + padding -> centre (30, 31)
+            [[2.0, 3.0], [60.0, 60.0]],  # positive + negative: the negative is ignored
+            [[40.0, 40.0], [63.0, 63.0]],  # box corners -> clamped to the frame
+            [[10.0, 10.0], [20.0, 20.0]],  # only negatives / padding -> frame centre
+        ]
+    )
     labels = torch.tensor([[1.0, -1.0], [1.0, 0.0], [2.0, 3.0], [0.0, -1.0]])
     origin = window_origins(coords, labels, 32, 64)
     assert origin.tolist() == [[16, 16], [0, 0], [32, 32], [16, 16]]
@@ -148,10 +149,13 @@ def test_unfold_neighbourhoods_is_unfold():
     assert (got[:, :, 0, 0, :] == 0).all()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: MALA(32, 8, (3, 5)),
-    lambda: BottleneckAdapter(32, 8),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MALA(32, 8, (3, 5)),
+        lambda: BottleneckAdapter(32, 8),
+    ],
+)
 def test_adapters_start_as_identity(make):
     module = make()
     x = torch.randn(2, 5, 6, 32)

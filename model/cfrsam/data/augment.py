@@ -78,9 +78,7 @@ def color_jitter(
 
 
 # YIQ: hue is the angle in the (I, Q) plane, so a hue shift is a rotation there.
-_RGB_TO_YIQ = np.array(
-    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float32
-)
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float32)
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
 
 
@@ -92,15 +90,11 @@ def rotate_hue(image: np.ndarray, angle: float) -> np.ndarray:
 
 
 # Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB), as in skimage.
-_RGB_FROM_HED = np.array(
-    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32
-)
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
 
 
-def stain_jitter(
-    image: np.ndarray, rng: np.random.Generator, scale: float, shift: float
-) -> np.ndarray:
+def stain_jitter(image: np.ndarray, rng: np.random.Generator, scale: float, shift: float) -> np.ndarray:
     """H&E stain augmentation (Tellez et al., 2018): perturb each stain's concentration.
 
     RGB -> optical density -> stain concentrations (colour deconvolution); each stain c becomes

@@ -133,9 +133,7 @@ def source_of(name: str) -> str:
     return match.group(1) if match else name
 
 
-def split_by_source(
-    names: Sequence[str], val_sources: Iterable[Union[int, str]]
-) -> Tuple[List[str], List[str]]:
+def split_by_source(names: Sequence[str], val_sources: Iterable[Union[int, str]]) -> Tuple[List[str], List[str]]:
     """(train, val) names, with every tile of a validation source image in val.
 
     Splitting CoNSeP by tile would put neighbouring (overlapping-context) tiles of one image on both
@@ -269,9 +267,7 @@ class NucleiDataset(Dataset):
             image, labels, points, origin, scale = self._crop(image, labels, points, scale, rng)
 
         size_h, size_w = labels.shape
-        inside = (
-            (points[:, 0] >= 0) & (points[:, 0] < size_w) & (points[:, 1] >= 0) & (points[:, 1] < size_h)
-        )
+        inside = (points[:, 0] >= 0) & (points[:, 0] < size_w) & (points[:, 1] >= 0) & (points[:, 1] < size_h)
         ids, points = ids[inside], points[inside]
 
         if self.augment is not None:
@@ -322,9 +318,9 @@ class NucleiDataset(Dataset):
         points = points - np.array([x0, y0], dtype=np.float32)
         if side != size:
             image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-            labels = np.asarray(
-                Image.fromarray(labels.astype(np.int32)).resize((size, size), Image.NEAREST)
-            ).astype(np.int32)
+            labels = np.asarray(Image.fromarray(labels.astype(np.int32)).resize((size, size), Image.NEAREST)).astype(
+                np.int32
+            )
             points = points * (size / side)
         return image, labels, points, (x0, y0), size / side
 

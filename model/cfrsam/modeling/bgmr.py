@@ -203,7 +203,8 @@ class BGMR(nn.Module):
             nn.BatchNorm2d(channels),
         )
         self.mask_head = nn.Sequential(
-            conv_bn_relu(channels, channels), conv_bn_relu(channels, channels), nn.Conv2d(channels, 1, 1))
+            conv_bn_relu(channels, channels), conv_bn_relu(channels, channels), nn.Conv2d(channels, 1, 1)
+        )
 
     # ---- image part --------------------------------------------------------------------------
     def image_features(self, image_embedding: torch.Tensor, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +263,9 @@ class BGMR(nn.Module):
             mask, boundary = both[:, :1], both[:, 1:]
         return mask.squeeze(1), boundary.squeeze(1)
 
-    def _refine(self, semantic: torch.Tensor, boundary_features: torch.Tensor, coarse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _refine(
+        self, semantic: torch.Tensor, boundary_features: torch.Tensor, coarse: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         fused = self.coarse_fusion(torch.cat((semantic, coarse), dim=1))
         for conv in self.mask_upscaling:
             fused = conv(upsample2x(fused))

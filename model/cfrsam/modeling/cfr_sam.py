@@ -109,7 +109,8 @@ class CFRSAM(nn.Module):
         )
         if enc.out_chans != dec.transformer_dim:
             raise ValueError(
-                f"neck out_chans ({enc.out_chans}) must equal the decoder transformer_dim ({dec.transformer_dim})")
+                f"neck out_chans ({enc.out_chans}) must equal the decoder transformer_dim ({dec.transformer_dim})"
+            )
         bgmr = BGMR(
             embed_dim=enc.out_chans,
             coarse_dim=cfg.coarse_dim,
@@ -133,9 +134,7 @@ class CFRSAM(nn.Module):
         """image [B, 3, S, S] (normalised) -> features [B, L, D, h, w]."""
         return self.image_encoder.hidden_states(image, self.hmfm_levels)
 
-    def prepare(
-        self, features: torch.Tensor, image: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def prepare(self, features: torch.Tensor, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """HMFM + neck + BGMR image part -> (image_embedding, semantic, boundary_features)."""
         image_embedding = self.image_encoder.neck(self.hmfm(features))
         semantic, boundary_features = self.bgmr.image_features(image_embedding, image)
@@ -236,7 +235,7 @@ def refinement_agreement(
     window = model.config.bgmr.window
     windowed, full_in_window = [], []
     for start in range(0, point_coords.shape[0], chunk):
-        coords, labels = point_coords[start:start + chunk], point_labels[start:start + chunk]
+        coords, labels = point_coords[start : start + chunk], point_labels[start : start + chunk]
         full = model.decode_prompts(*prepared, coords, labels, refinement="full")
         win = model.decode_prompts(*prepared, coords, labels, refinement="window")
         windowed.append(win[0])

@@ -66,8 +66,13 @@ def deform_conv2d(
         # align_corners=False: pixel index p sits at normalised (2p + 1) / size - 1.
         grid = torch.stack(((2.0 * px + 1.0) / width - 1.0, (2.0 * py + 1.0) / height - 1.0), dim=-1)
         if project_first:
-            term = F.grid_sample(projected[:, k * cout : (k + 1) * cout], grid,
-                                 mode="bilinear", padding_mode="zeros", align_corners=False)
+            term = F.grid_sample(
+                projected[:, k * cout : (k + 1) * cout],
+                grid,
+                mode="bilinear",
+                padding_mode="zeros",
+                align_corners=False,
+            )
             if mask is not None:
                 term = term * mask[:, k : k + 1]
         else:
@@ -111,8 +116,12 @@ class DeformConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.offset_conv = nn.Conv2d(
-            in_channels, (3 if modulated else 2) * taps, kernel_size,
-            padding=dilation * (kernel_size // 2), dilation=dilation)
+            in_channels,
+            (3 if modulated else 2) * taps,
+            kernel_size,
+            padding=dilation * (kernel_size // 2),
+            dilation=dilation,
+        )
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(in_channels * taps)
@@ -134,5 +143,7 @@ class DeformConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         cout, cin, k, _ = self.weight.shape
-        return (f"{cin}, {cout}, kernel_size={k}, dilation={self.dilation}, "
-                f"modulated={self.modulated}, max_offset={self.max_offset}")
+        return (
+            f"{cin}, {cout}, kernel_size={k}, dilation={self.dilation}, "
+            f"modulated={self.modulated}, max_offset={self.max_offset}"
+        )

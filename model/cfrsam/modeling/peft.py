@@ -39,8 +39,7 @@ class MALA(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.down = nn.Linear(dim, rank)
         self.kernel_generators = nn.ModuleList(
-            nn.Conv2d(rank, rank * k * k, kernel_size=k, padding=k // 2, groups=rank)
-            for k in self.kernel_sizes
+            nn.Conv2d(rank, rank * k * k, kernel_size=k, padding=k // 2, groups=rank) for k in self.kernel_sizes
         )
         self.mix = nn.Conv2d(rank, rank, kernel_size=1)
         self.act = nn.GELU()

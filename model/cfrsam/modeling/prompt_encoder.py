@@ -30,9 +30,7 @@ class PromptEncoder(nn.Module):
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
 
         self.num_point_embeddings: int = 4  # pos/neg point + 2 box corners
-        self.point_embeddings = nn.ModuleList(
-            [nn.Embedding(1, embed_dim) for _ in range(self.num_point_embeddings)]
-        )
+        self.point_embeddings = nn.ModuleList([nn.Embedding(1, embed_dim) for _ in range(self.num_point_embeddings)])
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
 
         # Mask prompts from clients are not served; the layers carry the point heatmap
@@ -135,9 +133,7 @@ class PositionEmbeddingRandom(nn.Module):
         super().__init__()
         if scale is None or scale <= 0.0:
             scale = 1.0
-        self.register_buffer(
-            "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats))
-        )
+        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         """Coordinates normalised to [0, 1] -> [..., 2 * num_pos_feats]."""

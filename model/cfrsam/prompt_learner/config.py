@@ -5,7 +5,7 @@ prompt learner is built on: ConvNeXt-S + FPN with 256 channels, dropout 0.1, hid
 anchor every 8 px (PanNuke) or 16 px (CPM-17, MoNuSeg), 3 FPN levels sampled (PanNuke) or 4.
 """
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Tuple
 
 
@@ -54,9 +54,7 @@ class PromptLearnerConfig:
         if self.input_size % 32 != 0:
             raise ValueError(f"input_size must be divisible by 32, got {self.input_size}")
         if self.anchor_stride < 1 or self.input_size % self.anchor_stride != 0:
-            raise ValueError(
-                f"anchor_stride must divide input_size ({self.input_size}), got {self.anchor_stride}"
-            )
+            raise ValueError(f"anchor_stride must divide input_size ({self.input_size}), got {self.anchor_stride}")
         if self.anchors_per_cell < 1:
             raise ValueError(f"anchors_per_cell must be >= 1, got {self.anchors_per_cell}")
         if self.fusion_kernel % 2 != 1:
@@ -130,9 +128,7 @@ PRESET_NAMES: Tuple[str, ...] = tuple(_PRESETS)
 def prompt_learner_config(name: str, num_classes: int = 1, **overrides: Any) -> PromptLearnerConfig:
     """The named preset with `num_classes` nucleus classes; keyword overrides replace fields."""
     if name not in _PRESETS:
-        raise ValueError(
-            f"unknown prompt learner preset {name!r}; valid presets: {', '.join(PRESET_NAMES)}"
-        )
+        raise ValueError(f"unknown prompt learner preset {name!r}; valid presets: {', '.join(PRESET_NAMES)}")
     values = dict(_PRESETS[name], num_classes=num_classes)
     values.update(overrides)
     return PromptLearnerConfig.from_dict(values)

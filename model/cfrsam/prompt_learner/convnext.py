@@ -9,7 +9,6 @@ from typing import List, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..modeling.common import LayerNorm2d
 
@@ -39,9 +38,7 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma = (
-            nn.Parameter(layer_scale_init * torch.ones(dim)) if layer_scale_init > 0 else None
-        )
+        self.gamma = nn.Parameter(layer_scale_init * torch.ones(dim)) if layer_scale_init > 0 else None
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,9 +71,7 @@ class ConvNeXt(nn.Module):
         )
         for i in range(3):
             self.downsample_layers.append(
-                nn.Sequential(
-                    LayerNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)
-                )
+                nn.Sequential(LayerNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2))
             )
         # Drop-path rate grows linearly with depth, as in the reference.
         rates = torch.linspace(0, drop_path, sum(depths)).tolist()
@@ -84,12 +79,7 @@ class ConvNeXt(nn.Module):
         start = 0
         for dim, depth in zip(dims, depths):
             self.stages.append(
-                nn.Sequential(
-                    *[
-                        ConvNeXtBlock(dim, rates[start + j], layer_scale_init)
-                        for j in range(depth)
-                    ]
-                )
+                nn.Sequential(*[ConvNeXtBlock(dim, rates[start + j], layer_scale_init) for j in range(depth)])
             )
             start += depth
         # Each stage output is normalised before it leaves the backbone (as in ConvNeXt's

@@ -20,14 +20,9 @@ class FPN(nn.Module):
         if not 1 <= num_outs <= len(in_channels):
             raise ValueError(f"num_outs must be in 1..{len(in_channels)}, got {num_outs}")
         self.num_outs = num_outs
-        self.lateral_convs = nn.ModuleList(
-            [nn.Conv2d(c, out_channels, kernel_size=1) for c in in_channels]
-        )
+        self.lateral_convs = nn.ModuleList([nn.Conv2d(c, out_channels, kernel_size=1) for c in in_channels])
         self.output_convs = nn.ModuleList(
-            [
-                nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-                for _ in range(num_outs)
-            ]
+            [nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1) for _ in range(num_outs)]
         )
         for conv in list(self.lateral_convs) + list(self.output_convs):
             nn.init.xavier_uniform_(conv.weight)

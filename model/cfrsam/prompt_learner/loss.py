@@ -149,9 +149,7 @@ class PromptLearnerLoss(nn.Module):
         background = logits.shape[-1] - 1
         for c in classes:
             if c.numel() and int(c.max()) >= background:
-                raise ValueError(
-                    f"target class {int(c.max())} out of range for {background} nucleus classes"
-                )
+                raise ValueError(f"target class {int(c.max())} out of range for {background} nucleus classes")
         matches = self.matcher(points, logits, centroids, classes)
 
         loss_cls = self.classification_loss(logits, matches, classes)
@@ -160,14 +158,8 @@ class PromptLearnerLoss(nn.Module):
         fg_target = foreground_target(targets["foreground"].to(fg_logits.device), fg_logits.shape[-2:])
         loss_mask = sigmoid_focal_loss(fg_logits, fg_target, self.focal_gamma, self.focal_alpha)
 
-        total = (
-            self.classification_weight * loss_cls
-            + self.regression_weight * loss_reg
-            + self.mask_weight * loss_mask
-        )
-        num_matched = torch.tensor(
-            float(sum(int(m[0].numel()) for m in matches)), device=logits.device
-        )
+        total = self.classification_weight * loss_cls + self.regression_weight * loss_reg + self.mask_weight * loss_mask
+        num_matched = torch.tensor(float(sum(int(m[0].numel()) for m in matches)), device=logits.device)
         return {
             "loss": total,
             "loss_cls": loss_cls,

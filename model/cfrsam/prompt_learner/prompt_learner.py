@@ -45,7 +45,7 @@ def uniform_anchor_grid(input_size: int, stride: int, per_cell: int) -> torch.Te
     grid = input_size // stride
     m = int(round(math.sqrt(per_cell)))
     if m * m == per_cell:
-        sub = [((l + 0.5) / m, (k + 0.5) / m) for k in range(m) for l in range(m)]
+        sub = [((j + 0.5) / m, (k + 0.5) / m) for k in range(m) for j in range(m)]
     else:
         sub = [((k + 0.5) / per_cell, (k + 0.5) / per_cell) for k in range(per_cell)]
     sub = torch.tensor(sub, dtype=torch.float32)  # [n, 2] (x, y) fractions of a cell
@@ -144,9 +144,7 @@ class PromptLearner(nn.Module):
         Border padding: an anchor pushed past the image edge reads the edge features instead of
         zeros, so it still gets a meaningful descriptor and gradient back towards the image.
         """
-        return F.grid_sample(
-            feature, grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
+        return F.grid_sample(feature, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._check_input(image)

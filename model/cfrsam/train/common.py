@@ -54,21 +54,36 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    parser.add_argument("--sets", default="consep-train," + ",".join(EXTRA_SETS),
-                        help="comma-separated set directories under --data; CoNSeP is split by source")
+    parser.add_argument(
+        "--sets",
+        default="consep-train," + ",".join(EXTRA_SETS),
+        help="comma-separated set directories under --data; CoNSeP is split by source",
+    )
     parser.add_argument("--val-sources", default=",".join(map(str, DEFAULT_VAL_SOURCES)))
     parser.add_argument("--val-limit", type=int, default=0, help="validate on at most N tiles (0: all)")
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="cap steps per epoch (0: whole set)")
     parser.add_argument("--time-budget", type=float, default=0, help="stop after this many minutes")
-    parser.add_argument("--target-mpp", type=float, default=0.0,
-                        help="resample training sets whose samples give an mpp to this many um/px (0: off)")
-    parser.add_argument("--init", help="start from this CFR-SAM checkpoint's weights, or a bundle directory "
-                                       "(its weights.pt); a new schedule, not a resume")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bfloat16 autocast for the forward pass (CPU or CUDA); losses, optimiser and "
-                             "weights stay float32")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="channels-last memory format for the convolutional parts and the input")
+    parser.add_argument(
+        "--target-mpp",
+        type=float,
+        default=0.0,
+        help="resample training sets whose samples give an mpp to this many um/px (0: off)",
+    )
+    parser.add_argument(
+        "--init",
+        help="start from this CFR-SAM checkpoint's weights, or a bundle directory "
+        "(its weights.pt); a new schedule, not a resume",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast for the forward pass (CPU or CUDA); losses, optimiser and " "weights stay float32",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last memory format for the convolutional parts and the input",
+    )
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -114,16 +129,21 @@ def read_init(path: str) -> Dict[str, Any]:
     manifest the config; the weights are widened to float32 to train on."""
     if Path(path).is_dir():
         from ..export import ExportError, load_bundle_model
+
         try:
             model, manifest = load_bundle_model(path)
         except ExportError as e:
             raise ValueError(str(e)) from e
-        return {"format": "cfrsam-checkpoint/1", "config": model.config.to_dict(),
-                "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "backbone_pretrained": bool(manifest["provenance"].get("backbone_pretrained", False)),
-                "training": {"bundle": str(path), "version": manifest.get("version")},
-                "metrics": manifest.get("metrics")}
+        return {
+            "format": "cfrsam-checkpoint/1",
+            "config": model.config.to_dict(),
+            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "backbone_pretrained": bool(manifest["provenance"].get("backbone_pretrained", False)),
+            "training": {"bundle": str(path), "version": manifest.get("version")},
+            "metrics": manifest.get("metrics"),
+        }
     from ..checkpoint import read_checkpoint
+
     return read_checkpoint(path)
 
 
@@ -144,13 +164,32 @@ def build_datasets(args, class_names: Sequence[str], size: int):
         if not set_dir.is_dir():
             sys.exit(f"set {set_name!r} not found under {root}")
         if set_name.startswith("consep"):
-            train_parts.append(NucleiDataset(set_dir, size=size, augment=True, split="train",
-                                             val_sources=val_sources, class_map=cmap, cache=True))
-            val = NucleiDataset(set_dir, size=size, augment=False, split="val", val_sources=val_sources,
-                                class_map=cmap, crop="center", cache=True)
+            train_parts.append(
+                NucleiDataset(
+                    set_dir, size=size, augment=True, split="train", val_sources=val_sources, class_map=cmap, cache=True
+                )
+            )
+            val = NucleiDataset(
+                set_dir,
+                size=size,
+                augment=False,
+                split="val",
+                val_sources=val_sources,
+                class_map=cmap,
+                crop="center",
+                cache=True,
+            )
         else:
-            train_parts.append(NucleiDataset(set_dir, size=size, augment=True, class_map=cmap, cache=True,
-                                             target_mpp=getattr(args, "target_mpp", 0) or None))
+            train_parts.append(
+                NucleiDataset(
+                    set_dir,
+                    size=size,
+                    augment=True,
+                    class_map=cmap,
+                    cache=True,
+                    target_mpp=getattr(args, "target_mpp", 0) or None,
+                )
+            )
     if not train_parts:
         sys.exit("no training sets selected")
     train = ConcatDataset(train_parts) if len(train_parts) > 1 else train_parts[0]
@@ -162,8 +201,15 @@ def build_datasets(args, class_names: Sequence[str], size: int):
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, collate):
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      collate_fn=collate, generator=generator, drop_last=shuffle)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=collate,
+        generator=generator,
+        drop_last=shuffle,
+    )
 
 
 def make_optimizer(params, args, batches_per_epoch: int, warmup_steps: int = 50):
@@ -174,8 +220,8 @@ def make_optimizer(params, args, batches_per_epoch: int, warmup_steps: int = 50)
     total = max(1, steps_per_epoch * args.epochs)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
     return optimizer, scheduler, steps_per_epoch
 
 
@@ -207,20 +253,24 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(path: Path, model, optimizer, scheduler, epoch: int, best: Dict[str, Any],
-                        extra: Optional[Dict[str, Any]] = None) -> None:
+def save_training_state(
+    path: Path, model, optimizer, scheduler, epoch: int, best: Dict[str, Any], extra: Optional[Dict[str, Any]] = None
+) -> None:
     """Everything needed to resume exactly: weights, optimiser, scheduler, RNGs, epoch."""
     tmp = path.with_suffix(".tmp")
-    torch.save({
-        "model": model.state_dict(),
-        "config": model.config.to_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "epoch": epoch,
-        "best": best,
-        "rng": rng_state(),
-        "extra": extra or {},
-    }, tmp)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": model.config.to_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch,
+            "best": best,
+            "rng": rng_state(),
+            "extra": extra or {},
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
@@ -239,8 +289,11 @@ def progress(epoch: int, epochs: int, step: int, steps: int, started: float, los
     rate = step / elapsed if elapsed > 0 else 0.0
     eta = (steps - step) / rate if rate > 0 else 0.0
     parts = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
-    print(f"epoch {epoch}/{epochs} step {step}/{steps} {rate:.2f} it/s eta {eta:.0f}s {parts}",
-          file=sys.stderr, flush=True)
+    print(
+        f"epoch {epoch}/{epochs} step {step}/{steps} {rate:.2f} it/s eta {eta:.0f}s {parts}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def mean_dict(records: List[Dict[str, float]]) -> Dict[str, float]:

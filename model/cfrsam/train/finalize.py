@@ -35,8 +35,11 @@ def main(argv=None) -> int:
     parser.add_argument("--val-sources", default=",".join(map(str, common.DEFAULT_VAL_SOURCES)))
     parser.add_argument("--val-limit", type=int, default=0)
     parser.add_argument("--thresholds", default="0.2,0.3,0.4,0.5,0.6")
-    parser.add_argument("--nms-radii", default="4,6,8",
-                        help="point NMS radii to try (px): anchors converging on one nucleus are duplicates")
+    parser.add_argument(
+        "--nms-radii",
+        default="4,6,8",
+        help="point NMS radii to try (px): anchors converging on one nucleus are duplicates",
+    )
     parser.add_argument("--radius", type=float, default=12.0)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -45,14 +48,18 @@ def main(argv=None) -> int:
 
     s1, s2 = read_checkpoint(args.stage1), read_checkpoint(args.stage2)
     model = build_cfr_sam(None, checkpoint=s2)
-    learner = {k[len("prompt_learner."):]: v for k, v in s1["model"].items() if k.startswith("prompt_learner.")}
+    learner = {k[len("prompt_learner.") :]: v for k, v in s1["model"].items() if k.startswith("prompt_learner.")}
     if not learner:
         sys.exit(f"{args.stage1} holds no prompt learner weights")
     model.prompt_learner.load_state_dict(learner)
     model.eval()
 
-    ns = argparse.Namespace(data=args.data or str(common.default_data_root()), sets="consep-train",
-                            val_sources=args.val_sources, val_limit=args.val_limit)
+    ns = argparse.Namespace(
+        data=args.data or str(common.default_data_root()),
+        sets="consep-train",
+        val_sources=args.val_sources,
+        val_limit=args.val_limit,
+    )
     _, val_set = common.build_datasets(ns, model.config.class_names, model.config.input_size)
     loader = common.make_loader(val_set, 4, False, 0, 0, collate_nuclei)
 
@@ -60,25 +67,39 @@ def main(argv=None) -> int:
     for t in [float(x) for x in args.thresholds.split(",")]:
         for r in [float(x) for x in args.nms_radii.split(",")]:
             sweep[(t, r)] = validate_detection(model, loader, torch.device("cpu"), args.radius, t, r)
-            print(f"min_foreground {t} nms_radius {r}: "
-                  + " ".join(f"{k}={v:.4f}" for k, v in sweep[(t, r)].items()), file=sys.stderr)
+            print(
+                f"min_foreground {t} nms_radius {r}: " + " ".join(f"{k}={v:.4f}" for k, v in sweep[(t, r)].items()),
+                file=sys.stderr,
+            )
     best_t, best_r = max(sweep, key=lambda key: sweep[key]["det_f1"])
 
     started = time.time()
-    val = validate_pipeline(model, val_set, torch.device("cpu"), 0, args.radius,
-                            min_foreground=best_t, nms_radius=best_r)
-    print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
-          + f" pq_per_class={val.get('pq_per_class')} ({time.time() - started:.0f}s)", file=sys.stderr)
+    val = validate_pipeline(
+        model, val_set, torch.device("cpu"), 0, args.radius, min_foreground=best_t, nms_radius=best_r
+    )
+    print(
+        "validation: "
+        + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
+        + f" pq_per_class={val.get('pq_per_class')} ({time.time() - started:.0f}s)",
+        file=sys.stderr,
+    )
 
     checkpoint = {
         "format": s2.get("format"),
         "config": model.config.to_dict(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "backbone_pretrained": bool(s2.get("backbone_pretrained", False)),
-        "training": {"stage1": s1.get("training"), "stage2": s2.get("training"),
-                     "stage1_checkpoint": args.stage1, "stage2_checkpoint": args.stage2},
-        "metrics": {"validation": val, "prompter_sweep": {f"min_foreground={t},nms_radius={r}": v for (t, r), v in sweep.items()},
-                    "split": f"CoNSeP sources {args.val_sources} held out ({len(val_set)} tiles)"},
+        "training": {
+            "stage1": s1.get("training"),
+            "stage2": s2.get("training"),
+            "stage1_checkpoint": args.stage1,
+            "stage2_checkpoint": args.stage2,
+        },
+        "metrics": {
+            "validation": val,
+            "prompter_sweep": {f"min_foreground={t},nms_radius={r}": v for (t, r), v in sweep.items()},
+            "split": f"CoNSeP sources {args.val_sources} held out ({len(val_set)} tiles)",
+        },
         "prompter": {"min_foreground": best_t, "nms_radius": best_r},
     }
     torch.save(checkpoint, args.out)

@@ -51,8 +51,12 @@ def validate(model, loader, device, radius: float, min_foreground: float, nms_ra
                 correct += int(sum(gt_cls[g] == cls[p] for g, p in pairs))
     precision = tp / max(tp + fp, 1)
     recall = tp / max(tp + fn, 1)
-    return {"det_precision": precision, "det_recall": recall,
-            "det_f1": 2 * tp / max(2 * tp + fp + fn, 1), "type_accuracy": correct / max(tp, 1)}
+    return {
+        "det_precision": precision,
+        "det_recall": recall,
+        "det_f1": 2 * tp / max(2 * tp + fp + fn, 1),
+        "type_accuracy": correct / max(tp, 1),
+    }
 
 
 def class_frequencies(dataset, num_classes: int) -> np.ndarray:
@@ -98,9 +102,12 @@ def main(argv=None) -> int:
     parser.add_argument("--radius", type=float, default=12.0, help="detection pairing radius (px)")
     parser.add_argument("--min-foreground", type=float, default=0.5)
     parser.add_argument("--nms-radius", type=float, default=4.0)
-    parser.add_argument("--class-weights", default="",
-                        help="cross-entropy weights of the nucleus classes: comma-separated (one per class), "
-                             "'balanced' (inverse square root of the training frequency, mean 1 per nucleus) or empty (all 1)")
+    parser.add_argument(
+        "--class-weights",
+        default="",
+        help="cross-entropy weights of the nucleus classes: comma-separated (one per class), "
+        "'balanced' (inverse square root of the training frequency, mean 1 per nucleus) or empty (all 1)",
+    )
     args = parser.parse_args(argv)
 
     common.seed_everything(args.seed)
@@ -112,8 +119,11 @@ def main(argv=None) -> int:
     log = common.RunLog(out / "log.jsonl")
 
     try:
-        model = build_cfr_sam(args.config if not args.init else None,
-                              checkpoint=common.read_init(args.init) if args.init else None, seed=args.seed)
+        model = build_cfr_sam(
+            args.config if not args.init else None,
+            checkpoint=common.read_init(args.init) if args.init else None,
+            seed=args.seed,
+        )
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         sys.exit(str(e))
     model.to(device)
@@ -133,17 +143,26 @@ def main(argv=None) -> int:
         p.requires_grad_(True)
     optimizer, scheduler, steps_per_epoch = common.make_optimizer(list(learner.parameters()), args, len(train_loader))
     class_weights = resolve_class_weights(args.class_weights, train_set, model.config.num_classes)
-    criterion = PromptLearnerLoss(background_weight=args.background_weight, regression_weight=args.regression_weight,
-                                  class_weights=class_weights)
+    criterion = PromptLearnerLoss(
+        background_weight=args.background_weight, regression_weight=args.regression_weight, class_weights=class_weights
+    )
 
     start_epoch, best = 1, {"det_f1": -1.0}
     if args.resume and (out / "last.pt").exists():
         state = common.load_training_state(out / "last.pt", model, optimizer, scheduler)
         start_epoch, best = state["epoch"] + 1, state["best"]
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}", file=sys.stderr)
-    log.write({"event": "start", "stage": 1, "args": vars(args), "train_images": len(train_set),
-               "class_weights": class_weights,
-               "val_images": len(val_set) if val_set else 0, "device": str(device)})
+    log.write(
+        {
+            "event": "start",
+            "stage": 1,
+            "args": vars(args),
+            "train_images": len(train_set),
+            "class_weights": class_weights,
+            "val_images": len(val_set) if val_set else 0,
+            "device": str(device),
+        }
+    )
 
     began = time.time()
     for epoch in range(start_epoch, args.epochs + 1):
@@ -160,9 +179,11 @@ def main(argv=None) -> int:
             with common.autocast(device, args.bf16):
                 outputs = learner(image)
             outputs = common.to_float(outputs)
-            targets = {"centroids": [c.to(device) for c in batch["centroids"]],
-                       "classes": [c.to(device) for c in batch["classes"]],
-                       "foreground": batch["foreground"].to(device)}
+            targets = {
+                "centroids": [c.to(device) for c in batch["centroids"]],
+                "classes": [c.to(device) for c in batch["classes"]],
+                "foreground": batch["foreground"].to(device),
+            }
             losses = criterion(outputs, targets)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -173,17 +194,32 @@ def main(argv=None) -> int:
             if step % 10 == 0 or step == steps_per_epoch:
                 common.progress(epoch, args.epochs, step, steps_per_epoch, started, common.mean_dict(records[-10:]))
         train_summary = common.mean_dict(records)
-        val = validate(model, val_loader, device, args.radius, args.min_foreground, args.nms_radius) if val_loader else {}
-        record = {"event": "epoch", "stage": 1, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                  "seconds": time.time() - started, **{f"train_{k}": v for k, v in train_summary.items()},
-                  **{f"val_{k}": v for k, v in val.items()}}
+        val = (
+            validate(model, val_loader, device, args.radius, args.min_foreground, args.nms_radius) if val_loader else {}
+        )
+        record = {
+            "event": "epoch",
+            "stage": 1,
+            "epoch": epoch,
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": time.time() - started,
+            **{f"train_{k}": v for k, v in train_summary.items()},
+            **{f"val_{k}": v for k, v in val.items()},
+        }
         log.write(record)
-        print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items()
-                                             if isinstance(v, float)), file=sys.stderr, flush=True)
+        print(
+            f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)),
+            file=sys.stderr,
+            flush=True,
+        )
         if val and val["det_f1"] > best["det_f1"]:
             best = {"epoch": epoch, **val}
-            save_checkpoint(out / "best.pt", model.cpu(), training={"stage1": {"epoch": epoch, "args": vars(args)}},
-                            metrics={"stage1": val})
+            save_checkpoint(
+                out / "best.pt",
+                model.cpu(),
+                training={"stage1": {"epoch": epoch, "args": vars(args)}},
+                metrics={"stage1": val},
+            )
             model.to(device)
         common.save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best)
         if args.time_budget and (time.time() - began) / 60 > args.time_budget:

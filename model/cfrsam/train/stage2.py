@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..build import build_cfr_sam
-from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from ..data import collate_nuclei
 from ..inference import segment_tile
 from ..losses import cfr_sam_loss
@@ -57,7 +57,9 @@ def sample_prompts(batch, max_prompts: int, jitter: float, size: int, rng: np.ra
                 continue
             d = (xs.float() + 0.5 - float(xy[0])) ** 2 + (ys.float() + 0.5 - float(xy[1])) ** 2
             nearest = int(torch.argmin(d))
-            if float(d[nearest]) > 0.0 and not bool(mask[int(np.clip(xy[1], 0, size - 1)), int(np.clip(xy[0], 0, size - 1))]):
+            if float(d[nearest]) > 0.0 and not bool(
+                mask[int(np.clip(xy[1], 0, size - 1)), int(np.clip(xy[0], 0, size - 1))]
+            ):
                 xy = np.array([float(xs[nearest]) + 0.5, float(ys[nearest]) + 0.5])
             coords[i, j, 0] = torch.tensor(np.clip(xy, 0, size - 1e-3), dtype=torch.float32)
             labels[i, j, 0] = 1.0
@@ -66,8 +68,16 @@ def sample_prompts(batch, max_prompts: int, jitter: float, size: int, rng: np.ra
     return coords, labels, targets, valid
 
 
-def validate(model, dataset, device, limit: int, radius: float, pipeline: bool = True,
-             min_foreground: float = 0.5, nms_radius: float = 4.0):
+def validate(
+    model,
+    dataset,
+    device,
+    limit: int,
+    radius: float,
+    pipeline: bool = True,
+    min_foreground: float = 0.5,
+    nms_radius: float = 4.0,
+):
     """Whole-pipeline metrics on the validation tiles (when `pipeline`), plus bPQ with ground-truth prompts."""
     acc = MetricAccumulator(num_classes=model.config.num_classes, radius=radius)
     acc_gt = MetricAccumulator(num_classes=model.config.num_classes, radius=radius)
@@ -99,8 +109,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lambda-b", type=float, default=1.0)
     parser.add_argument("--radius", type=float, default=12.0)
     parser.add_argument("--val-every", type=int, default=1)
-    parser.add_argument("--select", default="",
-                        help="validation metric that picks best.pt (default: bpq with --stage1, else bpq_gt_prompts)")
+    parser.add_argument(
+        "--select",
+        default="",
+        help="validation metric that picks best.pt (default: bpq with --stage1, else bpq_gt_prompts)",
+    )
     args = parser.parse_args(argv)
 
     common.seed_everything(args.seed)
@@ -112,18 +125,24 @@ def main(argv=None) -> int:
     log = common.RunLog(out / "log.jsonl")
 
     try:
-        model = build_cfr_sam(args.config if not args.init else None,
-                              checkpoint=common.read_init(args.init) if args.init else None,
-                              sam_checkpoint=args.sam_checkpoint, seed=args.seed)
+        model = build_cfr_sam(
+            args.config if not args.init else None,
+            checkpoint=common.read_init(args.init) if args.init else None,
+            sam_checkpoint=args.sam_checkpoint,
+            seed=args.seed,
+        )
         stage1_info = None
         if args.stage1:
             stage1 = read_checkpoint(args.stage1)
             state = {k: v for k, v in stage1["model"].items() if k.startswith("prompt_learner.")}
             if not state:
                 sys.exit(f"{args.stage1} holds no prompt learner weights")
-            model.prompt_learner.load_state_dict({k[len("prompt_learner."):]: v for k, v in state.items()})
-            stage1_info = {"checkpoint": str(args.stage1), "training": stage1.get("training"),
-                           "metrics": stage1.get("metrics")}
+            model.prompt_learner.load_state_dict({k[len("prompt_learner.") :]: v for k, v in state.items()})
+            stage1_info = {
+                "checkpoint": str(args.stage1),
+                "training": stage1.get("training"),
+                "metrics": stage1.get("metrics"),
+            }
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         sys.exit(str(e))
     configure_trainable(model, model.backbone_pretrained)
@@ -139,8 +158,11 @@ def main(argv=None) -> int:
     loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed, collate_nuclei)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    print(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
-          f"({'PEFT, frozen backbone' if model.backbone_pretrained else 'full training'})", file=sys.stderr)
+    print(
+        f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
+        f"({'PEFT, frozen backbone' if model.backbone_pretrained else 'full training'})",
+        file=sys.stderr,
+    )
     optimizer, scheduler, steps_per_epoch = common.make_optimizer(params, args, len(loader))
 
     # Without a trained prompt learner the whole-pipeline numbers are noise; ground-truth prompts
@@ -151,9 +173,17 @@ def main(argv=None) -> int:
         state = common.load_training_state(out / "last.pt", model, optimizer, scheduler)
         start_epoch, best = state["epoch"] + 1, state["best"]
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}", file=sys.stderr)
-    log.write({"event": "start", "stage": 2, "args": vars(args), "train_images": len(train_set),
-               "val_images": len(val_set) if val_set else 0, "device": str(device),
-               "trainable": sum(p.numel() for p in params)})
+    log.write(
+        {
+            "event": "start",
+            "stage": 2,
+            "args": vars(args),
+            "train_images": len(train_set),
+            "val_images": len(val_set) if val_set else 0,
+            "device": str(device),
+            "trainable": sum(p.numel() for p in params),
+        }
+    )
 
     began = time.time()
     for epoch in range(start_epoch, args.epochs + 1):
@@ -178,12 +208,21 @@ def main(argv=None) -> int:
             with common.autocast(device, args.bf16):
                 prepared = model.prepare(model.encode(image), image)
                 mask_logits, origin, iou, coarse, boundary = model.decode_prompts(
-                    *prepared, coords.reshape(b * p, 1, 2)[flat_valid].to(device),
-                    labels.reshape(b * p, 1)[flat_valid].to(device), image_index=image_index)
+                    *prepared,
+                    coords.reshape(b * p, 1, 2)[flat_valid].to(device),
+                    labels.reshape(b * p, 1)[flat_valid].to(device),
+                    image_index=image_index,
+                )
             mask_logits, iou, coarse, boundary = common.to_float((mask_logits, iou, coarse, boundary))
-            losses = cfr_sam_loss(coarse, mask_logits, boundary,
-                                  targets.reshape(b * p, size, size)[flat_valid].to(device), iou,
-                                  lambda_b=args.lambda_b, window_origin=origin)
+            losses = cfr_sam_loss(
+                coarse,
+                mask_logits,
+                boundary,
+                targets.reshape(b * p, size, size)[flat_valid].to(device),
+                iou,
+                lambda_b=args.lambda_b,
+                window_origin=origin,
+            )
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -197,18 +236,32 @@ def main(argv=None) -> int:
         if val_set is not None and (epoch % args.val_every == 0 or epoch == args.epochs):
             model.eval()
             val = validate(model, val_set, device, args.val_limit, args.radius, pipeline=bool(args.stage1))
-        record = {"event": "epoch", "stage": 2, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                  "seconds": time.time() - started, **{f"train_{k}": v for k, v in train_summary.items()},
-                  **{f"val_{k}": v for k, v in val.items()}}
+        record = {
+            "event": "epoch",
+            "stage": 2,
+            "epoch": epoch,
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": time.time() - started,
+            **{f"train_{k}": v for k, v in train_summary.items()},
+            **{f"val_{k}": v for k, v in val.items()},
+        }
         log.write(record)
-        print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items()
-                                             if isinstance(v, float)), file=sys.stderr, flush=True)
+        print(
+            f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)),
+            file=sys.stderr,
+            flush=True,
+        )
         if val and val[select] > best.get(select, -1.0):
             best = {"epoch": epoch, **val}
-            save_checkpoint(out / "best.pt", model.cpu(),
-                            training={"stage1": stage1_info, "stage2": {"epoch": epoch, "args": vars(args),
-                                                                        "log": str(out / "log.jsonl")}},
-                            metrics={"validation": val, "split": f"CoNSeP sources {args.val_sources} held out"})
+            save_checkpoint(
+                out / "best.pt",
+                model.cpu(),
+                training={
+                    "stage1": stage1_info,
+                    "stage2": {"epoch": epoch, "args": vars(args), "log": str(out / "log.jsonl")},
+                },
+                metrics={"validation": val, "split": f"CoNSeP sources {args.val_sources} held out"},
+            )
             model.to(device)
         common.save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best)
         if args.time_budget and (time.time() - began) / 60 > args.time_budget:
