@@ -40,8 +40,10 @@ def make_bgmr(seed: int = 0) -> BGMR:
 
 def image_inputs(size: int, batch: int = 1, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, EMBED, size // 16, size // 16, generator=g),
-            torch.randn(batch, 3, size, size, generator=g))
+    return (
+        torch.randn(batch, EMBED, size // 16, size // 16, generator=g),
+        torch.randn(batch, 3, size, size, generator=g),
+    )
 
 
 def coarse_inputs(size: int, prompts: int, seed: int = 2) -> torch.Tensor:
@@ -110,7 +112,8 @@ def test_window_matches_full_frame_away_from_the_border():
         full_mask, full_boundary = bgmr.refine(semantic, boundary_features, coarse)
         mask, boundary = bgmr.refine(semantic, boundary_features, coarse, origins, window)
         halo_mask, halo_boundary = bgmr.refine(
-            semantic, boundary_features, coarse, origins, window, halo=4 * -(-margin // 4))
+            semantic, boundary_features, coarse, origins, window, halo=4 * -(-margin // 4)
+        )
     scale = full_mask.abs().max().item()
     report = []
     for p, (x0, y0) in enumerate(origins.tolist()):
@@ -142,7 +145,9 @@ def test_image_index_picks_each_prompts_image_and_trains():
         batched_full = bgmr.refine(semantic, boundary_features, coarse, image_index=image_index)
         for p in range(4):
             i = image_index[p]
-            one = bgmr.refine(semantic[i : i + 1], boundary_features[i : i + 1], coarse[p : p + 1], origins[p : p + 1], 32)
+            one = bgmr.refine(
+                semantic[i : i + 1], boundary_features[i : i + 1], coarse[p : p + 1], origins[p : p + 1], 32
+            )
             one_full = bgmr.refine(semantic[i : i + 1], boundary_features[i : i + 1], coarse[p : p + 1])
             torch.testing.assert_close(batched[0][p], one[0][0])
             torch.testing.assert_close(batched_full[1][p], one_full[1][0])
@@ -218,11 +223,19 @@ def test_onnx_export_with_dynamic_prompts():
     inputs = (embedding, image, coarse_inputs(64, 2), torch.tensor([[0, 0], [32, 16]]))
     buffer = io.BytesIO()
     torch.onnx.export(
-        wrapper, inputs, buffer, opset_version=17,
+        wrapper,
+        inputs,
+        buffer,
+        opset_version=17,
         input_names=["image_embedding", "image", "coarse_features", "window_origin"],
         output_names=["mask_logits", "boundary_logits"],
-        dynamic_axes={"coarse_features": {0: "P"}, "window_origin": {0: "P"},
-                      "mask_logits": {0: "P"}, "boundary_logits": {0: "P"}})
+        dynamic_axes={
+            "coarse_features": {0: "P"},
+            "window_origin": {0: "P"},
+            "mask_logits": {0: "P"},
+            "boundary_logits": {0: "P"},
+        },
+    )
     model = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(model)
     ops = {node.op_type for node in model.graph.node}

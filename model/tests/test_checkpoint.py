@@ -43,8 +43,9 @@ def test_sam_checkpoint_loads_at_another_input_size(tmp_path):
     model = build_cfr_sam("tiny", sam_checkpoint=str(path), input_size=64, window=32)
     enc = model.image_encoder
     assert enc.pos_embed.shape == (1, 4, 4, 192)
-    expected = F.interpolate(state["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(4, 4),
-                             mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    expected = F.interpolate(
+        state["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(4, 4), mode="bicubic", align_corners=False
+    ).permute(0, 2, 3, 1)
     assert torch.allclose(enc.pos_embed, expected, atol=1e-6)
     # global block (index 2): table resized 2 * 8 - 1 -> 2 * 4 - 1; window block (index 0) unchanged
     glob = enc.blocks[2].attn.rel_pos_h

@@ -1,6 +1,13 @@
 import pytest
 
-from cfrsam.configs import CONFIG_NAMES, CFRSAMConfig, ConfigError, get_config, make_config, resolve_prompt_learner_config
+from cfrsam.configs import (
+    CONFIG_NAMES,
+    CFRSAMConfig,
+    ConfigError,
+    get_config,
+    make_config,
+    resolve_prompt_learner_config,
+)
 
 
 def test_presets_validate_and_match_sam_dimensions():
@@ -41,8 +48,7 @@ def test_window_must_fit():
 
 
 def test_overrides_and_round_trip():
-    cfg = make_config("tiny", input_size=128, peft_mode="lora", image_encoder__depth=4,
-                      hmfm__levels=[1, 3], window=32)
+    cfg = make_config("tiny", input_size=128, peft_mode="lora", image_encoder__depth=4, hmfm__levels=[1, 3], window=32)
     assert cfg.input_size == 128 and cfg.peft.mode == "lora" and cfg.image_encoder.depth == 4
     again = CFRSAMConfig.from_dict(cfg.to_dict())
     assert again == cfg

@@ -63,7 +63,12 @@ def fixture_dir(tmp_path):
         labels,
         {"source": "synthetic", "classNames": ["a", "b", "c"], "classes": {"1": 2, "2": 0, "3": 1}},
     )  # nucleus 4 has no class
-    write_sample(tmp_path, "train_1_001", labels, {"source": "synthetic", "classNames": ["a", "b", "c"], "classes": {"1": 1, "2": 1, "3": 1, "4": 1}})
+    write_sample(
+        tmp_path,
+        "train_1_001",
+        labels,
+        {"source": "synthetic", "classNames": ["a", "b", "c"], "classes": {"1": 1, "2": 1, "3": 1, "4": 1}},
+    )
     write_sample(tmp_path, "train_2_000", labels, {"source": "synthetic", "classNames": ["nucleus"], "mpp": 0.25})
     return tmp_path
 

@@ -20,8 +20,23 @@ COMMITTED = os.path.join(REPO_ROOT, "models", "tiny")
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "tiny64"
-    rc = main(["--config", "tiny", "--out", str(out), "--input-size", "64", "--window", "32",
-               "--seed", "0", "--no-full", "--name", "test-tiny"])
+    rc = main(
+        [
+            "--config",
+            "tiny",
+            "--out",
+            str(out),
+            "--input-size",
+            "64",
+            "--window",
+            "32",
+            "--seed",
+            "0",
+            "--no-full",
+            "--name",
+            "test-tiny",
+        ]
+    )
     assert rc == 0
     return str(out)
 
@@ -107,8 +122,23 @@ def test_cli_errors_are_messages(tmp_path, capsys):
     assert "cannot read checkpoint" in capsys.readouterr().err
     lora = tmp_path / "lora.pt"
     save_checkpoint(str(lora), build_cfr_sam("tiny", input_size=64, window=32, peft_mode="lora"))
-    assert main(["--config", "tiny", "--out", str(tmp_path / "x"), "--checkpoint", str(lora),
-                 "--input-size", "64", "--window", "32"]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                "tiny",
+                "--out",
+                str(tmp_path / "x"),
+                "--checkpoint",
+                str(lora),
+                "--input-size",
+                "64",
+                "--window",
+                "32",
+            ]
+        )
+        == 2
+    )
     assert "does not fit the model" in capsys.readouterr().err
     assert main(["--check", str(tmp_path)]) == 2
     assert "no manifest.json" in capsys.readouterr().err

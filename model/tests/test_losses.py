@@ -76,7 +76,9 @@ def test_mask_iou_and_iou_prediction_loss():
 def test_mask_loss_is_the_weighted_sum():
     torch.manual_seed(0)
     logits, target, iou = torch.randn(2, 16, 16), (torch.rand(2, 16, 16) > 0.5).float(), torch.rand(2)
-    expected = 20 * sigmoid_focal_loss(logits, target) + dice_loss(logits, target) + iou_prediction_loss(logits, target, iou)
+    expected = (
+        20 * sigmoid_focal_loss(logits, target) + dice_loss(logits, target) + iou_prediction_loss(logits, target, iou)
+    )
     assert mask_loss(logits, target, iou).item() == pytest.approx(expected.item(), rel=1e-6)
     custom = mask_loss(logits, target, None, focal_weight=1.0, dice_weight=0.0)
     assert custom.item() == pytest.approx(sigmoid_focal_loss(logits, target).item(), rel=1e-6)
@@ -128,19 +130,31 @@ def test_cfr_sam_loss_windowed_uses_the_cropped_targets():
     # By default the coarse mask is scored inside the refinement window (at 1/4 resolution).
     coarse_in = crop_windows(coarse, origins, window, scale=4, shared=False)
     coarse_targets_in = crop_windows(coarse_targets, origins, window, scale=4, shared=False)
-    expected = (mask_loss(coarse_in, coarse_targets_in) + mask_loss(refined, cropped, iou)
-                + 0.5 * boundary_loss(boundary, edges))
+    expected = (
+        mask_loss(coarse_in, coarse_targets_in)
+        + mask_loss(refined, cropped, iou)
+        + 0.5 * boundary_loss(boundary, edges)
+    )
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
-    whole = cfr_sam_loss(coarse, refined, boundary, targets, iou, lambda_b=0.5, window_origin=origins,
-                         coarse_in_window=False)
-    expected_whole = (mask_loss(coarse, coarse_targets) + mask_loss(refined, cropped, iou)
-                      + 0.5 * boundary_loss(boundary, edges))
+    whole = cfr_sam_loss(
+        coarse, refined, boundary, targets, iou, lambda_b=0.5, window_origin=origins, coarse_in_window=False
+    )
+    expected_whole = (
+        mask_loss(coarse, coarse_targets) + mask_loss(refined, cropped, iou) + 0.5 * boundary_loss(boundary, edges)
+    )
     assert whole["loss"].item() == pytest.approx(expected_whole.item(), rel=1e-5)
     with pytest.raises(ValueError):
         cfr_sam_loss(coarse, refined, boundary, targets, iou)
     # Full-frame shapes, logits upsampled instead of targets downsampled, and no prompts at all.
-    full = cfr_sam_loss(coarse, torch.randn(2, size, size), torch.randn(2, size, size), targets, iou,
-                        coarse_targets="upsample", iou_on="coarse")
+    full = cfr_sam_loss(
+        coarse,
+        torch.randn(2, size, size),
+        torch.randn(2, size, size),
+        targets,
+        iou,
+        coarse_targets="upsample",
+        iou_on="coarse",
+    )
     assert torch.isfinite(full["loss"])
     empty = cfr_sam_loss(coarse[:0], refined[:0], boundary[:0], targets[:0], iou[:0], window_origin=origins[:0])
     assert empty["loss"].item() == 0.0

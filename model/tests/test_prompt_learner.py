@@ -233,9 +233,7 @@ def test_classification_loss_is_weighted_cross_entropy():
     loss = PromptLearnerLoss(background_weight=0.4)
     target = torch.full((2, 6), 3)
     target[0, 1], target[0, 4], target[1, 2] = 0, 2, 1
-    expected = F.cross_entropy(
-        logits.transpose(1, 2), target, weight=torch.tensor([1.0, 1.0, 1.0, 0.4])
-    )
+    expected = F.cross_entropy(logits.transpose(1, 2), target, weight=torch.tensor([1.0, 1.0, 1.0, 0.4]))
     assert torch.allclose(loss.classification_loss(logits, matches, classes), expected)
 
 
@@ -247,13 +245,12 @@ def test_class_weights_are_cross_entropy_weights():
     loss = PromptLearnerLoss(background_weight=0.4, class_weights=[3.0, 0.5, 2.0])
     target = torch.full((2, 6), 3)
     target[0, 1], target[0, 4], target[1, 2] = 0, 2, 1
-    expected = F.cross_entropy(
-        logits.transpose(1, 2), target, weight=torch.tensor([3.0, 0.5, 2.0, 0.4])
-    )
+    expected = F.cross_entropy(logits.transpose(1, 2), target, weight=torch.tensor([3.0, 0.5, 2.0, 0.4]))
     assert torch.allclose(loss.classification_loss(logits, matches, classes), expected)
     # Unknown-class nuclei keep weight 1 whatever the class weights.
     unknown = PromptLearnerLoss(class_weights=[5.0, 5.0]).classification_loss(
-        torch.tensor([[[2.0, 1.0, 0.5]]]), [(torch.tensor([0]), torch.tensor([0]))], [torch.tensor([-1])])
+        torch.tensor([[[2.0, 1.0, 0.5]]]), [(torch.tensor([0]), torch.tensor([0]))], [torch.tensor([-1])]
+    )
     p = torch.tensor([2.0, 1.0, 0.5]).softmax(-1)
     assert torch.allclose(unknown, -torch.log(p[0] + p[1]))
     with pytest.raises(ValueError):
@@ -273,7 +270,7 @@ def test_focal_loss_and_foreground_target():
     target = torch.tensor([[[[1.0, 0.0]]]])
     p = torch.sigmoid(logits)
     manual = torch.stack(
-        [-(1 - p[0, 0, 0, 0]) ** 2 * torch.log(p[0, 0, 0, 0]), -(p[0, 0, 0, 1]) ** 2 * torch.log(1 - p[0, 0, 0, 1])]
+        [-((1 - p[0, 0, 0, 0]) ** 2) * torch.log(p[0, 0, 0, 0]), -((p[0, 0, 0, 1]) ** 2) * torch.log(1 - p[0, 0, 0, 1])]
     ).mean()
     assert torch.allclose(sigmoid_focal_loss(logits, target), manual)
     full = torch.zeros(1, 8, 8)

@@ -24,14 +24,35 @@ def _write_set(root, n=2, size=256):
         Image.fromarray(rgb).save(root / f"tile{i}.png")
         Image.fromarray(labels.astype(np.int32)).convert("I;16").save(root / f"tile{i}.labels.png")
         classes = {str(k): k % 4 for k in range(1, int(labels.max()) + 1)}
-        (root / f"tile{i}.json").write_text(json.dumps({
-            "classNames": ["other", "inflammatory", "epithelial", "spindle-shaped"],
-            "classes": classes, "instances": int(labels.max())}))
+        (root / f"tile{i}.json").write_text(
+            json.dumps(
+                {
+                    "classNames": ["other", "inflammatory", "epithelial", "spindle-shaped"],
+                    "classes": classes,
+                    "instances": int(labels.max()),
+                }
+            )
+        )
 
 
 def _args(data, out, epochs, extra=()):
-    return ["--data", str(data), "--sets", "synth", "--out", str(out), "--epochs", str(epochs),
-            "--steps-per-epoch", "1", "--batch-size", "1", "--threads", "1", *extra]
+    return [
+        "--data",
+        str(data),
+        "--sets",
+        "synth",
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "1",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def _weights(path):
@@ -76,6 +97,7 @@ BUNDLE = Path(__file__).resolve().parents[2] / "models" / "tiny"
 def test_init_from_a_bundle(tmp_path, stage):
     """--init takes an exported bundle: its float16 weights, widened, are where training starts."""
     from cfrsam.export import load_bundle_model
+
     data = tmp_path / "data"
     _write_set(data / "synth", n=1)
     extra = ("--max-prompts", "4") if stage is stage2 else ()

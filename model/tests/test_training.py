@@ -66,14 +66,18 @@ def test_one_step_lowers_the_loss(refinement, sam_weights):
         out = model(image, coords, labels, refinement=refinement)
         W = out["mask_logits"].shape[-1]
         ox, oy = out["window_origin"][..., 0], out["window_origin"][..., 1]
-        refined_target = torch.stack([
-            torch.stack([target[b, p, oy[b, p]:oy[b, p] + W, ox[b, p]:ox[b, p] + W] for p in range(2)])
-            for b in range(2)
-        ])
+        refined_target = torch.stack(
+            [
+                torch.stack([target[b, p, oy[b, p] : oy[b, p] + W, ox[b, p] : ox[b, p] + W] for p in range(2)])
+                for b in range(2)
+            ]
+        )
         coarse_target = F.avg_pool2d(target, 4)
-        return (F.binary_cross_entropy_with_logits(out["mask_logits"], refined_target)
-                + F.binary_cross_entropy_with_logits(out["coarse_logits"], coarse_target)
-                + F.binary_cross_entropy_with_logits(out["boundary_logits"], refined_target))
+        return (
+            F.binary_cross_entropy_with_logits(out["mask_logits"], refined_target)
+            + F.binary_cross_entropy_with_logits(out["coarse_logits"], coarse_target)
+            + F.binary_cross_entropy_with_logits(out["boundary_logits"], refined_target)
+        )
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-3)
