@@ -65,13 +65,20 @@ const png = (rgb, size) =>
     .png()
     .toBuffer();
 
-/** PNGs of the image with one pixel changed per copy: each a cold request (new digests). */
+/**
+ * PNGs of the image with a few pixels changed per copy, one every 100 px in both directions, so
+ * every model tile of every copy is new: each a cold request (encoder and decoder caches miss).
+ */
 async function coldCopies(rgb, size, n, salt = 0) {
   const out = [];
   for (let r = 0; r < n; r++) {
     const copy = rgb.slice();
-    copy[0] = (copy[0] + 1 + r) % 256;
-    copy[3 * (salt + 1)] = (copy[3 * (salt + 1)] + 1 + r) % 256;
+    for (let y = salt % 7; y < size; y += 100) {
+      for (let x = r % 11; x < size; x += 100) {
+        const i = 3 * (y * size + x);
+        copy[i] = (copy[i] + 1 + r + salt) % 256;
+      }
+    }
     out.push(await png(copy, size));
   }
   return out;
