@@ -211,7 +211,9 @@ async function main() {
         repeat.push(performance.now() - t);
       }
       r.repeat = median(repeat);
-      console.log(`services ${c.label}: ${fmt(r.lat.ms)} ms, ${r.tput.toFixed(2)} images/s; repeated request ${fmt(r.repeat)} ms (${(r.lat.ms / r.repeat).toFixed(0)}x faster)`);
+      console.log(
+        `services ${c.label}: ${fmt(r.lat.ms)} ms, ${r.tput.toFixed(2)} images/s; repeated request ${fmt(r.repeat)} ms (${(r.lat.ms / r.repeat).toFixed(0)}x faster)`,
+      );
     }
     client.close();
 
