@@ -1,6 +1,7 @@
 // Synthetic H&E-like test images: a pink background with mild texture and dark purple elliptical
 // "nuclei" at known centres, so tests can prompt at known positions.
 import { encodeRgbPng } from '@cfrsam/nuclei';
+import { prng as rng } from '@cfrsam/testing';
 
 export interface Blob {
   x: number;
@@ -8,18 +9,6 @@ export interface Blob {
   /** Semi-axes in pixels. */
   rx: number;
   ry: number;
-}
-
-/** A deterministic pseudo-random generator (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 export function syntheticRgb(width: number, height: number, blobs: readonly Blob[], seed = 1): Uint8Array {

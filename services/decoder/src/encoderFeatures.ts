@@ -34,8 +34,8 @@ export class EncoderFeatureSource implements FeatureSource {
   }
 
   async fetch(digest: string, hint: string): Promise<{ values: Float32Array | null; error?: string }> {
-    const order = this.encoders.orderFor(digest);
-    if (hint && order.includes(hint)) (order.splice(order.indexOf(hint), 1), order.unshift(hint));
+    const rendezvous = this.encoders.orderFor(digest);
+    const order = hint && rendezvous.includes(hint) ? [hint, ...rendezvous.filter((r) => r !== hint)] : rendezvous;
     const errors: string[] = [];
     // Every replica is asked in turn: a NOT_FOUND on one (not cached there) is not the answer.
     for (const replica of order) {
