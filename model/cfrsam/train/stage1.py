@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,21 @@ def resolve_class_weights(spec: str, dataset, num_classes: int):
     return weights
 
 
+def build_model(args):
+    """The model to train: from --config or --init, with --prompt-learner's preset if given."""
+    init = common.read_init(args.init) if args.init else None
+    overrides = {}
+    if args.prompt_learner:
+        overrides["prompt_learner"] = args.prompt_learner
+        if init is not None:
+            # A different backbone cannot take the old learner's weights; it starts from the seed.
+            init = {**init, "model": {k: v for k, v in init["model"].items() if not k.startswith("prompt_learner.")}}
+            init["config"] = {**init["config"], "prompt_learner": args.prompt_learner}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="checkpoint has no prompt learner weights")
+        return build_cfr_sam(args.config if init is None else None, checkpoint=init, seed=args.seed, **overrides)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
@@ -108,6 +124,12 @@ def main(argv=None) -> int:
         help="cross-entropy weights of the nucleus classes: comma-separated (one per class), "
         "'balanced' (inverse square root of the training frequency, mean 1 per nucleus) or empty (all 1)",
     )
+    parser.add_argument(
+        "--prompt-learner",
+        default="",
+        help="prompt-learner preset (femto, nano, tiny, small) replacing the config's; with --init the "
+        "rest of the model keeps the initial weights and the prompt learner starts fresh",
+    )
     args = parser.parse_args(argv)
 
     common.seed_everything(args.seed)
@@ -119,11 +141,7 @@ def main(argv=None) -> int:
     log = common.RunLog(out / "log.jsonl")
 
     try:
-        model = build_cfr_sam(
-            args.config if not args.init else None,
-            checkpoint=common.read_init(args.init) if args.init else None,
-            seed=args.seed,
-        )
+        model = build_model(args)
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         sys.exit(str(e))
     model.to(device)
