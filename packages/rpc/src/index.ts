@@ -13,3 +13,4 @@ export * from './client';
 export * from './serviceMain';
 export * from './discovery';
 export * from './replicas';
+export * from './identity';
