@@ -1,0 +1,93 @@
+"""`python -m cfrsam.export`: export a bundle or check one (see the package docstring)."""
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from ..build import build_cfr_sam
+from ..checkpoint import CheckpointError, read_checkpoint
+from ..configs import CONFIG_NAMES, ConfigError
+from . import __doc__ as package_doc
+from .bundle import check_bundle, export_bundle
+from .errors import ExportError
+
+
+def _bundle_size(directory: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    with torch.no_grad():
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cfrsam.export", description=package_doc.split("\n\n")[0])
+    p.add_argument("--config", help=f"config name ({', '.join(CONFIG_NAMES)}); default: the checkpoint's")
+    p.add_argument("--out", help="bundle directory to write")
+    p.add_argument("--checkpoint", help="CFR-SAM checkpoint (ours)")
+    p.add_argument("--sam-checkpoint", help="official SAM checkpoint (sam_vit_*.pth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-size", type=int)
+    p.add_argument("--refinement", choices=("window", "full"))
+    p.add_argument("--window", type=int)
+    p.add_argument("--no-parity", action="store_true")
+    p.add_argument("--no-full", action="store_true", help="skip decoder_prompts_full.onnx")
+    p.add_argument(
+        "--no-weights",
+        action="store_true",
+        help="omit weights.pt (a random-init bundle is then checked by regenerating from the seed)",
+    )
+    p.add_argument("--name")
+    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    p.add_argument("--check", metavar="DIR", help="check DIR's parity fixture against PyTorch")
+    args = p.parse_args(argv)
+    try:
+        if args.check:
+            failures = check_bundle(args.check)
+            if failures:
+                print(f"{args.check}: {len(failures)} check(s) failed:", file=sys.stderr)
+                for failure in failures:
+                    print(f"  {failure}", file=sys.stderr)
+                return 1
+            print(f"{args.check}: bundle matches PyTorch")
+            return 0
+        if not args.out:
+            raise ExportError("--out DIR is required (or --check DIR)")
+        if not args.config and not args.checkpoint:
+            raise ExportError("--config is required unless --checkpoint records a config")
+        ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
+        model = build_cfr_sam(
+            args.config,
+            checkpoint=ckpt,
+            sam_checkpoint=args.sam_checkpoint,
+            seed=args.seed,
+            input_size=args.input_size,
+            refinement=args.refinement,
+            window=args.window,
+        )
+        source = {
+            "checkpoint": os.path.basename(args.checkpoint) if args.checkpoint else None,
+            "sam_checkpoint": os.path.basename(args.sam_checkpoint) if args.sam_checkpoint else None,
+        }
+        manifest = export_bundle(
+            model,
+            args.out,
+            name=args.name,
+            seed=args.seed,
+            parity=not args.no_parity,
+            precision=args.precision,
+            checkpoint_info=ckpt or {},
+            include_full=not args.no_full,
+            source=source,
+            include_weights=not args.no_weights,
+        )
+        size = _bundle_size(args.out)
+        print(f"wrote {args.out}: {manifest['name']} {manifest['version']} ({size / 1e6:.1f} MB)")
+        return 0
+    except (ExportError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
