@@ -299,3 +299,77 @@ def progress(epoch: int, epochs: int, step: int, steps: int, started: float, los
 def mean_dict(records: List[Dict[str, float]]) -> Dict[str, float]:
     keys = records[0].keys() if records else []
     return {k: float(np.mean([r[k] for r in records])) for k in keys}
+
+
+def run_epochs(
+    *,
+    stage: int,
+    args,
+    out: Path,
+    log: "RunLog",
+    loader,
+    steps_per_epoch: int,
+    params: List[torch.nn.Parameter],
+    optimizer,
+    scheduler,
+    model: torch.nn.Module,
+    start_epoch: int,
+    best: Dict[str, Any],
+    select: str,
+    begin_epoch,
+    loss_of_batch,
+    validate,
+    save_best,
+) -> Dict[str, Any]:
+    """The epoch loop both stages share; returns the best validation record.
+
+    begin_epoch(epoch) sets train/eval modes and returns the epoch's context (e.g. its generator);
+    loss_of_batch(batch, context) returns the loss dict ("loss" is minimised) or None to skip the
+    batch; validate(epoch) returns the validation metrics ({} when this epoch is not validated);
+    save_best(epoch, metrics) writes best.pt. The shuffle order is a function of (seed, epoch), so a
+    resumed run sees the same batches. After each epoch: log line, best.pt when `select` improves,
+    last.pt (exact resume), and the time budget check.
+    """
+    began = time.time()
+    for epoch in range(start_epoch, args.epochs + 1):
+        loader.generator.manual_seed(args.seed * 1000 + epoch)
+        context = begin_epoch(epoch)
+        started, records = time.time(), []
+        for step, batch in enumerate(loader, 1):
+            if step > steps_per_epoch:
+                break
+            losses = loss_of_batch(batch, context)
+            if losses is None:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            records.append({k: float(v) for k, v in losses.items() if k != "num_matched"})
+            if step % 10 == 0 or step == steps_per_epoch:
+                progress(epoch, args.epochs, step, steps_per_epoch, started, mean_dict(records[-10:]))
+        val = validate(epoch)
+        record = {
+            "event": "epoch",
+            "stage": stage,
+            "epoch": epoch,
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": time.time() - started,
+            **{f"train_{k}": v for k, v in mean_dict(records).items()},
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        log.write(record)
+        print(
+            f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)),
+            file=sys.stderr,
+            flush=True,
+        )
+        if val and val[select] > best.get(select, -1.0):
+            best = {"epoch": epoch, **val}
+            save_best(epoch, val)
+        save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best)
+        if args.time_budget and (time.time() - began) / 60 > args.time_budget:
+            print(f"time budget of {args.time_budget} min reached after epoch {epoch}", file=sys.stderr)
+            break
+    return best

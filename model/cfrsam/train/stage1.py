@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -182,67 +181,55 @@ def main(argv=None) -> int:
         }
     )
 
-    began = time.time()
-    for epoch in range(start_epoch, args.epochs + 1):
+    def begin_epoch(epoch):
         learner.train()
-        # The shuffle order is a function of (seed, epoch), so a resumed run sees the same batches.
-        train_loader.generator.manual_seed(args.seed * 1000 + epoch)
-        started, records = time.time(), []
-        for step, batch in enumerate(train_loader, 1):
-            if step > steps_per_epoch:
-                break
-            image = batch["image"].to(device)
-            if args.channels_last:
-                image = image.contiguous(memory_format=torch.channels_last)
-            with common.autocast(device, args.bf16):
-                outputs = learner(image)
-            outputs = common.to_float(outputs)
-            targets = {
-                "centroids": [c.to(device) for c in batch["centroids"]],
-                "classes": [c.to(device) for c in batch["classes"]],
-                "foreground": batch["foreground"].to(device),
-            }
-            losses = criterion(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(learner.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            records.append({k: float(v) for k, v in losses.items() if k != "num_matched"})
-            if step % 10 == 0 or step == steps_per_epoch:
-                common.progress(epoch, args.epochs, step, steps_per_epoch, started, common.mean_dict(records[-10:]))
-        train_summary = common.mean_dict(records)
-        val = (
-            validate(model, val_loader, device, args.radius, args.min_foreground, args.nms_radius) if val_loader else {}
-        )
-        record = {
-            "event": "epoch",
-            "stage": 1,
-            "epoch": epoch,
-            "lr": scheduler.get_last_lr()[0],
-            "seconds": time.time() - started,
-            **{f"train_{k}": v for k, v in train_summary.items()},
-            **{f"val_{k}": v for k, v in val.items()},
+
+    def loss_of_batch(batch, _context):
+        image = batch["image"].to(device)
+        if args.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with common.autocast(device, args.bf16):
+            outputs = learner(image)
+        targets = {
+            "centroids": [c.to(device) for c in batch["centroids"]],
+            "classes": [c.to(device) for c in batch["classes"]],
+            "foreground": batch["foreground"].to(device),
         }
-        log.write(record)
-        print(
-            f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)),
-            file=sys.stderr,
-            flush=True,
+        return criterion(common.to_float(outputs), targets)
+
+    def validate_epoch(_epoch):
+        if not val_loader:
+            return {}
+        return validate(model, val_loader, device, args.radius, args.min_foreground, args.nms_radius)
+
+    def save_best(epoch, val):
+        save_checkpoint(
+            out / "best.pt",
+            model.cpu(),
+            training={"stage1": {"epoch": epoch, "args": vars(args)}},
+            metrics={"stage1": val},
         )
-        if val and val["det_f1"] > best["det_f1"]:
-            best = {"epoch": epoch, **val}
-            save_checkpoint(
-                out / "best.pt",
-                model.cpu(),
-                training={"stage1": {"epoch": epoch, "args": vars(args)}},
-                metrics={"stage1": val},
-            )
-            model.to(device)
-        common.save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best)
-        if args.time_budget and (time.time() - began) / 60 > args.time_budget:
-            print(f"time budget of {args.time_budget} min reached after epoch {epoch}", file=sys.stderr)
-            break
+        model.to(device)
+
+    best = common.run_epochs(
+        stage=1,
+        args=args,
+        out=out,
+        log=log,
+        loader=train_loader,
+        steps_per_epoch=steps_per_epoch,
+        params=list(learner.parameters()),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        model=model,
+        start_epoch=start_epoch,
+        best=best,
+        select="det_f1",
+        begin_epoch=begin_epoch,
+        loss_of_batch=loss_of_batch,
+        validate=validate_epoch,
+        save_best=save_best,
+    )
     if not val_loader:
         save_checkpoint(out / "best.pt", model.cpu(), training={"stage1": {"args": vars(args)}})
     log.write({"event": "end", "stage": 1, "best": best})

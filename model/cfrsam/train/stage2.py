@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -185,88 +184,78 @@ def main(argv=None) -> int:
         }
     )
 
-    began = time.time()
-    for epoch in range(start_epoch, args.epochs + 1):
+    def begin_epoch(epoch):
         model.train()
         model.prompt_learner.eval()
-        # Shuffle order and prompt sampling are functions of (seed, epoch): a resumed run is exact.
-        loader.generator.manual_seed(args.seed * 1000 + epoch)
-        rng = np.random.default_rng(args.seed * 1000 + epoch)
-        started, records = time.time(), []
-        for step, batch in enumerate(loader, 1):
-            if step > steps_per_epoch:
-                break
-            coords, labels, targets, valid = sample_prompts(batch, args.max_prompts, args.jitter, size, rng)
-            if not valid.any():
-                continue
-            image = batch["image"].to(device)
-            if args.channels_last:
-                image = image.contiguous(memory_format=torch.channels_last)
-            b, p = valid.shape
-            flat_valid = valid.reshape(-1)
-            image_index = torch.arange(b).repeat_interleave(p)[flat_valid].to(device)
-            with common.autocast(device, args.bf16):
-                prepared = model.prepare(model.encode(image), image)
-                mask_logits, origin, iou, coarse, boundary = model.decode_prompts(
-                    *prepared,
-                    coords.reshape(b * p, 1, 2)[flat_valid].to(device),
-                    labels.reshape(b * p, 1)[flat_valid].to(device),
-                    image_index=image_index,
-                )
-            mask_logits, iou, coarse, boundary = common.to_float((mask_logits, iou, coarse, boundary))
-            losses = cfr_sam_loss(
-                coarse,
-                mask_logits,
-                boundary,
-                targets.reshape(b * p, size, size)[flat_valid].to(device),
-                iou,
-                lambda_b=args.lambda_b,
-                window_origin=origin,
+        # Prompt sampling is a function of (seed, epoch) too: a resumed run is exact.
+        return np.random.default_rng(args.seed * 1000 + epoch)
+
+    def loss_of_batch(batch, rng):
+        coords, labels, targets, valid = sample_prompts(batch, args.max_prompts, args.jitter, size, rng)
+        if not valid.any():
+            return None
+        image = batch["image"].to(device)
+        if args.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        b, p = valid.shape
+        flat_valid = valid.reshape(-1)
+        image_index = torch.arange(b).repeat_interleave(p)[flat_valid].to(device)
+        with common.autocast(device, args.bf16):
+            prepared = model.prepare(model.encode(image), image)
+            mask_logits, origin, iou, coarse, boundary = model.decode_prompts(
+                *prepared,
+                coords.reshape(b * p, 1, 2)[flat_valid].to(device),
+                labels.reshape(b * p, 1)[flat_valid].to(device),
+                image_index=image_index,
             )
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            records.append({k: float(v) for k, v in losses.items()})
-            if step % 10 == 0 or step == steps_per_epoch:
-                common.progress(epoch, args.epochs, step, steps_per_epoch, started, common.mean_dict(records[-10:]))
-        train_summary = common.mean_dict(records) if records else {}
-        val = {}
-        if val_set is not None and (epoch % args.val_every == 0 or epoch == args.epochs):
-            model.eval()
-            val = validate(model, val_set, device, args.val_limit, args.radius, pipeline=bool(args.stage1))
-        record = {
-            "event": "epoch",
-            "stage": 2,
-            "epoch": epoch,
-            "lr": scheduler.get_last_lr()[0],
-            "seconds": time.time() - started,
-            **{f"train_{k}": v for k, v in train_summary.items()},
-            **{f"val_{k}": v for k, v in val.items()},
-        }
-        log.write(record)
-        print(
-            f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)),
-            file=sys.stderr,
-            flush=True,
+        mask_logits, iou, coarse, boundary = common.to_float((mask_logits, iou, coarse, boundary))
+        return cfr_sam_loss(
+            coarse,
+            mask_logits,
+            boundary,
+            targets.reshape(b * p, size, size)[flat_valid].to(device),
+            iou,
+            lambda_b=args.lambda_b,
+            window_origin=origin,
         )
-        if val and val[select] > best.get(select, -1.0):
-            best = {"epoch": epoch, **val}
-            save_checkpoint(
-                out / "best.pt",
-                model.cpu(),
-                training={
-                    "stage1": stage1_info,
-                    "stage2": {"epoch": epoch, "args": vars(args), "log": str(out / "log.jsonl")},
-                },
-                metrics={"validation": val, "split": f"CoNSeP sources {args.val_sources} held out"},
-            )
-            model.to(device)
-        common.save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best)
-        if args.time_budget and (time.time() - began) / 60 > args.time_budget:
-            print(f"time budget of {args.time_budget} min reached after epoch {epoch}", file=sys.stderr)
-            break
+
+    def validate_epoch(epoch):
+        if val_set is None or not (epoch % args.val_every == 0 or epoch == args.epochs):
+            return {}
+        model.eval()
+        return validate(model, val_set, device, args.val_limit, args.radius, pipeline=bool(args.stage1))
+
+    def save_best(epoch, val):
+        save_checkpoint(
+            out / "best.pt",
+            model.cpu(),
+            training={
+                "stage1": stage1_info,
+                "stage2": {"epoch": epoch, "args": vars(args), "log": str(out / "log.jsonl")},
+            },
+            metrics={"validation": val, "split": f"CoNSeP sources {args.val_sources} held out"},
+        )
+        model.to(device)
+
+    best = common.run_epochs(
+        stage=2,
+        args=args,
+        out=out,
+        log=log,
+        loader=loader,
+        steps_per_epoch=steps_per_epoch,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        model=model,
+        start_epoch=start_epoch,
+        best=best,
+        select=select,
+        begin_epoch=begin_epoch,
+        loss_of_batch=loss_of_batch,
+        validate=validate_epoch,
+        save_best=save_best,
+    )
     log.write({"event": "end", "stage": 2, "best": best})
     print(f"best: {best}", file=sys.stderr)
     return 0
