@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 import torch
 
@@ -47,10 +48,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     s1, s2 = read_checkpoint(args.stage1), read_checkpoint(args.stage2)
-    model = build_cfr_sam(None, checkpoint=s2)
     learner = {k[len("prompt_learner.") :]: v for k, v in s1["model"].items() if k.startswith("prompt_learner.")}
     if not learner:
         sys.exit(f"{args.stage1} holds no prompt learner weights")
+    # Stage 1 may have trained another prompt-learner preset (stage1 --prompt-learner): the model
+    # takes stage 1's learner config with stage 2's everything else.
+    config = {**s2["config"], "prompt_learner": s1["config"]["prompt_learner"]}
+    sam_side = {k: v for k, v in s2["model"].items() if not k.startswith("prompt_learner.")}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="checkpoint has no prompt learner weights")
+        model = build_cfr_sam(None, checkpoint={**s2, "config": config, "model": sam_side})
     model.prompt_learner.load_state_dict(learner)
     model.eval()
 
