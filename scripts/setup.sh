@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(python3-torch python3-onnx python3-numpy python3-scipy python3-pil python3-pytest python3-flake8 black nats-server libopenslide0)
+debs=(python3-torch python3-onnx python3-numpy python3-scipy python3-pil python3-pytest python3-flake8 black nats-server libopenslide0 openssl)
 missing=()
 for d in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q "install ok installed" || missing+=("$d")

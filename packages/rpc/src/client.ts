@@ -3,7 +3,9 @@
 // and opens a client span.
 import {
   credentials as grpcCredentials,
+  InterceptingCall,
   Metadata,
+  type Interceptor,
   type CallOptions,
   type ChannelCredentials,
   type Client,
@@ -23,6 +25,20 @@ export interface MakeClientOptions {
   credentials?: ChannelCredentials;
   /** Extra channel options. */
   channelOptions?: Record<string, string | number>;
+  /** Sent as `authorization: Bearer <token>` on every call (the internal token between services). */
+  bearerToken?: string;
+}
+
+/** A client interceptor that adds `authorization: Bearer <token>` to every call's metadata. */
+export function bearerTokenInterceptor(token: string): Interceptor {
+  const value = `Bearer ${token}`;
+  return (options, nextCall) =>
+    new InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        metadata.set('authorization', value);
+        next(metadata, listener);
+      },
+    });
 }
 
 type ClientConstructor<C> = new (address: string, credentials: ChannelCredentials, options?: Record<string, unknown>) => C;
@@ -40,6 +56,7 @@ export function makeClient<C extends Client>(ctor: ClientConstructor<C>, address
     // flow without waiting for WINDOW_UPDATEs from a busy event loop (HTTP/2's default is 64 KB).
     'grpc-node.flow_control_window': 16 * 1024 * 1024,
     ...options.channelOptions,
+    ...(options.bearerToken ? { interceptors: [bearerTokenInterceptor(options.bearerToken)] } : {}),
   });
 }
 

@@ -14,3 +14,4 @@ export * from './serviceMain';
 export * from './discovery';
 export * from './replicas';
 export * from './identity';
+export * from './auth';

@@ -3,10 +3,11 @@
 // calls on SIGTERM/SIGINT before closing worker pools.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { Server, ServerCredentials, type ServiceDefinition, type UntypedServiceImplementation } from '@grpc/grpc-js';
+import { Server, type ServiceDefinition, type UntypedServiceImplementation } from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, protoPath as healthProtoPath, type ServingStatusMap } from 'grpc-health-check';
+import { authenticatedImplementation, type CallAuthenticator, serverCredentials, type ServerTlsOptions } from './auth';
 import { protosDir } from './config';
 import { inFlightCalls } from './rpc';
 
@@ -38,6 +39,10 @@ export interface StartServerOptions {
   connectionAge?: ConnectionAgeOptions;
   /** Serve gRPC server reflection (default true; skipped with a warning when protos/ is absent). */
   reflection?: boolean;
+  /** TLS from certificate files (default plaintext, as inside the cluster). */
+  tls?: ServerTlsOptions;
+  /** Bearer-token authentication of every registered service (health stays open); off when absent. */
+  auth?: CallAuthenticator;
   /** Runs after the server stopped: close worker pools, flush tracing, stop metrics. */
   onShutdown?: () => Promise<void> | void;
   /** Default console.error. */
@@ -124,7 +129,9 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   const graceMs = options.shutdownGraceMs ?? 15_000;
   const server = new Server(serverChannelOptions(maxMessageBytes, options.connectionAge));
 
-  for (const s of options.services) server.addService(s.definition, s.implementation);
+  for (const s of options.services) {
+    server.addService(s.definition, options.auth ? authenticatedImplementation(s.definition, s.implementation, options.auth) : s.implementation);
+  }
 
   const statusMap: ServingStatusMap = { '': 'SERVING' };
   for (const s of options.services) statusMap[s.name] = 'SERVING';
@@ -137,7 +144,7 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   }
 
   const port = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(`${host}:${options.port}`, ServerCredentials.createInsecure(), (err, bound) => {
+    server.bindAsync(`${host}:${options.port}`, serverCredentials(options.tls), (err, bound) => {
       if (err) reject(new Error(`${options.name}: cannot listen on ${host}:${options.port}: ${err.message}`));
       else resolve(bound);
     });
@@ -167,6 +174,7 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
         log(`${options.name}: grace period over with ${inFlightCalls()} call(s) in flight; cancelling them`);
         server.forceShutdown();
       }
+      options.auth?.close();
       try {
         await options.onShutdown?.();
       } catch (err) {
@@ -191,6 +199,10 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   }
 
   const address = `${host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host}:${port}`;
-  log(`${options.name}: listening on ${host}:${port} (services: ${options.services.map((s) => s.name).join(', ')})`);
+  const security = [
+    options.tls ? (options.tls.clientCaFile ? 'mutual TLS' : 'TLS') : 'plaintext',
+    options.auth?.enabled ? 'tokens required' : 'no tokens',
+  ];
+  log(`${options.name}: listening on ${host}:${port} (services: ${options.services.map((s) => s.name).join(', ')}; ${security.join(', ')})`);
   return { server, port, address, health, setServing, shutdown };
 }

@@ -1,6 +1,7 @@
 // What every stage service's main() shares: the common flags (with environment fallbacks and
 // defaults that start a working service from a fresh clone), process-level telemetry setup, and
 // exit codes for bad configuration or a failed start.
+import { securityFlags } from './auth';
 import { ConfigError, defaultBundleDir, HelpRequested, type FlagSpec } from './config';
 import { DEFAULT_MAX_CONNECTION_AGE_GRACE_MS, type ConnectionAgeOptions } from './server';
 import { initServiceMetrics, type ServiceMetrics } from './telemetry';
@@ -38,6 +39,8 @@ export function stageServiceFlags(defaultPort: number) {
       default: DEFAULT_MAX_CONNECTION_AGE_GRACE_MS,
       help: 'time calls on an aged connection get to finish before it closes',
     },
+    internalToken: securityFlags().internalToken,
+    reflection: securityFlags().reflection,
   } satisfies Record<string, FlagSpec>;
 }
 

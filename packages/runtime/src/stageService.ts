@@ -3,7 +3,7 @@
 // server and metrics, and everything closed in order on shutdown or failed start-up.
 import type { UntypedServiceImplementation, ServiceDefinition } from '@grpc/grpc-js';
 import { loadManifest, type GraphName, type Manifest } from '@cfrsam/contract';
-import { serviceMetrics, startServer, type ConnectionAgeOptions, type RunningServer } from '@cfrsam/rpc';
+import { CallAuthenticator, serviceMetrics, startServer, type ConnectionAgeOptions, type RunningServer } from '@cfrsam/rpc';
 import { OnnxWorkerPool } from './workerPool';
 
 /** Options every stage service takes (its own pipeline options come on top). */
@@ -19,6 +19,13 @@ export interface StageServiceOptions {
   shutdownGraceMs?: number;
   connectionAge?: ConnectionAgeOptions;
   handleSignals?: boolean;
+  /**
+   * The services' shared secret: when set, only callers presenting it (`authorization: Bearer`)
+   * are served (the gateway, its slide workers, decoders fetching features). Health stays open.
+   */
+  internalToken?: string;
+  /** Serve gRPC server reflection (default true). */
+  reflection?: boolean;
   /** Test hook passed to the pool (see OnnxWorkerPoolOptions.faultInjection). */
   faultInjection?: boolean;
   /** Extra work on shutdown, after the pool closed (flush tracing, stop metrics). */
@@ -80,6 +87,8 @@ export async function startStageService<P>(spec: StageServiceSpec<P>, options: S
       shutdownGraceMs: options.shutdownGraceMs,
       connectionAge: options.connectionAge,
       handleSignals: options.handleSignals,
+      auth: options.internalToken ? new CallAuthenticator({ internalToken: options.internalToken }) : undefined,
+      reflection: options.reflection,
       onShutdown: async () => {
         await closeAll();
         await options.onShutdown?.();

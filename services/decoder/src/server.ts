@@ -62,7 +62,8 @@ export async function startDecoder(options: DecoderOptions): Promise<RunningDeco
             targets: options.encoders,
             modelVersion: manifest.version,
             featureCount: manifest.featureShape.reduce((a, b) => a * b, 1),
-            client: { maxMessageBytes: options.maxMessageBytes },
+            // The encoders serve only holders of the internal token (when the services run with one).
+            client: { maxMessageBytes: options.maxMessageBytes, bearerToken: options.internalToken },
           });
         }
         return new DecoderPipeline(manifest, pool, { ...options, featureSources: encoderSource ? [encoderSource] : [] });

@@ -9,9 +9,11 @@
 // HTTP status that matches the gRPC code and a JSON body {code, status, message, details}
 // (RESOURCE_EXHAUSTED is 429 with Retry-After). An optional `x-timeout-ms` header is the request's
 // deadline; a client that disconnects cancels its request. CORS for browser viewers.
+import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
-import { errorDetailsOf, segmentationProto, status, toServiceError } from '@cfrsam/rpc';
+import { type CallAuthenticator, errorDetailsOf, segmentationProto, type ServerTlsOptions, status, toServiceError } from '@cfrsam/rpc';
 import type { SegmentationPipeline } from './pipeline';
 
 export interface HttpGatewayOptions {
@@ -21,6 +23,40 @@ export interface HttpGatewayOptions {
   maxBodyBytes: number;
   /** Access-Control-Allow-Origin: "*" or a comma-separated list of origins ("" turns CORS off). */
   corsOrigins: string;
+  /** Bearer tokens, as on the gRPC port (`Authorization: Bearer <token>`); /healthz stays open. */
+  auth?: CallAuthenticator;
+  /** HTTPS with the gRPC port's certificate (files read again when they change). */
+  tls?: ServerTlsOptions;
+}
+
+/** The gRPC method each authenticated route stands for (rights are granted per method). */
+const ROUTE_METHODS: Record<string, string> = {
+  'POST /v1/segment': 'cfrsam.v1.Segmentation/Segment',
+  'POST /v1/refine': 'cfrsam.v1.Segmentation/Refine',
+  'GET /v1/model': 'cfrsam.v1.Segmentation/GetModelInfo',
+};
+
+/** An HTTPS server whose certificate is read again when its files change. */
+function httpsServer(tls: ServerTlsOptions, handler: http.RequestListener): https.Server {
+  const contextOptions = () => ({
+    cert: fs.readFileSync(tls.certFile),
+    key: fs.readFileSync(tls.keyFile),
+    ...(tls.clientCaFile ? { ca: fs.readFileSync(tls.clientCaFile), requestCert: true, rejectUnauthorized: true } : {}),
+  });
+  const server = https.createServer(contextOptions(), handler);
+  const reload = () => {
+    try {
+      server.setSecureContext(contextOptions());
+    } catch (err) {
+      console.error(`gateway http: keeping the previous certificate: ${(err as Error).message}`);
+    }
+  };
+  const interval = tls.refreshIntervalMs ?? 60_000;
+  for (const file of [tls.certFile, tls.keyFile, tls.clientCaFile]) if (file) fs.watchFile(file, { interval, persistent: false }, reload);
+  server.on('close', () => {
+    for (const file of [tls.certFile, tls.keyFile, tls.clientCaFile]) if (file) fs.unwatchFile(file, reload);
+  });
+  return server;
 }
 
 export interface RunningHttpGateway {
@@ -119,7 +155,7 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
     res.end(text);
   };
 
-  const server = http.createServer((req, res) => {
+  const handler: http.RequestListener = (req, res) => {
     cors(req, res);
     const controller = new AbortController();
     res.on('close', () => {
@@ -129,6 +165,11 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
     const ctx = { signal: controller.signal, deadline: timeoutMs > 0 ? new Date(Date.now() + timeoutMs) : undefined };
     const route = `${req.method} ${(req.url ?? '').split('?')[0]}`;
     (async () => {
+      const method = ROUTE_METHODS[route];
+      if (method && options.auth?.enabled) {
+        const identity = options.auth.authenticate(req.headers.authorization, method);
+        if (identity instanceof Error) throw identity;
+      }
       switch (route) {
         case 'OPTIONS /v1/segment':
         case 'OPTIONS /v1/refine':
@@ -158,9 +199,11 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
       const details = errorDetailsOf(e);
       const headers: Record<string, string> = {};
       if (details.retryDelayMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(details.retryDelayMs / 1000)));
+      if (e.code === status.UNAUTHENTICATED) headers['www-authenticate'] = 'Bearer';
       send(res, httpStatusOf(e.code), { code: e.code, status: status[e.code], message: e.details, details }, headers);
     });
-  });
+  };
+  const server = options.tls ? httpsServer(options.tls, handler) : http.createServer(handler);
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(options.port, options.host ?? '0.0.0.0', () => {

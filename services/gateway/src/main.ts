@@ -3,6 +3,7 @@
 // and decoder replicas. Flags fall back to environment variables and defaults that work on one
 // machine (stage services on their default loopback ports); `--help` lists them.
 import {
+  authenticatorFromFlags,
   ConfigError,
   connectionAgeFromFlags,
   DEFAULT_MAX_CONNECTION_AGE_GRACE_MS,
@@ -11,6 +12,8 @@ import {
   initServiceTelemetry,
   parseFlags,
   runMain,
+  securityFlags,
+  tlsFromFlags,
 } from '@cfrsam/rpc';
 import { DEFAULT_GATEWAY_CONFIG as D } from './config';
 import { DEFAULT_GATEWAY_PORT, startGateway } from './server';
@@ -130,6 +133,7 @@ export const GATEWAY_FLAGS = {
     help: 'time calls on an aged connection get to finish before it closes',
   },
   ...slideJobFlags(),
+  ...securityFlags(),
 } satisfies Record<string, FlagSpec>;
 
 async function main(): Promise<void> {
@@ -159,8 +163,15 @@ async function main(): Promise<void> {
     otlpEndpoint: _o,
     maxConnectionAgeMs,
     maxConnectionAgeGraceMs,
+    tlsCert: _tc,
+    tlsKey: _tk,
+    tlsClientCa: _tca,
+    authTokens: _at,
+    internalToken,
     ...rest
   } = config;
+  const tls = tlsFromFlags(config);
+  const auth = authenticatorFromFlags(config, true);
   await startGateway({
     ...rest,
     decoders,
@@ -170,6 +181,9 @@ async function main(): Promise<void> {
     refineCacheBytes: refineCacheMb * 1024 * 1024,
     resultCacheBytes: resultCacheMb * 1024 * 1024,
     maxMessageBytes: maxMessageMb * 1024 * 1024,
+    tls,
+    auth,
+    internalToken: internalToken || undefined,
     handleSignals: true,
     onShutdown: async () => {
       await telemetry.tracing.shutdown();

@@ -1,9 +1,11 @@
 // Gateway transport: the gRPC handlers of the public Segmentation service and the assembly of a
 // running gateway (manifest -> pipeline -> gRPC server with health, reflection, graceful shutdown).
 import {
+  type CallAuthenticator,
   type ConnectionAgeOptions,
   type RunningServer,
   segmentationProto,
+  type ServerTlsOptions,
   serviceMetrics,
   SpanAttributes,
   startServer,
@@ -72,6 +74,14 @@ export interface GatewayOptions extends Partial<Omit<GatewayConfig, 'prompter' |
   httpPort?: number;
   /** CORS origins of the HTTP/JSON API ("*", a comma-separated list, or "" for none). */
   corsOrigins?: string;
+  /** TLS of the public API (gRPC and HTTP/JSON); plaintext when absent. */
+  tls?: ServerTlsOptions;
+  /** Client bearer tokens of the public API (gRPC and HTTP/JSON); every caller is served when absent. */
+  auth?: CallAuthenticator;
+  /** The services' shared secret, sent to the stage services (which refuse other callers). */
+  internalToken?: string;
+  /** Serve gRPC server reflection (default true). */
+  reflection?: boolean;
   shutdownGraceMs?: number;
   handleSignals?: boolean;
   onShutdown?: () => Promise<void> | void;
@@ -103,7 +113,7 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
     ...config,
     modelVersion: manifest.version,
     dnsIntervalMs: options.decoderDnsIntervalMs ?? 5000,
-    client: { maxMessageBytes: options.maxMessageBytes },
+    client: { maxMessageBytes: options.maxMessageBytes, bearerToken: options.internalToken },
     onFailover: (stage, replica, err) =>
       console.error(`gateway: ${stage} ${replica} failed (${err.details ?? err.message}); trying the next replica`),
   });
@@ -145,6 +155,9 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
       shutdownGraceMs: options.shutdownGraceMs,
       connectionAge: options.connectionAge,
       handleSignals: options.handleSignals,
+      tls: options.tls,
+      auth: options.auth,
+      reflection: options.reflection,
       onShutdown: async () => {
         await httpGateway?.close();
         await slideJobs?.close();
@@ -158,6 +171,8 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
         host: options.host,
         maxBodyBytes: options.maxMessageBytes ?? 256 * 1024 * 1024,
         corsOrigins: options.corsOrigins ?? '*',
+        auth: options.auth,
+        tls: options.tls,
       });
     }
     return { server, pipeline, stages, http: httpGateway };

@@ -28,6 +28,8 @@ async function main(): Promise<void> {
     maxMessageBytes: config.maxMessageMb * 1024 * 1024,
     shutdownGraceMs: config.shutdownGraceMs,
     connectionAge,
+    internalToken: config.internalToken || undefined,
+    reflection: config.reflection,
     maxBatch: config.maxBatch,
     maxTilesPerRequest: config.maxTiles,
     handleSignals: true,

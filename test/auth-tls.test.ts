@@ -1,0 +1,267 @@
+// TLS and bearer tokens on the public API, and the closed stage APIs, against real services over
+// loopback: the stage services run with an internal token (only the gateway, which sends it, gets
+// through), and a gateway serves TLS from certificate files (reloaded when they change) with a
+// token file of two identities. Certificates are made with openssl for each run.
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as https from 'node:https';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import * as tls from 'node:tls';
+import { credentials, Metadata, type ChannelCredentials } from '@grpc/grpc-js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import {
+  AuthReason,
+  CallAuthenticator,
+  errorReason,
+  hashToken,
+  makeClient,
+  segmentationProto,
+  startServer,
+  stagesProto,
+  status,
+  unary,
+  type RunningServer,
+} from '@cfrsam/rpc';
+import { freePort } from '@cfrsam/testing';
+import { startGateway, type RunningGateway } from '../services/gateway/dist/server';
+import { checkHealth } from '../services/gateway/dist/cli/stack';
+import { startTestStack, type TestStack } from './stack';
+import { blobGrid, syntheticPng } from './synthetic';
+
+const INTERNAL_TOKEN = 'internal-secret-for-this-test';
+const LAB_TOKEN = 'lab-a-token-0123456789';
+const VIEWER_TOKEN = 'viewer-token-9876543210';
+
+let dir: string;
+let stack: TestStack;
+let gateway: RunningGateway;
+let httpPort: number;
+
+function openssl(...args: string[]): void {
+  execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
+}
+
+/** A CA, and `name`.pem/.key signed by it for 127.0.0.1 and localhost. */
+function makeCertificates(name: string, cn: string): void {
+  if (!fs.existsSync(path.join(dir, 'ca.pem'))) {
+    openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=cfrsam test CA');
+  }
+  fs.writeFileSync(path.join(dir, 'san.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\n');
+  openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${cn}`);
+  openssl(
+    'x509',
+    '-req',
+    '-in',
+    `${name}.csr`,
+    '-CA',
+    'ca.pem',
+    '-CAkey',
+    'ca.key',
+    '-CAcreateserial',
+    '-out',
+    `${name}.pem`,
+    '-days',
+    '2',
+    '-extfile',
+    'san.ext',
+  );
+}
+
+const file = (name: string) => path.join(dir, name);
+const tlsCredentials = (): ChannelCredentials => credentials.createSsl(fs.readFileSync(file('ca.pem')));
+const bearer = (token: string) => {
+  const md = new Metadata();
+  md.set('authorization', `Bearer ${token}`);
+  return md;
+};
+
+beforeAll(async () => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-auth-'));
+  makeCertificates('server', 'gateway one');
+  makeCertificates('client', 'a client');
+  fs.writeFileSync(
+    file('tokens.json'),
+    JSON.stringify({
+      tokens: [
+        { sha256: hashToken(LAB_TOKEN), identity: 'lab-a', rights: ['cfrsam.v1.Segmentation/*'] },
+        { sha256: hashToken(VIEWER_TOKEN), identity: 'viewer', rights: ['cfrsam.v1.Segmentation/GetModelInfo'] },
+      ],
+    }),
+  );
+  const internal = ['--internal-token', INTERNAL_TOKEN];
+  stack = await startTestStack({ decoders: 1, args: { prompter: internal, encoder: internal, decoder: internal, gateway: internal } });
+  httpPort = await freePort();
+  // A second gateway in this process, in front of the same stages: TLS and client tokens.
+  gateway = await startGateway({
+    port: 0,
+    host: '127.0.0.1',
+    bundle: path.join(__dirname, '..', 'models', 'tiny'),
+    prompter: stack.prompter,
+    encoder: stack.encoder,
+    decoders: stack.decoders,
+    httpPort,
+    tls: { certFile: file('server.pem'), keyFile: file('server.key'), refreshIntervalMs: 200 },
+    auth: new CallAuthenticator({ tokenFile: file('tokens.json'), reloadIntervalMs: 200 }),
+    internalToken: INTERNAL_TOKEN,
+  });
+}, 180_000);
+
+afterAll(async () => {
+  await gateway?.server.shutdown('test over');
+  await stack?.close();
+  if (dir) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+describe('closed stage APIs', () => {
+  it('refuse a caller without the internal token and serve the gateway, which has it', async () => {
+    const blobs = blobGrid([60, 180], [80]);
+    const png = await syntheticPng(256, 256, blobs);
+    const tile = { digest: 'a'.repeat(64), rgb: Buffer.alloc(0) };
+    // From outside the gateway: no token, a wrong one.
+    await expect(
+      unary(stack.encoderClient, stack.encoderClient.encode, { tiles: [tile], modelVersion: '', returnFeatures: true }),
+    ).rejects.toMatchObject({
+      code: status.UNAUTHENTICATED,
+    });
+    const withWrong = makeClient(stagesProto.DecoderClient, stack.decoders[0], { bearerToken: 'guess' });
+    const wrong = unary(withWrong, withWrong.decode, { digest: 'a'.repeat(64), prompts: [], modelVersion: '' } as never);
+    await expect(wrong).rejects.toMatchObject({ code: status.UNAUTHENTICATED });
+    expect(errorReason(await wrong.catch((e: unknown) => e))).toBe(AuthReason.TOKEN_INVALID);
+    withWrong.close();
+    // Health stays open to probes.
+    expect(await checkHealth(stack.encoder)).toBe('SERVING');
+    // The gateway's own calls get through (Detect, Encode, Prepare, Decode, and the decoder's fetch).
+    const response = await unary(
+      stack.segmentation,
+      stack.segmentation.segment,
+      segmentationProto.SegmentRequest.fromPartial({ image: png, prompts: blobs.map((b) => ({ positive: [{ x: b.x, y: b.y }] })), mpp: 0.25 }),
+    );
+    expect(response.nuclei.length).toBeGreaterThanOrEqual(1);
+  }, 120_000);
+});
+
+describe('TLS and tokens on the public API', () => {
+  let client: segmentationProto.SegmentationClient;
+  beforeAll(() => {
+    client = makeClient(segmentationProto.SegmentationClient, `localhost:${gateway.server.port}`, { credentials: tlsCredentials() });
+  });
+  afterAll(() => client?.close());
+
+  it('answers UNAUTHENTICATED without a token and with a wrong one, and serves a right one', async () => {
+    const info = (md?: Metadata) => unary(client, client.getModelInfo, {}, { metadata: md });
+    const none = info();
+    await expect(none).rejects.toMatchObject({ code: status.UNAUTHENTICATED });
+    expect(errorReason(await none.catch((e: unknown) => e))).toBe(AuthReason.TOKEN_MISSING);
+    await expect(info(bearer('not-a-token'))).rejects.toMatchObject({ code: status.UNAUTHENTICATED, details: expect.stringMatching(/not valid/) });
+    expect((await info(bearer(LAB_TOKEN))).inputSize).toBeGreaterThan(0);
+
+    const png = await syntheticPng(256, 256, blobGrid([80], [80]));
+    const segmented = await unary(client, client.segment, segmentationProto.SegmentRequest.fromPartial({ image: png, mpp: 0.25 }), {
+      metadata: bearer(LAB_TOKEN),
+    });
+    expect(segmented.width).toBe(256);
+  }, 120_000);
+
+  it('answers PERMISSION_DENIED to an identity without the right', async () => {
+    const png = await syntheticPng(256, 256, blobGrid([80], [80]));
+    const denied = unary(client, client.segment, segmentationProto.SegmentRequest.fromPartial({ image: png, mpp: 0.25 }), {
+      metadata: bearer(VIEWER_TOKEN),
+    });
+    await expect(denied).rejects.toMatchObject({ code: status.PERMISSION_DENIED, details: expect.stringMatching(/"viewer" has no right/) });
+    expect(errorReason(await denied.catch((e: unknown) => e))).toBe(AuthReason.RIGHT_MISSING);
+    expect((await unary(client, client.getModelInfo, {}, { metadata: bearer(VIEWER_TOKEN) })).inputSize).toBeGreaterThan(0);
+  });
+
+  it('refuses plaintext clients on the TLS port', async () => {
+    const plain = makeClient(segmentationProto.SegmentationClient, `127.0.0.1:${gateway.server.port}`);
+    await expect(unary(plain, plain.getModelInfo, {}, { metadata: bearer(LAB_TOKEN), timeoutMs: 3000 })).rejects.toMatchObject({
+      code: expect.toSatisfy((c: number) => c === status.UNAVAILABLE || c === status.DEADLINE_EXCEEDED),
+    });
+    plain.close();
+  });
+
+  it('checks the same tokens on the HTTPS/JSON API, with /healthz open', async () => {
+    const get = (route: string, headers: Record<string, string> = {}) =>
+      new Promise<{ status: number; body: string }>((resolve, reject) => {
+        const req = https.get({ host: '127.0.0.1', port: httpPort, path: route, ca: fs.readFileSync(file('ca.pem')), headers }, (res) => {
+          let body = '';
+          res.on('data', (c: Buffer) => (body += c.toString()));
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+        });
+        req.on('error', reject);
+      });
+    expect((await get('/healthz')).status).toBe(200);
+    const refused = await get('/v1/model');
+    expect(refused.status).toBe(401);
+    expect(JSON.parse(refused.body)).toMatchObject({ status: 'UNAUTHENTICATED' });
+    expect((await get('/v1/model', { authorization: `Bearer ${LAB_TOKEN}` })).status).toBe(200);
+    expect((await get('/v1/model', { authorization: 'Bearer wrong' })).status).toBe(401);
+  });
+
+  it('serves a renewed certificate once its files change, and picks up a changed token file', async () => {
+    const serial = () =>
+      new Promise<string>((resolve, reject) => {
+        const socket = tls.connect(
+          { host: '127.0.0.1', port: gateway.server.port, ca: fs.readFileSync(file('ca.pem')), ALPNProtocols: ['h2'] },
+          () => {
+            const s = socket.getPeerCertificate().serialNumber;
+            socket.end();
+            resolve(s);
+          },
+        );
+        socket.on('error', reject);
+      });
+    const before = await serial();
+    makeCertificates('renewed', 'gateway two');
+    fs.copyFileSync(file('renewed.key'), file('server.key'));
+    fs.copyFileSync(file('renewed.pem'), file('server.pem'));
+    let after = before;
+    for (let i = 0; i < 50 && after === before; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      after = await serial();
+    }
+    expect(after).not.toBe(before);
+
+    // A token revoked from the file stops working without a restart.
+    const tokens = JSON.parse(fs.readFileSync(file('tokens.json'), 'utf8')) as { tokens: Array<{ identity: string }> };
+    fs.writeFileSync(file('tokens.json'), JSON.stringify({ tokens: tokens.tokens.filter((t) => t.identity !== 'viewer') }));
+    let code = 0;
+    for (let i = 0; i < 50 && code !== status.UNAUTHENTICATED; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      code = await unary(client, client.getModelInfo, {}, { metadata: bearer(VIEWER_TOKEN) }).then(
+        () => 0,
+        (e: { code: number }) => e.code,
+      );
+    }
+    expect(code).toBe(status.UNAUTHENTICATED);
+  }, 30_000);
+});
+
+describe('mutual TLS', () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startServer({
+      name: 'mtls-test',
+      port: 0,
+      host: '127.0.0.1',
+      services: [],
+      reflection: false,
+      tls: { certFile: file('server.pem'), keyFile: file('server.key'), clientCaFile: file('ca.pem') },
+      log: () => {},
+    });
+  });
+  afterAll(() => server?.shutdown('test over'));
+
+  it('serves clients with a certificate from the CA and refuses clients without one', async () => {
+    const health = (creds: ChannelCredentials) => {
+      const client = makeClient(segmentationProto.SegmentationClient, `localhost:${server.port}`, { credentials: creds });
+      return new Promise<void>((resolve, reject) => client.waitForReady(Date.now() + 3000, (err) => (client.close(), err ? reject(err) : resolve())));
+    };
+    const ca = fs.readFileSync(file('ca.pem'));
+    await expect(
+      health(credentials.createSsl(ca, fs.readFileSync(file('client.key')), fs.readFileSync(file('client.pem')))),
+    ).resolves.toBeUndefined();
+    await expect(health(credentials.createSsl(ca))).rejects.toThrow();
+  });
+});
