@@ -4,6 +4,7 @@
 // aborts a signal when the caller cancels or the deadline passes (so queued inference is dropped).
 import { status, type handleUnaryCall, type Metadata, type ServerUnaryCall } from '@grpc/grpc-js';
 import { context, SpanKind, SpanStatusCode, trace, type Span } from '@opentelemetry/api';
+import { callIdentity, type CallIdentity } from './identity';
 import { StatusError, toServiceError } from './status';
 import { serviceMetrics } from './telemetry';
 import { extractTraceContext, getTracer } from './tracing';
@@ -19,6 +20,8 @@ export interface CallContext {
   metadata: Metadata;
   /** Full method path, e.g. "/cfrsam.v1.Encoder/Encode". */
   method: string;
+  /** Who is calling (identity.ts), read when asked so that authentication may attach it first. */
+  readonly identity: CallIdentity;
 }
 
 let inFlight = 0;
@@ -51,12 +54,25 @@ export function unaryHandler<Req, Res>(method: string, fn: (request: Req, ctx: C
     const controller = new AbortController();
     const deadline = deadlineOf(call as ServerUnaryCall<unknown, unknown>);
     let timer: NodeJS.Timeout | undefined;
+    let deadlinePassed = false;
     if (deadline) {
       const ms = deadline.getTime() - Date.now();
-      timer = setTimeout(() => controller.abort(new Error('deadline exceeded')), Math.max(0, ms));
+      timer = setTimeout(
+        () => {
+          deadlinePassed = true;
+          controller.abort(new Error('deadline exceeded'));
+        },
+        Math.max(0, ms),
+      );
       timer.unref();
     }
-    const onCancel = () => controller.abort(new Error('cancelled by the client'));
+    const onCancel = () => {
+      // grpc-js also reports its own expiry of the deadline as 'cancelled'.
+      if (deadline && Date.now() >= deadline.getTime() - 1) {
+        deadlinePassed = true;
+        controller.abort(new Error('deadline exceeded'));
+      } else controller.abort(new Error('cancelled by the client'));
+    };
     call.once('cancelled', onCancel);
     let done = false;
     const finish = (err: unknown, response?: Res) => {
@@ -69,13 +85,17 @@ export function unaryHandler<Req, Res>(method: string, fn: (request: Req, ctx: C
       if (err) {
         // After a cancel or an expired deadline the caller is gone; whatever the handler failed
         // with (often the abort itself) is reported as that, not as a server bug.
+        // A child call cancelled by that abort fails with CANCELLED (a StatusError once a stage
+        // adapter has named it), so the abort's cause decides: DEADLINE_EXCEEDED when the deadline
+        // passed, CANCELLED only when the client cancelled (gRPC's meaning of the two codes).
+        const mapped = toServiceError(err);
         const serviceError =
-          controller.signal.aborted && !(err instanceof StatusError)
+          controller.signal.aborted && (!(err instanceof StatusError) || mapped.code === status.CANCELLED || mapped.code === status.DEADLINE_EXCEEDED)
             ? new StatusError(
-                deadline && Date.now() >= deadline.getTime() ? status.DEADLINE_EXCEEDED : status.CANCELLED,
+                deadlinePassed || (deadline && Date.now() >= deadline.getTime()) ? status.DEADLINE_EXCEEDED : status.CANCELLED,
                 `${method}: ${(controller.signal.reason as Error)?.message ?? 'cancelled'}`,
               )
-            : toServiceError(err);
+            : mapped;
         if (serviceError.code === status.INTERNAL || serviceError.code === status.UNKNOWN) {
           console.error(`${method}: ${serviceError.details}${err instanceof Error && err.stack ? `\n${err.stack}` : ''}`);
         }
@@ -91,7 +111,16 @@ export function unaryHandler<Req, Res>(method: string, fn: (request: Req, ctx: C
         callback(null, response);
       }
     };
-    const ctx: CallContext = { span, signal: controller.signal, deadline, metadata: call.metadata, method: `/${method}` };
+    const ctx: CallContext = {
+      span,
+      signal: controller.signal,
+      deadline,
+      metadata: call.metadata,
+      method: `/${method}`,
+      get identity() {
+        return callIdentity(call);
+      },
+    };
     try {
       context
         .with(trace.setSpan(parent, span), () => fn(call.request, ctx))

@@ -1,0 +1,92 @@
+// An adaptive concurrency limit (AIMD on measured latency, in the manner of Netflix's
+// concurrency-limits and Envoy's adaptive concurrency filter): how many requests the gateway runs
+// at once is learnt from how long they take, not fixed. Requests differ in size by orders of
+// magnitude, so latency is compared per unit of work (ms per pixel): a sample slower than
+// `tolerance` times the best recent one means the stages are oversubscribed (requests share the
+// cores and each one takes longer) and the limit shrinks multiplicatively; a fast sample taken
+// while the limit was in full use lets it grow by one per round of `limit` samples. No npm library
+// does this for Node (the maintained limiters, p-limit and the like, take a fixed number).
+
+export interface AdaptiveLimitOptions {
+  /** Limit before any sample (default 1: the first request runs alone, at its single-request latency). */
+  initial?: number;
+  /** Lower bound (default 1). */
+  min?: number;
+  /** Upper bound (default 64). */
+  max?: number;
+  /** A sample slower than tolerance x the baseline counts as congestion (default 1.5). */
+  tolerance?: number;
+  /** Multiplicative decrease on congestion or a dropped request (default 0.75). */
+  backoff?: number;
+  /**
+   * How fast the baseline (the best latency per unit of work) may rise per sample, so that a
+   * machine that became slower for good is learnt (default 0.001: doubling takes ~700 samples).
+   * A window minimum would forget the uncongested latency after a window of congested samples and
+   * let the limit creep up.
+   */
+  baselineDrift?: number;
+}
+
+export interface LimitSample {
+  /** Service time of the request (ms, from start of work to the answer). */
+  latencyMs: number;
+  /** Its work (pixels); latency is compared per unit of work. */
+  work: number;
+  /** Requests running when it started, itself included. */
+  inFlight: number;
+  /** It failed for a reason that signals overload (a stage timed out or was exhausted). */
+  dropped?: boolean;
+}
+
+export class AdaptiveLimit {
+  private value: number;
+  private readonly min: number;
+  private readonly max: number;
+  private readonly tolerance: number;
+  private readonly backoff: number;
+  private readonly drift: number;
+  private best: number | undefined;
+
+  constructor(options: AdaptiveLimitOptions = {}) {
+    this.min = Math.max(1, options.min ?? 1);
+    this.max = Math.max(this.min, options.max ?? 64);
+    this.value = clamp(options.initial ?? 1, this.min, this.max);
+    this.tolerance = Math.max(1, options.tolerance ?? 1.5);
+    this.backoff = clamp(options.backoff ?? 0.75, 0.1, 0.99);
+    this.drift = clamp(options.baselineDrift ?? 0.001, 0, 1);
+  }
+
+  /** Requests that may run at once now. */
+  get limit(): number {
+    return Math.floor(this.value);
+  }
+
+  /** The best recent latency per unit of work (ms per pixel), or undefined before any sample. */
+  get baseline(): number | undefined {
+    return this.best;
+  }
+
+  /** Feeds one finished request; returns the new limit. */
+  update(sample: LimitSample): number {
+    if (sample.dropped) {
+      this.value = Math.max(this.min, this.value * this.backoff);
+      return this.limit;
+    }
+    if (!(sample.work > 0) || !(sample.latencyMs >= 0)) return this.limit;
+    const perUnit = sample.latencyMs / sample.work;
+    const baseline = this.best === undefined ? perUnit : Math.min(perUnit, this.best * (1 + this.drift));
+    this.best = baseline;
+    if (perUnit > this.tolerance * baseline) {
+      this.value = Math.max(this.min, this.value * this.backoff);
+    } else if (sample.inFlight >= this.limit) {
+      // Only a limit in full use earns more: an idle gateway's fast answers say nothing about
+      // what one more concurrent request would cost.
+      this.value = Math.min(this.max, this.value + 1 / Math.max(1, this.limit));
+    }
+    return this.limit;
+  }
+}
+
+function clamp(x: number, lo: number, hi: number): number {
+  return Math.min(hi, Math.max(lo, x));
+}
