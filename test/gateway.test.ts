@@ -303,9 +303,7 @@ describe('gateway', () => {
     const huge = await sharp({ create: { width: 700, height: 700, channels: 3, background: 'white' } })
       .png()
       .toBuffer();
-    const gif = await sharp({ create: { width: 16, height: 16, channels: 3, background: 'red' } })
-      .gif()
-      .toBuffer();
+    const pdf = Buffer.from('%PDF-1.4\n%\u00e2\u00e3\n1 0 obj\n<<>>\nendobj\n');
     const bmp = Buffer.concat([Buffer.from('BM'), Buffer.alloc(64, 1)]);
     const corrupt = Buffer.concat([smallPng.subarray(0, 64), Buffer.alloc(256, 7)]);
     const prompt = (x: number, y: number) => ({ positive: [{ x, y }], negative: [] });
@@ -314,7 +312,7 @@ describe('gateway', () => {
       ['empty image', request(Buffer.alloc(0)), /empty/],
       ['1x1 image', request(one), /1x1 pixels, smaller than the minimum/],
       ['over the pixel limit', request(huge), /700x700 = 490000 pixels, over the limit of 400000/],
-      ['GIF', request(gif), /GIF images are not supported; send PNG, JPEG or TIFF/],
+      ['PDF', request(pdf), /PDF images are not supported; send PNG, JPEG, TIFF, WebP or GIF/],
       ['BMP', request(bmp), /BMP images are not supported/],
       [
         'point outside',

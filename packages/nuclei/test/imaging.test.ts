@@ -86,14 +86,46 @@ describe('decodeImage', () => {
     expect([j.format, j.width, j.height, j.data.length]).toEqual(['jpeg', 16, 16, 16 * 16 * 3]);
   });
 
-  it('rejects empty, corrupt, truncated and unsupported input with a clear message', async () => {
-    await expectInputError(new Uint8Array(0), /empty/);
-    await expectInputError(Buffer.from('definitely not an image'), /not recognised.*PNG, JPEG or TIFF/);
-    const gif = await sharp({ create: { width: 8, height: 8, channels: 3, background: 'red' } })
+  it('decodes WebP, the first frame of an animated GIF (said in notes) and CMYK JPEG (converted to RGB)', async () => {
+    const webp = await sharp(gradientRgb(32, 24), { raw: { width: 32, height: 24, channels: 3 } })
+      .webp({ lossless: true })
+      .toBuffer();
+    expect(sniffImageFormat(webp)).toBe('webp');
+    const w = await decodeImage(webp, limits);
+    expect([w.format, w.width, w.height, w.notes]).toEqual(['webp', 32, 24, []]);
+    expect(Buffer.from(w.data).equals(gradientRgb(32, 24))).toBe(true);
+
+    // Two frames, red then blue: the first (red) is segmented and the note says so.
+    const frame = (background: string) =>
+      sharp({ create: { width: 16, height: 16, channels: 3, background } })
+        .png()
+        .toBuffer();
+    const gif = await sharp([await frame('red'), await frame('blue')], { join: { animated: true } })
       .gif()
       .toBuffer();
     expect(sniffImageFormat(gif)).toBe('gif');
-    await expectInputError(gif, /GIF images are not supported.*PNG, JPEG or TIFF/);
+    const g = await decodeImage(gif, limits);
+    expect([g.format, g.width, g.height]).toEqual(['gif', 16, 16]);
+    expect(g.notes.join()).toMatch(/GIF with 2 frames: the first frame was segmented/);
+    expect([g.data[0], g.data[1], g.data[2]]).toEqual([255, 0, 0]);
+
+    const cmyk = await sharp({ create: { width: 16, height: 16, channels: 3, background: { r: 200, g: 40, b: 40 } } })
+      .toColourspace('cmyk')
+      .jpeg({ quality: 95 })
+      .toBuffer();
+    expect((await sharp(cmyk).metadata()).space).toBe('cmyk');
+    const c = await decodeImage(cmyk, limits);
+    expect(c.notes.join()).toMatch(/CMYK JPEG converted to RGB/);
+    // A red stays red (within the round trip through a CMYK profile).
+    expect(c.data[0]).toBeGreaterThan(150);
+    expect(c.data[1]).toBeLessThan(110);
+    expect(c.data[2]).toBeLessThan(110);
+  });
+
+  it('rejects empty, corrupt, truncated and unsupported input with a clear message', async () => {
+    await expectInputError(new Uint8Array(0), /empty/);
+    await expectInputError(Buffer.from('definitely not an image'), /not recognised.*PNG, JPEG, TIFF, WebP or GIF/);
+    await expectInputError(Buffer.from('%PDF-1.4\n1 0 obj\n'), /PDF images are not supported.*PNG, JPEG, TIFF, WebP or GIF/);
     await expectInputError(Buffer.concat([Buffer.from('BM'), Buffer.alloc(60)]), /BMP images are not supported/);
     const png = await sharp(gradientRgb(64, 64), { raw: { width: 64, height: 64, channels: 3 } })
       .png()

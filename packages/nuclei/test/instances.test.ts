@@ -2,10 +2,14 @@ import { describe, expect, it } from 'vitest';
 import { planTiles } from '../src/imaging';
 import {
   buildLabelMap,
+  cocoCountsFromString,
+  cocoCountsString,
   connectedComponents,
   contourPerimeter,
   convexHull,
+  decodeCocoRle,
   decodeRle,
+  encodeCocoRle,
   encodeRle,
   fillHoles,
   instanceOrder,
@@ -297,5 +301,40 @@ describe('RLE and label maps', () => {
     const masks = masksFromLabelMap(labels, 8, 8);
     expect(masks.map(maskArea)).toEqual([4, 1]);
     expect([masks[0].x0, masks[0].y0]).toEqual([1, 1]);
+  });
+});
+
+describe('COCO RLE (pycocotools layout)', () => {
+  it('encodes a placed mask over the whole image, column-major, and round-trips', () => {
+    // A 3x2 mask at (1, 1) in a 4x4 image: rows "110" and "011".
+    const mask: PlacedMask = { x0: 1, y0: 1, width: 3, height: 2, data: Uint8Array.from([1, 1, 0, 0, 1, 1]) };
+    const counts = encodeCocoRle(mask, 4, 4);
+    // Column-major indices x*4 + y of the ones: (1,1)=5, (2,1)=9, (2,2)=10, (3,2)=14.
+    expect(counts).toEqual([5, 1, 3, 2, 3, 1, 1]);
+    const image = decodeCocoRle(counts, 4, 4);
+    const expected = new Uint8Array(16);
+    for (const [x, y] of [
+      [1, 1],
+      [2, 1],
+      [2, 2],
+      [3, 2],
+    ])
+      expected[y * 4 + x] = 1;
+    expect([...image]).toEqual([...expected]);
+    expect(cocoCountsFromString(cocoCountsString(counts))).toEqual(counts);
+  });
+
+  it("writes pycocotools' compressed counts string (deltas from i-2, 5-bit groups, sign-extended)", () => {
+    expect(cocoCountsString([0, 5])).toBe('05');
+    expect(cocoCountsString([10, 40, 5, 3])).toBe(':X15kN');
+    expect(cocoCountsFromString(':X15kN')).toEqual([10, 40, 5, 3]);
+    const big = [123456, 7, 99999, 1, 0];
+    expect(cocoCountsFromString(cocoCountsString(big))).toEqual(big);
+  });
+
+  it('ends on the last run of ones when the mask reaches the last pixel, and is one run when empty', () => {
+    const corner: PlacedMask = { x0: 2, y0: 1, width: 1, height: 1, data: Uint8Array.from([1]) };
+    expect(encodeCocoRle(corner, 3, 2)).toEqual([5, 1]);
+    expect(encodeCocoRle({ x0: 0, y0: 0, width: 2, height: 2, data: new Uint8Array(4) }, 3, 2)).toEqual([6]);
   });
 });

@@ -5,6 +5,8 @@ import { status } from '@grpc/grpc-js';
 import { grpcError, segmentationProto } from '@cfrsam/rpc';
 import {
   buildLabelMap,
+  cocoCountsString,
+  encodeCocoRle,
   encodeRle,
   instanceOrder,
   labelMapToBytes,
@@ -49,6 +51,8 @@ export interface AssembleOptions {
   minScore: number;
   returnLabelMap: boolean;
   returnMasks: boolean;
+  /** Box row-major RLE (default) or COCO's whole-image column-major RLE. */
+  maskEncoding?: segmentationProto.MaskEncoding;
   minKeptFraction: number;
   minAreaPx: number;
   polygonTolerance: number;
@@ -103,7 +107,7 @@ export function assembleNuclei(candidates: DecodedCandidate[], image: RgbImage, 
       prompt: c.prompt,
       predictedIou: c.predictedIou,
     };
-    if (options.returnMasks) nucleus.mask = encodeRle(c.mask);
+    if (options.returnMasks) nucleus.mask = encodeMask(c.mask, image, options.maskEncoding);
     nuclei.push(nucleus);
     masks.push(c.mask);
   }
@@ -123,4 +127,16 @@ export function assembleNuclei(candidates: DecodedCandidate[], image: RgbImage, 
     };
   }
   return out;
+}
+
+function encodeMask(
+  mask: PlacedMask,
+  image: RgbImage,
+  encoding = segmentationProto.MaskEncoding.MASK_ENCODING_UNSPECIFIED,
+): segmentationProto.RleMask {
+  if (encoding === segmentationProto.MaskEncoding.MASK_ENCODING_COCO_RLE) {
+    const counts = encodeCocoRle(mask, image.width, image.height);
+    return { width: image.width, height: image.height, counts, encoding, cocoCounts: cocoCountsString(counts) };
+  }
+  return { ...encodeRle(mask), encoding: segmentationProto.MaskEncoding.MASK_ENCODING_BOX_ROW_MAJOR, cocoCounts: '' };
 }

@@ -8,7 +8,9 @@ import { setMaxListeners } from 'node:events';
 import { digestTile, type Manifest } from '@cfrsam/contract';
 import {
   decodeImage,
+  encodeLabelPng,
   extractTileRgb,
+  labelMapFromBytes,
   isIdentity,
   pasteTileMask,
   planTiles,
@@ -57,6 +59,8 @@ export interface SegmentedImage {
   /** Detections by tile index (image coordinates); undefined for tiles the prompter did not see. */
   detections: (ImageDetection[] | undefined)[];
   mpp: number;
+  /** The Segment request's origin and downsample, echoed by Refine too. */
+  placement: { origin?: segmentationProto.Point; downsample: number };
 }
 
 /** Deadline, cancellation and tracing of the client's call. */
@@ -238,6 +242,7 @@ export class SegmentationPipeline {
     if (!Number.isFinite(request.mpp) || request.mpp < 0) {
       throw grpcError(status.INVALID_ARGUMENT, `mpp must be a positive number of micrometres per pixel (or 0 for the model's), got ${request.mpp}`);
     }
+    const placement = slidePlacement(request);
     const image = await clock.time('decode', () =>
       withSpan('gateway.decode_image', { 'cfrsam.image_bytes': request.image.length }, async (span) => {
         const decoded = await decodeImage(request.image, {
@@ -288,7 +293,11 @@ export class SegmentationPipeline {
     const candidates = toImageFrame(byTile.flat(), scale, image);
     const assembled = await clock.time('assemble', () =>
       withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async (span) => {
-        const out = assembleNuclei(candidates, image, this.assembleOptions(imageMpp, request.minScore, request.returnLabelMap, request.returnMasks));
+        const out = assembleNuclei(
+          candidates,
+          image,
+          this.assembleOptions(imageMpp, request.minScore, request.returnLabelMap, request.returnMasks, request.maskEncoding),
+        );
         span.setAttribute('cfrsam.nuclei', out.nuclei.length);
         return out;
       }),
@@ -308,6 +317,7 @@ export class SegmentationPipeline {
       digests,
       detections,
       mpp: imageMpp,
+      placement,
     });
     return {
       imageId,
@@ -315,7 +325,7 @@ export class SegmentationPipeline {
       height: image.height,
       nuclei: assembled.nuclei,
       counts: assembled.counts,
-      labelMap: assembled.labelMap,
+      labelMap: await encodeLabelMapAs(assembled.labelMap, request.labelMapEncoding),
       modelName: this.manifest.name,
       modelVersion: this.manifest.version,
       timings: clock.timings(),
@@ -323,6 +333,8 @@ export class SegmentationPipeline {
       imageMpp,
       mppAssumed,
       modelMpp: this.manifest.mpp,
+      ...placement,
+      ...(image.notes.length > 0 ? { imageNotes: image.notes.join('; ') } : {}),
     };
   }
 
@@ -353,8 +365,15 @@ export class SegmentationPipeline {
     });
   }
 
-  private assembleOptions(mpp: number, minScore: number, returnLabelMap: boolean, returnMasks: boolean) {
+  private assembleOptions(
+    mpp: number,
+    minScore: number,
+    returnLabelMap: boolean,
+    returnMasks: boolean,
+    maskEncoding?: segmentationProto.MaskEncoding,
+  ) {
     return {
+      maskEncoding,
       classNames: this.manifest.classes.map((c) => c.name),
       mpp,
       minScore,
@@ -503,7 +522,7 @@ export class SegmentationPipeline {
     const candidates = toImageFrame(byTile.flat(), scale, image);
     const assembled = await clock.time('assemble', () =>
       withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async () =>
-        assembleNuclei(candidates, image, this.assembleOptions(entry.mpp, 0, request.returnLabelMap, request.returnMasks)),
+        assembleNuclei(candidates, image, this.assembleOptions(entry.mpp, 0, request.returnLabelMap, request.returnMasks, request.maskEncoding)),
       ),
     );
     return {
@@ -512,7 +531,7 @@ export class SegmentationPipeline {
       height: image.height,
       nuclei: assembled.nuclei,
       counts: assembled.counts,
-      labelMap: assembled.labelMap,
+      labelMap: await encodeLabelMapAs(assembled.labelMap, request.labelMapEncoding),
       modelName: this.manifest.name,
       modelVersion: this.manifest.version,
       timings: clock.timings(),
@@ -520,6 +539,7 @@ export class SegmentationPipeline {
       imageMpp: entry.mpp,
       mppAssumed: entry.mppAssumed,
       modelMpp: this.manifest.mpp,
+      ...entry.placement,
     };
   }
 }
@@ -587,6 +607,42 @@ function scalePrompt(p: segmentationProto.Prompt, scale: ResampleScale): segment
     positive: p.positive.map(pt),
     negative: p.negative.map(pt),
     box: p.box ? { x0: p.box.x0 * scale.x, y0: p.box.y0 * scale.y, x1: p.box.x1 * scale.x, y1: p.box.y1 * scale.y } : undefined,
+  };
+}
+
+/** The request's origin and downsample, checked, for the response (downsample 0 means 1). */
+function slidePlacement(request: segmentationProto.SegmentRequest): { origin?: segmentationProto.Point; downsample: number } {
+  const { origin } = request;
+  const downsample = request.downsample ?? 0;
+  if (!Number.isFinite(downsample) || downsample < 0) {
+    throw grpcError(
+      status.INVALID_ARGUMENT,
+      `downsample must be a positive number of level-0 pixels per image pixel (or 0 for 1), got ${downsample}`,
+      {
+        fieldViolations: [{ field: 'downsample', description: 'must be >= 0' }],
+      },
+    );
+  }
+  if (origin && !(Number.isFinite(origin.x) && Number.isFinite(origin.y))) {
+    throw grpcError(status.INVALID_ARGUMENT, `origin must be finite level-0 pixel coordinates, got (${origin.x}, ${origin.y})`, {
+      fieldViolations: [{ field: 'origin', description: 'must be finite' }],
+    });
+  }
+  return { origin, downsample: downsample > 0 ? downsample : 1 };
+}
+
+/** The label map in the encoding asked for: raw uint16 (default) or a 16-bit PNG. */
+async function encodeLabelMapAs(
+  labelMap: segmentationProto.LabelMap | undefined,
+  encoding: segmentationProto.LabelMapEncoding | undefined,
+): Promise<segmentationProto.LabelMap | undefined> {
+  if (!labelMap || encoding !== segmentationProto.LabelMapEncoding.LABEL_MAP_ENCODING_PNG) return labelMap;
+  const labels = labelMapFromBytes(labelMap.data, labelMap.width, labelMap.height);
+  return {
+    width: labelMap.width,
+    height: labelMap.height,
+    data: Buffer.alloc(0),
+    png: await encodeLabelPng(labels, labelMap.width, labelMap.height),
   };
 }
 

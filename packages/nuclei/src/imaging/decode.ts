@@ -8,7 +8,7 @@
 import sharp from 'sharp';
 
 /** Formats the service accepts. */
-export const SUPPORTED_IMAGE_FORMATS = ['png', 'jpeg', 'tiff'] as const;
+export const SUPPORTED_IMAGE_FORMATS = ['png', 'jpeg', 'tiff', 'webp', 'gif'] as const;
 export type SupportedImageFormat = (typeof SUPPORTED_IMAGE_FORMATS)[number];
 
 /** An 8-bit RGB image, row-major, 3 bytes per pixel, no padding. */
@@ -37,7 +37,7 @@ export class ImageInputError extends Error {
   readonly grpcStatus = 3;
 }
 
-const SUPPORTED_LIST = 'PNG, JPEG or TIFF (8 or 16 bit; grey, grey+alpha, RGB or RGBA)';
+const SUPPORTED_LIST = 'PNG, JPEG, TIFF, WebP or GIF (8 or 16 bit; grey, grey+alpha, RGB, RGBA or CMYK JPEG)';
 
 /** Recognises a format from its first bytes; returns a lowercase name, or undefined. */
 export function sniffImageFormat(bytes: Uint8Array): string | undefined {
@@ -83,8 +83,10 @@ export interface DecodedImage extends RgbImage {
   format: SupportedImageFormat;
   /** Bits per sample of the source (8 or 16). */
   sourceBitDepth: number;
-  /** Channels of the source (1 grey, 2 grey+alpha, 3 RGB, 4 RGBA). */
+  /** Channels of the source (1 grey, 2 grey+alpha, 3 RGB, 4 RGBA or CMYK). */
   sourceChannels: number;
+  /** What was done to the image that the caller should know (first frame of an animation, CMYK converted). */
+  notes: string[];
 }
 
 /**
@@ -95,7 +97,7 @@ export interface DecodedImage extends RgbImage {
  * Throws ImageInputError for anything the client should fix.
  */
 export async function decodeImage(bytes: Uint8Array, limits: ImageLimits = DEFAULT_IMAGE_LIMITS): Promise<DecodedImage> {
-  if (bytes.length === 0) throw new ImageInputError('image is empty (0 bytes); send PNG, JPEG or TIFF bytes');
+  if (bytes.length === 0) throw new ImageInputError(`image is empty (0 bytes); send ${SUPPORTED_LIST} bytes`);
   const sniffed = sniffImageFormat(bytes);
   if (!isSupported(sniffed)) {
     const what = sniffed ? `${sniffed.toUpperCase()} images are not supported` : 'image format not recognised';
@@ -118,8 +120,19 @@ export async function decodeImage(bytes: Uint8Array, limits: ImageLimits = DEFAU
   const height = meta.height ?? 0;
   checkImageSize(width, height, limits);
   const channels = meta.channels ?? 3;
-  if (channels > 4) throw new ImageInputError(`image has ${channels} channels; send grey, RGB or RGBA`);
-  if (meta.space === 'cmyk') throw new ImageInputError('CMYK images are not supported; send RGB or greyscale');
+  const cmyk = meta.space === 'cmyk';
+  if (channels > 4 || (cmyk && !(sniffed === 'jpeg' || sniffed === 'tiff'))) {
+    throw new ImageInputError(`image has ${channels} channels (${meta.space ?? 'unknown'} colour space); send grey, RGB, RGBA or CMYK JPEG`);
+  }
+  const notes: string[] = [];
+  // libvips converts CMYK to sRGB through its bundled CMYK profile (or the file's embedded one).
+  if (cmyk) notes.push(`CMYK ${sniffed.toUpperCase()} converted to RGB`);
+  const frames = meta.pages ?? 1;
+  if (frames > 1 && (sniffed === 'gif' || sniffed === 'webp')) {
+    notes.push(`animated ${sniffed.toUpperCase()} with ${frames} frames: the first frame was segmented`);
+  } else if (frames > 1 && sniffed === 'tiff') {
+    notes.push(`TIFF with ${frames} pages: the first page was segmented`);
+  }
   const sourceBitDepth = depthBits(meta.depth);
   let pipeline = sharp(input, options);
   if (meta.hasAlpha) pipeline = pipeline.flatten({ background: '#ffffff' });
@@ -142,6 +155,7 @@ export async function decodeImage(bytes: Uint8Array, limits: ImageLimits = DEFAU
     format: sniffed,
     sourceBitDepth,
     sourceChannels: channels,
+    notes,
   };
 }
 
