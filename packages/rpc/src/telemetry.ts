@@ -24,6 +24,8 @@ export class ServiceMetrics {
   private readonly batchSizes;
   private readonly inFlightCalls;
   private readonly poolJobs;
+  private readonly admissionEvents;
+  private readonly admissionGauges;
   private readonly base: Attributes;
 
   constructor(
@@ -58,6 +60,33 @@ export class ServiceMetrics {
       unit: 's',
       advice: { explicitBucketBoundaries: SECONDS_BUCKETS },
     });
+    this.admissionEvents = meter.createCounter('cfrsam_admission_total', {
+      description:
+        'Admission of public requests by event: admitted (started at once), queued, rejected_early (deadline unreachable), ' +
+        'rejected_identity (per-caller limit), rejected_queue (queue full or waited too long), expired, cancelled, answered, ' +
+        'goodput (answered within its deadline)',
+    });
+    this.admissionGauges = {
+      limit: meter.createGauge('cfrsam_admission_limit', { description: 'Current adaptive concurrency limit (requests run at once)' }),
+      running: meter.createGauge('cfrsam_admission_running', { description: 'Requests running' }),
+      queued: meter.createGauge('cfrsam_admission_queue_depth', { description: 'Requests waiting for admission (the HPA scales on it)' }),
+      throughput: meter.createGauge('cfrsam_admission_throughput_pixels_per_second', {
+        description: 'Measured throughput: pixels at the model resolution answered per second of busy time',
+      }),
+    };
+  }
+
+  /** One admission event (see cfrsam_admission_total). */
+  admission(event: string): void {
+    this.admissionEvents.add(1, { ...this.base, event });
+  }
+
+  /** The admission controller's state after a change. */
+  admissionState(state: { limit: number; running: number; queued: number; pixelsPerSecond: number }): void {
+    this.admissionGauges.limit.record(state.limit, this.base);
+    this.admissionGauges.running.record(state.running, this.base);
+    this.admissionGauges.queued.record(state.queued, this.base);
+    this.admissionGauges.throughput.record(state.pixelsPerSecond, this.base);
   }
 
   /** Records one stage's duration (e.g. stage "encoder.run"). */

@@ -7,7 +7,11 @@
 // (the decoder checks the digest against them) and the encoder that encoded it; the decoder
 // fetches the features itself, from the shared tier (NATS JetStream, --nats-url) when it has one,
 // then from the encoders (--encoder: the hinted replica first, then the digest's rendezvous order).
-// A Prepare may still carry the features (tools, tests).
+// A Prepare may carry the features or float pixels (tools, tests) only when the decoder accepts
+// caller input it cannot verify (acceptUnverifiedInput, --accept-unverified-input): features and
+// normalised pixels cannot be checked against the digest, and the prepared state is cached under
+// that digest for every later Decode, so accepting them from any caller would let one plant
+// another tile's results.
 import { ByteLruCache, ErrorReason, grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import {
   type Float32Tensor,
@@ -36,6 +40,11 @@ export interface DecoderPipelineOptions {
   sharedStore?: SharedFeatureStore;
   /** Further feature sources, tried after the shared tier (the encoders). Closed on shutdown. */
   featureSources?: FeatureSource[];
+  /**
+   * Accept Prepares carrying features or float pixels, which cannot be checked against the digest
+   * (default false: INVALID_ARGUMENT; see the file comment). For tools and tests only.
+   */
+  acceptUnverifiedInput?: boolean;
 }
 
 /** What Prepare did, beyond its response: where it fetched the features from, when it did. */
@@ -119,6 +128,14 @@ export function encodeMask(
   };
 }
 
+/**
+ * Throws when the caller went away (cancelled, or its deadline passed) before work it alone asked
+ * for started; the transport answers CANCELLED or DEADLINE_EXCEEDED by the cause.
+ */
+function abandonedBeforeWork(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw grpcError(status.CANCELLED, 'prepare: the caller went away before decoder_image ran');
+}
+
 /** A prompt after validation. */
 interface Prompt {
   coords: number[];
@@ -135,6 +152,7 @@ export class DecoderPipeline {
   /** decoder_image.onnx runs since start. */
   preparations = 0;
   private readonly window: number;
+  private readonly acceptUnverifiedInput: boolean;
 
   constructor(
     readonly manifest: Manifest,
@@ -147,6 +165,7 @@ export class DecoderPipeline {
     this.cache = new ByteLruCache<PreparedImage>({ capacityBytes: options.cacheBytes ?? 1024 ** 3, sizeOf: (p) => p.bytes });
     this.window = manifest.refinement.mode === 'window' ? manifest.refinement.window : manifest.inputSize;
     this.sharedStore = options.sharedStore;
+    this.acceptUnverifiedInput = options.acceptUnverifiedInput ?? false;
     this.featureSources = [...(options.sharedStore ? [sharedTierSource(options.sharedStore, manifest)] : []), ...(options.featureSources ?? [])];
   }
 
@@ -193,10 +212,21 @@ export class DecoderPipeline {
    * Without features (unset or empty), takes them from the shared tier unless the image is
    * prepared here already (see the file comment).
    */
-  async prepare(request: stagesProto.PrepareRequest): Promise<PrepareResult> {
+  async prepare(request: stagesProto.PrepareRequest, signal?: AbortSignal): Promise<PrepareResult> {
     this.checkVersionAndDigest(request.modelVersion, request.digest);
     const S = this.manifest.inputSize;
-    const pixels = readStageTile('prepare', request, this.manifest).pixels;
+    const tile = readStageTile('prepare', request, this.manifest);
+    const pixels = tile.pixels;
+    const callerFeatures = request.features !== undefined && request.features.data.byteLength > 0;
+    if (!this.acceptUnverifiedInput && ((pixels && !tile.verified) || callerFeatures)) {
+      const field = callerFeatures ? 'features' : 'pixels';
+      throw grpcError(
+        status.INVALID_ARGUMENT,
+        `prepare: ${field} sent by the caller cannot be checked against digest ${request.digest.slice(0, 16)}...; ` +
+          'send the tile as rgb bytes and let the decoder fetch its features',
+        { reason: ErrorReason.BAD_REQUEST, fieldViolations: [{ field, description: 'not accepted: cannot be verified against the digest' }] },
+      );
+    }
     if (!pixels && !this.cache.has(request.digest) && !this.cache.pending(request.digest)) {
       throw grpcError(status.INVALID_ARGUMENT, `prepare: no pixels for digest ${request.digest.slice(0, 16)}... (send rgb bytes)`, {
         fieldViolations: [{ field: 'rgb', description: 'required' }],
@@ -207,6 +237,7 @@ export class DecoderPipeline {
     if (request.features && request.features.data.byteLength > 0) {
       features = tensorFromProto('features', request.features, this.manifest.featureShape);
     } else if (!this.cache.has(request.digest) && !this.cache.pending(request.digest)) {
+      abandonedBeforeWork(signal);
       // Fetched before joining the single-flight below, so that a miss here fails only this call
       // and never a concurrent Prepare that brought its features.
       const fetched = await this.fetchFeatures(request.digest, request.featuresFrom ?? '');
@@ -214,7 +245,9 @@ export class DecoderPipeline {
       featuresFrom = fetched.source;
     }
     // (features is null only when the digest is prepared or being prepared here, with no await
-    // since that check: getOrCompute then answers without calling compute.)
+    // since that check: getOrCompute then answers without calling compute.) A caller that went
+    // away while the features were fetched starts no decoder_image run that nobody waits for.
+    if (!this.cache.has(request.digest) && !this.cache.pending(request.digest)) abandonedBeforeWork(signal);
     const result = await this.cache.getOrCompute(request.digest, async () => {
       if (!features || !pixels) throw grpcError(status.INTERNAL, `digest ${request.digest}: no features or pixels to prepare with`);
       this.preparations++;

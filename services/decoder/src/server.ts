@@ -15,7 +15,7 @@ export function decoderHandlers(pipeline: DecoderPipeline): stagesProto.DecoderS
       const metrics = serviceMetrics();
       let result;
       try {
-        result = await metrics.timeStage('decoder.prepare', () => pipeline.prepare(request));
+        result = await metrics.timeStage('decoder.prepare', () => pipeline.prepare(request, ctx.signal));
       } catch (err) {
         if (errorReason(err) === ErrorReason.FEATURES_MISSING) metrics.cache('decoder.fetched_features', { misses: 1 });
         throw err;

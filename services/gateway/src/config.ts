@@ -43,8 +43,29 @@ export interface GatewayConfig {
    * in AUTO_AND_MANUAL mode, automatic detections within it are replaced by the manual prompt.
    */
   classRadius: number;
-  /** Segment/Refine calls handled at once; more get RESOURCE_EXHAUSTED. */
+  /**
+   * Upper bound of the adaptive concurrency limit: Segment/Refine calls run at once at most. The
+   * limit itself is learnt from latency per pixel (admission/adaptiveLimit.ts); more calls wait in
+   * per-caller queues served round robin.
+   */
   maxConcurrentRequests: number;
+  /** Calls run at once before any latency was measured (where the adaptive limit starts). */
+  initialConcurrentRequests: number;
+  /** Latency per pixel this many times the best seen counts as congestion (the limit shrinks). */
+  latencyTolerance: number;
+  /** Calls waiting for admission at most; more get RESOURCE_EXHAUSTED. */
+  maxQueuedRequests: number;
+  /** A call waiting this long without starting gets RESOURCE_EXHAUSTED (ms; 0: no bound). */
+  maxQueueWaitMs: number;
+  /** Calls one caller (callIdentity) may have running or waiting (0: no limit). */
+  maxRequestsPerIdentity: number;
+  /** Pixels per second at the model's resolution one caller may send (0: no limit). */
+  pixelsPerSecondPerIdentity: number;
+  /**
+   * Throughput assumed before any was measured (pixels/s at the model's resolution), for the
+   * deadline check of the first requests; 0: no early rejection until a request was answered.
+   */
+  initialPixelsPerSecond: number;
   /** Timeout of child calls when the client sent no deadline (ms). */
   defaultTimeoutMs: number;
   /** Bytes of recently segmented images kept for Refine. */
@@ -78,6 +99,13 @@ export const DEFAULT_GATEWAY_CONFIG: Omit<GatewayConfig, 'prompter' | 'encoder' 
   replicaCooldownMs: 5_000,
   classRadius: 12,
   maxConcurrentRequests: 8,
+  initialConcurrentRequests: 1,
+  latencyTolerance: 1.5,
+  maxQueuedRequests: 1000,
+  maxQueueWaitMs: 60_000,
+  maxRequestsPerIdentity: 0,
+  pixelsPerSecondPerIdentity: 0,
+  initialPixelsPerSecond: 0,
   defaultTimeoutMs: 120_000,
   refineCacheBytes: 512 * 1024 * 1024,
   resultCacheBytes: 256 * 1024 * 1024,

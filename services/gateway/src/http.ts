@@ -162,13 +162,24 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
       if (!res.writableFinished) controller.abort(new Error('client went away'));
     });
     const timeoutMs = Number(req.headers['x-timeout-ms'] ?? 0);
-    const ctx = { signal: controller.signal, deadline: timeoutMs > 0 ? new Date(Date.now() + timeoutMs) : undefined };
+    // The caller, as on the gRPC port (identity.ts): the verified token's identity, else the
+    // self-declared x-client-id, else the peer's address.
+    const declared = req.headers['x-client-id'];
+    const ctx = {
+      signal: controller.signal,
+      deadline: timeoutMs > 0 ? new Date(Date.now() + timeoutMs) : undefined,
+      identity:
+        typeof declared === 'string' && declared.length > 0 && declared.length <= 128
+          ? `client:${declared}`
+          : `peer:${req.socket.remoteAddress ?? 'unknown'}`,
+    };
     const route = `${req.method} ${(req.url ?? '').split('?')[0]}`;
     (async () => {
       const method = ROUTE_METHODS[route];
       if (method && options.auth?.enabled) {
         const identity = options.auth.authenticate(req.headers.authorization, method);
         if (identity instanceof Error) throw identity;
+        ctx.identity = identity.id;
       }
       switch (route) {
         case 'OPTIONS /v1/segment':

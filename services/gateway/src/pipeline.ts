@@ -5,6 +5,7 @@
 // gRPC adapter in production, in-memory fakes in the unit tests; nothing here knows the transport.
 import { createHash } from 'node:crypto';
 import { setMaxListeners } from 'node:events';
+import sharp from 'sharp';
 import { digestTile, type Manifest } from '@cfrsam/contract';
 import {
   decodeImage,
@@ -24,7 +25,9 @@ import {
   type Tile,
   type TileLayout,
 } from '@cfrsam/nuclei';
-import { ByteLruCache, ErrorReason, grpcError, segmentationProto, SpanAttributes, stagesProto, status } from '@cfrsam/rpc';
+import { ByteLruCache, ErrorReason, grpcError, segmentationProto, serviceMetrics, SpanAttributes, stagesProto, status } from '@cfrsam/rpc';
+import { AdaptiveLimit } from './admission/adaptiveLimit';
+import { Admission, AdmissionRejected, type AdmissionStats } from './admission/admission';
 import { assembleNuclei, nucleusScore, UNCLASSIFIED, type DecodedCandidate } from './assemble';
 import type { GatewayConfig } from './config';
 import { ownerOfPrompt, pointPrompt, promptAnchor, resolvePromptMode, toTilePoints, validatePrompts } from './prompts';
@@ -67,6 +70,8 @@ export interface SegmentedImage {
 export interface RequestContext {
   deadline?: Date;
   signal?: AbortSignal;
+  /** The caller (callIdentity(call).id): its requests queue and are limited together. */
+  identity?: string;
 }
 
 /** A manual prompt with its position in the request. */
@@ -93,6 +98,7 @@ export interface PipelineStats {
   resultHits: number;
   inFlight: number;
   refineCache: { entries: number; bytes: number; capacityBytes: number };
+  admission: AdmissionStats;
 }
 
 export class SegmentationPipeline {
@@ -102,6 +108,8 @@ export class SegmentationPipeline {
   private inFlight = 0;
   private counts = { segments: 0, refines: 0, resultHits: 0 };
   private readonly S: number;
+  /** Admission of Segment and Refine (admission/admission.ts) under an adaptive concurrency limit. */
+  readonly admission: Admission;
 
   constructor(
     readonly manifest: Manifest,
@@ -109,6 +117,23 @@ export class SegmentationPipeline {
     readonly stages: StagePorts,
   ) {
     this.S = manifest.inputSize;
+    const metrics = serviceMetrics();
+    this.admission = new Admission({
+      limit: new AdaptiveLimit({
+        initial: Math.min(config.initialConcurrentRequests, config.maxConcurrentRequests),
+        max: config.maxConcurrentRequests,
+        tolerance: config.latencyTolerance,
+      }),
+      maxQueue: config.maxQueuedRequests,
+      maxQueueWaitMs: config.maxQueueWaitMs,
+      maxConcurrentPerIdentity: config.maxRequestsPerIdentity,
+      pixelsPerSecondPerIdentity: config.pixelsPerSecondPerIdentity,
+      initialPixelsPerSecond: config.initialPixelsPerSecond,
+      onEvent: (event) => {
+        metrics.admission(event);
+        metrics.admissionState(this.admission.stats());
+      },
+    });
     if (config.tileOverlap < 0 || config.tileOverlap >= this.S) {
       throw new Error(`tile overlap ${config.tileOverlap} must be in [0, ${this.S})`);
     }
@@ -141,6 +166,7 @@ export class SegmentationPipeline {
       ...this.counts,
       inFlight: this.inFlight,
       refineCache: { entries: c.entries, bytes: c.bytes, capacityBytes: c.capacityBytes },
+      admission: this.admission.stats(),
     };
   }
 
@@ -159,22 +185,20 @@ export class SegmentationPipeline {
     };
   }
 
-  private admit(): () => void {
-    if (this.inFlight >= this.config.maxConcurrentRequests) {
-      throw grpcError(
-        status.RESOURCE_EXHAUSTED,
-        `gateway is busy: ${this.inFlight} requests in flight (limit ${this.config.maxConcurrentRequests}); retry with backoff`,
-        { reason: ErrorReason.QUEUE_FULL, retryDelayMs: 1_000 },
-      );
+  /**
+   * Work of a Segment request for admission: its pixels at the model's resolution, read from the
+   * image header (no pixel decoded). An unreadable header counts as one tile; decoding reports it.
+   */
+  private async segmentWork(request: segmentationProto.SegmentRequest): Promise<number> {
+    const tile = this.S * this.S;
+    try {
+      const meta = await sharp(request.image, { limitInputPixels: false }).metadata();
+      const mpp = request.mpp > 0 ? request.mpp : this.manifest.mpp;
+      const scale = mpp / this.manifest.mpp;
+      return Math.max(tile, (meta.width ?? 0) * (meta.height ?? 0) * scale * scale);
+    } catch {
+      return tile;
     }
-    this.inFlight++;
-    let released = false;
-    return () => {
-      if (!released) {
-        released = true;
-        this.inFlight--;
-      }
-    };
   }
 
   private stageCall(ctx: RequestContext, clock: StageClock): StageCall {
@@ -196,17 +220,18 @@ export class SegmentationPipeline {
 
   // ------------------------------------------------------------------ Segment
 
-  segment(request: segmentationProto.SegmentRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
-    return this.admitted(ctx, async (scoped) => {
-      this.counts.segments++;
-      const started = performance.now();
-      const key = this.results.capacityBytes > 0 ? resultKey(request, this.manifest.version) : '';
-      const cached = key ? this.results.get(key) : undefined;
-      // A hit needs the image still held for Refine, so that its image_id keeps working.
-      if (cached && this.images.has(cached.imageId)) {
-        this.counts.resultHits++;
-        return { ...cached, timings: [{ stage: 'result_cache', ms: performance.now() - started }] };
-      }
+  async segment(request: segmentationProto.SegmentRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
+    this.counts.segments++;
+    const started = performance.now();
+    const key = this.results.capacityBytes > 0 ? resultKey(request, this.manifest.version) : '';
+    const cached = key ? this.results.get(key) : undefined;
+    // A hit needs the image still held for Refine, so that its image_id keeps working. It costs
+    // no stage work, so it is answered without waiting for admission.
+    if (cached && this.images.has(cached.imageId)) {
+      this.counts.resultHits++;
+      return { ...cached, timings: [{ stage: 'result_cache', ms: performance.now() - started }] };
+    }
+    return this.admitted(ctx, await this.segmentWork(request), async (scoped) => {
       const response = await this.runSegment(request, scoped);
       if (key) this.results.set(key, response);
       return response;
@@ -217,17 +242,29 @@ export class SegmentationPipeline {
    * Runs one public request under the admission limit, in its own cancellation scope: a failure
    * stops the child calls still running for it (other tile batches).
    */
-  private async admitted<T>(ctx: RequestContext, run: (ctx: RequestContext) => Promise<T>): Promise<T> {
-    const release = this.admit();
+  private async admitted<T>(ctx: RequestContext, pixels: number, run: (ctx: RequestContext) => Promise<T>): Promise<T> {
+    const ticket = await this.admission
+      .acquire({ identity: ctx.identity ?? 'anonymous', pixels, deadline: ctx.deadline?.getTime(), signal: ctx.signal })
+      .catch((err: unknown) => {
+        throw err instanceof AdmissionRejected ? admissionError(err) : err;
+      });
+    this.inFlight++;
     const scope = requestScope(ctx);
+    let ok = false;
+    let dropped = false;
     try {
-      return await run(scope.ctx);
+      const out = await run(scope.ctx);
+      ok = true;
+      return out;
     } catch (err) {
+      // A stage out of capacity or out of time is overload: the concurrency limit shrinks.
+      dropped = !ctx.signal?.aborted && isOverload(err);
       scope.abort();
       throw err;
     } finally {
       scope.dispose();
-      release();
+      this.inFlight--;
+      ticket.release({ ok, dropped });
     }
   }
 
@@ -476,7 +513,8 @@ export class SegmentationPipeline {
   // ------------------------------------------------------------------ Refine
 
   refine(request: segmentationProto.RefineRequest, ctx: RequestContext = {}): Promise<segmentationProto.SegmentResponse> {
-    return this.admitted(ctx, (scoped) => {
+    // Refine decodes a few tiles' prompts only: priced as one tile.
+    return this.admitted(ctx, this.S * this.S, (scoped) => {
       this.counts.refines++;
       return this.runRefine(request, scoped);
     });
@@ -542,6 +580,35 @@ export class SegmentationPipeline {
       ...entry.placement,
     };
   }
+}
+
+/** An admission refusal as the gRPC status the spec means (see admission/admission.ts). */
+function admissionError(err: AdmissionRejected): Error {
+  switch (err.kind) {
+    case 'expired':
+      return grpcError(status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for admission: ${err.message}`);
+    case 'cancelled':
+      return grpcError(status.CANCELLED, `cancelled while waiting for admission: ${err.message}`);
+    case 'identity_concurrency':
+    case 'identity_rate':
+      return grpcError(status.RESOURCE_EXHAUSTED, `${err.message}; other callers are still served`, {
+        reason: ErrorReason.QUEUE_FULL,
+        metadata: { admission: err.kind },
+        retryDelayMs: err.retryAfterMs,
+      });
+    default:
+      return grpcError(status.RESOURCE_EXHAUSTED, `gateway is busy: ${err.message}; retry after the RetryInfo delay`, {
+        reason: ErrorReason.QUEUE_FULL,
+        metadata: { admission: err.kind },
+        retryDelayMs: err.retryAfterMs,
+      });
+  }
+}
+
+/** A stage failure that signals overload rather than bad input. */
+function isOverload(err: unknown): boolean {
+  const code = (err as { code?: unknown })?.code;
+  return code === status.RESOURCE_EXHAUSTED || code === status.DEADLINE_EXCEEDED;
 }
 
 /**

@@ -24,11 +24,21 @@ export const DEFAULT_GATEWAY_PORT = 50051;
 
 export function segmentationHandlers(
   pipeline: SegmentationPipeline,
-): Omit<segmentationProto.SegmentationServer, 'submitSlideJob' | 'getSlideJob' | 'getSlideJobResult'> {
+): Omit<
+  segmentationProto.SegmentationServer,
+  | 'submitSlideJob'
+  | 'getSlideJob'
+  | 'getSlideJobResult'
+  | 'listSlideJobs'
+  | 'cancelSlideJob'
+  | 'streamSlideJobNuclei'
+  | 'downloadSlideJobArtefact'
+  | 'uploadSlide'
+> {
   return {
     segment: unaryHandler(`${SEGMENTATION_SERVICE_NAME}/Segment`, async (request: segmentationProto.SegmentRequest, ctx) => {
       ctx.span.setAttributes({ 'cfrsam.image_bytes': request.image.length, [SpanAttributes.prompts]: request.prompts.length });
-      const response = await pipeline.segment(request, { deadline: ctx.deadline, signal: ctx.signal });
+      const response = await pipeline.segment(request, { deadline: ctx.deadline, signal: ctx.signal, identity: ctx.identity.id });
       recordTimings(response.timings);
       ctx.span.setAttributes({
         'cfrsam.image_id': response.imageId,
@@ -39,7 +49,7 @@ export function segmentationHandlers(
     }),
     refine: unaryHandler(`${SEGMENTATION_SERVICE_NAME}/Refine`, async (request: segmentationProto.RefineRequest, ctx) => {
       ctx.span.setAttributes({ 'cfrsam.image_id': request.imageId, [SpanAttributes.prompts]: request.prompts.length });
-      const response = await pipeline.refine(request, { deadline: ctx.deadline, signal: ctx.signal });
+      const response = await pipeline.refine(request, { deadline: ctx.deadline, signal: ctx.signal, identity: ctx.identity.id });
       recordTimings(response.timings);
       ctx.span.setAttribute('cfrsam.nuclei', response.nuclei.length);
       return response;
@@ -134,8 +144,6 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
           ...DEFAULT_SLIDE_JOB_SETTINGS,
           ...stripUndefined(options),
           natsUrl: options.natsUrl,
-          ...config,
-          modelInputSize: pipeline.modelInfo().inputSize,
         },
         pipeline,
       );
