@@ -16,7 +16,7 @@
 // cache. This stream uses discard=old (the oldest entries are dropped to make room), max_bytes and
 // max_age bound it in size and age, and max_msgs_per_subject=1 keeps one version per chunk. The
 // Object Store's reader also waits forever for chunks that were evicted under its metadata.
-import { createHash, randomUUID } from 'node:crypto';
+import { createHash, createHmac, randomUUID } from 'node:crypto';
 import {
   connect,
   DiscardPolicy,
@@ -90,6 +90,12 @@ export interface SharedFeatureStoreOptions {
   maxPendingWrites?: number;
   /** Connection name shown by the server's monitoring ("encoder"). */
   name?: string;
+  /**
+   * The services' shared secret: entries then carry an HMAC-SHA256 of their key and bytes instead
+   * of a plain SHA-256, and entries without a valid one are misses, so a client that can reach
+   * NATS but lacks the secret cannot plant features under a digest.
+   */
+  signingKey?: string;
   /** Retry interval of the first connection while the server is unreachable (default 2000 ms). */
   retryMs?: number;
   /** Default console.error. */
@@ -403,6 +409,12 @@ export class SharedFeatureStore {
     }
   }
 
+  /** The entry's integrity check: SHA-256 of the bytes, or with a signing key an HMAC binding key and bytes. */
+  private checksum(key: string, bytes: Uint8Array): string {
+    if (!this.options.signingKey) return createHash('sha256').update(bytes).digest('hex');
+    return createHmac('sha256', `cfrsam-feature-tier:${this.options.signingKey}`).update(key).update('\0').update(bytes).digest('hex');
+  }
+
   /** The value, or null when absent or incomplete (evicted in part, or two writes interleaved). */
   private async readChunks(key: string): Promise<Uint8Array | null> {
     const jsm = this.jsm!;
@@ -438,7 +450,9 @@ export class SharedFeatureStore {
       offset += m!.data.byteLength;
     }
     if (offset !== size) throw new Error(`entry has ${offset} of ${size} bytes`);
-    if (createHash('sha256').update(out).digest('hex') !== sha) throw new Error('entry does not match its SHA-256');
+    if (this.checksum(key, out) !== sha) {
+      throw new Error(`entry does not match its ${this.options.signingKey ? 'HMAC (not written with this service key)' : 'SHA-256'}`);
+    }
     return out;
   }
 
@@ -468,7 +482,7 @@ export class SharedFeatureStore {
       const maxPayload = this.nc.info?.max_payload ?? 1024 * 1024;
       const chunkBytes = Math.max(1024, Math.min(this.options.maxChunkBytes ?? Infinity, maxPayload - HEADER_ROOM_BYTES));
       const chunks = Math.max(1, Math.ceil(bytes.byteLength / chunkBytes));
-      const sha = createHash('sha256').update(bytes).digest('hex');
+      const sha = this.checksum(key, bytes);
       const writeId = randomUUID();
       const publish = (chunk: number) => {
         const h = natsHeaders();
@@ -515,7 +529,7 @@ export class SharedFeatureStore {
 
 /** Opens the shared tier from parsed flags, or returns undefined when --nats-url is empty. */
 export function openSharedFeatureStore(
-  config: { natsUrl: string; sharedCacheMb: number; sharedCacheTtlS: number; sharedCacheTimeoutMs: number },
+  config: { natsUrl: string; sharedCacheMb: number; sharedCacheTtlS: number; sharedCacheTimeoutMs: number; internalToken?: string },
   name: string,
 ): SharedFeatureStore | undefined {
   if (!config.natsUrl) return undefined;
@@ -528,5 +542,7 @@ export function openSharedFeatureStore(
     ttlMs: config.sharedCacheTtlS * 1000,
     timeoutMs: config.sharedCacheTimeoutMs,
     name,
+    // Entries are signed with the services' shared secret when they have one (see signingKey).
+    signingKey: config.internalToken || undefined,
   });
 }

@@ -70,6 +70,26 @@ describe.skipIf(skipReason !== null)('SharedFeatureStore on nats-server', () => 
     expect(store.stats()).toMatchObject({ hits: 3, misses: 1, errors: 0, writes: 2 });
   });
 
+  it('with a signing key, takes only entries written with that key (no planting without the secret)', async () => {
+    const signed = open({ signingKey: 'the-services-secret' });
+    const outsider = open({ signingKey: 'a-guess' });
+    try {
+      expect(await signed.ready()).toBe(true);
+      const genuine = values(1000, 7);
+      expect(await signed.put('v.signed', float32Bytes(genuine))).toBe(true);
+      expect(float32Lookup(await signed.lookup('v.signed'), genuine.length).values).toEqual(genuine);
+      // A client with NATS access but another key (or none) overwrites the entry: readers with the
+      // key see an error (a miss to the services), never the planted values.
+      expect(await outsider.put('v.signed', float32Bytes(values(1000, 8)))).toBe(true);
+      expect(await signed.lookup('v.signed')).toMatchObject({ status: 'error', reason: expect.stringMatching(/HMAC/) });
+      expect(await store.put('v.unsigned', float32Bytes(genuine))).toBe(true);
+      expect(await signed.lookup('v.unsigned')).toMatchObject({ status: 'error' });
+    } finally {
+      await signed.close();
+      await outsider.close();
+    }
+  });
+
   it('answers a partially evicted entry as a miss', async () => {
     const value = values(50_000, 3);
     expect(await store.put('v.partial', float32Bytes(value))).toBe(true);

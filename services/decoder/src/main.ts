@@ -19,6 +19,12 @@ const flags = {
     default: '127.0.0.1:50053',
     help: 'encoder replicas Prepare fetches features from, comma separated: host:port or dns:///NAME:PORT ("" for none)',
   },
+  acceptUnverifiedInput: {
+    type: 'boolean',
+    env: 'CFRSAM_ACCEPT_UNVERIFIED_INPUT',
+    default: false,
+    help: 'accept Prepares carrying features or float pixels, which cannot be checked against the digest (tools and tests only)',
+  },
   ...sharedFeatureCacheFlags(),
 } as const;
 
@@ -46,6 +52,7 @@ async function main(): Promise<void> {
     maxPromptsPerRequest: config.maxPrompts,
     maxPointsPerPrompt: config.maxPoints,
     cacheBytes: config.cacheMb * 1024 * 1024,
+    acceptUnverifiedInput: config.acceptUnverifiedInput,
     // Prepares without features read the shared tier (see pipeline.ts); off without --nats-url.
     sharedStore: openSharedFeatureStore(config, 'decoder'),
     encoders: config.encoder

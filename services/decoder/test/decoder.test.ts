@@ -6,7 +6,7 @@ import { isNotPreparedError, makeClient, stagesProto, status, unary } from '@cfr
 import { digestTile, type Manifest, tensorToProto, unpackBits } from '@cfrsam/contract';
 import { OnnxWorkerPool } from '@cfrsam/runtime';
 import { normalizeTile, syntheticTileRgb, testBundle } from '@cfrsam/testing';
-import { encodeMask } from '../src/pipeline';
+import { DecoderPipeline, encodeMask } from '../src/pipeline';
 import { startDecoder, type RunningDecoder } from '../src/server';
 
 describe('encodeMask', () => {
@@ -50,7 +50,15 @@ describe.skipIf(!bundle.manifest)('Decoder service', () => {
     await encoder.close();
     features = tensorToProto(manifest.featureShape, out.features.data as Float32Array);
 
-    running = await startDecoder({ port: 0, host: '127.0.0.1', bundle: manifest.dir, maxBatch: 4, maxPromptsPerRequest: 8, maxPointsPerPrompt: 4 });
+    running = await startDecoder({
+      port: 0,
+      host: '127.0.0.1',
+      bundle: manifest.dir,
+      maxBatch: 4,
+      maxPromptsPerRequest: 8,
+      maxPointsPerPrompt: 4,
+      acceptUnverifiedInput: true,
+    });
     client = makeClient(stagesProto.DecoderClient, running.server.address);
   });
   afterAll(async () => {
@@ -156,5 +164,21 @@ describe.skipIf(!bundle.manifest)('Decoder service', () => {
       code: status.INVALID_ARGUMENT,
       details: expect.stringMatching(/^features: expected dims/),
     });
+  });
+  it('by default refuses features and float pixels it cannot check against the digest (no poisoning)', async () => {
+    const strict = new DecoderPipeline(manifest, running.pool);
+    const rgb = syntheticTileRgb(S, 7);
+    const victim = digestTile(syntheticTileRgb(S, 8), manifest.version);
+    // Genuine RGB with made-up features: the features cannot be verified, so nothing is prepared.
+    await expect(strict.prepare({ digest, rgb, features, modelVersion: manifest.version })).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      details: expect.stringMatching(/^prepare: features sent by the caller cannot be checked/),
+    });
+    // Float pixels under another tile's digest.
+    await expect(strict.prepare({ digest: victim, pixels, modelVersion: manifest.version })).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      details: expect.stringMatching(/^prepare: pixels sent by the caller cannot be checked/),
+    });
+    expect(strict.cache.has(digest) || strict.cache.has(victim)).toBe(false);
   });
 });

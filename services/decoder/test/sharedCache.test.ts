@@ -49,7 +49,7 @@ describe.skipIf(skipReason !== null)('Decoder Prepare from the shared feature ti
 
     const sharedStore = SharedFeatureStore.open({ url: nats.url, maxBytes: 64 << 20, ttlMs: 600_000, name: 'decoder', log: () => undefined });
     expect(await sharedStore.ready()).toBe(true);
-    running = await startDecoder({ port: 0, host: '127.0.0.1', bundle: manifest.dir, sharedStore });
+    running = await startDecoder({ port: 0, host: '127.0.0.1', bundle: manifest.dir, sharedStore, acceptUnverifiedInput: true });
     client = makeClient(stagesProto.DecoderClient, running.server.address);
   });
   afterAll(async () => {
@@ -90,7 +90,7 @@ describe.skipIf(skipReason !== null)('Decoder Prepare from the shared feature ti
   });
 
   it('without the tier, names the missing features as INVALID_ARGUMENT', async () => {
-    const withoutTier = new DecoderPipeline(manifest, running.pool);
+    const withoutTier = new DecoderPipeline(manifest, running.pool, { acceptUnverifiedInput: true });
     await expect(withoutTier.prepare({ digest, pixels, modelVersion: manifest.version })).rejects.toMatchObject({
       code: status.INVALID_ARGUMENT,
       details: expect.stringMatching(/^features: missing .*no feature source/),

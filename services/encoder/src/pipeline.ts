@@ -7,13 +7,16 @@
 //
 // Trust boundary: tiles sent as RGB bytes (the gateway's form) have their digest recomputed and
 // checked here (readStageTile), so the caches only hold features under the digest of the pixels
-// they came from. Tiles sent as normalised float pixels (the older form) cannot be checked; that
-// form stays for tools and tests, behind the internal network boundary.
+// they came from. Tiles sent as normalised float pixels (the older form) cannot be checked against
+// their digest: their features are cached under the SHA-256 of the float pixels themselves
+// (UNVERIFIED_PREFIX), never under the digest the caller named, and never written to the shared
+// tier, so no caller can plant features that a digest-only read of another tile would get.
 //
 // Features are returned only when the request asks (return_features): the gateway never does, a
 // decoder fetching a tile's features does.
+import { createHash } from 'node:crypto';
 import { ByteLruCache, ErrorReason, grpcError, type stagesProto, status } from '@cfrsam/rpc';
-import { type Float32Tensor, graphOutputFloat32, type Manifest, stackFloat32, readStageTile, tensorToProto } from '@cfrsam/contract';
+import { type Float32Tensor, graphOutputFloat32, type Manifest, stackFloat32, readStageTile, type StageTile, tensorToProto } from '@cfrsam/contract';
 import { featureKey, float32Bytes, float32Lookup, type OnnxWorkerPool, type SharedFeatureStore } from '@cfrsam/runtime';
 
 export interface EncoderPipelineOptions {
@@ -25,6 +28,20 @@ export interface EncoderPipelineOptions {
   cacheBytes?: number;
   /** The shared tier (off when absent). The encoder closes it on shutdown. */
   sharedStore?: SharedFeatureStore;
+}
+
+/** Cache keys of float-pixel tiles: the pixels' own hash, which no digest-only read can name. */
+export const UNVERIFIED_PREFIX = 'unverified-pixels:';
+
+function cacheKeyOf(tile: StageTile): string {
+  if (tile.verified || !tile.pixels) return tile.digest;
+  const { data } = tile.pixels;
+  return (
+    UNVERIFIED_PREFIX +
+    createHash('sha256')
+      .update(new Uint8Array(data.buffer, data.byteOffset, data.byteLength))
+      .digest('hex')
+  );
 }
 
 /** What one Encode call did, for spans and metrics. */
@@ -71,7 +88,7 @@ export class EncoderPipeline {
     return float32Lookup(await this.sharedStore.lookup(featureKey(this.manifest.version, digest)), this.featureCount).values;
   }
 
-  private validate(request: stagesProto.EncodeRequest): Array<{ digest: string; pixels: Float32Tensor | null }> {
+  private validate(request: stagesProto.EncodeRequest): StageTile[] {
     if (request.modelVersion && request.modelVersion !== this.manifest.version) {
       throw grpcError(status.INVALID_ARGUMENT, `model_version "${request.modelVersion}" does not match the served model "${this.manifest.version}"`);
     }
@@ -84,9 +101,12 @@ export class EncoderPipeline {
 
   /** Encodes a request; see the file comment for caching and the trust boundary. */
   async encode(request: stagesProto.EncodeRequest): Promise<{ response: stagesProto.EncodeResponse; summary: EncodeSummary }> {
-    const tiles = this.validate(request);
+    const validated = this.validate(request);
+    // `key` is what the caches know a tile by (see the file comment); `digest` is what the caller sent.
+    const tiles = validated.map((t) => ({ ...t, key: cacheKeyOf(t) }));
     const pixelsByDigest = new Map<string, Float32Tensor>();
-    for (const t of tiles) if (t.pixels && !pixelsByDigest.has(t.digest)) pixelsByDigest.set(t.digest, t.pixels);
+    for (const t of tiles) if (t.pixels && !pixelsByDigest.has(t.key)) pixelsByDigest.set(t.key, t.pixels);
+    const shareable = (key: string) => !key.startsWith(UNVERIFIED_PREFIX);
 
     const summary: EncodeSummary = { hits: 0, misses: 0, coalesced: 0, sharedHits: 0, sharedMisses: 0, forwardPasses: 0 };
     // Digests this call took from the shared tier.
@@ -96,7 +116,7 @@ export class EncoderPipeline {
     // batch never holds a key without pixels (other callers with pixels may join it). Concurrent
     // lookups of a digest share one read (SharedFeatureStore.lookup).
     const unavailable = (d: string) => !pixelsByDigest.has(d) && !this.cache.has(d) && !this.cache.pending(d);
-    let absent = [...new Set(tiles.filter((t) => unavailable(t.digest)).map((t) => t.digest))];
+    let absent = [...new Set(tiles.filter((t) => unavailable(t.key)).map((t) => t.key))];
     if (absent.length > 0 && this.sharedStore) {
       const found = await Promise.all(absent.map((d) => this.sharedFeatures(d)));
       absent.forEach((d, i) => {
@@ -117,11 +137,13 @@ export class EncoderPipeline {
     // Not cancelled with the call: other callers may be waiting on the computation, and its result
     // fills the cache that a retry will hit.
     const results = await this.cache.getOrComputeMany(
-      tiles.map((t) => t.digest),
+      tiles.map((t) => t.key),
       async (missing) => {
         const values = new Map<string, Float32Array>();
         const toCompute: string[] = [];
-        const lookups = missing.map((d) => fromShared.get(d) ?? (this.sharedStore && pixelsByDigest.has(d) ? this.sharedFeatures(d) : null));
+        const lookups = missing.map(
+          (d) => fromShared.get(d) ?? (this.sharedStore && pixelsByDigest.has(d) && shareable(d) ? this.sharedFeatures(d) : null),
+        );
         const found = await Promise.all(lookups);
         missing.forEach((d, i) => {
           const value = found[i];
@@ -149,7 +171,7 @@ export class EncoderPipeline {
           const version = this.manifest.version;
           // After the response is on its way: hashing and publishing are not the caller's wait.
           setImmediate(() => {
-            for (const [d, v] of computed) store.write(featureKey(version, d), float32Bytes(v));
+            for (const [d, v] of computed) if (shareable(d)) store.write(featureKey(version, d), float32Bytes(v));
           });
         }
         return values;
@@ -161,7 +183,7 @@ export class EncoderPipeline {
       tiles: results.map((r, i) => {
         const digest = tiles[i].digest;
         // Served from the shared tier: a cache hit for the caller, although the LRU missed it.
-        const shared = r.source === 'computed' && fromShared.has(digest);
+        const shared = r.source === 'computed' && fromShared.has(tiles[i].key);
         if (r.source === 'hit') summary.hits++;
         else if (r.source === 'coalesced') summary.coalesced++;
         else if (shared) summary.sharedHits++;

@@ -16,7 +16,7 @@ describe.skipIf(!bundle.manifest)('Encoder service', () => {
   let client: stagesProto.EncoderClient;
   const tile = (seed: number) => {
     const rgb = syntheticTileRgb(S, seed);
-    return { digest: digestTile(rgb, manifest.version), pixels: tilePixelsTensor(rgb, manifest) };
+    return { digest: digestTile(rgb, manifest.version), rgb };
   };
   const encode = (tiles: stagesProto.TileInput[], modelVersion = manifest.version) =>
     unary(client, client.encode, { tiles, modelVersion, returnFeatures: true }, { timeoutMs: 30_000 });
@@ -68,6 +68,27 @@ describe.skipIf(!bundle.manifest)('Encoder service', () => {
     expect(Buffer.compare(response.tiles[0].features!.data, response.tiles[1].features!.data)).not.toBe(0);
   });
 
+  it("keeps float pixels sent under another tile's digest out of that digest's cache entry (no poisoning)", async () => {
+    const victim = tile(21);
+    const planted = tilePixelsTensor(syntheticTileRgb(S, 22), manifest);
+    // The attacker's pixels under the victim's digest: computed for the caller, cached by the
+    // pixels' own hash only.
+    const attack = await encode([{ digest: victim.digest, pixels: planted }]);
+    expect(attack.tiles[0].digest).toBe(victim.digest);
+    await expect(encode([{ digest: victim.digest }])).rejects.toMatchObject({ code: status.NOT_FOUND });
+    // The victim's own tile gets its own features, not the planted ones.
+    const honest = await encode([victim]);
+    expect(honest.tiles[0].cacheHit).toBe(false);
+    expect(Buffer.compare(honest.tiles[0].features!.data, attack.tiles[0].features!.data)).not.toBe(0);
+    const own = await encode([{ digest: victim.digest, pixels: tilePixelsTensor(syntheticTileRgb(S, 21), manifest) }]);
+    expect(Buffer.compare(honest.tiles[0].features!.data, own.tiles[0].features!.data)).toBe(0);
+    // RGB that is not the digest's is refused outright.
+    await expect(encode([{ digest: victim.digest, rgb: tile(22).rgb }])).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      details: expect.stringMatching(/is not the digest of its RGB bytes/),
+    });
+  });
+
   it('answers NOT_FOUND for an uncached digest without pixels', async () => {
     await expect(encode([{ digest: 'f'.repeat(64) }])).rejects.toMatchObject({
       code: status.NOT_FOUND,
@@ -77,7 +98,7 @@ describe.skipIf(!bundle.manifest)('Encoder service', () => {
 
   it('answers bad input with INVALID_ARGUMENT naming the problem', async () => {
     const t = tile(1);
-    await expect(encode([{ digest: 'abc', pixels: t.pixels }])).rejects.toMatchObject({
+    await expect(encode([{ digest: 'abc', rgb: t.rgb }])).rejects.toMatchObject({
       code: status.INVALID_ARGUMENT,
       details: expect.stringMatching(/tiles\[0\]\.digest must be a SHA-256/),
     });

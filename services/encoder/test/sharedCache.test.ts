@@ -7,7 +7,7 @@ import { makeClient, stagesProto, status, unary } from '@cfrsam/rpc';
 import { digestTile, type Manifest } from '@cfrsam/contract';
 import { SharedFeatureStore } from '@cfrsam/runtime';
 import { natsSkipReason, startTestNatsServer, type TestNatsServer } from '@cfrsam/testing';
-import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/testing';
+import { syntheticTileRgb, testBundle } from '@cfrsam/testing';
 import { startEncoder, type RunningEncoder } from '../src/server';
 
 const bundle = testBundle();
@@ -21,7 +21,7 @@ describe.skipIf(skipReason !== null)('Encoder shared feature tier (NATS JetStrea
   const replicas: Array<{ running: RunningEncoder; client: stagesProto.EncoderClient }> = [];
   const tile = (seed: number) => {
     const rgb = syntheticTileRgb(S, seed);
-    return { digest: digestTile(rgb, manifest.version), pixels: tilePixelsTensor(rgb, manifest) };
+    return { digest: digestTile(rgb, manifest.version), rgb };
   };
   const encode = (replica: number, tiles: stagesProto.TileInput[]) =>
     unary(
