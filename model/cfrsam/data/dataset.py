@@ -52,9 +52,18 @@ def list_samples(root: Union[str, Path]) -> List[str]:
     names = []
     for path in sorted(root.glob("*" + _LABEL_SUFFIX)):
         name = path.name[: -len(_LABEL_SUFFIX)]
-        if (root / f"{name}.png").is_file() and (root / f"{name}.json").is_file():
+        if image_path(root, name) is not None and (root / f"{name}.json").is_file():
             names.append(name)
     return names
+
+
+def image_path(root: Path, name: str) -> Optional[Path]:
+    """NAME.png, else NAME.jpg (a packed copy: `python -m cfrsam.data.pack` re-encodes the images
+    as JPEG so that the training data fits what travels to a GPU machine); None if neither."""
+    for suffix in (".png", ".jpg"):
+        if (root / f"{name}{suffix}").is_file():
+            return root / f"{name}{suffix}"
+    return None
 
 
 def read_image(path: Union[str, Path]) -> np.ndarray:
@@ -232,7 +241,7 @@ class NucleiDataset(Dataset):
         """load() plus the whole-image centroids [M + 1, 2], pixel counts and target classes."""
         if name in self._cache:
             return self._cache[name]
-        image = read_image(self.root / f"{name}.png")
+        image = read_image(image_path(self.root, name))
         labels = read_labels(self.root / f"{name}{_LABEL_SUFFIX}")
         meta = read_meta(self.root / f"{name}.json")
         if image.shape[:2] != labels.shape:
