@@ -2,7 +2,11 @@
 // session load time, then the median of --reps runs, for the prompter, encoder, decoder_image and
 // decoder_prompts (at --prompts prompts of one point). Prints the bundle's size.
 //
-//   node bench/stages.mjs [--bundle models/tiny] [--reps 5] [--prompts 16] [--threads 1]
+//   node bench/stages.mjs [--bundle models/tiny] [--reps 5] [--prompts 16] [--threads 1] [--flops FILE]
+//
+// With --flops (the JSON of `python -m cfrsam.flops --bundle DIR --prompts P --out FILE`, P equal
+// to --prompts) it also prints each graph's GFLOP, the achieved GFLOP/s and the fraction of the
+// peak: an n^3 float32 MatMul timed in the same runtime, run and thread count.
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -17,6 +21,7 @@ const { values: args } = parseArgs({
     reps: { type: 'string', default: '5' },
     prompts: { type: 'string', default: '16' },
     threads: { type: 'string', default: '1' },
+    flops: { type: 'string' },
   },
 });
 const dir = args.bundle;
@@ -27,6 +32,27 @@ const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 let seed = 1;
 const rnd = (n) => Float32Array.from({ length: n }, () => ((seed = (seed * 16807) % 2147483647) / 2147483647) * 2 - 1);
 const size = (p) => fs.statSync(p).size;
+const flops = args.flops ? JSON.parse(fs.readFileSync(args.flops, 'utf8')) : null;
+if (flops && flops.prompts !== Number(args.prompts))
+  throw new Error(`${args.flops} counts ${flops.prompts} prompts; pass --prompts ${flops.prompts}`);
+const sessionOptions = { intraOpNumThreads: Number(args.threads) };
+
+/** GFLOP/s of a float32 n^3 MatMul in this runtime: the attainable peak the graphs are compared with. */
+async function matmulPeak() {
+  const session = await ort.InferenceSession.create(flops.matmul.file, sessionOptions);
+  const n = Math.round(Math.cbrt(flops.matmul.flops / 2));
+  const a = new ort.Tensor('float32', rnd(n * n), [n, n]);
+  await session.run({ a });
+  const runs = [];
+  for (let i = 0; i < Math.max(5, Number(args.reps)); i++) {
+    const t = performance.now();
+    await session.run({ a });
+    runs.push(performance.now() - t);
+  }
+  return flops.matmul.flops / (median(runs) / 1e3) / 1e9;
+}
+const peak = flops ? await matmulPeak() : null;
+const rooflineRows = [];
 const bytes = fs
   .readdirSync(dir)
   .filter((f) => f.endsWith('.onnx') || f.endsWith('.pt'))
@@ -37,7 +63,7 @@ console.log(
 
 async function time(name, feeds) {
   const t0 = performance.now();
-  const session = await ort.InferenceSession.create(path.join(dir, manifest.graphs[name].file), { intraOpNumThreads: Number(args.threads) });
+  const session = await ort.InferenceSession.create(path.join(dir, manifest.graphs[name].file), sessionOptions);
   const load = performance.now() - t0;
   let out = await session.run(feeds);
   const runs = [];
@@ -49,6 +75,7 @@ async function time(name, feeds) {
   console.log(
     `  ${name.padEnd(16)} ${(size(path.join(dir, manifest.graphs[name].file)) / 1e6).toFixed(1).padStart(7)} MB  load ${load.toFixed(0).padStart(6)} ms  run ${median(runs).toFixed(1).padStart(8)} ms`,
   );
+  if (flops?.flops[name]) rooflineRows.push({ name, gflop: flops.flops[name] / 1e9, ms: median(runs) });
   return out;
 }
 
@@ -65,3 +92,16 @@ const dec = {
 await time('decoder_prompts', dec);
 if (manifest.graphs.decoder_prompts_full) await time('decoder_prompts_full', dec);
 console.log(`  (decoder_prompts at ${P} prompts; _full = BGMR over the whole frame instead of the ${manifest.refinement.window} px window)`);
+if (flops) {
+  console.log(
+    `\nroofline: MatMul ${Math.round(Math.cbrt(flops.matmul.flops / 2))}^3 float32 peak ${peak.toFixed(1)} GFLOP/s (${args.threads} thread(s))`,
+  );
+  console.log('  | graph | GFLOP | ms | GFLOP/s | of peak |');
+  console.log('  | --- | --- | --- | --- | --- |');
+  for (const r of rooflineRows) {
+    const rate = r.gflop / (r.ms / 1e3);
+    console.log(
+      `  | ${r.name}${r.name === 'decoder_prompts' ? ` (${P} prompts)` : ''} | ${r.gflop.toFixed(3)} | ${r.ms.toFixed(1)} | ${rate.toFixed(1)} | ${((100 * rate) / peak).toFixed(0)} % |`,
+    );
+  }
+}
