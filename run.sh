@@ -10,7 +10,7 @@
 #                        NAME.labels.png + NAME.json, NAME.overlay.png
 set -euo pipefail
 cd "$(dirname "$0")"
-./scripts/setup.sh
+./scripts/setup-serving.sh
 if [ $# -gt 0 ]; then
   exec node services/gateway/dist/cli/main.js segment "$@" --out out
 fi

@@ -7,6 +7,8 @@ echo "== lint: TypeScript (ESLint, Prettier) and Python (flake8, black)"
 npm run lint --silent
 /usr/bin/python3 -m flake8 --config .flake8 model
 black --check --quiet model
+/usr/bin/python3 -m flake8 --config .flake8 --extend-exclude clients/python/cfrsam_client/_gen,clients/python/build clients/python
+(cd clients/python && black --check --quiet .)
 echo "== model package (pytest)"
 (cd model && /usr/bin/python3 -m pytest -q)
 echo "== committed bundle models/tiny matches the model code"

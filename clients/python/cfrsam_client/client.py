@@ -1,0 +1,291 @@
+"""The gRPC client: one channel with raised message limits, retries from a service config, TLS and
+a bearer token; results with numpy label maps and masks."""
+
+import json
+from collections import namedtuple
+
+import grpc
+import numpy as np
+
+from ._gen import segmentation_pb2 as pb
+from ._gen import segmentation_pb2_grpc as pb_grpc
+from .geojson import to_geojson
+from .images import decode_png16, image_bytes
+from .rle import decode_box_rle, decode_coco_rle
+
+# A nucleus's mask inside its bounding box: mask[y - y0, x - x0] for image pixel (x, y).
+Mask = namedtuple("Mask", ["id", "x0", "y0", "mask"])
+
+# Statuses a retry can fix: the service is restarting or a replica is gone (UNAVAILABLE), or it is
+# busy (RESOURCE_EXHAUSTED: queue full, admission limits). Bad input is never retried.
+RETRYABLE = ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+
+
+class CfrsamError(Exception):
+    """A failed call: `code` (grpc.StatusCode) and the service's message in `details`."""
+
+    def __init__(self, code, details):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def service_config(attempts, timeout_s):
+    return {
+        "methodConfig": [
+            {
+                "name": [{"service": "cfrsam.v1.Segmentation"}],
+                "timeout": f"{timeout_s:.3f}s",
+                "retryPolicy": {
+                    "maxAttempts": attempts,
+                    "initialBackoff": "0.5s",
+                    "maxBackoff": "10s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": RETRYABLE,
+                },
+            }
+        ]
+    }
+
+
+class SegmentResult:
+    """A SegmentResponse with numpy views: label_map, masks, centroids, GeoJSON."""
+
+    def __init__(self, response, model):
+        self.response = response
+        self.model = model
+
+    @property
+    def nuclei(self):
+        """The nuclei (protobuf messages: id, class_name, score, centroid, bbox, polygon, measurements...)."""
+        return self.response.nuclei
+
+    @property
+    def image_id(self):
+        return self.response.image_id
+
+    @property
+    def label_map(self):
+        """(H, W) uint16: 0 background, i = nucleus with id i; None when not asked for."""
+        if not self.response.HasField("label_map"):
+            return None
+        lm = self.response.label_map
+        if lm.HasField("png"):
+            return decode_png16(lm.png)
+        return np.frombuffer(lm.data, dtype="<u2").reshape(lm.height, lm.width).astype(np.uint16)
+
+    @property
+    def masks(self):
+        """One Mask(id, x0, y0, bool array) per nucleus, from the RLE masks or else the label map."""
+        out = []
+        labels = None
+        for n in self.response.nuclei:
+            b = n.bbox
+            if n.HasField("mask"):
+                m = n.mask
+                if m.encoding == pb.MASK_ENCODING_COCO_RLE:
+                    full = decode_coco_rle(m.width, m.height, m.counts)
+                    out.append(Mask(n.id, b.x0, b.y0, full[b.y0 : b.y1, b.x0 : b.x1].copy()))
+                else:
+                    out.append(Mask(n.id, b.x0, b.y0, decode_box_rle(m.width, m.height, m.counts)))
+                continue
+            if labels is None:
+                labels = self.label_map
+                if labels is None:
+                    raise ValueError("no masks: segment with masks=True or label_map=True")
+            out.append(Mask(n.id, b.x0, b.y0, labels[b.y0 : b.y1, b.x0 : b.x1] == n.id))
+        return out
+
+    def coco_rles(self):
+        """COCO RLE dicts {"size": [h, w], "counts": str} per nucleus (pycocotools.mask.decode reads them)."""
+        out = []
+        for n in self.response.nuclei:
+            if not (n.HasField("mask") and n.mask.encoding == pb.MASK_ENCODING_COCO_RLE):
+                raise ValueError("segment with masks=True, mask_encoding='coco' for COCO RLEs")
+            out.append({"size": [n.mask.height, n.mask.width], "counts": n.mask.coco_counts})
+        return out
+
+    @property
+    def centroids(self):
+        """(N, 2) float array of x, y in image pixels."""
+        return np.array([[n.centroid.x, n.centroid.y] for n in self.response.nuclei], dtype=np.float64).reshape(-1, 2)
+
+    @property
+    def class_names(self):
+        return [n.class_name for n in self.response.nuclei]
+
+    def to_geojson(self, class_map=None):
+        """QuPath FeatureCollection (dict) in slide coordinates (origin + downsample * image pixels)."""
+        return to_geojson(self.response, self.model, class_map)
+
+    def save_geojson(self, path, class_map=None):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_geojson(class_map), f, ensure_ascii=False)
+
+    def __repr__(self):
+        r = self.response
+        return f"SegmentResult({r.width}x{r.height}, {len(r.nuclei)} nuclei, model {r.model_name} {r.model_version})"
+
+
+def _prompt(p):
+    """A prompt from a dict {positive: [(x, y)...], negative: [...], box: (x0, y0, x1, y1)} or an (x, y) point."""
+    if isinstance(p, pb.Prompt):
+        return p
+    if isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p):
+        return pb.Prompt(positive=[pb.Point(x=p[0], y=p[1])])
+    prompt = pb.Prompt(
+        positive=[pb.Point(x=x, y=y) for x, y in p.get("positive", [])],
+        negative=[pb.Point(x=x, y=y) for x, y in p.get("negative", [])],
+    )
+    if p.get("box") is not None:
+        x0, y0, x1, y1 = p["box"]
+        prompt.box.CopyFrom(pb.Box(x0=x0, y0=y0, x1=x1, y1=y1))
+    return prompt
+
+
+class Client:
+    """A client of the Segmentation service.
+
+    address: "host:port" of the gateway. tls: use TLS (implied by `ca`); ca: PEM file of the CA that
+    signed the gateway's certificate (system roots otherwise). token: bearer token sent as
+    `authorization: Bearer TOKEN`. retries: attempts in all for UNAVAILABLE / RESOURCE_EXHAUSTED
+    (gRPC retry policy, with backoff). timeout: seconds per call. max_message_mb: send and receive
+    limit (label maps of large images exceed gRPC's default 4 MiB).
+    """
+
+    def __init__(
+        self,
+        address="localhost:50051",
+        *,
+        tls=False,
+        ca=None,
+        token=None,
+        retries=5,
+        timeout=600.0,
+        max_message_mb=512,
+        options=(),
+    ):
+        limit = max_message_mb * 1024 * 1024
+        opts = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(service_config(max(1, min(retries, 5)), timeout))),
+            # A call is retried only while its request fits the retry buffer (256 KiB by default):
+            # images are larger.
+            ("grpc.per_rpc_retry_buffer_size", limit),
+            ("grpc.retry_buffer_size", limit),
+            *options,
+        ]
+        if tls or ca:
+            root = None
+            if ca:
+                with open(ca, "rb") as f:
+                    root = f.read()
+            self.channel = grpc.secure_channel(
+                address, grpc.ssl_channel_credentials(root_certificates=root), options=opts
+            )
+        else:
+            self.channel = grpc.insecure_channel(address, options=opts)
+        self.stub = pb_grpc.SegmentationStub(self.channel)
+        self.timeout = timeout
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self._model = None
+
+    def close(self):
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method, request, timeout):
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as err:
+            raise CfrsamError(err.code(), err.details()) from None
+
+    def model_info(self):
+        """The served model (name, version, classes, mpp...), fetched once."""
+        if self._model is None:
+            self._model = self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), 30)
+        return self._model
+
+    def segment(
+        self,
+        image,
+        mpp=0.0,
+        *,
+        prompts=None,
+        mode=None,
+        min_score=0.0,
+        label_map=True,
+        label_map_png=False,
+        masks=False,
+        mask_encoding="box",
+        origin=(0.0, 0.0),
+        downsample=1.0,
+        model="",
+        timeout=None,
+    ):
+        """Segments an image: a path, encoded bytes (PNG, JPEG, TIFF, WebP, GIF) or a numpy array.
+
+        mpp: the image's micrometres per pixel (0: the model's is assumed). prompts: points (x, y)
+        or dicts {positive, negative, box} for manual prompts; mode: "auto", "manual" or
+        "auto_and_manual". label_map_png: the label map travels as a 16-bit PNG (needs Pillow).
+        masks / mask_encoding: RLE masks, "box" (inside the bbox) or "coco" (pycocotools).
+        origin / downsample: where the image lies in a slide (level-0 pixels, level-0 pixels per
+        image pixel), for GeoJSON in the slide's coordinates.
+        """
+        request = pb.SegmentRequest(
+            image=image_bytes(image),
+            model=model,
+            prompts=[_prompt(p) for p in (prompts or [])],
+            prompt_mode=_mode(mode),
+            return_label_map=label_map,
+            return_masks=masks,
+            min_score=min_score,
+            mpp=mpp,
+            origin=pb.Point(x=origin[0], y=origin[1]),
+            downsample=downsample,
+            mask_encoding=_mask_encoding(mask_encoding),
+            label_map_encoding=pb.LABEL_MAP_ENCODING_PNG if label_map_png else pb.LABEL_MAP_ENCODING_RAW_UINT16,
+        )
+        model_info = self.model_info()
+        return SegmentResult(self._call(self.stub.Segment, request, timeout), model_info)
+
+    def refine(self, image_id, prompts, *, label_map=False, masks=False, mask_encoding="box", timeout=None):
+        """Segments new manual prompts on an image segmented recently (its image_id); only the decoder runs."""
+        if isinstance(image_id, SegmentResult):
+            image_id = image_id.image_id
+        request = pb.RefineRequest(
+            image_id=image_id,
+            prompts=[_prompt(p) for p in prompts],
+            return_label_map=label_map,
+            return_masks=masks,
+            mask_encoding=_mask_encoding(mask_encoding),
+        )
+        model_info = self.model_info()
+        return SegmentResult(self._call(self.stub.Refine, request, timeout), model_info)
+
+
+def _mode(mode):
+    if mode is None:
+        return pb.PROMPT_MODE_UNSPECIFIED
+    try:
+        return {
+            "auto": pb.PROMPT_MODE_AUTO,
+            "manual": pb.PROMPT_MODE_MANUAL,
+            "auto_and_manual": pb.PROMPT_MODE_AUTO_AND_MANUAL,
+        }[mode]
+    except KeyError:
+        raise ValueError(f"mode must be auto, manual or auto_and_manual, not {mode!r}") from None
+
+
+def _mask_encoding(name):
+    try:
+        return {"box": pb.MASK_ENCODING_BOX_ROW_MAJOR, "coco": pb.MASK_ENCODING_COCO_RLE}[name]
+    except KeyError:
+        raise ValueError(f"mask_encoding must be 'box' or 'coco', not {name!r}") from None

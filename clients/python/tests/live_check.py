@@ -1,0 +1,131 @@
+"""Checks the installed client against a running gateway; run by test/python-client.test.ts (CI).
+
+    python live_check.py HOST:PORT IMAGE
+
+Exits non-zero on the first failed check and prints a JSON summary on success.
+"""
+
+import json
+import sys
+
+import numpy as np
+
+from cfrsam_client import CfrsamError, Client, coco_rle_from_mask, decode_coco_rle
+
+
+def check(cond, what):
+    if not cond:
+        sys.exit(f"FAILED: {what}")
+
+
+def main(address, image_path):
+    # The README's three lines.
+    client = Client(address)
+    result = client.segment(image_path, mpp=0.25)
+    labels = result.label_map
+
+    n = len(result.nuclei)
+    check(n > 0, "nuclei found")
+    check(isinstance(labels, np.ndarray) and labels.dtype == np.uint16, "label map is a numpy uint16 array")
+    check(labels.shape == (result.response.height, result.response.width), "label map shape is (H, W)")
+    check(set(np.unique(labels).tolist()) == set(range(n + 1)), "label map holds 0..N")
+    masks = result.masks
+    check(len(masks) == n and all(m.mask.any() for m in masks), "a non-empty mask per nucleus (from the label map)")
+    first = masks[0]
+    check(
+        np.array_equal(
+            first.mask,
+            labels[first.y0 : first.y0 + first.mask.shape[0], first.x0 : first.x0 + first.mask.shape[1]] == first.id,
+        ),
+        "mask = label map crop",
+    )
+
+    # A numpy array in, the same nuclei out.
+    try:
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(image_path).convert("RGB"))
+        again = client.segment(pixels, mpp=0.25, label_map=False)
+        check(len(again.nuclei) == n, f"ndarray input finds the same {n} nuclei (got {len(again.nuclei)})")
+    except ImportError:
+        pass
+
+    # COCO RLE masks (pycocotools layout) and the label map as PNG bytes.
+    coco = client.segment(image_path, mpp=0.25, masks=True, mask_encoding="coco", label_map_png=True)
+    check(coco.response.label_map.HasField("png") and len(coco.response.label_map.data) == 0, "label map sent as PNG")
+    check(np.array_equal(coco.label_map, labels), "PNG label map equals the raw one")
+    rles = coco.coco_rles()
+    for nucleus, rle in zip(coco.nuclei, rles):
+        full = decode_coco_rle(nucleus.mask.width, nucleus.mask.height, nucleus.mask.counts)
+        check(
+            np.array_equal(full, labels == nucleus.id), f"COCO mask of nucleus {nucleus.id} equals its label-map region"
+        )
+        check(coco_rle_from_mask(full) == rle, f"COCO counts string of nucleus {nucleus.id} as pycocotools encodes it")
+    check(rles[0]["size"] == [coco.response.height, coco.response.width], "COCO size is [h, w]")
+    box = client.segment(image_path, mpp=0.25, masks=True, label_map=False)
+    check(
+        all(np.array_equal(a.mask, b.mask) for a, b in zip(box.masks, masks)), "box RLE masks equal the label-map masks"
+    )
+
+    # Refine on the image_id: one nucleus per prompt.
+    c = result.nuclei[0].centroid
+    refined = client.refine(result, [(c.x, c.y)])
+    check(len(refined.nuclei) == 1, "refine: one nucleus for one point")
+
+    # GeoJSON in slide coordinates with QuPath's names.
+    placed = client.segment(image_path, mpp=0.25, origin=(10000, 20000), downsample=2)
+    geo = placed.to_geojson()
+    check(len(geo["features"]) == n, "one Feature per nucleus")
+    f0 = geo["features"][0]
+    ring = f0["geometry"]["coordinates"][0]
+    p0 = placed.nuclei[0].polygon[0]
+    check(ring[0] == [10000 + 2 * p0.x, 20000 + 2 * p0.y], "slide = origin + downsample * image")
+    check(ring[0] == ring[-1], "rings closed")
+    m = f0["properties"]["measurements"]
+    for name in (
+        "Nucleus ID",
+        "Area µm^2",
+        "Length µm",
+        "Max diameter µm",
+        "Min diameter µm",
+        "Circularity",
+        "Solidity",
+    ):
+        check(name in m, f"measurement {name!r}")
+    check(m["Max diameter µm"] >= m["Min diameter µm"] > 0, "max diameter >= min diameter > 0")
+    check(geo["properties"]["model"]["name"] == result.response.model_name, "model at collection level")
+    names = {f["properties"].get("classification", {}).get("name") for f in geo["features"]} - {None}
+    check(names <= {"Other", "Immune cells", "Epithelial", "Stroma"}, f"QuPath class names, got {names}")
+    mapped = placed.to_geojson(class_map={"epithelial": "Tumor"})
+    check(
+        all(
+            f["properties"]["classification"]["name"] != "Epithelial"
+            for f in mapped["features"]
+            if "classification" in f["properties"]
+        ),
+        "class mapping applies",
+    )
+
+    # Bad input: a clear status, not a crash.
+    try:
+        client.segment(b"not an image")
+        check(False, "bad image refused")
+    except CfrsamError as err:
+        check(
+            err.code.name == "INVALID_ARGUMENT" and "not recognised" in err.details,
+            f"INVALID_ARGUMENT naming the problem, got {err}",
+        )
+
+    # A token travels as `authorization` metadata (servers without auth ignore it).
+    with Client(address, token="secret-token") as authed:
+        check(len(authed.segment(image_path, mpp=0.25, label_map=False).nuclei) == n, "token client segments")
+
+    print(
+        json.dumps(
+            {"nuclei": n, "shape": list(labels.shape), "classes": sorted(names), "model": result.response.model_version}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
