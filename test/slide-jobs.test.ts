@@ -1,35 +1,49 @@
-// Slide jobs over a NATS JetStream work queue: a real nats-server, the stack's gateway and a second
-// gateway process sharing it. A reference job runs on one gateway; the same job then runs on two,
-// one of which is SIGKILLed mid-job: its unacked region goes to the survivor after the ack wait,
-// and the stitched result has the same nuclei, each once.
+// Slide jobs by reference over NATS JetStream, with real processes: a real nats-server, the stack's
+// prompter, encoder and decoders, and gateway processes started here with --nats-url (each one
+// both API and worker), reading the real slides in ../shared/slides from a slide root or a URL.
+// A reference job on an ROI of the SVS is compared with the same job when a worker is SIGKILLed
+// mid-job, and when nats-server and every gateway restart mid-job: the same nuclei, each once.
 import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as http from 'node:http';
+import * as os from 'node:os';
 import * as path from 'node:path';
-import { connect } from 'nats';
+import { gunzipSync } from 'node:zlib';
+import { connect, type NatsConnection } from 'nats';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { repoRoot, segmentationProto, unary } from '@cfrsam/rpc';
+import { makeClient, repoRoot, segmentationProto, unary } from '@cfrsam/rpc';
 import { natsSkipReason, startTestNatsServer, type TestNatsServer } from '@cfrsam/testing';
 import { checkHealth, freePort } from '../services/gateway/dist/cli/stack';
 import { startTestStack, type TestStack } from './stack';
-import { blobGrid, syntheticPng } from './synthetic';
 
 const { SlideJobState } = segmentationProto;
-const skip = natsSkipReason();
+const SLIDES = path.resolve(repoRoot(), '../shared/slides');
+const SVS = path.join(SLIDES, 'CMU-1-Small-Region.svs');
+const OME = path.join(SLIDES, 'derived/CMU-1-Small-Region.crop.ome.tif');
+const skip = natsSkipReason() ?? (fs.existsSync(SVS) && fs.existsSync(OME) ? null : `${SLIDES} not found: skipping the slide job tests`);
 if (skip) console.warn(skip);
 
-const WIDTH = 1500;
-const HEIGHT = 1000;
-const REGION = 512;
 const ACK_WAIT_MS = 3000;
+const REGION = 512; // model pixels (0.25 um/px): 256 level-0 pixels of the 0.499 um/px SVS
+const ROI = { x: 700, y: 1200, width: 512, height: 512, polygon: [] }; // 2 x 2 regions of tissue
+const Job = segmentationProto.SlideJob;
+type Client = segmentationProto.SegmentationClient;
+
+interface Gateway {
+  name: string;
+  client: Client;
+  child: ChildProcess;
+  exited: Promise<unknown>;
+  log: string[];
+}
 
 let nats: TestNatsServer;
 let stack: TestStack;
-let image: Buffer;
+let slideRoot: string;
+const gateways: Gateway[] = [];
 
-function slideArgs(url: string): string[] {
-  return ['--nats-url', url, '--slide-ack-wait-ms', String(ACK_WAIT_MS)];
-}
-
-async function startSecondGateway(): Promise<{ child: ChildProcess; exited: Promise<unknown> }> {
+/** A gateway process that is both slide job API and worker. */
+async function startGateway(name: string, extra: string[] = []): Promise<Gateway> {
   const port = await freePort();
   const child = spawn(
     process.execPath,
@@ -37,11 +51,16 @@ async function startSecondGateway(): Promise<{ child: ChildProcess; exited: Prom
       path.join(repoRoot(), 'services/gateway/dist/main.js'),
       ...['--port', String(port), '--host', '127.0.0.1', '--bundle', path.join(repoRoot(), 'models/tiny')],
       ...['--prompter', stack.prompter, '--encoder', stack.encoder, '--decoders', stack.decoders.join(',')],
-      ...slideArgs(nats.url),
+      ...['--nats-url', nats.url, '--slide-root', slideRoot, '--slide-ack-wait-ms', String(ACK_WAIT_MS), '--result-cache-mb', '0'],
+      ...extra,
     ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
-  child.stderr!.resume();
+  const log: string[] = [];
+  child.stderr!.on('data', (b: Buffer) => {
+    log.push(...b.toString().split('\n').filter(Boolean));
+    if (process.env.CFRSAM_TEST_VERBOSE) process.stderr.write(`[${name}] ${b}`);
+  });
   const exited = new Promise((resolve) => child.once('exit', resolve));
   const deadline = Date.now() + 30_000;
   for (;;) {
@@ -49,28 +68,84 @@ async function startSecondGateway(): Promise<{ child: ChildProcess; exited: Prom
     if (state === 'SERVING') break;
     if (Date.now() > deadline || child.exitCode !== null) {
       child.kill('SIGKILL');
-      throw new Error('the second gateway did not start');
+      throw new Error(`gateway ${name} did not start:\n${log.join('\n')}`);
     }
     await new Promise((r) => setTimeout(r, 200));
   }
-  return { child, exited };
+  const client = makeClient(segmentationProto.SegmentationClient, `127.0.0.1:${port}`);
+  // Slide jobs answer UNAVAILABLE until the gateway has set up its NATS streams.
+  for (let i = 0; ; i++) {
+    const code = await unary(client, client.getSlideJob, { jobId: '0'.repeat(32) }).then(
+      () => 0,
+      (err: { code: number }) => err.code,
+    );
+    if (code !== 14 || i > 100) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const gw = { name, client, child, exited, log };
+  gateways.push(gw);
+  return gw;
 }
 
-const submit = () =>
-  unary(stack.segmentation, stack.segmentation.submitSlideJob, { image, regionSize: REGION, minScore: 0, mpp: 0, returnMasks: false });
-const progress = (jobId: string) => unary(stack.segmentation, stack.segmentation.getSlideJob, { jobId });
-const result = (jobId: string) => unary(stack.segmentation, stack.segmentation.getSlideJobResult, { jobId }, { timeoutMs: 60_000 });
+async function kill(gw: Gateway): Promise<void> {
+  gw.child.kill('SIGKILL');
+  await gw.exited;
+  gw.client.close();
+  gateways.splice(gateways.indexOf(gw), 1);
+}
 
-async function waitDone(jobId: string, onProgress?: (p: segmentationProto.SlideJob) => Promise<void> | void): Promise<segmentationProto.SlideJob> {
-  const deadline = Date.now() + 90_000;
+const submitRequest = (fields: Partial<segmentationProto.SubmitSlideJobRequest>) =>
+  segmentationProto.SubmitSlideJobRequest.fromPartial({ regionSize: REGION, ...fields });
+const bySlidePath = (p: string) => ({ source: { $case: 'path' as const, value: p } });
+
+async function waitFinished(
+  client: () => Client,
+  jobId: string,
+  onProgress?: (p: segmentationProto.SlideJob) => Promise<void> | void,
+  timeoutMs = 150_000,
+): Promise<segmentationProto.SlideJob> {
+  const deadline = Date.now() + timeoutMs;
   for (;;) {
-    const p = await progress(jobId);
-    if (p.state === SlideJobState.SLIDE_JOB_STATE_DONE || p.state === SlideJobState.SLIDE_JOB_STATE_FAILED) return p;
-    await onProgress?.(p);
-    if (Date.now() > deadline) throw new Error(`job ${jobId} not done: ${JSON.stringify(p)}`);
+    const p = await unary(client(), client().getSlideJob, { jobId }, { timeoutMs: 5000 }).catch(() => null);
+    if (p && p.state !== SlideJobState.SLIDE_JOB_STATE_QUEUED && p.state !== SlideJobState.SLIDE_JOB_STATE_RUNNING) return p;
+    if (p) await onProgress?.(p);
+    if (Date.now() > deadline) throw new Error(`job ${jobId} not finished: ${JSON.stringify(p && Job.toJSON(p))}`);
     await new Promise((r) => setTimeout(r, 150));
   }
 }
+
+/** Every nucleus of a done job through StreamSlideJobNuclei, resuming from page tokens. */
+async function streamNuclei(client: Client, jobId: string, pageSize = 40): Promise<{ nuclei: segmentationProto.Nucleus[]; pages: number }> {
+  const nuclei: segmentationProto.Nucleus[] = [];
+  let pages = 0;
+  let token = '';
+  // Two pages per call, then resume: the token of the last page continues where it left off.
+  for (;;) {
+    const call = client.streamSlideJobNuclei({ jobId, pageSize, pageToken: token });
+    let taken = 0;
+    let last = '';
+    for await (const page of call as AsyncIterable<segmentationProto.SlideJobNucleiPage>) {
+      nuclei.push(...page.nuclei);
+      pages++;
+      last = page.nextPageToken;
+      if (++taken === 2 && last) {
+        call.cancel();
+        break;
+      }
+    }
+    if (!last) return { nuclei, pages };
+    token = last;
+  }
+}
+
+async function download(client: Client, jobId: string, name: string): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const c of client.downloadSlideJobArtefact({ jobId, name }) as AsyncIterable<segmentationProto.FileChunk>)
+    chunks.push(Buffer.from(c.data));
+  return Buffer.concat(chunks);
+}
+
+const key = (n: segmentationProto.Nucleus) => `${n.centroid!.x.toFixed(1)},${n.centroid!.y.toFixed(1)}`;
 
 function bboxIou(a: segmentationProto.BoundingBox, b: segmentationProto.BoundingBox): number {
   const iw = Math.max(0, Math.min(a.x1, b.x1) - Math.max(a.x0, b.x0));
@@ -80,85 +155,273 @@ function bboxIou(a: segmentationProto.BoundingBox, b: segmentationProto.Bounding
   return inter / (area(a) + area(b) - inter);
 }
 
-describe.skipIf(!!skip)('slide jobs (NATS JetStream work queue)', () => {
-  beforeAll(async () => {
-    nats = await startTestNatsServer();
-    stack = await startTestStack({ args: { gateway: slideArgs(nats.url) } });
-    const xs = Array.from({ length: 24 }, (_, i) => 40 + i * 60);
-    const ys = Array.from({ length: 16 }, (_, i) => 40 + i * 60);
-    image = await syntheticPng(WIDTH, HEIGHT, blobGrid(xs, ys), 7);
-    // The gateway sets up its NATS streams in the background (UNAVAILABLE until then).
-    for (let i = 0; ; i++) {
-      const code = await progress('0'.repeat(32)).then(
-        () => 0,
-        (err: { code: number }) => err.code,
-      );
-      if (code !== 14 || i > 100) break;
-      await new Promise((r) => setTimeout(r, 100));
+function expectEachOnce(nuclei: segmentationProto.Nucleus[]): void {
+  expect(nuclei.map((n) => n.id)).toEqual(nuclei.map((_, i) => i + 1));
+  for (let i = 0; i < nuclei.length; i++) {
+    for (let j = i + 1; j < nuclei.length; j++) {
+      expect(bboxIou(nuclei[i].bbox!, nuclei[j].bbox!), `nuclei ${nuclei[i].id} and ${nuclei[j].id}`).toBeLessThanOrEqual(0.5);
     }
-  }, 120_000);
+  }
+}
+
+async function consumerInfo(nc: NatsConnection) {
+  const jsm = await nc.jetstreamManager();
+  return jsm.consumers.info('cfrsam-slide-tasks', 'cfrsam-slide-workers');
+}
+
+describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)', () => {
+  let reference: { jobId: string; nuclei: segmentationProto.Nucleus[]; ms: number };
+
+  beforeAll(async () => {
+    slideRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-slide-root-'));
+    fs.copyFileSync(SVS, path.join(slideRoot, 'CMU-1.svs'));
+    fs.mkdirSync(path.join(slideRoot, 'bad'));
+    // A truncated SVS (its directory points past the end) and a file that is no slide.
+    fs.writeFileSync(path.join(slideRoot, 'bad/truncated.svs'), fs.readFileSync(SVS).subarray(0, 300_000));
+    fs.writeFileSync(path.join(slideRoot, 'bad/notes.svs'), 'not a slide\n'.repeat(100));
+    fs.writeFileSync(path.join(os.tmpdir(), 'cfrsam-outside.svs'), 'x');
+    nats = await startTestNatsServer();
+    stack = await startTestStack({ decoders: 1 });
+    await startGateway('g1');
+  }, 180_000);
 
   afterAll(async () => {
+    for (const gw of [...gateways]) await kill(gw);
     await stack?.close();
     await nats?.dispose();
+    if (slideRoot) fs.rmSync(slideRoot, { recursive: true, force: true });
   });
 
-  it('answers NOT_FOUND for unknown jobs and FAILED_PRECONDITION before a job is done', async () => {
-    await expect(progress('0123456789abcdef0123456789abcdef')).rejects.toMatchObject({ code: 5 });
-    await expect(result('nope')).rejects.toMatchObject({ code: 5 });
-  });
-
-  it('finishes a job when a gateway is killed mid-job, reporting each nucleus once', async () => {
-    // Reference: the stack's gateway alone.
-    const started = Date.now();
-    const ref = await submit();
-    expect(ref.regions).toBe(12);
-    await expect(result(ref.jobId)).rejects.toMatchObject({ code: 9 });
-    const refDone = await waitDone(ref.jobId);
-    expect(refDone.state).toBe(SlideJobState.SLIDE_JOB_STATE_DONE);
-    const reference = await result(ref.jobId);
-    const referenceMs = Date.now() - started;
-    expect(reference.nuclei.length).toBeGreaterThan(100);
-
-    // The same job on two gateways; the second one dies (SIGKILL) while the job runs.
-    const second = await startSecondGateway();
-    let killed = false;
-    // Kill the second gateway only while both hold a region (one worker slot each), so that one
-    // region is certainly lost with it and must be redelivered to the survivor.
-    const nc = await connect({ servers: nats.url });
-    const jsm = await nc.jetstreamManager();
-    const job = await submit();
-    const t0 = Date.now();
-    const done = await waitDone(job.jobId, async (p) => {
-      if (killed || p.tilesDone < 2) return;
-      const consumer = await jsm.consumers.info('cfrsam-slide-tasks', 'cfrsam-slide-workers');
-      if (consumer.num_ack_pending >= 2) {
-        killed = true;
-        second.child.kill('SIGKILL');
-        await second.exited;
-      }
+  it('answers bad input with a status naming the problem', async () => {
+    const { client } = gateways[0];
+    const submit = (fields: Partial<segmentationProto.SubmitSlideJobRequest>) => unary(client, client.submitSlideJob, submitRequest(fields));
+    await expect(submit({ slide: bySlidePath('../cfrsam-outside.svs') })).rejects.toMatchObject({
+      code: 3,
+      details: expect.stringMatching(/leaves the slide root/),
     });
-    await nc.close();
-    if (!killed) second.child.kill('SIGKILL');
-    expect(killed).toBe(true);
-    expect(done).toMatchObject({ state: SlideJobState.SLIDE_JOB_STATE_DONE, tilesTotal: 12, tilesDone: 12 });
-    const stitched = await result(job.jobId);
-    console.log(
-      `slide job ${WIDTH}x${HEIGHT}, 12 regions: reference (1 gateway) ${referenceMs} ms, ${reference.nuclei.length} nuclei; ` +
-        `with a gateway killed ${Date.now() - t0} ms, ${stitched.nuclei.length} nuclei`,
-    );
+    await expect(submit({ slide: bySlidePath('/etc/passwd') })).rejects.toMatchObject({
+      code: 3,
+      details: expect.stringMatching(/relative to the slide root/),
+    });
+    await expect(submit({ slide: bySlidePath('missing.svs') })).rejects.toMatchObject({ code: 5, details: expect.stringMatching(/does not exist/) });
+    const closed = await freePort();
+    await expect(submit({ slide: { source: { $case: 'url', value: `http://127.0.0.1:${closed}/a.svs` } } })).rejects.toMatchObject({
+      code: 5,
+      details: expect.stringMatching(/cannot reach the URL/),
+    });
+    await expect(submit({ slide: { source: { $case: 'url', value: 'ftp://example.org/a.svs' } } })).rejects.toMatchObject({ code: 3 });
+    await expect(submit({ slide: bySlidePath('CMU-1.svs'), roi: { x: 5000, y: 5000, width: 100, height: 100, polygon: [] } })).rejects.toMatchObject({
+      code: 3,
+      details: expect.stringMatching(/outside the slide/),
+    });
+    await expect(submit({ slide: bySlidePath('bad/truncated.svs') })).rejects.toMatchObject({
+      code: 3,
+      details: expect.stringMatching(/truncated|corrupt/),
+    });
+    await expect(submit({ slide: bySlidePath('bad/notes.svs') })).rejects.toMatchObject({
+      code: 3,
+      details: expect.stringMatching(/unknown slide format/),
+    });
+    await expect(submit({})).rejects.toMatchObject({ code: 3, details: expect.stringMatching(/no slide given/) });
+    await expect(submit({ slide: bySlidePath('CMU-1.svs'), regionSize: 100 })).rejects.toMatchObject({ code: 3 });
+    const unknown = '0123456789abcdef0123456789abcdef';
+    await expect(unary(client, client.getSlideJob, { jobId: unknown })).rejects.toMatchObject({ code: 5 });
+    await expect(unary(client, client.cancelSlideJob, { jobId: 'nope' })).rejects.toMatchObject({ code: 5 });
+    await expect(streamNuclei(client, unknown)).rejects.toMatchObject({ code: 5 });
+    // The gateway is still serving.
+    expect((await unary(client, client.listSlideJobs, { pageSize: 0, pageToken: '' })).jobs).toEqual([]);
+  });
 
-    expect(stitched.nuclei.length).toBe(reference.nuclei.length);
-    expect(stitched.nuclei.map((n) => n.id)).toEqual(stitched.nuclei.map((_, i) => i + 1));
-    const key = (n: segmentationProto.Nucleus) => `${n.centroid!.x.toFixed(2)},${n.centroid!.y.toFixed(2)}`;
-    expect(stitched.nuclei.map(key).sort()).toEqual(reference.nuclei.map(key).sort());
-    for (let i = 0; i < stitched.nuclei.length; i++) {
-      for (let j = i + 1; j < stitched.nuclei.length; j++) {
-        const a = stitched.nuclei[i];
-        const b = stitched.nuclei[j];
-        expect(bboxIou(a.bbox!, b.bbox!), `nuclei ${a.id} and ${b.id}`).toBeLessThanOrEqual(0.5);
-      }
+  it('runs a job on an ROI of the SVS: progress, each nucleus once, paged nuclei and artefacts; the same request id is one job', async () => {
+    const { client } = gateways[0];
+    const t0 = Date.now();
+    const first = await unary(client, client.submitSlideJob, submitRequest({ slide: bySlidePath('CMU-1.svs'), roi: ROI, requestId: 'reference-1' }));
+    const again = await unary(client, client.submitSlideJob, submitRequest({ slide: bySlidePath('CMU-1.svs'), roi: ROI, requestId: 'reference-1' }));
+    expect(first).toMatchObject({ regions: 4, created: true });
+    expect(again).toEqual({ ...first, created: false });
+    const seen: segmentationProto.SlideJob[] = [];
+    const done = await waitFinished(
+      () => client,
+      first.jobId,
+      (p) => void seen.push(p),
+    );
+    const ms = Date.now() - t0;
+    expect(done).toMatchObject({
+      state: SlideJobState.SLIDE_JOB_STATE_DONE,
+      tilesTotal: 6,
+      tilesDone: 6,
+      requestId: 'reference-1',
+      source: 'CMU-1.svs',
+    });
+    expect(done.tissueMpxTotal).toBeGreaterThan(0.5);
+    expect(done.tissueMpxPerS).toBeGreaterThan(0);
+    const running = seen.filter((p) => p.tilesDone > 0 && p.tilesDone < 4);
+    expect(running.length).toBeGreaterThan(0);
+    expect(running.every((p) => p.tissueMpxPerS > 0 && p.etaS >= 0 && p.nuclei > 0)).toBe(true);
+
+    const { nuclei, pages } = await streamNuclei(client, first.jobId);
+    expect(nuclei.length).toBe(done.nuclei);
+    expect(nuclei.length).toBeGreaterThan(50);
+    expect(pages).toBeGreaterThan(2);
+    expectEachOnce(nuclei);
+    for (const n of nuclei) {
+      expect(n.centroid!.x).toBeGreaterThanOrEqual(ROI.x);
+      expect(n.centroid!.x).toBeLessThan(ROI.x + ROI.width);
+      expect(n.centroid!.y).toBeGreaterThanOrEqual(ROI.y);
+      expect(n.centroid!.y).toBeLessThan(ROI.y + ROI.height);
     }
-    expect(stitched.counts.reduce((s, c) => s + c.count, 0)).toBe(stitched.nuclei.length);
-  }, 180_000);
+    const whole = await unary(client, client.getSlideJobResult, { jobId: first.jobId });
+    expect(whole.nuclei.map(key)).toEqual(nuclei.map(key));
+
+    const geojson = JSON.parse(gunzipSync(await download(client, first.jobId, 'nuclei.geojson.gz')).toString()) as { features: unknown[] };
+    expect(geojson.features.length).toBe(nuclei.length);
+    const csv = (await download(client, first.jobId, 'nuclei.csv')).toString().trim().split('\n');
+    expect(csv.length - 1).toBe(nuclei.length);
+    const summary = JSON.parse((await download(client, first.jobId, 'summary.json')).toString()) as { nuclei: number };
+    expect(summary.nuclei).toBe(nuclei.length);
+    const list = await unary(client, client.listSlideJobs, { pageSize: 10, pageToken: '' });
+    expect(list.jobs.map((j) => j.jobId)).toEqual([first.jobId]);
+    reference = { jobId: first.jobId, nuclei, ms };
+    console.log(`slide job, SVS ROI ${ROI.width}x${ROI.height} in 4 regions: ${ms} ms, ${nuclei.length} nuclei in ${pages} pages`);
+  }, 240_000);
+
+  it('finishes a job whose worker is SIGKILLed mid-job with the same nuclei as the clean run', async () => {
+    const g2 = await startGateway('g2');
+    const nc = await connect({ servers: nats.url });
+    const { client } = gateways[0];
+    const job = await unary(client, client.submitSlideJob, submitRequest({ slide: bySlidePath('CMU-1.svs'), roi: ROI }));
+    let killed = false;
+    const t0 = Date.now();
+    const done = await waitFinished(
+      () => client,
+      job.jobId,
+      async () => {
+        // Kill g2 while both gateways hold a region, so a region certainly dies with it.
+        if (killed || (await consumerInfo(nc)).num_ack_pending < 2) return;
+        killed = true;
+        await kill(g2);
+      },
+    );
+    await nc.close();
+    if (!killed) await kill(g2);
+    expect(killed).toBe(true);
+    expect(done.state).toBe(SlideJobState.SLIDE_JOB_STATE_DONE);
+    const { nuclei } = await streamNuclei(client, job.jobId);
+    expect(nuclei.map(key).sort()).toEqual(reference.nuclei.map(key).sort());
+    expectEachOnce(nuclei);
+    console.log(`slide job with a worker killed: ${Date.now() - t0} ms (reference ${reference.ms} ms)`);
+  }, 240_000);
+
+  it('finishes a job when nats-server and every gateway restart mid-job', async () => {
+    const nc = await connect({ servers: nats.url, maxReconnectAttempts: -1, reconnectTimeWait: 200 });
+    const g1 = gateways[0];
+    const job = await unary(g1.client, g1.client.submitSlideJob, submitRequest({ slide: bySlidePath('CMU-1.svs'), roi: ROI }));
+    let p = await waitFinished(
+      () => g1.client,
+      job.jobId,
+      async (q) => {
+        if (q.tilesDone >= 2) throw Object.assign(new Error('restart now'), { progress: q });
+      },
+    ).catch((err: { progress?: segmentationProto.SlideJob }) => {
+      if (!err.progress) throw err;
+      return err.progress;
+    });
+    expect(p.state).toBe(SlideJobState.SLIDE_JOB_STATE_RUNNING);
+    await nc.close();
+    await kill(g1);
+    await nats.stop();
+    nats = await startTestNatsServer({ port: nats.port, storeDir: nats.storeDir });
+    const g3 = await startGateway('g3');
+    p = await waitFinished(() => g3.client, job.jobId);
+    expect(p.state).toBe(SlideJobState.SLIDE_JOB_STATE_DONE);
+    const { nuclei } = await streamNuclei(g3.client, job.jobId);
+    expect(nuclei.map(key).sort()).toEqual(reference.nuclei.map(key).sort());
+    expectEachOnce(nuclei);
+    // The jobs from before the restart are still listed (newest first), 2 per page.
+    const page1 = await unary(g3.client, g3.client.listSlideJobs, { pageSize: 2, pageToken: '' });
+    const page2 = await unary(g3.client, g3.client.listSlideJobs, { pageSize: 2, pageToken: page1.nextPageToken });
+    expect([...page1.jobs, ...page2.jobs].map((j) => j.jobId)).toContain(reference.jobId);
+    expect(page1.jobs[0].jobId).toBe(job.jobId);
+    expect(page2.nextPageToken).toBe('');
+  }, 240_000);
+
+  it('cancels a running job: its work stops within seconds and its results are deleted', async () => {
+    const gw = gateways[0];
+    const nc = await connect({ servers: nats.url });
+    const big = { x: 300, y: 800, width: 1536, height: 1024, polygon: [] }; // 24 regions
+    const job = await unary(gw.client, gw.client.submitSlideJob, submitRequest({ slide: bySlidePath('CMU-1.svs'), roi: big }));
+    expect(job.regions).toBeGreaterThan(12);
+    await waitFinished(
+      () => gw.client,
+      job.jobId,
+      (q) => {
+        if (q.tilesDone >= 1) throw Object.assign(new Error('cancel now'), { progress: q });
+      },
+    ).catch((err: { progress?: unknown }) => {
+      if (!err.progress) throw err;
+    });
+    const cancelled = await unary(gw.client, gw.client.cancelSlideJob, { jobId: job.jobId });
+    expect(cancelled.state).toBe(SlideJobState.SLIDE_JOB_STATE_CANCELLED);
+    const t0 = Date.now();
+    for (;;) {
+      const info = await consumerInfo(nc);
+      if (info.num_ack_pending === 0 && info.num_pending === 0) break;
+      expect(Date.now() - t0, 'the worker is still on the cancelled job').toBeLessThan(5000);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const stoppedMs = Date.now() - t0;
+    const doneAtCancel = (await unary(gw.client, gw.client.getSlideJob, { jobId: job.jobId })).tilesDone;
+    await new Promise((r) => setTimeout(r, 1500));
+    const later = await unary(gw.client, gw.client.getSlideJob, { jobId: job.jobId });
+    expect(later).toMatchObject({ state: SlideJobState.SLIDE_JOB_STATE_CANCELLED, tilesDone: doneAtCancel });
+    const os = await nc.jetstream().views.os('cfrsam-slide-results');
+    const left = (await os.list()).filter((o) => o.name.includes(job.jobId));
+    expect(left).toEqual([]);
+    await expect(unary(gw.client, gw.client.cancelSlideJob, { jobId: reference.jobId })).rejects.toMatchObject({ code: 9 });
+    await nc.close();
+    console.log(`cancel: worker idle ${stoppedMs} ms after CancelSlideJob`);
+  }, 240_000);
+
+  it('reads a slide by URL with range requests: a small ROI fetches a fraction of the file', async () => {
+    const size = fs.statSync(OME).size;
+    let served = 0;
+    let whole = 0;
+    let requests = 0;
+    const server = http.createServer((req, res) => {
+      requests++;
+      const m = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
+      if (!m) {
+        whole++;
+        res.writeHead(200, { 'content-length': size });
+        fs.createReadStream(OME).pipe(res);
+        return;
+      }
+      const from = Number(m[1]);
+      const to = Math.min(size - 1, Number(m[2]));
+      served += to - from + 1;
+      res.writeHead(206, { 'content-range': `bytes ${from}-${to}/${size}`, 'content-length': to - from + 1 });
+      fs.createReadStream(OME, { start: from, end: to }).pipe(res);
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const url = `http://127.0.0.1:${(server.address() as { port: number }).port}/slides/crop.ome.tif?X-Signature=secret`;
+    try {
+      const gw = await startGateway('g-url', ['--slide-tissue-max-side', '256']);
+      const job = await unary(
+        gw.client,
+        gw.client.submitSlideJob,
+        submitRequest({ slide: { source: { $case: 'url', value: url } }, roi: { x: 300, y: 300, width: 128, height: 128, polygon: [] } }),
+      );
+      expect(job.regions).toBe(1);
+      const done = await waitFinished(() => gw.client, job.jobId);
+      expect(done.state, done.error).toBe(SlideJobState.SLIDE_JOB_STATE_DONE);
+      expect(done.source).not.toContain('secret');
+      expect(done.nuclei).toBeGreaterThan(0);
+      expect(whole).toBe(0);
+      console.log(`URL job: ${served} of ${size} bytes read over HTTP in ${requests} range requests (${((100 * served) / size).toFixed(1)} %), ${done.nuclei} nuclei`);
+      expect(served).toBeLessThan(size * 0.25);
+      await kill(gw);
+    } finally {
+      server.close();
+    }
+  }, 240_000);
 });

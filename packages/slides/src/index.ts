@@ -1,5 +1,6 @@
 export { SlideError, type SlideErrorCode } from './errors.js';
 export { FileSource, BufferSource, type ByteSource } from './source.js';
+export { HttpRangeSource, type HttpSourceOptions } from './httpSource.js';
 export {
   type Slide,
   type SlideFormat,

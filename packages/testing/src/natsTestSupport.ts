@@ -31,12 +31,15 @@ export interface TestNatsServer {
   dispose(): Promise<void>;
 }
 
-/** Starts `nats-server -js` on 127.0.0.1 and resolves once it accepts clients. */
-export async function startTestNatsServer(): Promise<TestNatsServer> {
+/**
+ * Starts `nats-server -js` on 127.0.0.1 and resolves once it accepts clients. With `port` and
+ * `storeDir` of a stopped server it starts that server again (same address, same JetStream data).
+ */
+export async function startTestNatsServer(again?: { port: number; storeDir: string }): Promise<TestNatsServer> {
   const binary = natsServerBinary();
   if (!binary) throw new Error(natsSkipReason()!);
-  const port = await freePort();
-  const storeDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-nats-'));
+  const port = again?.port ?? (await freePort());
+  const storeDir = again?.storeDir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-nats-'));
   const child: ChildProcess = spawn(binary, ['-js', '-a', '127.0.0.1', '-p', String(port), '-sd', storeDir], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
@@ -59,7 +62,7 @@ export async function startTestNatsServer(): Promise<TestNatsServer> {
     });
   } catch (err) {
     child.kill('SIGKILL');
-    fs.rmSync(storeDir, { recursive: true, force: true });
+    if (!again) fs.rmSync(storeDir, { recursive: true, force: true });
     throw err;
   }
   // Keep draining the log so the pipe never fills up.

@@ -1,24 +1,33 @@
-// Slide jobs: a large image segmented region by region by every gateway that shares a NATS server.
+// Slide jobs: whole slides segmented region by region by every gateway that shares a NATS server.
 //
-// Submit (any gateway): the image is decoded and cut into square regions with the same layout and
-// ownership rule as the pipeline's model tiles (planTiles: regions overlap by the tile overlap, and
-// each region's core owns the nuclei whose centroid it holds). Each region's pixels are stored as a
-// PNG in a JetStream object store, the job's description in a KV bucket, and one task per region is
-// published to a work-queue stream.
+// A job names its slide by reference (slideSources.ts: a path under the slide root, an http(s) URL,
+// or an upload); workers read their regions themselves, so pixels never go through NATS. Submit
+// (any gateway) opens the slide, finds its tissue and lays the same grid as `cfrsam slide run`
+// (cells of region_size pixels at the model's resolution over the tissue or the ROI), stores the
+// plan, writes the job record and publishes one task per region to a work-queue stream.
 //
-// Work (every gateway, slideWorker.ts): a durable pull consumer shared by all gateways hands each
-// task to one of them; the region runs through the gateway's own pipeline in-process (the Segment
-// code path), its nuclei are stored under `<job>/<region>` and a `done.<job>.<region>` key is put.
-// Both writes overwrite on a redelivery, so a task that runs twice (its gateway died after storing
-// but before acking) is still counted once. Progress is the number of done keys.
-//
-// Why the object store and KV (discard=new) here, unlike the feature cache (featureStore.ts): these
-// are the job's own data, not a cache; a full store must refuse a new job (RESOURCE_EXHAUSTED)
-// rather than silently drop the regions of a running one. Entries expire after the job TTL.
-import { randomUUID } from 'node:crypto';
+// Everything durable lives in JetStream file storage, so a job finishes after the death of any
+// worker and after restarts of every gateway and of nats-server:
+//   KV cfrsam-slide-jobs      job.<id>       the job record (state changes by compare-and-set)
+//                             progress.<id>  regions done as a bitmap with nuclei and tissue so far;
+//                                            a region counts once however often it runs (CAS on the bit)
+//                             request.<hash> the job of a (caller, request id): kv.create makes the
+//                                            same id twice one job
+//   Object store cfrsam-slide-results  plan/<id> (the cells), region/<id>/<i> (a region's candidate
+//                             nuclei in level-0 pixels), final/<id>/<i> (its nuclei after seam
+//                             de-duplication, numbered), artefact/<id>/<name> (GeoJSON gzip, CSV,
+//                             summary)
+//   Stream cfrsam-slide-tasks  work queue: <id>.<region> and <id>.finalize tasks, one durable
+//                             consumer shared by every gateway; an unacked task is redelivered.
+// When the last region is stored, the worker that stored it queues the job's finalize task: one
+// worker admits the regions in order through the SeamLedger (each nucleus once across seams),
+// writes the final pages and streams the artefacts, so no process ever holds a slide's nuclei.
+// Finished jobs are removed with their results after --slide-job-ttl-s (every gateway sweeps).
+import { createHash, randomBytes } from 'node:crypto';
 import { AckPolicy, connect, nanos, RetentionPolicy, StorageType, type JetStreamClient, type KV, type NatsConnection, type ObjectStore } from 'nats';
-import { type FlagSpec, grpcError, segmentationProto, status } from '@cfrsam/rpc';
-import { decodeImage, encodeRgbPng, planTiles, rectContains, type RgbImage, type Tile, type TileLayout } from '@cfrsam/nuclei';
+import { type FlagSpec, grpcError, isServiceError, segmentationProto, status } from '@cfrsam/rpc';
+import { detectTissue, resolveMpp, SlideError, tissueRegions, type Roi, type TissueRegion } from '@cfrsam/slides';
+import { checkRef, describeRef, openSlideRef, SlideUpload, type SlideRef } from './slideSources';
 
 const { SlideJobState } = segmentationProto;
 
@@ -26,7 +35,7 @@ export const SLIDE_TASK_STREAM = 'cfrsam-slide-tasks';
 export const SLIDE_TASK_SUBJECT = 'cfrsam-slide-tasks';
 export const SLIDE_WORKER_DURABLE = 'cfrsam-slide-workers';
 export const SLIDE_JOB_BUCKET = 'cfrsam-slide-jobs';
-export const SLIDE_DATA_BUCKET = 'cfrsam-slide-data';
+export const SLIDE_RESULT_BUCKET = 'cfrsam-slide-results';
 
 /** Gateway flags of slide jobs: off unless --nats-url is set. */
 export function slideJobFlags() {
@@ -37,7 +46,24 @@ export function slideJobFlags() {
       default: '',
       help: 'NATS server(s) with JetStream for slide jobs, comma separated (e.g. nats://nats:4222); empty: slide jobs off',
     },
-    slideRegionSize: { type: 'int', env: 'CFRSAM_SLIDE_REGION_SIZE', default: 1024, help: 'side of a slide job region in pixels' },
+    slideRoot: {
+      type: 'string',
+      env: 'CFRSAM_SLIDE_ROOT',
+      default: '',
+      help: 'directory of slides that jobs may name by path (a shared volume on every gateway); uploads go to its uploads/; empty: by URL only',
+    },
+    slideRegionSize: {
+      type: 'int',
+      env: 'CFRSAM_SLIDE_REGION_SIZE',
+      default: 1024,
+      help: "side of a slide job region in pixels at the model's resolution",
+    },
+    slideOverlap: {
+      type: 'int',
+      env: 'CFRSAM_SLIDE_OVERLAP',
+      default: 64,
+      help: "margin read around each region, in pixels at the model's resolution",
+    },
     slideAckWaitMs: {
       type: 'int',
       env: 'CFRSAM_SLIDE_ACK_WAIT_MS',
@@ -46,135 +72,135 @@ export function slideJobFlags() {
     },
     slideMaxDeliver: { type: 'int', env: 'CFRSAM_SLIDE_MAX_DELIVER', default: 5, help: 'attempts per region before its job fails' },
     slideWorkers: { type: 'int', env: 'CFRSAM_SLIDE_WORKERS', default: 1, help: 'region tasks this gateway runs at once (0: submit only)' },
-    slideJobTtlS: { type: 'int', env: 'CFRSAM_SLIDE_JOB_TTL_S', default: 86_400, help: 'how long jobs and their results are kept' },
+    slideJobTtlS: {
+      type: 'int',
+      env: 'CFRSAM_SLIDE_JOB_TTL_S',
+      default: 7 * 86_400,
+      help: 'finished jobs are kept this long, then removed with their results',
+    },
+    slideUploadMaxMb: { type: 'int', env: 'CFRSAM_SLIDE_UPLOAD_MAX_MB', default: 20_480, help: 'largest slide UploadSlide accepts, in MiB' },
+    slideTissueMaxSide: {
+      type: 'int',
+      env: 'CFRSAM_SLIDE_TISSUE_MAX_SIDE',
+      default: 1024,
+      help: 'long side of the tissue mask a job is planned on (the coarsest level at least this large is read)',
+    },
   } satisfies Record<string, FlagSpec>;
 }
 
 export interface SlideJobSettings {
   natsUrl: string;
+  slideRoot: string;
   slideRegionSize: number;
+  slideOverlap: number;
   slideAckWaitMs: number;
   slideMaxDeliver: number;
   slideWorkers: number;
   slideJobTtlS: number;
+  slideUploadMaxMb: number;
+  slideTissueMaxSide: number;
 }
 
 export const DEFAULT_SLIDE_JOB_SETTINGS: Omit<SlideJobSettings, 'natsUrl'> = {
+  slideRoot: '',
   slideRegionSize: 1024,
+  slideOverlap: 64,
   slideAckWaitMs: 30_000,
   slideMaxDeliver: 5,
   slideWorkers: 1,
-  slideJobTtlS: 86_400,
+  slideJobTtlS: 7 * 86_400,
+  slideUploadMaxMb: 20_480,
+  slideTissueMaxSide: 1024,
 };
+
+export type JobState = 'QUEUED' | 'RUNNING' | 'DONE' | 'FAILED' | 'CANCELLED';
+export const FINISHED: ReadonlySet<JobState> = new Set(['DONE', 'FAILED', 'CANCELLED']);
 
 /** What a job keeps in the KV bucket under `job.<id>`. */
 export interface SlideJobRecord {
   jobId: string;
+  requestId: string;
+  /** KV key of the request id (empty without one). */
+  requestKey: string;
+  owner: string;
+  source: SlideRef;
   width: number;
   height: number;
+  mpp: { x: number; y: number; source: string };
+  modelMpp: number;
+  modelVersion: string;
   regionSize: number;
   overlap: number;
-  regions: number;
+  /** A region's read margin and the seam band (SeamLedger), in level-0 pixels. */
+  marginL0: { x: number; y: number };
+  band: { x: number; y: number };
+  roi: Roi | null;
   minScore: number;
-  mpp: number;
-  returnMasks: boolean;
+  regions: number;
+  tissueMpxTotal: number;
+  tissueFraction: number;
+  state: JobState;
+  error: string;
   createdAt: string;
+  startedAt: string;
+  finishedAt: string;
+  /** All region tasks are in the queue (a submit that died half way is completed by the sweeper). */
+  published: boolean;
+  nuclei: number;
+  artefacts: string[];
 }
 
-/** A work-queue message: one region of one job. */
-export interface SlideTask {
-  jobId: string;
-  region: number;
+/** `progress.<id>`: regions done (a bitmap, so a region run twice counts once) and their sums. */
+export interface ProgressRecord {
+  bits: string;
+  done: number;
+  nuclei: number;
+  tissueMpx: number;
 }
+
+/** A work-queue message: one region of one job, or the job's finalize step. */
+export type SlideTask = { jobId: string; region: number; cell: TissueRegion } | { jobId: string; finalize: true };
 
 const JOB_ID_PATTERN = /^[0-9a-f]{32}$/;
 const enc = new TextEncoder();
 const dec = new TextDecoder();
 
-export const regionObjectName = (jobId: string, region: number) => `region/${jobId}/${region}`;
-export const resultObjectName = (jobId: string, region: number) => `result/${jobId}/${region}`;
+export const planObject = (jobId: string) => `plan/${jobId}`;
+export const regionObject = (jobId: string, region: number) => `region/${jobId}/${region}`;
+export const finalObject = (jobId: string, region: number) => `final/${jobId}/${region}`;
+export const artefactObject = (jobId: string, name: string) => `artefact/${jobId}/${name}`;
+export const ARTEFACTS = ['nuclei.geojson.gz', 'nuclei.csv', 'summary.json'] as const;
 
-/** The region layout of a job (the pipeline's tiling, with regions in place of model tiles). */
-export function slideLayout(job: Pick<SlideJobRecord, 'width' | 'height' | 'regionSize' | 'overlap'>): TileLayout {
-  return planTiles(job.width, job.height, job.regionSize, job.overlap);
+/** Job ids sort by creation time (hex milliseconds first), so listings page newest first by key. */
+export function newJobId(now = Date.now()): string {
+  return now.toString(16).padStart(12, '0') + randomBytes(10).toString('hex');
 }
 
-/** Copies a region's valid pixels out of the image. */
-export function cropRegion(image: RgbImage, region: Tile): RgbImage {
-  const { x0, y0, x1, y1 } = region.valid;
-  const width = x1 - x0;
-  const height = y1 - y0;
-  const data = new Uint8Array(width * height * 3);
-  for (let y = y0; y < y1; y++) data.set(image.data.subarray((y * image.width + x0) * 3, (y * image.width + x1) * 3), (y - y0) * width * 3);
-  return { width, height, data };
-}
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref());
 
-/**
- * Puts regions' results together: each nucleus is moved to image coordinates and kept only by
- * the region whose core holds its centroid (so nuclei in the overlaps are reported once), then
- * renumbered 1..n in region order.
- */
-export function stitchSlideResult(
-  job: SlideJobRecord,
-  regionResults: readonly segmentationProto.SegmentResponse[],
-): segmentationProto.SegmentResponse {
-  const layout = slideLayout(job);
-  const nuclei: segmentationProto.Nucleus[] = [];
-  let tiles = 0;
-  let modelName = '';
-  let modelVersion = '';
-  regionResults.forEach((result, i) => {
-    const region = layout.tiles[i];
-    const dx = region.valid.x0;
-    const dy = region.valid.y0;
-    tiles += result.tiles;
-    modelName ||= result.modelName;
-    modelVersion ||= result.modelVersion;
-    for (const n of result.nuclei) {
-      const cx = (n.centroid?.x ?? 0) + dx;
-      const cy = (n.centroid?.y ?? 0) + dy;
-      if (!rectContains(region.core, cx, cy)) continue;
-      const shift = (p: segmentationProto.Point | undefined) => (p ? { x: p.x + dx, y: p.y + dy } : undefined);
-      nuclei.push({
-        ...n,
-        id: nuclei.length + 1,
-        centroid: { x: cx, y: cy },
-        bbox: n.bbox ? { x0: n.bbox.x0 + dx, y0: n.bbox.y0 + dy, x1: n.bbox.x1 + dx, y1: n.bbox.y1 + dy } : undefined,
-        polygon: n.polygon.map((p) => ({ x: p.x + dx, y: p.y + dy })),
-        prompt: shift(n.prompt),
-      });
-    }
-  });
-  const counts = new Map<number, segmentationProto.ClassCount>();
-  for (const n of nuclei) {
-    const c = counts.get(n.classIndex) ?? { classIndex: n.classIndex, className: n.className, count: 0 };
-    c.count++;
-    counts.set(n.classIndex, c);
+/** Parses a task message; null when it is not one. */
+export function decodeTask(data: Uint8Array): SlideTask | null {
+  try {
+    const task = JSON.parse(dec.decode(data)) as SlideTask;
+    if (typeof task.jobId !== 'string') return null;
+    if ('finalize' in task) return task.finalize === true ? task : null;
+    return Number.isInteger(task.region) && task.cell && Number.isFinite(task.cell.x) ? task : null;
+  } catch {
+    return null;
   }
-  return {
-    imageId: job.jobId,
-    width: job.width,
-    height: job.height,
-    nuclei,
-    counts: [...counts.values()].sort((a, b) => a.classIndex - b.classIndex),
-    labelMap: undefined,
-    modelName,
-    modelVersion,
-    timings: [],
-    tiles,
-    imageMpp: regionResults[0]?.imageMpp ?? 0,
-    mppAssumed: regionResults[0]?.mppAssumed ?? false,
-    modelMpp: regionResults[0]?.modelMpp ?? 0,
-  };
 }
 
-/** The NATS side of slide jobs: streams, buckets and the job records, shared by API and worker. */
+function bitSet(bits: Buffer, i: number): boolean {
+  return (bits[i >> 3] & (1 << (i & 7))) !== 0;
+}
+
+/** The NATS side of slide jobs: streams, buckets and records, shared by the API and the workers. */
 export class SlideJobStore {
   private constructor(
     readonly nc: NatsConnection,
     readonly js: JetStreamClient,
     readonly kv: KV,
-    readonly data: ObjectStore,
+    readonly results: ObjectStore,
     readonly settings: SlideJobSettings,
   ) {}
 
@@ -187,39 +213,41 @@ export class SlideJobStore {
         .filter(Boolean),
       name: 'cfrsam-gateway-slide-jobs',
       maxReconnectAttempts: -1,
+      reconnectTimeWait: 500,
     });
     try {
       const jsm = await nc.jetstreamManager();
-      const streamConfig = {
-        name: SLIDE_TASK_STREAM,
-        subjects: [`${SLIDE_TASK_SUBJECT}.>`],
-        retention: RetentionPolicy.Workqueue,
-        storage: StorageType.File,
-        max_age: nanos(settings.slideJobTtlS * 1000),
-        duplicate_window: nanos(120_000),
-      };
       try {
         await jsm.streams.info(SLIDE_TASK_STREAM);
       } catch {
-        await jsm.streams.add(streamConfig).catch(async (err) => {
-          // Another gateway created it in between.
-          if (!(await jsm.streams.info(SLIDE_TASK_STREAM).catch(() => null))) throw err;
-        });
+        await jsm.streams
+          .add({
+            name: SLIDE_TASK_STREAM,
+            subjects: [`${SLIDE_TASK_SUBJECT}.>`],
+            retention: RetentionPolicy.Workqueue,
+            storage: StorageType.File,
+            duplicate_window: nanos(120_000),
+          })
+          .catch(async (err) => {
+            // Another gateway created it in between.
+            if (!(await jsm.streams.info(SLIDE_TASK_STREAM).catch(() => null))) throw err;
+          });
       }
-      const consumerConfig = {
-        durable_name: SLIDE_WORKER_DURABLE,
-        ack_policy: AckPolicy.Explicit,
-        ack_wait: nanos(settings.slideAckWaitMs),
-        max_deliver: settings.slideMaxDeliver,
-        max_ack_pending: 1000,
-      };
-      await jsm.consumers.add(SLIDE_TASK_STREAM, consumerConfig).catch(async (err) => {
-        if (!(await jsm.consumers.info(SLIDE_TASK_STREAM, SLIDE_WORKER_DURABLE).catch(() => null))) throw err;
-      });
+      await jsm.consumers
+        .add(SLIDE_TASK_STREAM, {
+          durable_name: SLIDE_WORKER_DURABLE,
+          ack_policy: AckPolicy.Explicit,
+          ack_wait: nanos(settings.slideAckWaitMs),
+          max_deliver: settings.slideMaxDeliver,
+          max_ack_pending: 10_000,
+        })
+        .catch(async (err) => {
+          if (!(await jsm.consumers.info(SLIDE_TASK_STREAM, SLIDE_WORKER_DURABLE).catch(() => null))) throw err;
+        });
       const js = nc.jetstream();
-      const kv = await js.views.kv(SLIDE_JOB_BUCKET, { ttl: settings.slideJobTtlS * 1000, history: 1 });
-      const data = await js.views.os(SLIDE_DATA_BUCKET, { ttl: nanos(settings.slideJobTtlS * 1000) });
-      return new SlideJobStore(nc, js, kv, data, settings);
+      const kv = await js.views.kv(SLIDE_JOB_BUCKET, { history: 1, storage: StorageType.File });
+      const results = await js.views.os(SLIDE_RESULT_BUCKET, { storage: StorageType.File });
+      return new SlideJobStore(nc, js, kv, results, settings);
     } catch (err) {
       await nc.close().catch(() => undefined);
       throw err;
@@ -237,147 +265,513 @@ export class SlideJobStore {
     return JSON.parse(entry.string()) as SlideJobRecord;
   }
 
-  async failure(jobId: string): Promise<string | null> {
-    const entry = await this.kv.get(`failed.${jobId}`);
-    return entry && entry.operation === 'PUT' ? entry.string() : null;
+  async progress(jobId: string): Promise<ProgressRecord> {
+    const entry = await this.kv.get(`progress.${jobId}`);
+    if (!entry || entry.operation !== 'PUT') return { bits: '', done: 0, nuclei: 0, tissueMpx: 0 };
+    return JSON.parse(entry.string()) as ProgressRecord;
   }
 
-  async markFailed(jobId: string, error: string): Promise<void> {
-    await this.kv.put(`failed.${jobId}`, enc.encode(error));
+  /**
+   * Read-modify-write of a JSON record by compare-and-set: `change` returns the new value, or null
+   * to leave it. Returns the value after the call (null if absent and unchanged).
+   */
+  async update<T>(key: string, change: (current: T | null) => T | null): Promise<{ value: T | null; changed: boolean }> {
+    for (let attempt = 0; ; attempt++) {
+      const entry = await this.kv.get(key);
+      const current = entry && entry.operation === 'PUT' ? (JSON.parse(entry.string()) as T) : null;
+      const next = change(current);
+      if (next === null) return { value: current, changed: false };
+      try {
+        if (entry) await this.kv.update(key, enc.encode(JSON.stringify(next)), entry.revision);
+        else await this.kv.create(key, enc.encode(JSON.stringify(next)));
+        return { value: next, changed: true };
+      } catch (err) {
+        // Someone else wrote in between: read again. Anything else after a few tries is real.
+        if (attempt >= 50 || !/wrong last sequence|key exists/i.test((err as Error).message)) throw err;
+      }
+    }
   }
 
-  async markStarted(jobId: string): Promise<void> {
-    await this.kv.put(`started.${jobId}`, enc.encode(new Date().toISOString()));
+  /** Moves a job to a state unless it is finished already; returns the record after the call. */
+  async transition(
+    jobId: string,
+    change: (job: SlideJobRecord) => Partial<SlideJobRecord> | null,
+  ): Promise<{ job: SlideJobRecord | null; changed: boolean }> {
+    const { value, changed } = await this.update<SlideJobRecord>(`job.${jobId}`, (job) => {
+      if (!job || FINISHED.has(job.state)) return null;
+      const patch = change(job);
+      return patch ? { ...job, ...patch } : null;
+    });
+    return { job: value, changed };
   }
 
-  async regionsDone(jobId: string): Promise<number> {
-    let n = 0;
-    for await (const _ of await this.kv.keys(`done.${jobId}.*`)) n++;
-    return n;
+  /** Marks a region done (once) with its nuclei and tissue; returns the progress after it. */
+  async regionDone(job: SlideJobRecord, region: number, nuclei: number, tissueMpx: number): Promise<ProgressRecord> {
+    const { value } = await this.update<ProgressRecord>(`progress.${job.jobId}`, (p) => {
+      const bits = Buffer.alloc(Math.ceil(job.regions / 8));
+      if (p?.bits) Buffer.from(p.bits, 'base64').copy(bits);
+      if (bitSet(bits, region)) return null;
+      bits[region >> 3] |= 1 << (region & 7);
+      return {
+        bits: bits.toString('base64'),
+        done: (p?.done ?? 0) + 1,
+        nuclei: (p?.nuclei ?? 0) + nuclei,
+        tissueMpx: (p?.tissueMpx ?? 0) + tissueMpx,
+      };
+    });
+    return value!;
   }
 
-  async storeRegionResult(task: SlideTask, result: segmentationProto.SegmentResponse): Promise<void> {
-    const bytes = segmentationProto.SegmentResponse.encode(result).finish();
-    await this.data.putBlob({ name: resultObjectName(task.jobId, task.region) }, bytes);
-    await this.kv.put(`done.${task.jobId}.${task.region}`, enc.encode(String(result.nuclei.length)));
+  async publishFinalize(jobId: string): Promise<void> {
+    await this.js.publish(`${SLIDE_TASK_SUBJECT}.${jobId}.finalize`, enc.encode(JSON.stringify({ jobId, finalize: true })), {
+      msgID: `${jobId}.finalize`,
+    });
   }
 
-  async regionImage(task: SlideTask): Promise<Uint8Array | null> {
-    return this.data.getBlob(regionObjectName(task.jobId, task.region));
+  /** Queues every region task of a job (idempotent within the stream's duplicate window). */
+  async publishRegions(job: SlideJobRecord, cells: readonly TissueRegion[]): Promise<void> {
+    const batch = 128;
+    for (let i = 0; i < cells.length; i += batch) {
+      await Promise.all(
+        cells.slice(i, i + batch).map((cell, k) =>
+          this.js.publish(`${SLIDE_TASK_SUBJECT}.${job.jobId}.${i + k}`, enc.encode(JSON.stringify({ jobId: job.jobId, region: i + k, cell })), {
+            msgID: `${job.jobId}.${i + k}`,
+          }),
+        ),
+      );
+    }
+    if (cells.length === 0) await this.publishFinalize(job.jobId);
+  }
+
+  async plan(jobId: string): Promise<TissueRegion[] | null> {
+    const bytes = await this.results.getBlob(planObject(jobId));
+    return bytes ? (JSON.parse(dec.decode(bytes)) as TissueRegion[]) : null;
+  }
+
+  /** Removes a job's queued tasks. */
+  async purgeTasks(jobId: string): Promise<void> {
+    const jsm = await this.nc.jetstreamManager();
+    await jsm.streams.purge(SLIDE_TASK_STREAM, { filter: `${SLIDE_TASK_SUBJECT}.${jobId}.>` });
+  }
+
+  /** Deletes a job's stored results (plan, region and final pages, artefacts). */
+  async deleteResults(job: Pick<SlideJobRecord, 'jobId' | 'regions'>): Promise<void> {
+    const names = [planObject(job.jobId), ...ARTEFACTS.map((a) => artefactObject(job.jobId, a))];
+    for (let i = 0; i < job.regions; i++) names.push(regionObject(job.jobId, i), finalObject(job.jobId, i));
+    const parallel = 16;
+    for (let i = 0; i < names.length; i += parallel) {
+      await Promise.all(names.slice(i, i + parallel).map((n) => this.results.delete(n).catch(() => undefined)));
+    }
+  }
+
+  /** Removes a job entirely: tasks, results, progress, request id and record. */
+  async removeJob(job: SlideJobRecord): Promise<void> {
+    await this.purgeTasks(job.jobId).catch(() => undefined);
+    await this.deleteResults(job);
+    await this.kv.purge(`progress.${job.jobId}`).catch(() => undefined);
+    if (job.requestKey) await this.kv.purge(job.requestKey).catch(() => undefined);
+    await this.kv.purge(`job.${job.jobId}`);
+  }
+
+  /** Every job id, newest first. */
+  async jobIds(): Promise<string[]> {
+    const ids: string[] = [];
+    for await (const key of await this.kv.keys('job.*')) ids.push(key.slice(4));
+    return ids.filter((id) => JOB_ID_PATTERN.test(id)).sort((a, b) => (a < b ? 1 : a > b ? -1 : 0));
+  }
+
+  /**
+   * Retention and repair, run by every gateway now and then (idempotent): finished jobs older than
+   * the TTL are removed with their results; a job whose submit died before all its tasks were
+   * queued gets them queued.
+   */
+  async sweep(now = Date.now(), log: (line: string) => void = () => undefined): Promise<void> {
+    for (const id of await this.jobIds()) {
+      const job = await this.job(id);
+      if (!job) continue;
+      if (FINISHED.has(job.state)) {
+        if (now - Date.parse(job.finishedAt || job.createdAt) > this.settings.slideJobTtlS * 1000) {
+          await this.removeJob(job);
+          log(`slide jobs: removed job ${id} (finished ${job.finishedAt}, retention ${this.settings.slideJobTtlS} s)`);
+        }
+      } else if (!job.published && now - Date.parse(job.createdAt) > 60_000) {
+        const cells = await this.plan(id);
+        if (!cells) continue;
+        await this.publishRegions(job, cells);
+        await this.transition(id, () => ({ published: true }));
+        log(`slide jobs: queued the tasks of job ${id}, whose submit stopped half way`);
+      }
+    }
   }
 }
 
-/** The public API of slide jobs (the three Segmentation methods), on top of a store. */
+/** A SlideError or gRPC error as the status a client gets. */
+export function slideStatusError(err: unknown, what: string): Error {
+  if (isServiceError(err)) return err as Error;
+  if (err instanceof SlideError) {
+    const code =
+      err.code === 'NOT_FOUND' ? status.NOT_FOUND : err.code === 'OPENSLIDE_MISSING' ? status.FAILED_PRECONDITION : status.INVALID_ARGUMENT;
+    return grpcError(code, `${what}: ${err.message}`);
+  }
+  return err as Error;
+}
+
+/** The job as the API describes it. */
+export function jobMessage(job: SlideJobRecord, progress: ProgressRecord, now = Date.now()): segmentationProto.SlideJob {
+  const state = {
+    QUEUED: SlideJobState.SLIDE_JOB_STATE_QUEUED,
+    RUNNING: SlideJobState.SLIDE_JOB_STATE_RUNNING,
+    DONE: SlideJobState.SLIDE_JOB_STATE_DONE,
+    FAILED: SlideJobState.SLIDE_JOB_STATE_FAILED,
+    CANCELLED: SlideJobState.SLIDE_JOB_STATE_CANCELLED,
+  }[job.state];
+  const done = job.state === 'DONE' ? job.regions : Math.min(progress.done, job.regions);
+  const tissueDone = job.state === 'DONE' ? job.tissueMpxTotal : progress.tissueMpx;
+  const end = job.finishedAt ? Date.parse(job.finishedAt) : now;
+  const elapsedS = job.startedAt ? Math.max(0.001, (end - Date.parse(job.startedAt)) / 1000) : 0;
+  const rate = elapsedS > 0 ? tissueDone / elapsedS : 0;
+  const eta = FINISHED.has(job.state) ? 0 : rate > 0 ? (job.tissueMpxTotal - tissueDone) / rate : -1;
+  return {
+    jobId: job.jobId,
+    state,
+    tilesTotal: job.regions,
+    tilesDone: done,
+    error: job.error,
+    width: job.width,
+    height: job.height,
+    requestId: job.requestId,
+    source: describeRef(job.source),
+    nuclei: job.state === 'DONE' ? job.nuclei : progress.nuclei,
+    tissueMpxTotal: job.tissueMpxTotal,
+    tissueMpxDone: tissueDone,
+    tissueMpxPerS: rate,
+    etaS: eta,
+    createdAt: job.createdAt,
+    startedAt: job.startedAt,
+    finishedAt: job.finishedAt,
+    artefacts: job.state === 'DONE' ? job.artefacts : [],
+  };
+}
+
+/** What submit needs to know about the served model. */
+export interface SlideModel {
+  inputSize: number;
+  mpp: number;
+  version: string;
+}
+
+/** The reference of a submit request (or an upload of its image bytes). */
+async function requestRef(request: segmentationProto.SubmitSlideJobRequest, settings: SlideJobSettings): Promise<SlideRef> {
+  const source = request.slide?.source;
+  const ref: SlideRef | null = !source
+    ? null
+    : source.$case === 'path'
+      ? { path: source.value }
+      : source.$case === 'url'
+        ? { url: source.value }
+        : { uploadId: source.value };
+  if (ref && request.image.length > 0) throw grpcError(status.INVALID_ARGUMENT, 'give one slide: a reference or image bytes, not both');
+  if (ref) return ref;
+  if (request.image.length === 0) throw grpcError(status.INVALID_ARGUMENT, 'no slide given: set slide.path, slide.url or slide.upload_id');
+  const upload = await SlideUpload.begin(
+    settings.slideRoot,
+    { name: 'image', size: request.image.length, sha256: createHash('sha256').update(request.image).digest('hex') },
+    settings.slideUploadMaxMb * 1024 * 1024,
+  );
+  try {
+    await upload.write(request.image);
+    return { uploadId: await upload.finish() };
+  } catch (err) {
+    await upload.abort();
+    throw err;
+  }
+}
+
+function requestRoi(roi: segmentationProto.SlideRoi | undefined): Roi | null {
+  if (!roi) return null;
+  if (roi.polygon.length > 0) {
+    if (roi.polygon.length < 3) throw grpcError(status.INVALID_ARGUMENT, `an ROI polygon needs at least 3 points, got ${roi.polygon.length}`);
+    return { polygon: roi.polygon.map((p) => [p.x, p.y] as [number, number]) };
+  }
+  if (!(roi.width > 0 && roi.height > 0) || ![roi.x, roi.y, roi.width, roi.height].every(Number.isFinite)) {
+    throw grpcError(status.INVALID_ARGUMENT, `ROI width and height must be positive, got ${roi.width}x${roi.height}`);
+  }
+  return { x: roi.x, y: roi.y, width: roi.width, height: roi.height };
+}
+
+/** The public API of slide jobs, on top of a store. */
 export class SlideJobService {
   constructor(
-    private readonly store: SlideJobStore,
-    private readonly limits: { maxImagePixels: number; minImageSide: number; tileOverlap: number; modelInputSize: number },
+    readonly store: SlideJobStore,
+    private readonly model: SlideModel,
   ) {}
 
-  async submit(request: segmentationProto.SubmitSlideJobRequest): Promise<segmentationProto.SubmitSlideJobResponse> {
-    const regionSize = request.regionSize || this.store.settings.slideRegionSize;
-    if (!Number.isInteger(regionSize) || regionSize < this.limits.modelInputSize || regionSize > 16_384) {
-      throw grpcError(
-        status.INVALID_ARGUMENT,
-        `region_size must be between the model input ${this.limits.modelInputSize} and 16384 px, got ${regionSize}`,
-      );
+  async submit(request: segmentationProto.SubmitSlideJobRequest, owner: string): Promise<segmentationProto.SubmitSlideJobResponse> {
+    const settings = this.store.settings;
+    const regionSize = request.regionSize || settings.slideRegionSize;
+    if (!Number.isInteger(regionSize) || regionSize < this.model.inputSize || regionSize > 16_384) {
+      throw grpcError(status.INVALID_ARGUMENT, `region_size must be between the model input ${this.model.inputSize} and 16384 px, got ${regionSize}`);
+    }
+    const overlap = request.overlap || settings.slideOverlap;
+    if (!Number.isInteger(overlap) || overlap < 0 || overlap >= regionSize) {
+      throw grpcError(status.INVALID_ARGUMENT, `overlap must be in [0, region_size), got ${overlap}`);
     }
     if (!Number.isFinite(request.minScore) || request.minScore < 0 || request.minScore > 1) {
       throw grpcError(status.INVALID_ARGUMENT, `min_score must be in [0, 1], got ${request.minScore}`);
     }
     if (!Number.isFinite(request.mpp) || request.mpp < 0) {
-      throw grpcError(status.INVALID_ARGUMENT, `mpp must be a positive number of micrometres per pixel (or 0 for the model's), got ${request.mpp}`);
+      throw grpcError(status.INVALID_ARGUMENT, `mpp must be a positive number of micrometres per pixel (or 0: from the file), got ${request.mpp}`);
     }
-    const image = await decodeImage(request.image, { maxPixels: this.limits.maxImagePixels, minSide: this.limits.minImageSide });
-    const job: SlideJobRecord = {
-      jobId: randomUUID().replace(/-/g, ''),
-      width: image.width,
-      height: image.height,
-      regionSize,
-      overlap: this.limits.tileOverlap,
-      regions: 0,
-      minScore: request.minScore,
-      mpp: request.mpp,
-      returnMasks: request.returnMasks,
-      createdAt: new Date().toISOString(),
-    };
-    const layout = slideLayout(job);
-    job.regions = layout.tiles.length;
-    // Region pixels first, then the job record, then the tasks: a worker that gets a task finds
-    // everything it needs.
-    for (const region of layout.tiles) {
-      const png = await encodeRgbPng(cropRegion(image, region));
-      await this.store.data.putBlob({ name: regionObjectName(job.jobId, region.index) }, png);
+    if (request.requestId.length > 256) throw grpcError(status.INVALID_ARGUMENT, 'request_id is longer than 256 characters');
+    const requestKey = request.requestId ? `request.${createHash('sha256').update(`${owner}\0${request.requestId}`).digest('hex')}` : '';
+    if (requestKey) {
+      const existing = await this.existingRequest(requestKey);
+      if (existing) return { jobId: existing.jobId, regions: existing.regions, created: false };
     }
-    await this.store.kv.put(`job.${job.jobId}`, enc.encode(JSON.stringify(job)));
-    for (const region of layout.tiles) {
-      const task: SlideTask = { jobId: job.jobId, region: region.index };
-      await this.store.js.publish(`${SLIDE_TASK_SUBJECT}.${job.jobId}.${region.index}`, enc.encode(JSON.stringify(task)), {
-        msgID: `${job.jobId}.${region.index}`,
-      });
+    const roi = requestRoi(request.roi);
+    const ref = await requestRef(request, settings);
+    checkRef(ref);
+
+    // Open the slide and plan its regions now, so bad input is answered here, not by a worker.
+    const name = describeRef(ref);
+    let slide;
+    try {
+      slide = await openSlideRef(ref, settings.slideRoot);
+    } catch (err) {
+      throw slideStatusError(err, `slide ${name}`);
     }
-    return { jobId: job.jobId, regions: job.regions };
+    let job: SlideJobRecord;
+    let cells: TissueRegion[];
+    try {
+      const mpp = slide.mpp ?? resolveMpp(slide, request.mpp > 0 ? request.mpp : undefined);
+      const tissue = await detectTissue(slide, { maxSide: settings.slideTissueMaxSide });
+      const modelMpp = this.model.mpp;
+      const cellL0 = {
+        width: Math.max(1, Math.round((regionSize * modelMpp) / mpp.x)),
+        height: Math.max(1, Math.round((regionSize * modelMpp) / mpp.y)),
+      };
+      cells = tissueRegions(tissue, cellL0, roi ? { roi } : {});
+      const marginL0 = { x: (overlap * modelMpp) / mpp.x, y: (overlap * modelMpp) / mpp.y };
+      const toModel = (mpp.x / modelMpp) * (mpp.y / modelMpp);
+      const L0 = slide.levels[0];
+      job = {
+        jobId: newJobId(),
+        requestId: request.requestId,
+        requestKey,
+        owner,
+        source: ref,
+        width: L0.width,
+        height: L0.height,
+        mpp: { x: mpp.x, y: mpp.y, source: mpp.source },
+        modelMpp,
+        modelVersion: this.model.version,
+        regionSize,
+        overlap,
+        marginL0,
+        // as `cfrsam slide run`: 16 px at the model's resolution, at most the margin
+        band: { x: Math.min(marginL0.x, (16 * modelMpp) / mpp.x), y: Math.min(marginL0.y, (16 * modelMpp) / mpp.y) },
+        roi,
+        minScore: request.minScore,
+        regions: cells.length,
+        tissueMpxTotal: cells.reduce((s, c) => s + c.width * c.height * c.tissueFraction, 0) * (toModel / 1e6),
+        tissueFraction: tissue.fraction,
+        state: 'QUEUED',
+        error: '',
+        createdAt: new Date().toISOString(),
+        startedAt: '',
+        finishedAt: '',
+        published: false,
+        nuclei: 0,
+        artefacts: [],
+      };
+    } catch (err) {
+      throw slideStatusError(err, `slide ${name}`);
+    } finally {
+      await slide.close().catch(() => undefined);
+    }
+
+    if (requestKey) {
+      try {
+        await this.store.kv.create(requestKey, enc.encode(job.jobId));
+      } catch {
+        // The same request id was submitted at the same time: that submission's job wins.
+        const existing = await this.existingRequest(requestKey, 30_000);
+        if (existing) return { jobId: existing.jobId, regions: existing.regions, created: false };
+        throw grpcError(status.ABORTED, `request_id ${JSON.stringify(request.requestId)} is being submitted concurrently; retry`);
+      }
+    }
+    // Plan, record, progress, then the tasks: a worker that gets a task finds everything it needs.
+    await this.store.results.putBlob({ name: planObject(job.jobId) }, enc.encode(JSON.stringify(cells)));
+    await this.store.kv.create(`job.${job.jobId}`, enc.encode(JSON.stringify(job)));
+    await this.store.publishRegions(job, cells);
+    await this.store.transition(job.jobId, () => ({ published: true }));
+    return { jobId: job.jobId, regions: job.regions, created: true };
   }
 
-  private async requireJob(jobId: string): Promise<SlideJobRecord> {
+  /**
+   * The job a request key names. A key whose job record never appeared (its submit died before
+   * writing it) is taken over after `staleMs`.
+   */
+  private async existingRequest(requestKey: string, waitMs = 0): Promise<SlideJobRecord | null> {
+    const deadline = Date.now() + waitMs;
+    for (;;) {
+      const entry = await this.store.kv.get(requestKey);
+      if (!entry || entry.operation !== 'PUT') return null;
+      const job = await this.store.job(entry.string());
+      if (job) return job;
+      if (Date.now() - entry.created.getTime() > 120_000) {
+        await this.store.kv.purge(requestKey);
+        return null;
+      }
+      if (Date.now() >= deadline) return null;
+      await sleep(200);
+    }
+  }
+
+  async requireJob(jobId: string): Promise<SlideJobRecord> {
     const job = await this.store.job(jobId);
-    if (!job) throw grpcError(status.NOT_FOUND, `no slide job ${JSON.stringify(jobId)} (unknown or expired)`);
+    if (!job) throw grpcError(status.NOT_FOUND, `no slide job ${JSON.stringify(jobId)} (unknown, or removed after its retention time)`);
     return job;
   }
 
-  async get(request: segmentationProto.GetSlideJobRequest): Promise<segmentationProto.SlideJob> {
-    const job = await this.requireJob(request.jobId);
-    const [done, error, started] = await Promise.all([
-      this.store.regionsDone(job.jobId),
-      this.store.failure(job.jobId),
-      this.store.kv.get(`started.${job.jobId}`),
-    ]);
-    const state = error
-      ? SlideJobState.SLIDE_JOB_STATE_FAILED
-      : done >= job.regions
-        ? SlideJobState.SLIDE_JOB_STATE_DONE
-        : done > 0 || (started && started.operation === 'PUT')
-          ? SlideJobState.SLIDE_JOB_STATE_RUNNING
-          : SlideJobState.SLIDE_JOB_STATE_QUEUED;
-    return {
-      jobId: job.jobId,
-      state,
-      tilesTotal: job.regions,
-      tilesDone: Math.min(done, job.regions),
-      error: error ?? '',
-      width: job.width,
-      height: job.height,
-    };
+  async get(jobId: string): Promise<segmentationProto.SlideJob> {
+    const job = await this.requireJob(jobId);
+    return jobMessage(job, await this.store.progress(jobId));
   }
 
-  async result(request: segmentationProto.GetSlideJobResultRequest): Promise<segmentationProto.SegmentResponse> {
-    const progress = await this.get(request);
-    if (progress.state === SlideJobState.SLIDE_JOB_STATE_FAILED) {
-      throw grpcError(status.FAILED_PRECONDITION, `slide job ${progress.jobId} failed: ${progress.error}`);
+  async list(request: segmentationProto.ListSlideJobsRequest): Promise<segmentationProto.ListSlideJobsResponse> {
+    const size = request.pageSize || 50;
+    if (!Number.isInteger(size) || size < 1 || size > 1000) throw grpcError(status.INVALID_ARGUMENT, `page_size must be in [1, 1000], got ${size}`);
+    if (request.pageToken && !JOB_ID_PATTERN.test(request.pageToken))
+      throw grpcError(status.INVALID_ARGUMENT, 'page_token is not one this API returned');
+    const ids = (await this.store.jobIds()).filter((id) => !request.pageToken || id < request.pageToken);
+    const jobs: segmentationProto.SlideJob[] = [];
+    for (const id of ids.slice(0, size)) {
+      const job = await this.store.job(id);
+      if (job) jobs.push(jobMessage(job, await this.store.progress(id)));
     }
-    if (progress.state !== SlideJobState.SLIDE_JOB_STATE_DONE) {
+    return { jobs, nextPageToken: ids.length > size ? ids[size - 1] : '' };
+  }
+
+  /** Cancels a job: no more regions start, running ones stop (the workers watch the state), results go. */
+  async cancel(jobId: string): Promise<segmentationProto.SlideJob> {
+    const job = await this.requireJob(jobId);
+    const { job: after, changed } = await this.store.transition(jobId, () => ({
+      state: 'CANCELLED',
+      error: 'cancelled by the client',
+      finishedAt: new Date().toISOString(),
+    }));
+    if (!changed) {
+      if (after?.state === 'CANCELLED') return this.get(jobId);
       throw grpcError(
         status.FAILED_PRECONDITION,
-        `slide job ${progress.jobId} is not done yet (${progress.tilesDone}/${progress.tilesTotal} regions)`,
+        `slide job ${jobId} is ${after?.state ?? job.state} already; only queued or running jobs can be cancelled`,
       );
     }
-    const job = (await this.store.job(progress.jobId))!;
-    const results: segmentationProto.SegmentResponse[] = [];
-    for (let i = 0; i < job.regions; i++) {
-      const bytes = await this.store.data.getBlob(resultObjectName(job.jobId, i));
-      if (!bytes) throw grpcError(status.DATA_LOSS, `slide job ${job.jobId}: the result of region ${i} is missing`);
-      results.push(segmentationProto.SegmentResponse.decode(bytes));
-    }
-    return stitchSlideResult(job, results);
+    await this.store.purgeTasks(jobId);
+    await this.store.deleteResults(job);
+    return this.get(jobId);
   }
-}
 
-/** Parses a task message; null when it is not one. */
-export function decodeTask(data: Uint8Array): SlideTask | null {
-  try {
-    const task = JSON.parse(dec.decode(data)) as SlideTask;
-    return typeof task.jobId === 'string' && Number.isInteger(task.region) ? task : null;
-  } catch {
-    return null;
+  async requireDone(jobId: string): Promise<SlideJobRecord> {
+    const job = await this.requireJob(jobId);
+    if (job.state === 'DONE') return job;
+    if (job.state === 'FAILED') throw grpcError(status.FAILED_PRECONDITION, `slide job ${jobId} failed: ${job.error}`);
+    if (job.state === 'CANCELLED') throw grpcError(status.FAILED_PRECONDITION, `slide job ${jobId} was cancelled; it has no results`);
+    const p = await this.store.progress(jobId);
+    throw grpcError(status.FAILED_PRECONDITION, `slide job ${jobId} is not done yet (${p.done}/${job.regions} regions)`);
+  }
+
+  /** The final nuclei of region `region` (numbered, level 0). */
+  async finalRegion(job: SlideJobRecord, region: number): Promise<segmentationProto.Nucleus[]> {
+    const bytes = await this.store.results.getBlob(finalObject(job.jobId, region));
+    if (!bytes) throw grpcError(status.DATA_LOSS, `slide job ${job.jobId}: the nuclei of region ${region} are missing`);
+    return segmentationProto.SegmentResponse.decode(bytes).nuclei;
+  }
+
+  /** Pages of a done job's nuclei from a page token ("region.offset"), one region in memory at a time. */
+  async *nucleiPages(request: segmentationProto.StreamSlideJobNucleiRequest): AsyncGenerator<segmentationProto.SlideJobNucleiPage> {
+    const size = request.pageSize || 1000;
+    if (!Number.isInteger(size) || size < 1 || size > 10_000)
+      throw grpcError(status.INVALID_ARGUMENT, `page_size must be in [1, 10000], got ${size}`);
+    const job = await this.requireDone(request.jobId);
+    let region = 0;
+    let offset = 0;
+    if (request.pageToken) {
+      const m = /^(\d+)\.(\d+)$/.exec(request.pageToken);
+      if (!m || Number(m[1]) > job.regions) throw grpcError(status.INVALID_ARGUMENT, 'page_token is not one this API returned');
+      region = Number(m[1]);
+      offset = Number(m[2]);
+    }
+    let page: segmentationProto.Nucleus[] = [];
+    let yielded = false;
+    for (; region < job.regions; region++, offset = 0) {
+      const nuclei = await this.finalRegion(job, region);
+      while (offset < nuclei.length) {
+        const take = nuclei.slice(offset, offset + size - page.length);
+        page.push(...take);
+        offset += take.length;
+        if (page.length === size) {
+          // The position after this page; a last page may come back empty.
+          yield { nuclei: page, nextPageToken: `${region}.${offset}` };
+          yielded = true;
+          page = [];
+        }
+      }
+    }
+    if (page.length > 0 || !yielded) yield { nuclei: page, nextPageToken: '' };
+  }
+
+  /** A done job's nuclei as one response, for small jobs only (large ones page with StreamSlideJobNuclei). */
+  async result(jobId: string, maxNuclei = 50_000): Promise<segmentationProto.SegmentResponse> {
+    const job = await this.requireDone(jobId);
+    if (job.nuclei > maxNuclei) {
+      throw grpcError(
+        status.FAILED_PRECONDITION,
+        `slide job ${jobId} has ${job.nuclei} nuclei, more than GetSlideJobResult returns (${maxNuclei}); page them with StreamSlideJobNuclei`,
+      );
+    }
+    const nuclei: segmentationProto.Nucleus[] = [];
+    for (let r = 0; r < job.regions; r++) nuclei.push(...(await this.finalRegion(job, r)));
+    const counts = new Map<number, segmentationProto.ClassCount>();
+    for (const n of nuclei) {
+      const c = counts.get(n.classIndex) ?? { classIndex: n.classIndex, className: n.className, count: 0 };
+      c.count++;
+      counts.set(n.classIndex, c);
+    }
+    return segmentationProto.SegmentResponse.fromPartial({
+      imageId: job.jobId,
+      width: job.width,
+      height: job.height,
+      nuclei,
+      counts: [...counts.values()].sort((a, b) => a.classIndex - b.classIndex),
+      modelVersion: job.modelVersion,
+      tiles: job.regions,
+      imageMpp: (job.mpp.x + job.mpp.y) / 2,
+      modelMpp: job.modelMpp,
+    });
+  }
+
+  /** An artefact's bytes as a stream of chunks. */
+  async artefact(jobId: string, name: string): Promise<{ size: number; chunks: AsyncIterable<Uint8Array> }> {
+    const job = await this.requireDone(jobId);
+    if (!job.artefacts.includes(name)) {
+      throw grpcError(status.NOT_FOUND, `slide job ${jobId} has no artefact ${JSON.stringify(name)} (it has ${job.artefacts.join(', ')})`);
+    }
+    const obj = await this.store.results.get(artefactObject(jobId, name));
+    if (!obj) throw grpcError(status.DATA_LOSS, `slide job ${jobId}: artefact ${name} is missing`);
+    const reader = obj.data.getReader();
+    return {
+      size: obj.info.size,
+      chunks: {
+        async *[Symbol.asyncIterator]() {
+          for (;;) {
+            const { done, value } = await reader.read();
+            if (done) return;
+            yield value;
+          }
+        },
+      },
+    };
   }
 }

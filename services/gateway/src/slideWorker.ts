@@ -1,28 +1,99 @@
 // The slide job worker every gateway runs (when --nats-url is set), and the gRPC handlers of the
-// slide job methods. The worker pulls region tasks from the shared durable consumer one at a time
-// per slot, runs each region through this gateway's pipeline (the Segment code path, in-process),
-// stores the result, then acks. While a region runs the task is kept alive (working()), so a slow
-// region is not handed out twice; a gateway that dies stops doing so, and its task goes to another
-// gateway after the ack wait.
+// slide job methods. The worker pulls tasks from the shared durable consumer, one at a time per
+// slot. A region task: read the region from the slide itself (path, URL or upload; slides stay
+// open per job), resample it to the model's mpp, run it through this gateway's pipeline (the
+// Segment code path, in-process), keep the nuclei whose level-0 centroid lies in the region's cell
+// grown by the seam band, store them, mark the region done, then ack. While a task runs it is kept
+// alive (working()), so a slow region is not handed out twice; a gateway that dies stops doing so,
+// and its task goes to another gateway after the ack wait. The job's state is watched while a
+// region runs: a cancelled job's region is abandoned within a second. The finalize task writes the
+// job's numbered nuclei and artefacts (slideJobs.ts).
+import { once } from 'node:events';
+import { createReadStream, promises as fs } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { Readable } from 'node:stream';
+import type { handleClientStreamingCall, handleServerStreamingCall, ServerWritableStream } from '@grpc/grpc-js';
 import type { JsMsg } from 'nats';
-import { grpcError, isServiceError, segmentationProto, status, unaryHandler } from '@cfrsam/rpc';
+import { callIdentity, grpcError, isServiceError, segmentationProto, status, toServiceError, unaryHandler, type CallContext } from '@cfrsam/rpc';
+import { encodeRgbPng, nucleiToCsv, nucleiToGeoJson, type ClassStyle } from '@cfrsam/nuclei';
+import { pointInRoi, readRegionAtMpp, SlideError, type Mpp, type Slide } from '@cfrsam/slides';
 import type { SegmentationPipeline } from './pipeline';
-import { decodeTask, SLIDE_TASK_STREAM, SLIDE_WORKER_DURABLE, SlideJobService, SlideJobStore, type SlideTask } from './slideJobs';
+import {
+  ARTEFACTS,
+  artefactObject,
+  decodeTask,
+  finalObject,
+  FINISHED,
+  regionObject,
+  SLIDE_TASK_STREAM,
+  SLIDE_WORKER_DURABLE,
+  SlideJobService,
+  SlideJobStore,
+  slideStatusError,
+  type SlideJobRecord,
+  type SlideJobSettings,
+  type SlideTask,
+} from './slideJobs';
+import { nucleusToLevel0, SeamLedger, TextSink } from './slideRegions';
+import { describeRef, openSlideRef, SlideUpload } from './slideSources';
 
 const SERVICE = 'cfrsam.v1.Segmentation';
 
 /** Errors that another attempt cannot fix: the job fails at once. */
-const PERMANENT_CODES = new Set<number>([status.INVALID_ARGUMENT, status.FAILED_PRECONDITION, status.OUT_OF_RANGE, status.UNIMPLEMENTED]);
+const PERMANENT_CODES = new Set<number>([
+  status.INVALID_ARGUMENT,
+  status.FAILED_PRECONDITION,
+  status.OUT_OF_RANGE,
+  status.UNIMPLEMENTED,
+  status.NOT_FOUND,
+]);
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref());
+
+/** Slides kept open by a worker, per job (the few most recent). */
+class OpenSlides {
+  private readonly open = new Map<string, Promise<Slide>>();
+  constructor(
+    private readonly slideRoot: string,
+    private readonly keep = 4,
+  ) {}
+
+  get(job: SlideJobRecord): Promise<Slide> {
+    let slide = this.open.get(job.jobId);
+    if (!slide) {
+      slide = openSlideRef(job.source, this.slideRoot);
+      slide.catch(() => this.open.delete(job.jobId));
+      this.open.set(job.jobId, slide);
+      while (this.open.size > this.keep) {
+        const [oldest, s] = this.open.entries().next().value as [string, Promise<Slide>];
+        this.open.delete(oldest);
+        // Let reads in flight on it finish first.
+        void sleep(60_000).then(() => s.then((x) => x.close()).catch(() => undefined));
+      }
+    }
+    return slide;
+  }
+
+  async closeAll(): Promise<void> {
+    const all = [...this.open.values()];
+    this.open.clear();
+    await Promise.all(all.map((s) => s.then((x) => x.close()).catch(() => undefined)));
+  }
+}
 
 export class SlideWorker {
   private stopped = false;
   private readonly loops: Promise<void>[] = [];
+  private readonly slides: OpenSlides;
 
   constructor(
     private readonly store: SlideJobStore,
     private readonly pipeline: SegmentationPipeline,
     private readonly log: (line: string) => void = (line) => process.stderr.write(`${line}\n`),
-  ) {}
+  ) {
+    this.slides = new OpenSlides(store.settings.slideRoot);
+  }
 
   start(slots: number): void {
     for (let i = 0; i < slots; i++) this.loops.push(this.loop());
@@ -31,6 +102,7 @@ export class SlideWorker {
   async stop(): Promise<void> {
     this.stopped = true;
     await Promise.all(this.loops);
+    await this.slides.closeAll();
   }
 
   private async loop(): Promise<void> {
@@ -59,24 +131,12 @@ export class SlideWorker {
     const keepAlive = setInterval(() => msg.working(), Math.max(500, this.store.settings.slideAckWaitMs / 3));
     try {
       const job = await this.store.job(task.jobId);
-      if (!job || (await this.store.failure(task.jobId))) {
-        msg.ack(); // expired or failed job: nothing left to do
+      if (!job || FINISHED.has(job.state)) {
+        msg.ack(); // removed, cancelled, failed or done: nothing left to do
         return;
       }
-      await this.store.markStarted(task.jobId);
-      const image = await this.store.regionImage(task);
-      if (!image) throw grpcError(status.FAILED_PRECONDITION, `the pixels of region ${task.region} are missing`);
-      const result = await this.pipeline.segment({
-        image: Buffer.from(image.buffer, image.byteOffset, image.byteLength),
-        model: '',
-        prompts: [],
-        promptMode: segmentationProto.PromptMode.PROMPT_MODE_AUTO,
-        returnLabelMap: false,
-        returnMasks: job.returnMasks,
-        minScore: job.minScore,
-        mpp: job.mpp,
-      });
-      await this.store.storeRegionResult(task, result);
+      if ('finalize' in task) await this.finalize(job);
+      else await this.region(job, task);
       msg.ack();
     } catch (err) {
       await this.failed(msg, task, err);
@@ -85,25 +145,230 @@ export class SlideWorker {
     }
   }
 
+  private async region(job: SlideJobRecord, task: Extract<SlideTask, { region: number }>): Promise<void> {
+    if (job.state === 'QUEUED') {
+      await this.store.transition(job.jobId, (j) => (j.state === 'QUEUED' ? { state: 'RUNNING', startedAt: new Date().toISOString() } : null));
+    }
+    // Abandon the region as soon as the job is cancelled (or failed elsewhere).
+    const controller = new AbortController();
+    const watch = setInterval(() => {
+      this.store
+        .job(job.jobId)
+        .then((j) => {
+          if (!j || FINISHED.has(j.state)) controller.abort(new Error(`slide job ${job.jobId} is ${j?.state ?? 'removed'}`));
+        })
+        .catch(() => undefined);
+    }, 1_000);
+    try {
+      const { cell } = task;
+      const slide = await this.slides.get(job);
+      const m = job.marginL0;
+      const rect = { x: cell.x - m.x, y: cell.y - m.y, width: cell.width + 2 * m.x, height: cell.height + 2 * m.y };
+      const region = await readRegionAtMpp(slide, rect, job.modelMpp, { slideMpp: job.mpp as Mpp });
+      if (controller.signal.aborted) return;
+      const response = await this.pipeline.segment(
+        segmentationProto.SegmentRequest.fromPartial({
+          image: await encodeRgbPng(region),
+          promptMode: segmentationProto.PromptMode.PROMPT_MODE_AUTO,
+          minScore: job.minScore,
+          mpp: (region.mpp.x + region.mpp.y) / 2,
+        }),
+        { signal: controller.signal },
+      );
+      if (controller.signal.aborted) return;
+      const b = job.band;
+      const level0 = { width: job.width, height: job.height };
+      const candidates: segmentationProto.Nucleus[] = [];
+      for (const n of response.nuclei) {
+        if (!n.centroid) continue;
+        const cx = region.origin.x + n.centroid.x * region.scale.x;
+        const cy = region.origin.y + n.centroid.y * region.scale.y;
+        // the cell and a seam band around it (SeamLedger decides the seam nuclei at finalize)
+        if (cx < cell.x - b.x || cx >= cell.x + cell.width + b.x || cy < cell.y - b.y || cy >= cell.y + cell.height + b.y) continue;
+        if (cx < 0 || cy < 0 || cx >= level0.width || cy >= level0.height) continue;
+        if (job.roi && !pointInRoi(job.roi, cx, cy)) continue;
+        candidates.push(nucleusToLevel0(n, region.origin, region.scale, level0, 0));
+      }
+      const name = regionObject(job.jobId, task.region);
+      await this.store.results.putBlob(
+        { name },
+        segmentationProto.SegmentResponse.encode(segmentationProto.SegmentResponse.fromPartial({ nuclei: candidates })).finish(),
+      );
+      const now = await this.store.job(job.jobId);
+      if (!now || FINISHED.has(now.state)) {
+        await this.store.results.delete(name).catch(() => undefined); // cancelled meanwhile: free it
+        return;
+      }
+      const toModel = ((job.mpp.x / job.modelMpp) * (job.mpp.y / job.modelMpp)) / 1e6;
+      const progress = await this.store.regionDone(job, task.region, candidates.length, cell.width * cell.height * cell.tissueFraction * toModel);
+      // Whoever completes the last region queues the finalize step (deduplicated by message id).
+      if (progress.done >= job.regions) await this.store.publishFinalize(job.jobId);
+    } catch (err) {
+      if (controller.signal.aborted) return;
+      if (err instanceof SlideError) {
+        throw grpcError(
+          status.INVALID_ARGUMENT,
+          `cannot read region ${task.region} at (${task.cell.x},${task.cell.y}) of ${describeRef(job.source)}: ${err.message}`,
+        );
+      }
+      throw err;
+    } finally {
+      clearInterval(watch);
+    }
+  }
+
+  /** Each nucleus once across seams, numbered 1..N; final pages and artefacts written as streams. */
+  private async finalize(job: SlideJobRecord): Promise<void> {
+    const cells = await this.store.plan(job.jobId);
+    if (!cells) throw grpcError(status.DATA_LOSS, 'the region plan is missing');
+    const model = this.pipeline.modelInfo();
+    const classes: ClassStyle[] = model.classes.map((c) => ({ index: c.index, name: c.name, color: c.color }));
+    const ledger = new SeamLedger(cells, job.band);
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), `cfrsam-job-${job.jobId}-`));
+    const files = { geojson: path.join(dir, ARTEFACTS[0]), csv: path.join(dir, ARTEFACTS[1]) };
+    const geo = new TextSink(files.geojson, true);
+    const csv = new TextSink(files.csv, false);
+    const started = performance.now();
+    try {
+      const properties = {
+        software: 'cfrsam slide job',
+        job: job.jobId,
+        coordinates: 'level-0 pixels',
+        model: { name: model.name, version: model.version, mpp: job.modelMpp },
+        slide: { source: describeRef(job.source), width: job.width, height: job.height, mpp: job.mpp },
+        tissueFraction: job.tissueFraction,
+        roi: job.roi,
+        regionSize: job.regionSize,
+        overlap: job.overlap,
+      };
+      await geo.write(`{"type":"FeatureCollection","properties":${JSON.stringify(properties)},"features":[\n`);
+      await csv.write(`${nucleiToCsv([], classes).trimEnd()},region\n`);
+      const imageKey = `${job.jobId}:${job.width}x${job.height}`;
+      let written = 0;
+      const byClass: Record<string, number> = {};
+      for (let i = 0; i < cells.length; i++) {
+        const bytes = await this.store.results.getBlob(regionObject(job.jobId, i));
+        if (!bytes) throw grpcError(status.DATA_LOSS, `the nuclei of region ${i} are missing`);
+        const kept: segmentationProto.Nucleus[] = [];
+        const feats: string[] = [];
+        for (const n of ledger.admit(i, segmentationProto.SegmentResponse.decode(bytes).nuclei)) {
+          n.id = written + kept.length + 1;
+          const f = nucleiToGeoJson([n], classes, imageKey).features[0];
+          if (!f) continue; // no polygon: written nowhere, so every output agrees
+          feats.push(JSON.stringify(f));
+          kept.push(n);
+          byClass[n.className || 'unclassified'] = (byClass[n.className || 'unclassified'] ?? 0) + 1;
+        }
+        if (kept.length > 0) {
+          await geo.write((written > 0 ? ',\n' : '') + feats.join(',\n'));
+          const rows = nucleiToCsv(kept, classes).split('\n').slice(1, -1);
+          await csv.write(rows.map((r) => `${r},${i}`).join('\n') + '\n');
+        }
+        written += kept.length;
+        await this.store.results.putBlob(
+          { name: finalObject(job.jobId, i) },
+          segmentationProto.SegmentResponse.encode(segmentationProto.SegmentResponse.fromPartial({ nuclei: kept })).finish(),
+        );
+      }
+      await geo.write('\n]}\n');
+      await geo.end();
+      await csv.end();
+      for (const [name, file] of [
+        [ARTEFACTS[0], files.geojson],
+        [ARTEFACTS[1], files.csv],
+      ] as const) {
+        await this.store.results.put({ name: artefactObject(job.jobId, name) }, Readable.toWeb(createReadStream(file)) as ReadableStream<Uint8Array>);
+      }
+      const summary = {
+        job: job.jobId,
+        source: describeRef(job.source),
+        level0: { width: job.width, height: job.height },
+        mpp: job.mpp,
+        model: { name: model.name, version: model.version, mpp: job.modelMpp },
+        tissueFraction: job.tissueFraction,
+        roi: job.roi,
+        regions: job.regions,
+        nuclei: written,
+        nucleiByClass: byClass,
+        tissueMpx: job.tissueMpxTotal,
+        createdAt: job.createdAt,
+        startedAt: job.startedAt,
+        finalizeS: (performance.now() - started) / 1000,
+      };
+      await this.store.results.putBlob(
+        { name: artefactObject(job.jobId, ARTEFACTS[2]) },
+        new TextEncoder().encode(JSON.stringify(summary, null, 1) + '\n'),
+      );
+      const { job: after } = await this.store.transition(job.jobId, (j) => ({
+        state: 'DONE',
+        nuclei: written,
+        finishedAt: new Date().toISOString(),
+        startedAt: j.startedAt || j.createdAt,
+        artefacts: [...ARTEFACTS],
+      }));
+      if (after && after.state !== 'DONE') await this.store.deleteResults(job); // cancelled while finalizing
+      this.log(`slide jobs: job ${job.jobId} done: ${job.regions} regions, ${written} nuclei`);
+    } finally {
+      geo.destroy();
+      csv.destroy();
+      await fs.rm(dir, { recursive: true, force: true });
+    }
+  }
+
   private async failed(msg: JsMsg, task: SlideTask, err: unknown): Promise<void> {
     const message = isServiceError(err) ? err.details || err.message : (err as Error).message;
     const permanent = isServiceError(err) && PERMANENT_CODES.has(err.code);
     const lastAttempt = msg.info.redeliveryCount >= this.store.settings.slideMaxDeliver;
-    this.log(`slide worker: job ${task.jobId} region ${task.region} attempt ${msg.info.redeliveryCount} failed: ${message}`);
+    const what = 'finalize' in task ? 'finalize' : `region ${task.region}`;
+    this.log(`slide worker: job ${task.jobId} ${what} attempt ${msg.info.redeliveryCount} failed: ${message}`);
     if (permanent || lastAttempt) {
-      await this.store.markFailed(task.jobId, `region ${task.region}: ${message}`).catch(() => undefined);
-      msg.term(message);
+      try {
+        const { changed } = await this.store.transition(task.jobId, () => ({
+          state: 'FAILED',
+          error: `${what}: ${message}`,
+          finishedAt: new Date().toISOString(),
+        }));
+        if (changed) await this.store.purgeTasks(task.jobId);
+        msg.term(message);
+      } catch {
+        msg.nak(1_000); // NATS is away: try again when it is back
+      }
     } else {
       msg.nak(1_000);
     }
   }
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms).unref());
-}
+type SlideMethods = Pick<
+  segmentationProto.SegmentationServer,
+  | 'submitSlideJob'
+  | 'getSlideJob'
+  | 'getSlideJobResult'
+  | 'listSlideJobs'
+  | 'cancelSlideJob'
+  | 'streamSlideJobNuclei'
+  | 'downloadSlideJobArtefact'
+  | 'uploadSlide'
+>;
 
-type SlideMethods = Pick<segmentationProto.SegmentationServer, 'submitSlideJob' | 'getSlideJob' | 'getSlideJobResult'>;
+/** A server-streaming handler over an async iterable, with backpressure; errors become a status. */
+function serverStream<Req, Res>(method: string, fn: (request: Req) => Promise<AsyncIterable<Res>>): handleServerStreamingCall<Req, Res> {
+  return (call: ServerWritableStream<Req, Res>) => {
+    void (async () => {
+      try {
+        for await (const message of await fn(call.request)) {
+          if (call.cancelled) return;
+          if (!call.write(message)) await once(call, 'drain');
+        }
+        call.end();
+      } catch (err) {
+        const e = toServiceError(err);
+        if (e.code === status.INTERNAL || e.code === status.UNKNOWN) console.error(`${method}: ${e.details}`);
+        call.emit('error', e);
+      }
+    })();
+  };
+}
 
 /** Handlers of the slide job methods; with no runtime (no --nats-url) every call is FAILED_PRECONDITION. */
 export function slideJobHandlers(runtime: SlideJobsRuntime | null): SlideMethods {
@@ -112,16 +377,68 @@ export function slideJobHandlers(runtime: SlideJobsRuntime | null): SlideMethods
       throw grpcError(status.FAILED_PRECONDITION, 'slide jobs are off on this gateway: start it with --nats-url (a NATS server with JetStream)');
     return runtime.service();
   };
+  const unary = <Req, Res>(name: string, fn: (request: Req, ctx: CallContext, owner: string) => Promise<Res>) => {
+    const handler = (owner: string) => unaryHandler(`${SERVICE}/${name}`, (request: Req, ctx: CallContext) => fn(request, ctx, owner));
+    return ((call, callback) => handler(callIdentity(call).id)(call, callback)) as typeof handler extends (o: string) => infer H ? H : never;
+  };
   return {
-    submitSlideJob: unaryHandler(`${SERVICE}/SubmitSlideJob`, async (request: segmentationProto.SubmitSlideJobRequest, ctx) => {
-      const response = await require().submit(request);
+    submitSlideJob: unary('SubmitSlideJob', async (request: segmentationProto.SubmitSlideJobRequest, ctx, owner) => {
+      const response = await require().submit(request, owner);
       ctx.span.setAttributes({ 'cfrsam.slide_job': response.jobId, 'cfrsam.regions': response.regions });
       return response;
     }),
-    getSlideJob: unaryHandler(`${SERVICE}/GetSlideJob`, async (request: segmentationProto.GetSlideJobRequest) => require().get(request)),
-    getSlideJobResult: unaryHandler(`${SERVICE}/GetSlideJobResult`, async (request: segmentationProto.GetSlideJobResultRequest) =>
-      require().result(request),
+    getSlideJob: unary('GetSlideJob', async (request: segmentationProto.GetSlideJobRequest) => require().get(request.jobId)),
+    getSlideJobResult: unary('GetSlideJobResult', async (request: segmentationProto.GetSlideJobResultRequest) => require().result(request.jobId)),
+    listSlideJobs: unary('ListSlideJobs', async (request: segmentationProto.ListSlideJobsRequest) => require().list(request)),
+    cancelSlideJob: unary('CancelSlideJob', async (request: segmentationProto.CancelSlideJobRequest) => require().cancel(request.jobId)),
+    streamSlideJobNuclei: serverStream(`${SERVICE}/StreamSlideJobNuclei`, async (request: segmentationProto.StreamSlideJobNucleiRequest) => {
+      const service = require();
+      await service.requireDone(request.jobId); // answer a status before the stream starts
+      return service.nucleiPages(request);
+    }),
+    downloadSlideJobArtefact: serverStream(
+      `${SERVICE}/DownloadSlideJobArtefact`,
+      async (request: segmentationProto.DownloadSlideJobArtefactRequest) => {
+        const { size, chunks } = await require().artefact(request.jobId, request.name);
+        return (async function* () {
+          for await (const data of chunks) yield { data: Buffer.from(data), totalSize: size };
+        })();
+      },
     ),
+    uploadSlide: uploadHandler(() => require().store.settings),
+  };
+}
+
+/** UploadSlide: chunks streamed into the slide root (SlideUpload), checked, then kept. */
+function uploadHandler(
+  settings: () => SlideJobSettings,
+): handleClientStreamingCall<segmentationProto.UploadSlideRequest, segmentationProto.UploadSlideResponse> {
+  return (call, callback) => {
+    void (async () => {
+      let upload: SlideUpload | null = null;
+      try {
+        const s = settings();
+        let size = 0;
+        for await (const message of call as AsyncIterable<segmentationProto.UploadSlideRequest>) {
+          if (!upload) {
+            upload = await SlideUpload.begin(
+              s.slideRoot,
+              { name: message.name, size: Number(message.size), sha256: message.sha256 },
+              s.slideUploadMaxMb * 1024 * 1024,
+            );
+            size = Number(message.size);
+          }
+          if (message.data.length > 0) await upload.write(message.data);
+        }
+        if (!upload) throw grpcError(status.INVALID_ARGUMENT, 'empty upload: the first message names the file, its size and sha256');
+        if (call.cancelled) throw grpcError(status.CANCELLED, 'upload cancelled by the client');
+        const uploadId = await upload.finish();
+        callback(null, { uploadId, size });
+      } catch (err) {
+        await upload?.abort().catch(() => undefined);
+        callback(toServiceError(slideStatusError(err, 'upload')));
+      }
+    })();
   };
 }
 
@@ -133,15 +450,16 @@ export interface SlideJobsRuntime {
 
 /**
  * Opens the store in the background (retrying, so a gateway serves Segment even while NATS is
- * down) and then starts the worker (slots 0: this gateway only submits and reports).
+ * down), then starts the worker (slots 0: this gateway only submits and reports) and the sweeper of
+ * expired jobs.
  */
 export async function startSlideJobs(
-  settings: ConstructorParameters<typeof SlideJobService>[1] & SlideJobStore['settings'],
+  settings: SlideJobSettings,
   pipeline: SegmentationPipeline,
   log: (line: string) => void = (line) => process.stderr.write(`${line}\n`),
 ): Promise<SlideJobsRuntime> {
   let closed = false;
-  let ready: { store: SlideJobStore; worker: SlideWorker; service: SlideJobService } | null = null;
+  let ready: { store: SlideJobStore; worker: SlideWorker; service: SlideJobService; sweeper: NodeJS.Timeout } | null = null;
   const opening = (async () => {
     while (!closed) {
       try {
@@ -152,7 +470,12 @@ export async function startSlideJobs(
         }
         const worker = new SlideWorker(store, pipeline, log);
         worker.start(settings.slideWorkers);
-        ready = { store, worker, service: new SlideJobService(store, settings) };
+        const info = pipeline.modelInfo();
+        const sweep = () => void store.sweep(Date.now(), log).catch((err) => log(`slide jobs: sweep failed: ${(err as Error).message}`));
+        const sweeper = setInterval(sweep, Math.min(60_000, Math.max(1_000, (settings.slideJobTtlS * 1000) / 4)));
+        sweeper.unref();
+        sweep();
+        ready = { store, worker, service: new SlideJobService(store, { inputSize: info.inputSize, mpp: info.mpp, version: info.version }), sweeper };
         return;
       } catch (err) {
         log(`slide jobs: cannot set up NATS at ${settings.natsUrl}: ${(err as Error).message}; retrying`);
@@ -168,8 +491,9 @@ export async function startSlideJobs(
     async close() {
       closed = true;
       await opening;
-      const r = ready as { store: SlideJobStore; worker: SlideWorker } | null;
+      const r = ready as { store: SlideJobStore; worker: SlideWorker; sweeper: NodeJS.Timeout } | null;
       if (r) {
+        clearInterval(r.sweeper);
         await r.worker.stop();
         await r.store.close();
       }

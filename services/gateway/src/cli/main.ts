@@ -17,7 +17,10 @@ const COMMANDS: Record<string, { run: (argv: readonly string[]) => Promise<numbe
   segment: { run: runSegment, help: 'segment images; writes GeoJSON (QuPath), CSV, label PNG, sidecar JSON and overlay PNG' },
   score: { run: runScore, help: 'score predicted label maps against ground truth (PQ, AJI, Dice, F1...)' },
   evaluate: { run: runEvaluate, help: 'segment a dataset through a running gateway and score it' },
-  slide: { run: runSlide, help: 'slide run SLIDE... --out DIR: segment whole slides (SVS, TIFF, OME-TIFF, DICOM) region by region' },
+  slide: {
+    run: runSlide,
+    help: 'slide run SLIDE... --out DIR: segment whole slides (SVS, TIFF, OME-TIFF, DICOM) region by region; slide submit|status|list|cancel|result|upload: slide jobs on a gateway',
+  },
 };
 
 function usage(): string {
