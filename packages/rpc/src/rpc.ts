@@ -20,7 +20,7 @@ export interface CallContext {
   metadata: Metadata;
   /** Full method path, e.g. "/cfrsam.v1.Encoder/Encode". */
   method: string;
-  /** Who is calling (identity.ts), read when asked so that authentication may attach it first. */
+  /** Who is calling (identity.ts); authentication, which wraps the handler, has attached it by now. */
   readonly identity: CallIdentity;
 }
 
@@ -117,9 +117,7 @@ export function unaryHandler<Req, Res>(method: string, fn: (request: Req, ctx: C
       deadline,
       metadata: call.metadata,
       method: `/${method}`,
-      get identity() {
-        return callIdentity(call);
-      },
+      identity: callIdentity(call),
     };
     try {
       context

@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { credentials, loadPackageDefinition, makeGenericClientConstructor, type ServiceError } from '@grpc/grpc-js';
+import { credentials, loadPackageDefinition, makeGenericClientConstructor, Metadata, type ServiceError } from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { context, trace } from '@opentelemetry/api';
 import { service as healthService } from 'grpc-health-check';
@@ -43,6 +43,12 @@ const detect = unaryHandler('cfrsam.v1.Prompter/Detect', async (request: stagesP
   if (mode === 'status') throw grpcError(status.FAILED_PRECONDITION, 'not prepared');
   if (mode === 'shape') throw new TensorShapeError('tiles[0].pixels: expected dims [3,256,256], got [3,2,2]');
   if (mode === 'bug') throw new TypeError('cannot read x of undefined');
+  if (mode === 'child-cancelled') {
+    // What a stage adapter does when the call's abort cancelled its child call: a StatusError
+    // CANCELLED naming the stage.
+    await new Promise((resolve) => ctx.signal.addEventListener('abort', resolve));
+    throw grpcError(status.CANCELLED, 'decoder: 1 CANCELLED: Cancelled on client');
+  }
   if (mode.startsWith('slow')) {
     await new Promise((resolve, reject) => {
       const timer = setTimeout(resolve, Number(mode.slice(4)));
@@ -150,6 +156,39 @@ describe('startServer', () => {
     const earlier = new Date(Date.now() + 1000);
     expect(callOptionsFromDeadline(earlier, 60_000).deadline).toEqual(earlier);
     expect(callOptionsFromDeadline(undefined, undefined)).toEqual({});
+  });
+
+  /** The server-side count of Detect calls answered with `code` (cfrsam_rpc_duration_seconds). */
+  async function answered(code: string): Promise<number> {
+    const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    const line = text.split('\n').find((l) => l.startsWith('cfrsam_rpc_duration_seconds_count{') && l.includes(`code="${code}"`));
+    return line ? Number(line.split(' ').pop()) : 0;
+  }
+
+  it('answers DEADLINE_EXCEEDED when the deadline passed, CANCELLED only when the client cancelled', async () => {
+    const before = { deadline: await answered('DEADLINE_EXCEEDED'), cancelled: await answered('CANCELLED') };
+    // The handler fails with its child call's CANCELLED after the deadline aborted it.
+    await expect(call('child-cancelled', { deadline: Date.now() + 150 })).rejects.toMatchObject({ code: status.DEADLINE_EXCEEDED });
+    await new Promise((r) => setTimeout(r, 100));
+    expect(await answered('DEADLINE_EXCEEDED')).toBe(before.deadline + 1);
+    expect(await answered('CANCELLED')).toBe(before.cancelled);
+    // The client cancels: the same failure is CANCELLED.
+    const controller = new AbortController();
+    const cancelled = call('child-cancelled', { deadline: Date.now() + 10_000, signal: controller.signal });
+    setTimeout(() => controller.abort(), 100);
+    await expect(cancelled).rejects.toMatchObject({ code: status.CANCELLED });
+    await new Promise((r) => setTimeout(r, 100));
+    expect(await answered('CANCELLED')).toBe(before.cancelled + 1);
+    expect(await answered('DEADLINE_EXCEEDED')).toBe(before.deadline + 1);
+  });
+
+  it('names the caller: ctx.identity from x-client-id, else the peer host', async () => {
+    const metadata = new Metadata();
+    metadata.set('x-client-id', 'lab-7');
+    await call('fine', { metadata });
+    expect(lastContext!.identity).toMatchObject({ id: 'client:lab-7', authenticated: false });
+    await call('fine');
+    expect(lastContext!.identity.id).toBe('peer:127.0.0.1');
   });
 
   it('continues the caller trace: the server span is a child of the client span', async () => {
