@@ -1,14 +1,18 @@
 // The Kubernetes manifests in deploy/k8s, checked without a cluster: the base and both overlays are
-// rendered (deploy/tools/kustomize-lite.ts, a strict renderer of the kustomize subset they use),
+// rendered with the real kustomize (`kubectl kustomize`) when it is installed, else with
+// deploy/tools/kustomize-lite.ts (a strict renderer of the kustomize subset they use; where both
+// exist they must agree),
 // every resource is validated against the Kubernetes OpenAPI schema with kubernetes-models (plus a
 // check for misspelt fields), and the wiring is checked against the services' source: ports,
 // health-check service names, environment variables, the metric names the dashboards and the
 // autoscaler query (from a real scrape of the services' metrics exporter), and the GPU overlay.
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { parse as parseYaml } from 'yaml';
+import { parse as parseYaml, parseAllDocuments } from 'yaml';
 import { renderKustomization, strategicMerge, type Resource } from '../deploy/tools/kustomize-lite';
 import { unknownFields, validateResource } from '../deploy/tools/validate-resources';
 import { initServiceMetrics } from '../packages/rpc/src/telemetry';
@@ -39,6 +43,9 @@ const STAGES: StageSource[] = (['prompter', 'encoder', 'decoder', 'gateway'] as 
   return { name, port: Number(port[1]), healthService: service[1] };
 });
 const MODEL_STAGES = ['prompter', 'encoder', 'decoder'];
+
+/** Secrets the manifests use; deploy/README.md says how to create each (checked below). */
+const DOCUMENTED_SECRETS = ['cfrsam-internal', 'gateway-tls', 'cfrsam-client-tokens', 'grafana-admin'];
 
 function tsFilesUnder(dir: string): string[] {
   const out: string[] = [];
@@ -133,6 +140,8 @@ const PROMQL_FUNCTIONS = new Set([
   'topk',
   'vector',
 ]);
+/** Series Prometheus makes itself for every target. */
+const PROMETHEUS_OWN_METRICS = new Set(['up']);
 const PROMQL_KEYWORDS = new Set(['and', 'or', 'unless', 'bool', 'offset']);
 
 /** Metric names a PromQL expression selects (label matchers, ranges and groupings removed). */
@@ -164,17 +173,49 @@ function promqlMetricNames(expr: string): string[] {
 /** Rendered resources, read as loose JSON: validateResource() vouches for their shape. */
 type Obj = Record<string, any>;
 
+/** A kustomization using the base with components/prometheus-operator (what a cluster with the operator would apply). */
+function operatorVariant(): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-kustomize-'));
+  const rel = path.relative(dir, K8S);
+  fs.writeFileSync(
+    path.join(dir, 'kustomization.yaml'),
+    `apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ${rel}/base\ncomponents:\n  - ${rel}/components/prometheus-operator\n`,
+  );
+  return dir;
+}
+
 const VARIANTS = {
   base: path.join(K8S, 'base'),
   cpu: path.join(K8S, 'overlays', 'cpu'),
   gpu: path.join(K8S, 'overlays', 'gpu'),
+  operator: operatorVariant(),
 };
 type Variant = keyof typeof VARIANTS;
+/** Variants that include components/observability (collector, Prometheus, Grafana, tracing on). */
+const WITH_OBSERVABILITY: Variant[] = ['cpu', 'gpu'];
 const rendered = {} as Record<Variant, Resource[]>;
 let exported: Set<string>;
 
+/** `kubectl kustomize` if it is installed (null otherwise). */
+const KUBECTL = (() => {
+  try {
+    execFileSync('kubectl', ['version', '--client'], { stdio: 'pipe' });
+    return 'kubectl';
+  } catch {
+    return null;
+  }
+})();
+if (!KUBECTL) console.warn('deploy-manifests.test: kubectl not found; rendering with the offline renderer (deploy/tools/kustomize-lite.ts)');
+
+function kustomize(dir: string): Resource[] {
+  const text = execFileSync(KUBECTL!, ['kustomize', dir], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  return parseAllDocuments(text)
+    .map((d) => d.toJS() as Resource)
+    .filter(Boolean);
+}
+
 beforeAll(async () => {
-  for (const [variant, dir] of Object.entries(VARIANTS)) rendered[variant as Variant] = renderKustomization(dir);
+  for (const [variant, dir] of Object.entries(VARIANTS)) rendered[variant as Variant] = KUBECTL ? kustomize(dir) : renderKustomization(dir);
   exported = await exportedMetricNames();
 });
 
@@ -313,10 +354,14 @@ describe('deploy/docker', () => {
 
 describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => {
   const resources = () => rendered[variant];
+  const observed = WITH_OBSERVABILITY.includes(variant);
+  const itObserved = observed ? it : it.skip;
 
   it('renders resources that pass the Kubernetes schema and have no unknown fields', () => {
     expect(resources().length).toBeGreaterThan(20);
     for (const r of resources()) {
+      // Prometheus Operator kinds are not in kubernetes-models; their own test checks them.
+      if (r.apiVersion.startsWith('monitoring.coreos.com/')) continue;
       validateResource(r);
       expect(unknownFields(r), `${r.kind}/${r.metadata.name}`).toEqual([]);
     }
@@ -393,6 +438,14 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
       if (spec.serviceAccountName) named(resources(), 'ServiceAccount', spec.serviceAccountName);
       for (const v of spec.volumes ?? []) {
         if (v.configMap) named(resources(), 'ConfigMap', v.configMap.name);
+        // Secrets hold credentials and are created by the operator, never committed (deploy/README.md).
+        if (v.secret) expect(DOCUMENTED_SECRETS, `${w.metadata.name}: Secret ${v.secret.secretName}`).toContain(v.secret.secretName);
+      }
+      for (const c of spec.containers) {
+        for (const e of c.env ?? []) {
+          if (e.valueFrom?.secretKeyRef)
+            expect(DOCUMENTED_SECRETS, `${w.metadata.name}: Secret ${e.valueFrom.secretKeyRef.name}`).toContain(e.valueFrom.secretKeyRef.name);
+        }
       }
       const mounts = [...spec.containers, ...(spec.initContainers ?? [])].flatMap((c: Obj) => c.volumeMounts ?? []);
       const volumes = new Set([...(spec.volumes ?? []), ...(w.spec.volumeClaimTemplates ?? []).map((t: Obj) => t.metadata)].map((v: Obj) => v.name));
@@ -406,10 +459,20 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     const grpcPort = c.ports.find((p: Obj) => p.name === 'grpc');
     expect(grpcPort.containerPort).toBe(stage.port);
     expect(env(c, 'PORT') ?? String(stage.port)).toBe(String(stage.port));
-    for (const probe of ['startupProbe', 'readinessProbe']) {
-      expect(c[probe].grpc, `${stage.name} ${probe}`).toEqual({ port: stage.port, service: stage.healthService });
+    if (stage.name === 'gateway') {
+      // TLS on the gRPC port: the kubelet's plaintext gRPC probe cannot speak to it, so the
+      // HTTPS /healthz of the HTTP/JSON port answers the probes.
+      const http = c.ports.find((p: Obj) => p.name === 'http');
+      expect(env(c, 'CFRSAM_HTTP_PORT')).toBe(String(http.containerPort));
+      for (const probe of ['startupProbe', 'readinessProbe', 'livenessProbe']) {
+        expect(c[probe].httpGet, `${stage.name} ${probe}`).toEqual({ port: 'http', path: '/healthz', scheme: 'HTTPS' });
+      }
+    } else {
+      for (const probe of ['startupProbe', 'readinessProbe']) {
+        expect(c[probe].grpc, `${stage.name} ${probe}`).toEqual({ port: stage.port, service: stage.healthService });
+      }
+      expect(c.livenessProbe.grpc.port).toBe(stage.port);
     }
-    expect(c.livenessProbe.grpc.port).toBe(stage.port);
 
     const serviceName = stage.name === 'decoder' ? 'decoder-headless' : stage.name;
     const svc = named(resources(), 'Service', serviceName);
@@ -420,8 +483,12 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     const annotations = deployment.spec.template.metadata.annotations;
     expect(annotations['prometheus.io/scrape']).toBe('true');
     expect(annotations['prometheus.io/port']).toBe(String(metricsPort));
-    expect(env(c, 'CFRSAM_TRACING')).toBe('otlp');
-    serviceFor(resources(), env(c, 'OTEL_EXPORTER_OTLP_ENDPOINT')!);
+    if (observed) {
+      expect(env(c, 'CFRSAM_TRACING')).toBe('otlp');
+      serviceFor(resources(), env(c, 'OTEL_EXPORTER_OTLP_ENDPOINT')!);
+    } else {
+      expect(env(c, 'CFRSAM_TRACING')).toBeUndefined();
+    }
   });
 
   it.each(STAGES)('sets only environment variables that $name reads', (stage) => {
@@ -440,7 +507,7 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     expect(mount.readOnly).toBe(true);
     expect(spec.volumes.find((v: Obj) => v.name === mount.name).emptyDir).toBeDefined();
     const init = spec.initContainers.find((c: Obj) => c.name === 'model-bundle');
-    expect(init.image).toMatch(/^cfrsam\/model-bundle:/);
+    expect(init.image).toMatch(variant === 'cpu' || variant === 'gpu' ? /^registry\.example\.com\/cfrsam\/model-bundle:/ : /^cfrsam\/model-bundle:/);
     expect(init.volumeMounts.find((m: Obj) => m.name === mount.name).mountPath).toBe(bundleDir);
     expect(init.command.join(' ')).toContain(bundleDir);
   });
@@ -475,7 +542,7 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     }
   });
 
-  it('scrapes annotated pods with Prometheus and labels series with their pod', () => {
+  itObserved('scrapes annotated pods with Prometheus and labels series with their pod', () => {
     const config = parseYaml(named(resources(), 'ConfigMap', 'prometheus-config').data['prometheus.yml']);
     const job = config.scrape_configs.find((j: Obj) => j.job_name === 'cfrsam-pods');
     expect(job.kubernetes_sd_configs[0].role).toBe('pod');
@@ -500,7 +567,7 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     expect(named(resources(), 'Service', 'nats').spec.ports.find((p: Obj) => p.name === 'client').port).toBe(Number(/^port: (\d+)/m.exec(conf)![1]));
   });
 
-  it('receives spans in the collector on the port the services send to and exports them to Jaeger', () => {
+  itObserved('receives spans in the collector on the port the services send to and exports them to Jaeger', () => {
     const config = parseYaml(named(resources(), 'ConfigMap', 'otel-collector-config').data['config.yaml']);
     const collector = named(resources(), 'Deployment', 'otel-collector').spec.template.spec.containers[0];
     const portOf = (endpoint: string) => Number(endpoint.split(':').pop());
@@ -522,7 +589,7 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     }
   });
 
-  it('provisions Grafana dashboards that query only metrics the services export', () => {
+  itObserved('provisions Grafana dashboards that query only metrics the services export', () => {
     expect(exported.has('cfrsam_stage_duration_seconds_bucket')).toBe(true);
     const grafana = named(resources(), 'Deployment', 'grafana').spec.template.spec;
     const mountOf = (configMap: string) => {
@@ -534,22 +601,27 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     expect(mountOf('grafana-datasources')).toBe('/etc/grafana/provisioning/datasources');
     const datasources = parseYaml(named(resources(), 'ConfigMap', 'grafana-datasources').data['datasources.yaml']).datasources;
     for (const ds of datasources) serviceFor(resources(), ds.url.replace(/^http:\/\//, ''));
-    const uids = new Set(datasources.map((d: Obj) => d.uid));
+    expect(datasources.map((d: Obj) => d.type)).toContain('prometheus');
 
     const dashboards = named(resources(), 'ConfigMap', 'grafana-dashboards').data as Record<string, string>;
     expect(Object.keys(dashboards).length).toBeGreaterThan(0);
     const queried = new Set<string>();
     for (const [file, text] of Object.entries(dashboards)) {
       const dashboard = JSON.parse(text);
+      // Portable: the Prometheus data source and the namespace are variables, not this cluster's uid.
+      const variables = new Map<string, Obj>(dashboard.templating.list.map((v: Obj) => [v.name, v]));
+      expect(variables.get('datasource')).toMatchObject({ type: 'datasource', query: 'prometheus' });
+      expect(variables.get('namespace')).toMatchObject({ type: 'query', datasource: { uid: '${datasource}' } });
       const panels: Obj[] = dashboard.panels.flatMap((p: Obj) => [p, ...(p.panels ?? [])]);
       const ids = panels.map((p) => p.id);
       expect(new Set(ids).size, `${file}: panel ids are unique`).toBe(ids.length);
       for (const panel of panels.filter((p) => p.type !== 'row')) {
-        expect(uids.has(panel.datasource.uid), `${file} "${panel.title}": data source`).toBe(true);
+        expect(panel.datasource.uid, `${file} "${panel.title}": data source`).toBe('${datasource}');
         expect(panel.targets.length, `${file} "${panel.title}"`).toBeGreaterThan(0);
         for (const target of panel.targets) {
-          const names = promqlMetricNames(target.expr);
-          expect(names.length, `${file} "${panel.title}": ${target.expr}`).toBeGreaterThan(0);
+          expect(target.expr, `${file} "${panel.title}": scoped to the namespace variable`).toContain('namespace="$namespace"');
+          expect(promqlMetricNames(target.expr).length, `${file} "${panel.title}": ${target.expr}`).toBeGreaterThan(0);
+          const names = promqlMetricNames(target.expr).filter((n) => !PROMETHEUS_OWN_METRICS.has(n));
           for (const name of names) {
             expect(exported.has(name), `${file} "${panel.title}" queries ${name}, which the services do not export`).toBe(true);
             queried.add(name);
@@ -561,6 +633,32 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
     for (const name of ['cfrsam_stage_duration_seconds_bucket', 'cfrsam_cache_lookups_total', 'cfrsam_batch_size_bucket', 'cfrsam_in_flight_calls']) {
       expect(queried.has(name), `dashboards query ${name}`).toBe(true);
     }
+    // Error rates, with server faults apart from client errors; pods counted by scrape targets.
+    const overview = JSON.parse(dashboards['cfrsam-overview.json']);
+    const titles = overview.panels.map((p: Obj) => p.title);
+    expect(titles).toEqual(
+      expect.arrayContaining(['Server error rate by method', 'Client error and rejection rate by method', 'Pods up per service']),
+    );
+  });
+
+  itObserved('loads alert rules into Prometheus that query exported metrics, the same rules as the PrometheusRule', () => {
+    const config = parseYaml(named(resources(), 'ConfigMap', 'prometheus-config').data['prometheus.yml']);
+    const data = named(resources(), 'ConfigMap', 'prometheus-config').data as Record<string, string>;
+    expect(config.rule_files).toEqual(['/etc/prometheus/alerts.yml']);
+    const prometheus = named(resources(), 'Deployment', 'prometheus').spec.template.spec;
+    const configVolume = prometheus.volumes.find((v: Obj) => v.configMap?.name === 'prometheus-config').name;
+    expect(prometheus.containers[0].volumeMounts.find((m: Obj) => m.name === configVolume).mountPath).toBe('/etc/prometheus');
+    const alerts = parseYaml(data['alerts.yml']);
+    const rules: Obj[] = alerts.groups.flatMap((g: Obj) => g.rules);
+    expect(rules.map((r) => r.alert)).toEqual(expect.arrayContaining(['CfrsamServerErrors', 'CfrsamServiceDown']));
+    for (const rule of rules) {
+      for (const name of promqlMetricNames(rule.expr).filter((n) => !PROMETHEUS_OWN_METRICS.has(n)))
+        expect(exported.has(name), `${rule.alert}: ${name}`).toBe(true);
+    }
+    const operator = parseAllDocuments(fs.readFileSync(path.join(K8S, 'components', 'prometheus-operator', 'monitors.yaml'), 'utf8')).map((d) =>
+      d.toJS(),
+    );
+    expect(operator.find((r: Obj) => r.kind === 'PrometheusRule').spec).toEqual(alerts);
   });
 
   if (variant === 'gpu') {
@@ -573,14 +671,14 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
         expect(spec.nodeSelector['nvidia.com/gpu.present']).toBe('true');
         expect(spec.tolerations).toContainEqual({ key: 'nvidia.com/gpu', operator: 'Exists', effect: 'NoSchedule' });
         expect(env(c, 'CFRSAM_EXECUTION_PROVIDERS')).toBe('cuda,cpu');
-        expect(c.image).toBe(`cfrsam/${stage}-gpu:0.1.0`);
+        expect(c.image).toBe(`registry.example.com/cfrsam/${stage}-gpu:0.1.0`);
         // The base's settings survive the patch.
         expect(env(c, 'CFRSAM_BUNDLE')).toBe('/models/bundle');
         expect(c.readinessProbe.grpc.service).toMatch(/^cfrsam\.v1\./);
       }
       const gateway = server(resources(), 'gateway');
       expect(gateway.resources.limits['nvidia.com/gpu']).toBeUndefined();
-      expect(gateway.image).toBe('cfrsam/gateway:0.1.0');
+      expect(gateway.image).toBe('registry.example.com/cfrsam/gateway:0.1.0');
     });
 
     it('scales the GPU stages on in-flight calls per pod served by prometheus-adapter', () => {
@@ -603,7 +701,7 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
         expect(svc.spec.ports.map((p: Obj) => p.port)).toContain(api.spec.service.port);
       }
     });
-  } else {
+  } else if (variant === 'cpu') {
     it('runs on CPU only and scales every stage on CPU utilisation', () => {
       expect(JSON.stringify(resources())).not.toContain('nvidia.com/gpu');
       for (const stage of MODEL_STAGES) expect(env(server(resources(), stage), 'CFRSAM_EXECUTION_PROVIDERS')).toBe('cpu');
@@ -612,4 +710,174 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
       }
     });
   }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Security and scaling rules that hold for every variant.
+
+/** Whether NetworkPolicy `peer` (a from/to entry) admits pods labelled `labels` in the namespace. */
+function peerAdmits(peer: Obj, labels: Record<string, string> | null): boolean {
+  // `labels` null: a client outside the namespace (another namespace or outside the cluster).
+  if (peer.ipBlock) return labels === null;
+  if (peer.namespaceSelector) return false; // other namespaces only (ours carries no such label)
+  return labels !== null && selects(peer.podSelector?.matchLabels ?? {}, labels);
+}
+
+/** Whether `rules` (ingress or egress rules of the policies that select a pod) allow `peer` on `port`. */
+function rulesAllow(policies: Obj[], direction: 'ingress' | 'egress', peer: Record<string, string> | null, port: number): boolean {
+  const field = direction === 'ingress' ? 'from' : 'to';
+  return policies.some((p) =>
+    (p.spec[direction] ?? []).some(
+      (rule: Obj) =>
+        (rule.ports === undefined || rule.ports.some((rp: Obj) => rp.port === port)) &&
+        (rule[field] === undefined || rule[field].some((entry: Obj) => peerAdmits(entry, peer))),
+    ),
+  );
+}
+
+/** Whether pods labelled `from` (null: outside the namespace) can open `port` on pods labelled `to`. */
+function reachable(resources: Resource[], from: Record<string, string> | null, to: Record<string, string>, port: number): boolean {
+  const policies = ofKind(resources, 'NetworkPolicy');
+  const governing = (labels: Record<string, string>, type: string) =>
+    policies.filter((p) => p.spec.policyTypes.includes(type) && selects(p.spec.podSelector.matchLabels ?? {}, labels));
+  const ingress = governing(to, 'Ingress');
+  const ingressOk = ingress.length === 0 || rulesAllow(ingress, 'ingress', from, port);
+  if (from === null) return ingressOk;
+  const egress = governing(from, 'Egress');
+  const egressOk = egress.length === 0 || rulesAllow(egress, 'egress', to, port);
+  return ingressOk && egressOk;
+}
+
+describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s: security and scaling', (variant) => {
+  const resources = () => rendered[variant];
+  const pods = () => new Map(workloads(resources()).map((w) => [w.metadata.name as string, podLabels(w)]));
+
+  it('leaves the scale of every HPA-owned Deployment to its HPA (no replicas)', () => {
+    for (const hpa of ofKind(resources(), 'HorizontalPodAutoscaler')) {
+      expect(named(resources(), 'Deployment', hpa.spec.scaleTargetRef.name).spec.replicas, hpa.metadata.name).toBeUndefined();
+    }
+  });
+
+  it('reaches every stage only as the NetworkPolicies say', () => {
+    const p = pods();
+    const pod = (name: string) => p.get(name)!;
+    expect(ofKind(resources(), 'NetworkPolicy').find((n) => n.metadata.name === 'default-deny')?.spec).toEqual({
+      podSelector: {},
+      policyTypes: ['Ingress', 'Egress'],
+    });
+    const stagePort: Record<string, number> = { prompter: 50052, encoder: 50053, decoder: 50054 };
+    for (const [stage, port] of Object.entries(stagePort)) {
+      expect(reachable(resources(), pod('gateway'), pod(stage), port), `gateway -> ${stage}`).toBe(true);
+      expect(reachable(resources(), null, pod(stage), port), `outside -> ${stage}`).toBe(false);
+      for (const other of p.keys()) {
+        if (other === 'gateway' || (other === 'decoder' && stage === 'encoder')) continue;
+        expect(reachable(resources(), pod(other), pod(stage), port), `${other} -> ${stage}`).toBe(false);
+      }
+    }
+    expect(reachable(resources(), pod('decoder'), pod('encoder'), 50053), 'decoder -> encoder (features)').toBe(true);
+    expect(reachable(resources(), null, pod('gateway'), 50051), 'clients -> gateway').toBe(true);
+    for (const stage of ['gateway', 'encoder', 'decoder'])
+      expect(reachable(resources(), pod(stage), pod('nats'), 4222), `${stage} -> nats`).toBe(true);
+    expect(reachable(resources(), pod('prompter'), pod('nats'), 4222), 'prompter -> nats').toBe(false);
+    expect(reachable(resources(), null, pod('nats'), 4222), 'outside -> nats').toBe(false);
+    if (p.has('prometheus')) {
+      for (const stage of ['gateway', ...Object.keys(stagePort)]) {
+        expect(reachable(resources(), pod('prometheus'), pod(stage), 9464), `prometheus -> ${stage} metrics`).toBe(true);
+        expect(reachable(resources(), pod(stage), pod('otel-collector'), 4317), `${stage} -> collector`).toBe(true);
+      }
+      expect(reachable(resources(), pod('grafana'), pod('encoder'), 50053), 'grafana -> encoder').toBe(false);
+    }
+  });
+
+  it('meets the restricted Pod Security Standard the namespace enforces, with no service account token where none is needed', () => {
+    const labels = named(resources(), 'Namespace', NAMESPACE).metadata.labels;
+    expect(labels['pod-security.kubernetes.io/enforce']).toBe('restricted');
+    for (const w of workloads(resources())) {
+      const spec = w.spec.template.spec;
+      const where = `${w.kind}/${w.metadata.name}`;
+      expect(spec.securityContext?.runAsNonRoot, where).toBe(true);
+      expect(spec.securityContext?.seccompProfile?.type, where).toBe('RuntimeDefault');
+      for (const c of [...spec.containers, ...(spec.initContainers ?? [])]) {
+        expect(c.securityContext?.allowPrivilegeEscalation, `${where} ${c.name}`).toBe(false);
+        expect(c.securityContext?.capabilities?.drop, `${where} ${c.name}`).toEqual(['ALL']);
+      }
+      // Only the pods that read the Kubernetes API (Prometheus discovery, prometheus-adapter) get a token.
+      if (spec.serviceAccountName) expect(spec.automountServiceAccountToken, where).not.toBe(false);
+      else expect(spec.automountServiceAccountToken, where).toBe(false);
+    }
+  });
+
+  it('wires the internal token into every service, and TLS, client tokens, NATS and a connection age into the gateway', () => {
+    for (const stage of STAGES) {
+      const token = (server(resources(), stage.name).env as Obj[]).find((e) => e.name === 'CFRSAM_INTERNAL_TOKEN');
+      expect(token?.valueFrom?.secretKeyRef, stage.name).toEqual({ name: 'cfrsam-internal', key: 'token' });
+    }
+    const deployment = named(resources(), 'Deployment', 'gateway');
+    const gw = server(resources(), 'gateway');
+    const secretMountOf = (file: string, secret: string) => {
+      const mount = (gw.volumeMounts as Obj[]).find((m) => file.startsWith(m.mountPath + '/'));
+      expect(mount, file).toBeDefined();
+      expect(mount!.subPath, `${file}: no subPath, so renewed Secrets reach the pod`).toBeUndefined();
+      const volume = deployment.spec.template.spec.volumes.find((v: Obj) => v.name === mount!.name);
+      expect(volume.secret.secretName).toBe(secret);
+    };
+    secretMountOf(env(gw, 'CFRSAM_TLS_CERT')!, 'gateway-tls');
+    secretMountOf(env(gw, 'CFRSAM_TLS_KEY')!, 'gateway-tls');
+    expect(env(gw, 'CFRSAM_TLS_CERT')).toMatch(/\/tls\.crt$/);
+    secretMountOf(env(gw, 'CFRSAM_AUTH_TOKENS')!, 'cfrsam-client-tokens');
+    const nats = /^nats:\/\/([a-z0-9-]+:\d+)$/.exec(env(gw, 'CFRSAM_NATS_URL') ?? '');
+    expect(nats, 'gateway CFRSAM_NATS_URL').not.toBeNull();
+    expect(serviceFor(resources(), nats![1]).metadata.name).toBe('nats');
+    expect(Number(env(gw, 'CFRSAM_MAX_CONNECTION_AGE_MS'))).toBeGreaterThan(0);
+    const readme = fs.readFileSync(path.join(ROOT, 'deploy', 'README.md'), 'utf8');
+    for (const secret of DOCUMENTED_SECRETS) expect(readme, `deploy/README.md explains Secret ${secret}`).toContain(secret);
+  });
+
+  if (variant === 'cpu' || variant === 'gpu') {
+    it('takes every image of the stack from the registry set in components/images', () => {
+      for (const w of workloads(resources())) {
+        for (const c of [...w.spec.template.spec.containers, ...(w.spec.template.spec.initContainers ?? [])]) {
+          if (/(^|\/)cfrsam\//.test(c.image)) expect(c.image, `${w.metadata.name} ${c.name}`).toMatch(/^registry\.example\.com\/cfrsam\//);
+        }
+      }
+      const files = (dir: string): string[] =>
+        fs.readdirSync(dir, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? files(path.join(dir, e.name)) : [path.join(dir, e.name)]));
+      const naming = files(K8S).filter((f) => fs.readFileSync(f, 'utf8').includes('registry.example.com'));
+      expect(naming.map((f) => path.relative(K8S, f))).toEqual(['components/images/kustomization.yaml']);
+    });
+  }
+
+  if (variant === 'operator') {
+    it('scrapes the services with a PodMonitor on their metrics port', () => {
+      const monitor = named(resources(), 'PodMonitor', 'cfrsam-services');
+      const [expression] = monitor.spec.selector.matchExpressions;
+      expect([...expression.values].sort()).toEqual(STAGES.map((st) => st.name).sort());
+      for (const stage of STAGES) {
+        const ports = server(resources(), stage.name).ports.map((p: Obj) => p.name);
+        for (const endpoint of monitor.spec.podMetricsEndpoints) expect(ports, stage.name).toContain(endpoint.port);
+      }
+      const targets = monitor.spec.podMetricsEndpoints[0].relabelings.map((r: Obj) => r.targetLabel);
+      expect(targets).toEqual(expect.arrayContaining(['app', 'namespace', 'pod']));
+    });
+  }
+});
+
+describe.skipIf(!KUBECTL)('the offline renderer', () => {
+  it.each(Object.keys(VARIANTS) as Variant[])('renders %s as kustomize does', (variant) => {
+    const key = (r: Resource) => `${r.kind}/${r.metadata.namespace ?? ''}/${r.metadata.name}`;
+    const sortKeys = (v: unknown): unknown =>
+      Array.isArray(v)
+        ? v.map(sortKeys)
+        : v && typeof v === 'object'
+          ? Object.fromEntries(
+              Object.keys(v)
+                .sort()
+                .map((k) => [k, sortKeys((v as Obj)[k])]),
+            )
+          : v;
+    const lite = new Map(renderKustomization(VARIANTS[variant]).map((r) => [key(r), sortKeys(r)]));
+    const real = new Map(rendered[variant].map((r) => [key(r), sortKeys(r)]));
+    expect([...lite.keys()].sort()).toEqual([...real.keys()].sort());
+    for (const [k, r] of real) expect(lite.get(k), k).toEqual(r);
+  });
 });

@@ -3,10 +3,15 @@
 // subset throws instead of being silently ignored: a kustomization that uses a feature this file
 // does not implement fails the test rather than rendering something kustomize would not.
 //
-// Supported kustomization fields: resources (files and directories), namespace, patches (a path or
-// an inline strategic-merge patch, with an optional target: kind, name, labelSelector),
-// configMapGenerator (files and literals, with generatorOptions.disableNameSuffixHash: true), and
-// images (newName, newTag, digest). Strategic merge follows Kubernetes' merge keys for the list
+// The tests render with the real kustomize (`kubectl kustomize`) when it is installed; this
+// renderer is the fallback, and the tests check that both agree where both exist.
+//
+// Supported kustomization fields: resources (files and directories), components (directories
+// holding a `kind: Component` kustomization, applied in order after the resources: their own
+// resources and generators are added, then their patches and images act on everything so far),
+// namespace, patches (a path or an inline strategic-merge patch, with an optional target: kind,
+// name, labelSelector), configMapGenerator (files and literals, with
+// generatorOptions.disableNameSuffixHash: true), and images (newName, newTag, digest). Strategic merge follows Kubernetes' merge keys for the list
 // fields it knows (containers, env, volumes, ...) and replaces the lists Kubernetes treats as
 // atomic; other lists of objects throw.
 import * as fs from 'node:fs';
@@ -29,7 +34,17 @@ export interface Resource {
 type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 type JsonObject = { [key: string]: Json };
 
-const SUPPORTED_FIELDS = new Set(['apiVersion', 'kind', 'namespace', 'resources', 'patches', 'configMapGenerator', 'generatorOptions', 'images']);
+const SUPPORTED_FIELDS = new Set([
+  'apiVersion',
+  'kind',
+  'namespace',
+  'resources',
+  'components',
+  'patches',
+  'configMapGenerator',
+  'generatorOptions',
+  'images',
+]);
 
 /** Kinds that have no namespace (the namespace transformer leaves them alone). */
 const CLUSTER_SCOPED_KINDS = new Set([
@@ -102,13 +117,17 @@ export function strategicMerge(target: Json, patch: Json, field = ''): Json {
       if (ATOMIC_LISTS.has(field)) return patch;
       throw new Error(`strategic merge of list field "${field}" is not supported by this renderer`);
     }
-    const merged = target.map((item) => item);
+    // As kustomize (kyaml) orders the result: the patch's items first, each merged into the item
+    // of the same key, then the target's other items in their order.
+    const merged: Json[] = [];
+    const patched = new Set<Json>();
     for (const item of patch) {
       if (!isObject(item) || !(key in item)) throw new Error(`items of "${field}" need the merge key "${key}"`);
-      const index = merged.findIndex((existing) => isObject(existing) && existing[key] === item[key]);
-      if (index >= 0) merged[index] = strategicMerge(merged[index], item, field);
-      else merged.push(item);
+      const existing = target.find((t) => isObject(t) && t[key] === item[key]);
+      if (existing !== undefined) patched.add(existing);
+      merged.push(existing !== undefined ? strategicMerge(existing, item, field) : item);
     }
+    for (const item of target) if (!patched.has(item)) merged.push(item);
     return merged;
   }
   return patch;
@@ -219,21 +238,30 @@ function generateConfigMaps(dir: string, generators: JsonObject[], options: Json
   });
 }
 
-/** Renders the kustomization in `dir` (a directory holding kustomization.yaml). */
-export function renderKustomization(dir: string): Resource[] {
+function loadKustomization(dir: string, kind: 'Kustomization' | 'Component'): { file: string; doc: JsonObject } {
   const file = path.join(dir, 'kustomization.yaml');
   const [doc] = loadYamlDocuments(file);
   if (!isObject(doc)) throw new Error(`${file}: not a mapping`);
   for (const key of Object.keys(doc)) {
     if (!SUPPORTED_FIELDS.has(key)) throw new Error(`${file}: field "${key}" is not supported by this renderer`);
   }
+  const declared = typeof doc.kind === 'string' ? doc.kind : 'Kustomization';
+  if (declared !== kind) throw new Error(`${file}: expected kind ${kind}, found ${declared}`);
+  return { file, doc };
+}
 
+function loadResources(dir: string, doc: JsonObject): Resource[] {
   const resources: Resource[] = [];
   for (const entry of (doc.resources as string[] | undefined) ?? []) {
     const target = path.join(dir, entry);
     if (fs.statSync(target).isDirectory()) resources.push(...renderKustomization(target));
     else resources.push(...loadYamlDocuments(target).map((d) => asResource(d, target)));
   }
+  return resources;
+}
+
+/** A kustomization's own generators and transformers, applied to `resources` in kustomize's order. */
+function applyLayer(dir: string, file: string, doc: JsonObject, resources: Resource[]): void {
   resources.push(
     ...generateConfigMaps(dir, (doc.configMapGenerator as JsonObject[] | undefined) ?? [], doc.generatorOptions as JsonObject | undefined),
   );
@@ -259,6 +287,19 @@ export function renderKustomization(dir: string): Resource[] {
   if (typeof doc.namespace === 'string') {
     for (const r of resources) if (!CLUSTER_SCOPED_KINDS.has(r.kind)) r.metadata.namespace = doc.namespace;
   }
+}
+
+/** Renders the kustomization in `dir` (a directory holding kustomization.yaml). */
+export function renderKustomization(dir: string): Resource[] {
+  const { file, doc } = loadKustomization(dir, 'Kustomization');
+  const resources = loadResources(dir, doc);
+  for (const entry of (doc.components as string[] | undefined) ?? []) {
+    const componentDir = path.join(dir, entry);
+    const component = loadKustomization(componentDir, 'Component');
+    resources.push(...loadResources(componentDir, component.doc));
+    applyLayer(componentDir, component.file, component.doc, resources);
+  }
+  applyLayer(dir, file, doc, resources);
 
   const seen = new Set<string>();
   for (const r of resources) {
