@@ -1,6 +1,11 @@
 // The HTTP/JSON API beside gRPC, called with a plain HTTP client (fetch) against the real
 // services: segment an image sent as base64 JSON, refine on its image_id, read the model, get a
 // clear error status for bad input, and CORS for a browser origin.
+import { execFile } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '@cfrsam/testing';
 import { startTestStack, type TestStack } from './stack';
@@ -49,6 +54,66 @@ describe('HTTP/JSON API', () => {
     const model = await fetch(`${base}/v1/model`);
     expect(model.status).toBe(200);
     expect(((await model.json()) as { name: string; mpp: number }).mpp).toBe(0.25);
+  });
+
+  it("answers QuPath GeoJSON in the slide's coordinates on /v1/segment/geojson, with QuPath's names", async () => {
+    const blobs = blobGrid([60, 130, 200], [70, 180]);
+    const png = await syntheticPng(256, 256, blobs);
+    const prompts = blobs.map((b) => ({ positive: [{ x: b.x, y: b.y }] }));
+    const plain = (await (await post('/v1/segment', { image: png.toString('base64'), prompts, mpp: 0.5 })).json()) as {
+      nuclei: Array<{ id: number; polygon: Array<{ x?: number; y?: number }> }>;
+    };
+    // A region read at downsample 2 whose top-left corner is (40000, 12000) in the slide.
+    const res = await post('/v1/segment/geojson?classes=inflammatory=Tumor', {
+      image: png.toString('base64'),
+      prompts,
+      mpp: 0.5,
+      origin: { x: 40000, y: 12000 },
+      downsample: 2,
+    });
+    expect(res.status).toBe(200);
+    const geo = (await res.json()) as {
+      type: string;
+      properties: { model: { name: string; version: string; mpp: number }; image: { origin: number[]; downsample: number } };
+      features: Array<{
+        geometry: { coordinates: number[][][] };
+        properties: { measurements: Record<string, number>; classification?: { name: string; color: number[] } };
+      }>;
+    };
+    expect(geo.type).toBe('FeatureCollection');
+    expect(geo.properties.model.mpp).toBe(0.25);
+    expect(geo.properties.image).toMatchObject({ origin: [40000, 12000], downsample: 2 });
+    expect(geo.features).toHaveLength(plain.nuclei.length);
+    const first = geo.features[0];
+    const p0 = plain.nuclei[0].polygon[0];
+    expect(first.geometry.coordinates[0][0]).toEqual([40000 + 2 * (p0.x ?? 0), 12000 + 2 * (p0.y ?? 0)]);
+    expect(first.properties.measurements['Nucleus ID']).toBe(plain.nuclei[0].id);
+    for (const name of ['Area µm^2', 'Length µm', 'Max diameter µm', 'Min diameter µm'])
+      expect(first.properties.measurements[name]).toBeGreaterThan(0);
+    const names = new Set(geo.features.map((f) => f.properties.classification?.name));
+    expect([...names].every((n) => n === undefined || ['Other', 'Tumor', 'Epithelial', 'Stroma'].includes(n))).toBe(true);
+    const bad = await post('/v1/segment/geojson?classes=nonsense', { image: png.toString('base64') });
+    expect(bad.status).toBe(400);
+    expect(((await bad.json()) as { message: string }).message).toMatch(/class map entry "nonsense"/);
+  });
+
+  it.skipIf(!fs.existsSync('/usr/bin/curl'))('segments an image with curl -d @request.json, as the README shows', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-curl-'));
+    try {
+      const png = await syntheticPng(256, 256, blobGrid([60, 130, 200], [70, 180]));
+      fs.writeFileSync(path.join(dir, 'request.json'), JSON.stringify({ image: png.toString('base64'), mpp: 0.25 }));
+      const { stdout } = await promisify(execFile)(
+        '/usr/bin/curl',
+        ['-sS', '--fail-with-body', `${base}/v1/segment`, '-H', 'content-type: application/json', '-d', '@request.json'],
+        { cwd: dir, maxBuffer: 64 * 1024 * 1024 },
+      );
+      const body = JSON.parse(stdout) as { width: number; nuclei: unknown[]; modelName: string };
+      expect(body.width).toBe(256);
+      expect(body.modelName).toBeTruthy();
+      expect(Array.isArray(body.nuclei)).toBe(true);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('answers bad input with the matching HTTP status and the gRPC status in JSON', async () => {

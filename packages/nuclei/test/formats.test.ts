@@ -10,6 +10,8 @@ import {
   nucleiToSidecar,
   parseCsv,
   parseHexColor,
+  parseQuPathClassMap,
+  segmentResponseToGeoJson,
 } from '../src/formats';
 import { segmentationProto } from '@cfrsam/rpc';
 
@@ -57,8 +59,8 @@ function nucleus(id: number, classIndex: number): Nucleus {
 }
 
 describe('QuPath GeoJSON', () => {
-  it('is a FeatureCollection of closed polygons with objectType, classification and measurements', () => {
-    const fc = nucleiToGeoJson([nucleus(1, 1), nucleus(2, -1)], classes, 'img');
+  it("is a FeatureCollection of closed polygons with objectType, QuPath's class names and measurement names", () => {
+    const fc = nucleiToGeoJson([nucleus(1, 1), nucleus(2, -1)], classes, 'img', { mpp: 0.25 });
     expect(fc.type).toBe('FeatureCollection');
     expect(fc.features).toHaveLength(2);
     const [f, g] = fc.features;
@@ -68,14 +70,70 @@ describe('QuPath GeoJSON', () => {
     expect(ring).toHaveLength(5);
     expect(ring[0]).toEqual(ring[4]);
     expect(f.properties.objectType).toBe('detection');
-    expect(f.properties.classification).toEqual({ name: 'inflammatory', color: [255, 0, 0] });
-    expect(f.properties.measurements['Area px^2']).toBe(25);
-    expect(f.properties.measurements['Area um^2']).toBe(1.5625);
-    expect(f.properties.measurements['P(inflammatory)']).toBe(0.2);
+    // inflammatory -> QuPath's "Immune cells" with QuPath's colour.
+    expect(f.properties.classification).toEqual({ name: 'Immune cells', color: [160, 90, 160] });
+    const m = f.properties.measurements;
+    expect(m['Nucleus ID']).toBe(1);
+    expect(m['Area µm^2']).toBe(1.5625);
+    expect(m['Length µm']).toBeCloseTo(19.5 * 0.25);
+    // The 5 x 5 square: max caliper the diagonal, min caliper the side.
+    expect(m['Max diameter µm']).toBeCloseTo(Math.SQRT2 * 5 * 0.25);
+    expect(m['Min diameter µm']).toBeCloseTo(5 * 0.25);
+    expect(m['Probability: Immune cells']).toBe(0.2);
+    expect(Object.keys(m).some((k) => / um|px/.test(k))).toBe(false);
     expect(f.id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
     expect(g.properties.classification).toBeUndefined();
+    // QuPath keeps only its own properties: nothing else rides on the feature.
+    expect(Object.keys(f.properties).sort()).toEqual(['classification', 'isLocked', 'measurements', 'objectType']);
     // JSON round trip keeps everything (no typed arrays or undefined in the output)
     expect(JSON.parse(JSON.stringify(fc))).toEqual(fc);
+  });
+
+  it('takes µm from the nucleus itself without an mpp, and px names when there is none', () => {
+    const withUm = nucleiToGeoJson([nucleus(1, 0)], classes).features[0].properties.measurements;
+    expect(withUm['Length µm']).toBeCloseTo(19.5 * 0.25);
+    const bare = nucleus(1, 0);
+    bare.measurements!.areaUm2 = 0;
+    const px = nucleiToGeoJson([bare], classes).features[0].properties.measurements;
+    expect(px['Area px^2']).toBe(25);
+    expect(px['Area µm^2']).toBeUndefined();
+  });
+
+  it("places a region's outlines in the slide's coordinates (origin + downsample) with the model at the collection level", () => {
+    const response: segmentationProto.SegmentResponse = {
+      imageId: 'r1',
+      width: 64,
+      height: 64,
+      nuclei: [nucleus(1, 0), nucleus(2, 2)],
+      counts: [],
+      modelName: 'cfrsam-tiny',
+      modelVersion: '0.1.0+abc',
+      timings: [],
+      tiles: 1,
+      imageMpp: 0.5,
+      mppAssumed: false,
+      modelMpp: 0.25,
+      origin: { x: 1000, y: 2000 },
+      downsample: 4,
+    };
+    const fc = segmentResponseToGeoJson(response, classes, parseQuPathClassMap(JSON.stringify({ 'epithelial, "glandular"': 'Tumor' })));
+    expect(fc.features[0].geometry.coordinates[0][0]).toEqual([1000 + 4 * 10, 2000 + 4 * 5]);
+    expect(fc.features[0].geometry.coordinates[0][2]).toEqual([1000 + 4 * 15, 2000 + 4 * 10]);
+    // µm from the image's own mpp (0.5), which the downsample does not change.
+    expect(fc.features[0].properties.measurements['Length µm']).toBeCloseTo(19.5 * 0.5);
+    expect(fc.features[0].properties.classification?.name).toBe('Other');
+    expect(fc.features[1].properties.classification).toEqual({ name: 'Tumor', color: [200, 0, 0] });
+    expect(fc.properties?.model).toEqual({ name: 'cfrsam-tiny', version: '0.1.0+abc', mpp: 0.25 });
+    expect(fc.properties?.image).toMatchObject({ mpp: 0.5, origin: [1000, 2000], downsample: 4 });
+  });
+
+  it('parses class maps as model=QuPath[#rrggbb] lists or JSON, and names a bad entry', () => {
+    expect(parseQuPathClassMap('epithelial=Tumor, other=Other#010203')).toEqual({
+      epithelial: { name: 'Tumor' },
+      other: { name: 'Other', color: [1, 2, 3] },
+    });
+    expect(parseQuPathClassMap('{"epithelial": "Tumor"}')).toEqual({ epithelial: 'Tumor' });
+    expect(() => parseQuPathClassMap('epithelial')).toThrow(/class map entry "epithelial"/);
   });
 });
 

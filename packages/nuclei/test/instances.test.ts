@@ -24,6 +24,7 @@ import {
   pasteTileMask,
   polygonArea,
   rasterizePolygon,
+  removePinches,
   resolveOverlaps,
   simplifyClosedPolygon,
   suppressNearbyPoints,
@@ -118,6 +119,33 @@ describe('overlap resolution', () => {
     const out = resolveOverlaps([bar, cross], { minKeptFraction: 0.3, minAreaPx: 1 });
     const c = out[1].mask;
     expect([c.y0, c.height]).toEqual([14, 26]); // the part below the bar, which holds the prompt
+  });
+
+  it('leaves no pinch after a cut: every outline is a simple ring that never touches itself', () => {
+    // A 10x10 instance loses a 3x3 block at (1, 1) and the corner pixel (0, 0) to higher scores:
+    // its pixels (1, 0) and (0, 1) then meet only at the corner (1, 1), between two cut-out
+    // cavities, one of them open to the outside; the outline would pass that corner twice.
+    const low = { mask: maskOf(0, 0, 10, 10, () => true), score: 0.5, prompt: { x: 8, y: 8 } };
+    const block = { mask: maskOf(1, 1, 3, 3, () => true), score: 0.9, prompt: { x: 2, y: 2 } };
+    const corner = { mask: maskOf(0, 0, 1, 1, () => true), score: 0.8, prompt: { x: 0.5, y: 0.5 } };
+    const cut = resolveOverlaps([low, block, corner], { minKeptFraction: 0.3, minAreaPx: 1 });
+    expect(cut).toHaveLength(3);
+    for (const { mask } of cut) {
+      const ring = traceOuterContour(mask).points;
+      expect(isSimplePolygon(ring)).toBe(true);
+      expect(new Set(ring.map((p) => `${p.x},${p.y}`)).size).toBe(ring.length);
+    }
+    // One pixel of the pinch went; nothing else did, and no pixel is shared.
+    expect(maskArea(cut[0].mask)).toBe(100 - 9 - 1 - 1);
+    // Without the fix the same cut traces a ring through (1, 1) twice.
+    const raw = maskOf(0, 0, 10, 10, (cx, cy) => {
+      const [x, y] = [Math.floor(cx), Math.floor(cy)];
+      return !((x >= 1 && x <= 3 && y >= 1 && y <= 3) || (x === 0 && y === 0));
+    });
+    const pinched = traceOuterContour(raw).points;
+    expect(pinched.filter((p) => p.x === 1 && p.y === 1)).toHaveLength(2);
+    expect(isSimplePolygon(pinched)).toBe(false);
+    expect(maskArea(removePinches(raw))).toBe(maskArea(raw) - 1);
   });
 
   it('drops empty masks and orders ids by position', () => {

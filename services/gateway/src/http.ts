@@ -5,7 +5,9 @@
 //   echo "{\"image\": \"$(base64 -w0 tile.png)\", \"mpp\": 0.5}" > request.json
 //   curl -s localhost:8080/v1/segment -H 'content-type: application/json' -d @request.json
 //
-// Routes: POST /v1/segment, POST /v1/refine, GET /v1/model, GET /healthz. Errors answer with the
+// Routes: POST /v1/segment, POST /v1/segment/geojson (QuPath GeoJSON of the same request, in the
+// slide's coordinates: what clients/qupath's script calls), POST /v1/refine, GET /v1/model,
+// GET /healthz. Errors answer with the
 // HTTP status that matches the gRPC code and a JSON body {code, status, message, details}
 // (RESOURCE_EXHAUSTED is 429 with Retry-After). An optional `x-timeout-ms` header is the request's
 // deadline; a client that disconnects cancels its request. CORS for browser viewers.
@@ -14,6 +16,7 @@ import * as http from 'node:http';
 import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { type CallAuthenticator, errorDetailsOf, segmentationProto, type ServerTlsOptions, status, toServiceError } from '@cfrsam/rpc';
+import { parseQuPathClassMap, segmentResponseToGeoJson } from '@cfrsam/nuclei';
 import type { SegmentationPipeline } from './pipeline';
 
 export interface HttpGatewayOptions {
@@ -32,6 +35,7 @@ export interface HttpGatewayOptions {
 /** The gRPC method each authenticated route stands for (rights are granted per method). */
 const ROUTE_METHODS: Record<string, string> = {
   'POST /v1/segment': 'cfrsam.v1.Segmentation/Segment',
+  'POST /v1/segment/geojson': 'cfrsam.v1.Segmentation/Segment',
   'POST /v1/refine': 'cfrsam.v1.Segmentation/Refine',
   'GET /v1/model': 'cfrsam.v1.Segmentation/GetModelInfo',
 };
@@ -183,6 +187,7 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
       }
       switch (route) {
         case 'OPTIONS /v1/segment':
+        case 'OPTIONS /v1/segment/geojson':
         case 'OPTIONS /v1/refine':
         case 'OPTIONS /v1/model':
           res.writeHead(204);
@@ -196,12 +201,28 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
           const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
           return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.segment(request, ctx)));
         }
+        case 'POST /v1/segment/geojson': {
+          // The same request; the answer is QuPath GeoJSON in the slide's coordinates (the
+          // request's origin and downsample), classes mapped by ?classes=model=QuPath,...
+          let classMap;
+          try {
+            classMap = parseQuPathClassMap(new URL(req.url ?? '/', 'http://localhost').searchParams.get('classes') ?? '');
+          } catch (err) {
+            throw new HttpError(400, `classes: ${(err as Error).message}`);
+          }
+          const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+          const response = await pipeline.segment({ ...request, returnLabelMap: false, returnMasks: false }, ctx);
+          return send(res, 200, segmentResponseToGeoJson(response, pipeline.modelInfo().classes, classMap));
+        }
         case 'POST /v1/refine': {
           const request = segmentationProto.RefineRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
           return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.refine(request, ctx)));
         }
         default:
-          throw new HttpError(404, `no route ${route}; routes: POST /v1/segment, POST /v1/refine, GET /v1/model, GET /healthz`);
+          throw new HttpError(
+            404,
+            `no route ${route}; routes: POST /v1/segment, POST /v1/segment/geojson, POST /v1/refine, GET /v1/model, GET /healthz`,
+          );
       }
     })().catch((err: unknown) => {
       if (res.headersSent) return res.destroy();

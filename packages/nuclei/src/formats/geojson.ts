@@ -1,11 +1,17 @@
-// QuPath-compatible GeoJSON: a FeatureCollection with one Feature per nucleus, a Polygon geometry
-// in image pixels and the properties QuPath reads when importing objects (objectType,
-// classification { name, color }, measurements as a name -> number map, as QuPath 0.4+ writes).
+// QuPath-compatible GeoJSON: a FeatureCollection with one Feature per nucleus and the properties
+// QuPath reads when importing objects (objectType, classification { name, color }, measurements as
+// a name -> number map, as QuPath 0.4+ writes). QuPath keeps nothing else of a Feature, so the
+// nucleus id travels as the "Nucleus ID" measurement, and measurements carry QuPath's own names and
+// units ("Area µm^2", "Length µm", "Max diameter µm"...) so they line up with QuPath's detections.
+// Coordinates: the slide's (or larger image's) level-0 pixels, slide = origin + downsample *
+// image pixels, for a region cut from a slide; the image's own pixels by default.
+// clients/python/cfrsam_client/geojson.py writes the same layout.
 import { createHash } from 'node:crypto';
 import type { segmentationProto } from '@cfrsam/rpc';
 
 type Nucleus = segmentationProto.Nucleus;
-import { colorOfClass, type ClassStyle, type Rgb } from './color';
+import { convexHull } from '../instances/contour';
+import { parseHexColor, type ClassStyle, type Rgb } from './color';
 
 export interface GeoJsonFeature {
   type: 'Feature';
@@ -17,41 +23,144 @@ export interface GeoJsonFeature {
     classification?: { name: string; color: Rgb };
     isLocked: boolean;
     measurements: Record<string, number>;
-    /** The service's nucleus id (label map value), kept for cross-reference with the CSV. */
-    nucleusId: number;
   };
+}
+
+/** What the collection says about where it came from (QuPath ignores it on import; tools read it). */
+export interface GeoJsonCollectionProperties {
+  model?: { name: string; version: string; mpp: number };
+  image?: { id: string; width: number; height: number; mpp: number; mppAssumed: boolean; origin: [number, number]; downsample: number };
+  [key: string]: unknown;
 }
 
 export interface GeoJsonFeatureCollection {
   type: 'FeatureCollection';
+  properties?: GeoJsonCollectionProperties;
   features: GeoJsonFeature[];
 }
 
-/** Measurement names shared by the GeoJSON and the CSV; um^2 only when mpp is known. */
-export function nucleusMeasurementMap(n: Nucleus, classes: readonly ClassStyle[]): Record<string, number> {
+/** QuPath's built-in classes and their colours (PathClass defaults). */
+export const QUPATH_CLASSES: Readonly<Record<string, Rgb>> = {
+  Tumor: [200, 0, 0],
+  Stroma: [150, 200, 150],
+  'Immune cells': [160, 90, 160],
+  Necrosis: [50, 50, 50],
+  Other: [255, 200, 0],
+  'Region*': [0, 0, 180],
+  'Ignore*': [180, 180, 180],
+  Positive: [200, 50, 50],
+  Negative: [112, 112, 225],
+};
+
+/** The model's class -> a QuPath class name, optionally with its colour. */
+export type QuPathClassMap = Readonly<Record<string, string | { name: string; color?: Rgb }>>;
+
+/**
+ * The default model's CoNSeP classes as QuPath classes: QuPath's own where one fits (its colour
+ * too), the model's name capitalised otherwise.
+ */
+export const DEFAULT_QUPATH_CLASS_MAP: QuPathClassMap = {
+  other: 'Other',
+  inflammatory: 'Immune cells',
+  epithelial: 'Epithelial',
+  'spindle-shaped': 'Stroma',
+};
+
+/**
+ * Parses a class mapping "model=QuPath[#rrggbb],..." (e.g. "epithelial=Tumor,other=Other#ffc800")
+ * or a JSON object {"epithelial": "Tumor"}; throws RangeError naming the bad entry.
+ */
+export function parseQuPathClassMap(spec: string): QuPathClassMap {
+  const text = spec.trim();
+  if (!text) return {};
+  if (text.startsWith('{')) {
+    const parsed = JSON.parse(text) as Record<string, unknown>;
+    const out: Record<string, string> = {};
+    for (const [k, v] of Object.entries(parsed)) {
+      if (typeof v !== 'string' || !v) throw new RangeError(`class map: "${k}" must map to a QuPath class name`);
+      out[k] = v;
+    }
+    return out;
+  }
+  const out: Record<string, { name: string; color?: Rgb }> = {};
+  for (const entry of text.split(',')) {
+    const m = /^\s*([^=]+?)\s*=\s*([^#]+?)\s*(#[0-9a-fA-F]{6})?\s*$/.exec(entry);
+    if (!m) throw new RangeError(`class map entry "${entry}": expected model=QuPath or model=QuPath#rrggbb`);
+    out[m[1]] = m[3] ? { name: m[2], color: parseHexColor(m[3]) } : { name: m[2] };
+  }
+  return out;
+}
+
+/** A model class as QuPath shows it: the mapped name, QuPath's colour for its classes, else the model's. */
+export function quPathClass(cls: ClassStyle, classMap: QuPathClassMap = {}): { name: string; color: Rgb } {
+  const target = classMap[cls.name] ?? DEFAULT_QUPATH_CLASS_MAP[cls.name] ?? cls.name.charAt(0).toUpperCase() + cls.name.slice(1);
+  const name = typeof target === 'string' ? target : target.name;
+  const color = (typeof target === 'string' ? undefined : target.color) ?? QUPATH_CLASSES[name] ?? parseHexColor(cls.color);
+  return { name, color: [...color] as Rgb };
+}
+
+/** Max and min caliper (Feret) diameters of a polygon, in its units: QuPath's Max/Min diameter. */
+export function caliperDiameters(points: readonly { x: number; y: number }[]): { max: number; min: number } {
+  const hull = convexHull(points);
+  if (hull.length < 2) return { max: 0, min: 0 };
+  let max = 0;
+  for (let i = 0; i < hull.length; i++) {
+    for (let j = i + 1; j < hull.length; j++) max = Math.max(max, Math.hypot(hull[i].x - hull[j].x, hull[i].y - hull[j].y));
+  }
+  if (hull.length < 3) return { max, min: 0 };
+  let min = Infinity;
+  for (let i = 0; i < hull.length; i++) {
+    const a = hull[i];
+    const b = hull[(i + 1) % hull.length];
+    const len = Math.hypot(b.x - a.x, b.y - a.y);
+    if (len === 0) continue;
+    let width = 0;
+    for (const p of hull) width = Math.max(width, Math.abs((b.x - a.x) * (p.y - a.y) - (b.y - a.y) * (p.x - a.x)) / len);
+    min = Math.min(min, width);
+  }
+  return { max, min: Number.isFinite(min) ? min : 0 };
+}
+
+/**
+ * QuPath-named measurements of a nucleus, lengths and areas in µm from `mpp` (the image's
+ * micrometres per pixel; when absent, from the nucleus's own area_um2 / area_px).
+ */
+export function nucleusMeasurementMap(
+  n: Nucleus,
+  classes: readonly ClassStyle[],
+  mpp?: number,
+  classMap: QuPathClassMap = {},
+): Record<string, number> {
   const m = n.measurements;
+  const areaPx = m?.areaPx ?? 0;
+  const scale = mpp && mpp > 0 ? mpp : areaPx > 0 && (m?.areaUm2 ?? 0) > 0 ? Math.sqrt(m!.areaUm2 / areaPx) : 0;
+  const caliper = caliperDiameters(n.polygon);
   const out: Record<string, number> = {
+    'Nucleus ID': n.id,
     Score: n.score,
     'Predicted IoU': n.predictedIou,
-    'Centroid X px': n.centroid?.x ?? 0,
-    'Centroid Y px': n.centroid?.y ?? 0,
-    'Area px^2': m?.areaPx ?? 0,
   };
-  if (m && m.areaUm2 > 0) out['Area um^2'] = m.areaUm2;
+  if (scale > 0) {
+    Object.assign(out, {
+      'Area µm^2': m && m.areaUm2 > 0 ? m.areaUm2 : areaPx * scale * scale,
+      'Length µm': (m?.perimeterPx ?? 0) * scale,
+      'Max diameter µm': caliper.max * scale,
+      'Min diameter µm': caliper.min * scale,
+    });
+  } else {
+    Object.assign(out, { 'Area px^2': areaPx, 'Length px': m?.perimeterPx ?? 0, 'Max diameter px': caliper.max, 'Min diameter px': caliper.min });
+  }
   Object.assign(out, {
-    'Perimeter px': m?.perimeterPx ?? 0,
     Circularity: m?.circularity ?? 0,
-    Eccentricity: m?.eccentricity ?? 0,
-    'Major axis px': m?.majorAxisPx ?? 0,
-    'Minor axis px': m?.minorAxisPx ?? 0,
     Solidity: m?.solidity ?? 0,
-    'Mean R': m?.meanR ?? 0,
-    'Mean G': m?.meanG ?? 0,
-    'Mean B': m?.meanB ?? 0,
+    Eccentricity: m?.eccentricity ?? 0,
+    'Red: Mean': m?.meanR ?? 0,
+    'Green: Mean': m?.meanG ?? 0,
+    'Blue: Mean': m?.meanB ?? 0,
   });
   n.classProbabilities.forEach((p, i) => {
-    const name = classes.find((c) => c.index === i)?.name ?? `class ${i}`;
-    out[`P(${name})`] = p;
+    const cls = classes.find((c) => c.index === i);
+    out[`Probability: ${cls ? quPathClass(cls, classMap).name : `class ${i}`}`] = p;
   });
   return out;
 }
@@ -62,12 +171,34 @@ export function featureId(imageId: string, nucleusId: number): string {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-5${h.slice(13, 16)}-${((parseInt(h[16], 16) & 3) | 8).toString(16)}${h.slice(17, 20)}-${h.slice(20, 32)}`;
 }
 
-export function nucleiToGeoJson(nuclei: readonly Nucleus[], classes: readonly ClassStyle[], imageId = ''): GeoJsonFeatureCollection {
+export interface GeoJsonOptions {
+  /** Where the image's top-left corner lies in the slide, level-0 pixels (default 0, 0). */
+  origin?: { x: number; y: number };
+  /** Level-0 pixels per image pixel (default 1). */
+  downsample?: number;
+  /** The image's micrometres per pixel, for the µm measurements. */
+  mpp?: number;
+  /** Model class -> QuPath class (over DEFAULT_QUPATH_CLASS_MAP). */
+  classMap?: QuPathClassMap;
+  /** The collection's `properties` (model, image...). */
+  properties?: GeoJsonCollectionProperties;
+}
+
+export function nucleiToGeoJson(
+  nuclei: readonly Nucleus[],
+  classes: readonly ClassStyle[],
+  imageId = '',
+  options: GeoJsonOptions = {},
+): GeoJsonFeatureCollection {
+  const ox = options.origin?.x ?? 0;
+  const oy = options.origin?.y ?? 0;
+  const ds = options.downsample && options.downsample > 0 ? options.downsample : 1;
+  const styles = new Map(classes.map((c) => [c.index, quPathClass(c, options.classMap)]));
   const features: GeoJsonFeature[] = [];
   for (const n of nuclei) {
     if (n.polygon.length < 3) continue;
-    const ring = n.polygon.map((p) => [p.x, p.y]);
-    ring.push([n.polygon[0].x, n.polygon[0].y]);
+    const ring = n.polygon.map((p) => [ox + ds * p.x, oy + ds * p.y]);
+    ring.push([...ring[0]]);
     const feature: GeoJsonFeature = {
       type: 'Feature',
       id: featureId(imageId, n.id),
@@ -75,14 +206,43 @@ export function nucleiToGeoJson(nuclei: readonly Nucleus[], classes: readonly Cl
       properties: {
         objectType: 'detection',
         isLocked: false,
-        measurements: nucleusMeasurementMap(n, classes),
-        nucleusId: n.id,
+        measurements: nucleusMeasurementMap(n, classes, options.mpp, options.classMap),
       },
     };
-    if (n.classIndex >= 0) {
-      feature.properties.classification = { name: n.className, color: colorOfClass(classes, n.classIndex) };
-    }
+    const style = n.classIndex >= 0 ? styles.get(n.classIndex) : undefined;
+    if (style) feature.properties.classification = { name: style.name, color: [...style.color] as Rgb };
     features.push(feature);
   }
-  return { type: 'FeatureCollection', features };
+  return options.properties ? { type: 'FeatureCollection', properties: options.properties, features } : { type: 'FeatureCollection', features };
+}
+
+/**
+ * A Segment response as QuPath GeoJSON: in the slide's coordinates from the response's origin and
+ * downsample, µm from its image_mpp, and the model and image at the collection level.
+ */
+export function segmentResponseToGeoJson(
+  response: segmentationProto.SegmentResponse,
+  classes: readonly ClassStyle[],
+  classMap: QuPathClassMap = {},
+): GeoJsonFeatureCollection {
+  const origin = response.origin ?? { x: 0, y: 0 };
+  const downsample = response.downsample && response.downsample > 0 ? response.downsample : 1;
+  return nucleiToGeoJson(response.nuclei, classes, response.imageId, {
+    origin,
+    downsample,
+    mpp: response.imageMpp,
+    classMap,
+    properties: {
+      model: { name: response.modelName, version: response.modelVersion, mpp: response.modelMpp },
+      image: {
+        id: response.imageId,
+        width: response.width,
+        height: response.height,
+        mpp: response.imageMpp,
+        mppAssumed: response.mppAssumed,
+        origin: [origin.x, origin.y],
+        downsample,
+      },
+    },
+  });
 }

@@ -247,3 +247,40 @@ export function rescaleMask(mask: PlacedMask, sx: number, sy: number, frameWidth
   }
   return cropToForeground({ x0, y0, width, height, data });
 }
+
+/**
+ * Removes "pinches": two foreground pixels meeting only at a corner, with background on both
+ * other sides of it (a 2x2 block [1 0; 0 1] or [0 1; 1 0]). The crack-following outline of such a
+ * mask passes that corner twice, a ring that touches itself (invalid geometry for QuPath's and
+ * JTS's union operations). Of each pair the pixel with fewer 4-neighbours goes; repeated until none
+ * is left (a removal can expose another). Connectivity is not restored here (see keepComponent).
+ */
+export function removePinches(mask: PlacedMask): PlacedMask {
+  const { width: w, height: h } = mask;
+  if (w < 2 || h < 2) return mask;
+  let data: Uint8Array | undefined;
+  const get = (x: number, y: number) => x >= 0 && y >= 0 && x < w && y < h && (data ?? mask.data)[y * w + x] === 1;
+  const neighbours = (x: number, y: number) => +get(x - 1, y) + +get(x + 1, y) + +get(x, y - 1) + +get(x, y + 1);
+  for (let pass = 0; pass < w * h; pass++) {
+    let changed = false;
+    for (let y = 0; y + 1 < h; y++) {
+      for (let x = 0; x + 1 < w; x++) {
+        const a = get(x, y);
+        const b = get(x + 1, y);
+        const c = get(x, y + 1);
+        const d = get(x + 1, y + 1);
+        let pair: [number, number, number, number] | undefined;
+        if (a && d && !b && !c) pair = [x, y, x + 1, y + 1];
+        else if (b && c && !a && !d) pair = [x + 1, y, x, y + 1];
+        if (!pair) continue;
+        data ??= mask.data.slice();
+        const [x1, y1, x2, y2] = pair;
+        if (neighbours(x1, y1) <= neighbours(x2, y2)) data[y1 * w + x1] = 0;
+        else data[y2 * w + x2] = 0;
+        changed = true;
+      }
+    }
+    if (!changed) break;
+  }
+  return data ? { ...mask, data } : mask;
+}

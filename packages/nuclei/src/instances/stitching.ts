@@ -9,6 +9,7 @@ import {
   fillHoles,
   keepComponent,
   maskArea,
+  removePinches,
   translateMask,
   unpackMask,
   type PackedMask,
@@ -152,8 +153,13 @@ export function resolveOverlaps<T extends CandidateInstance>(candidates: readonl
       mask = { ...mask, data };
       const kept = maskArea(mask);
       if (kept === 0 || kept < options.minKeptFraction * ownArea) continue;
-      mask = keepComponent(cropToForeground(mask), cand.prompt);
+      // The cut leaves holes only where other nuclei's pixels are, and they stay out (refilling them
+      // would overlap those nuclei; the outline is the outer contour around them). A cut can also
+      // leave pixels meeting only at a corner, whose outline touches itself: those pinches go.
+      mask = keepComponent(removePinches(keepComponent(cropToForeground(mask), cand.prompt)), cand.prompt);
     }
+    // The decoder's own outline can pinch too (a one-pixel diagonal notch).
+    mask = keepComponent(removePinches(mask), cand.prompt);
     if (mask.width === 0 || maskArea(mask) < options.minAreaPx) continue;
     const idx = accepted.length;
     accepted.push(mask);
