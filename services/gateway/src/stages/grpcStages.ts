@@ -346,8 +346,20 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
   }
 
   /** Prepare once per (replica, digest); concurrent batches wait for the same call. */
-  private prepare(replica: string, tile: StageTile, call: StageCall): Promise<void> {
+  private async prepare(replica: string, tile: StageTile, call: StageCall): Promise<void> {
     const key = `${replica}|${tile.digest}`;
+    const joined = this.preparing.get(key);
+    if (joined) {
+      try {
+        return await joined;
+      } catch (err) {
+        // The Prepare belonged to another request, which was cancelled or ran out of time: that
+        // is no failure of this one, which prepares the tile itself.
+        if (call.signal?.aborted || !isCallerGone(err)) throw err;
+        if (this.preparing.get(key) === joined) this.preparing.delete(key);
+        return this.prepare(replica, tile, call);
+      }
+    }
     let pending = this.preparing.get(key);
     if (!pending) {
       pending = (async () => {
@@ -390,6 +402,12 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     );
     this.counters.prepares++;
   }
+}
+
+/** A failure caused by the calling request going away (its abort, or its deadline), not by the stage. */
+function isCallerGone(err: unknown): boolean {
+  const code = (err as { code?: unknown })?.code;
+  return (err as Error)?.name === 'AbortError' || code === status.CANCELLED || code === status.DEADLINE_EXCEEDED;
 }
 
 /** A stage call failure with the stage named; the status code and error details are kept. */
