@@ -153,21 +153,16 @@ async function main() {
     /** When each sequential answer came, from the start of the phase (s). */
     const answeredAt = [];
     const seqStart = performance.now();
-    const stop = new AbortController();
-    const timer = setTimeout(() => stop.abort(), sequentialS * 1000);
+    // The request running at the end is let finish (not cancelled, which would cost the gateway's
+    // throughput figure the time it ran); only answers within the phase count.
     for (const image of sequentialImages) {
-      if (stop.signal.aborted) break;
+      if (performance.now() - seqStart >= sequentialS * 1000) break;
       const t0 = performance.now();
-      try {
-        await segment(image, 'sequential', { timeoutMs: 600_000, signal: stop.signal });
-        latencies.push((performance.now() - t0) / 1000);
-        answeredAt.push((performance.now() - seqStart) / 1000);
-      } catch (err) {
-        if (!stop.signal.aborted) throw err;
-      }
+      await segment(image, 'sequential', { timeoutMs: 600_000 });
+      latencies.push((performance.now() - t0) / 1000);
+      answeredAt.push((performance.now() - seqStart) / 1000);
     }
-    clearTimeout(timer);
-    const sequentialOk = latencies.length;
+    const sequentialOk = answeredAt.filter((t) => t <= sequentialS).length;
     const single = [...latencies].sort((a, b) => a - b)[Math.floor(latencies.length / 2)] ?? NaN;
     console.log(
       `one after another for ${sequentialS} s: ${sequentialOk} answered (${range(latencies)} each, median ${single.toFixed(1)} s); ` +

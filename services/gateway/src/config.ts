@@ -100,7 +100,7 @@ export const DEFAULT_GATEWAY_CONFIG: Omit<GatewayConfig, 'prompter' | 'encoder' 
   classRadius: 12,
   maxConcurrentRequests: 8,
   initialConcurrentRequests: 1,
-  latencyTolerance: 1.5,
+  latencyTolerance: 1.25,
   maxQueuedRequests: 1000,
   maxQueueWaitMs: 60_000,
   maxRequestsPerIdentity: 0,
