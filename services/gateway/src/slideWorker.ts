@@ -151,11 +151,14 @@ export class SlideWorker {
     }
     // Abandon the region as soon as the job is cancelled (or failed elsewhere).
     const controller = new AbortController();
+    let abortedAt = 0;
     const watch = setInterval(() => {
       this.store
         .job(job.jobId)
         .then((j) => {
-          if (!j || FINISHED.has(j.state)) controller.abort(new Error(`slide job ${job.jobId} is ${j?.state ?? 'removed'}`));
+          if (controller.signal.aborted || (j && !FINISHED.has(j.state))) return;
+          abortedAt = Date.now();
+          controller.abort(new Error(`slide job ${job.jobId} is ${j?.state ?? 'removed'}`));
         })
         .catch(() => undefined);
     }, 1_000);
@@ -214,6 +217,11 @@ export class SlideWorker {
       throw err;
     } finally {
       clearInterval(watch);
+      if (controller.signal.aborted) {
+        this.log(
+          `slide worker: job ${job.jobId} region ${task.region} abandoned ${Date.now() - abortedAt} ms after it was seen ${(controller.signal.reason as Error).message.replace(/^slide job \S+ is /, '')}`,
+        );
+      }
     }
   }
 

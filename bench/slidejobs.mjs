@@ -1,0 +1,235 @@
+// Benchmark of slide jobs (prints numbers; nothing is asserted): jobs per hour and tissue
+// megapixels per second with 1, 2 and 3 worker gateways on one machine, the scaling ratio, the time
+// from submit to the first region done, and the peak RSS of every process; then the peak RSS of a
+// fresh gateway for a job and for a job of four times its area (bounded memory: it should stay flat).
+//
+//   npm run build && node bench/slidejobs.mjs [--slide ../shared/slides/CMU-1-Small-Region.svs]
+//       [--roi 700,1200,512,512] [--region-size 512] [--workers 1,2,3] [--jobs 2] [--decoders 2]
+//       [--no-memory] [--json out.json]
+//
+// A real nats-server (JetStream file storage in a temporary directory), the stage services of
+// `cfrsam stack` (1 prompter, 1 encoder with its feature cache off so every job computes, N
+// decoders), and per configuration W fresh gateway processes, each API and worker (one region at a
+// time, result cache off), reading the slide from a slide root. Each configuration submits --jobs
+// jobs of the ROI at once (distinct request ids) and waits for all of them.
+import { spawn, execFileSync } from 'node:child_process';
+import { createRequire } from 'node:module';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { parseArgs } from 'node:util';
+
+const require = createRequire(import.meta.url);
+const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+const lib = (p) => require(path.join(root, p));
+const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
+const { startStack, checkHealth, freePort } = lib('services/gateway/dist/cli/stack.js');
+
+const { values: args } = parseArgs({
+  options: {
+    slide: { type: 'string', default: path.join(root, '../shared/slides/CMU-1-Small-Region.svs') },
+    roi: { type: 'string', default: '700,1200,512,512' },
+    'region-size': { type: 'string', default: '512' },
+    workers: { type: 'string', default: '1,2,3' },
+    jobs: { type: 'string', default: '2' },
+    decoders: { type: 'string', default: '2' },
+    memory: { type: 'boolean', default: true },
+    'no-memory': { type: 'boolean', default: false },
+    json: { type: 'string', default: '' },
+  },
+});
+const WORKERS = args.workers.split(',').map(Number);
+const JOBS = Number(args.jobs);
+const REGION = Number(args['region-size']);
+const [RX, RY, RW, RH] = args.roi.split(',').map(Number);
+const { SlideJobState } = segmentationProto;
+if (!fs.existsSync(args.slide)) {
+  console.error(`no slide at ${args.slide}: nothing to measure`);
+  process.exit(0);
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const peakRssMb = (pid) => {
+  try {
+    const m = /^VmHWM:\s+(\d+)\s+kB/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Math.round(Number(m[1]) / 1024) : null;
+  } catch {
+    return null;
+  }
+};
+
+function natsBinary() {
+  for (const c of [process.env.CFRSAM_NATS_SERVER, '/usr/sbin/nats-server', '/usr/bin/nats-server']) if (c && fs.existsSync(c)) return c;
+  try {
+    return execFileSync('sh', ['-c', 'command -v nats-server']).toString().trim();
+  } catch {
+    return null;
+  }
+}
+
+async function startNats(storeDir) {
+  const bin = natsBinary();
+  if (!bin) throw new Error('nats-server not found (install the nats-server package)');
+  const port = await freePort();
+  const child = spawn(bin, ['-js', '-a', '127.0.0.1', '-p', String(port), '-sd', storeDir], { stdio: ['ignore', 'ignore', 'pipe'] });
+  await new Promise((resolve, reject) => {
+    let out = '';
+    child.stderr.on('data', (b) => {
+      out += b;
+      if (out.includes('Server is ready')) resolve();
+    });
+    child.once('exit', (code) => reject(new Error(`nats-server exited with ${code}: ${out}`)));
+  });
+  child.stderr.resume();
+  return { url: `nats://127.0.0.1:${port}`, child };
+}
+
+async function startGateway(stack, natsUrl, slideRoot, name) {
+  const port = await freePort();
+  const child = spawn(
+    process.execPath,
+    [
+      path.join(root, 'services/gateway/dist/main.js'),
+      ...['--port', String(port), '--host', '127.0.0.1', '--bundle', path.join(root, 'models/tiny')],
+      ...['--prompter', stack.prompter, '--encoder', stack.encoder, '--decoders', stack.decoders.join(',')],
+      ...['--nats-url', natsUrl, '--slide-root', slideRoot, '--result-cache-mb', '0', '--slide-workers', '1'],
+    ],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  child.stderr.on('data', (b) => process.env.CFRSAM_BENCH_VERBOSE && process.stderr.write(`[${name}] ${b}`));
+  for (let i = 0; ; i++) {
+    if ((await checkHealth(`127.0.0.1:${port}`).catch(() => '')) === 'SERVING') break;
+    if (i > 300 || child.exitCode !== null) throw new Error(`gateway ${name} did not start`);
+    await sleep(100);
+  }
+  const client = makeClient(segmentationProto.SegmentationClient, `127.0.0.1:${port}`);
+  for (let i = 0; i < 200; i++) {
+    const code = await unary(client, client.getSlideJob, { jobId: '0'.repeat(32) }).then(
+      () => 0,
+      (e) => e.code,
+    );
+    if (code !== 14) break;
+    await sleep(100);
+  }
+  return { name, child, client };
+}
+
+async function stopGateway(g) {
+  g.client.close();
+  g.child.kill('SIGTERM');
+  await new Promise((r) => (g.child.exitCode !== null ? r() : g.child.once('exit', r)));
+}
+
+const finished = (s) =>
+  s === SlideJobState.SLIDE_JOB_STATE_DONE || s === SlideJobState.SLIDE_JOB_STATE_FAILED || s === SlideJobState.SLIDE_JOB_STATE_CANCELLED;
+
+/** Submits `n` jobs of the ROI at once and waits for them; returns timings and totals. */
+async function runJobs(client, roi, n, tag) {
+  const t0 = performance.now();
+  const ids = [];
+  for (let i = 0; i < n; i++) {
+    const res = await unary(
+      client,
+      client.submitSlideJob,
+      segmentationProto.SubmitSlideJobRequest.fromPartial({
+        slide: { source: { $case: 'path', value: 'slide' + path.extname(args.slide) } },
+        roi: { ...roi, polygon: [] },
+        regionSize: REGION,
+        requestId: `${tag}-${i}`,
+      }),
+      { timeoutMs: 600_000 },
+    );
+    ids.push(res.jobId);
+  }
+  const submitS = (performance.now() - t0) / 1000;
+  let firstProgressS = null;
+  const last = new Map();
+  for (;;) {
+    for (const id of ids) last.set(id, await unary(client, client.getSlideJob, { jobId: id }));
+    if (firstProgressS === null && [...last.values()].some((j) => j.tilesDone > 0)) firstProgressS = (performance.now() - t0) / 1000;
+    if ([...last.values()].every((j) => finished(j.state))) break;
+    await sleep(200);
+  }
+  const wallS = (performance.now() - t0) / 1000;
+  const jobs = [...last.values()];
+  const failed = jobs.filter((j) => j.state !== SlideJobState.SLIDE_JOB_STATE_DONE);
+  if (failed.length) throw new Error(`jobs failed: ${failed.map((j) => `${j.jobId}: ${j.error}`).join('; ')}`);
+  return {
+    jobs: n,
+    regions: jobs.reduce((s, j) => s + j.tilesTotal, 0),
+    nuclei: jobs.reduce((s, j) => s + Number(j.nuclei), 0),
+    tissueMpx: jobs.reduce((s, j) => s + j.tissueMpxTotal, 0),
+    submitS,
+    firstProgressS,
+    wallS,
+  };
+}
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-bench-slidejobs-'));
+const slideRoot = path.join(tmp, 'slides');
+fs.mkdirSync(slideRoot);
+fs.copyFileSync(args.slide, path.join(slideRoot, 'slide' + path.extname(args.slide)));
+fs.mkdirSync(path.join(tmp, 'nats'));
+const nats = await startNats(path.join(tmp, 'nats'));
+const stack = await startStack({
+  decoders: Number(args.decoders),
+  port: 0,
+  args: { encoder: ['--cache-mb', '0'] },
+  log: (name, line) => process.env.CFRSAM_BENCH_VERBOSE && process.stderr.write(`[${name}] ${line}\n`),
+});
+const stageRss = () => Object.fromEntries(stack.processes.filter((p) => p.name !== 'gateway').map((p) => [p.name, peakRssMb(p.child.pid)]));
+const results = {
+  machine: { cpus: os.cpus().length, model: os.cpus()[0]?.model },
+  roi: { x: RX, y: RY, width: RW, height: RH },
+  regionSize: REGION,
+  scaling: [],
+  memory: [],
+};
+console.log(
+  `slide ${path.basename(args.slide)}, ROI ${RW}x${RH} at (${RX},${RY}), regions of ${REGION} px at the model's resolution, ${JOBS} job(s) per run, ${os.cpus().length} CPUs`,
+);
+try {
+  for (const w of WORKERS) {
+    const gws = [];
+    for (let i = 0; i < w; i++) gws.push(await startGateway(stack, nats.url, slideRoot, `gateway-${w}-${i}`));
+    const r = await runJobs(gws[0].client, { x: RX, y: RY, width: RW, height: RH }, JOBS, `w${w}`);
+    const rss = Object.fromEntries(gws.map((g) => [g.name, peakRssMb(g.child.pid)]));
+    for (const g of gws) await stopGateway(g);
+    const row = {
+      workers: w,
+      ...r,
+      jobsPerHour: (r.jobs / r.wallS) * 3600,
+      tissueMpxPerS: r.tissueMpx / r.wallS,
+      peakRssMb: { ...rss, ...stageRss(), 'nats-server': peakRssMb(nats.child.pid) },
+    };
+    results.scaling.push(row);
+    const base = results.scaling[0];
+    console.log(
+      `${w} worker(s): ${r.jobs} jobs, ${r.regions} regions, ${r.nuclei} nuclei, ${r.tissueMpx.toFixed(2)} tissue Mpx in ${r.wallS.toFixed(1)} s: ` +
+        `${row.jobsPerHour.toFixed(1)} jobs/h, ${row.tissueMpxPerS.toFixed(4)} tissue Mpx/s (x${(row.tissueMpxPerS / base.tissueMpxPerS).toFixed(2)} of 1 worker), ` +
+        `first progress ${r.firstProgressS?.toFixed(1)} s after submit; peak RSS MB ${JSON.stringify(row.peakRssMb)}`,
+    );
+  }
+  if (args.memory && !args['no-memory']) {
+    for (const [label, roi] of [
+      ['1x', { x: RX, y: RY, width: RW, height: RH }],
+      ['4x', { x: RX, y: RY, width: 2 * RW, height: 2 * RH }],
+    ]) {
+      const g = await startGateway(stack, nats.url, slideRoot, `gateway-mem-${label}`);
+      const r = await runJobs(g.client, roi, 1, `mem-${label}`);
+      const rss = peakRssMb(g.child.pid);
+      await stopGateway(g);
+      results.memory.push({ area: label, regions: r.regions, nuclei: r.nuclei, wallS: r.wallS, gatewayPeakRssMb: rss });
+      console.log(
+        `memory, ${label} area: ${r.regions} regions, ${r.nuclei} nuclei in ${r.wallS.toFixed(1)} s; fresh gateway (API + worker + finalize) peak RSS ${rss} MB`,
+      );
+    }
+    console.log(`stage processes, peak RSS over the whole run (MB): ${JSON.stringify({ ...stageRss(), 'nats-server': peakRssMb(nats.child.pid) })}`);
+  }
+} finally {
+  await stack.stop();
+  nats.child.kill('SIGTERM');
+  await new Promise((r) => (nats.child.exitCode !== null ? r() : nats.child.once('exit', r)));
+  fs.rmSync(tmp, { recursive: true, force: true });
+}
+if (args.json) fs.writeFileSync(args.json, JSON.stringify(results, null, 1) + '\n');
