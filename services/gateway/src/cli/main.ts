@@ -6,6 +6,8 @@
 //   evaluate  segment an annotated dataset through a gateway and score it
 //   slide     whole slides: `slide run` segments every tissue region at the model's resolution
 
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { runEvaluate } from './evaluate';
 import { runScore } from './score';
 import { runSegment } from './segment';
@@ -24,11 +26,28 @@ const COMMANDS: Record<string, { run: (argv: readonly string[]) => Promise<numbe
 };
 
 function usage(): string {
-  return ['usage: cfrsam <command> [flags]', '', 'commands:', ...Object.entries(COMMANDS).map(([n, c]) => `  ${n.padEnd(10)} ${c.help}`)].join('\n');
+  return [
+    'usage: cfrsam <command> [flags]        cfrsam <command> --help   cfrsam --version',
+    '',
+    'CFR-SAM nuclei segmentation: segment images and whole slides through the gRPC services.',
+    '',
+    'commands:',
+    ...Object.entries(COMMANDS).map(([n, c]) => `  ${n.padEnd(10)} ${c.help}`),
+  ].join('\n');
+}
+
+/** "cfrsam VERSION" from the gateway package (this file is dist/cli/main.js inside it). */
+export function versionText(): string {
+  const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };
+  return `cfrsam ${pkg.version} (node ${process.version})`;
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
   const [command, ...rest] = argv;
+  if (command === '--version' || command === '-V' || command === 'version') {
+    process.stdout.write(`${versionText()}\n`);
+    return 0;
+  }
   if (!command || command === '--help' || command === '-h' || command === 'help') {
     process.stdout.write(`${usage()}\n`);
     return command ? 0 : 2;
