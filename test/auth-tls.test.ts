@@ -141,6 +141,69 @@ describe('closed stage APIs', () => {
   }, 120_000);
 });
 
+describe('structured logs and spans', () => {
+  it('write one JSON line per request with identity, status, duration and trace ids, never image bytes', async () => {
+    const png = await syntheticPng(256, 256, blobGrid([100], [100]), 5);
+    await unary(stack.segmentation, stack.segmentation.segment, segmentationProto.SegmentRequest.fromPartial({ image: png, mpp: 0.25 }));
+    // A refused stage call is logged too (the handler never ran).
+    await unary(stack.encoderClient, stack.encoderClient.getCacheStats, {}).catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 200));
+    const lines = (name: string) => (stack.logs.get(name) ?? []).map((line) => JSON.parse(line) as Record<string, unknown>);
+    for (const name of ['gateway', 'prompter', 'encoder', 'decoder-0']) {
+      for (const line of lines(name))
+        expect(line, `${name}: ${JSON.stringify(line)}`).toMatchObject({ service: name.replace(/-\d+$/, ''), level: expect.any(String) });
+    }
+    const requests = (name: string) => lines(name).filter((l) => l.msg === 'request');
+    const segment = requests('gateway').find((l) => l.method === 'cfrsam.v1.Segmentation/Segment' && l.code === 'OK');
+    expect(segment).toMatchObject({
+      identity: expect.stringMatching(/^peer:/),
+      durationMs: expect.any(Number),
+      traceId: expect.stringMatching(/^[0-9a-f]{32}$/),
+      spanId: expect.stringMatching(/^[0-9a-f]{16}$/),
+    });
+    // The stage calls of that request: in its trace, made by the gateway as the internal identity.
+    const encodes = requests('encoder').filter((l) => l.method === 'cfrsam.v1.Encoder/Encode' && l.traceId === segment!.traceId);
+    expect(encodes.length).toBeGreaterThan(0);
+    expect(encodes[0]).toMatchObject({ identity: 'internal', authenticated: true, code: 'OK' });
+    expect(requests('encoder').find((l) => l.method === 'cfrsam.v1.Encoder/GetCacheStats')).toMatchObject({
+      code: 'UNAUTHENTICATED',
+      authenticated: false,
+    });
+    const imageText = png.toString('base64').slice(100, 164);
+    for (const name of stack.logs.keys()) expect((stack.logs.get(name) ?? []).join('\n')).not.toContain(imageText);
+
+    // Spans: rpc.* attributes, the caller's identity, service.version = the model version.
+    const version = (JSON.parse(fs.readFileSync(path.join(__dirname, '..', 'models', 'tiny', 'manifest.json'), 'utf8')) as { version: string })
+      .version;
+    const encodeSpan = stack.spans('encoder').find((sp) => sp.kind === 'SERVER' && sp.traceId === segment!.traceId);
+    expect(encodeSpan).toMatchObject({
+      serviceVersion: version,
+      attributes: {
+        'rpc.system': 'grpc',
+        'rpc.service': 'cfrsam.v1.Encoder',
+        'rpc.method': 'Encode',
+        'enduser.id': 'internal',
+        'rpc.grpc.status_code': 0,
+      },
+    });
+  }, 120_000);
+
+  it('marks a server span ERROR only for a server fault, not for bad input', async () => {
+    const bad = unary(
+      stack.segmentation,
+      stack.segmentation.segment,
+      segmentationProto.SegmentRequest.fromPartial({ image: Buffer.from('not an image') }),
+    );
+    await expect(bad).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
+    await new Promise((r) => setTimeout(r, 200));
+    const span = stack
+      .spans('gateway')
+      .filter((sp) => sp.kind === 'SERVER' && sp.attributes['rpc.grpc.status_code'] === status.INVALID_ARGUMENT)
+      .pop();
+    expect(span?.status.code).toBe(0); // UNSET
+  });
+});
+
 describe('TLS and tokens on the public API', () => {
   let client: segmentationProto.SegmentationClient;
   beforeAll(() => {

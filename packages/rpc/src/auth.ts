@@ -18,7 +18,10 @@ import {
 } from '@grpc/grpc-js';
 import { ConfigError, type FlagSpec } from './config';
 import { grpcError, type StatusError } from './status';
-import { attachIdentity, type CallIdentity } from './identity';
+import { trace } from '@opentelemetry/api';
+import { attachIdentity, callIdentity, type CallIdentity } from './identity';
+import { logger, logRequest } from './log';
+import { extractTraceContext } from './tracing';
 
 /** ErrorInfo reasons of refused calls. */
 export const AuthReason = {
@@ -91,7 +94,7 @@ export interface CallAuthenticatorOptions {
   internalToken?: string;
   /** How often the token file is checked for changes (default 2000 ms). */
   reloadIntervalMs?: number;
-  /** Default console.error. */
+  /** Default: the structured logger (log.ts). */
   log?: (message: string) => void;
 }
 
@@ -108,7 +111,7 @@ export class CallAuthenticator {
 
   constructor(options: CallAuthenticatorOptions) {
     this.options = options;
-    this.log = options.log ?? ((m) => console.error(m));
+    this.log = options.log ?? ((m) => logger().warn(m));
     this.internalHash = options.internalToken ? Buffer.from(hashToken(options.internalToken), 'hex') : null;
     if (options.tokenFile) {
       this.load(true);
@@ -201,6 +204,21 @@ export function authenticatedImplementation(
     wrapped[name] = ((call: AnyServerCall, callback?: (err: unknown) => void) => {
       const result = auth.authenticate(authorizationOf(call.metadata), method);
       if (result instanceof Error) {
+        // The handler never runs, so its request line is written here.
+        const traced = trace.getSpanContext(extractTraceContext(call.metadata));
+        logRequest(
+          {
+            method,
+            identity: callIdentity(call).id,
+            authenticated: false,
+            code: status[result.code],
+            durationMs: 0,
+            traceId: traced?.traceId ?? '',
+            spanId: traced?.spanId ?? '',
+            error: result.details,
+          },
+          false,
+        );
         if (unaryResponse && callback) callback(result);
         else call.emit('error', result);
         return;

@@ -101,7 +101,12 @@ export interface UnaryOptions {
  */
 export function unary<Req, Res>(client: Client, method: UnaryMethod<Req, Res>, request: Req, options: UnaryOptions = {}): Promise<Res> {
   const path = (method as unknown as { path?: string }).path ?? method.name;
-  const span = getTracer().startSpan(path.replace(/^\//, ''), { kind: SpanKind.CLIENT, attributes: options.attributes });
+  const name = path.replace(/^\//, '');
+  const slash = name.lastIndexOf('/');
+  const span = getTracer().startSpan(name, {
+    kind: SpanKind.CLIENT,
+    attributes: { 'rpc.system': 'grpc', 'rpc.service': name.slice(0, slash), 'rpc.method': name.slice(slash + 1), ...options.attributes },
+  });
   const metadata = options.metadata?.clone() ?? new Metadata();
   injectTraceContext(metadata, trace.setSpan(context.active(), span));
   const callOptions = callOptionsFromDeadline(options.deadline, options.timeoutMs);

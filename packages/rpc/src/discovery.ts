@@ -5,6 +5,7 @@
 // --decoders, the decoder's --encoder) is resolved every `intervalMs` to `IP:PORT` addresses;
 // static entries are used as they are.
 import { promises as dns } from 'node:dns';
+import { logger } from './log';
 
 export type ResolveAll = (host: string) => Promise<string[]>;
 
@@ -55,7 +56,7 @@ export class ReplicaDiscovery {
     private readonly onChange: (addresses: string[]) => void,
     private readonly intervalMs = 5000,
     private readonly resolveAll: ResolveAll = systemResolveAll,
-    private readonly log: (message: string) => void = (m) => console.error(m),
+    private readonly log: (message: string) => void = (m) => logger().warn(m),
     private readonly what = 'replicas',
   ) {
     const parsed = parseReplicaEntries(entries);

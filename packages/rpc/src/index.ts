@@ -15,3 +15,4 @@ export * from './discovery';
 export * from './replicas';
 export * from './identity';
 export * from './auth';
+export * from './log';

@@ -5,6 +5,7 @@
 import { status, type handleUnaryCall, type Metadata, type ServerUnaryCall } from '@grpc/grpc-js';
 import { context, SpanKind, SpanStatusCode, trace, type Span } from '@opentelemetry/api';
 import { callIdentity, type CallIdentity } from './identity';
+import { logger, logRequest } from './log';
 import { StatusError, toServiceError } from './status';
 import { serviceMetrics } from './telemetry';
 import { extractTraceContext, getTracer } from './tracing';
@@ -22,6 +23,24 @@ export interface CallContext {
   method: string;
   /** Who is calling (identity.ts); authentication, which wraps the handler, has attached it by now. */
   readonly identity: CallIdentity;
+}
+
+/**
+ * Statuses that are the server's fault: a server span is ERROR only for these (the OpenTelemetry
+ * gRPC conventions), and they log at error level. Client errors (INVALID_ARGUMENT, NOT_FOUND,
+ * UNAUTHENTICATED, RESOURCE_EXHAUSTED, CANCELLED, ...) leave the span unset.
+ */
+const SERVER_FAULTS = new Set<number>([
+  status.UNKNOWN,
+  status.DEADLINE_EXCEEDED,
+  status.UNIMPLEMENTED,
+  status.INTERNAL,
+  status.UNAVAILABLE,
+  status.DATA_LOSS,
+]);
+
+export function isServerFault(code: number): boolean {
+  return SERVER_FAULTS.has(code);
 }
 
 let inFlight = 0;
@@ -50,7 +69,21 @@ export function unaryHandler<Req, Res>(method: string, fn: (request: Req, ctx: C
     metrics.inFlight(method, 1);
     const started = performance.now();
     const parent = extractTraceContext(call.metadata);
-    const span = getTracer().startSpan(method, { kind: SpanKind.SERVER }, parent);
+    const slash = method.lastIndexOf('/');
+    const identity = callIdentity(call);
+    const span = getTracer().startSpan(
+      method,
+      {
+        kind: SpanKind.SERVER,
+        attributes: {
+          'rpc.system': 'grpc',
+          'rpc.service': method.slice(0, slash),
+          'rpc.method': method.slice(slash + 1),
+          'enduser.id': identity.id,
+        },
+      },
+      parent,
+    );
     const controller = new AbortController();
     const deadline = deadlineOf(call as ServerUnaryCall<unknown, unknown>);
     let timer: NodeJS.Timeout | undefined;
@@ -75,6 +108,24 @@ export function unaryHandler<Req, Res>(method: string, fn: (request: Req, ctx: C
     };
     call.once('cancelled', onCancel);
     let done = false;
+    const log = (code: string, seconds: number, fault: boolean, error?: string) => {
+      const { traceId, spanId } = span.spanContext();
+      // Read again: authentication attached the identity before the handler ran.
+      const caller = callIdentity(call);
+      logRequest(
+        {
+          method,
+          identity: caller.id,
+          authenticated: caller.authenticated,
+          code,
+          durationMs: seconds * 1000,
+          traceId,
+          spanId,
+          ...(error ? { error } : {}),
+        },
+        fault,
+      );
+    };
     const finish = (err: unknown, response?: Res) => {
       if (done) return;
       done = true;
@@ -97,17 +148,23 @@ export function unaryHandler<Req, Res>(method: string, fn: (request: Req, ctx: C
               )
             : mapped;
         if (serviceError.code === status.INTERNAL || serviceError.code === status.UNKNOWN) {
-          console.error(`${method}: ${serviceError.details}${err instanceof Error && err.stack ? `\n${err.stack}` : ''}`);
+          // A bug: the stack goes to the log (never to the caller).
+          logger().error({ msg: 'handler failed', method, error: serviceError.details, stack: err instanceof Error ? err.stack : undefined });
         }
-        span.setStatus({ code: SpanStatusCode.ERROR, message: serviceError.details });
+        const fault = isServerFault(serviceError.code);
+        if (fault) span.setStatus({ code: SpanStatusCode.ERROR, message: serviceError.details });
         span.setAttribute('rpc.grpc.status_code', serviceError.code);
         span.end();
-        metrics.rpc(method, status[serviceError.code], (performance.now() - started) / 1000);
+        const seconds = (performance.now() - started) / 1000;
+        metrics.rpc(method, status[serviceError.code], seconds);
+        log(status[serviceError.code], seconds, fault, serviceError.details);
         callback(serviceError);
       } else {
         span.setAttribute('rpc.grpc.status_code', status.OK);
         span.end();
-        metrics.rpc(method, 'OK', (performance.now() - started) / 1000);
+        const seconds = (performance.now() - started) / 1000;
+        metrics.rpc(method, 'OK', seconds);
+        log('OK', seconds, false);
         callback(null, response);
       }
     };
@@ -117,7 +174,7 @@ export function unaryHandler<Req, Res>(method: string, fn: (request: Req, ctx: C
       deadline,
       metadata: call.metadata,
       method: `/${method}`,
-      identity: callIdentity(call),
+      identity,
     };
     try {
       context

@@ -9,6 +9,7 @@ import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, protoPath as healthProtoPath, type ServingStatusMap } from 'grpc-health-check';
 import { authenticatedImplementation, type CallAuthenticator, serverCredentials, type ServerTlsOptions } from './auth';
 import { protosDir } from './config';
+import { logger } from './log';
 import { inFlightCalls } from './rpc';
 
 /** Default message-size limit: a batch of feature tensors fits (64 MiB). */
@@ -45,7 +46,7 @@ export interface StartServerOptions {
   auth?: CallAuthenticator;
   /** Runs after the server stopped: close worker pools, flush tracing, stop metrics. */
   onShutdown?: () => Promise<void> | void;
-  /** Default console.error. */
+  /** Default: the process's structured logger (log.ts). */
   log?: (message: string) => void;
 }
 
@@ -123,7 +124,7 @@ export function serverChannelOptions(maxMessageBytes: number, connectionAge: Con
 
 /** Starts a gRPC server with health, reflection and graceful shutdown. Resolves once bound. */
 export async function startServer(options: StartServerOptions): Promise<RunningServer> {
-  const log = options.log ?? ((m: string) => console.error(m));
+  const log = options.log ?? ((m: string) => logger().info(m));
   const host = options.host ?? '0.0.0.0';
   const maxMessageBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
   const graceMs = options.shutdownGraceMs ?? 15_000;

@@ -1,7 +1,10 @@
 // What every stage service's main() shares: the common flags (with environment fallbacks and
 // defaults that start a working service from a fresh clone), process-level telemetry setup, and
 // exit codes for bad configuration or a failed start.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { securityFlags } from './auth';
+import { initLogger } from './log';
 import { ConfigError, defaultBundleDir, HelpRequested, type FlagSpec } from './config';
 import { DEFAULT_MAX_CONNECTION_AGE_GRACE_MS, type ConnectionAgeOptions } from './server';
 import { initServiceMetrics, type ServiceMetrics } from './telemetry';
@@ -59,17 +62,32 @@ export async function initServiceTelemetry(options: {
   tracing: string;
   otlpEndpoint: string;
   metricsPort: number;
+  /** The model bundle: its version becomes service.version of spans and logs. */
+  bundle?: string;
 }): Promise<{ tracing: Tracing; metrics: ServiceMetrics }> {
   if (!['otlp', 'memory', 'none'].includes(options.tracing)) {
     throw new ConfigError(`--tracing must be otlp, memory or none, got "${options.tracing}"`);
   }
+  const serviceVersion = options.bundle ? bundleVersion(options.bundle) : undefined;
+  initLogger({ service: options.serviceName, version: serviceVersion });
   const tracing = initTracing({
     serviceName: options.serviceName,
+    serviceVersion,
     exporter: options.tracing as TraceExporterKind,
     endpoint: options.otlpEndpoint,
   });
   const metrics = await initServiceMetrics({ serviceName: options.serviceName, port: options.metricsPort });
   return { tracing, metrics };
+}
+
+/** The model version in a bundle's manifest.json (undefined when unreadable: the service reports that itself). */
+function bundleVersion(bundle: string): string | undefined {
+  try {
+    const version = (JSON.parse(fs.readFileSync(path.join(bundle, 'manifest.json'), 'utf8')) as { version?: unknown }).version;
+    return typeof version === 'string' ? version : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /** Runs a service's main(): configuration errors exit 2 with the message, other failures exit 1. */

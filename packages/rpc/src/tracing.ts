@@ -11,6 +11,7 @@ import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-grpc';
 import { resourceFromAttributes } from '@opentelemetry/resources';
 import { BatchSpanProcessor, InMemorySpanExporter, SimpleSpanProcessor, type ReadableSpan, type SpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { NodeTracerProvider } from '@opentelemetry/sdk-trace-node';
+import { logger } from './log';
 
 /** Span attribute names used across services. */
 export const SpanAttributes = {
@@ -26,6 +27,8 @@ export type TraceExporterKind = 'otlp' | 'memory' | 'none';
 
 export interface TracingOptions {
   serviceName: string;
+  /** service.version of the spans: the model version the service serves. */
+  serviceVersion?: string;
   /** 'otlp' sends to `endpoint` (OTLP/gRPC, default http://localhost:4317); 'memory' keeps spans for tests. */
   exporter?: TraceExporterKind;
   endpoint?: string;
@@ -46,6 +49,8 @@ export interface Tracing {
 /** One finished span as written to the trace file (one JSON object per line). */
 export interface SpanRecord {
   service: string;
+  /** The resource's service.version (the model version), when set. */
+  serviceVersion?: string;
   traceId: string;
   spanId: string;
   parentSpanId: string | null;
@@ -65,6 +70,7 @@ function hrToMs(t: [number, number]): number {
 export function spanRecord(span: ReadableSpan, serviceName: string): SpanRecord {
   return {
     service: serviceName,
+    ...(typeof span.resource.attributes['service.version'] === 'string' ? { serviceVersion: span.resource.attributes['service.version'] } : {}),
     traceId: span.spanContext().traceId,
     spanId: span.spanContext().spanId,
     parentSpanId: span.parentSpanContext?.spanId ?? null,
@@ -88,7 +94,7 @@ class JsonLinesSpanProcessor implements SpanProcessor {
     try {
       fs.appendFileSync(this.file, JSON.stringify(spanRecord(span, this.serviceName)) + '\n');
     } catch (err) {
-      console.error(`cannot write span to ${this.file}: ${(err as Error).message}`);
+      logger().error(`cannot write span to ${this.file}: ${(err as Error).message}`);
     }
   }
   async forceFlush(): Promise<void> {}
@@ -108,8 +114,8 @@ function ensureContextAndPropagation(): void {
 
 /**
  * Sets up tracing for this process once; later calls return the first setup (several services
- * started in one test process share it). With exporter 'none' and no trace file, spans are not
- * recorded but incoming trace context still propagates to outgoing calls.
+ * started in one test process share it). With exporter 'none' and no trace file, spans are made
+ * (for their ids in logs and propagation) but not exported.
  */
 export function initTracing(options: TracingOptions): Tracing {
   if (current) return current;
@@ -126,17 +132,13 @@ export function initTracing(options: TracingOptions): Tracing {
   }
   if (traceFile) processors.push(new JsonLinesSpanProcessor(traceFile, options.serviceName));
 
-  if (processors.length === 0) {
-    current = {
-      serviceName: options.serviceName,
-      tracer: trace.getTracer('cfrsam'),
-      flush: async () => {},
-      shutdown: async () => {},
-    };
-    return current;
-  }
+  // Without an exporter the provider still gives every call real trace and span ids (exported
+  // nowhere), so log lines carry ids that the next hop's lines share.
   const provider = new NodeTracerProvider({
-    resource: resourceFromAttributes({ 'service.name': options.serviceName }),
+    resource: resourceFromAttributes({
+      'service.name': options.serviceName,
+      ...(options.serviceVersion ? { 'service.version': options.serviceVersion } : {}),
+    }),
     spanProcessors: processors,
   });
   trace.setGlobalTracerProvider(provider);

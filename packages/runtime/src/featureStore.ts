@@ -31,7 +31,7 @@ import {
   type StoredMsg,
   type StreamConfig,
 } from 'nats';
-import { ConfigError, type FlagSpec } from '@cfrsam/rpc';
+import { ConfigError, type FlagSpec, logger } from '@cfrsam/rpc';
 
 export const DEFAULT_FEATURE_BUCKET = 'cfrsam-features';
 
@@ -98,7 +98,7 @@ export interface SharedFeatureStoreOptions {
   signingKey?: string;
   /** Retry interval of the first connection while the server is unreachable (default 2000 ms). */
   retryMs?: number;
-  /** Default console.error. */
+  /** Default: the structured logger of @cfrsam/rpc. */
   log?: (message: string) => void;
 }
 
@@ -197,7 +197,7 @@ export class SharedFeatureStore {
     if (!(options.maxBytes > 0)) throw new Error(`shared feature cache: max bytes must be > 0, got ${options.maxBytes}`);
     if (!(options.ttlMs > 0)) throw new Error(`shared feature cache: ttl must be > 0 ms, got ${options.ttlMs}`);
     this.timeoutMs = Math.max(1, options.timeoutMs ?? 1000);
-    this.log = options.log ?? ((m) => console.error(m));
+    this.log = options.log ?? ((m) => logger().warn(m));
   }
 
   /**

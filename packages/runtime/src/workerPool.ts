@@ -6,6 +6,7 @@ import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { status } from '@grpc/grpc-js';
 import type { HostTensor } from '@cfrsam/contract';
+import { logger } from '@cfrsam/rpc';
 import type { WorkerData, WorkerReply, WorkerRequest } from './workerProtocol';
 
 /** The queue is full: the service is overloaded (RESOURCE_EXHAUSTED). */
@@ -72,7 +73,7 @@ export interface OnnxWorkerPoolOptions {
    * NOT_SERVING so that the orchestrator replaces the process.
    */
   onBroken?: (err: Error) => void;
-  /** Where worker replacement and startup failures are reported (default console.error). */
+  /** Where worker replacement and startup failures are reported (default: the structured logger of @cfrsam/rpc). */
   log?: (message: string) => void;
 }
 
@@ -161,7 +162,7 @@ export class OnnxWorkerPool {
       executionProviders: options.executionProviders ?? ['cpu'],
       name: options.name ?? 'onnx',
       faultInjection: options.faultInjection ?? false,
-      log: options.log ?? ((m: string) => console.error(m)),
+      log: options.log ?? ((m: string) => logger().warn(m)),
       graphs: options.graphs,
       onJobDone: options.onJobDone,
       onBroken: options.onBroken,

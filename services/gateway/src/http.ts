@@ -15,7 +15,7 @@ import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
-import { type CallAuthenticator, errorDetailsOf, segmentationProto, type ServerTlsOptions, status, toServiceError } from '@cfrsam/rpc';
+import { type CallAuthenticator, errorDetailsOf, logger, segmentationProto, type ServerTlsOptions, status, toServiceError } from '@cfrsam/rpc';
 import { parseQuPathClassMap, segmentResponseToGeoJson } from '@cfrsam/nuclei';
 import type { SegmentationPipeline } from './pipeline';
 
@@ -52,7 +52,7 @@ function httpsServer(tls: ServerTlsOptions, handler: http.RequestListener): http
     try {
       server.setSecureContext(contextOptions());
     } catch (err) {
-      console.error(`gateway http: keeping the previous certificate: ${(err as Error).message}`);
+      logger().error(`gateway http: keeping the previous certificate: ${(err as Error).message}`);
     }
   };
   const interval = tls.refreshIntervalMs ?? 60_000;

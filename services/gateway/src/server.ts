@@ -3,6 +3,7 @@
 import {
   type CallAuthenticator,
   type ConnectionAgeOptions,
+  logger,
   type RunningServer,
   segmentationProto,
   type ServerTlsOptions,
@@ -125,7 +126,7 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
     dnsIntervalMs: options.decoderDnsIntervalMs ?? 5000,
     client: { maxMessageBytes: options.maxMessageBytes, bearerToken: options.internalToken },
     onFailover: (stage, replica, err) =>
-      console.error(`gateway: ${stage} ${replica} failed (${err.details ?? err.message}); trying the next replica`),
+      logger().warn({ msg: `gateway: ${stage} ${replica} failed (${err.details ?? err.message}); trying the next replica`, stage, replica }),
   });
   try {
     await stages.start();
