@@ -292,6 +292,24 @@ describe('Admission', () => {
     expect(waiting.error?.kind).toBe('deadline');
   });
 
+  it('refuses waiting requests as soon as the throughput says they would miss their deadline', async () => {
+    // Cold start: no throughput figure, so everything queues behind the first request.
+    const { admission, clock } = make();
+    const first = await admission.acquire({ identity: 'w', pixels: MPX });
+    const deadline = clock.now() + 3500;
+    const waiting = ['a', 'b', 'c', 'd'].map((identity) => track(admission.acquire({ identity, pixels: MPX, deadline })));
+    await settle();
+    expect(waiting.every((w) => !w.ticket && !w.error)).toBe(true);
+    // 1 Mpx answered in 1 s: a starts; b would be answered at 3 s (in time), c and d at 4 s and 5 s.
+    clock.advance(1000);
+    first.release({ ok: true });
+    await settle();
+    expect(waiting.map((w) => (w.ticket ? 'started' : (w.error?.kind ?? 'waiting')))).toEqual(['started', 'waiting', 'deadline', 'deadline']);
+    expect(waiting[2].error!.retryAfterMs).toBeGreaterThanOrEqual(1900);
+    expect(waiting[2].error!.retryAfterMs).toBeLessThanOrEqual(2100);
+    expect(admission.stats().queued).toBe(1);
+  });
+
   it('counts goodput only for answers within their deadline', async () => {
     const { admission, clock, events } = make({ limit: fixedLimit(2) });
     const inTime = await admission.acquire({ identity: 'a', pixels: 1, deadline: clock.now() + 1000 });

@@ -486,6 +486,56 @@ export class Admission {
     return undefined;
   }
 
+  /** The waiters in the order round robin will serve them (without changing any queue). */
+  private servingOrder(): Waiter[] {
+    const cursors = this.rotation.map((identity) => ({ identity, queue: this.queues.get(identity) ?? [], next: 0 }));
+    const order: Waiter[] = [];
+    let first = true;
+    while (cursors.some((c) => c.next < c.queue.length)) {
+      for (const c of cursors) {
+        // The head identity may already have used part of its turn.
+        const turn = this.weight(c.identity) - (first && c === cursors[0] ? this.servedInTurn : 0);
+        for (let i = 0; i < turn && c.next < c.queue.length; i++) order.push(c.queue[c.next++]);
+      }
+      first = false;
+    }
+    return order;
+  }
+
+  /**
+   * Refuses, now, the waiting requests that by the current estimates would be answered after their
+   * deadline (the throughput was unknown when they arrived, or the stages slowed down), instead of
+   * letting them wait until they expire: they get RESOURCE_EXHAUSTED with a retry delay while a
+   * retry can still succeed.
+   */
+  private shed(): void {
+    const rate = this.throughput.pixelsPerMs();
+    if (!(rate > 0) || this.queuedCount === 0) return;
+    const now = this.clock.now();
+    const safety = this.options.safetyFactor ?? 1;
+    let ahead = this.remainingRunning(now).total;
+    const refused: { waiter: Waiter; ahead: number; expectedMs: number }[] = [];
+    for (const waiter of this.servingOrder()) {
+      const { request } = waiter;
+      const expectedMs = ((ahead + request.pixels) / rate) * safety;
+      if (request.deadline !== undefined && expectedMs > request.deadline - now) refused.push({ waiter, ahead, expectedMs });
+      else ahead += request.pixels;
+    }
+    for (const { waiter, ahead: before, expectedMs } of refused) {
+      if (!this.remove(waiter)) continue;
+      this.refundRate(waiter.request, now);
+      this.emit('rejected_early', waiter.request.identity);
+      waiter.reject(
+        new AdmissionRejected(
+          'deadline',
+          `after waiting ${((now - waiter.enqueuedAt) / 1000).toFixed(1)} s the request is expected to be answered in ` +
+            `${(expectedMs / 1000).toFixed(1)} s, after its deadline in ${((waiter.request.deadline! - now) / 1000).toFixed(1)} s`,
+          this.retryAfter(before / rate),
+        ),
+      );
+    }
+  }
+
   /** Starts waiting requests while the limit allows. */
   private pump(): void {
     while (this.running.size < this.options.limit.limit) {
@@ -543,6 +593,7 @@ export class Admission {
           if (request.deadline === undefined || end <= request.deadline) this.emit('goodput', request.identity);
         }
         this.pump();
+        this.shed();
       },
     };
   }
