@@ -97,6 +97,8 @@ async function exportedMetricNames(): Promise<Set<string>> {
     metrics.batch('decoder', 8);
     metrics.inFlight('cfrsam.v1.Encoder/Encode', 1);
     metrics.poolWait('encoder', 0.001);
+    metrics.admission('goodput');
+    metrics.admissionState({ limit: 2, running: 1, queued: 3, pixelsPerSecond: 1e5 });
     const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
     const names = new Set<string>();
     for (const line of text.split('\n')) {
