@@ -8,8 +8,8 @@
 //       [--no-memory] [--json out.json]
 //
 // A real nats-server (JetStream file storage in a temporary directory), the stage services of
-// `cfrsam stack` (1 prompter, 1 encoder with its feature cache off so every job computes, N
-// decoders), and per configuration W fresh gateway processes, each API and worker (one region at a
+// `cfrsam stack` (1 prompter, 1 encoder, N decoders; started afresh for every configuration so no
+// run finds features cached by the one before), and per configuration W fresh gateway processes, each API and worker (one region at a
 // time, result cache off), reading the slide from a slide root. Each configuration submits --jobs
 // jobs of the ROI at once (distinct request ids) and waits for all of them.
 import { spawn, execFileSync } from 'node:child_process';
@@ -171,12 +171,14 @@ fs.mkdirSync(slideRoot);
 fs.copyFileSync(args.slide, path.join(slideRoot, 'slide' + path.extname(args.slide)));
 fs.mkdirSync(path.join(tmp, 'nats'));
 const nats = await startNats(path.join(tmp, 'nats'));
-const stack = await startStack({
-  decoders: Number(args.decoders),
-  port: 0,
-  args: { encoder: ['--cache-mb', '0'] },
-  log: (name, line) => process.env.CFRSAM_BENCH_VERBOSE && process.stderr.write(`[${name}] ${line}\n`),
-});
+// Fresh stage services per configuration, so no run finds features cached by the one before.
+const newStack = () =>
+  startStack({
+    decoders: Number(args.decoders),
+    port: 0,
+    log: (name, line) => process.env.CFRSAM_BENCH_VERBOSE && process.stderr.write(`[${name}] ${line}\n`),
+  });
+let stack = await newStack();
 const stageRss = () => Object.fromEntries(stack.processes.filter((p) => p.name !== 'gateway').map((p) => [p.name, peakRssMb(p.child.pid)]));
 const results = {
   machine: { cpus: os.cpus().length, model: os.cpus()[0]?.model },
@@ -189,7 +191,11 @@ console.log(
   `slide ${path.basename(args.slide)}, ROI ${RW}x${RH} at (${RX},${RY}), regions of ${REGION} px at the model's resolution, ${JOBS} job(s) per run, ${os.cpus().length} CPUs`,
 );
 try {
-  for (const w of WORKERS) {
+  for (const [k, w] of WORKERS.entries()) {
+    if (k > 0) {
+      await stack.stop();
+      stack = await newStack();
+    }
     const gws = [];
     for (let i = 0; i < w; i++) gws.push(await startGateway(stack, nats.url, slideRoot, `gateway-${w}-${i}`));
     const r = await runJobs(gws[0].client, { x: RX, y: RY, width: RW, height: RH }, JOBS, `w${w}`);
@@ -215,6 +221,8 @@ try {
       ['1x', { x: RX, y: RY, width: RW, height: RH }],
       ['4x', { x: RX, y: RY, width: 2 * RW, height: 2 * RH }],
     ]) {
+      await stack.stop();
+      stack = await newStack();
       const g = await startGateway(stack, nats.url, slideRoot, `gateway-mem-${label}`);
       const r = await runJobs(g.client, roi, 1, `mem-${label}`);
       const rss = peakRssMb(g.child.pid);
@@ -224,7 +232,7 @@ try {
         `memory, ${label} area: ${r.regions} regions, ${r.nuclei} nuclei in ${r.wallS.toFixed(1)} s; fresh gateway (API + worker + finalize) peak RSS ${rss} MB`,
       );
     }
-    console.log(`stage processes, peak RSS over the whole run (MB): ${JSON.stringify({ ...stageRss(), 'nats-server': peakRssMb(nats.child.pid) })}`);
+    console.log(`stage processes of the 4x run, peak RSS (MB): ${JSON.stringify({ ...stageRss(), 'nats-server': peakRssMb(nats.child.pid) })}`);
   }
 } finally {
   await stack.stop();

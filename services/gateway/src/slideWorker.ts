@@ -40,14 +40,11 @@ import { describeRef, openSlideRef, SlideUpload } from './slideSources';
 
 const SERVICE = 'cfrsam.v1.Segmentation';
 
-/** Errors that another attempt cannot fix: the job fails at once. */
-const PERMANENT_CODES = new Set<number>([
-  status.INVALID_ARGUMENT,
-  status.FAILED_PRECONDITION,
-  status.OUT_OF_RANGE,
-  status.UNIMPLEMENTED,
-  status.NOT_FOUND,
-]);
+/**
+ * Errors that another attempt cannot fix (bad pixels, a bad slide): the job fails at once. Anything
+ * else, e.g. features evicted between two stages, is retried up to --slide-max-deliver times.
+ */
+const PERMANENT_CODES = new Set<number>([status.INVALID_ARGUMENT, status.OUT_OF_RANGE, status.UNIMPLEMENTED]);
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref());
 
