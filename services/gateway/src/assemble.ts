@@ -138,5 +138,6 @@ function encodeMask(
     const counts = encodeCocoRle(mask, image.width, image.height);
     return { width: image.width, height: image.height, counts, encoding, cocoCounts: cocoCountsString(counts) };
   }
-  return { ...encodeRle(mask), encoding: segmentationProto.MaskEncoding.MASK_ENCODING_BOX_ROW_MAJOR, cocoCounts: '' };
+  // The default layout, as before the encodings existed (encoding and coco_counts unset).
+  return encodeRle(mask);
 }
