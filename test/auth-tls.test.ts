@@ -260,6 +260,20 @@ describe('TLS and tokens on the public API', () => {
     expect(JSON.parse(refused.body)).toMatchObject({ status: 'UNAUTHENTICATED' });
     expect((await get('/v1/model', { authorization: `Bearer ${LAB_TOKEN}` })).status).toBe(200);
     expect((await get('/v1/model', { authorization: 'Bearer wrong' })).status).toBe(401);
+    // Every route but /healthz needs the token, including ones added later (GeoJSON).
+    const geojson = await new Promise<number>((resolve, reject) => {
+      const req = https.request(
+        { host: '127.0.0.1', port: httpPort, path: '/v1/segment/geojson', method: 'POST', ca: fs.readFileSync(file('ca.pem')) },
+        (res) => {
+          res.resume();
+          resolve(res.statusCode ?? 0);
+        },
+      );
+      req.on('error', reject);
+      req.end('{}');
+    });
+    expect(geojson).toBe(401);
+    expect((await get('/v1/unknown')).status).toBe(401);
   });
 
   it('serves a renewed certificate once its files change, and picks up a changed token file', async () => {

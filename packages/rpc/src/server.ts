@@ -59,6 +59,8 @@ export interface RunningServer {
   health: HealthImplementation;
   /** SERVING or NOT_SERVING for the overall server ("") and every registered service. */
   setServing(serving: boolean): void;
+  /** Whether the server reports SERVING (false once a shutdown began or setServing(false)). */
+  serving(): boolean;
   /**
    * Graceful shutdown: NOT_SERVING, stop accepting calls, wait for in-flight calls up to the grace
    * period, then cancel the rest, then onShutdown. Idempotent; resolves when done.
@@ -151,7 +153,9 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
     });
   });
 
+  let servingNow = true;
   const setServing = (serving: boolean) => {
+    servingNow = serving;
     const value = serving ? 'SERVING' : 'NOT_SERVING';
     health.setStatus('', value);
     for (const s of options.services) health.setStatus(s.name, value);
@@ -205,5 +209,5 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
     options.auth?.enabled ? 'tokens required' : 'no tokens',
   ];
   log(`${options.name}: listening on ${host}:${port} (services: ${options.services.map((s) => s.name).join(', ')}; ${security.join(', ')})`);
-  return { server, port, address, health, setServing, shutdown };
+  return { server, port, address, health, setServing, serving: () => servingNow, shutdown };
 }

@@ -30,9 +30,15 @@ export interface HttpGatewayOptions {
   auth?: CallAuthenticator;
   /** HTTPS with the gRPC port's certificate (files read again when they change). */
   tls?: ServerTlsOptions;
+  /** What /healthz reports (the gRPC server's state: false while draining); default always serving. */
+  serving?: () => boolean;
 }
 
-/** The gRPC method each authenticated route stands for (rights are granted per method). */
+/**
+ * The gRPC method each route stands for (rights are granted per method). Every route but the
+ * open ones (/healthz, CORS preflights) needs a token when tokens are configured; an unlisted
+ * route needs the right to the whole service.
+ */
 const ROUTE_METHODS: Record<string, string> = {
   'POST /v1/segment': 'cfrsam.v1.Segmentation/Segment',
   'POST /v1/segment/geojson': 'cfrsam.v1.Segmentation/Segment',
@@ -179,8 +185,9 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
     };
     const route = `${req.method} ${(req.url ?? '').split('?')[0]}`;
     (async () => {
-      const method = ROUTE_METHODS[route];
-      if (method && options.auth?.enabled) {
+      const open = route === 'GET /healthz' || req.method === 'OPTIONS';
+      if (!open && options.auth?.enabled) {
+        const method = ROUTE_METHODS[route] ?? 'cfrsam.v1.Segmentation/*';
         const identity = options.auth.authenticate(req.headers.authorization, method);
         if (identity instanceof Error) throw identity;
         ctx.identity = identity.id;
@@ -194,7 +201,8 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
           res.end();
           return;
         case 'GET /healthz':
-          return send(res, 200, { status: 'SERVING' });
+          // Probes (Kubernetes uses this one when the gRPC port serves TLS) see the drain.
+          return options.serving?.() === false ? send(res, 503, { status: 'NOT_SERVING' }) : send(res, 200, { status: 'SERVING' });
         case 'GET /v1/model':
           return send(res, 200, segmentationProto.ModelInfo.toJSON(pipeline.modelInfo()));
         case 'POST /v1/segment': {

@@ -182,6 +182,7 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
         corsOrigins: options.corsOrigins ?? '*',
         auth: options.auth,
         tls: options.tls,
+        serving: () => server.serving(),
       });
     }
     return { server, pipeline, stages, http: httpGateway };
