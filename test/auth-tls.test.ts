@@ -236,6 +236,20 @@ describe('TLS and tokens on the public API', () => {
     expect((await unary(client, client.getModelInfo, {}, { metadata: bearer(VIEWER_TOKEN) })).inputSize).toBeGreaterThan(0);
   });
 
+  it('refuses streaming calls without a token too (server and client streaming)', async () => {
+    const serverStream = await new Promise<{ code: number }>((resolve) => {
+      const call = client.streamSlideJobNuclei(segmentationProto.StreamSlideJobNucleiRequest.fromPartial({ jobId: 'x' }));
+      call.on('data', () => undefined);
+      call.on('error', (err: { code: number }) => resolve(err));
+    });
+    expect(serverStream.code).toBe(status.UNAUTHENTICATED);
+    const clientStream = await new Promise<{ code: number }>((resolve) => {
+      const call = client.uploadSlide((err: { code: number } | null) => resolve(err ?? { code: status.OK }));
+      call.end();
+    });
+    expect(clientStream.code).toBe(status.UNAUTHENTICATED);
+  });
+
   it('refuses plaintext clients on the TLS port', async () => {
     const plain = makeClient(segmentationProto.SegmentationClient, `127.0.0.1:${gateway.server.port}`);
     await expect(unary(plain, plain.getModelInfo, {}, { metadata: bearer(LAB_TOKEN), timeoutMs: 3000 })).rejects.toMatchObject({
