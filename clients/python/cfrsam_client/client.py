@@ -30,22 +30,19 @@ class CfrsamError(Exception):
         self.details = details
 
 
-def service_config(attempts, timeout_s):
-    return {
-        "methodConfig": [
-            {
-                "name": [{"service": "cfrsam.v1.Segmentation"}],
-                "timeout": f"{timeout_s:.3f}s",
-                "retryPolicy": {
-                    "maxAttempts": attempts,
-                    "initialBackoff": "0.5s",
-                    "maxBackoff": "10s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": RETRYABLE,
-                },
-            }
-        ]
-    }
+def service_config(retries, timeout_s):
+    """The channel's service config: a deadline per call and, with retries, gRPC's retry policy
+    (at most 4 retries: gRPC caps maxAttempts at 5)."""
+    method = {"name": [{"service": "cfrsam.v1.Segmentation"}], "timeout": f"{timeout_s:.3f}s"}
+    if retries > 0:
+        method["retryPolicy"] = {
+            "maxAttempts": min(retries, 4) + 1,
+            "initialBackoff": "0.5s",
+            "maxBackoff": "10s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": RETRYABLE,
+        }
+    return {"methodConfig": [method]}
 
 
 class SegmentResult:
@@ -148,8 +145,8 @@ class Client:
 
     address: "host:port" of the gateway. tls: use TLS (implied by `ca`); ca: PEM file of the CA that
     signed the gateway's certificate (system roots otherwise). token: bearer token sent as
-    `authorization: Bearer TOKEN`. retries: attempts in all for UNAVAILABLE / RESOURCE_EXHAUSTED
-    (gRPC retry policy, with backoff). timeout: seconds per call. max_message_mb: send and receive
+    `authorization: Bearer TOKEN`. retries: retries of UNAVAILABLE / RESOURCE_EXHAUSTED (gRPC retry
+    policy with exponential backoff; at most 4, 0 for none). timeout: seconds per call. max_message_mb: send and receive
     limit (label maps of large images exceed gRPC's default 4 MiB).
     """
 
@@ -160,7 +157,7 @@ class Client:
         tls=False,
         ca=None,
         token=None,
-        retries=5,
+        retries=4,
         timeout=600.0,
         max_message_mb=512,
         options=(),
@@ -170,7 +167,7 @@ class Client:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", json.dumps(service_config(max(1, min(retries, 5)), timeout))),
+            ("grpc.service_config", json.dumps(service_config(retries, timeout))),
             # A call is retried only while its request fits the retry buffer (256 KiB by default):
             # images are larger.
             ("grpc.per_rpc_retry_buffer_size", limit),

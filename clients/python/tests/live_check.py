@@ -1,6 +1,8 @@
 """Checks the installed client against a running gateway; run by test/python-client.test.ts (CI).
 
-    python live_check.py HOST:PORT IMAGE
+    python live_check.py HOST:PORT IMAGE [TLS_HOST:PORT CA_FILE TOKEN]
+
+The optional second gateway serves TLS (certificate signed by CA_FILE) and accepts TOKEN only.
 
 Exits non-zero on the first failed check and prints a JSON summary on success.
 """
@@ -127,5 +129,21 @@ def main(address, image_path):
     )
 
 
+def check_tls(address, ca, token, image_path):
+    """TLS with the CA given, and the bearer token: refused without it, served with it."""
+    with Client(address, ca=ca, retries=0) as anonymous:
+        try:
+            anonymous.model_info()
+            check(False, "a call without the token is refused")
+        except CfrsamError as err:
+            check(err.code.name == "UNAUTHENTICATED", f"UNAUTHENTICATED without the token, got {err}")
+    with Client(address, ca=ca, token=token) as client:
+        result = client.segment(image_path, mpp=0.25, label_map_png=True)
+        check(len(result.nuclei) > 0 and result.label_map.dtype == np.uint16, "segments over TLS with the token")
+        return len(result.nuclei)
+
+
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) > 5:
+        print(json.dumps({"tls_nuclei": check_tls(sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[2])}))
