@@ -4,7 +4,9 @@
 
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
-import { ConfigError, type FlagSpec, makeClient, parseFlags, segmentationProto, unary, usage, waitForReady } from '@cfrsam/rpc';
+import { ConfigError, type FlagSpec, makeClient, parseFlags, segmentationProto, unary, waitForReady } from '@cfrsam/rpc';
+import { CLIENT_FLAGS, clientSecurity, withRetries } from './clientOptions';
+import { formatHelp } from './help';
 import { metrics } from '@cfrsam/nuclei';
 import { reportRun, SCORING_FLAGS, scoringOptions, type CliIo } from './score';
 
@@ -17,9 +19,15 @@ const EVALUATE_FLAGS = {
   connectTimeoutS: { type: 'number', default: 10, help: 'how long to wait for the gateway to accept a connection' },
   minScore: { type: 'number', default: 0, help: 'drop predicted nuclei scoring below this' },
   ...SCORING_FLAGS,
+  ...CLIENT_FLAGS,
 } satisfies Record<string, FlagSpec>;
 
-export const EVALUATE_USAGE = `usage: cfrsam evaluate --data DIR [--gateway host:port] [--out DIR] [--limit N]\n${usage(EVALUATE_FLAGS)}`;
+export const EVALUATE_USAGE = formatHelp(
+  'cfrsam evaluate --data DIR [--gateway HOST:PORT] [--out DIR] [--limit N]',
+  'Segments every image of an annotated dataset (NAME.png, NAME.labels.png, NAME.json) through a running gateway and scores it (PQ, AJI, Dice, detection F1, classes).',
+  { flags: EVALUATE_FLAGS },
+  { data: 'DIR', gateway: 'HOST:PORT', ca: 'FILE', token: 'TOKEN' },
+);
 
 const defaultIo: CliIo = { stdout: process.stdout, stderr: process.stderr };
 
@@ -124,6 +132,7 @@ async function forEachConcurrent<T>(items: readonly T[], concurrency: number, ta
 export async function runEvaluate(argv: readonly string[], io: CliIo = defaultIo): Promise<number> {
   let flags;
   let scoring;
+  let security: ReturnType<typeof clientSecurity>;
   try {
     if (argv.includes('--help') || argv.includes('-h')) {
       io.stdout.write(`${EVALUATE_USAGE}\n`);
@@ -136,6 +145,7 @@ export async function runEvaluate(argv: readonly string[], io: CliIo = defaultIo
     if (!(flags.timeoutS > 0)) throw new ConfigError(`--timeout-s must be > 0, got ${flags.timeoutS}`);
     if (!(flags.connectTimeoutS > 0)) throw new ConfigError(`--connect-timeout-s must be > 0, got ${flags.connectTimeoutS}`);
     scoring = scoringOptions(flags);
+    security = clientSecurity(flags);
   } catch (err) {
     if (err instanceof ConfigError) {
       io.stderr.write(`cfrsam evaluate: ${err.message.split('\n')[0]}\n${EVALUATE_USAGE}\n`);
@@ -160,7 +170,7 @@ export async function runEvaluate(argv: readonly string[], io: CliIo = defaultIo
     return 1;
   }
 
-  const client = makeClient(segmentationProto.SegmentationClient, flags.gateway);
+  const client = makeClient(segmentationProto.SegmentationClient, flags.gateway, security);
   try {
     try {
       await waitForReady(client, flags.connectTimeoutS * 1000);
@@ -209,7 +219,7 @@ export async function runEvaluate(argv: readonly string[], io: CliIo = defaultIo
           minScore: flags.minScore,
           mpp: typeof meta?.mpp === 'number' ? meta.mpp : 0,
         });
-        const res = await unary(client, client.segment, request, { timeoutMs: flags.timeoutS * 1000 });
+        const res = await withRetries(() => unary(client, client.segment, request, { timeoutMs: flags.timeoutS * 1000 }), { retries: flags.retries });
         const pred = labelMapFromResponse(res);
         if (pred.width !== gt.width || pred.height !== gt.height) {
           throw new Error(`prediction is ${pred.width}x${pred.height} but the ground truth is ${gt.width}x${gt.height}`);
