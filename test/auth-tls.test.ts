@@ -37,6 +37,7 @@ let dir: string;
 let stack: TestStack;
 let gateway: RunningGateway;
 let httpPort: number;
+let stackHttpPort: number;
 
 function openssl(...args: string[]): void {
   execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
@@ -90,7 +91,11 @@ beforeAll(async () => {
     }),
   );
   const internal = ['--internal-token', INTERNAL_TOKEN];
-  stack = await startTestStack({ decoders: 1, args: { prompter: internal, encoder: internal, decoder: internal, gateway: internal } });
+  stackHttpPort = await freePort();
+  stack = await startTestStack({
+    decoders: 1,
+    args: { prompter: internal, encoder: internal, decoder: internal, gateway: [...internal, '--http-port', String(stackHttpPort)] },
+  });
   httpPort = await freePort();
   // A second gateway in this process, in front of the same stages: TLS and client tokens.
   gateway = await startGateway({
@@ -187,6 +192,27 @@ describe('structured logs and spans', () => {
       },
     });
   }, 120_000);
+
+  it('logs HTTP/JSON requests the same way, in the trace of the traceparent header they carry', async () => {
+    const traceId = 'ab'.repeat(16);
+    const png = await syntheticPng(256, 256, blobGrid([90], [150]), 6);
+    const res = await fetch(`http://127.0.0.1:${stackHttpPort}/v1/segment`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', traceparent: `00-${traceId}-${'cd'.repeat(8)}-01` },
+      body: JSON.stringify({ image: png.toString('base64'), mpp: 0.25 }),
+    });
+    expect(res.status).toBe(200);
+    await res.arrayBuffer();
+    await new Promise((r) => setTimeout(r, 200));
+    const requestLines = (name: string) =>
+      (stack.logs.get(name) ?? [])
+        .map((line) => JSON.parse(line) as Record<string, unknown>)
+        .filter((l) => l.msg === 'request' && l.traceId === traceId);
+    expect(requestLines('gateway')).toContainEqual(
+      expect.objectContaining({ method: 'POST /v1/segment', code: 'OK', identity: expect.stringMatching(/^peer:/) }),
+    );
+    expect(requestLines('encoder')).toContainEqual(expect.objectContaining({ method: 'cfrsam.v1.Encoder/Encode', identity: 'internal' }));
+  }, 60_000);
 
   it('marks a server span ERROR only for a server fault, not for bad input', async () => {
     const bad = unary(

@@ -15,7 +15,18 @@ import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
-import { type CallAuthenticator, errorDetailsOf, logger, segmentationProto, type ServerTlsOptions, status, toServiceError } from '@cfrsam/rpc';
+import { context, INVALID_SPAN_CONTEXT, propagation, ROOT_CONTEXT, SpanKind, SpanStatusCode, trace } from '@opentelemetry/api';
+import {
+  type CallAuthenticator,
+  errorDetailsOf,
+  getTracer,
+  logger,
+  logRequest,
+  segmentationProto,
+  type ServerTlsOptions,
+  status,
+  toServiceError,
+} from '@cfrsam/rpc';
 import { parseQuPathClassMap, segmentResponseToGeoJson } from '@cfrsam/nuclei';
 import type { SegmentationPipeline } from './pipeline';
 
@@ -184,64 +195,94 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
           : `peer:${req.socket.remoteAddress ?? 'unknown'}`,
     };
     const route = `${req.method} ${(req.url ?? '').split('?')[0]}`;
-    (async () => {
-      const open = route === 'GET /healthz' || req.method === 'OPTIONS';
-      if (!open && options.auth?.enabled) {
-        const method = ROUTE_METHODS[route] ?? 'cfrsam.v1.Segmentation/*';
-        const identity = options.auth.authenticate(req.headers.authorization, method);
-        if (identity instanceof Error) throw identity;
-        ctx.identity = identity.id;
-      }
-      switch (route) {
-        case 'OPTIONS /v1/segment':
-        case 'OPTIONS /v1/segment/geojson':
-        case 'OPTIONS /v1/refine':
-        case 'OPTIONS /v1/model':
-          res.writeHead(204);
-          res.end();
-          return;
-        case 'GET /healthz':
-          // Probes (Kubernetes uses this one when the gRPC port serves TLS) see the drain.
-          return options.serving?.() === false ? send(res, 503, { status: 'NOT_SERVING' }) : send(res, 200, { status: 'SERVING' });
-        case 'GET /v1/model':
-          return send(res, 200, segmentationProto.ModelInfo.toJSON(pipeline.modelInfo()));
-        case 'POST /v1/segment': {
-          const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
-          return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.segment(request, ctx)));
+    const open = route === 'GET /healthz' || req.method === 'OPTIONS';
+    // As on the gRPC port: a server span in the caller's trace (W3C traceparent header) and one
+    // request line, for every call but probes and preflights.
+    const started = performance.now();
+    let authenticated = false;
+    let outcome = 'OK';
+    const span = open
+      ? trace.wrapSpanContext(INVALID_SPAN_CONTEXT)
+      : getTracer().startSpan(
+          route,
+          { kind: SpanKind.SERVER, attributes: { 'http.request.method': req.method ?? '', 'http.route': route.split(' ')[1] } },
+          propagation.extract(ROOT_CONTEXT, req.headers),
+        );
+    if (!open) {
+      res.on('close', () => {
+        span.setAttribute('http.response.status_code', res.statusCode);
+        span.setAttribute('enduser.id', ctx.identity);
+        if (res.statusCode >= 500) span.setStatus({ code: SpanStatusCode.ERROR, message: outcome });
+        span.end();
+        const { traceId, spanId } = span.spanContext();
+        const durationMs = performance.now() - started;
+        logRequest({ method: route, identity: ctx.identity, authenticated, code: outcome, durationMs, traceId, spanId }, res.statusCode >= 500);
+      });
+    }
+    context
+      .with(trace.setSpan(context.active(), span), async () => {
+        if (!open && options.auth?.enabled) {
+          const method = ROUTE_METHODS[route] ?? 'cfrsam.v1.Segmentation/*';
+          const identity = options.auth.authenticate(req.headers.authorization, method);
+          if (identity instanceof Error) throw identity;
+          ctx.identity = identity.id;
+          authenticated = true;
         }
-        case 'POST /v1/segment/geojson': {
-          // The same request; the answer is QuPath GeoJSON in the slide's coordinates (the
-          // request's origin and downsample), classes mapped by ?classes=model=QuPath,...
-          let classMap;
-          try {
-            classMap = parseQuPathClassMap(new URL(req.url ?? '/', 'http://localhost').searchParams.get('classes') ?? '');
-          } catch (err) {
-            throw new HttpError(400, `classes: ${(err as Error).message}`);
+        switch (route) {
+          case 'OPTIONS /v1/segment':
+          case 'OPTIONS /v1/segment/geojson':
+          case 'OPTIONS /v1/refine':
+          case 'OPTIONS /v1/model':
+            res.writeHead(204);
+            res.end();
+            return;
+          case 'GET /healthz':
+            // Probes (Kubernetes uses this one when the gRPC port serves TLS) see the drain.
+            return options.serving?.() === false ? send(res, 503, { status: 'NOT_SERVING' }) : send(res, 200, { status: 'SERVING' });
+          case 'GET /v1/model':
+            return send(res, 200, segmentationProto.ModelInfo.toJSON(pipeline.modelInfo()));
+          case 'POST /v1/segment': {
+            const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+            return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.segment(request, ctx)));
           }
-          const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
-          const response = await pipeline.segment({ ...request, returnLabelMap: false, returnMasks: false }, ctx);
-          return send(res, 200, segmentResponseToGeoJson(response, pipeline.modelInfo().classes, classMap));
+          case 'POST /v1/segment/geojson': {
+            // The same request; the answer is QuPath GeoJSON in the slide's coordinates (the
+            // request's origin and downsample), classes mapped by ?classes=model=QuPath,...
+            let classMap;
+            try {
+              classMap = parseQuPathClassMap(new URL(req.url ?? '/', 'http://localhost').searchParams.get('classes') ?? '');
+            } catch (err) {
+              throw new HttpError(400, `classes: ${(err as Error).message}`);
+            }
+            const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+            const response = await pipeline.segment({ ...request, returnLabelMap: false, returnMasks: false }, ctx);
+            return send(res, 200, segmentResponseToGeoJson(response, pipeline.modelInfo().classes, classMap));
+          }
+          case 'POST /v1/refine': {
+            const request = segmentationProto.RefineRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+            return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.refine(request, ctx)));
+          }
+          default:
+            throw new HttpError(
+              404,
+              `no route ${route}; routes: POST /v1/segment, POST /v1/segment/geojson, POST /v1/refine, GET /v1/model, GET /healthz`,
+            );
         }
-        case 'POST /v1/refine': {
-          const request = segmentationProto.RefineRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
-          return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.refine(request, ctx)));
+      })
+      .catch((err: unknown) => {
+        if (res.headersSent) return res.destroy();
+        if (err instanceof HttpError) {
+          outcome = `HTTP_${err.httpStatus}`;
+          return send(res, err.httpStatus, { code: -1, status: 'HTTP', message: err.message });
         }
-        default:
-          throw new HttpError(
-            404,
-            `no route ${route}; routes: POST /v1/segment, POST /v1/segment/geojson, POST /v1/refine, GET /v1/model, GET /healthz`,
-          );
-      }
-    })().catch((err: unknown) => {
-      if (res.headersSent) return res.destroy();
-      if (err instanceof HttpError) return send(res, err.httpStatus, { code: -1, status: 'HTTP', message: err.message });
-      const e = toServiceError(err);
-      const details = errorDetailsOf(e);
-      const headers: Record<string, string> = {};
-      if (details.retryDelayMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(details.retryDelayMs / 1000)));
-      if (e.code === status.UNAUTHENTICATED) headers['www-authenticate'] = 'Bearer';
-      send(res, httpStatusOf(e.code), { code: e.code, status: status[e.code], message: e.details, details }, headers);
-    });
+        const e = toServiceError(err);
+        outcome = status[e.code];
+        const details = errorDetailsOf(e);
+        const headers: Record<string, string> = {};
+        if (details.retryDelayMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(details.retryDelayMs / 1000)));
+        if (e.code === status.UNAUTHENTICATED) headers['www-authenticate'] = 'Bearer';
+        send(res, httpStatusOf(e.code), { code: e.code, status: status[e.code], message: e.details, details }, headers);
+      });
   };
   const server = options.tls ? httpsServer(options.tls, handler) : http.createServer(handler);
   return new Promise((resolve, reject) => {
