@@ -432,6 +432,18 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
       }),
     ).rejects.toMatchObject({ code: 3, details: expect.stringMatching(/longer than the 10 bytes/) });
     expect(fs.readdirSync(uploads)).toEqual([]);
+    // A small image sent as bytes is kept as an upload too (content-addressed; no resolution in
+    // a PNG, so the request gives it).
+    const png = fs.readFileSync(path.join(repoRoot(), 'samples/synthetic-he-512.png'));
+    await expect(unary(client, client.submitSlideJob, submitRequest({ image: png }))).rejects.toMatchObject({
+      code: 3,
+      details: expect.stringMatching(/resolution|mpp/i),
+    });
+    const byBytes = await unary(client, client.submitSlideJob, submitRequest({ image: png, mpp: 0.25 }));
+    expect(byBytes.regions).toBe(1);
+    const pngId = createHash('sha256').update(png).digest('hex');
+    expect((await unary(client, client.cancelSlideJob, { jobId: byBytes.jobId })).source).toBe(`upload:${pngId}`);
+    fs.rmSync(path.join(uploads, pngId));
     // The retry, through the CLI, then a job on the upload.
     const cli = (...args: string[]) => runCli(['slide', ...args, '--gateway', gatewayAddress(gateways[0])]);
     const up = await cli('upload', SVS);
@@ -505,6 +517,12 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
       // Headers and the tile directory (read by the planning and the working gateway), one tile of a
       // low level for the tissue mask and the one level-0 tile under the ROI: not the 16 level-0 tiles.
       expect(served).toBeLessThan(size * 0.4);
+      // A gateway restricted to other URL prefixes refuses it.
+      const strict = await startGateway('g-strict', ['--slide-url-prefixes', 'https://slides.example.org/,https://bucket.example.org/']);
+      await expect(
+        unary(strict.client, strict.client.submitSlideJob, submitRequest({ slide: { source: { $case: 'url', value: url } } })),
+      ).rejects.toMatchObject({ code: 7, details: expect.stringMatching(/outside the prefixes/) });
+      await kill(strict);
       await kill(gw);
     } finally {
       server.close();

@@ -79,6 +79,12 @@ export function slideJobFlags() {
       help: 'finished jobs are kept this long, then removed with their results',
     },
     slideUploadMaxMb: { type: 'int', env: 'CFRSAM_SLIDE_UPLOAD_MAX_MB', default: 20_480, help: 'largest slide UploadSlide accepts, in MiB' },
+    slideUrlPrefixes: {
+      type: 'string',
+      env: 'CFRSAM_SLIDE_URL_PREFIXES',
+      default: '',
+      help: 'comma-separated URL prefixes slide jobs may read (e.g. https://bucket.s3.amazonaws.com/); empty: any http(s) URL',
+    },
     slideTissueMaxSide: {
       type: 'int',
       env: 'CFRSAM_SLIDE_TISSUE_MAX_SIDE',
@@ -99,6 +105,7 @@ export interface SlideJobSettings {
   slideJobTtlS: number;
   slideUploadMaxMb: number;
   slideTissueMaxSide: number;
+  slideUrlPrefixes: string;
 }
 
 export const DEFAULT_SLIDE_JOB_SETTINGS: Omit<SlideJobSettings, 'natsUrl'> = {
@@ -111,6 +118,7 @@ export const DEFAULT_SLIDE_JOB_SETTINGS: Omit<SlideJobSettings, 'natsUrl'> = {
   slideJobTtlS: 7 * 86_400,
   slideUploadMaxMb: 20_480,
   slideTissueMaxSide: 1024,
+  slideUrlPrefixes: '',
 };
 
 export type JobState = 'QUEUED' | 'RUNNING' | 'DONE' | 'FAILED' | 'CANCELLED';
@@ -531,6 +539,15 @@ export class SlideJobService {
     const roi = requestRoi(request.roi);
     const ref = await requestRef(request, settings);
     checkRef(ref);
+    if ('url' in ref && settings.slideUrlPrefixes) {
+      const prefixes = settings.slideUrlPrefixes
+        .split(',')
+        .map((p) => p.trim())
+        .filter(Boolean);
+      if (!prefixes.some((p) => ref.url.startsWith(p))) {
+        throw grpcError(status.PERMISSION_DENIED, `slide URL ${describeRef(ref)} is outside the prefixes this gateway reads (--slide-url-prefixes)`);
+      }
+    }
 
     // Open the slide and plan its regions now, so bad input is answered here, not by a worker.
     const name = describeRef(ref);
