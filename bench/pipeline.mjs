@@ -91,7 +91,9 @@ async function inProcessStages() {
   const [pp, ep, dp] = await Promise.all([pool(['prompter'], 1), pool(['encoder'], 1), pool(['decoder_image', 'decoder_prompts'], DECODERS)]);
   const prompter = new PrompterPipeline(manifest, pp);
   const encoder = new EncoderPipeline(manifest, ep);
-  const decoder = new DecoderPipeline(manifest, dp);
+  // One process: the features handed to Prepare come from the encoder next to it, so the decoder
+  // may take them (a decoder service refuses caller features; see its pipeline.ts).
+  const decoder = new DecoderPipeline(manifest, dp, { acceptUnverifiedInput: true });
   const input = (t) => ({ digest: t.digest, rgb: Buffer.from(t.rgb.buffer, t.rgb.byteOffset, t.rgb.byteLength) });
   const features = new Map();
   // Decoder calls in flight are capped as the gRPC adapter caps them.
