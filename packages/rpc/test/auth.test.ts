@@ -4,10 +4,15 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { status } from '@grpc/grpc-js';
+import { Metadata, status } from '@grpc/grpc-js';
 import { afterAll, describe, expect, it } from 'vitest';
 import { CallAuthenticator, hashToken, hasRight, INTERNAL_IDENTITY, parseTokenFile, tlsFromFlags } from '../src/auth';
+import { makeClient, unary } from '../src/client';
 import { ConfigError } from '../src/config';
+import { stagesProto } from '../src';
+import type { CallIdentity } from '../src/identity';
+import { unaryHandler } from '../src/rpc';
+import { startServer } from '../src/server';
 import { StatusError } from '../src/status';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-auth-unit-'));
@@ -85,5 +90,48 @@ describe('TLS flags', () => {
       keyFile: 'a.key',
       clientCaFile: 'ca.pem',
     });
+  });
+});
+
+describe('a server with tokens', () => {
+  it("hands the handler the verified identity, and never the caller's secret", async () => {
+    const seen: Array<{ identity: CallIdentity; authorization: unknown[] }> = [];
+    const grants = [{ sha256: hashToken('lab-token'), identity: 'lab-a', rights: ['cfrsam.v1.Encoder/GetCacheStats'] }];
+    const server = await startServer({
+      name: 'auth-unit',
+      port: 0,
+      host: '127.0.0.1',
+      reflection: false,
+      log: () => undefined,
+      auth: new CallAuthenticator({ grants }),
+      services: [
+        {
+          name: 'cfrsam.v1.Encoder',
+          definition: stagesProto.EncoderService,
+          implementation: {
+            getCacheStats: unaryHandler('cfrsam.v1.Encoder/GetCacheStats', async (_request: stagesProto.CacheStatsRequest, ctx) => {
+              seen.push({ identity: ctx.identity, authorization: ctx.metadata.get('authorization') });
+              return stagesProto.CacheStats.fromPartial({});
+            }),
+            encode: unaryHandler('cfrsam.v1.Encoder/Encode', async () => stagesProto.EncodeResponse.fromPartial({})),
+          },
+        },
+      ],
+    });
+    const client = makeClient(stagesProto.EncoderClient, server.address);
+    try {
+      const md = new Metadata();
+      md.set('authorization', 'Bearer lab-token');
+      md.set('x-client-id', 'pretending-to-be-someone');
+      await unary(client, client.getCacheStats, {}, { metadata: md });
+      expect(seen).toEqual([{ identity: { id: 'lab-a', authenticated: true, rights: grants[0].rights }, authorization: [] }]);
+      // The right is per method: Encode is not granted.
+      await expect(unary(client, client.encode, stagesProto.EncodeRequest.fromPartial({}), { metadata: md })).rejects.toMatchObject({
+        code: status.PERMISSION_DENIED,
+      });
+    } finally {
+      client.close();
+      await server.shutdown('test over');
+    }
   });
 });
