@@ -150,5 +150,33 @@ describe.skipIf(!hasOpenssl)('cfrsam segment over TLS with a token', () => {
       expect(['Other', 'Tumor', 'Epithelial', 'Stroma', undefined]).toContain(f.properties.classification?.name);
     }
     expect(csv).toHaveLength(geo.features.length);
+
+    // --cells 2: QuPath cell objects (the nucleus grown by 2 µm), nucleus outline inside.
+    const cellsOut = path.join(dir, 'cells');
+    const c = await cli([
+      path.join(dir, 'a', 'x.png'),
+      '--gateway',
+      address,
+      '--out',
+      cellsOut,
+      '--ca',
+      path.join(dir, 'ca.pem'),
+      '--token',
+      TOKEN,
+      '--mpp',
+      '0.5',
+      '--cells',
+      '2',
+    ]);
+    expect(c.code, c.err).toBe(0);
+    const cellGeo = JSON.parse(fs.readFileSync(path.join(cellsOut, 'x.geojson'), 'utf8')) as {
+      features: Array<{ properties: { objectType: string; nucleusGeometry?: unknown; measurements: Record<string, number> } }>;
+    };
+    expect(cellGeo.features.length).toBeGreaterThan(0);
+    for (const f of cellGeo.features) {
+      expect(f.properties.objectType).toBe('cell');
+      expect(f.properties.nucleusGeometry).toBeDefined();
+      expect(f.properties.measurements['Cell: Area µm^2']).toBeGreaterThan(f.properties.measurements['Nucleus: Area µm^2']);
+    }
   });
 });

@@ -92,6 +92,28 @@ describe('HTTP/JSON API', () => {
       expect(first.properties.measurements[name]).toBeGreaterThan(0);
     const names = new Set(geo.features.map((f) => f.properties.classification?.name));
     expect([...names].every((n) => n === undefined || ['Other', 'Tumor', 'Epithelial', 'Stroma'].includes(n))).toBe(true);
+    // ?cells=3: each nucleus grown by 3 µm into a QuPath cell object.
+    const withCells = await post('/v1/segment/geojson?cells=3', {
+      image: png.toString('base64'),
+      prompts,
+      mpp: 0.5,
+      origin: { x: 40000, y: 12000 },
+      downsample: 2,
+    });
+    expect(withCells.status).toBe(200);
+    const cellGeo = (await withCells.json()) as {
+      features: Array<{
+        geometry: { coordinates: number[][][] };
+        properties: { objectType: string; nucleusGeometry?: { coordinates: number[][][] }; measurements: Record<string, number> };
+      }>;
+    };
+    expect(cellGeo.features).toHaveLength(plain.nuclei.length);
+    for (const f of cellGeo.features) {
+      expect(f.properties.objectType).toBe('cell');
+      expect(f.properties.nucleusGeometry?.coordinates[0][0]).toEqual(geo.features[cellGeo.features.indexOf(f)].geometry.coordinates[0][0]);
+      expect(f.properties.measurements['Cell: Area µm^2']).toBeGreaterThan(f.properties.measurements['Nucleus: Area µm^2']);
+      expect(f.properties.measurements['Nucleus: Hematoxylin OD mean']).toBeGreaterThan(0);
+    }
     const bad = await post('/v1/segment/geojson?classes=nonsense', { image: png.toString('base64') });
     expect(bad.status).toBe(400);
     expect(((await bad.json()) as { message: string }).message).toMatch(/class map entry "nonsense"/);

@@ -5,6 +5,8 @@ import {
   drawOutlines,
   encodeLabelPng,
   encodeOverlayPng,
+  expandCells,
+  heOpticalDensity,
   nucleiToCsv,
   nucleiToGeoJson,
   nucleiToSidecar,
@@ -194,3 +196,64 @@ describe('label PNG, overlay, sidecar', () => {
     });
   });
 });
+
+describe('QuPath cells', () => {
+  // Two dark (haematoxylin-blue) nuclei 14 px apart on a pale pink (eosin) background.
+  const W = 40;
+  const H = 24;
+  const labels = new Uint16Array(W * H);
+  const image = { width: W, height: H, data: new Uint8Array(W * H * 3) };
+  for (let y = 0; y < H; y++) {
+    for (let x = 0; x < W; x++) {
+      const i = y * W + x;
+      const inA = (x - 12) ** 2 + (y - 12) ** 2 <= 16;
+      const inB = (x - 26) ** 2 + (y - 12) ** 2 <= 16;
+      labels[i] = inA ? 1 : inB ? 2 : 0;
+      const [r, g, b] = inA || inB ? [70, 60, 140] : [235, 170, 200];
+      image.data.set([r, g, b], i * 3);
+    }
+  }
+  const nucleusArea = (id: number) => labels.filter((l) => l === id).length;
+
+  it('grows each nucleus by the distance, never into its neighbour, with H&E optical densities', () => {
+    const cells = expandCells(labels, image, 5);
+    expect(cells.map((c) => c.id)).toEqual([1, 2]);
+    const [a, b] = cells;
+    expect(a.areaPx).toBeGreaterThan(nucleusArea(1) * 2);
+    // Between the nuclei the border is half way (x = 19): neither cell crosses it.
+    expect(Math.max(...a.polygon.map((p) => p.x))).toBeLessThanOrEqual(20);
+    expect(Math.min(...b.polygon.map((p) => p.x))).toBeGreaterThanOrEqual(19);
+    expect(isSimplePolygonRing(a.polygon)).toBe(true);
+    // The nucleus is haematoxylin, the cytoplasm around it mostly eosin.
+    expect(a.nucleus.hematoxylinOd).toBeGreaterThan(a.cell.hematoxylinOd);
+    expect(a.cell.eosinOd).toBeGreaterThan(0);
+    expect(heOpticalDensity(255, 255, 255)).toEqual({ hematoxylin: 0, eosin: 0 });
+  });
+
+  it('writes QuPath cell objects: the cell as geometry, the nucleus as nucleusGeometry, Nucleus:/Cell: measurements', () => {
+    const n1 = {
+      ...nucleus(1, 0),
+      polygon: [
+        { x: 8, y: 8 },
+        { x: 16, y: 8 },
+        { x: 16, y: 16 },
+        { x: 8, y: 16 },
+      ],
+    };
+    const cells = new Map(expandCells(labels, image, 5).map((c) => [c.id, c]));
+    const f = nucleiToGeoJson([n1], classes, 'img', { mpp: 0.5, cells }).features[0];
+    expect(f.properties.objectType).toBe('cell');
+    expect(f.properties.nucleusGeometry?.coordinates[0][0]).toEqual([8, 8]);
+    const m = f.properties.measurements;
+    expect(m['Nucleus ID']).toBe(1);
+    expect(m['Nucleus: Area µm^2']).toBe(1.5625);
+    expect(m['Cell: Area µm^2']).toBeCloseTo(cells.get(1)!.areaPx * 0.25);
+    expect(m['Nucleus: Hematoxylin OD mean']).toBeGreaterThan(m['Cell: Hematoxylin OD mean']);
+    expect(m['Nucleus/Cell area ratio']).toBeGreaterThan(0);
+    expect(m['Area µm^2']).toBeUndefined();
+  });
+});
+
+function isSimplePolygonRing(points: readonly { x: number; y: number }[]): boolean {
+  return new Set(points.map((p) => `${p.x},${p.y}`)).size === points.length && points.length >= 4;
+}

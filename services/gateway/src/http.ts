@@ -27,7 +27,7 @@ import {
   status,
   toServiceError,
 } from '@cfrsam/rpc';
-import { parseQuPathClassMap, segmentResponseToGeoJson } from '@cfrsam/nuclei';
+import { decodeImage, expandCells, labelMapFromBytes, parseQuPathClassMap, segmentResponseToGeoJson } from '@cfrsam/nuclei';
 import type { SegmentationPipeline } from './pipeline';
 
 export interface HttpGatewayOptions {
@@ -249,14 +249,27 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
             // The same request; the answer is QuPath GeoJSON in the slide's coordinates (the
             // request's origin and downsample), classes mapped by ?classes=model=QuPath,...
             let classMap;
+            const query = new URL(req.url ?? '/', 'http://localhost').searchParams;
             try {
-              classMap = parseQuPathClassMap(new URL(req.url ?? '/', 'http://localhost').searchParams.get('classes') ?? '');
+              classMap = parseQuPathClassMap(query.get('classes') ?? '');
             } catch (err) {
               throw new HttpError(400, `classes: ${(err as Error).message}`);
             }
+            // ?cells=UM grows each nucleus into a QuPath cell object (from the label map and the image).
+            const cellsUm = Number(query.get('cells') ?? 0);
+            if (!Number.isFinite(cellsUm) || cellsUm < 0) throw new HttpError(400, `cells must be a distance in µm >= 0, got ${query.get('cells')}`);
             const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
-            const response = await pipeline.segment({ ...request, returnLabelMap: false, returnMasks: false }, ctx);
-            return send(res, 200, segmentResponseToGeoJson(response, pipeline.modelInfo().classes, classMap));
+            const response = await pipeline.segment(
+              { ...request, returnLabelMap: cellsUm > 0, returnMasks: false, labelMapEncoding: undefined },
+              ctx,
+            );
+            let cells;
+            if (cellsUm > 0 && response.labelMap) {
+              const image = await decodeImage(request.image, { maxPixels: Number.MAX_SAFE_INTEGER, minSide: 1 });
+              const labels = labelMapFromBytes(response.labelMap.data, response.labelMap.width, response.labelMap.height);
+              cells = new Map(expandCells(labels, image, cellsUm / response.imageMpp).map((c) => [c.id, c]));
+            }
+            return send(res, 200, segmentResponseToGeoJson(response, pipeline.modelInfo().classes, classMap, cells));
           }
           case 'POST /v1/refine': {
             const request = segmentationProto.RefineRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));

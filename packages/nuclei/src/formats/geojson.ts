@@ -11,6 +11,7 @@ import type { segmentationProto } from '@cfrsam/rpc';
 
 type Nucleus = segmentationProto.Nucleus;
 import { convexHull } from '../instances/contour';
+import type { Cell } from './cells';
 import { parseHexColor, type ClassStyle, type Rgb } from './color';
 
 export interface GeoJsonFeature {
@@ -18,7 +19,9 @@ export interface GeoJsonFeature {
   id: string;
   geometry: { type: 'Polygon'; coordinates: number[][][] };
   properties: {
-    objectType: 'detection';
+    /** 'cell' when the nucleus was grown into a cell (geometry = the cell, nucleusGeometry = the nucleus). */
+    objectType: 'detection' | 'cell';
+    nucleusGeometry?: { type: 'Polygon'; coordinates: number[][][] };
     /** Absent for unclassified nuclei (QuPath's convention for "no class"). */
     classification?: { name: string; color: Rgb };
     isLocked: boolean;
@@ -182,6 +185,27 @@ export interface GeoJsonOptions {
   classMap?: QuPathClassMap;
   /** The collection's `properties` (model, image...). */
   properties?: GeoJsonCollectionProperties;
+  /** Cells by nucleus id (expandCells): those nuclei become QuPath `cell` objects. */
+  cells?: ReadonlyMap<number, Cell>;
+}
+
+/** Measurements of a cell object: the nucleus's under "Nucleus: ", the cell's, H&E optical densities. */
+function cellMeasurements(nucleus: Record<string, number>, cell: Cell, scale: number): Record<string, number> {
+  const out: Record<string, number> = {};
+  const shared = /^(Nucleus ID|Score|Predicted IoU|Probability: )/;
+  for (const [k, v] of Object.entries(nucleus)) out[shared.test(k) ? k : `Nucleus: ${k}`] = v;
+  const nucleusArea = nucleus['Area µm^2'] ?? nucleus['Area px^2'] ?? 0;
+  const cellArea = scale > 0 ? cell.areaPx * scale * scale : cell.areaPx;
+  Object.assign(out, {
+    [scale > 0 ? 'Cell: Area µm^2' : 'Cell: Area px^2']: cellArea,
+    [scale > 0 ? 'Cell: Length µm' : 'Cell: Length px']: scale > 0 ? cell.perimeterPx * scale : cell.perimeterPx,
+    'Nucleus: Hematoxylin OD mean': cell.nucleus.hematoxylinOd,
+    'Nucleus: Eosin OD mean': cell.nucleus.eosinOd,
+    'Cell: Hematoxylin OD mean': cell.cell.hematoxylinOd,
+    'Cell: Eosin OD mean': cell.cell.eosinOd,
+    'Nucleus/Cell area ratio': cellArea > 0 ? nucleusArea / cellArea : 0,
+  });
+  return out;
 }
 
 export function nucleiToGeoJson(
@@ -197,18 +221,30 @@ export function nucleiToGeoJson(
   const features: GeoJsonFeature[] = [];
   for (const n of nuclei) {
     if (n.polygon.length < 3) continue;
-    const ring = n.polygon.map((p) => [ox + ds * p.x, oy + ds * p.y]);
-    ring.push([...ring[0]]);
+    const place = (points: readonly { x: number; y: number }[]) => {
+      const ring = points.map((p) => [ox + ds * p.x, oy + ds * p.y]);
+      ring.push([...ring[0]]);
+      return { type: 'Polygon' as const, coordinates: [ring] };
+    };
+    const measurements = nucleusMeasurementMap(n, classes, options.mpp, options.classMap);
+    const cell = options.cells?.get(n.id);
     const feature: GeoJsonFeature = {
       type: 'Feature',
       id: featureId(imageId, n.id),
-      geometry: { type: 'Polygon', coordinates: [ring] },
-      properties: {
-        objectType: 'detection',
-        isLocked: false,
-        measurements: nucleusMeasurementMap(n, classes, options.mpp, options.classMap),
-      },
+      geometry: place(n.polygon),
+      properties: { objectType: 'detection', isLocked: false, measurements },
     };
+    if (cell && cell.polygon.length >= 3) {
+      const m = n.measurements;
+      const scale = options.mpp && options.mpp > 0 ? options.mpp : m && m.areaPx > 0 && m.areaUm2 > 0 ? Math.sqrt(m.areaUm2 / m.areaPx) : 0;
+      feature.geometry = place(cell.polygon);
+      feature.properties = {
+        objectType: 'cell',
+        nucleusGeometry: place(n.polygon),
+        isLocked: false,
+        measurements: cellMeasurements(measurements, cell, scale),
+      };
+    }
     const style = n.classIndex >= 0 ? styles.get(n.classIndex) : undefined;
     if (style) feature.properties.classification = { name: style.name, color: [...style.color] as Rgb };
     features.push(feature);
@@ -224,6 +260,7 @@ export function segmentResponseToGeoJson(
   response: segmentationProto.SegmentResponse,
   classes: readonly ClassStyle[],
   classMap: QuPathClassMap = {},
+  cells?: ReadonlyMap<number, Cell>,
 ): GeoJsonFeatureCollection {
   const origin = response.origin ?? { x: 0, y: 0 };
   const downsample = response.downsample && response.downsample > 0 ? response.downsample : 1;
@@ -232,6 +269,7 @@ export function segmentResponseToGeoJson(
     downsample,
     mpp: response.imageMpp,
     classMap,
+    cells,
     properties: {
       model: { name: response.modelName, version: response.modelVersion, mpp: response.modelMpp },
       image: {

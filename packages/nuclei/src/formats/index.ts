@@ -5,3 +5,4 @@ export * from './csv';
 export * from './labelpng';
 export * from './overlay';
 export * from './dataset';
+export * from './cells';

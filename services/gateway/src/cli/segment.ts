@@ -16,6 +16,7 @@ import {
   decodeImage,
   encodeLabelPng,
   encodeOverlayPng,
+  expandCells,
   labelMapFromBytes,
   nucleiToCsv,
   nucleiToSidecar,
@@ -56,6 +57,11 @@ const SEGMENT_FLAGS = {
 const QUPATH_FLAGS = {
   origin: { type: 'string', default: '', help: "X,Y: the images' top-left corner in the slide they were cut from (level-0 pixels)" },
   downsample: { type: 'number', default: 1, help: 'level-0 pixels per image pixel (a region exported at downsample 4: 4)' },
+  cells: {
+    type: 'number',
+    default: 0,
+    help: 'grow each nucleus by this many µm into a QuPath cell object (Nucleus:/Cell: measurements, H&E optical densities); 0: nuclei only',
+  },
   qupathClasses: {
     type: 'string',
     env: 'CFRSAM_QUPATH_CLASSES',
@@ -156,6 +162,7 @@ export async function writeOutputs(
   model: segmentationProto.ModelInfo,
   mpp: number,
   classMap: QuPathClassMap = {},
+  cellExpansionUm = 0,
 ): Promise<SegmentOutputs> {
   const classes = model.classes.map((c) => ({ index: c.index, name: c.name, color: c.color }));
   const files: SegmentOutputs = {
@@ -165,11 +172,14 @@ export async function writeOutputs(
     sidecar: path.join(outDir, `${name}.json`),
     overlay: path.join(outDir, `${name}.overlay.png`),
   };
-  await fs.writeFile(files.geojson, JSON.stringify(segmentResponseToGeoJson(response, classes, classMap)) + '\n');
-  await fs.writeFile(files.csv, nucleiToCsv(response.nuclei, classes));
   const lm = response.labelMap;
   if (!lm) throw new Error('the gateway returned no label map');
   const labels = labelMapFromBytes(lm.data, lm.width, lm.height);
+  // The image as the gateway saw it (same decoder, same conversion): cells and the overlay.
+  const image = await decodeImage(imageBytes, { maxPixels: Number.MAX_SAFE_INTEGER, minSide: 1 });
+  const cells = cellExpansionUm > 0 && mpp > 0 ? new Map(expandCells(labels, image, cellExpansionUm / mpp).map((c) => [c.id, c])) : undefined;
+  await fs.writeFile(files.geojson, JSON.stringify(segmentResponseToGeoJson(response, classes, classMap, cells)) + '\n');
+  await fs.writeFile(files.csv, nucleiToCsv(response.nuclei, classes));
   await fs.writeFile(files.labels, await encodeLabelPng(labels, lm.width, lm.height));
   const sidecar = nucleiToSidecar(
     response.nuclei,
@@ -178,8 +188,6 @@ export async function writeOutputs(
     mpp > 0 ? mpp : undefined,
   );
   await fs.writeFile(files.sidecar, JSON.stringify(sidecar, null, 1) + '\n');
-  // The overlay is drawn on the image as the gateway saw it (same decoder, same conversion).
-  const image = await decodeImage(imageBytes, { maxPixels: Number.MAX_SAFE_INTEGER, minSide: 1 });
   const colorById = new Map<number, Rgb>();
   for (const n of response.nuclei) {
     colorById.set(n.id, n.classIndex >= 0 ? parseHexColor(classes.find((c) => c.index === n.classIndex)?.color ?? '') : [...UNCLASSIFIED_COLOR]);
@@ -213,6 +221,7 @@ export async function runSegment(argv: readonly string[], io: CliIo = defaultIo)
     if (images.length === 0) throw new ConfigError('no images given');
     if (flags.gateway && flags.local) throw new ConfigError('give --gateway or --local, not both');
     if (flags.decoders < 1) throw new ConfigError(`--decoders must be >= 1, got ${flags.decoders}`);
+    if (!(flags.cells >= 0)) throw new ConfigError(`--cells must be >= 0 µm, got ${flags.cells}`);
     if (!(flags.downsample > 0)) throw new ConfigError(`--downsample must be > 0, got ${flags.downsample}`);
     origin = parseOrigin(flags.origin);
     try {
@@ -339,7 +348,7 @@ export async function runSegment(argv: readonly string[], io: CliIo = defaultIo)
           downsample: flags.downsample,
         };
         const response = await withRetries(() => unary(client, client.segment, request, { timeoutMs: flags.timeoutS * 1000 }), retry);
-        await writeOutputs(flags.out, name, bytes, response, model, response.imageMpp || model.mpp, classMap);
+        await writeOutputs(flags.out, name, bytes, response, model, response.imageMpp || model.mpp, classMap, flags.cells);
         if (response.mppAssumed)
           io.stderr.write(`${name}: no resolution given or in the file; assumed the model's ${response.modelMpp} um/px (pass --mpp)\n`);
         if (response.imageNotes) io.stderr.write(`${name}: ${response.imageNotes}\n`);
