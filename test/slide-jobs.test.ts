@@ -10,6 +10,7 @@ import * as http from 'node:http';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { gunzipSync } from 'node:zlib';
+import { Metadata } from '@grpc/grpc-js';
 import { connect, type NatsConnection } from 'nats';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeClient, repoRoot, segmentationProto, unary } from '@cfrsam/rpc';
@@ -528,6 +529,54 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
       server.close();
     }
   }, 240_000);
+
+  it('with authentication, a caller sees and cancels only its own jobs (an admin sees all)', async () => {
+    const tokens = { alice: 'alice-token-0123456789', bob: 'bob-token-0123456789', admin: 'admin-token-0123456789' };
+    const tokenFile = path.join(slideRoot, '..', `cfrsam-tokens-${process.pid}.json`);
+    const grant = (identity: keyof typeof tokens, rights: string[]) => ({
+      sha256: createHash('sha256').update(tokens[identity]).digest('hex'),
+      identity,
+      rights,
+    });
+    fs.writeFileSync(
+      tokenFile,
+      JSON.stringify({ tokens: [grant('alice', ['cfrsam.v1.Segmentation/*']), grant('bob', ['cfrsam.v1.Segmentation/*']), grant('admin', ['*'])] }),
+    );
+    const gw = await startGateway('g-auth', ['--auth-tokens', tokenFile, '--slide-workers', '0']);
+    try {
+      const as = (who: keyof typeof tokens) => {
+        const metadata = new Metadata();
+        metadata.set('authorization', `Bearer ${tokens[who]}`);
+        return { metadata };
+      };
+      const request = submitRequest({
+        slide: bySlidePath('CMU-1.svs'),
+        roi: { x: 700, y: 1200, width: 256, height: 256, polygon: [] },
+        requestId: 'mine',
+      });
+      const alice = await unary(gw.client, gw.client.submitSlideJob, request, as('alice'));
+      const bob = await unary(gw.client, gw.client.submitSlideJob, request, as('bob'));
+      expect(bob.created).toBe(true); // request ids are per caller
+      expect(bob.jobId).not.toBe(alice.jobId);
+      await expect(unary(gw.client, gw.client.getSlideJob, { jobId: alice.jobId }, as('bob'))).rejects.toMatchObject({ code: 5 });
+      await expect(unary(gw.client, gw.client.cancelSlideJob, { jobId: alice.jobId }, as('bob'))).rejects.toMatchObject({ code: 5 });
+      const listOf = async (who: keyof typeof tokens) =>
+        (await unary(gw.client, gw.client.listSlideJobs, { pageSize: 100, pageToken: '' }, as(who))).jobs.map((j) => j.jobId);
+      expect(await listOf('bob')).toEqual([bob.jobId]);
+      expect(await listOf('alice')).toEqual([alice.jobId]);
+      expect(await listOf('admin')).toEqual(expect.arrayContaining([alice.jobId, bob.jobId]));
+      await expect(unary(gw.client, gw.client.listSlideJobs, { pageSize: 1, pageToken: '' })).rejects.toMatchObject({ code: 16 });
+      expect((await unary(gw.client, gw.client.cancelSlideJob, { jobId: alice.jobId }, as('alice'))).state).toBe(
+        SlideJobState.SLIDE_JOB_STATE_CANCELLED,
+      );
+      expect((await unary(gw.client, gw.client.cancelSlideJob, { jobId: bob.jobId }, as('admin'))).state).toBe(
+        SlideJobState.SLIDE_JOB_STATE_CANCELLED,
+      );
+    } finally {
+      await kill(gw);
+      fs.rmSync(tokenFile, { force: true });
+    }
+  }, 60_000);
 
   it('removes finished jobs with their results after the retention time', async () => {
     const g = gateways[0];

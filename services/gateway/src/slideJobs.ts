@@ -25,7 +25,7 @@
 // Finished jobs are removed with their results after --slide-job-ttl-s (every gateway sweeps).
 import { createHash, randomBytes } from 'node:crypto';
 import { AckPolicy, connect, nanos, RetentionPolicy, StorageType, type JetStreamClient, type KV, type NatsConnection, type ObjectStore } from 'nats';
-import { type FlagSpec, grpcError, isServiceError, segmentationProto, status } from '@cfrsam/rpc';
+import { type CallIdentity, type FlagSpec, grpcError, isServiceError, segmentationProto, status } from '@cfrsam/rpc';
 import { detectTissue, resolveMpp, SlideError, tissueRegions, type Roi, type TissueRegion } from '@cfrsam/slides';
 import { checkRef, describeRef, openSlideRef, SlideUpload, type SlideRef } from './slideSources';
 
@@ -461,6 +461,15 @@ export function jobMessage(job: SlideJobRecord, progress: ProgressRecord, now = 
   };
 }
 
+/**
+ * Jobs belong to their submitter: with authentication on, a caller sees (gets, lists, cancels,
+ * reads) only its own jobs unless it holds every right ("*"). Without authentication every caller
+ * is anonymous and sees every job.
+ */
+export function visibleTo(job: Pick<SlideJobRecord, 'owner'>, caller: CallIdentity): boolean {
+  return !caller.authenticated || job.owner === caller.id || caller.rights.includes('*');
+}
+
 /** What submit needs to know about the served model. */
 export interface SlideModel {
   inputSize: number;
@@ -514,7 +523,8 @@ export class SlideJobService {
     private readonly model: SlideModel,
   ) {}
 
-  async submit(request: segmentationProto.SubmitSlideJobRequest, owner: string): Promise<segmentationProto.SubmitSlideJobResponse> {
+  async submit(request: segmentationProto.SubmitSlideJobRequest, caller: CallIdentity): Promise<segmentationProto.SubmitSlideJobResponse> {
+    const owner = caller.id;
     const settings = this.store.settings;
     const regionSize = request.regionSize || settings.slideRegionSize;
     if (!Number.isInteger(regionSize) || regionSize < this.model.inputSize || regionSize > 16_384) {
@@ -645,41 +655,46 @@ export class SlideJobService {
     }
   }
 
-  async requireJob(jobId: string): Promise<SlideJobRecord> {
+  async requireJob(jobId: string, caller: CallIdentity): Promise<SlideJobRecord> {
     const job = await this.store.job(jobId);
-    if (!job) throw grpcError(status.NOT_FOUND, `no slide job ${JSON.stringify(jobId)} (unknown, or removed after its retention time)`);
+    if (!job || !visibleTo(job, caller))
+      throw grpcError(status.NOT_FOUND, `no slide job ${JSON.stringify(jobId)} (unknown, or removed after its retention time)`);
     return job;
   }
 
-  async get(jobId: string): Promise<segmentationProto.SlideJob> {
-    const job = await this.requireJob(jobId);
+  async get(jobId: string, caller: CallIdentity): Promise<segmentationProto.SlideJob> {
+    const job = await this.requireJob(jobId, caller);
     return jobMessage(job, await this.store.progress(jobId));
   }
 
-  async list(request: segmentationProto.ListSlideJobsRequest): Promise<segmentationProto.ListSlideJobsResponse> {
+  async list(request: segmentationProto.ListSlideJobsRequest, caller: CallIdentity): Promise<segmentationProto.ListSlideJobsResponse> {
     const size = request.pageSize || 50;
     if (!Number.isInteger(size) || size < 1 || size > 1000) throw grpcError(status.INVALID_ARGUMENT, `page_size must be in [1, 1000], got ${size}`);
     if (request.pageToken && !JOB_ID_PATTERN.test(request.pageToken))
       throw grpcError(status.INVALID_ARGUMENT, 'page_token is not one this API returned');
     const ids = (await this.store.jobIds()).filter((id) => !request.pageToken || id < request.pageToken);
     const jobs: segmentationProto.SlideJob[] = [];
-    for (const id of ids.slice(0, size)) {
+    let last = '';
+    for (const id of ids) {
+      if (jobs.length === size) return { jobs, nextPageToken: last };
       const job = await this.store.job(id);
-      if (job) jobs.push(jobMessage(job, await this.store.progress(id)));
+      if (!job || !visibleTo(job, caller)) continue;
+      jobs.push(jobMessage(job, await this.store.progress(id)));
+      last = id;
     }
-    return { jobs, nextPageToken: ids.length > size ? ids[size - 1] : '' };
+    return { jobs, nextPageToken: '' };
   }
 
   /** Cancels a job: no more regions start, running ones stop (the workers watch the state), results go. */
-  async cancel(jobId: string): Promise<segmentationProto.SlideJob> {
-    const job = await this.requireJob(jobId);
+  async cancel(jobId: string, caller: CallIdentity): Promise<segmentationProto.SlideJob> {
+    const job = await this.requireJob(jobId, caller);
     const { job: after, changed } = await this.store.transition(jobId, () => ({
       state: 'CANCELLED',
       error: 'cancelled by the client',
       finishedAt: new Date().toISOString(),
     }));
     if (!changed) {
-      if (after?.state === 'CANCELLED') return this.get(jobId);
+      if (after?.state === 'CANCELLED') return this.get(jobId, caller);
       throw grpcError(
         status.FAILED_PRECONDITION,
         `slide job ${jobId} is ${after?.state ?? job.state} already; only queued or running jobs can be cancelled`,
@@ -687,11 +702,11 @@ export class SlideJobService {
     }
     await this.store.purgeTasks(jobId);
     await this.store.deleteResults(job);
-    return this.get(jobId);
+    return this.get(jobId, caller);
   }
 
-  async requireDone(jobId: string): Promise<SlideJobRecord> {
-    const job = await this.requireJob(jobId);
+  async requireDone(jobId: string, caller: CallIdentity): Promise<SlideJobRecord> {
+    const job = await this.requireJob(jobId, caller);
     if (job.state === 'DONE') return job;
     if (job.state === 'FAILED') throw grpcError(status.FAILED_PRECONDITION, `slide job ${jobId} failed: ${job.error}`);
     if (job.state === 'CANCELLED') throw grpcError(status.FAILED_PRECONDITION, `slide job ${jobId} was cancelled; it has no results`);
@@ -707,11 +722,14 @@ export class SlideJobService {
   }
 
   /** Pages of a done job's nuclei from a page token ("region.offset"), one region in memory at a time. */
-  async *nucleiPages(request: segmentationProto.StreamSlideJobNucleiRequest): AsyncGenerator<segmentationProto.SlideJobNucleiPage> {
+  async *nucleiPages(
+    request: segmentationProto.StreamSlideJobNucleiRequest,
+    caller: CallIdentity,
+  ): AsyncGenerator<segmentationProto.SlideJobNucleiPage> {
     const size = request.pageSize || 1000;
     if (!Number.isInteger(size) || size < 1 || size > 10_000)
       throw grpcError(status.INVALID_ARGUMENT, `page_size must be in [1, 10000], got ${size}`);
-    const job = await this.requireDone(request.jobId);
+    const job = await this.requireDone(request.jobId, caller);
     let region = 0;
     let offset = 0;
     if (request.pageToken) {
@@ -740,8 +758,8 @@ export class SlideJobService {
   }
 
   /** A done job's nuclei as one response, for small jobs only (large ones page with StreamSlideJobNuclei). */
-  async result(jobId: string, maxNuclei = 50_000): Promise<segmentationProto.SegmentResponse> {
-    const job = await this.requireDone(jobId);
+  async result(jobId: string, caller: CallIdentity, maxNuclei = 50_000): Promise<segmentationProto.SegmentResponse> {
+    const job = await this.requireDone(jobId, caller);
     if (job.nuclei > maxNuclei) {
       throw grpcError(
         status.FAILED_PRECONDITION,
@@ -770,8 +788,8 @@ export class SlideJobService {
   }
 
   /** An artefact's bytes as a stream of chunks. */
-  async artefact(jobId: string, name: string): Promise<{ size: number; chunks: AsyncIterable<Uint8Array> }> {
-    const job = await this.requireDone(jobId);
+  async artefact(jobId: string, name: string, caller: CallIdentity): Promise<{ size: number; chunks: AsyncIterable<Uint8Array> }> {
+    const job = await this.requireDone(jobId, caller);
     if (!job.artefacts.includes(name)) {
       throw grpcError(status.NOT_FOUND, `slide job ${jobId} has no artefact ${JSON.stringify(name)} (it has ${job.artefacts.join(', ')})`);
     }

@@ -15,7 +15,17 @@ import * as path from 'node:path';
 import { Readable } from 'node:stream';
 import type { handleClientStreamingCall, handleServerStreamingCall, ServerWritableStream } from '@grpc/grpc-js';
 import type { JsMsg } from 'nats';
-import { callIdentity, grpcError, isServiceError, segmentationProto, status, toServiceError, unaryHandler, type CallContext } from '@cfrsam/rpc';
+import {
+  callIdentity,
+  type CallIdentity,
+  grpcError,
+  isServiceError,
+  segmentationProto,
+  status,
+  toServiceError,
+  unaryHandler,
+  type CallContext,
+} from '@cfrsam/rpc';
 import { encodeRgbPng, nucleiToCsv, nucleiToGeoJson, type ClassStyle } from '@cfrsam/nuclei';
 import { pointInRoi, readRegionAtMpp, SlideError, type Mpp, type Slide } from '@cfrsam/slides';
 import type { SegmentationPipeline } from './pipeline';
@@ -357,11 +367,14 @@ type SlideMethods = Pick<
 >;
 
 /** A server-streaming handler over an async iterable, with backpressure; errors become a status. */
-function serverStream<Req, Res>(method: string, fn: (request: Req) => Promise<AsyncIterable<Res>>): handleServerStreamingCall<Req, Res> {
+function serverStream<Req, Res>(
+  method: string,
+  fn: (request: Req, caller: CallIdentity) => Promise<AsyncIterable<Res>>,
+): handleServerStreamingCall<Req, Res> {
   return (call: ServerWritableStream<Req, Res>) => {
     void (async () => {
       try {
-        for await (const message of await fn(call.request)) {
+        for await (const message of await fn(call.request, callIdentity(call))) {
           if (call.cancelled) return;
           if (!call.write(message)) await once(call, 'drain');
         }
@@ -382,29 +395,33 @@ export function slideJobHandlers(runtime: SlideJobsRuntime | null): SlideMethods
       throw grpcError(status.FAILED_PRECONDITION, 'slide jobs are off on this gateway: start it with --nats-url (a NATS server with JetStream)');
     return runtime.service();
   };
-  const unary = <Req, Res>(name: string, fn: (request: Req, ctx: CallContext, owner: string) => Promise<Res>) => {
-    const handler = (owner: string) => unaryHandler(`${SERVICE}/${name}`, (request: Req, ctx: CallContext) => fn(request, ctx, owner));
-    return ((call, callback) => handler(callIdentity(call).id)(call, callback)) as typeof handler extends (o: string) => infer H ? H : never;
+  const unary = <Req, Res>(name: string, fn: (request: Req, ctx: CallContext, caller: CallIdentity) => Promise<Res>) => {
+    const handler = (caller: CallIdentity) => unaryHandler(`${SERVICE}/${name}`, (request: Req, ctx: CallContext) => fn(request, ctx, caller));
+    return ((call, callback) => handler(callIdentity(call))(call, callback)) as typeof handler extends (c: CallIdentity) => infer H ? H : never;
   };
   return {
-    submitSlideJob: unary('SubmitSlideJob', async (request: segmentationProto.SubmitSlideJobRequest, ctx, owner) => {
-      const response = await require().submit(request, owner);
+    submitSlideJob: unary('SubmitSlideJob', async (request: segmentationProto.SubmitSlideJobRequest, ctx, caller) => {
+      const response = await require().submit(request, caller);
       ctx.span.setAttributes({ 'cfrsam.slide_job': response.jobId, 'cfrsam.regions': response.regions });
       return response;
     }),
-    getSlideJob: unary('GetSlideJob', async (request: segmentationProto.GetSlideJobRequest) => require().get(request.jobId)),
-    getSlideJobResult: unary('GetSlideJobResult', async (request: segmentationProto.GetSlideJobResultRequest) => require().result(request.jobId)),
-    listSlideJobs: unary('ListSlideJobs', async (request: segmentationProto.ListSlideJobsRequest) => require().list(request)),
-    cancelSlideJob: unary('CancelSlideJob', async (request: segmentationProto.CancelSlideJobRequest) => require().cancel(request.jobId)),
-    streamSlideJobNuclei: serverStream(`${SERVICE}/StreamSlideJobNuclei`, async (request: segmentationProto.StreamSlideJobNucleiRequest) => {
+    getSlideJob: unary('GetSlideJob', async (request: segmentationProto.GetSlideJobRequest, _ctx, caller) => require().get(request.jobId, caller)),
+    getSlideJobResult: unary('GetSlideJobResult', async (request: segmentationProto.GetSlideJobResultRequest, _ctx, caller) =>
+      require().result(request.jobId, caller),
+    ),
+    listSlideJobs: unary('ListSlideJobs', async (request: segmentationProto.ListSlideJobsRequest, _ctx, caller) => require().list(request, caller)),
+    cancelSlideJob: unary('CancelSlideJob', async (request: segmentationProto.CancelSlideJobRequest, _ctx, caller) =>
+      require().cancel(request.jobId, caller),
+    ),
+    streamSlideJobNuclei: serverStream(`${SERVICE}/StreamSlideJobNuclei`, async (request: segmentationProto.StreamSlideJobNucleiRequest, caller) => {
       const service = require();
-      await service.requireDone(request.jobId); // answer a status before the stream starts
-      return service.nucleiPages(request);
+      await service.requireDone(request.jobId, caller); // answer a status before the stream starts
+      return service.nucleiPages(request, caller);
     }),
     downloadSlideJobArtefact: serverStream(
       `${SERVICE}/DownloadSlideJobArtefact`,
-      async (request: segmentationProto.DownloadSlideJobArtefactRequest) => {
-        const { size, chunks } = await require().artefact(request.jobId, request.name);
+      async (request: segmentationProto.DownloadSlideJobArtefactRequest, caller) => {
+        const { size, chunks } = await require().artefact(request.jobId, request.name, caller);
         return (async function* () {
           for await (const data of chunks) yield { data: Buffer.from(data), totalSize: size };
         })();
