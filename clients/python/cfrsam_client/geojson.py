@@ -130,7 +130,11 @@ def to_geojson(response, model, class_map=None):
             continue
         ring = [[ox + ds * p.x, oy + ds * p.y] for p in n.polygon]
         ring.append(list(ring[0]))
-        props = {"objectType": "detection", "isLocked": False, "measurements": measurements(n, mpp, names)}
+        m = measurements(n, mpp, names)
+        # The mask's centroid in the output's coordinates (QuPath computes its own from the outline).
+        m["Centroid X px"] = ox + ds * n.centroid.x
+        m["Centroid Y px"] = oy + ds * n.centroid.y
+        props = {"objectType": "detection", "isLocked": False, "measurements": m}
         if n.class_index in styles:
             name, color = styles[n.class_index]
             props["classification"] = {"name": name, "color": color}

@@ -83,6 +83,8 @@ def main(address, image_path):
     p0 = placed.nuclei[0].polygon[0]
     check(ring[0] == [10000 + 2 * p0.x, 20000 + 2 * p0.y], "slide = origin + downsample * image")
     check(ring[0] == ring[-1], "rings closed")
+    c0 = placed.nuclei[0].centroid
+    check(f0["properties"]["measurements"]["Centroid X px"] == 10000 + 2 * c0.x, "centroid in slide coordinates")
     m = f0["properties"]["measurements"]
     for name in (
         "Nucleus ID",

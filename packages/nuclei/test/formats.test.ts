@@ -82,7 +82,8 @@ describe('QuPath GeoJSON', () => {
     expect(m['Max diameter µm']).toBeCloseTo(Math.SQRT2 * 5 * 0.25);
     expect(m['Min diameter µm']).toBeCloseTo(5 * 0.25);
     expect(m['Probability: Immune cells']).toBe(0.2);
-    expect(Object.keys(m).some((k) => / um|px/.test(k))).toBe(false);
+    expect(Object.keys(m).some((k) => / um|^(Area|Length|Perimeter|Major|Minor).*px/.test(k))).toBe(false);
+    expect([m['Centroid X px'], m['Centroid Y px']]).toEqual([12.5, 7.25]);
     expect(f.id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
     expect(g.properties.classification).toBeUndefined();
     // QuPath keeps only its own properties: nothing else rides on the feature.
@@ -121,6 +122,7 @@ describe('QuPath GeoJSON', () => {
     const fc = segmentResponseToGeoJson(response, classes, parseQuPathClassMap(JSON.stringify({ 'epithelial, "glandular"': 'Tumor' })));
     expect(fc.features[0].geometry.coordinates[0][0]).toEqual([1000 + 4 * 10, 2000 + 4 * 5]);
     expect(fc.features[0].geometry.coordinates[0][2]).toEqual([1000 + 4 * 15, 2000 + 4 * 10]);
+    expect(fc.features[0].properties.measurements['Centroid X px']).toBe(1000 + 4 * 12.5);
     // µm from the image's own mpp (0.5), which the downsample does not change.
     expect(fc.features[0].properties.measurements['Length µm']).toBeCloseTo(19.5 * 0.5);
     expect(fc.features[0].properties.classification?.name).toBe('Other');

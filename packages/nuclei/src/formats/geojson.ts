@@ -227,6 +227,12 @@ export function nucleiToGeoJson(
       return { type: 'Polygon' as const, coordinates: [ring] };
     };
     const measurements = nucleusMeasurementMap(n, classes, options.mpp, options.classMap);
+    // The pixel centroid (of the mask, not the simplified outline) in the output's coordinates,
+    // for tools that match nuclei by position (QuPath computes its own from the outline).
+    if (n.centroid) {
+      measurements['Centroid X px'] = ox + ds * n.centroid.x;
+      measurements['Centroid Y px'] = oy + ds * n.centroid.y;
+    }
     const cell = options.cells?.get(n.id);
     const feature: GeoJsonFeature = {
       type: 'Feature',
