@@ -23,6 +23,7 @@ def GATEWAY = 'http://localhost:8080'   // cfrsam stack --http-port 8080 (https:
 def TOKEN = ''                          // bearer token, when the gateway checks tokens
 def CLASSES = ''                        // class mapping, e.g. 'epithelial=Tumor' ('' = default)
 def MIN_SCORE = 0.0                     // drop nuclei scoring below this
+def CELLS_UM = 0.0                      // > 0: grow each nucleus by this many µm into a cell object
 def TIMEOUT_S = 600
 // ------------------------------------------------------------------------------------------------
 
@@ -71,7 +72,10 @@ def request = [
     origin    : [x: x, y: y],
     downsample: downsample,
 ]
-def route = '/v1/segment/geojson' + (CLASSES ? '?classes=' + URLEncoder.encode(CLASSES, 'UTF-8') : '')
+def query = []
+if (CLASSES) query << 'classes=' + URLEncoder.encode(CLASSES, 'UTF-8')
+if (CELLS_UM > 0) query << 'cells=' + CELLS_UM
+def route = '/v1/segment/geojson' + (query ? '?' + query.join('&') : '')
 def response = call('POST', route, GsonTools.getInstance().toJson(request))
 if (response.statusCode() != 200) {
     // Bad input, a region too large, a busy gateway...: the gateway's message says which.
