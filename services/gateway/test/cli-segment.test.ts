@@ -111,6 +111,30 @@ describe('help and progress', () => {
   });
 });
 
+describe('set-up for serving', () => {
+  it('needs Node and npm alone: no apt, no root, no Python; run.sh uses it and setup.sh adds the rest', () => {
+    const read = (f: string) => fs.readFileSync(path.join(ROOT, f), 'utf8');
+    // Commands only (comments may name what is not needed).
+    const commands = (f: string) =>
+      read(f)
+        .split('\n')
+        .filter((l) => !l.trimStart().startsWith('#'))
+        .join('\n');
+    const serving = commands('scripts/setup-serving.sh');
+    expect(serving).not.toMatch(/apt-get|dpkg|sudo|python|pip /);
+    expect(serving).toMatch(/npm install/);
+    expect(serving).toMatch(/npm run build/);
+    expect(commands('run.sh')).toMatch(/scripts\/setup-serving\.sh/);
+    expect(commands('run.sh')).not.toMatch(/scripts\/setup\.sh|setup-dev/);
+    const full = commands('scripts/setup.sh');
+    expect(full).toMatch(/setup-dev\.sh/);
+    expect(full).toMatch(/setup-serving\.sh/);
+    // What the tests need is in the development list (CI runs scripts/setup.sh).
+    for (const deb of ['python3-grpcio', 'protobuf-compiler-grpc', 'python3-venv', 'nats-server', 'openssl'])
+      expect(commands('scripts/setup-dev.sh')).toContain(deb);
+  });
+});
+
 describe.skipIf(!fs.existsSync(CLI))('cfrsam --version', () => {
   it("runs from the executable entry point, through npm's bin link, and from PATH after setup", () => {
     const version = (JSON.parse(fs.readFileSync(path.join(ROOT, 'services', 'gateway', 'package.json'), 'utf8')) as { version: string }).version;
