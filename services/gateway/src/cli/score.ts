@@ -1,7 +1,8 @@
 // `cfrsam score`: scores predicted label maps against ground truth, both in the data layout of
 // ../shared/data (NAME.labels.png + NAME.json), so any tool's output is scored the same way.
 
-import { ConfigError, type FlagSpec, parseFlags, usage } from '@cfrsam/rpc';
+import { ConfigError, type FlagSpec, parseFlags } from '@cfrsam/rpc';
+import { formatHelp } from './help';
 import { metrics } from '@cfrsam/nuclei';
 
 export interface CliIo {
@@ -30,7 +31,12 @@ const SCORE_FLAGS = {
   ...SCORING_FLAGS,
 } satisfies Record<string, FlagSpec>;
 
-export const SCORE_USAGE = `usage: cfrsam score --gt DIR --pred DIR [--radius 12] [--classes] [--out DIR]\n${usage(SCORE_FLAGS)}`;
+export const SCORE_USAGE = formatHelp(
+  'cfrsam score --gt DIR --pred DIR [--radius 12] [--classes] [--out DIR]',
+  'Scores predicted label maps against ground truth (PQ, bPQ, mPQ, AJI, Dice, detection and classification F1).',
+  { flags: SCORE_FLAGS },
+  { gt: 'DIR', pred: 'DIR', out: 'DIR', groupRegex: 'REGEX', groupField: 'FIELD' },
+);
 
 export interface ScoringFlagValues {
   radius: number;

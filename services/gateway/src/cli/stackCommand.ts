@@ -1,6 +1,7 @@
 // `cfrsam stack [--bundle models/tiny] [--decoders 2] [--port 50051]`: runs the whole system on
 // this machine until SIGINT/SIGTERM, then stops every process.
-import { ConfigError, type FlagSpec, parseFlags, usage } from '@cfrsam/rpc';
+import { ConfigError, type FlagSpec, parseFlags } from '@cfrsam/rpc';
+import { formatHelp } from './help';
 import type { CliIo } from './segment';
 import { startStack } from './stack';
 
@@ -13,7 +14,12 @@ const STACK_FLAGS = {
   quiet: { type: 'boolean', default: false, help: "do not echo the services' logs" },
 } satisfies Record<string, FlagSpec>;
 
-export const STACK_USAGE = `usage: cfrsam stack [--bundle DIR] [--decoders 2] [--port 50051] [--http-port 8080]\n${usage(STACK_FLAGS)}`;
+export const STACK_USAGE = formatHelp(
+  'cfrsam stack [--bundle DIR] [--decoders N] [--port PORT] [--http-port PORT]',
+  'Runs prompter, encoder, decoders and gateway as local processes on loopback (Ctrl-C stops them all).',
+  { flags: STACK_FLAGS },
+  { bundle: 'DIR', port: 'PORT', httpPort: 'PORT', host: 'HOST' },
+);
 
 export async function runStack(argv: readonly string[], io: CliIo = { stdout: process.stdout, stderr: process.stderr }): Promise<number> {
   if (argv.includes('--help') || argv.includes('-h')) {
