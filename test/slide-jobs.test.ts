@@ -403,24 +403,46 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     console.log(`cancel: the region in flight abandoned ${stoppedMs} ms after CancelSlideJob returned: ${gw.log.find((l) => abandoned.test(l))}`);
   }, 240_000);
 
-  it('streams an upload into the slide root: an interrupted upload leaves nothing, a retry (the CLI) lands, a bad checksum is refused', async () => {
+  it('streams an upload into the slide root: an interrupted upload is continued by the retry (the CLI), a bad checksum or size leaves nothing', async () => {
     const { client } = gateways[0];
     const bytes = fs.readFileSync(SVS);
     const sha256 = createHash('sha256').update(bytes).digest('hex');
     const uploads = path.join(slideRoot, 'uploads');
-    // Interrupted: half the file, then the client goes away.
+    // Interrupted: the first 256 KiB, then (once they are on disk) the client goes away.
+    const partial = `.partial-${sha256}-${bytes.length}`;
     await new Promise<void>((resolve) => {
       const call = client.uploadSlide(() => resolve());
-      call.write({ name: 'CMU-1.svs', size: bytes.length, sha256, data: bytes.subarray(0, 1 << 20) });
-      setTimeout(() => call.cancel(), 300);
+      call.write({ name: 'CMU-1.svs', size: bytes.length, sha256, offset: 0, data: bytes.subarray(0, 1 << 17) });
+      call.write({ name: '', size: 0, sha256: '', offset: 0, data: bytes.subarray(1 << 17, 1 << 18) });
+      const t0 = Date.now();
+      const poll = setInterval(() => {
+        const size = fs.existsSync(path.join(uploads, partial)) ? fs.statSync(path.join(uploads, partial)).size : 0;
+        if (size >= 1 << 18 || Date.now() - t0 > 10_000) {
+          clearInterval(poll);
+          call.cancel();
+        }
+      }, 50);
     });
     await new Promise((r) => setTimeout(r, 300));
-    expect(fs.existsSync(uploads) ? fs.readdirSync(uploads) : []).toEqual([]);
+    // What arrived is kept for the retry, and the gateway says how much.
+    expect(fs.readdirSync(uploads)).toEqual([partial]);
+    const held = await unary(client, client.getUploadStatus, { sha256, size: bytes.length });
+    expect(held.uploadId).toBe('');
+    expect(Number(held.received)).toBe(1 << 18);
+    expect(Number(held.received)).toBe(fs.statSync(path.join(uploads, partial)).size);
+    // Continuing at another offset than the one held is refused.
+    await expect(
+      new Promise((resolve, reject) => {
+        const call = client.uploadSlide((err, res) => (err ? reject(err) : resolve(res)));
+        call.write({ name: 'CMU-1.svs', size: bytes.length, sha256, offset: 12345, data: bytes.subarray(12345, 20000) });
+        call.end();
+      }),
+    ).rejects.toMatchObject({ code: 9, details: expect.stringMatching(/holds \d+ bytes/) });
     // A wrong checksum.
     await expect(
       new Promise((resolve, reject) => {
         const call = client.uploadSlide((err, res) => (err ? reject(err) : resolve(res)));
-        call.write({ name: 'CMU-1.svs', size: bytes.length, sha256: '0'.repeat(64), data: bytes });
+        call.write({ name: 'CMU-1.svs', size: bytes.length, sha256: '0'.repeat(64), offset: 0, data: bytes });
         call.end();
       }),
     ).rejects.toMatchObject({ code: 3, details: expect.stringMatching(/checksum mismatch/) });
@@ -428,11 +450,11 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     await expect(
       new Promise((resolve, reject) => {
         const call = client.uploadSlide((err, res) => (err ? reject(err) : resolve(res)));
-        call.write({ name: 'CMU-1.svs', size: 10, sha256, data: bytes.subarray(0, 100) });
+        call.write({ name: 'CMU-1.svs', size: 10, sha256, offset: 0, data: bytes.subarray(0, 100) });
         call.end();
       }),
     ).rejects.toMatchObject({ code: 3, details: expect.stringMatching(/longer than the 10 bytes/) });
-    expect(fs.readdirSync(uploads)).toEqual([]);
+    expect(fs.readdirSync(uploads)).toEqual([partial]);
     // A small image sent as bytes is kept as an upload too (content-addressed; no resolution in
     // a PNG, so the request gives it).
     const png = fs.readFileSync(path.join(repoRoot(), 'samples/synthetic-he-512.png'));
@@ -449,6 +471,7 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     const cli = (...args: string[]) => runCli(['slide', ...args, '--gateway', gatewayAddress(gateways[0])]);
     const up = await cli('upload', SVS);
     expect(up.code, up.stderr).toBe(0);
+    expect(up.stderr).toContain(`resuming the upload of ${SVS} at byte ${held.received}`);
     expect(up.stdout.trim()).toBe(`${sha256}.svs`);
     expect(fs.readFileSync(path.join(uploads, `${sha256}.svs`)).equals(bytes)).toBe(true);
     const sub = await cli('submit', '--upload', SVS, '--roi', '700,1200,256,256', '--region-size', String(REGION), '--request-id', 'upload-1');

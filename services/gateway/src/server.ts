@@ -35,6 +35,7 @@ export function segmentationHandlers(
   | 'streamSlideJobNuclei'
   | 'downloadSlideJobArtefact'
   | 'uploadSlide'
+  | 'getUploadStatus'
 > {
   return {
     segment: unaryHandler(`${SEGMENTATION_SERVICE_NAME}/Segment`, async (request: segmentationProto.SegmentRequest, ctx) => {

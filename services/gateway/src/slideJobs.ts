@@ -27,7 +27,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { AckPolicy, connect, nanos, RetentionPolicy, StorageType, type JetStreamClient, type KV, type NatsConnection, type ObjectStore } from 'nats';
 import { type CallIdentity, type FlagSpec, grpcError, isServiceError, segmentationProto, status } from '@cfrsam/rpc';
 import { detectTissue, resolveMpp, SlideError, tissueRegions, type Roi, type TissueRegion } from '@cfrsam/slides';
-import { checkRef, describeRef, openSlideRef, SlideUpload, type SlideRef } from './slideSources';
+import { checkRef, describeRef, openSlideRef, removeStalePartials, SlideUpload, type SlideRef } from './slideSources';
 
 const { SlideJobState } = segmentationProto;
 
@@ -390,10 +390,12 @@ export class SlideJobStore {
 
   /**
    * Retention and repair, run by every gateway now and then (idempotent): finished jobs older than
-   * the TTL are removed with their results; a job whose submit died before all its tasks were
+   * the TTL are removed with their results, and partial uploads untouched as long; a job whose submit died before all its tasks were
    * queued gets them queued.
    */
   async sweep(now = Date.now(), log: (line: string) => void = () => undefined): Promise<void> {
+    const partials = await removeStalePartials(this.settings.slideRoot, this.settings.slideJobTtlS * 1000, now);
+    if (partials > 0) log(`slide jobs: removed ${partials} partial upload(s) untouched for ${this.settings.slideJobTtlS} s`);
     for (const id of await this.jobIds()) {
       const job = await this.job(id);
       if (!job) continue;
@@ -499,7 +501,7 @@ async function requestRef(request: segmentationProto.SubmitSlideJobRequest, sett
     await upload.write(request.image);
     return { uploadId: await upload.finish() };
   } catch (err) {
-    await upload.abort();
+    await upload.discard();
     throw err;
   }
 }

@@ -2,8 +2,8 @@
 // mounts), an http(s) URL read with range requests, or an upload streamed into the slide root
 // (uploads/). A reference is resolved the same way at submit (to check the slide and plan its
 // regions) and by every worker (to read its regions), so pixels never travel through the queue.
-import { createHash, randomUUID } from 'node:crypto';
-import { createWriteStream, promises as fs } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { createReadStream, createWriteStream, promises as fs, type WriteStream } from 'node:fs';
 import * as path from 'node:path';
 import { grpcError, status } from '@cfrsam/rpc';
 import { HttpRangeSource, openSlide, type Slide } from '@cfrsam/slides';
@@ -77,28 +77,52 @@ export interface UploadHeader {
   name: string;
   size: number;
   sha256: string;
+  /** Where the first chunk starts: 0, or the bytes held from an interrupted upload. */
+  offset?: number;
+}
+
+/** Uploads in progress in this process (two streams of the same file must not interleave). */
+const active = new Set<string>();
+
+const partialName = (sha256: string, size: number) => `.partial-${sha256}-${size}`;
+const uploadId = (sha256: string, name: string) => {
+  const ext = path.extname(name).toLowerCase();
+  return sha256 + (/^\.[a-z0-9]{1,8}$/.test(ext) ? ext : '');
+};
+
+/**
+ * How much of a file the slide root holds: complete (its upload id), or the bytes an interrupted
+ * upload left.
+ */
+export async function uploadStatus(root: string, sha256: string, size: number): Promise<{ received: number; uploadId: string }> {
+  if (!root) throw grpcError(status.FAILED_PRECONDITION, 'uploads are off on this gateway: start it with --slide-root DIR');
+  if (!/^[0-9a-f]{64}$/.test(sha256)) throw grpcError(status.INVALID_ARGUMENT, 'sha256 must be 64 lowercase hex digits');
+  const dir = path.join(root, UPLOAD_DIR);
+  const done = (await fs.readdir(dir).catch(() => [] as string[])).find((f) => f === sha256 || f.startsWith(`${sha256}.`));
+  if (done && (await fs.stat(path.join(dir, done))).size === size) return { received: size, uploadId: done };
+  const partial = await fs.stat(path.join(dir, partialName(sha256, size))).catch(() => null);
+  return { received: partial?.size ?? 0, uploadId: '' };
 }
 
 /**
- * Writes an upload into `<root>/uploads/` as its chunks arrive: a temporary file first, then, once
- * the size and SHA-256 match the header, renamed to `<sha256><ext>` (so the same file uploaded twice,
- * or an interrupted upload retried, ends as the same id). An upload that breaks off leaves nothing.
+ * Writes an upload into `<root>/uploads/` as its chunks arrive: to `.partial-<sha256>-<size>` first
+ * (kept when the stream breaks off, so a retry continues at its end), then, once the size and
+ * SHA-256 match the header, renamed to `<sha256><ext>` (the same file uploaded twice ends as the
+ * same id). A wrong checksum or an overlong stream removes the partial file. Partial files left
+ * behind are removed by the job sweeper after the job retention time.
  */
 export class SlideUpload {
   private readonly hash = createHash('sha256');
   private received = 0;
-  private readonly file;
+  private file: WriteStream | null = null;
   private failed: Error | null = null;
 
   private constructor(
     private readonly root: string,
     private readonly header: UploadHeader,
-    private readonly tmp: string,
+    private readonly partial: string,
     private readonly maxBytes: number,
-  ) {
-    this.file = createWriteStream(tmp, { flags: 'wx' });
-    this.file.on('error', (e) => (this.failed ??= e));
-  }
+  ) {}
 
   static async begin(root: string, header: UploadHeader, maxBytes: number): Promise<SlideUpload> {
     if (!root) throw grpcError(status.FAILED_PRECONDITION, 'uploads are off on this gateway: start it with --slide-root DIR');
@@ -113,41 +137,97 @@ export class SlideUpload {
     }
     const dir = path.join(root, UPLOAD_DIR);
     await fs.mkdir(dir, { recursive: true });
-    return new SlideUpload(root, header, path.join(dir, `.partial-${randomUUID()}`), maxBytes);
+    const key = `${header.sha256}-${header.size}`;
+    if (active.has(key)) throw grpcError(status.ABORTED, 'this file is being uploaded already; retry when that upload ends');
+    active.add(key);
+    const upload = new SlideUpload(root, header, path.join(dir, partialName(header.sha256, header.size)), maxBytes);
+    try {
+      await upload.open(header.offset ?? 0);
+    } catch (err) {
+      active.delete(key);
+      throw err;
+    }
+    return upload;
+  }
+
+  private async open(offset: number): Promise<void> {
+    if (offset > 0) {
+      const held = (await fs.stat(this.partial).catch(() => null))?.size ?? 0;
+      if (held !== offset) {
+        throw grpcError(
+          status.FAILED_PRECONDITION,
+          `cannot continue the upload at byte ${offset}: the gateway holds ${held} bytes of it (GetUploadStatus)`,
+        );
+      }
+      // The hash of what is held, so the checksum covers the whole file.
+      for await (const chunk of createReadStream(this.partial)) this.hash.update(chunk as Buffer);
+      this.received = offset;
+    }
+    this.file = createWriteStream(this.partial, { flags: offset > 0 ? 'a' : 'w' });
+    this.file.on('error', (e) => (this.failed ??= e));
   }
 
   get uploadId(): string {
-    const ext = path.extname(this.header.name).toLowerCase();
-    return this.header.sha256 + (/^\.[a-z0-9]{1,8}$/.test(ext) ? ext : '');
+    return uploadId(this.header.sha256, this.header.name);
   }
 
   async write(chunk: Uint8Array): Promise<void> {
     if (this.failed) throw this.failed;
     this.received += chunk.length;
     if (this.received > this.header.size || this.received > this.maxBytes) {
+      await this.discard();
       throw grpcError(status.INVALID_ARGUMENT, `upload is longer than the ${this.header.size} bytes announced`);
     }
     this.hash.update(chunk);
-    if (!this.file.write(chunk)) await new Promise<void>((resolve) => this.file.once('drain', resolve));
+    if (!this.file!.write(chunk)) await new Promise<void>((resolve) => this.file!.once('drain', resolve));
   }
 
   /** Checks size and checksum and keeps the file; returns the upload id. */
   async finish(): Promise<string> {
-    await new Promise<void>((resolve, reject) => this.file.end((err?: Error | null) => (err ? reject(err) : resolve())));
+    await this.close();
     if (this.failed) throw this.failed;
     if (this.received !== this.header.size) {
       throw grpcError(status.INVALID_ARGUMENT, `upload ended after ${this.received} of the ${this.header.size} bytes announced`);
     }
     const digest = this.hash.digest('hex');
-    if (digest !== this.header.sha256)
+    if (digest !== this.header.sha256) {
+      await this.discard();
       throw grpcError(status.INVALID_ARGUMENT, `upload checksum mismatch: got sha256 ${digest}, announced ${this.header.sha256}`);
-    await fs.rename(this.tmp, path.join(this.root, UPLOAD_DIR, this.uploadId));
+    }
+    await fs.rename(this.partial, path.join(this.root, UPLOAD_DIR, this.uploadId));
     return this.uploadId;
   }
 
-  /** Drops the partial file. */
-  async abort(): Promise<void> {
-    this.file.destroy();
-    await fs.rm(this.tmp, { force: true });
+  /** The stream broke off: keep what arrived for a retry to continue. */
+  async interrupted(): Promise<void> {
+    await this.close();
   }
+
+  /** Drops the partial file (corrupt: wrong checksum or too long). */
+  async discard(): Promise<void> {
+    await this.close();
+    await fs.rm(this.partial, { force: true });
+  }
+
+  private async close(): Promise<void> {
+    const file = this.file;
+    if (file && !file.closed) await new Promise<void>((resolve) => file.end(() => resolve()));
+    active.delete(`${this.header.sha256}-${this.header.size}`);
+  }
+}
+
+/** Removes partial uploads untouched for `maxAgeMs` (the job sweeper calls it). */
+export async function removeStalePartials(root: string, maxAgeMs: number, now = Date.now()): Promise<number> {
+  if (!root) return 0;
+  const dir = path.join(root, UPLOAD_DIR);
+  let removed = 0;
+  for (const f of await fs.readdir(dir).catch(() => [] as string[])) {
+    if (!f.startsWith('.partial-')) continue;
+    const st = await fs.stat(path.join(dir, f)).catch(() => null);
+    if (st && now - st.mtimeMs > maxAgeMs) {
+      await fs.rm(path.join(dir, f), { force: true });
+      removed++;
+    }
+  }
+  return removed;
 }

@@ -46,7 +46,7 @@ import {
   type SlideTask,
 } from './slideJobs';
 import { nucleusToLevel0, SeamLedger, TextSink } from './slideRegions';
-import { describeRef, openSlideRef, SlideUpload } from './slideSources';
+import { describeRef, openSlideRef, SlideUpload, uploadStatus } from './slideSources';
 
 const SERVICE = 'cfrsam.v1.Segmentation';
 
@@ -55,6 +55,9 @@ const SERVICE = 'cfrsam.v1.Segmentation';
  * else, e.g. features evicted between two stages, is retried up to --slide-max-deliver times.
  */
 const PERMANENT_CODES = new Set<number>([status.INVALID_ARGUMENT, status.OUT_OF_RANGE, status.UNIMPLEMENTED]);
+
+/** Answers of a busy gateway or stage: the region waits and tries again in the same delivery. */
+const BUSY_CODES = new Set<number>([status.RESOURCE_EXHAUSTED, status.UNAVAILABLE, status.DEADLINE_EXCEEDED]);
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref());
 
@@ -176,15 +179,24 @@ export class SlideWorker {
       const rect = { x: cell.x - m.x, y: cell.y - m.y, width: cell.width + 2 * m.x, height: cell.height + 2 * m.y };
       const region = await readRegionAtMpp(slide, rect, job.modelMpp, { slideMpp: job.mpp as Mpp });
       if (controller.signal.aborted) return;
-      const response = await this.pipeline.segment(
-        segmentationProto.SegmentRequest.fromPartial({
-          image: await encodeRgbPng(region),
-          promptMode: segmentationProto.PromptMode.PROMPT_MODE_AUTO,
-          minScore: job.minScore,
-          mpp: (region.mpp.x + region.mpp.y) / 2,
-        }),
-        { signal: controller.signal },
-      );
+      const request = segmentationProto.SegmentRequest.fromPartial({
+        image: await encodeRgbPng(region),
+        promptMode: segmentationProto.PromptMode.PROMPT_MODE_AUTO,
+        minScore: job.minScore,
+        mpp: (region.mpp.x + region.mpp.y) / 2,
+      });
+      // Admitted as the job's owner (its per-caller limits and fair share apply). A busy gateway or
+      // stage is waited for here rather than counted as a failed delivery of the task.
+      let response: segmentationProto.SegmentResponse;
+      for (let attempt = 1; ; attempt++) {
+        try {
+          response = await this.pipeline.segment(request, { signal: controller.signal, identity: job.owner });
+          break;
+        } catch (err) {
+          if (controller.signal.aborted || attempt >= 10 || !isServiceError(err) || !BUSY_CODES.has(err.code)) throw err;
+          await sleep(Math.min(10_000, 250 * 2 ** attempt));
+        }
+      }
       if (controller.signal.aborted) return;
       const b = job.band;
       const level0 = { width: job.width, height: job.height };
@@ -364,6 +376,7 @@ type SlideMethods = Pick<
   | 'streamSlideJobNuclei'
   | 'downloadSlideJobArtefact'
   | 'uploadSlide'
+  | 'getUploadStatus'
 >;
 
 /** A server-streaming handler over an async iterable, with backpressure; errors become a status. */
@@ -428,6 +441,10 @@ export function slideJobHandlers(runtime: SlideJobsRuntime | null): SlideMethods
       },
     ),
     uploadSlide: uploadHandler(() => require().store.settings),
+    getUploadStatus: unary('GetUploadStatus', async (request: segmentationProto.GetUploadStatusRequest) => {
+      const { received, uploadId } = await uploadStatus(require().store.settings.slideRoot, request.sha256, Number(request.size));
+      return { received, uploadId };
+    }),
   };
 }
 
@@ -445,7 +462,7 @@ function uploadHandler(
           if (!upload) {
             upload = await SlideUpload.begin(
               s.slideRoot,
-              { name: message.name, size: Number(message.size), sha256: message.sha256 },
+              { name: message.name, size: Number(message.size), sha256: message.sha256, offset: Number(message.offset) },
               s.slideUploadMaxMb * 1024 * 1024,
             );
             size = Number(message.size);
@@ -457,7 +474,7 @@ function uploadHandler(
         const uploadId = await upload.finish();
         callback(null, { uploadId, size });
       } catch (err) {
-        await upload?.abort().catch(() => undefined);
+        await upload?.interrupted().catch(() => undefined); // kept for a retry to continue (a corrupt one is gone)
         callback(toServiceError(slideStatusError(err, 'upload')));
       }
     })();

@@ -151,24 +151,35 @@ async function waitJob(client: Client, jobId: string, io: CliIo): Promise<segmen
   }
 }
 
-/** Streams a local file to UploadSlide (size and SHA-256 first); retried from the start when interrupted. */
-export async function uploadSlideFile(client: Client, file: string, io: CliIo, attempts = 3): Promise<string> {
+/**
+ * Streams a local file to UploadSlide (size and SHA-256 first). Before each attempt it asks the
+ * gateway what it holds: a complete copy is not sent again, and an interrupted upload continues
+ * where it broke off.
+ */
+export async function uploadSlideFile(client: Client, file: string, io: CliIo, attempts = 5): Promise<string> {
   const size = (await fs.stat(file)).size;
   const hash = createHash('sha256');
   for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
   const sha256 = hash.digest('hex');
   for (let attempt = 1; ; attempt++) {
     try {
+      const held = await unary(client, client.getUploadStatus, { sha256, size }, { timeoutMs: 30_000 });
+      if (held.uploadId) return held.uploadId;
+      const offset = Number(held.received);
+      if (offset > 0) io.stderr.write(`resuming the upload of ${file} at byte ${offset} of ${size}\n`);
       return await new Promise<string>((resolve, reject) => {
         const call = client.uploadSlide((err, res) => (err ? reject(err) : resolve(res!.uploadId)));
         void (async () => {
           let first = true;
           try {
-            for await (const chunk of createReadStream(file, { highWaterMark: 1024 * 1024 })) {
-              const message = { name: first ? path.basename(file) : '', size: first ? size : 0, sha256: first ? sha256 : '', data: chunk as Buffer };
+            for await (const chunk of createReadStream(file, { start: offset, highWaterMark: 1024 * 1024 })) {
+              const message = first
+                ? { name: path.basename(file), size, sha256, offset, data: chunk as Buffer }
+                : { name: '', size: 0, sha256: '', offset: 0, data: chunk as Buffer };
               first = false;
               if (!call.write(message)) await once(call, 'drain');
             }
+            if (first) call.write({ name: path.basename(file), size, sha256, offset, data: Buffer.alloc(0) });
             call.end();
           } catch (err) {
             call.cancel();
@@ -178,7 +189,7 @@ export async function uploadSlideFile(client: Client, file: string, io: CliIo, a
       });
     } catch (err) {
       const code = (err as { code?: number }).code;
-      if (attempt >= attempts || code === 3 || code === 9) throw err;
+      if (attempt >= attempts || code === 3) throw err;
       io.stderr.write(`upload of ${file} interrupted (${(err as Error).message.split('\n')[0]}); retrying\n`);
       await new Promise((r) => setTimeout(r, 500 * attempt));
     }
