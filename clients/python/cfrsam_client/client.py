@@ -267,6 +267,138 @@ class Client:
         model_info = self.model_info()
         return SegmentResult(self._call(self.stub.Refine, request, timeout), model_info)
 
+    # ------------------------------------------------------------------ slide jobs
+    # Whole slides as jobs that the gateways' workers share (a gateway started with --nats-url).
+
+    def upload_slide(self, path, chunk_mb=4, timeout=None):
+        """Streams a slide file into the gateway's slide root; returns its upload_id."""
+        import hashlib
+        import os
+
+        size = os.path.getsize(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+
+        def chunks():
+            with open(path, "rb") as f:
+                data = f.read(chunk_mb << 20)
+                yield pb.UploadSlideRequest(
+                    name=os.path.basename(path), size=size, sha256=digest.hexdigest(), data=data
+                )
+                while True:
+                    data = f.read(chunk_mb << 20)
+                    if not data:
+                        return
+                    yield pb.UploadSlideRequest(data=data)
+
+        return self._call(self.stub.UploadSlide, chunks(), timeout).upload_id
+
+    def submit_slide_job(
+        self,
+        path=None,
+        *,
+        url=None,
+        upload_id=None,
+        roi=None,
+        mpp=0.0,
+        region_size=0,
+        overlap=0,
+        min_score=0.0,
+        request_id="",
+        timeout=60,
+    ):
+        """Queues a slide job: `path` relative to the gateway's slide root, `url`, or `upload_id`.
+
+        roi: (x, y, width, height) in level-0 pixels, or a list of (x, y) polygon points.
+        Returns the job id (the same one again for a request_id already submitted).
+        """
+        given = [v for v in (path, url, upload_id) if v]
+        if len(given) != 1:
+            raise ValueError("give exactly one of path, url or upload_id")
+        ref = (
+            pb.SlideReference(path=path)
+            if path
+            else pb.SlideReference(url=url)
+            if url
+            else pb.SlideReference(upload_id=upload_id)
+        )
+        request = pb.SubmitSlideJobRequest(
+            slide=ref, mpp=mpp, region_size=region_size, overlap=overlap, min_score=min_score, request_id=request_id
+        )
+        if roi is not None:
+            if len(roi) == 4 and all(isinstance(v, (int, float)) for v in roi):
+                request.roi.CopyFrom(pb.SlideRoi(x=roi[0], y=roi[1], width=roi[2], height=roi[3]))
+            else:
+                request.roi.CopyFrom(pb.SlideRoi(polygon=[pb.Point(x=x, y=y) for x, y in roi]))
+        return self._call(self.stub.SubmitSlideJob, request, timeout).job_id
+
+    def slide_job(self, job_id, timeout=30):
+        """The job's state and progress (SlideJob: state, tiles_done / tiles_total, nuclei, eta_s...)."""
+        return self._call(self.stub.GetSlideJob, pb.GetSlideJobRequest(job_id=job_id), timeout)
+
+    def wait_slide_job(self, job_id, poll_s=2.0, timeout=None, on_progress=None):
+        """Polls until the job is DONE, FAILED or CANCELLED and returns it; raises CfrsamError(FAILED_PRECONDITION)
+        when it did not finish DONE, TimeoutError after `timeout` seconds."""
+        import time
+
+        started = time.monotonic()
+        finished = (pb.SLIDE_JOB_STATE_DONE, pb.SLIDE_JOB_STATE_FAILED, pb.SLIDE_JOB_STATE_CANCELLED)
+        while True:
+            job = self.slide_job(job_id)
+            if on_progress:
+                on_progress(job)
+            if job.state in finished:
+                if job.state != pb.SLIDE_JOB_STATE_DONE:
+                    state = pb.SlideJobState.Name(job.state)
+                    raise CfrsamError(grpc.StatusCode.FAILED_PRECONDITION, f"slide job {job_id} {state}: {job.error}")
+                return job
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise TimeoutError(
+                    f"slide job {job_id} not done after {timeout} s ({job.tiles_done}/{job.tiles_total} regions)"
+                )
+            time.sleep(poll_s)
+
+    def slide_job_nuclei(self, job_id, page_size=1000, timeout=None):
+        """The nuclei of a DONE job in level-0 pixels, each once, streamed page by page (a generator)."""
+        request = pb.StreamSlideJobNucleiRequest(job_id=job_id, page_size=page_size)
+        try:
+            for page in self.stub.StreamSlideJobNuclei(
+                request, timeout=timeout or self.timeout, metadata=self.metadata
+            ):
+                yield from page.nuclei
+        except grpc.RpcError as err:
+            raise CfrsamError(err.code(), err.details()) from None
+
+    def download_slide_job_artefact(self, job_id, name, path, timeout=None):
+        """Writes an artefact of a DONE job (SlideJob.artefacts: GeoJSON gzip, CSV, summary) to `path`."""
+        request = pb.DownloadSlideJobArtefactRequest(job_id=job_id, name=name)
+        try:
+            with open(path, "wb") as f:
+                for chunk in self.stub.DownloadSlideJobArtefact(
+                    request, timeout=timeout or self.timeout, metadata=self.metadata
+                ):
+                    f.write(chunk.data)
+        except grpc.RpcError as err:
+            raise CfrsamError(err.code(), err.details()) from None
+        return path
+
+    def cancel_slide_job(self, job_id, timeout=30):
+        return self._call(self.stub.CancelSlideJob, pb.CancelSlideJobRequest(job_id=job_id), timeout)
+
+    def list_slide_jobs(self, page_size=50, timeout=30):
+        """All slide jobs, newest first (follows the pages)."""
+        jobs, token = [], ""
+        while True:
+            page = self._call(
+                self.stub.ListSlideJobs, pb.ListSlideJobsRequest(page_size=page_size, page_token=token), timeout
+            )
+            jobs.extend(page.jobs)
+            token = page.next_page_token
+            if not token:
+                return jobs
+
 
 def _mode(mode):
     if mode is None:

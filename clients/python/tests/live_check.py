@@ -8,6 +8,7 @@ Exits non-zero on the first failed check and prints a JSON summary on success.
 """
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -145,7 +146,28 @@ def check_tls(address, ca, token, image_path):
         return len(result.nuclei)
 
 
+def check_slide_job(address, image_path):
+    """Slide-job helpers (a gateway with --nats-url): upload, submit, wait, stream the nuclei."""
+    with Client(address) as client:
+        upload_id = client.upload_slide(image_path)
+        job_id = client.submit_slide_job(upload_id=upload_id, mpp=0.25, region_size=256, request_id="py-check")
+        check(
+            client.submit_slide_job(upload_id=upload_id, mpp=0.25, region_size=256, request_id="py-check") == job_id,
+            "same request id, same job",
+        )
+        seen = []
+        job = client.wait_slide_job(job_id, poll_s=1, timeout=300, on_progress=lambda j: seen.append(j.tiles_done))
+        check(job.tiles_done == job.tiles_total > 0, "every region done")
+        nuclei = list(client.slide_job_nuclei(job_id, page_size=50))
+        check(len(nuclei) == job.nuclei > 0, f"streamed nuclei = the job's count ({len(nuclei)} vs {job.nuclei})")
+        check(len({n.id for n in nuclei}) == len(nuclei), "each nucleus once")
+        check(any(j.job_id == job_id for j in client.list_slide_jobs()), "the job is listed")
+        return len(nuclei)
+
+
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    if os.environ.get("CFRSAM_SLIDE_JOBS"):
+        print(json.dumps({"slide_job_nuclei": check_slide_job(sys.argv[1], sys.argv[2])}))
     if len(sys.argv) > 5:
         print(json.dumps({"tls_nuclei": check_tls(sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[2])}))
