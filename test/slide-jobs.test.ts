@@ -363,6 +363,20 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     expect(page2.nextPageToken).toBe('');
   }, 240_000);
 
+  it('a gateway that stays up while nats-server restarts reconnects and finishes its job', async () => {
+    const gw = gateways[0];
+    const small = { x: 700, y: 1200, width: 256, height: 256, polygon: [] };
+    const job = await unary(gw.client, gw.client.submitSlideJob, submitRequest({ slide: bySlidePath('CMU-1.svs'), roi: small }));
+    await nats.stop();
+    // While NATS is away the job API answers UNAVAILABLE-like errors, never crashes the gateway.
+    await expect(unary(gw.client, gw.client.getSlideJob, { jobId: job.jobId }, { timeoutMs: 3000 })).rejects.toBeDefined();
+    nats = await startTestNatsServer({ port: nats.port, storeDir: nats.storeDir });
+    const done = await waitFinished(() => gw.client, job.jobId);
+    expect(done.state, done.error).toBe(SlideJobState.SLIDE_JOB_STATE_DONE);
+    expect(done.nuclei).toBeGreaterThan(0);
+    expect(gw.child.exitCode).toBeNull();
+  }, 120_000);
+
   it('cancels a running job: its work stops within seconds and its results are deleted', async () => {
     const gw = gateways[0];
     const nc = await connect({ servers: nats.url });
