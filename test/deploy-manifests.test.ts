@@ -58,6 +58,9 @@ function tsFilesUnder(dir: string): string[] {
   return out;
 }
 
+/** Read by Node itself rather than by our code (TMPDIR: os.tmpdir(), where artefacts are staged). */
+const NODE_RUNTIME_ENV = new Set(['TMPDIR', 'NODE_OPTIONS']);
+
 /** Environment variables a service reads: string literals in its source and in the shared packages. */
 function envReadBy(stage: string): (name: string) => boolean {
   const text = [
@@ -66,7 +69,7 @@ function envReadBy(stage: string): (name: string) => boolean {
   ]
     .map((f) => fs.readFileSync(f, 'utf8'))
     .join('\n');
-  return (name) => text.includes(`'${name}'`) || text.includes(`"${name}"`);
+  return (name) => NODE_RUNTIME_ENV.has(name) || text.includes(`'${name}'`) || text.includes(`"${name}"`);
 }
 
 /**
