@@ -5,6 +5,7 @@
 // gRPC adapter in production, in-memory fakes in the unit tests; nothing here knows the transport.
 import { createHash } from 'node:crypto';
 import { setMaxListeners } from 'node:events';
+import { imageSize } from 'image-size';
 import sharp from 'sharp';
 import { digestTile, type Manifest } from '@cfrsam/contract';
 import {
@@ -188,16 +189,25 @@ export class SegmentationPipeline {
   /**
    * Work of a Segment request for admission: its pixels at the model's resolution, read from the
    * image header (no pixel decoded). An unreadable header counts as one tile; decoding reports it.
+   * The header is parsed synchronously in JS (image-size), not by sharp: sharp's calls queue in
+   * libuv's thread pool behind the pixel work of running requests, which under load delayed the
+   * pricing (and so the early refusals) by seconds.
    */
   private async segmentWork(request: segmentationProto.SegmentRequest): Promise<number> {
     const tile = this.S * this.S;
+    const mpp = request.mpp > 0 ? request.mpp : this.manifest.mpp;
+    const scale = mpp / this.manifest.mpp;
+    const area = (width = 0, height = 0) => Math.max(tile, width * height * scale * scale);
     try {
-      const meta = await sharp(request.image, { limitInputPixels: false }).metadata();
-      const mpp = request.mpp > 0 ? request.mpp : this.manifest.mpp;
-      const scale = mpp / this.manifest.mpp;
-      return Math.max(tile, (meta.width ?? 0) * (meta.height ?? 0) * scale * scale);
+      const { width, height } = imageSize(request.image);
+      return area(width, height);
     } catch {
-      return tile;
+      try {
+        const meta = await sharp(request.image, { limitInputPixels: false }).metadata();
+        return area(meta.width, meta.height);
+      } catch {
+        return tile;
+      }
     }
   }
 
