@@ -199,8 +199,12 @@ export class SegmentationPipeline {
     const scale = mpp / this.manifest.mpp;
     const area = (width = 0, height = 0) => Math.max(tile, width * height * scale * scale);
     try {
-      const { width, height } = imageSize(request.image);
-      return area(width, height);
+      const { width, height, type } = imageSize(request.image);
+      // Formats the gateway refuses, and images over its limit, are refused by decoding with
+      // INVALID_ARGUMENT; priced as a tile they pass admission to get that answer.
+      if (!type || !DECODED_FORMATS.has(type)) return tile;
+      const pixels = area(width, height);
+      return pixels > this.config.maxImagePixels ? tile : pixels;
     } catch {
       try {
         const meta = await sharp(request.image, { limitInputPixels: false }).metadata();
@@ -591,6 +595,9 @@ export class SegmentationPipeline {
     };
   }
 }
+
+/** Image formats (image-size's names) that the gateway decodes (@cfrsam/nuclei decodeImage). */
+const DECODED_FORMATS: ReadonlySet<string> = new Set(['png', 'jpg', 'tiff', 'webp', 'gif']);
 
 /** An admission refusal as the gRPC status the spec means (see admission/admission.ts). */
 function admissionError(err: AdmissionRejected): Error {
