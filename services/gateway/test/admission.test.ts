@@ -63,6 +63,14 @@ describe('AdaptiveLimit', () => {
     expect(limit.limit).toBe(3);
   });
 
+  it('does not grow while nothing waits behind the limit (requests sent one after another)', () => {
+    const limit = new AdaptiveLimit({ initial: 1 });
+    for (let i = 0; i < 10; i++) limit.update({ latencyMs: 1000, work: MPX, inFlight: 1, queued: 0 });
+    expect(limit.limit).toBe(1);
+    limit.update({ latencyMs: 1000, work: MPX, inFlight: 1, queued: 5 });
+    expect(limit.limit).toBe(2);
+  });
+
   it('does not grow on samples taken while the limit was not in use', () => {
     const limit = new AdaptiveLimit({ initial: 3 });
     for (let i = 0; i < 10; i++) limit.update({ latencyMs: 1000, work: MPX, inFlight: 1 });
@@ -322,14 +330,29 @@ describe('Admission', () => {
     expect(events.filter(([e]) => e === 'goodput').map(([, id]) => id)).toEqual(['a']);
   });
 
-  it('adapts: the adaptive limit grows while latency per pixel holds', async () => {
+  it('adapts: the adaptive limit grows while requests wait behind it and latency per pixel holds', async () => {
     const limit = new AdaptiveLimit({ initial: 1 });
     const { admission, clock } = make({ limit });
     for (let i = 0; i < 3; i++) {
       const tickets = await Promise.all(Array.from({ length: limit.limit }, () => admission.acquire({ identity: 'a', pixels: MPX })));
+      const waiting = admission.acquire({ identity: 'a', pixels: MPX });
       clock.advance(1000);
       for (const t of tickets) t.release({ ok: true });
+      const late = await waiting;
+      clock.advance(1000);
+      late.release({ ok: true });
     }
     expect(limit.limit).toBeGreaterThan(1);
+  });
+
+  it('keeps the limit at 1 for requests that come one after another', async () => {
+    const limit = new AdaptiveLimit({ initial: 1 });
+    const { admission, clock } = make({ limit });
+    for (let i = 0; i < 5; i++) {
+      const ticket = await admission.acquire({ identity: 'a', pixels: MPX });
+      clock.advance(1000);
+      ticket.release({ ok: true });
+    }
+    expect(limit.limit).toBe(1);
   });
 });

@@ -34,6 +34,11 @@ export interface LimitSample {
   work: number;
   /** Requests running when it started, itself included. */
   inFlight: number;
+  /**
+   * Requests waiting for admission when it finished (undefined: unknown, taken as some). With none
+   * waiting the limit did not hold anyone back, so its answer earns no growth.
+   */
+  queued?: number;
   /** It failed for a reason that signals overload (a stage timed out or was exhausted). */
   dropped?: boolean;
 }
@@ -78,9 +83,10 @@ export class AdaptiveLimit {
     this.best = baseline;
     if (perUnit > this.tolerance * baseline) {
       this.value = Math.max(this.min, this.value * this.backoff);
-    } else if (sample.inFlight >= this.limit) {
-      // Only a limit in full use earns more: an idle gateway's fast answers say nothing about
-      // what one more concurrent request would cost.
+    } else if (sample.inFlight >= this.limit && (sample.queued ?? 1) > 0) {
+      // Only a limit in full use, with demand waiting behind it, earns more: answers to requests
+      // sent one after another say nothing about what one more concurrent request would cost
+      // (learning 2 from them made a later burst start with two large images sharing the cores).
       this.value = Math.min(this.max, this.value + 1 / Math.max(1, this.limit));
     }
     return this.limit;

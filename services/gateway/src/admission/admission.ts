@@ -79,7 +79,10 @@ export type AdmissionEvent =
 
 export interface AdmissionOptions {
   /** The concurrency limit (shared with nothing else). */
-  limit: { readonly limit: number; update(sample: { latencyMs: number; work: number; inFlight: number; dropped?: boolean }): number };
+  limit: {
+    readonly limit: number;
+    update(sample: { latencyMs: number; work: number; inFlight: number; queued?: number; dropped?: boolean }): number;
+  };
   /** Requests waiting at most (default 1000). */
   maxQueue?: number;
   /** A request that waited this long without starting is refused (ms; default 60 000; 0: no bound). */
@@ -586,7 +589,13 @@ export class Admission {
         this.throughput.finish(end, ok ? request.pixels : 0);
         // A failure says nothing about latency (bad input fails fast), unless it signals overload.
         if (ok || dropped) {
-          this.options.limit.update({ latencyMs: end - now, work: request.pixels, inFlight: run.inFlightAtStart, dropped: dropped ?? false });
+          this.options.limit.update({
+            latencyMs: end - now,
+            work: request.pixels,
+            inFlight: run.inFlightAtStart,
+            queued: this.queuedCount,
+            dropped: dropped ?? false,
+          });
         }
         if (ok) {
           this.emit('answered', request.identity);
