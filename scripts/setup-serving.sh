@@ -20,9 +20,12 @@ npm install --no-audit --no-fund
 echo "setup: build (protos + TypeScript)"
 npm run build
 
-# `cfrsam`: npm links it into node_modules/.bin (the gateway's "bin"); put it on PATH too.
+# `cfrsam`: the gateway's "bin" in node_modules/.bin (npx cfrsam), and on PATH too. npm links a
+# workspace's bin only when its target exists at install time; on a fresh clone dist/ is built
+# after the install, so the link is made here as npm would make it.
 cli="$PWD/services/gateway/dist/cli/main.js"
 chmod +x "$cli"
+[ -e node_modules/.bin/cfrsam ] || ln -sfn ../@cfrsam/gateway/dist/cli/main.js node_modules/.bin/cfrsam
 bin_dir="${CFRSAM_BIN_DIR:-}"
 if [ -z "$bin_dir" ]; then
   for d in "$HOME/.local/bin" /usr/local/bin; do

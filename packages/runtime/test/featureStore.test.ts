@@ -25,7 +25,7 @@ describe.skipIf(skipReason !== null)('SharedFeatureStore on nats-server', () => 
   let store: SharedFeatureStore;
   const logs: string[] = [];
   const open = (extra: Partial<Parameters<typeof SharedFeatureStore.open>[0]> = {}) =>
-    SharedFeatureStore.open({ url: nats.url, maxBytes: 4 << 20, ttlMs: 60_000, timeoutMs: 2_000, log: (m) => logs.push(m), ...extra });
+    SharedFeatureStore.open({ url: nats.url, maxBytes: 4 << 20, ttlMs: 60_000, timeoutMs: 10_000, log: (m) => logs.push(m), ...extra }); // generous: CI machines are busy
   const values = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
 
   beforeAll(async () => {
@@ -75,6 +75,7 @@ describe.skipIf(skipReason !== null)('SharedFeatureStore on nats-server', () => 
     const outsider = open({ signingKey: 'a-guess' });
     try {
       expect(await signed.ready()).toBe(true);
+      expect(await outsider.ready()).toBe(true);
       const genuine = values(1000, 7);
       expect(await signed.put('v.signed', float32Bytes(genuine))).toBe(true);
       expect(float32Lookup(await signed.lookup('v.signed'), genuine.length).values).toEqual(genuine);
