@@ -13,7 +13,7 @@
 // full model. First phase: one client sends requests one after another for --sequential-s seconds
 // (no deadline); that also gives the gateway its throughput figure, as a running service has.
 // Then, per deadline, --clients clients send one request each at the same moment, each with its own
-// x-client-id. The local stack runs the gateway with the result cache off and a /metrics port,
+// x-client-id and its own connection. The local stack runs the gateway with the result cache off and a /metrics port,
 // whose admission figures (limit, throughput) are printed at the end.
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
@@ -136,8 +136,23 @@ async function main() {
         log: () => {},
       });
   const address = args.gateway ?? stack.gateway;
-  const client = makeClient(segmentationProto.SegmentationClient, address, { maxMessageBytes: 256 * 1024 * 1024 });
+  // One connection per simulated client, as separate clients have (grpc-js would otherwise share
+  // one subchannel, so every upload would queue behind the others on a single HTTP/2 connection).
+  const connections = new Map();
+  const clientFor = (clientId) => {
+    if (!connections.has(clientId)) {
+      connections.set(
+        clientId,
+        makeClient(segmentationProto.SegmentationClient, address, {
+          maxMessageBytes: 256 * 1024 * 1024,
+          channelOptions: { 'grpc.use_local_subchannel_pool': 1 },
+        }),
+      );
+    }
+    return connections.get(clientId);
+  };
   const segment = (image, clientId, options) => {
+    const client = clientFor(clientId);
     const metadata = new Metadata();
     metadata.set('x-client-id', clientId);
     return unary(client, client.segment, segmentationProto.SegmentRequest.fromPartial({ image }), { ...options, metadata });
@@ -248,7 +263,7 @@ async function main() {
       );
     }
   } finally {
-    client.close();
+    for (const c of connections.values()) c.close();
     await stack?.stop();
   }
 }
