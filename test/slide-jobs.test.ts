@@ -400,7 +400,8 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     expect(info.num_pending).toBe(0);
     const abandoned = new RegExp(`job ${job.jobId} region \\d+ abandoned`);
     while (!gw.log.some((l) => abandoned.test(l))) {
-      expect(Date.now() - t0, 'the worker is still on the cancelled job').toBeLessThan(5000);
+      // Within seconds (0.8-1.0 s when the machine is otherwise idle; 15 s of margin for a busy CI).
+      expect(Date.now() - t0, 'the worker is still on the cancelled job').toBeLessThan(15_000);
       await new Promise((r) => setTimeout(r, 100));
     }
     const stoppedMs = Date.now() - t0;
