@@ -204,6 +204,22 @@ describe('Admission', () => {
     running.release({ ok: true });
   });
 
+  it('does not charge the time of abandoned work to the next answer', async () => {
+    const { admission, clock } = make();
+    const warm = await admission.acquire({ identity: 'x', pixels: MPX });
+    clock.advance(1000);
+    warm.release({ ok: true });
+    // A request that fails after 8 s alone (its caller's deadline passed)...
+    const doomed = await admission.acquire({ identity: 'y', pixels: 4 * MPX });
+    clock.advance(8000);
+    doomed.release({ ok: false });
+    // ...and then 1 Mpx answered in 1 s: the rate stays 1 Mpx/s, not 1 Mpx per 9 s.
+    const next = await admission.acquire({ identity: 'z', pixels: MPX });
+    clock.advance(1000);
+    next.release({ ok: true });
+    expect(admission.stats().pixelsPerSecond).toBeCloseTo(MPX, -3);
+  });
+
   it('counts the throughput prior before any measurement (and nothing without one)', async () => {
     const none = make();
     await none.admission.acquire({ identity: 'x', pixels: MPX });

@@ -141,13 +141,21 @@ export class ThroughputEstimator {
     this.running++;
   }
 
-  /** A request ended; `pixels` > 0 when it was answered (failures add busy time, no pixels). */
+  /**
+   * A request ended; `pixels` > 0 when it was answered. A failure adds no pixels; the busy time of a
+   * stretch that served only failed work is dropped when the stages fall idle: it says nothing
+   * about how fast they answer (a request abandoned after 8 s would otherwise be charged to the next
+   * answer, and one 256 tile "taking" 8 s priced every later request far past its deadline, so
+   * nothing was admitted to correct the figure). Failures beside answered work stay counted.
+   */
   finish(now: number, pixels: number): void {
     this.advance(now);
     this.running = Math.max(0, this.running - 1);
     if (pixels > 0 && this.busyMs > 0) {
       this.pixels = this.pixels * this.decay + pixels;
       this.time = this.time * this.decay + this.busyMs;
+      this.busyMs = 0;
+    } else if (pixels <= 0 && this.running === 0) {
       this.busyMs = 0;
     }
   }
