@@ -42,6 +42,8 @@ describe('token files', () => {
     const auth = new CallAuthenticator({ tokenFile: file, reloadIntervalMs: 50, log: (m) => logs.push(m) });
     try {
       expect(auth.authenticate('Bearer alpha', 'x.Y/Z')).toMatchObject({ id: 'alpha', authenticated: true });
+      // The file watcher takes its baseline stat on its first poll; a change before it is no change.
+      await new Promise((r) => setTimeout(r, 300));
       fs.writeFileSync(file, '{ broken');
       for (let i = 0; i < 200 && logs.length === 0; i++) await new Promise((r) => setTimeout(r, 50)); // up to 10 s on a busy machine
       expect(logs.join('\n')).toMatch(/keeping the previous tokens/);
