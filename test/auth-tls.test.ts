@@ -2,7 +2,6 @@
 // loopback: the stage services run with an internal token (only the gateway, which sends it, gets
 // through), and a gateway serves TLS from certificate files (reloaded when they change) with a
 // token file of two identities. Certificates are made with openssl for each run.
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as https from 'node:https';
 import * as os from 'node:os';
@@ -23,7 +22,7 @@ import {
   unary,
   type RunningServer,
 } from '@cfrsam/rpc';
-import { freePort } from '@cfrsam/testing';
+import { freePort, makeTestCertificates } from '@cfrsam/testing';
 import { startGateway, type RunningGateway } from '../services/gateway/dist/server';
 import { checkHealth } from '../services/gateway/dist/cli/stack';
 import { startTestStack, type TestStack } from './stack';
@@ -39,35 +38,8 @@ let gateway: RunningGateway;
 let httpPort: number;
 let stackHttpPort: number;
 
-function openssl(...args: string[]): void {
-  execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
-}
-
 /** A CA, and `name`.pem/.key signed by it for 127.0.0.1 and localhost. */
-function makeCertificates(name: string, cn: string): void {
-  if (!fs.existsSync(path.join(dir, 'ca.pem'))) {
-    openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=cfrsam test CA');
-  }
-  fs.writeFileSync(path.join(dir, 'san.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\n');
-  openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${cn}`);
-  openssl(
-    'x509',
-    '-req',
-    '-in',
-    `${name}.csr`,
-    '-CA',
-    'ca.pem',
-    '-CAkey',
-    'ca.key',
-    '-CAcreateserial',
-    '-out',
-    `${name}.pem`,
-    '-days',
-    '2',
-    '-extfile',
-    'san.ext',
-  );
-}
+const makeCertificates = (name: string, cn: string) => makeTestCertificates(dir, name, cn);
 
 const file = (name: string) => path.join(dir, name);
 const tlsCredentials = (): ChannelCredentials => credentials.createSsl(fs.readFileSync(file('ca.pem')));

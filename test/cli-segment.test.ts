@@ -3,36 +3,25 @@
 // with a clear message; two inputs with one name get distinct outputs; --origin, --downsample and
 // --qupath-classes put the GeoJSON in the slide's coordinates with QuPath's names; --progress
 // reports an ETA.
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { PassThrough } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CallAuthenticator, hashToken } from '@cfrsam/rpc';
+import { makeTestCertificates, opensslAvailable } from '@cfrsam/testing';
 import { startGateway, type RunningGateway } from '../services/gateway/dist/server';
 import { runSegment } from '../services/gateway/dist/cli/segment';
 import { startTestStack, type TestStack } from './stack';
 import { blobGrid, syntheticPng } from './synthetic';
 
 const TOKEN = 'cli-test-token-0123456789';
-const hasOpenssl = (() => {
-  try {
-    execFileSync('openssl', ['version'], { stdio: 'pipe' });
-    return true;
-  } catch {
-    return false;
-  }
-})();
+const hasOpenssl = opensslAvailable();
 if (!hasOpenssl) console.warn('skipping the cfrsam segment TLS test: openssl not found (scripts/setup-dev.sh installs it)');
 
 let dir: string;
 let stack: TestStack;
 let gateway: RunningGateway;
-
-function openssl(...args: string[]): void {
-  execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
-}
 
 async function cli(args: string[]): Promise<{ code: number; out: string; err: string }> {
   const stdout = new PassThrough();
@@ -48,26 +37,7 @@ async function cli(args: string[]): Promise<{ code: number; out: string; err: st
 describe.skipIf(!hasOpenssl)('cfrsam segment over TLS with a token', () => {
   beforeAll(async () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-cli-'));
-    openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=cfrsam cli test CA');
-    fs.writeFileSync(path.join(dir, 'san.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\n');
-    openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'server.key', '-out', 'server.csr', '-subj', '/CN=gateway');
-    openssl(
-      'x509',
-      '-req',
-      '-in',
-      'server.csr',
-      '-CA',
-      'ca.pem',
-      '-CAkey',
-      'ca.key',
-      '-CAcreateserial',
-      '-out',
-      'server.pem',
-      '-days',
-      '2',
-      '-extfile',
-      'san.ext',
-    );
+    makeTestCertificates(dir, 'server', 'gateway');
     fs.writeFileSync(
       path.join(dir, 'tokens.json'),
       JSON.stringify({ tokens: [{ sha256: hashToken(TOKEN), identity: 'cli', rights: ['cfrsam.v1.Segmentation/*'] }] }),

@@ -3,14 +3,14 @@
 // through a live stack: numpy label map and masks, COCO RLE, the PNG label map, Refine, QuPath
 // GeoJSON in slide coordinates, a clear error for bad input; and TLS with a CA file and a bearer
 // token against a gateway that checks both (clients/python/tests/live_check.py).
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CallAuthenticator, hashToken } from '@cfrsam/rpc';
-import { natsSkipReason, startTestNatsServer, type TestNatsServer } from '@cfrsam/testing';
+import { makeTestCertificates, natsSkipReason, startTestNatsServer, type TestNatsServer } from '@cfrsam/testing';
 import { startGateway, type RunningGateway } from '../services/gateway/dist/server';
 import { startTestStack, type TestStack } from './stack';
 
@@ -38,7 +38,6 @@ describe.skipIf(missing !== '')('Python client against a live stack', () => {
   let tlsGateway: RunningGateway;
   let nats: TestNatsServer | undefined;
   let slideRoot: string;
-  const openssl = (...args: string[]) => execFileSync('openssl', args, { cwd: certs, stdio: 'pipe' });
 
   beforeAll(async () => {
     venv = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-py-'));
@@ -60,26 +59,7 @@ describe.skipIf(missing !== '')('Python client against a live stack', () => {
     });
     // A second gateway in front of the same stages, serving TLS and checking tokens.
     certs = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-py-tls-'));
-    openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=cfrsam py test CA');
-    fs.writeFileSync(path.join(certs, 'san.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\n');
-    openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'server.key', '-out', 'server.csr', '-subj', '/CN=gateway');
-    openssl(
-      'x509',
-      '-req',
-      '-in',
-      'server.csr',
-      '-CA',
-      'ca.pem',
-      '-CAkey',
-      'ca.key',
-      '-CAcreateserial',
-      '-out',
-      'server.pem',
-      '-days',
-      '2',
-      '-extfile',
-      'san.ext',
-    );
+    makeTestCertificates(certs, 'server', 'gateway');
     fs.writeFileSync(
       path.join(certs, 'tokens.json'),
       JSON.stringify({ tokens: [{ sha256: hashToken(TOKEN), identity: 'python', rights: ['cfrsam.v1.Segmentation/*'] }] }),

@@ -18,25 +18,12 @@ import { startHttpGateway, type RunningHttpGateway } from './http';
 import { SegmentationPipeline } from './pipeline';
 import { GrpcStages } from './stages/grpcStages';
 import { DEFAULT_SLIDE_JOB_SETTINGS, type SlideJobSettings } from './slideJobs';
-import { slideJobHandlers, startSlideJobs, type SlideJobsRuntime } from './slideWorker';
+import { slideJobHandlers, startSlideJobs, type SlideJobsRuntime, type SlideMethods } from './slideWorker';
 
 export const SEGMENTATION_SERVICE_NAME = 'cfrsam.v1.Segmentation';
 export const DEFAULT_GATEWAY_PORT = 50051;
 
-export function segmentationHandlers(
-  pipeline: SegmentationPipeline,
-): Omit<
-  segmentationProto.SegmentationServer,
-  | 'submitSlideJob'
-  | 'getSlideJob'
-  | 'getSlideJobResult'
-  | 'listSlideJobs'
-  | 'cancelSlideJob'
-  | 'streamSlideJobNuclei'
-  | 'downloadSlideJobArtefact'
-  | 'uploadSlide'
-  | 'getUploadStatus'
-> {
+export function segmentationHandlers(pipeline: SegmentationPipeline): Omit<segmentationProto.SegmentationServer, keyof SlideMethods> {
   return {
     segment: unaryHandler(`${SEGMENTATION_SERVICE_NAME}/Segment`, async (request: segmentationProto.SegmentRequest, ctx) => {
       ctx.span.setAttributes({ 'cfrsam.image_bytes': request.image.length, [SpanAttributes.prompts]: request.prompts.length });

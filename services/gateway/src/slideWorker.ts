@@ -366,7 +366,8 @@ export class SlideWorker {
   }
 }
 
-type SlideMethods = Pick<
+/** The Segmentation methods of slide jobs (served here; segmentationHandlers serves the rest). */
+export type SlideMethods = Pick<
   segmentationProto.SegmentationServer,
   | 'submitSlideJob'
   | 'getSlideJob'
