@@ -399,13 +399,11 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     const info = await consumerInfo(nc);
     expect(info.num_pending).toBe(0);
     const abandoned = new RegExp(`job ${job.jobId} region \\d+ abandoned`);
-    // Any gateway may hold the region in flight: every one of them is a worker.
+    // Any gateway may hold the region in flight: every one of them is a worker, and it abandons
+    // the region when it sees the cancel. A region that finished just before the cancel leaves
+    // nothing to abandon; either way no region of the job completes afterwards (checked below).
     const abandonment = () => gateways.flatMap((g) => g.log).find((l) => abandoned.test(l));
-    while (!abandonment()) {
-      // Within seconds (0.8-1.0 s when the machine is otherwise idle; 15 s of margin for a busy CI).
-      expect(Date.now() - t0, 'the worker is still on the cancelled job').toBeLessThan(15_000);
-      await new Promise((r) => setTimeout(r, 100));
-    }
+    while (!abandonment() && Date.now() - t0 < 15_000) await new Promise((r) => setTimeout(r, 100));
     const stoppedMs = Date.now() - t0;
     const doneAtCancel = (await unary(gw.client, gw.client.getSlideJob, { jobId: job.jobId })).tilesDone;
     await new Promise((r) => setTimeout(r, 1500));
@@ -417,7 +415,9 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     // Cancelling again answers the cancelled job.
     expect((await unary(gw.client, gw.client.cancelSlideJob, { jobId: job.jobId })).state).toBe(SlideJobState.SLIDE_JOB_STATE_CANCELLED);
     await nc.close();
-    console.log(`cancel: the region in flight abandoned ${stoppedMs} ms after CancelSlideJob returned: ${abandonment()}`);
+    console.log(
+      `cancel: ${abandonment() ? `the region in flight abandoned ${stoppedMs} ms after CancelSlideJob returned: ${abandonment()}` : 'no region was in flight'}`,
+    );
   }, 240_000);
 
   it('streams an upload into the slide root: an interrupted upload is continued by the retry (the CLI), a bad checksum or size leaves nothing', async () => {
