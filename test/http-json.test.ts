@@ -155,6 +155,20 @@ describe('HTTP/JSON API', () => {
     expect((await fetch(`${base}/healthz`)).status).toBe(200);
   });
 
+  it('prices a request announcing its image size (X-Image-Size) from its headers, before reading the body', async () => {
+    // The body is not even JSON: the malformed header is answered first, so the body was never parsed.
+    const malformed = await fetch(`${base}/v1/segment`, { method: 'POST', body: '{oops', headers: { 'x-image-size': 'big' } });
+    expect(malformed.status).toBe(400);
+    expect(((await malformed.json()) as { message: string }).message).toMatch(/x-image-size must be WIDTHxHEIGHT/);
+    const png = await syntheticPng(512, 512, blobGrid([60, 300], [70, 400]));
+    const understated = await post('/v1/segment', { image: png.toString('base64') }, { 'x-image-size': '256x256' });
+    expect(understated.status).toBe(400);
+    expect(((await understated.json()) as { message: string }).message).toMatch(/more than the \d+ its x-image-size header announced/);
+    const truthful = await post('/v1/segment', { image: png.toString('base64') }, { 'x-image-size': '512x512' });
+    expect(truthful.status).toBe(200);
+    expect(((await truthful.json()) as { width: number }).width).toBe(512);
+  });
+
   it('allows the configured browser origin (CORS preflight) and no other', async () => {
     const pre = await fetch(`${base}/v1/segment`, {
       method: 'OPTIONS',

@@ -2,7 +2,8 @@
 // processes over loopback gRPC): a request whose deadline passes mid-way ends DEADLINE_EXCEEDED and
 // no decoder batch runs for it afterwards; a request refused early for its deadline is refused
 // within a second with a retry delay and costs no stage any work; a caller over its per-identity
-// limit gets RESOURCE_EXHAUSTED with a retry delay while another caller is served. Stage work is
+// limit gets RESOURCE_EXHAUSTED with a retry delay while another caller is served; a request that
+// announces its image size in x-image-size is priced from its headers. Stage work is
 // counted from each stage's Prometheus endpoint: cfrsam_pool_queue_seconds_count counts the
 // onnxruntime runs per graph (decoder_prompts: one per decoder batch).
 import { Metadata, type ServiceError, status } from '@grpc/grpc-js';
@@ -14,6 +15,18 @@ import { blobGrid, syntheticPng } from './synthetic';
 
 let stack: TestStack;
 const metricsPorts: Record<'prompter' | 'encoder' | 'decoder', number> = { prompter: 0, encoder: 0, decoder: 0 };
+let gatewayMetricsPort = 0;
+
+/** The gateway's cfrsam_admission_total, by event. */
+async function admissionEvents(): Promise<Record<string, number>> {
+  const text = await (await fetch(`http://127.0.0.1:${gatewayMetricsPort}/metrics`)).text();
+  const events: Record<string, number> = {};
+  for (const line of text.split('\n')) {
+    const m = /^cfrsam_admission_total\{[^}]*event="([^"]+)"[^}]*\} (\d+)/.exec(line);
+    if (m) events[m[1]] = Number(m[2]);
+  }
+  return events;
+}
 
 /** onnxruntime runs so far, per graph, summed over the stage services. */
 async function graphRuns(): Promise<Record<string, number>> {
@@ -28,9 +41,15 @@ async function graphRuns(): Promise<Record<string, number>> {
   return runs;
 }
 
-function segment(request: Partial<segmentationProto.SegmentRequest>, client: string, timeoutMs: number): Promise<segmentationProto.SegmentResponse> {
+function segment(
+  request: Partial<segmentationProto.SegmentRequest>,
+  client: string,
+  timeoutMs: number,
+  imageSize?: string,
+): Promise<segmentationProto.SegmentResponse> {
   const metadata = new Metadata();
   metadata.set('x-client-id', client);
+  if (imageSize) metadata.set('x-image-size', imageSize);
   return unary(stack.segmentation, stack.segmentation.segment, segmentationProto.SegmentRequest.fromPartial(request), { timeoutMs, metadata });
 }
 
@@ -51,6 +70,7 @@ let tileImage: Buffer;
 
 beforeAll(async () => {
   for (const kind of Object.keys(metricsPorts) as (keyof typeof metricsPorts)[]) metricsPorts[kind] = await freePort();
+  gatewayMetricsPort = await freePort();
   stack = await startTestStack({
     decoders: 1,
     args: {
@@ -58,7 +78,7 @@ beforeAll(async () => {
       encoder: ['--metrics-port', String(metricsPorts.encoder)],
       decoder: ['--metrics-port', String(metricsPorts.decoder)],
       // Every request runs the model (no result cache); one request at a time per caller.
-      gateway: ['--result-cache-mb', '0', '--max-requests-per-identity', '1'],
+      gateway: ['--result-cache-mb', '0', '--max-requests-per-identity', '1', '--metrics-port', String(gatewayMetricsPort)],
     },
   });
   const xs = Array.from({ length: 20 }, (_, i) => 24 + i * 50);
@@ -110,17 +130,46 @@ describe('overload', () => {
     for (const graph of ['prompter', 'encoder', 'decoder_image', 'decoder_prompts']) expect(after[graph] ?? 0).toBe(before[graph] ?? 0);
   }, 120_000);
 
+  it('a request announcing its size (x-image-size) is priced from its headers: refused before its body is read, or its place held', async () => {
+    // The gateway has its throughput figure from the previous test's answer. The body here is not
+    // an image at all: refused from the headers, the call never gets to decoding it.
+    const before = await admissionEvents();
+    const started = Date.now();
+    const err = await failure(segment({ image: Buffer.alloc(4 << 20, 1) }, 'announcing', 1_000, '1024x1024'));
+    expect(Date.now() - started).toBeLessThan(1_000);
+    expect(err.code).toBe(status.RESOURCE_EXHAUSTED);
+    expect(errorDetailsOf(err).metadata?.admission).toBe('deadline');
+    expect(errorDetailsOf(err).retryDelayMs).toBeGreaterThan(0);
+    // Announced truthfully with time to spare: its place is held from the headers and it is answered.
+    const answered = await segment({ image: tileImage }, 'announcing', 60_000, '256x256');
+    expect(answered.width).toBe(256);
+    const after = await admissionEvents();
+    expect((after.rejected_early ?? 0) - (before.rejected_early ?? 0)).toBe(1);
+    expect((after.reserved ?? 0) - (before.reserved ?? 0)).toBe(1);
+    // An image larger than announced, and a malformed header: INVALID_ARGUMENT naming the header.
+    const under = await failure(segment({ image: bigImage }, 'announcing', 60_000, '256x256'));
+    expect(under.code).toBe(status.INVALID_ARGUMENT);
+    expect(under.details).toMatch(/x-image-size/);
+    const malformed = await failure(segment({ image: tileImage }, 'announcing', 60_000, 'large'));
+    expect(malformed.code).toBe(status.INVALID_ARGUMENT);
+    expect(malformed.details).toMatch(/x-image-size must be WIDTHxHEIGHT/);
+  }, 120_000);
+
   it('a caller over its per-identity limit gets RESOURCE_EXHAUSTED with a retry delay while another caller is served', async () => {
-    const first = segment({ image: tileImage }, 'greedy', 60_000);
-    const second = failure(segment({ image: tileImage }, 'greedy', 60_000));
+    // Two calls of one caller at once: whichever arrives second is refused (their order on the
+    // wire is not fixed), while the other caller is served.
+    const greedy = [segment({ image: tileImage }, 'greedy', 60_000), segment({ image: tileImage }, 'greedy', 60_000)];
     const other = segment({ image: tileImage }, 'modest', 60_000);
-    const err = await second;
+    const outcomes = await Promise.allSettled(greedy);
+    const refused = outcomes.filter((o) => o.status === 'rejected');
+    expect(refused).toHaveLength(1);
+    const err = (refused[0] as PromiseRejectedResult).reason as ServiceError;
+    const first = (outcomes.find((o) => o.status === 'fulfilled') as PromiseFulfilledResult<segmentationProto.SegmentResponse>).value;
     expect(err.code).toBe(status.RESOURCE_EXHAUSTED);
     expect(err.details).toMatch(/client:greedy/);
     const details = errorDetailsOf(err);
     expect(details.retryDelayMs).toBeGreaterThan(0);
     expect(details.metadata?.admission).toBe('identity_concurrency');
-    const [a, b] = await Promise.all([first, other]);
-    expect([a.width, b.width]).toEqual([256, 256]);
+    expect([first.width, (await other).width]).toEqual([256, 256]);
   }, 120_000);
 });

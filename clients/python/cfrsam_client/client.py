@@ -10,7 +10,7 @@ import numpy as np
 from ._gen import segmentation_pb2 as pb
 from ._gen import segmentation_pb2_grpc as pb_grpc
 from .geojson import to_geojson
-from .images import decode_png16, image_bytes
+from .images import decode_png16, image_bytes, image_size
 from .rle import decode_box_rle, decode_coco_rle
 
 # A nucleus's mask inside its bounding box: mask[y - y0, x - x0] for image pixel (x, y).
@@ -198,9 +198,9 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, method, request, timeout):
+    def _call(self, method, request, timeout, metadata=()):
         try:
-            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+            return method(request, timeout=timeout or self.timeout, metadata=[*self.metadata, *metadata])
         except grpc.RpcError as err:
             raise CfrsamError(err.code(), err.details()) from None
 
@@ -236,8 +236,9 @@ class Client:
         origin / downsample: where the image lies in a slide (level-0 pixels, level-0 pixels per
         image pixel), for GeoJSON in the slide's coordinates.
         """
+        data = image_bytes(image)
         request = pb.SegmentRequest(
-            image=image_bytes(image),
+            image=data,
             model=model,
             prompts=[_prompt(p) for p in (prompts or [])],
             prompt_mode=_mode(mode),
@@ -251,7 +252,13 @@ class Client:
             label_map_encoding=pb.LABEL_MAP_ENCODING_PNG if label_map_png else pb.LABEL_MAP_ENCODING_RAW_UINT16,
         )
         model_info = self.model_info()
-        return SegmentResult(self._call(self.stub.Segment, request, timeout), model_info)
+        # The image's size announced in headers: the gateway prices the request before the upload
+        # and, when it cannot answer in time, refuses it at once rather than after receiving it.
+        size = image_size(data)
+        announce = [("x-image-size", f"{size[0]}x{size[1]}")] if size else []
+        if size and mpp > 0:
+            announce.append(("x-image-mpp", repr(float(mpp))))
+        return SegmentResult(self._call(self.stub.Segment, request, timeout, announce), model_info)
 
     def refine(self, image_id, prompts, *, label_map=False, masks=False, mask_encoding="box", timeout=None):
         """Segments new manual prompts on an image segmented recently (its image_id); only the decoder runs."""

@@ -51,6 +51,31 @@ def image_bytes(image):
     raise TypeError(f"image must be a path, bytes or a numpy array, not {type(image).__name__}")
 
 
+def image_size(data):
+    """(width, height) of encoded PNG or JPEG bytes, read from the header; None for other formats.
+
+    Sent as the x-image-size header, so the gateway prices a request before its body arrives.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+            # Start-of-frame markers (not DHT C4, JPG C8, DAC CC) carry height then width.
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+                return (width, height)
+            i += 2 + length
+    return None
+
+
 def decode_png16(data):
     """A 16-bit greyscale PNG (the service's label map) as an (H, W) uint16 array; needs Pillow."""
     try:

@@ -3,7 +3,7 @@
 // calls on SIGTERM/SIGINT before closing worker pools.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { Server, type ServiceDefinition, type UntypedServiceImplementation } from '@grpc/grpc-js';
+import { Server, type ServerInterceptor, type ServiceDefinition, type UntypedServiceImplementation } from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, protoPath as healthProtoPath, type ServingStatusMap } from 'grpc-health-check';
@@ -44,6 +44,8 @@ export interface StartServerOptions {
   tls?: ServerTlsOptions;
   /** Bearer-token authentication of every registered service (health stays open); off when absent. */
   auth?: CallAuthenticator;
+  /** grpc-js server interceptors, outermost first (they see a call's headers before its message). */
+  interceptors?: ServerInterceptor[];
   /** Runs after the server stopped: close worker pools, flush tracing, stop metrics. */
   onShutdown?: () => Promise<void> | void;
   /** Default: the process's structured logger (log.ts). */
@@ -130,7 +132,7 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   const host = options.host ?? '0.0.0.0';
   const maxMessageBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
   const graceMs = options.shutdownGraceMs ?? 15_000;
-  const server = new Server(serverChannelOptions(maxMessageBytes, options.connectionAge));
+  const server = new Server({ ...serverChannelOptions(maxMessageBytes, options.connectionAge), interceptors: options.interceptors ?? [] });
 
   for (const s of options.services) {
     server.addService(s.definition, options.auth ? authenticatedImplementation(s.definition, s.implementation, options.auth) : s.implementation);

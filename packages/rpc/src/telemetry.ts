@@ -70,6 +70,9 @@ export class ServiceMetrics {
       limit: meter.createGauge('cfrsam_admission_limit', { description: 'Current adaptive concurrency limit (requests run at once)' }),
       running: meter.createGauge('cfrsam_admission_running', { description: 'Requests running' }),
       queued: meter.createGauge('cfrsam_admission_queue_depth', { description: 'Requests waiting for admission (the HPA scales on it)' }),
+      reserved: meter.createGauge('cfrsam_admission_reserved', {
+        description: 'Requests priced from their headers (x-image-size) whose body has not arrived yet',
+      }),
       throughput: meter.createGauge('cfrsam_admission_throughput_pixels_per_second', {
         description: 'Measured throughput: pixels at the model resolution answered per second of busy time',
       }),
@@ -82,8 +85,9 @@ export class ServiceMetrics {
   }
 
   /** The admission controller's state after a change. */
-  admissionState(state: { limit: number; running: number; queued: number; pixelsPerSecond: number }): void {
+  admissionState(state: { limit: number; running: number; queued: number; pixelsPerSecond: number; reserved?: number }): void {
     this.admissionGauges.limit.record(state.limit, this.base);
+    this.admissionGauges.reserved.record(state.reserved ?? 0, this.base);
     this.admissionGauges.running.record(state.running, this.base);
     this.admissionGauges.queued.record(state.queued, this.base);
     this.admissionGauges.throughput.record(state.pixelsPerSecond, this.base);

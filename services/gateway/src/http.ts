@@ -10,7 +10,9 @@
 // GET /healthz. Errors answer with the
 // HTTP status that matches the gRPC code and a JSON body {code, status, message, details}
 // (RESOURCE_EXHAUSTED is 429 with Retry-After). An optional `x-timeout-ms` header is the request's
-// deadline; a client that disconnects cancels its request. CORS for browser viewers.
+// deadline; a client that disconnects cancels its request. An optional `x-image-size: WxH` (and
+// `x-image-mpp`) announces the image so the request is priced before its body is read, as on the
+// gRPC port (admission/door.ts). CORS for browser viewers.
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as https from 'node:https';
@@ -28,7 +30,9 @@ import {
   toServiceError,
 } from '@cfrsam/rpc';
 import { decodeImage, expandCells, labelMapFromBytes, parseQuPathClassMap, segmentResponseToGeoJson } from '@cfrsam/nuclei';
-import type { SegmentationPipeline } from './pipeline';
+import { AdmissionRejected, type AdmissionReservation } from './admission/admission';
+import { announcedSize } from './admission/door';
+import { admissionError, type SegmentationPipeline } from './pipeline';
 
 export interface HttpGatewayOptions {
   port: number;
@@ -194,6 +198,22 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
           ? `client:${declared}`
           : `peer:${req.socket.remoteAddress ?? 'unknown'}`,
     };
+    // As on the gRPC port (admission/door.ts): a request announcing its image's size in
+    // X-Image-Size is priced from its headers, before its body is read, and refused at once or
+    // its place held.
+    const reserveAnnounced = (): AdmissionReservation | undefined => {
+      const announced = announcedSize((name) => req.headers[name]);
+      if (!announced) return undefined;
+      try {
+        return pipeline.admission.reserve({
+          identity: ctx.identity,
+          pixels: pipeline.workOf(announced.width, announced.height, announced.mpp),
+          deadline: ctx.deadline?.getTime(),
+        });
+      } catch (err) {
+        throw err instanceof AdmissionRejected ? admissionError(err) : err;
+      }
+    };
     const route = `${req.method} ${(req.url ?? '').split('?')[0]}`;
     const open = route === 'GET /healthz' || req.method === 'OPTIONS';
     // As on the gRPC port: a server span in the caller's trace (W3C traceparent header) and one
@@ -242,8 +262,13 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
           case 'GET /v1/model':
             return send(res, 200, segmentationProto.ModelInfo.toJSON(pipeline.modelInfo()));
           case 'POST /v1/segment': {
-            const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
-            return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.segment(request, ctx)));
+            const reservation = reserveAnnounced();
+            try {
+              const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+              return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.segment(request, { ...ctx, reservation: reservation?.id })));
+            } finally {
+              reservation?.release();
+            }
           }
           case 'POST /v1/segment/geojson': {
             // The same request; the answer is QuPath GeoJSON in the slide's coordinates (the
@@ -258,11 +283,18 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
             // ?cells=UM grows each nucleus into a QuPath cell object (from the label map and the image).
             const cellsUm = Number(query.get('cells') ?? 0);
             if (!Number.isFinite(cellsUm) || cellsUm < 0) throw new HttpError(400, `cells must be a distance in µm >= 0, got ${query.get('cells')}`);
-            const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
-            const response = await pipeline.segment(
-              { ...request, returnLabelMap: cellsUm > 0, returnMasks: false, labelMapEncoding: undefined },
-              ctx,
-            );
+            const reservation = reserveAnnounced();
+            let request: segmentationProto.SegmentRequest;
+            let response: segmentationProto.SegmentResponse;
+            try {
+              request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+              response = await pipeline.segment(
+                { ...request, returnLabelMap: cellsUm > 0, returnMasks: false, labelMapEncoding: undefined },
+                { ...ctx, reservation: reservation?.id },
+              );
+            } finally {
+              reservation?.release();
+            }
             let cells;
             if (cellsUm > 0 && response.labelMap) {
               const image = await decodeImage(request.image, { maxPixels: Number.MAX_SAFE_INTEGER, minSide: 1 });

@@ -73,6 +73,8 @@ export interface RequestContext {
   signal?: AbortSignal;
   /** The caller (callIdentity(call).id): its requests queue and are limited together. */
   identity?: string;
+  /** The admission reservation the door (admission/door.ts) took from the call's headers. */
+  reservation?: string;
 }
 
 /** A manual prompt with its position in the request. */
@@ -194,25 +196,34 @@ export class SegmentationPipeline {
    * pricing (and so the early refusals) by seconds.
    */
   private async segmentWork(request: segmentationProto.SegmentRequest): Promise<number> {
-    const tile = this.S * this.S;
-    const mpp = request.mpp > 0 ? request.mpp : this.manifest.mpp;
-    const scale = mpp / this.manifest.mpp;
-    const area = (width = 0, height = 0) => Math.max(tile, width * height * scale * scale);
+    const mpp = request.mpp > 0 ? request.mpp : undefined;
     try {
       const { width, height, type } = imageSize(request.image);
-      // Formats the gateway refuses, and images over its limit, are refused by decoding with
-      // INVALID_ARGUMENT; priced as a tile they pass admission to get that answer.
-      if (!type || !DECODED_FORMATS.has(type)) return tile;
-      const pixels = area(width, height);
-      return pixels > this.config.maxImagePixels ? tile : pixels;
+      // Formats the gateway refuses are refused by decoding with INVALID_ARGUMENT; priced as a
+      // tile they pass admission to get that answer.
+      if (!type || !DECODED_FORMATS.has(type)) return this.S * this.S;
+      return this.workOf(width ?? 0, height ?? 0, mpp);
     } catch {
       try {
         const meta = await sharp(request.image, { limitInputPixels: false }).metadata();
-        return area(meta.width, meta.height);
+        return this.workOf(meta.width ?? 0, meta.height ?? 0, mpp);
       } catch {
-        return tile;
+        return this.S * this.S;
       }
     }
+  }
+
+  /**
+   * Work of an image of `width` x `height` at `mpp` (the model's when undefined): its pixels at
+   * the model's resolution, at least one tile. Images over the gateway's limit are refused by
+   * decoding with INVALID_ARGUMENT; priced as a tile they pass admission to get that answer.
+   */
+  workOf(width: number, height: number, mpp: number | undefined): number {
+    const tile = this.S * this.S;
+    const scale = (mpp && mpp > 0 ? mpp : this.manifest.mpp) / this.manifest.mpp;
+    const pixels = width * height * scale * scale;
+    if (width * height > this.config.maxImagePixels || pixels > this.config.maxImagePixels) return tile;
+    return Math.max(tile, pixels);
   }
 
   private stageCall(ctx: RequestContext, clock: StageClock): StageCall {
@@ -258,7 +269,7 @@ export class SegmentationPipeline {
    */
   private async admitted<T>(ctx: RequestContext, pixels: number, run: (ctx: RequestContext) => Promise<T>): Promise<T> {
     const ticket = await this.admission
-      .acquire({ identity: ctx.identity ?? 'anonymous', pixels, deadline: ctx.deadline?.getTime(), signal: ctx.signal })
+      .acquire({ identity: ctx.identity ?? 'anonymous', pixels, deadline: ctx.deadline?.getTime(), signal: ctx.signal, reservation: ctx.reservation })
       .catch((err: unknown) => {
         throw err instanceof AdmissionRejected ? admissionError(err) : err;
       });
@@ -600,12 +611,14 @@ export class SegmentationPipeline {
 const DECODED_FORMATS: ReadonlySet<string> = new Set(['png', 'jpg', 'tiff', 'webp', 'gif']);
 
 /** An admission refusal as the gRPC status the spec means (see admission/admission.ts). */
-function admissionError(err: AdmissionRejected): Error {
+export function admissionError(err: AdmissionRejected): Error {
   switch (err.kind) {
     case 'expired':
       return grpcError(status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for admission: ${err.message}`);
     case 'cancelled':
       return grpcError(status.CANCELLED, `cancelled while waiting for admission: ${err.message}`);
+    case 'misannounced':
+      return grpcError(status.INVALID_ARGUMENT, err.message);
     case 'identity_concurrency':
     case 'identity_rate':
       return grpcError(status.RESOURCE_EXHAUSTED, `${err.message}; other callers are still served`, {

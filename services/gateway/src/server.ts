@@ -15,7 +15,8 @@ import {
 import { loadManifest } from '@cfrsam/contract';
 import { DEFAULT_GATEWAY_CONFIG, type GatewayConfig } from './config';
 import { startHttpGateway, type RunningHttpGateway } from './http';
-import { SegmentationPipeline } from './pipeline';
+import { admissionDoor, RESERVATION_HEADER } from './admission/door';
+import { admissionError, SegmentationPipeline } from './pipeline';
 import { GrpcStages } from './stages/grpcStages';
 import { DEFAULT_SLIDE_JOB_SETTINGS, type SlideJobSettings } from './slideJobs';
 import { slideJobHandlers, startSlideJobs, type SlideJobsRuntime, type SlideMethods } from './slideWorker';
@@ -27,7 +28,13 @@ export function segmentationHandlers(pipeline: SegmentationPipeline): Omit<segme
   return {
     segment: unaryHandler(`${SEGMENTATION_SERVICE_NAME}/Segment`, async (request: segmentationProto.SegmentRequest, ctx) => {
       ctx.span.setAttributes({ 'cfrsam.image_bytes': request.image.length, [SpanAttributes.prompts]: request.prompts.length });
-      const response = await pipeline.segment(request, { deadline: ctx.deadline, signal: ctx.signal, identity: ctx.identity.id });
+      const reservation = ctx.metadata.get(RESERVATION_HEADER)[0];
+      const response = await pipeline.segment(request, {
+        deadline: ctx.deadline,
+        signal: ctx.signal,
+        identity: ctx.identity.id,
+        reservation: typeof reservation === 'string' ? reservation : undefined,
+      });
       recordTimings(response.timings);
       ctx.span.setAttributes({
         'cfrsam.image_id': response.imageId,
@@ -154,6 +161,16 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
       handleSignals: options.handleSignals,
       tls: options.tls,
       auth: options.auth,
+      // Segment calls that announce their image size are priced before their body arrives.
+      interceptors: [
+        admissionDoor({
+          admission: pipeline.admission,
+          methods: [`/${SEGMENTATION_SERVICE_NAME}/Segment`],
+          price: (width, height, mpp) => pipeline.workOf(width, height, mpp),
+          toStatus: admissionError,
+          auth: options.auth,
+        }),
+      ],
       reflection: options.reflection,
       onShutdown: async () => {
         await httpGateway?.close();

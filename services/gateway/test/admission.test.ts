@@ -204,6 +204,65 @@ describe('Admission', () => {
     running.release({ ok: true });
   });
 
+  it('reserves from the headers: a reservation is work ahead of later requests, and its request goes straight to the queue', async () => {
+    const { admission, clock, events } = make();
+    const warm = await admission.acquire({ identity: 'x', pixels: MPX });
+    clock.advance(1000);
+    warm.release({ ok: true });
+    const running = await admission.acquire({ identity: 'a', pixels: MPX });
+    // 1 s running + 1 s of its own (x 1.1) < 2.5 s: its place is held while its body uploads.
+    const reservation = admission.reserve({ identity: 'b', pixels: MPX, deadline: clock.now() + 2500 });
+    expect(admission.stats().reserved).toBe(1);
+    // The reserved megapixel is ahead of the next caller: 3 s > 2.5 s, refused from its headers.
+    let refusal: unknown;
+    try {
+      admission.reserve({ identity: 'c', pixels: MPX, deadline: clock.now() + 2500 });
+    } catch (err) {
+      refusal = err;
+    }
+    expect(refusal).toBeInstanceOf(AdmissionRejected);
+    expect((refusal as AdmissionRejected).kind).toBe('deadline');
+    expect((refusal as AdmissionRejected).retryAfterMs).toBeGreaterThanOrEqual(1900);
+    // b's body arrives 0.4 s later: not priced again, it waits its turn.
+    clock.advance(400);
+    const b = track(admission.acquire({ identity: 'b', pixels: MPX, deadline: clock.now() + 2100, reservation: reservation.id }));
+    await settle();
+    expect(b.ticket ?? b.error).toBeUndefined();
+    expect(admission.stats()).toMatchObject({ reserved: 0, queued: 1 });
+    reservation.release(); // taken up already: a no-op
+    expect(admission.stats().queued).toBe(1);
+    clock.advance(600);
+    running.release({ ok: true });
+    await settle();
+    expect(b.ticket).toBeDefined();
+    expect(events.filter(([e]) => e === 'reserved')).toHaveLength(1);
+    b.ticket!.release({ ok: true });
+  });
+
+  it('a released or lapsed reservation stops counting as work ahead', async () => {
+    const { admission, clock } = make({ initialPixelsPerSecond: MPX });
+    const held = admission.reserve({ identity: 'a', pixels: 2 * MPX, deadline: clock.now() + 5000 });
+    expect(() => admission.reserve({ identity: 'b', pixels: MPX, deadline: clock.now() + 2500 })).toThrow(AdmissionRejected);
+    held.release();
+    const second = admission.reserve({ identity: 'b', pixels: 2 * MPX, deadline: clock.now() + 3000 });
+    expect(admission.stats().reserved).toBe(1);
+    // Its body never came: the place lapses at its deadline.
+    clock.advance(3000);
+    expect(admission.stats().reserved).toBe(0);
+    const late = track(admission.acquire({ identity: 'b', pixels: 2 * MPX, deadline: clock.now() + 3000, reservation: second.id }));
+    await settle();
+    expect(late.ticket).toBeDefined(); // priced afresh: 2 s x 1.1 < 3 s, and nothing ahead
+  });
+
+  it('refuses a request larger than its headers announced', async () => {
+    const { admission, clock } = make({ initialPixelsPerSecond: MPX });
+    const reservation = admission.reserve({ identity: 'a', pixels: MPX, deadline: clock.now() + 5000 });
+    const err = await admission.acquire({ identity: 'a', pixels: 4 * MPX, reservation: reservation.id }).catch((e: AdmissionRejected) => e);
+    expect((err as AdmissionRejected).kind).toBe('misannounced');
+    expect((err as AdmissionRejected).message).toMatch(/x-image-size/);
+    expect(admission.stats()).toMatchObject({ reserved: 0, running: 0, queued: 0 });
+  });
+
   it('does not charge the time of abandoned work to the next answer', async () => {
     const { admission, clock } = make();
     const warm = await admission.acquire({ identity: 'x', pixels: MPX });

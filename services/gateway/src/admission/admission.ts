@@ -38,7 +38,9 @@ export type RejectionKind =
   /** Its deadline passed while it waited (DEADLINE_EXCEEDED). */
   | 'expired'
   /** Its caller went away while it waited (CANCELLED). */
-  | 'cancelled';
+  | 'cancelled'
+  /** It is larger than the size its headers announced when its place was reserved (INVALID_ARGUMENT). */
+  | 'misannounced';
 
 export class AdmissionRejected extends Error {
   constructor(
@@ -61,6 +63,24 @@ export interface AdmissionRequest {
   deadline?: number;
   /** Aborted when the caller goes away. */
   signal?: AbortSignal;
+  /**
+   * A reservation taken for this request when its headers arrived (reserve()): its checks are
+   * done and its work is already counted, so it goes straight to the queue.
+   */
+  reservation?: string;
+}
+
+/**
+ * A place held for a request priced from its headers before its body arrived (reserve()). Its
+ * pixels count as work ahead of every later request until the request arrives (acquire() with
+ * `reservation: id`) or the reservation is released.
+ */
+export interface AdmissionReservation {
+  readonly id: string;
+  readonly identity: string;
+  readonly pixels: number;
+  /** Gives the place up (the request failed, was cancelled or never came); idempotent. */
+  release(): void;
 }
 
 export interface AdmissionTicket {
@@ -75,7 +95,7 @@ export interface AdmissionTicket {
 
 /** What happened to requests, for metrics. */
 export type AdmissionEvent =
-  'admitted' | 'queued' | 'rejected_early' | 'rejected_identity' | 'rejected_queue' | 'expired' | 'cancelled' | 'answered' | 'goodput';
+  'admitted' | 'queued' | 'reserved' | 'rejected_early' | 'rejected_identity' | 'rejected_queue' | 'expired' | 'cancelled' | 'answered' | 'goodput';
 
 export interface AdmissionOptions {
   /** The concurrency limit (shared with nothing else). */
@@ -97,7 +117,12 @@ export interface AdmissionOptions {
   initialPixelsPerSecond?: number;
   /** Weight of each sample in the throughput average: 1 - decay (default decay 0.8). */
   throughputDecay?: number;
-  /** Expected times are multiplied by this before comparing with a deadline (default 1). */
+  /**
+   * Expected times are multiplied by this before a new request's deadline is compared with them
+   * (default 1.1). Requests already waiting are refused later only when the unscaled estimate says
+   * they will miss: the margin at the door keeps such late refusals rare, and a request that has
+   * waited is not refused on a margin.
+   */
   safetyFactor?: number;
   /** Queue share of an identity per round (default 1 for all). */
   weightOf?: (identity: string) => number;
@@ -112,6 +137,8 @@ export interface AdmissionStats {
   /** Measured throughput (pixels per second of busy time); 0 before any. */
   pixelsPerSecond: number;
   identitiesQueued: number;
+  /** Requests priced from their headers whose body has not arrived yet. */
+  reserved: number;
 }
 
 /**
@@ -186,6 +213,12 @@ interface Bucket {
   updatedAt: number;
 }
 
+interface Reserved {
+  identity: string;
+  pixels: number;
+  cancelTimer(): void;
+}
+
 const MIN_RETRY_MS = 100;
 
 export class Admission {
@@ -200,6 +233,9 @@ export class Admission {
   private readonly throughput: ThroughputEstimator;
   private readonly clock: AdmissionClock;
   private queuedCount = 0;
+  private readonly reserved = new Map<string, Reserved>();
+  private reservedPixels = 0;
+  private nextReservation = 1;
 
   constructor(private readonly options: AdmissionOptions) {
     this.clock = options.clock ?? systemClock;
@@ -213,6 +249,7 @@ export class Admission {
       queued: this.queuedCount,
       pixelsPerSecond: this.throughput.pixelsPerMs() * 1000,
       identitiesQueued: this.rotation.length,
+      reserved: this.reserved.size,
     };
   }
 
@@ -238,9 +275,24 @@ export class Admission {
       this.emit('expired', identity);
       return Promise.reject(new AdmissionRejected('expired', 'the deadline passed before admission'));
     }
-    const refused = this.checkIdentity(request, now) ?? this.checkDeadline(request, now);
-    if (refused) return Promise.reject(refused);
-    this.chargeRate(request, now);
+    const reservation = request.reservation ? this.takeReservation(request.reservation) : undefined;
+    if (reservation) {
+      // The announced size priced the request; a larger body would jump the queue estimates.
+      if (request.pixels > reservation.pixels * 1.01 + 1) {
+        this.refundRate({ ...request, pixels: reservation.pixels }, now);
+        return Promise.reject(
+          new AdmissionRejected(
+            'misannounced',
+            `the image is ${Math.round(request.pixels)} pixels at the model's resolution, more than the ${Math.round(reservation.pixels)} ` +
+              `its x-image-size header announced; send the image's own size (or no x-image-size header)`,
+          ),
+        );
+      }
+    } else {
+      const refused = this.checkIdentity(request, now) ?? this.checkDeadline(request, now);
+      if (refused) return Promise.reject(refused);
+      this.chargeRate(request, now);
+    }
     if (this.queuedCount === 0 && this.running.size < this.options.limit.limit) {
       this.emit('admitted', identity);
       return Promise.resolve(this.start(request, now, now));
@@ -258,6 +310,49 @@ export class Admission {
       );
     }
     return this.enqueue(request, now);
+  }
+
+  /**
+   * Prices a request from its headers, before its body has arrived, and holds its place: throws
+   * AdmissionRejected when it would be refused (so the caller hears it at once, instead of after
+   * uploading an image the gateway will not process), else returns the reservation its acquire()
+   * names. A reservation not taken up by the deadline (or within maxQueueWaitMs) lapses.
+   */
+  reserve(request: AdmissionRequest): AdmissionReservation {
+    const now = this.clock.now();
+    const { identity, pixels } = request;
+    if (request.deadline !== undefined && request.deadline <= now) {
+      this.emit('expired', identity);
+      throw new AdmissionRejected('expired', 'the deadline passed before admission');
+    }
+    const refused = this.checkIdentity(request, now) ?? this.checkDeadline(request, now);
+    if (refused) throw refused;
+    this.chargeRate(request, now);
+    const id = `r${this.nextReservation++}`;
+    const maxWait = this.options.maxQueueWaitMs ?? 60_000;
+    const lapseMs = Math.min(request.deadline !== undefined ? request.deadline - now : Infinity, maxWait > 0 ? maxWait : Infinity);
+    const cancelTimer = Number.isFinite(lapseMs) ? this.clock.setTimeout(() => release(), lapseMs) : () => {};
+    this.reserved.set(id, { identity, pixels, cancelTimer });
+    this.reservedPixels += pixels;
+    this.perIdentity.set(identity, (this.perIdentity.get(identity) ?? 0) + 1);
+    this.emit('reserved', identity);
+    const release = () => {
+      if (!this.takeReservation(id)) return;
+      this.refundRate(request, this.clock.now());
+    };
+    return { id, identity, pixels, release };
+  }
+
+  /** Ends a reservation (taken up or released); undefined when it no longer exists. */
+  private takeReservation(id: string): Reserved | undefined {
+    const r = this.reserved.get(id);
+    if (!r) return undefined;
+    this.reserved.delete(id);
+    r.cancelTimer();
+    this.reservedPixels -= r.pixels;
+    if (this.reserved.size === 0) this.reservedPixels = 0;
+    this.decrementIdentity(r.identity);
+    return r;
   }
 
   // --------------------------------------------------------------- refusals
@@ -296,7 +391,7 @@ export class Admission {
     const rate = this.throughput.pixelsPerMs();
     if (!(rate > 0)) return undefined;
     const aheadPixels = this.workAhead(request.identity, now);
-    const expectedMs = ((aheadPixels + request.pixels) / rate) * (this.options.safetyFactor ?? 1);
+    const expectedMs = ((aheadPixels + request.pixels) / rate) * (this.options.safetyFactor ?? 1.1);
     const remaining = request.deadline - now;
     if (expectedMs <= remaining) return undefined;
     this.emit('rejected_early', request.identity);
@@ -335,7 +430,8 @@ export class Admission {
    * ahead of it (its own queue, and from every other queue as many turns as it waits).
    */
   private workAhead(identity: string, now: number): number {
-    let ahead = this.remainingRunning(now).total;
+    // Reserved requests arrived first (their headers did); their bodies are on the way.
+    let ahead = this.remainingRunning(now).total + this.reservedPixels;
     const own = this.queues.get(identity) ?? [];
     const turns = Math.floor(own.length / this.weight(identity)) + 1;
     for (const w of own) ahead += w.request.pixels;
@@ -523,12 +619,11 @@ export class Admission {
     const rate = this.throughput.pixelsPerMs();
     if (!(rate > 0) || this.queuedCount === 0) return;
     const now = this.clock.now();
-    const safety = this.options.safetyFactor ?? 1;
     let ahead = this.remainingRunning(now).total;
     const refused: { waiter: Waiter; ahead: number; expectedMs: number }[] = [];
     for (const waiter of this.servingOrder()) {
       const { request } = waiter;
-      const expectedMs = ((ahead + request.pixels) / rate) * safety;
+      const expectedMs = (ahead + request.pixels) / rate;
       if (request.deadline !== undefined && expectedMs > request.deadline - now) refused.push({ waiter, ahead, expectedMs });
       else ahead += request.pixels;
     }
@@ -558,7 +653,7 @@ export class Admission {
       // Its deadline may have become unreachable while it waited (the stages slowed down): even
       // alone at the full measured rate it would not finish, so it is refused before any work.
       const rate = this.throughput.pixelsPerMs();
-      if (request.deadline !== undefined && rate > 0 && (request.pixels / rate) * (this.options.safetyFactor ?? 1) > request.deadline - now) {
+      if (request.deadline !== undefined && rate > 0 && request.pixels / rate > request.deadline - now) {
         this.refundRate(request, now);
         this.emit('rejected_early', request.identity);
         waiter.reject(

@@ -31,6 +31,7 @@ import { CLIENT_FLAGS, clientSecurity, withRetries } from './clientOptions';
 import { formatHelp } from './help';
 import { WorkProgress } from './progress';
 import { startStack, type RunningStack } from './stack';
+import { announceImage } from '../admission/announce';
 
 export interface CliIo {
   stdout: NodeJS.WritableStream;
@@ -347,7 +348,7 @@ export async function runSegment(argv: readonly string[], io: CliIo = defaultIo)
           origin,
           downsample: flags.downsample,
         };
-        const response = await withRetries(() => unary(client, client.segment, request, { timeoutMs: flags.timeoutS * 1000 }), retry);
+        const response = await withRetries(() => unary(client, client.segment, request, { timeoutMs: flags.timeoutS * 1000, metadata: announceImage(request.image, request.mpp) }), retry);
         await writeOutputs(flags.out, name, bytes, response, model, response.imageMpp || model.mpp, classMap, flags.cells);
         if (response.mppAssumed)
           io.stderr.write(`${name}: no resolution given or in the file; assumed the model's ${response.modelMpp} um/px (pass --mpp)\n`);

@@ -54,6 +54,7 @@ import {
 import { nucleusToLevel0, SeamLedger, TextSink } from '../slideRegions';
 import { runSlideJobCommand, SLIDE_JOB_USAGE } from './slideJobCommands';
 import { startStack, type RunningStack } from './stack';
+import { announceImage } from '../admission/announce';
 
 export { nucleusToLevel0, SeamLedger };
 
@@ -757,7 +758,10 @@ async function runOneSlide(
     let response: segmentationProto.SegmentResponse | undefined;
     for (let attempt = 0; ; attempt++) {
       try {
-        response = await unary(seg.client, seg.client.segment, request, { timeoutMs: flags.timeoutS * 1000 });
+        response = await unary(seg.client, seg.client.segment, request, {
+          timeoutMs: flags.timeoutS * 1000,
+          metadata: announceImage(request.image, request.mpp),
+        });
         break;
       } catch (err) {
         const code = (err as { code?: number }).code;
