@@ -198,7 +198,7 @@ describe('Admission', () => {
     expect((err as AdmissionRejected).retryAfterMs).toBeLessThanOrEqual(2100);
     expect(events.filter(([e]) => e === 'rejected_early')).toHaveLength(1);
     // With a longer deadline the same request waits instead.
-    const patient = track(admission.acquire({ identity: 'c', pixels: MPX, deadline: clock.now() + 3500 }));
+    const patient = track(admission.acquire({ identity: 'c', pixels: MPX, deadline: clock.now() + 4000 }));
     await settle();
     expect(patient.error).toBeUndefined();
     running.release({ ok: true });
@@ -210,7 +210,7 @@ describe('Admission', () => {
     clock.advance(1000);
     warm.release({ ok: true });
     const running = await admission.acquire({ identity: 'a', pixels: MPX });
-    // 1 s running + 1 s of its own (x 1.1) < 2.5 s: its place is held while its body uploads.
+    // 1 s running + 1 s of its own (x 1.2) < 2.5 s: its place is held while its body uploads.
     const reservation = admission.reserve({ identity: 'b', pixels: MPX, deadline: clock.now() + 2500 });
     expect(admission.stats().reserved).toBe(1);
     // The reserved megapixel is ahead of the next caller: 3 s > 2.5 s, refused from its headers.
@@ -251,7 +251,7 @@ describe('Admission', () => {
     expect(admission.stats().reserved).toBe(0);
     const late = track(admission.acquire({ identity: 'b', pixels: 2 * MPX, deadline: clock.now() + 3000, reservation: second.id }));
     await settle();
-    expect(late.ticket).toBeDefined(); // priced afresh: 2 s x 1.1 < 3 s, and nothing ahead
+    expect(late.ticket).toBeDefined(); // priced afresh: 2 s x 1.2 < 3 s, and nothing ahead
   });
 
   it('refuses a request larger than its headers announced', async () => {
