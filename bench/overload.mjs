@@ -220,7 +220,9 @@ async function main() {
     const rows = [];
     for (const deadlineS of deadlinesS) {
       const images = await freshImages(clients);
-      const encoded = images.map((image) => Buffer.from(segmentationProto.SegmentRequest.encode(segmentationProto.SegmentRequest.fromPartial({ image })).finish()));
+      const encoded = images.map((image) =>
+        Buffer.from(segmentationProto.SegmentRequest.encode(segmentationProto.SegmentRequest.fromPartial({ image })).finish()),
+      );
       await Promise.all(images.map((_, i) => connect(`client-${deadlineS}-${i}`)));
       const t0 = performance.now();
       const results = await Promise.all(

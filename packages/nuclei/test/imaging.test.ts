@@ -4,6 +4,7 @@ import { denormalizeToRgb, normalizeRgb } from '@cfrsam/contract';
 import {
   decodeImage,
   extractTileRgb,
+  glassRects,
   ImageInputError,
   ownerTile,
   PAD_RGB,
@@ -11,6 +12,7 @@ import {
   planTiles,
   rectContains,
   sniffImageFormat,
+  tissueFraction,
 } from '../src/imaging';
 
 const limits = { maxPixels: 1_000_000, minSide: 8 };
@@ -227,5 +229,29 @@ describe('normalisation', () => {
     expect(f[5]).toBeCloseTo((rgb[15] - 123.675) / 58.395, 5);
     expect(f[12 + 5]).toBeCloseTo((rgb[16] - 116.28) / 57.12, 5);
     expect([...denormalizeToRgb(f, 4, 3, norm)]).toEqual([...rgb]);
+  });
+});
+
+describe('glass', () => {
+  const image = (w: number, h: number, rgb: (x: number, y: number) => [number, number, number]) => {
+    const data = new Uint8Array(w * h * 3);
+    for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) data.set(rgb(x, y), (y * w + x) * 3);
+    return { width: w, height: h, data };
+  };
+  it('counts stained pixels as tissue, grey, white and near-black ones as glass', () => {
+    const img = image(100, 100, (x) => (x < 25 ? [236, 190, 214] : x < 50 ? [128, 128, 128] : x < 75 ? [250, 250, 250] : [10, 0, 20]));
+    expect(tissueFraction(img, { x0: 0, y0: 0, x1: 100, y1: 100 }, 1)).toBeCloseTo(0.25, 5);
+    expect(tissueFraction(img, { x0: 50, y0: 0, x1: 100, y1: 100 }, 1)).toBe(0);
+  });
+  it('finds glass rects only in an image that has stained tissue', () => {
+    const rects = [
+      { x0: 0, y0: 0, x1: 50, y1: 100 },
+      { x0: 50, y0: 0, x1: 100, y1: 100 },
+    ];
+    const half = image(100, 100, (x) => (x < 50 ? [236, 190, 214] : [245, 245, 245]));
+    expect([...glassRects(half, rects, 0.001)]).toEqual([1]);
+    const grey = image(100, 100, (x) => (x < 50 ? [60, 60, 60] : [245, 245, 245]));
+    expect(glassRects(grey, rects, 0.001).size).toBe(0);
+    expect(glassRects(half, rects, 0).size).toBe(0);
   });
 });

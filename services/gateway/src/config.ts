@@ -10,6 +10,11 @@ export interface GatewayConfig {
 
   /** Largest accepted image (width x height), checked on the header before decoding. */
   maxImagePixels: number;
+  /**
+   * In automatic mode, tiles with less than this fraction of stained tissue (in an image that has
+   * some) are glass and skip the model stages (0: every tile runs). Tiles with manual prompts run.
+   */
+  glassTileMaxTissue: number;
   /** Smallest accepted width and height. */
   minImageSide: number;
   /** Manual prompts per request. */
@@ -87,6 +92,7 @@ export interface GatewayConfig {
 
 export const DEFAULT_GATEWAY_CONFIG: Omit<GatewayConfig, 'prompter' | 'encoder' | 'decoders'> = {
   maxImagePixels: 64 * 1024 * 1024,
+  glassTileMaxTissue: 0.001,
   minImageSide: 8,
   maxPrompts: 2000,
   maxPointsPerPrompt: 16,

@@ -265,7 +265,11 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
             const reservation = reserveAnnounced();
             try {
               const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
-              return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.segment(request, { ...ctx, reservation: reservation?.id })));
+              return send(
+                res,
+                200,
+                segmentationProto.SegmentResponse.toJSON(await pipeline.segment(request, { ...ctx, reservation: reservation?.id })),
+              );
             } finally {
               reservation?.release();
             }

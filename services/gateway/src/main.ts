@@ -109,6 +109,12 @@ export const GATEWAY_FLAGS = {
     default: D.latencyTolerance,
     help: 'latency per pixel this many times the best seen shrinks the concurrency limit',
   },
+  glassTileMaxTissue: {
+    type: 'number',
+    env: 'CFRSAM_GLASS_TILE_MAX_TISSUE',
+    default: D.glassTileMaxTissue,
+    help: 'automatic mode: tiles with less than this fraction of stained tissue skip the model (0: none skipped)',
+  },
   maxQueuedRequests: { type: 'int', env: 'CFRSAM_MAX_QUEUED', default: D.maxQueuedRequests, help: 'requests waiting for admission at most' },
   maxQueueWaitMs: {
     type: 'int',

@@ -6,12 +6,14 @@
 import { createHash } from 'node:crypto';
 import { setMaxListeners } from 'node:events';
 import { imageSize } from 'image-size';
+import { trace } from '@opentelemetry/api';
 import sharp from 'sharp';
 import { digestTile, type Manifest } from '@cfrsam/contract';
 import {
   decodeImage,
   encodeLabelPng,
   extractTileRgb,
+  glassRects,
   labelMapFromBytes,
   isIdentity,
   pasteTileMask,
@@ -324,7 +326,18 @@ export class SegmentationPipeline {
     const layout = planTiles(work.width, work.height, this.S, this.config.tileOverlap);
     const imageId = imageDigest(image, this.manifest.version, imageMpp);
     const manual = mode.manual ? this.manualPrompts(request.prompts, layout, scale) : [];
-    const tilesToRun = mode.auto ? layout.tiles : layout.tiles.filter((t) => manual.some((m) => m.tile === t.index));
+    // Glass tiles (no stained tissue, in an image that has some) skip the model in automatic mode:
+    // they hold no nuclei, and on slide regions at the tissue's edge they are a large share of the
+    // work. A tile with a manual prompt runs whatever it shows.
+    const glass = mode.auto
+      ? glassRects(
+          work,
+          layout.tiles.map((t) => t.valid),
+          this.config.glassTileMaxTissue,
+        )
+      : new Set<number>();
+    const tilesToRun = layout.tiles.filter((t) => (mode.auto && !glass.has(t.index)) || manual.some((m) => m.tile === t.index));
+    if (glass.size > 0) trace.getActiveSpan()?.setAttribute('cfrsam.glass_tiles', glass.size);
     const digests: string[] = new Array(layout.tiles.length);
     const detections: (ImageDetection[] | undefined)[] = new Array(layout.tiles.length).fill(undefined);
     // Candidates by tile, flattened in tile order so the result does not depend on call timing.

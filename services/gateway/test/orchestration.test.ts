@@ -202,6 +202,40 @@ describe('SegmentationPipeline over in-memory stages', () => {
     expect(new Set(log.encode)).toEqual(new Set(log.detect));
   });
 
+  it('automatic mode skips glass tiles (no stained tissue) but not a tile with a lone nucleus on glass', async () => {
+    // Stained tissue on the left (pink, purple nuclei), white glass on the right with one nucleus.
+    const width = 600;
+    const height = 500;
+    const raw = Buffer.alloc(width * height * 3, 245);
+    for (let y = 0; y < height; y++) for (let x = 0; x < 280; x++) raw.set([236, 190, 214], (y * width + x) * 3);
+    const disks: Disk[] = [
+      { x: 60, y: 60 },
+      { x: 200, y: 300 },
+      { x: 500, y: 100 },
+    ];
+    for (const d of disks) {
+      for (let y = d.y - RADIUS; y <= d.y + RADIUS; y++) {
+        for (let x = d.x - RADIUS; x <= d.x + RADIUS; x++) {
+          if ((x - d.x) ** 2 + (y - d.y) ** 2 <= RADIUS * RADIUS) raw.set([72, 38, 118], (y * width + x) * 3);
+        }
+      }
+    }
+    const png = await sharp(raw, { raw: { width, height, channels: 3 } })
+      .png()
+      .toBuffer();
+    const { stages, log } = fakeStages();
+    const res = await pipelineWith(stages).segment(request(png));
+    for (const d of disks) expect(nearest(res.nuclei, d), `disk at ${d.x},${d.y}`).toBeDefined();
+    // 9 tiles; the right column's lower two hold only glass (the lone nucleus is in the top one).
+    expect(res.tiles).toBe(9);
+    expect(log.detect).toHaveLength(7);
+    expect(new Set(log.encode)).toEqual(new Set(log.detect));
+    // Off: every tile runs.
+    const all = fakeStages();
+    await pipelineWith(all.stages, { glassTileMaxTissue: 0 }).segment(request(png));
+    expect(all.log.detect).toHaveLength(9);
+  });
+
   it('manual mode: only the prompted tiles run, and each prompt gives its nucleus', async () => {
     const { stages, log } = fakeStages();
     const p = pipelineWith(stages);

@@ -2,3 +2,4 @@
 export * from './decode';
 export * from './tiling';
 export * from './resample';
+export * from './glass';

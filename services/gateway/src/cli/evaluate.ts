@@ -220,7 +220,10 @@ export async function runEvaluate(argv: readonly string[], io: CliIo = defaultIo
           minScore: flags.minScore,
           mpp: typeof meta?.mpp === 'number' ? meta.mpp : 0,
         });
-        const res = await withRetries(() => unary(client, client.segment, request, { timeoutMs: flags.timeoutS * 1000, metadata: announceImage(request.image, request.mpp) }), { retries: flags.retries });
+        const res = await withRetries(
+          () => unary(client, client.segment, request, { timeoutMs: flags.timeoutS * 1000, metadata: announceImage(request.image, request.mpp) }),
+          { retries: flags.retries },
+        );
         const pred = labelMapFromResponse(res);
         if (pred.width !== gt.width || pred.height !== gt.height) {
           throw new Error(`prediction is ${pred.width}x${pred.height} but the ground truth is ${gt.width}x${gt.height}`);

@@ -348,7 +348,10 @@ export async function runSegment(argv: readonly string[], io: CliIo = defaultIo)
           origin,
           downsample: flags.downsample,
         };
-        const response = await withRetries(() => unary(client, client.segment, request, { timeoutMs: flags.timeoutS * 1000, metadata: announceImage(request.image, request.mpp) }), retry);
+        const response = await withRetries(
+          () => unary(client, client.segment, request, { timeoutMs: flags.timeoutS * 1000, metadata: announceImage(request.image, request.mpp) }),
+          retry,
+        );
         await writeOutputs(flags.out, name, bytes, response, model, response.imageMpp || model.mpp, classMap, flags.cells);
         if (response.mppAssumed)
           io.stderr.write(`${name}: no resolution given or in the file; assumed the model's ${response.modelMpp} um/px (pass --mpp)\n`);
