@@ -606,12 +606,18 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
       expect(await listOf('alice')).toEqual([alice.jobId]);
       expect(await listOf('admin')).toEqual(expect.arrayContaining([alice.jobId, bob.jobId]));
       await expect(unary(gw.client, gw.client.listSlideJobs, { pageSize: 1, pageToken: '' })).rejects.toMatchObject({ code: 16 });
-      expect((await unary(gw.client, gw.client.cancelSlideJob, { jobId: alice.jobId }, as('alice'))).state).toBe(
-        SlideJobState.SLIDE_JOB_STATE_CANCELLED,
-      );
-      expect((await unary(gw.client, gw.client.cancelSlideJob, { jobId: bob.jobId }, as('admin'))).state).toBe(
-        SlideJobState.SLIDE_JOB_STATE_CANCELLED,
-      );
+      // The owner and an admin may cancel. The other tests' gateways are workers on the same
+      // queue and may already have finished these small jobs: then the cancel is refused as
+      // FAILED_PRECONDITION ("DONE already"), which still shows the caller was let act on the job
+      // (a stranger gets NOT_FOUND, above).
+      const cancelAs = (jobId: string, who: keyof typeof tokens) =>
+        unary(gw.client, gw.client.cancelSlideJob, { jobId }, as(who)).then(
+          (job) => (job.state === SlideJobState.SLIDE_JOB_STATE_CANCELLED ? 'cancelled' : `state ${job.state}`),
+          (err: { code?: number; details?: string }) =>
+            err.code === 9 && /DONE already/.test(err.details ?? '') ? 'done already' : `error ${err.code}`,
+        );
+      expect(['cancelled', 'done already']).toContain(await cancelAs(alice.jobId, 'alice'));
+      expect(['cancelled', 'done already']).toContain(await cancelAs(bob.jobId, 'admin'));
     } finally {
       await kill(gw);
       fs.rmSync(tokenFile, { force: true });
