@@ -15,7 +15,6 @@ the same validation through the services (README, Benchmarks).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -24,10 +23,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .weights import file_sha256
+
 MS_DOMAIN = "com.microsoft"
 
 
-def _weight_of(graph: onnx.GraphProto, name: str, producers: dict, initializers: dict):
+def _weight_of(name: str, producers: dict, initializers: dict):
     """The float32 array behind `name` (an initializer, or an initializer behind Casts), or None."""
     seen = 0
     while name not in initializers and name in producers and seen < 4:
@@ -49,7 +50,7 @@ def quantize_matmuls(model: onnx.ModelProto, min_elements: int = 4096) -> int:
     rewritten = 0
     nodes = []
     for node in graph.node:
-        weight = _weight_of(graph, node.input[1], producers, initializers) if node.op_type == "MatMul" else None
+        weight = _weight_of(node.input[1], producers, initializers) if node.op_type == "MatMul" else None
         if weight is None or weight.ndim != 2 or weight.size < min_elements:
             nodes.append(node)
             continue
@@ -83,30 +84,22 @@ def quantize_matmuls(model: onnx.ModelProto, min_elements: int = 4096) -> int:
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    # Casts that fed the float weights are dead now.
+    """Removes the Casts that fed the float weights (now read by nothing), then those weights."""
+
+    def used() -> set:
+        return {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+
     while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
+        live = used()
+        dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in live for o in n.output)]
         if not dead:
             break
         for n in dead:
             graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [i for i in graph.initializer if i.name in used]
+    live = used()
+    keep = [i for i in graph.initializer if i.name in live]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def quantize_bundle(bundle: Path, out: Path, graphs: list[str]) -> dict:
@@ -122,7 +115,7 @@ def quantize_bundle(bundle: Path, out: Path, graphs: list[str]) -> dict:
         model = onnx.load(str(path))
         counts[name] = quantize_matmuls(model)
         onnx.save(model, str(path))
-        entry["sha256"] = _sha256(path)
+        entry["sha256"] = file_sha256(str(path))
     manifest["variant"] = {"kind": "int8-dynamic", "graphs": counts, "from": manifest["version"]}
     manifest["version"] = f"{manifest['version']}-int8"
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
