@@ -30,9 +30,9 @@ import {
   toServiceError,
 } from '@cfrsam/rpc';
 import { decodeImage, expandCells, labelMapFromBytes, parseQuPathClassMap, segmentResponseToGeoJson } from '@cfrsam/nuclei';
-import { AdmissionRejected, type AdmissionReservation } from './admission/admission';
-import { announcedSize } from './admission/door';
-import { admissionError, type SegmentationPipeline } from './pipeline';
+import type { AdmissionReservation } from './admission/admission';
+import { announcedSize } from './admission/announce';
+import type { SegmentationPipeline } from './pipeline';
 
 export interface HttpGatewayOptions {
   port: number;
@@ -203,16 +203,7 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
     // its place held.
     const reserveAnnounced = (): AdmissionReservation | undefined => {
       const announced = announcedSize((name) => req.headers[name]);
-      if (!announced) return undefined;
-      try {
-        return pipeline.admission.reserve({
-          identity: ctx.identity,
-          pixels: pipeline.workOf(announced.width, announced.height, announced.mpp),
-          deadline: ctx.deadline?.getTime(),
-        });
-      } catch (err) {
-        throw err instanceof AdmissionRejected ? admissionError(err) : err;
-      }
+      return announced ? pipeline.reserveAnnounced(announced, ctx.identity, ctx.deadline?.getTime()) : undefined;
     };
     const route = `${req.method} ${(req.url ?? '').split('?')[0]}`;
     const open = route === 'GET /healthz' || req.method === 'OPTIONS';

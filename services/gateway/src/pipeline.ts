@@ -30,7 +30,8 @@ import {
 } from '@cfrsam/nuclei';
 import { ByteLruCache, ErrorReason, grpcError, segmentationProto, serviceMetrics, SpanAttributes, stagesProto, status } from '@cfrsam/rpc';
 import { AdaptiveLimit } from './admission/adaptiveLimit';
-import { Admission, AdmissionRejected, type AdmissionStats } from './admission/admission';
+import { Admission, AdmissionRejected, type AdmissionReservation, type AdmissionStats } from './admission/admission';
+import type { AnnouncedImage } from './admission/announce';
 import { assembleNuclei, nucleusScore, UNCLASSIFIED, type DecodedCandidate } from './assemble';
 import type { GatewayConfig } from './config';
 import { ownerOfPrompt, pointPrompt, promptAnchor, resolvePromptMode, toTilePoints, validatePrompts } from './prompts';
@@ -226,6 +227,18 @@ export class SegmentationPipeline {
     const pixels = width * height * scale * scale;
     if (width * height > this.config.maxImagePixels || pixels > this.config.maxImagePixels) return tile;
     return Math.max(tile, pixels);
+  }
+
+  /**
+   * Holds a place for a Segment request that announced its image (x-image-size; admission/door.ts
+   * and the HTTP routes) before its body has arrived. Throws the refusal as its gRPC status.
+   */
+  reserveAnnounced(announced: AnnouncedImage, identity: string, deadline: number | undefined): AdmissionReservation {
+    try {
+      return this.admission.reserve({ identity, pixels: this.workOf(announced.width, announced.height, announced.mpp), deadline });
+    } catch (err) {
+      throw err instanceof AdmissionRejected ? admissionError(err) : err;
+    }
   }
 
   private stageCall(ctx: RequestContext, clock: StageClock): StageCall {
@@ -624,7 +637,7 @@ export class SegmentationPipeline {
 const DECODED_FORMATS: ReadonlySet<string> = new Set(['png', 'jpg', 'tiff', 'webp', 'gif']);
 
 /** An admission refusal as the gRPC status the spec means (see admission/admission.ts). */
-export function admissionError(err: AdmissionRejected): Error {
+function admissionError(err: AdmissionRejected): Error {
   switch (err.kind) {
     case 'expired':
       return grpcError(status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for admission: ${err.message}`);

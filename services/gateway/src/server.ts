@@ -16,7 +16,7 @@ import { loadManifest } from '@cfrsam/contract';
 import { DEFAULT_GATEWAY_CONFIG, type GatewayConfig } from './config';
 import { startHttpGateway, type RunningHttpGateway } from './http';
 import { admissionDoor, RESERVATION_HEADER } from './admission/door';
-import { admissionError, SegmentationPipeline } from './pipeline';
+import { SegmentationPipeline } from './pipeline';
 import { GrpcStages } from './stages/grpcStages';
 import { DEFAULT_SLIDE_JOB_SETTINGS, type SlideJobSettings } from './slideJobs';
 import { slideJobHandlers, startSlideJobs, type SlideJobsRuntime, type SlideMethods } from './slideWorker';
@@ -164,10 +164,8 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
       // Segment calls that announce their image size are priced before their body arrives.
       interceptors: [
         admissionDoor({
-          admission: pipeline.admission,
           methods: [`/${SEGMENTATION_SERVICE_NAME}/Segment`],
-          price: (width, height, mpp) => pipeline.workOf(width, height, mpp),
-          toStatus: admissionError,
+          reserve: (announced, identity, deadline) => pipeline.reserveAnnounced(announced, identity, deadline),
           auth: options.auth,
         }),
       ],
