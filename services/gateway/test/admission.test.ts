@@ -101,6 +101,20 @@ describe('AdaptiveLimit', () => {
     expect(limit.limit).toBe(2);
   });
 
+  it('after congestion at a limit, probes that limit again only after reprobeAfter samples', () => {
+    const limit = new AdaptiveLimit({ initial: 1, tolerance: 1.5, reprobeAfter: 5 });
+    limit.update({ latencyMs: 1000, work: MPX, inFlight: 1 });
+    expect(limit.limit).toBe(2);
+    limit.update({ latencyMs: 2000, work: MPX, inFlight: 2 }); // two at once: each 2x slower
+    expect(limit.limit).toBe(1);
+    for (let i = 0; i < 4; i++) {
+      limit.update({ latencyMs: 1000, work: MPX, inFlight: 1 });
+      expect(limit.limit).toBe(1);
+    }
+    limit.update({ latencyMs: 1000, work: MPX, inFlight: 1 });
+    expect(limit.limit).toBe(2);
+  });
+
   it('finds the concurrency where requests stop sharing the machine for free', () => {
     // A machine that runs 2 requests in parallel at full speed; beyond that they share it.
     // With tolerance 1.5 the limit may reach 3 (1.5x slower), never 5 (2.5x slower).

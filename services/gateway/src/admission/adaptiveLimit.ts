@@ -25,6 +25,13 @@ export interface AdaptiveLimitOptions {
    * let the limit creep up.
    */
   baselineDrift?: number;
+  /**
+   * After congestion at a limit, growth back to that limit waits this many samples (default 20),
+   * as TCP's slow-start threshold does: on CPU stages one more request at once only makes every
+   * request slower, and re-probing it on every round of a queue made each burst's first answer
+   * share the cores with a second request (1.76x the single latency in one run).
+   */
+  reprobeAfter?: number;
 }
 
 export interface LimitSample {
@@ -51,6 +58,10 @@ export class AdaptiveLimit {
   private readonly backoff: number;
   private readonly drift: number;
   private best: number | undefined;
+  private readonly reprobeAfter: number;
+  /** The limit at which congestion was last seen (Infinity: never). */
+  private congestedAt = Infinity;
+  private samplesSinceCongestion = 0;
 
   constructor(options: AdaptiveLimitOptions = {}) {
     this.min = Math.max(1, options.min ?? 1);
@@ -59,6 +70,7 @@ export class AdaptiveLimit {
     this.tolerance = Math.max(1, options.tolerance ?? 1.5);
     this.backoff = clamp(options.backoff ?? 0.75, 0.1, 0.99);
     this.drift = clamp(options.baselineDrift ?? 0.001, 0, 1);
+    this.reprobeAfter = Math.max(0, options.reprobeAfter ?? 20);
   }
 
   /** Requests that may run at once now. */
@@ -74,7 +86,7 @@ export class AdaptiveLimit {
   /** Feeds one finished request; returns the new limit. */
   update(sample: LimitSample): number {
     if (sample.dropped) {
-      this.value = Math.max(this.min, this.value * this.backoff);
+      this.congested();
       return this.limit;
     }
     if (!(sample.work > 0) || !(sample.latencyMs >= 0)) return this.limit;
@@ -82,14 +94,26 @@ export class AdaptiveLimit {
     const baseline = this.best === undefined ? perUnit : Math.min(perUnit, this.best * (1 + this.drift));
     this.best = baseline;
     if (perUnit > this.tolerance * baseline) {
-      this.value = Math.max(this.min, this.value * this.backoff);
+      this.congested();
     } else if (sample.inFlight >= this.limit && (sample.queued ?? 1) > 0) {
       // Only a limit in full use, with demand waiting behind it, earns more: answers to requests
       // sent one after another say nothing about what one more concurrent request would cost
       // (learning 2 from them made a later burst start with two large images sharing the cores).
-      this.value = Math.min(this.max, this.value + 1 / Math.max(1, this.limit));
+      this.samplesSinceCongestion++;
+      let next = Math.min(this.max, this.value + 1 / Math.max(1, this.limit));
+      // The limit that was congested is probed again only after reprobeAfter samples.
+      if (Math.floor(next) >= this.congestedAt && this.samplesSinceCongestion < this.reprobeAfter) {
+        next = Math.max(this.value, Math.min(next, this.congestedAt - 1e-6));
+      }
+      this.value = next;
     }
     return this.limit;
+  }
+
+  private congested(): void {
+    this.congestedAt = Math.max(this.min + 1, Math.floor(this.value));
+    this.samplesSinceCongestion = 0;
+    this.value = Math.max(this.min, this.value * this.backoff);
   }
 }
 
