@@ -11,6 +11,7 @@ import torch
 from cfrsam import build_cfr_sam
 from cfrsam.checkpoint import save_checkpoint
 from cfrsam.export import GRAPH_IO, check_bundle, main, state_dict_sha256
+from cfrsam.export.weights import model_sha256
 
 torch.set_num_threads(1)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,7 +59,7 @@ def test_bundle_files_and_manifest(bundle):
     assert m["refinement"]["mode"] == "window" and m["refinement"]["window"] == 32
     assert m["prompter"]["anchors"] == 64 and m["mask_threshold"] == 0.0
     prov = m["provenance"]
-    assert m["version"] == "0.1.0+" + prov["weights_sha256"][:12]
+    assert m["version"] == "0.1.0+" + model_sha256(prov["weights_sha256"], prov["config"])[:12]
     assert prov["seed"] == 0 and prov["training"] is None and prov["config"]["name"] == "tiny"
     weights = torch.load(os.path.join(bundle, "weights.pt"))
     assert state_dict_sha256(weights) == prov["weights_sha256"]

@@ -16,7 +16,7 @@ from .graphs import GRAPH_FILES, GRAPH_IO, example_args, run_stage, stage_module
 from .manifest import BUNDLE_FORMAT, build_manifest
 from .onnx_files import annotate, export_onnx, store_initializers_fp16
 from .parity import TOLERANCE, FixtureWriter, compare, parity_inputs, read_bin
-from .weights import bundle_state_dict, file_sha256, round_to_fp16, state_dict_sha256
+from .weights import bundle_state_dict, file_sha256, model_sha256, round_to_fp16, state_dict_sha256
 
 
 def export_bundle(
@@ -44,7 +44,7 @@ def export_bundle(
         round_to_fp16(model)
     weights = bundle_state_dict(model, precision)
     weights_sha = state_dict_sha256(weights)
-    version = f"{__version__}+{weights_sha[:12]}"
+    version = f"{__version__}+{model_sha256(weights_sha, model.config.to_dict())[:12]}"
 
     os.makedirs(out_dir, exist_ok=True)
     for stale in list(GRAPH_FILES.values()) + ["manifest.json", "weights.pt"]:

@@ -2,7 +2,7 @@
 
 import hashlib
 import json
-from typing import Dict
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,15 @@ def state_dict_sha256(state: Dict[str, torch.Tensor]) -> str:
         arr = t.numpy() if t.dtype != torch.bfloat16 else t.float().numpy()
         h.update(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
     return h.hexdigest()
+
+
+def model_sha256(weights_sha: str, config: Dict[str, Any]) -> str:
+    """SHA-256 of what the bundle serves: the weights and the config that shapes the graphs.
+
+    Two exports of the same weights with, say, another refinement window give other masks, so they
+    must not share a version (result caches and feature tiers are keyed by it).
+    """
+    return hashlib.sha256((weights_sha + json.dumps(config, sort_keys=True)).encode()).hexdigest()
 
 
 def file_sha256(path: str) -> str:

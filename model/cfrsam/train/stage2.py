@@ -109,6 +109,12 @@ def main(argv=None) -> int:
     parser.add_argument("--radius", type=float, default=12.0)
     parser.add_argument("--val-every", type=int, default=1)
     parser.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="refinement window (px) to train and serve with (0: the config's or --init's)",
+    )
+    parser.add_argument(
         "--select",
         default="",
         help="validation metric that picks best.pt (default: bpq with --stage1, else bpq_gt_prompts)",
@@ -142,6 +148,11 @@ def main(argv=None) -> int:
                 "training": stage1.get("training"),
                 "metrics": stage1.get("metrics"),
             }
+        if args.window:
+            # The per-prompt layers are local, so a trained model can move to another window; the
+            # window is part of the saved config, hence of the exported graphs.
+            model.config.bgmr.window = args.window
+            model.config.validate()
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         sys.exit(str(e))
     configure_trainable(model, model.backbone_pretrained)
