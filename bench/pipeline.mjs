@@ -15,6 +15,7 @@
 // gateway), for this bundle and for the b config.
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -85,9 +86,14 @@ async function coldCopies(rgb, size, n, salt = 0) {
 }
 
 /** The stage pipelines in this process, as the gateway's ports (no gRPC, no serialisation). */
-async function inProcessStages() {
+async function inProcessStages(ortRuns) {
   const pool = (graphs, workers) =>
-    OnnxWorkerPool.create({ graphs: Object.fromEntries(graphs.map((g) => [g, manifest.graphs[g].path])), workers, intraOpThreads: 1 });
+    OnnxWorkerPool.create({
+      graphs: Object.fromEntries(graphs.map((g) => [g, manifest.graphs[g].path])),
+      workers,
+      intraOpThreads: 1,
+      onJobDone: ({ graph, runMs }) => ortRuns.add(graph, runMs / 1000),
+    });
   const [pp, ep, dp] = await Promise.all([pool(['prompter'], 1), pool(['encoder'], 1), pool(['decoder_image', 'decoder_prompts'], DECODERS)]);
   const prompter = new PrompterPipeline(manifest, pp);
   const encoder = new EncoderPipeline(manifest, ep);
@@ -146,9 +152,107 @@ async function inProcessStages() {
 
 const WARMUP = 2;
 
-async function latency(segment, images) {
+// CPU seconds (user + system, all threads) of a process, from /proc (Linux): the split's extra
+// work shows here, its waiting does not.
+const TICKS_PER_S = 100;
+function cpuSecondsOfPid(pid) {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields from 3 (state) on
+  return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_S; // utime, stime (fields 14, 15)
+}
+const selfCpuSeconds = () => {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1e6;
+};
+
+/** CPU seconds per process name, sampled by `sample()`; `perRequest` divides a window's deltas. */
+function cpuMeter(sample) {
+  let start = sample();
+  return {
+    reset: () => (start = sample()),
+    perRequest(n) {
+      const end = sample();
+      return Object.fromEntries(Object.keys(end).map((k) => [k, (end[k] - start[k]) / n]));
+    },
+  };
+}
+const fmtCpu = (byProcess) => {
+  const total = Object.values(byProcess).reduce((a, b) => a + b, 0);
+  return `${(total * 1000).toFixed(0)} ms (${Object.entries(byProcess)
+    .map(([k, v]) => `${k} ${(v * 1000).toFixed(0)}`)
+    .join(', ')})`;
+};
+
+/** Ports free right now (listen on 0, then close). */
+async function freePorts(n) {
+  const servers = await Promise.all(
+    Array.from(
+      { length: n },
+      () =>
+        new Promise((resolve) => {
+          const s = net.createServer().listen(0, '127.0.0.1', () => resolve(s));
+        }),
+    ),
+  );
+  const ports = servers.map((s) => s.address().port);
+  await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
+  return ports;
+}
+
+/** onnxruntime run time (s) and runs per graph, summed over the pool's workers. */
+function ortTotals() {
+  const totals = {};
+  return {
+    add(graph, seconds) {
+      totals[graph] ??= { seconds: 0, runs: 0 };
+      totals[graph].seconds += seconds;
+      totals[graph].runs += 1;
+    },
+    snapshot: () => structuredClone(totals),
+  };
+}
+
+/** The same totals from every stage service's /metrics (a graph served by several replicas summed). */
+async function scrapeOrtRuns(ports) {
+  const totals = {};
+  for (const port of ports.values()) {
+    const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    for (const line of text.split('\n')) {
+      const m = line.match(/^cfrsam_stage_duration_seconds_(sum|count)\{.*stage="([^"]+)\.run".*\} ([\d.e+-]+)$/);
+      if (!m) continue;
+      totals[m[2]] ??= { seconds: 0, runs: 0 };
+      totals[m[2]][m[1] === 'sum' ? 'seconds' : 'runs'] += Number(m[3]);
+    }
+  }
+  return totals;
+}
+
+/** Deltas of ORT totals over a window, per request. */
+function ortMeter(sample) {
+  let start = {};
+  return {
+    reset: async () => (start = await sample()),
+    async perRequest(n) {
+      const end = await sample();
+      return Object.fromEntries(
+        Object.entries(end).map(([g, v]) => [
+          g,
+          { ms: ((v.seconds - (start[g]?.seconds ?? 0)) * 1000) / n, runs: (v.runs - (start[g]?.runs ?? 0)) / n },
+        ]),
+      );
+    },
+  };
+}
+const fmtOrt = (byGraph) =>
+  Object.entries(byGraph)
+    .map(([g, v]) => `${g} ${v.ms.toFixed(0)} ms in ${v.runs.toFixed(1)} runs`)
+    .join(', ');
+
+async function latency(segment, images, cpu, ort) {
   // Warm-up requests (sessions, JIT in every process); their digests are then cached, so skip them.
   for (const image of images.slice(0, WARMUP)) await segment(image);
+  cpu?.reset();
+  await ort?.reset();
   const ms = [];
   const stages = new Map();
   let nuclei = 0;
@@ -159,7 +263,13 @@ async function latency(segment, images) {
     nuclei = res.nuclei.length;
     for (const s of res.timings) stages.set(s.stage, [...(stages.get(s.stage) ?? []), s.ms]);
   }
-  return { ms: median(ms), nuclei, stages: [...stages].map(([k, v]) => `${k} ${fmt(median(v))}`).join(', ') };
+  return {
+    ms: median(ms),
+    nuclei,
+    stages: [...stages].map(([k, v]) => `${k} ${fmt(median(v))}`).join(', '),
+    cpu: cpu?.perRequest(images.length - WARMUP),
+    ort: await ort?.perRequest(images.length - WARMUP),
+  };
 }
 
 async function throughput(segment, images, clients) {
@@ -193,18 +303,33 @@ async function main() {
   const results = {};
 
   // --- four services
+  const metricsPorts = new Map();
+  const spare = await freePorts(3 + DECODERS);
   const stack = await startStack({
     bundle: args.bundle,
     decoders: DECODERS,
     port: 0,
     log: () => {},
+    // Each service's /metrics, for the onnxruntime time per graph (cfrsam_stage_duration_seconds{stage="GRAPH.run"}).
+    env: (name) => {
+      metricsPorts.set(name, spare[metricsPorts.size]);
+      return { METRICS_PORT: String(metricsPorts.get(name)) };
+    },
     args: { gateway: ['--max-concurrent-requests', '1000'] },
   });
   try {
     const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
     const segment = (image) => unary(client, client.segment, request(image), { timeoutMs: 600_000 });
+    const servicesCpu = cpuMeter(() => ({
+      client: selfCpuSeconds(),
+      ...Object.fromEntries(stack.processes.map((p) => [p.name, cpuSecondsOfPid(p.child.pid)])),
+    }));
     for (const c of cases) {
-      const r = (results[`services ${c.label}`] = { lat: await latency(segment, c.images), tput: await throughput(segment, c.tputImages, CLIENTS) });
+      const servicesOrt = ortMeter(() => scrapeOrtRuns(metricsPorts));
+      const r = (results[`services ${c.label}`] = {
+        lat: await latency(segment, c.images, servicesCpu, servicesOrt),
+        tput: await throughput(segment, c.tputImages, CLIENTS),
+      });
       // A repeated request (slide-job redelivery, a client retrying): the gateway's result cache.
       const repeat = [];
       for (const image of c.images.slice(-3)) {
@@ -253,14 +378,20 @@ async function main() {
   }
 
   // --- one process
-  const local = await inProcessStages();
+  const localOrt = ortTotals();
+  const local = await inProcessStages(localOrt);
   const pipeline = new SegmentationPipeline(manifest, config, local);
   const segmentLocal = (image) => pipeline.segment(request(image));
   for (const c of cases) {
     c.localImages = await coldCopies(c.rgb, c.size, c.n, 2);
     c.localTput = await coldCopies(c.rgb, c.size, c.tput, 3);
     const r = (results[`one process ${c.label}`] = {
-      lat: await latency(segmentLocal, c.localImages),
+      lat: await latency(
+        segmentLocal,
+        c.localImages,
+        cpuMeter(() => ({ 'one process': selfCpuSeconds() })),
+        ortMeter(async () => localOrt.snapshot()),
+      ),
       tput: await throughput(segmentLocal, c.localTput, CLIENTS),
     });
     console.log(`one process ${c.label}: ${fmt(r.lat.ms)} ms, ${r.tput.toFixed(2)} images/s`);
@@ -279,6 +410,10 @@ async function main() {
     );
   }
   for (const [k, v] of Object.entries(results)) console.log(`  ${k}: ${v.lat.nuclei} nuclei; stages (median ms): ${v.lat.stages}`);
+  console.log('\nCPU time per cold request (all threads; services: every process, the client included):');
+  for (const [k, v] of Object.entries(results)) console.log(`  ${k}: ${fmtCpu(v.lat.cpu)}`);
+  console.log('onnxruntime time per cold request (wall time of the runs, summed over workers):');
+  for (const [k, v] of Object.entries(results)) console.log(`  ${k}: ${fmtOrt(v.lat.ort)}`);
 }
 
 main().catch((err) => {

@@ -25,8 +25,8 @@ export interface GatewayConfig {
   /**
    * Overlap of neighbouring tiles in pixels. A nucleus is decoded by the tile whose core holds its
    * prompt, at least overlap/2 inside that tile, so nuclei up to that radius are never cut. The
-   * default equals the refinement window (64) of the bundled model: a window mask then never
-   * reaches past the tile.
+   * default (64) is at least the refinement window of the bundled model (48): a window mask then
+   * never reaches past the tile.
    */
   tileOverlap: number;
   /** Tiles per Detect and Encode call. */

@@ -42,6 +42,8 @@ export interface StackOptions {
   host?: string;
   /** Extra flags per service kind, e.g. { gateway: ['--max-image-pixels', '100000'] }. */
   args?: Partial<Record<StackServiceKind, string[]>>;
+  /** Node flags per process (by process name), e.g. ['--cpu-prof'] to profile it (NODE_OPTIONS refuses that one). */
+  nodeArgs?: (name: string) => string[];
   /** Extra environment per process (by process name), e.g. a CFRSAM_TRACE_FILE each. */
   env?: (name: string) => NodeJS.ProcessEnv;
   /** Output lines of the children (default: stderr, prefixed with the process name). */
@@ -146,7 +148,7 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
 
   const launch = (name: string, kind: StackServiceKind, port: number, extra: string[]): StackProcess => {
     const args = [serviceScript(root, kind), '--port', String(port), '--host', host, '--bundle', bundle, ...extra, ...(options.args?.[kind] ?? [])];
-    const child = spawn(process.execPath, args, {
+    const child = spawn(process.execPath, [...(options.nodeArgs?.(name) ?? []), ...args], {
       cwd: root,
       env: { ...process.env, ...(options.env?.(name) ?? {}) },
       stdio: ['ignore', 'pipe', 'pipe'],
