@@ -3,7 +3,11 @@
 // decoder_prompts (at --prompts prompts of one point). Prints the bundle's size.
 //
 //   node bench/stages.mjs [--bundle models/tiny] [--reps 5] [--prompts 16] [--threads 1] [--flops FILE]
+//                         [--providers cpu]
 //
+// --providers picks onnxruntime-node's execution providers in order, e.g. webgpu,cpu (bundled on
+// Linux, needs a GPU with Vulkan) or cuda,cpu (needs the CUDA build's libraries, which the GPU images
+// in deploy/ install); the default is the CPU.
 // With --flops (the JSON of `python -m cfrsam.flops --bundle DIR --prompts P --out FILE`, P equal
 // to --prompts) it also prints each graph's GFLOP, the achieved GFLOP/s and the fraction of the
 // peak: an n^3 float32 MatMul timed in the same runtime, run and thread count.
@@ -22,6 +26,7 @@ const { values: args } = parseArgs({
     prompts: { type: 'string', default: '16' },
     threads: { type: 'string', default: '1' },
     flops: { type: 'string' },
+    providers: { type: 'string', default: 'cpu' },
   },
 });
 const dir = args.bundle;
@@ -35,7 +40,7 @@ const size = (p) => fs.statSync(p).size;
 const flops = args.flops ? JSON.parse(fs.readFileSync(args.flops, 'utf8')) : null;
 if (flops && flops.prompts !== Number(args.prompts))
   throw new Error(`${args.flops} counts ${flops.prompts} prompts; pass --prompts ${flops.prompts}`);
-const sessionOptions = { intraOpNumThreads: Number(args.threads) };
+const sessionOptions = { intraOpNumThreads: Number(args.threads), executionProviders: args.providers.split(',') };
 
 /** GFLOP/s of a float32 n^3 MatMul in this runtime: the attainable peak the graphs are compared with. */
 async function matmulPeak() {
