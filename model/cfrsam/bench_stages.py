@@ -57,7 +57,9 @@ def time_calls(fn: Callable[[], object], warmup: int, reps: int, sync: Callable[
     return statistics.median(samples)
 
 
-def bench_torch(model, inputs, device, batches: List[int], precision: str, warmup: int, reps: int) -> Dict[str, Dict[int, float]]:
+def bench_torch(
+    model, inputs, device, batches: List[int], precision: str, warmup: int, reps: int
+) -> Dict[str, Dict[int, float]]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     # As in training: normalisation layers take autocast's half-precision activations in float32.
@@ -104,7 +106,10 @@ def bench_onnx(bundle: str, manifest, inputs, batches: List[int], warmup: int, r
             feeds = batched_inputs(inputs, graph, batch)
             feed = {n: np.ascontiguousarray(feeds[n]) for n in GRAPH_IO[graph][0]}
             out[graph][batch] = time_calls(lambda: session.run(None, feed), warmup, reps, lambda: None)
-            print(f"  onnx {graph:16s} batch {batch:3d}: {out[graph][batch]:9.2f} ms ({session.get_providers()[0]})", file=sys.stderr)
+            print(
+                f"  onnx {graph:16s} batch {batch:3d}: {out[graph][batch]:9.2f} ms ({session.get_providers()[0]})",
+                file=sys.stderr,
+            )
     return out, providers
 
 
@@ -116,7 +121,12 @@ def tile_ceiling(ms: Dict[str, Dict[int, float]], prompts_per_tile: int, tile_px
             return {}
         b = max(by_batch)
         per_item[graph] = by_batch[b] / b
-    tile_ms = per_item["prompter"] + per_item["encoder"] + per_item["decoder_image"] + prompts_per_tile * per_item["decoder_prompts"]
+    tile_ms = (
+        per_item["prompter"]
+        + per_item["encoder"]
+        + per_item["decoder_image"]
+        + prompts_per_tile * per_item["decoder_prompts"]
+    )
     return {"ms_per_tile": tile_ms, "tiles_per_s": 1000 / tile_ms, "mpx_per_s": tile_px / 1e6 * 1000 / tile_ms}
 
 
@@ -139,7 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--onnx", action="store_true", help="also time the bundle's ONNX graphs in onnxruntime")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--prompts-per-tile", type=int, default=20, help="nuclei per tile for the ceiling (CoNSeP: ~22)")
+    parser.add_argument(
+        "--prompts-per-tile", type=int, default=20, help="nuclei per tile for the ceiling (CoNSeP: ~22)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--out", help="JSON file to write (a markdown table goes beside it as .md)")
     args = parser.parse_args(argv)

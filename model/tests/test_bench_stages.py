@@ -36,7 +36,24 @@ def test_tile_ceiling_takes_each_stage_at_its_largest_batch():
 def test_cpu_run_writes_every_graph_and_batch(tmp_path):
     out = tmp_path / "stages.json"
     code = main(
-        ["--bundle", BUNDLE, "--device", "cpu", "--batches", "1,2", "--precisions", "fp32", "--warmup", "0", "--reps", "1", "--threads", "1", "--out", str(out)]
+        [
+            "--bundle",
+            BUNDLE,
+            "--device",
+            "cpu",
+            "--batches",
+            "1,2",
+            "--precisions",
+            "fp32",
+            "--warmup",
+            "0",
+            "--reps",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
     )
     assert code == 0
     record = json.loads(out.read_text())
