@@ -3,11 +3,13 @@
 //
 //   npm run build && node bench/pipeline.mjs [--bundle models/tiny] [--reps 5] [--clients 8] [--data ../shared/data]
 //
-// The same orchestration (the gateway's SegmentationPipeline) runs over two sets of stage ports:
+// The same orchestration (the gateway's SegmentationPipeline) runs over three sets of stage ports:
 //   services     the four services as separate processes (1 prompter, 1 encoder, 2 decoders,
 //                1 worker each) behind a gateway process, called over loopback gRPC;
-//   one process  the stage pipelines (PrompterPipeline, EncoderPipeline, DecoderPipeline) called
-//                directly in this process, with the same worker counts (1, 1, 2), no gRPC.
+//   standalone   the standalone process (services/standalone): the gateway with the stage
+//                pipelines inside it (LocalStages), called over loopback gRPC like the services;
+//   one process  the same LocalStages in this process, with the same worker counts (1, 1, 2), no
+//                gRPC at all (the floor the split is measured against).
 // For a 256 tile and a 1000x1000 image it prints the latency of one request (cold: new pixels),
 // the ratio services / one process, the sustained throughput with N concurrent clients for both,
 // and the tensor bytes that cross the gateway per tile (measured on the gRPC stage adapter) next to
@@ -25,15 +27,11 @@ const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..')
 const lib = (p) => require(path.join(root, p));
 const { loadManifest } = lib('packages/contract/dist/index.js');
 const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
-const { OnnxWorkerPool } = lib('packages/runtime/dist/index.js');
 const { startStack } = lib('services/gateway/dist/cli/stack.js');
 const { SegmentationPipeline } = lib('services/gateway/dist/pipeline.js');
 const { GrpcStages } = lib('services/gateway/dist/stages/grpcStages.js');
 const { DEFAULT_GATEWAY_CONFIG } = lib('services/gateway/dist/config.js');
-const { Limiter } = lib('services/gateway/dist/limiter.js');
-const { PrompterPipeline } = lib('services/prompter/dist/pipeline.js');
-const { EncoderPipeline } = lib('services/encoder/dist/pipeline.js');
-const { DecoderPipeline } = lib('services/decoder/dist/pipeline.js');
+const { startLocalStages } = lib('services/standalone/dist/compose.js');
 const sharp = require(require.resolve('sharp', { paths: [path.join(root, 'packages/nuclei')] }));
 
 const { values: args } = parseArgs({
@@ -85,70 +83,17 @@ async function coldCopies(rgb, size, n, salt = 0) {
   return out;
 }
 
-/** The stage pipelines in this process, as the gateway's ports (no gRPC, no serialisation). */
-async function inProcessStages(ortRuns) {
-  const pool = (graphs, workers) =>
-    OnnxWorkerPool.create({
-      graphs: Object.fromEntries(graphs.map((g) => [g, manifest.graphs[g].path])),
-      workers,
-      intraOpThreads: 1,
-      onJobDone: ({ graph, runMs }) => ortRuns.add(graph, runMs / 1000),
-    });
-  const [pp, ep, dp] = await Promise.all([pool(['prompter'], 1), pool(['encoder'], 1), pool(['decoder_image', 'decoder_prompts'], DECODERS)]);
-  const prompter = new PrompterPipeline(manifest, pp);
-  const encoder = new EncoderPipeline(manifest, ep);
-  // One process: the features handed to Prepare come from the encoder next to it, so the decoder
-  // may take them (a decoder service refuses caller features; see its pipeline.ts).
-  const decoder = new DecoderPipeline(manifest, dp, { acceptUnverifiedInput: true });
-  const input = (t) => ({ digest: t.digest, rgb: Buffer.from(t.rgb.buffer, t.rgb.byteOffset, t.rgb.byteLength) });
-  const features = new Map();
-  // Decoder calls in flight are capped as the gRPC adapter caps them.
-  const limiter = new Limiter(DEFAULT_GATEWAY_CONFIG.maxDecoderCalls);
-  return {
-    prompter: {
-      async detect(tiles, call) {
-        const res = await call.clock.time('prompter', () =>
-          prompter.detect({ tiles: tiles.map(input), minForeground: 0, nmsRadius: 0, modelVersion: '' }, call.signal),
-        );
-        return new Map(res.tiles.map((t) => [t.digest, t.detections]));
-      },
-    },
-    encoder: {
-      async encode(tiles, call) {
-        const { response } = await call.clock.time('encoder', () =>
-          encoder.encode({ tiles: tiles.map(input), modelVersion: '', returnFeatures: true }),
-        );
-        for (const t of response.tiles) features.set(t.digest, t.features);
-        return { cacheHits: response.tiles.filter((t) => t.cacheHit).length };
-      },
-    },
-    decoder: {
-      async decodeTile(tile, prompts, call) {
-        if (!decoder.cache.has(tile.digest)) {
-          // A copy: the worker pool takes ownership of what it is given, and the encoder's cache keeps its own.
-          const f = features.get(tile.digest);
-          await limiter.run(() =>
-            call.clock.time('decoder_prepare', () =>
-              decoder.prepare({ ...input(tile), features: { ...f, data: Buffer.from(f.data) }, modelVersion: '' }),
-            ),
-          );
-        }
-        const batches = [];
-        for (let i = 0; i < prompts.length; i += DEFAULT_GATEWAY_CONFIG.decodeBatchSize)
-          batches.push(prompts.slice(i, i + DEFAULT_GATEWAY_CONFIG.decodeBatchSize));
-        const out = await call.clock.time('decoder_decode', () =>
-          Promise.all(batches.map((b) => limiter.run(() => decoder.decode({ digest: tile.digest, prompts: b, modelVersion: '' }, call.signal)))),
-        );
-        return out.flatMap((r) => r.masks);
-      },
-    },
-    close() {
-      void pp.close();
-      void ep.close();
-      void dp.close();
-    },
-  };
-}
+/** The stage pipelines in this process behind LocalStages (what the standalone process runs), no gRPC. */
+const inProcessStages = (ortRuns) =>
+  startLocalStages(manifest, {
+    prompterWorkers: 1,
+    encoderWorkers: 1,
+    decoderWorkers: DECODERS,
+    intraOpThreads: 1,
+    decodeBatchSize: DEFAULT_GATEWAY_CONFIG.decodeBatchSize,
+    maxDecoderCalls: DEFAULT_GATEWAY_CONFIG.maxDecoderCalls,
+    onJobDone: ({ graph, runMs }) => ortRuns.add(graph, runMs / 1000),
+  });
 
 const WARMUP = 2;
 
@@ -283,31 +228,14 @@ async function throughput(segment, images, clients) {
   return images.length / ((performance.now() - t) / 1000);
 }
 
-async function main() {
-  console.log(`bundle ${manifest.name} ${manifest.version}, input ${S}, ${os.cpus().length} CPUs, ${REPS} requests per latency, ${CLIENTS} clients`);
-  const tile = await loadRgb(path.join(args.data, 'consep-train/train_3_005.png'), S);
-  const monuseg = path.join(args.data, 'monuseg-train');
-  const bigFile = fs.existsSync(monuseg) ? fs.readdirSync(monuseg).find((f) => f.endsWith('.png') && !f.includes('labels')) : undefined;
-  const big = await loadRgb(bigFile ? path.join(monuseg, bigFile) : 'x', 1000);
-  console.log(`tile: ${tile.source}; large image: ${big.source} (1000x1000)`);
-  const cases = [
-    { label: `${S}x${S} tile`, rgb: tile.rgb, size: S, n: REPS + WARMUP, tput: 4 * CLIENTS },
-    { label: '1000x1000 image', rgb: big.rgb, size: 1000, n: REPS + WARMUP, tput: CLIENTS },
-  ];
-  for (const c of cases) {
-    c.images = await coldCopies(c.rgb, c.size, c.n);
-    c.tputImages = await coldCopies(c.rgb, c.size, c.tput, 1); // other digests than the latency runs
-  }
-  const config = { ...DEFAULT_GATEWAY_CONFIG, prompter: ['-'], encoder: ['-'], decoders: ['-'], maxConcurrentRequests: 1000 };
-  const request = (image) => segmentationProto.SegmentRequest.fromPartial({ image });
-  const results = {};
-
-  // --- four services
+/** Latency, throughput, CPU and onnxruntime time of a stack over gRPC: the four services or the standalone process. */
+async function measureStack(mode, cases, request, results, config, big) {
   const metricsPorts = new Map();
   const spare = await freePorts(3 + DECODERS);
   const stack = await startStack({
     bundle: args.bundle,
     decoders: DECODERS,
+    standalone: mode === 'standalone',
     port: 0,
     log: () => {},
     // Each service's /metrics, for the onnxruntime time per graph (cfrsam_stage_duration_seconds{stage="GRAPH.run"}).
@@ -326,7 +254,7 @@ async function main() {
     }));
     for (const c of cases) {
       const servicesOrt = ortMeter(() => scrapeOrtRuns(metricsPorts));
-      const r = (results[`services ${c.label}`] = {
+      const r = (results[`${mode} ${c.label}`] = {
         lat: await latency(segment, c.images, servicesCpu, servicesOrt),
         tput: await throughput(segment, c.tputImages, CLIENTS),
       });
@@ -339,10 +267,11 @@ async function main() {
       }
       r.repeat = median(repeat);
       console.log(
-        `services ${c.label}: ${fmt(r.lat.ms)} ms, ${r.tput.toFixed(2)} images/s; repeated request ${fmt(r.repeat)} ms (${(r.lat.ms / r.repeat).toFixed(0)}x faster)`,
+        `${mode} ${c.label}: ${fmt(r.lat.ms)} ms, ${r.tput.toFixed(2)} images/s; repeated request ${fmt(r.repeat)} ms (${(r.lat.ms / r.repeat).toFixed(0)}x faster)`,
       );
     }
     client.close();
+    if (mode === 'standalone') return;
 
     // Bytes through the gateway: the gRPC stage adapter in this process against the same stack.
     const grpcStages = new GrpcStages({
@@ -376,6 +305,29 @@ async function main() {
   } finally {
     await stack.stop();
   }
+}
+
+async function main() {
+  console.log(`bundle ${manifest.name} ${manifest.version}, input ${S}, ${os.cpus().length} CPUs, ${REPS} requests per latency, ${CLIENTS} clients`);
+  const tile = await loadRgb(path.join(args.data, 'consep-train/train_3_005.png'), S);
+  const monuseg = path.join(args.data, 'monuseg-train');
+  const bigFile = fs.existsSync(monuseg) ? fs.readdirSync(monuseg).find((f) => f.endsWith('.png') && !f.includes('labels')) : undefined;
+  const big = await loadRgb(bigFile ? path.join(monuseg, bigFile) : 'x', 1000);
+  console.log(`tile: ${tile.source}; large image: ${big.source} (1000x1000)`);
+  const cases = [
+    { label: `${S}x${S} tile`, rgb: tile.rgb, size: S, n: REPS + WARMUP, tput: 4 * CLIENTS },
+    { label: '1000x1000 image', rgb: big.rgb, size: 1000, n: REPS + WARMUP, tput: CLIENTS },
+  ];
+  for (const c of cases) {
+    c.images = await coldCopies(c.rgb, c.size, c.n);
+    c.tputImages = await coldCopies(c.rgb, c.size, c.tput, 1); // other digests than the latency runs
+  }
+  const config = { ...DEFAULT_GATEWAY_CONFIG, prompter: ['-'], encoder: ['-'], decoders: ['-'], maxConcurrentRequests: 1000 };
+  const request = (image) => segmentationProto.SegmentRequest.fromPartial({ image });
+  const results = {};
+
+  // --- four services, then the standalone process, both over gRPC
+  for (const mode of ['services', 'standalone']) await measureStack(mode, cases, request, results, config, big);
 
   // --- one process
   const localOrt = ortTotals();
@@ -399,18 +351,22 @@ async function main() {
   pipeline.close();
 
   console.log(
-    '\n| case | latency one request (ms) | services / one process | throughput, ' + CLIENTS + ' clients (images/s) | services / one process |',
+    '\n| case | latency one request (ms): services, standalone, one process | services / one process | standalone / one process | ' +
+      `throughput, ${CLIENTS} clients (images/s): services, standalone, one process | services / one process | standalone / one process |`,
   );
-  console.log('| --- | --- | --- | --- | --- |');
+  console.log('| --- | --- | --- | --- | --- | --- | --- |');
   for (const c of cases) {
     const s = results[`services ${c.label}`];
+    const a = results[`standalone ${c.label}`];
     const l = results[`one process ${c.label}`];
+    const x = (v) => `**${v.toFixed(2)}x**`;
     console.log(
-      `| ${c.label} | ${fmt(s.lat.ms)} vs ${fmt(l.lat.ms)} | **${(s.lat.ms / l.lat.ms).toFixed(2)}x** | ${s.tput.toFixed(2)} vs ${l.tput.toFixed(2)} | **${(s.tput / l.tput).toFixed(2)}x** |`,
+      `| ${c.label} | ${fmt(s.lat.ms)}, ${fmt(a.lat.ms)}, ${fmt(l.lat.ms)} | ${x(s.lat.ms / l.lat.ms)} | ${x(a.lat.ms / l.lat.ms)} | ` +
+        `${s.tput.toFixed(2)}, ${a.tput.toFixed(2)}, ${l.tput.toFixed(2)} | ${x(s.tput / l.tput)} | ${x(a.tput / l.tput)} |`,
     );
   }
   for (const [k, v] of Object.entries(results)) console.log(`  ${k}: ${v.lat.nuclei} nuclei; stages (median ms): ${v.lat.stages}`);
-  console.log('\nCPU time per cold request (all threads; services: every process, the client included):');
+  console.log('\nCPU time per cold request (all threads; services and standalone: every process, the client included):');
   for (const [k, v] of Object.entries(results)) console.log(`  ${k}: ${fmtCpu(v.lat.cpu)}`);
   console.log('onnxruntime time per cold request (wall time of the runs, summed over workers):');
   for (const [k, v] of Object.entries(results)) console.log(`  ${k}: ${fmtOrt(v.lat.ort)}`);

@@ -13,6 +13,8 @@ for (const ws of workspaces) {
   manifests.set(pkg.name, { dir: ws, deps: [...Object.keys(pkg.dependencies ?? {}), ...Object.keys(pkg.optionalDependencies ?? {})] });
 }
 
+const STANDALONE = '@cfrsam/standalone';
+
 function closure(name: string, seen = new Set<string>()): Set<string> {
   for (const dep of manifests.get(name)?.deps ?? []) {
     if (seen.has(dep)) continue;
@@ -36,8 +38,21 @@ describe('dependency closures', () => {
 
   it('no service depends on another service', () => {
     for (const [name, m] of manifests) {
-      if (!m.dir.startsWith('services/')) continue;
+      if (!m.dir.startsWith('services/') || name === STANDALONE) continue;
       for (const dep of closure(name)) expect(manifests.get(dep)?.dir.startsWith('services/') ?? false, `${name} -> ${dep}`).toBe(false);
     }
+  });
+
+  // The one exception: the standalone process is the four services packaged as one (their
+  // pipelines behind the gateway's stage ports), a composition root that nothing depends on.
+  it('only the standalone composition imports services, and nothing imports it', () => {
+    const services = [...manifests].filter(([, m]) => m.dir.startsWith('services/')).map(([n]) => n);
+    expect(
+      manifests
+        .get(STANDALONE)!
+        .deps.filter((d) => services.includes(d))
+        .sort(),
+    ).toEqual(['@cfrsam/decoder', '@cfrsam/encoder', '@cfrsam/gateway', '@cfrsam/prompter']);
+    for (const [name] of manifests) expect(closure(name).has(STANDALONE), `${name} -> ${STANDALONE}`).toBe(false);
   });
 });

@@ -16,7 +16,7 @@ import {
   tlsFromFlags,
 } from '@cfrsam/rpc';
 import { DEFAULT_GATEWAY_CONFIG as D } from './config';
-import { DEFAULT_GATEWAY_PORT, startGateway } from './server';
+import { DEFAULT_GATEWAY_PORT, startGateway, type GatewayOptions, type RunningGateway } from './server';
 import { slideJobFlags } from './slideJobs';
 
 export const GATEWAY_FLAGS = {
@@ -179,23 +179,29 @@ export const GATEWAY_FLAGS = {
   ...securityFlags(),
 } satisfies Record<string, FlagSpec>;
 
-async function main(): Promise<void> {
-  const config = parseFlags(GATEWAY_FLAGS);
-  const decoders = config.decoders
+/** Stage addresses from a comma-separated flag; at least one. */
+function addresses(flag: string, value: string, what: string): string[] {
+  const list = value
     .split(',')
     .map((s) => s.trim())
     .filter(Boolean);
-  if (decoders.length === 0) throw new ConfigError('--decoders: at least one decoder address is needed');
-  const prompter = config.prompter
-    .split(',')
-    .map((s) => s.trim())
-    .filter(Boolean);
-  if (prompter.length === 0) throw new ConfigError('--prompter: at least one prompter address is needed');
-  const encoder = config.encoder
-    .split(',')
-    .map((s) => s.trim())
-    .filter(Boolean);
-  if (encoder.length === 0) throw new ConfigError('--encoder: at least one encoder address is needed');
+  if (list.length === 0) throw new ConfigError(`--${flag}: at least one ${what} address is needed`);
+  return list;
+}
+
+export type GatewayFlagValues = ReturnType<typeof parseFlags<typeof GATEWAY_FLAGS>>;
+/** Flags of the gRPC path to the stages, which in-process stages do without. */
+type StageTransportFlag = 'decoderDnsIntervalMs' | 'internalToken';
+
+/**
+ * Telemetry, TLS, auth and the gateway from parsed gateway flags; `stages` (and the addresses)
+ * come from the caller: this entry's gRPC replicas, or the standalone entry's in-process stages.
+ */
+export async function startGatewayFromFlags(
+  config: Omit<GatewayFlagValues, 'prompter' | 'encoder' | 'decoders' | StageTransportFlag> & Partial<Pick<GatewayFlagValues, StageTransportFlag>>,
+  stages: Pick<GatewayOptions, 'stages' | 'prompter' | 'encoder' | 'decoders'>,
+  onShutdown?: () => Promise<void> | void,
+): Promise<RunningGateway> {
   const telemetry = await initServiceTelemetry({ serviceName: 'gateway', ...config });
   const {
     refineCacheMb,
@@ -213,13 +219,12 @@ async function main(): Promise<void> {
     internalToken,
     ...rest
   } = config;
-  const tls = tlsFromFlags(config);
-  const auth = authenticatorFromFlags(config, true);
-  await startGateway({
+  const security = { ...config, internalToken: internalToken ?? '' };
+  const tls = tlsFromFlags(security);
+  const auth = authenticatorFromFlags(security, true);
+  return startGateway({
     ...rest,
-    decoders,
-    prompter,
-    encoder,
+    ...stages,
     connectionAge: connectionAgeFromFlags({ maxConnectionAgeMs, maxConnectionAgeGraceMs }),
     refineCacheBytes: refineCacheMb * 1024 * 1024,
     resultCacheBytes: resultCacheMb * 1024 * 1024,
@@ -229,9 +234,19 @@ async function main(): Promise<void> {
     internalToken: internalToken || undefined,
     handleSignals: true,
     onShutdown: async () => {
+      await onShutdown?.();
       await telemetry.tracing.shutdown();
       await telemetry.metrics.close();
     },
+  });
+}
+
+async function main(): Promise<void> {
+  const { prompter, encoder, decoders, ...config } = parseFlags(GATEWAY_FLAGS);
+  await startGatewayFromFlags(config, {
+    decoders: addresses('decoders', decoders, 'decoder'),
+    prompter: addresses('prompter', prompter, 'prompter'),
+    encoder: addresses('encoder', encoder, 'encoder'),
   });
 }
 

@@ -18,6 +18,7 @@ import { startHttpGateway, type RunningHttpGateway } from './http';
 import { admissionDoor, RESERVATION_HEADER } from './admission/door';
 import { SegmentationPipeline } from './pipeline';
 import { GrpcStages } from './stages/grpcStages';
+import type { StagePorts } from './stages/ports';
 import { DEFAULT_SLIDE_JOB_SETTINGS, type SlideJobSettings } from './slideJobs';
 import { slideJobHandlers, startSlideJobs, type SlideJobsRuntime, type SlideMethods } from './slideWorker';
 
@@ -64,6 +65,11 @@ export interface GatewayOptions extends Partial<Omit<GatewayConfig, 'prompter' |
   port: number;
   host?: string;
   bundle: string;
+  /**
+   * The stages themselves, when they are not reached over gRPC (the standalone entry runs them in
+   * its own process); then the replica addresses below are not used.
+   */
+  stages?: StagePorts;
   /** Prompter replicas (one address, or a list used round-robin with failover). */
   prompter: string | string[];
   /** Encoder replicas (one address, or a list; tiles go to replicas by rendezvous on their digest). */
@@ -96,7 +102,7 @@ export interface GatewayOptions extends Partial<Omit<GatewayConfig, 'prompter' |
 export interface RunningGateway {
   server: RunningServer;
   pipeline: SegmentationPipeline;
-  stages: GrpcStages;
+  stages: StagePorts;
   http?: RunningHttpGateway;
 }
 
@@ -105,7 +111,9 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
   const manifest = loadManifest(options.bundle, { graphs: [], verifyGraphs: false });
   const prompter = [options.prompter].flat().filter(Boolean);
   const encoder = [options.encoder].flat().filter(Boolean);
-  if (prompter.length === 0 || encoder.length === 0) throw new Error('at least one prompter and one encoder address are needed');
+  if (!options.stages && (prompter.length === 0 || encoder.length === 0)) {
+    throw new Error('at least one prompter and one encoder address are needed');
+  }
   const config: GatewayConfig = {
     ...DEFAULT_GATEWAY_CONFIG,
     ...stripUndefined(options),
@@ -113,22 +121,7 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
     prompter,
     encoder,
   } as GatewayConfig;
-  // The stages over gRPC; `dns:///NAME:PORT` entries (headless Services) become one replica per
-  // address, kept current while the gateway runs.
-  const stages = new GrpcStages({
-    ...config,
-    modelVersion: manifest.version,
-    dnsIntervalMs: options.decoderDnsIntervalMs ?? 5000,
-    client: { maxMessageBytes: options.maxMessageBytes, bearerToken: options.internalToken },
-    onFailover: (stage, replica, err) =>
-      logger().warn({ msg: `gateway: ${stage} ${replica} failed (${err.details ?? err.message}); trying the next replica`, stage, replica }),
-  });
-  try {
-    await stages.start();
-  } catch (err) {
-    stages.close();
-    throw err;
-  }
+  const stages = options.stages ?? (await grpcStages(options, config, manifest.version));
   const pipeline = new SegmentationPipeline(manifest, config, stages);
   // Slide jobs (slideJobs.ts) when a NATS server is configured.
   let slideJobs: SlideJobsRuntime | null = null;
@@ -195,6 +188,28 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
     pipeline.close();
     throw err;
   }
+}
+
+/**
+ * The stages over gRPC; `dns:///NAME:PORT` entries (headless Services) become one replica per
+ * address, kept current while the gateway runs.
+ */
+async function grpcStages(options: GatewayOptions, config: GatewayConfig, modelVersion: string): Promise<GrpcStages> {
+  const stages = new GrpcStages({
+    ...config,
+    modelVersion,
+    dnsIntervalMs: options.decoderDnsIntervalMs ?? 5000,
+    client: { maxMessageBytes: options.maxMessageBytes, bearerToken: options.internalToken },
+    onFailover: (stage, replica, err) =>
+      logger().warn({ msg: `gateway: ${stage} ${replica} failed (${err.details ?? err.message}); trying the next replica`, stage, replica }),
+  });
+  try {
+    await stages.start();
+  } catch (err) {
+    stages.close();
+    throw err;
+  }
+  return stages;
 }
 
 function stripUndefined<T extends object>(o: T): Partial<T> {

@@ -9,7 +9,7 @@ import { credentials, makeGenericClientConstructor, type Client, type ServiceErr
 import { repoRoot } from '@cfrsam/rpc';
 import { service as healthService } from 'grpc-health-check';
 
-export type StackServiceKind = 'prompter' | 'encoder' | 'decoder' | 'gateway';
+export type StackServiceKind = 'prompter' | 'encoder' | 'decoder' | 'gateway' | 'standalone';
 
 export interface StackProcess {
   /**
@@ -28,8 +28,14 @@ export interface StackProcess {
 export interface StackOptions {
   /** Model bundle directory (default: models/tiny, or CFRSAM_BUNDLE). */
   bundle?: string;
-  /** Decoder replicas (default 2). */
+  /** Decoder replicas (default 2); with `standalone`, decoder worker threads. */
   decoders?: number;
+  /**
+   * One process (services/standalone) serving the gateway's API with the stages inside it, instead
+   * of the four services; `args.gateway` applies to it. The replica counts other than `decoders`
+   * and `gateways` must be 1.
+   */
+  standalone?: boolean;
   /** Prompter replicas (default 1). */
   prompters?: number;
   /** Encoder replicas (default 1). */
@@ -57,9 +63,9 @@ export interface StackOptions {
 export interface RunningStack {
   /** The first gateway (of `gateways`). */
   gateway: string;
-  /** The first prompter (of `prompters`). */
+  /** The first prompter (of `prompters`); '' in a standalone stack (its stages serve no gRPC). */
   prompter: string;
-  /** The first encoder (of `encoders`). */
+  /** The first encoder (of `encoders`); '' in a standalone stack. */
   encoder: string;
   gateways: string[];
   prompters: string[];
@@ -185,8 +191,8 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
   const stop = () =>
     (stopping ??= (async () => {
       // The gateway first (it drains client calls that still need the stages), then the stages.
-      const gateway = processes.filter((p) => p.kind === 'gateway');
-      const stages = processes.filter((p) => p.kind !== 'gateway');
+      const gateway = processes.filter((p) => p.kind === 'gateway' || p.kind === 'standalone');
+      const stages = processes.filter((p) => !gateway.includes(p));
       await Promise.all(gateway.map((p) => stopProcess(p.name)));
       await Promise.all(stages.map((p) => stopProcess(p.name)));
     })());
@@ -199,6 +205,26 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
     };
     // Decoders are always numbered; the other kinds only when there are several.
     const nameOf = (kind: StackServiceKind, i: number, n: number) => (n === 1 && kind !== 'decoder' ? kind : `${kind}-${i}`);
+    if (options.standalone) {
+      if (prompterCount !== 1 || encoderCount !== 1 || gatewayCount !== 1) {
+        throw new Error('a standalone stack is one process: prompters, encoders and gateways must be 1');
+      }
+      const port = options.port || (await freePort(host));
+      const proc = launch('standalone', 'standalone', port, ['--decoder-workers', String(decoderCount), ...(options.args?.gateway ?? [])]);
+      await waitServing(proc, Date.now() + (options.readyTimeoutMs ?? 120_000), () => (outputs.get(proc.name) ?? []).join('\n'));
+      return {
+        gateway: proc.address,
+        prompter: '',
+        encoder: '',
+        gateways: [proc.address],
+        prompters: [],
+        encoders: [],
+        decoders: [],
+        processes,
+        stopProcess,
+        stop,
+      };
+    }
     const prompters = (await ports(prompterCount)).map((p, i) => launch(nameOf('prompter', i, prompterCount), 'prompter', p, []));
     const encoders = (await ports(encoderCount)).map((p, i) => launch(nameOf('encoder', i, encoderCount), 'encoder', p, []));
     // Decoders fetch tile features from the encoders themselves (never through the gateway).
