@@ -328,7 +328,7 @@ describe('deploy/docker', () => {
   const workspaces: string[] = JSON.parse(readSource('package.json')).workspaces;
   const dockerfile = (name: string) => readSource(`deploy/docker/${name}.Dockerfile`);
 
-  it.each(['prompter', 'encoder', 'decoder', 'gateway', 'gpu'])(
+  it.each(['prompter', 'encoder', 'decoder', 'gateway', 'gpu', 'standalone'])(
     '%s.Dockerfile installs with every workspace manifest (npm ci needs them)',
     (name) => {
       const text = dockerfile(name);
@@ -347,6 +347,16 @@ describe('deploy/docker', () => {
     expect(text).toContain(`ENTRYPOINT ["node", "services/${stage.name}/dist/main.js"]`);
     expect(fs.existsSync(path.join(ROOT, `services/${stage.name}/src/main.ts`))).toBe(true);
     expect(text).toMatch(new RegExp(`^EXPOSE ${stage.port} 9464$`, 'm'));
+  });
+
+  it('standalone.Dockerfile builds every service and starts the standalone process on the gateway port', () => {
+    const text = dockerfile('standalone');
+    expect(text).toContain('npx tsc -b services/standalone');
+    for (const service of ['prompter', 'encoder', 'decoder', 'gateway', 'standalone']) {
+      expect(text).toContain(`COPY --from=build /src/services/${service}/dist services/${service}/dist`);
+    }
+    expect(text).toContain('ENTRYPOINT ["node", "services/standalone/dist/main.js"]');
+    expect(text).toMatch(/^EXPOSE 50051 9464$/m);
   });
 
   it('gpu.Dockerfile installs the CUDA provider of onnxruntime-node', () => {

@@ -20,6 +20,7 @@ COPY services/prompter/package.json services/prompter/
 COPY services/encoder/package.json services/encoder/
 COPY services/decoder/package.json services/decoder/
 COPY services/gateway/package.json services/gateway/
+COPY services/standalone/package.json services/standalone/
 # Only the gateway workspace and the packages it uses: no onnxruntime-node (the gateway runs no model).
 RUN npm ci --omit=dev --no-audit --no-fund -w @cfrsam/gateway
 
@@ -37,6 +38,7 @@ COPY services/prompter/package.json services/prompter/
 COPY services/encoder/package.json services/encoder/
 COPY services/decoder/package.json services/decoder/
 COPY services/gateway/package.json services/gateway/
+COPY services/standalone/package.json services/standalone/
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.base.json ./
 COPY protos protos

@@ -22,6 +22,7 @@ COPY services/prompter/package.json services/prompter/
 COPY services/encoder/package.json services/encoder/
 COPY services/decoder/package.json services/decoder/
 COPY services/gateway/package.json services/gateway/
+COPY services/standalone/package.json services/standalone/
 RUN npm ci --omit=dev --no-audit --no-fund
 # The CUDA provider libraries (libonnxruntime_providers_cuda.so, _shared.so, _tensorrt.so) are too
 # large for the npm package; onnxruntime-node's install script fetches them from NuGet
@@ -48,6 +49,7 @@ COPY services/prompter/package.json services/prompter/
 COPY services/encoder/package.json services/encoder/
 COPY services/decoder/package.json services/decoder/
 COPY services/gateway/package.json services/gateway/
+COPY services/standalone/package.json services/standalone/
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.base.json ./
 COPY protos protos

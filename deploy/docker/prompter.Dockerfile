@@ -20,6 +20,7 @@ COPY services/prompter/package.json services/prompter/
 COPY services/encoder/package.json services/encoder/
 COPY services/decoder/package.json services/decoder/
 COPY services/gateway/package.json services/gateway/
+COPY services/standalone/package.json services/standalone/
 RUN npm ci --omit=dev --no-audit --no-fund
 # onnxruntime-node carries binaries for every platform (~290 MB); keep this platform's only.
 RUN cd node_modules/onnxruntime-node/bin/napi-v6 \
@@ -41,6 +42,7 @@ COPY services/prompter/package.json services/prompter/
 COPY services/encoder/package.json services/encoder/
 COPY services/decoder/package.json services/decoder/
 COPY services/gateway/package.json services/gateway/
+COPY services/standalone/package.json services/standalone/
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.base.json ./
 COPY protos protos
