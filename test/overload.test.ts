@@ -83,7 +83,9 @@ beforeAll(async () => {
   });
   const xs = Array.from({ length: 20 }, (_, i) => 24 + i * 50);
   bigImage = await syntheticPng(1024, 1024, blobGrid(xs, xs), 7);
-  wideImage = await syntheticPng(2048, 1024, blobGrid([...xs, ...xs.map((x) => x + 1024)], xs), 9);
+  // Wide enough that no machine finishes it within the 8 s deadline below (a 2048-wide image, 50
+  // tiles, was done in under 8 s once decoding got cheaper).
+  wideImage = await syntheticPng(4096, 1024, blobGrid([0, 1024, 2048, 3072].flatMap((dx) => xs.map((x) => x + dx)), xs), 9);
   tileImage = await syntheticPng(256, 256, blobGrid([40, 120, 200], [40, 120, 200]), 8);
 }, 180_000);
 
@@ -95,7 +97,7 @@ describe('overload', () => {
   it('a request whose deadline passes mid-way is DEADLINE_EXCEEDED and runs no decoder batch afterwards', async () => {
     // Before any answer the gateway has no throughput figure, so it admits the request.
     const started = Date.now();
-    // 2048 x 1024 is 50 tiles: after 8 s the decoder is busy with it, and far from done.
+    // 4096 x 1024 is 105 tiles: after 8 s the decoder is busy with it, and far from done.
     const err = await failure(segment({ image: wideImage }, 'expiring', 8_000));
     expect(err.code).toBe(status.DEADLINE_EXCEEDED);
     expect(Date.now() - started).toBeLessThan(10_000);
