@@ -85,7 +85,15 @@ beforeAll(async () => {
   bigImage = await syntheticPng(1024, 1024, blobGrid(xs, xs), 7);
   // Wide enough that no machine finishes it within the 8 s deadline below (a 2048-wide image, 50
   // tiles, was done in under 8 s once decoding got cheaper).
-  wideImage = await syntheticPng(4096, 1024, blobGrid([0, 1024, 2048, 3072].flatMap((dx) => xs.map((x) => x + dx)), xs), 9);
+  wideImage = await syntheticPng(
+    4096,
+    1024,
+    blobGrid(
+      [0, 1024, 2048, 3072].flatMap((dx) => xs.map((x) => x + dx)),
+      xs,
+    ),
+    9,
+  );
   tileImage = await syntheticPng(256, 256, blobGrid([40, 120, 200], [40, 120, 200]), 8);
 }, 180_000);
 
