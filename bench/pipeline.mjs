@@ -2,10 +2,11 @@
 // is asserted).
 //
 //   npm run build && node bench/pipeline.mjs [--bundle models/tiny] [--reps 5] [--clients 8] [--data ../shared/data]
+//                                            [--decoder-processes 2]
 //
 // The same orchestration (the gateway's SegmentationPipeline) runs over three sets of stage ports:
-//   services     the four services as separate processes (1 prompter, 1 encoder, 2 decoders,
-//                1 worker each) behind a gateway process, called over loopback gRPC;
+//   services     the four services as separate processes (1 prompter, 1 encoder, 2 decoder
+//                workers in --decoder-processes processes) behind a gateway, over loopback gRPC;
 //   standalone   the standalone process (services/standalone): the gateway with the stage
 //                pipelines inside it (LocalStages), called over loopback gRPC like the services;
 //   one process  the same LocalStages in this process, with the same worker counts (1, 1, 2), no
@@ -40,13 +41,18 @@ const { values: args } = parseArgs({
     reps: { type: 'string', default: '5' },
     clients: { type: 'string', default: '8' },
     data: { type: 'string', default: path.join(root, '../shared/data') },
+    'decoder-processes': { type: 'string', default: '2' },
   },
 });
 const REPS = Number(args.reps);
 const CLIENTS = Number(args.clients);
 const manifest = loadManifest(args.bundle);
 const S = manifest.inputSize;
+// Decoder workers in total (as in one process); the services spread them over --decoder-processes
+// processes (2: one worker each, as before; 1: one process with both workers, sharing prepared tiles).
 const DECODERS = 2;
+const DECODER_PROCESSES = Number(args['decoder-processes']);
+if (![1, 2].includes(DECODER_PROCESSES)) throw new Error('--decoder-processes must be 1 or 2');
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const fmt = (x) => (x >= 100 ? x.toFixed(0) : x.toFixed(1));
@@ -231,10 +237,10 @@ async function throughput(segment, images, clients) {
 /** Latency, throughput, CPU and onnxruntime time of a stack over gRPC: the four services or the standalone process. */
 async function measureStack(mode, cases, request, results, config, big) {
   const metricsPorts = new Map();
-  const spare = await freePorts(3 + DECODERS);
+  const spare = await freePorts(3 + DECODER_PROCESSES);
   const stack = await startStack({
     bundle: args.bundle,
-    decoders: DECODERS,
+    decoders: mode === 'standalone' ? DECODERS : DECODER_PROCESSES,
     standalone: mode === 'standalone',
     port: 0,
     log: () => {},
@@ -243,7 +249,7 @@ async function measureStack(mode, cases, request, results, config, big) {
       metricsPorts.set(name, spare[metricsPorts.size]);
       return { METRICS_PORT: String(metricsPorts.get(name)) };
     },
-    args: { gateway: ['--max-concurrent-requests', '1000'] },
+    args: { gateway: ['--max-concurrent-requests', '1000'], decoder: ['--workers', String(DECODERS / DECODER_PROCESSES)] },
   });
   try {
     const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
@@ -308,7 +314,10 @@ async function measureStack(mode, cases, request, results, config, big) {
 }
 
 async function main() {
-  console.log(`bundle ${manifest.name} ${manifest.version}, input ${S}, ${os.cpus().length} CPUs, ${REPS} requests per latency, ${CLIENTS} clients`);
+  console.log(
+    `bundle ${manifest.name} ${manifest.version}, input ${S}, ${os.cpus().length} CPUs, ${REPS} requests per latency, ${CLIENTS} clients, ` +
+      `${DECODERS} decoder workers in ${DECODER_PROCESSES} decoder process(es)`,
+  );
   const tile = await loadRgb(path.join(args.data, 'consep-train/train_3_005.png'), S);
   const monuseg = path.join(args.data, 'monuseg-train');
   const bigFile = fs.existsSync(monuseg) ? fs.readdirSync(monuseg).find((f) => f.endsWith('.png') && !f.includes('labels')) : undefined;
