@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { errorDetailsOf, segmentationProto, type SpanRecord, status, unary } from '@cfrsam/rpc';
 import { labelMapFromBytes, planTiles } from '@cfrsam/nuclei';
 import { runSegment } from '../services/gateway/dist/cli/segment';
-import { startTestStack, type TestStack } from './stack';
+import { comparableResponse, segmentRequest, startTestStack, type TestStack } from './stack';
 import { blobGrid, syntheticPng, type Blob } from './synthetic';
 
 const { PromptMode, PromptSource } = segmentationProto;
@@ -24,19 +24,7 @@ const OVERLAP = 64;
 let stack: TestStack;
 let model: segmentationProto.ModelInfo;
 
-function request(image: Buffer, extra: Partial<SegmentRequest> = {}): SegmentRequest {
-  return {
-    image,
-    model: '',
-    prompts: [],
-    promptMode: PromptMode.PROMPT_MODE_UNSPECIFIED,
-    returnLabelMap: true,
-    returnMasks: true,
-    minScore: 0,
-    mpp: 0,
-    ...extra,
-  };
-}
+const request = segmentRequest;
 
 const pointPrompts = (blobs: readonly Blob[]): segmentationProto.Prompt[] => blobs.map((b) => ({ positive: [{ x: b.x, y: b.y }], negative: [] }));
 
@@ -58,10 +46,7 @@ async function cacheStats() {
   return unary(stack.encoderClient, stack.encoderClient.getCacheStats, {}, { timeoutMs: 10_000 });
 }
 
-/** Everything but the timings (which differ run to run). */
-function comparable(r: SegmentResponse) {
-  return { ...r, timings: [] };
-}
+const comparable = comparableResponse;
 
 /** Structural checks every response must pass. */
 const SEGMENT_STAGES = ['decode', 'prompter', 'encoder', 'decoder_prepare', 'decoder_decode', 'assemble', 'total'];

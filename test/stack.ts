@@ -62,3 +62,23 @@ export async function startTestStack(options: Omit<StackOptions, 'env' | 'log'> 
     },
   };
 }
+
+/** A Segment request with the defaults the tests build on (label map and masks returned). */
+export function segmentRequest(image: Buffer, extra: Partial<segmentationProto.SegmentRequest> = {}): segmentationProto.SegmentRequest {
+  return {
+    image,
+    model: '',
+    prompts: [],
+    promptMode: segmentationProto.PromptMode.PROMPT_MODE_UNSPECIFIED,
+    returnLabelMap: true,
+    returnMasks: true,
+    minScore: 0,
+    mpp: 0,
+    ...extra,
+  };
+}
+
+/** A response without its timings (which differ run to run), for comparing answers. */
+export function comparableResponse(r: segmentationProto.SegmentResponse): segmentationProto.SegmentResponse {
+  return { ...r, timings: [] };
+}

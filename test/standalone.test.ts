@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeClient, segmentationProto, status, unary } from '@cfrsam/rpc';
 import { startStack, type RunningStack } from '../services/gateway/dist/cli/stack';
+import { comparableResponse, segmentRequest } from './stack';
 import { blobGrid, syntheticPng } from './synthetic';
 
 const { PromptMode } = segmentationProto;
@@ -16,22 +17,9 @@ type SegmentResponse = segmentationProto.SegmentResponse;
 
 const SAMPLE = path.join(__dirname, '..', 'samples', 'synthetic-he-512.png');
 
-function request(image: Buffer, extra: Partial<SegmentRequest> = {}): SegmentRequest {
-  return {
-    image,
-    model: '',
-    prompts: [],
-    promptMode: PromptMode.PROMPT_MODE_UNSPECIFIED,
-    returnLabelMap: true,
-    returnMasks: true,
-    minScore: 0,
-    mpp: 0,
-    ...extra,
-  };
-}
+const request = segmentRequest;
 
-/** Everything but the timings, which differ run to run. */
-const comparable = (r: SegmentResponse) => ({ ...r, timings: [] });
+const comparable = comparableResponse;
 
 async function segmentAll(stack: RunningStack, requests: SegmentRequest[]): Promise<SegmentResponse[]> {
   const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });

@@ -5,9 +5,10 @@
 // cache sizes. `--help` lists them. For one machine; a cluster runs the four services apart.
 import { loadManifest } from '@cfrsam/contract';
 import { GATEWAY_FLAGS, startGatewayFromFlags } from '@cfrsam/gateway/dist/main';
-import { type FlagSpec, logger, parseFlags, runMain, serviceMetrics } from '@cfrsam/rpc';
+import { type FlagSpec, logger, parseFlags, runMain, serviceMetrics, stageServiceFlags } from '@cfrsam/rpc';
 import { startLocalStages } from './compose';
 
+const STAGE_FLAGS = stageServiceFlags(0);
 const { prompter: _p, encoder: _e, decoders: _d, decoderDnsIntervalMs: _i, internalToken: _t, ...gatewayFlags } = GATEWAY_FLAGS;
 
 export const STANDALONE_FLAGS = {
@@ -15,14 +16,10 @@ export const STANDALONE_FLAGS = {
   prompterWorkers: { type: 'int', env: 'CFRSAM_PROMPTER_WORKERS', default: 1, help: 'prompter worker threads' },
   encoderWorkers: { type: 'int', env: 'CFRSAM_ENCODER_WORKERS', default: 1, help: 'encoder worker threads' },
   decoderWorkers: { type: 'int', env: 'CFRSAM_DECODER_WORKERS', default: 2, help: 'decoder worker threads (they share prepared tiles)' },
-  intraOpThreads: { type: 'int', env: 'CFRSAM_INTRA_OP_THREADS', default: 1, help: 'onnxruntime threads per worker' },
-  maxQueue: { type: 'int', env: 'CFRSAM_MAX_QUEUE', default: 64, help: 'inference jobs that may wait per stage' },
-  executionProviders: {
-    type: 'string',
-    env: 'CFRSAM_EXECUTION_PROVIDERS',
-    default: 'cpu',
-    help: 'onnxruntime providers, comma separated (e.g. cuda,cpu)',
-  },
+  // The stage services' own runtime flags, with their names and environment variables.
+  intraOpThreads: STAGE_FLAGS.intraOpThreads,
+  maxQueue: STAGE_FLAGS.maxQueue,
+  executionProviders: STAGE_FLAGS.executionProviders,
   encoderCacheMb: { type: 'int', env: 'CFRSAM_ENCODER_CACHE_MB', default: 512, help: 'feature cache capacity in MiB' },
   decoderCacheMb: { type: 'int', env: 'CFRSAM_DECODER_CACHE_MB', default: 1024, help: 'prepared-tile cache capacity in MiB' },
 } satisfies Record<string, FlagSpec>;
