@@ -2,7 +2,7 @@
 // EncoderPipeline and DecoderPipeline the services run, called directly instead of over gRPC.
 //
 // Why it exists: on one machine the split into processes is pure cost. Measured with
-// bench/pipeline.mjs on two cores, the four services spend 1.5-1.9x the CPU time of one process
+// bench/pipeline.mjs on two cores, the four services spend 1.2-1.9x the CPU time of one process
 // per request (gRPC, protobuf, copies, five event loops, and model runs slowed by sharing the
 // cores with all that), for the same model runs. A workstation or a single VM gets the same API
 // from `cfrsam-standalone` at the one-process cost; a cluster scales the services apart.
