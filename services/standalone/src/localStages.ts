@@ -132,16 +132,17 @@ export class LocalStages implements StagePorts {
 
   private async prepare(tile: StageTile, call: StageCall): Promise<void> {
     if (this.pipelines.decoder.cache.has(tile.digest)) return;
-    const prepareOnce = () =>
+    // Without features the decoder reads them from the encoder's cache (encoderCacheSource).
+    const prepareWith = (features?: stagesProto.Tensor) =>
       this.limiter.run(
         () =>
           call.clock.time('decoder_prepare', () =>
-            this.pipelines.decoder.prepare({ ...tileInput(tile), featuresFrom: '', modelVersion: this.manifest.version }, call.signal),
+            this.pipelines.decoder.prepare({ ...tileInput(tile), features, featuresFrom: '', modelVersion: this.manifest.version }, call.signal),
           ),
         call.signal,
       );
     try {
-      await prepareOnce();
+      await prepareWith();
     } catch (err) {
       if (errorReason(err) !== ErrorReason.FEATURES_MISSING) throw err;
       logger().warn({
@@ -153,14 +154,7 @@ export class LocalStages implements StagePorts {
       const { response } = await call.clock.time('encoder', () =>
         this.pipelines.encoder.encode({ tiles: [tileInput(tile)], modelVersion: this.manifest.version, returnFeatures: true }),
       );
-      const features = response.tiles[0]?.features;
-      await this.limiter.run(
-        () =>
-          call.clock.time('decoder_prepare', () =>
-            this.pipelines.decoder.prepare({ ...tileInput(tile), features, featuresFrom: '', modelVersion: this.manifest.version }, call.signal),
-          ),
-        call.signal,
-      );
+      await prepareWith(response.tiles[0]?.features);
     }
   }
 }
