@@ -155,3 +155,39 @@ def test_random_init_bundle_checks_without_weights(bundle, tmp_path):
     shutil.copytree(bundle, copy)
     os.remove(copy / "weights.pt")
     assert check_bundle(str(copy), verbose=False) == []  # weights regenerated from config + seed
+
+
+def test_bundle_exported_again_keeps_weights_and_provenance(tmp_path, capsys):
+    # A finalized checkpoint (what `cfrsam.train.finalize` writes): tuned prompter, metrics, provenance.
+    model = build_cfr_sam("tiny", input_size=64, window=32, seed=3)
+    ckpt = tmp_path / "final.pt"
+    torch.save(
+        {
+            "format": "cfrsam-checkpoint/1",
+            "config": model.config.to_dict(),
+            "model": model.state_dict(),
+            "training": {"stage1": {"epoch": 7}, "stage2": {"epoch": 5}},
+            "metrics": {"validation": {"bpq": 0.3}},
+            "prompter": {"min_foreground": 0.35, "nms_radius": 12.0},
+        },
+        ckpt,
+    )
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main(["--checkpoint", str(ckpt), "--out", str(first), "--no-full", "--name", "t"]) == 0
+    assert main(["--checkpoint", str(first), "--out", str(again), "--no-full", "--name", "t"]) == 0
+    a, b = (json.load(open(d / "manifest.json")) for d in (first, again))
+    assert b["version"] == a["version"]
+    assert b["provenance"]["weights_sha256"] == a["provenance"]["weights_sha256"]
+    assert (
+        b["prompter"]
+        == a["prompter"]
+        == {"anchors": a["prompter"]["anchors"], "min_foreground": 0.35, "nms_radius": 12.0}
+    )
+    assert b["metrics"] == a["metrics"] and b["provenance"]["training"] == a["provenance"]["training"]
+    assert b["provenance"]["source"] == {"checkpoint": "final.pt", "sam_checkpoint": None, "bundle": a["version"]}
+    assert check_bundle(str(again), verbose=False) == []
+    # Another window is another version (the version hashes the config).
+    assert main(["--checkpoint", str(first), "--out", str(tmp_path / "w16"), "--no-full", "--window", "16"]) == 0
+    assert json.load(open(tmp_path / "w16" / "manifest.json"))["version"] != a["version"]
+    assert main(["--checkpoint", str(first), "--out", str(first)]) == 2
+    assert "--out must differ" in capsys.readouterr().err

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cfrsam.configs import make_config
 from cfrsam.modeling import CFRSAM, HMFM, MALA, BottleneckAdapter, LoRAQKV
 from cfrsam.modeling.image_encoder import Attention, get_rel_pos
-from cfrsam.modeling.peft import unfold_neighbourhoods
+from cfrsam.modeling.peft import NeighbourhoodUnfold
 from cfrsam.params import parameter_report
 
 torch.set_num_threads(1)
@@ -139,9 +140,12 @@ def test_rel_pos_and_attention_shapes():
     assert attn(torch.randn(2, 8, 8, 64)).shape == (2, 8, 8, 64)
 
 
-def test_unfold_neighbourhoods_is_unfold():
+def test_neighbourhood_unfold_is_unfold():
     z = torch.randn(2, 3, 6, 7)
-    got = unfold_neighbourhoods(z, 3)
+    for k in (3, 5, 7):
+        assert torch.equal(NeighbourhoodUnfold(3, k)(z), F.unfold(z, k, padding=k // 2).reshape(2, 3, k * k, 6, 7))
+    assert NeighbourhoodUnfold(3, 3).state_dict() == {}  # a constant, not a weight
+    got = NeighbourhoodUnfold(3, 3)(z)
     assert got.shape == (2, 3, 9, 6, 7)
     # centre tap is the pixel itself; tap (0, 0) is the up-left neighbour (zero padded)
     assert torch.equal(got[:, :, 4], z)

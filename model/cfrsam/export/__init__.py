@@ -1,9 +1,13 @@
 """Export a CFR-SAM model bundle (ONNX graphs + manifest + parity fixture), and check one.
 
-    python -m cfrsam.export --config tiny --out DIR [--checkpoint PT] [--sam-checkpoint PTH]
+    python -m cfrsam.export --config tiny --out DIR [--checkpoint PT|BUNDLE_DIR] [--sam-checkpoint PTH]
         [--seed 0] [--input-size N] [--refinement window|full] [--window 64] [--no-parity]
         [--name NAME] [--precision fp16|fp32] [--no-full] [--no-weights]
     python -m cfrsam.export --check DIR
+
+`--checkpoint` may name an exported bundle: its weights, config, tuned prompter settings, metrics
+and training provenance are exported again with the current exporter (same weights and version;
+with `--window W` the version changes, since it hashes the config).
 
 The bundle layout, graph names and tensor names are the contract of docs/architecture.md.
 
@@ -20,7 +24,7 @@ graphs when the bytes are identical (e.g. the image is stored once); read the na
 A value passes when |onnx - torch| <= atol + rtol * |torch| elementwise (int64: exact).
 """
 
-from .bundle import check_bundle, export_bundle, load_bundle_model
+from .bundle import bundle_checkpoint, check_bundle, export_bundle, load_bundle_model
 from .cli import main
 from .errors import ExportError
 from .graphs import DYNAMIC_AXES, GRAPH_FILES, GRAPH_IO, OPSET, example_args, run_stage, stage_module
@@ -39,6 +43,7 @@ __all__ = [
     "TOLERANCE",
     "ExportError",
     "build_manifest",
+    "bundle_checkpoint",
     "bundle_state_dict",
     "check_bundle",
     "compare",

@@ -126,6 +126,26 @@ def load_bundle_model(bundle_dir: str) -> Tuple[CFRSAM, Dict[str, Any]]:
     return model, manifest
 
 
+def bundle_checkpoint(bundle_dir: str) -> Dict[str, Any]:
+    """A bundle read back as a CFR-SAM checkpoint dict: its weights (float16-rounded, widened to
+    float32) and config, with what the manifest recorded from training (the prompter's tuned
+    settings, the validation metrics, the training provenance). Training continues from it
+    (`--init`), and exporting it again (`python -m cfrsam.export --checkpoint BUNDLE_DIR`) gives the
+    same weights and version with the graphs of the current exporter."""
+    model, manifest = load_bundle_model(bundle_dir)
+    prov = manifest["provenance"]
+    return {
+        "format": "cfrsam-checkpoint/1",
+        "config": model.config.to_dict(),
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "backbone_pretrained": bool(prov.get("backbone_pretrained", False)),
+        "training": prov.get("training"),
+        "metrics": manifest.get("metrics"),
+        "prompter": {k: manifest["prompter"][k] for k in ("min_foreground", "nms_radius") if k in manifest["prompter"]},
+        "bundle": {"path": str(bundle_dir), "version": manifest.get("version"), "source": prov.get("source")},
+    }
+
+
 def _regenerable(provenance: Dict[str, Any]) -> bool:
     source = provenance.get("source") or {}
     return (

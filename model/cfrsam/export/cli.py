@@ -11,7 +11,7 @@ from ..build import build_cfr_sam
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..configs import CONFIG_NAMES, ConfigError
 from . import __doc__ as package_doc
-from .bundle import check_bundle, export_bundle
+from .bundle import bundle_checkpoint, check_bundle, export_bundle
 from .errors import ExportError
 
 
@@ -28,7 +28,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cfrsam.export", description=package_doc.split("\n\n")[0])
     p.add_argument("--config", help=f"config name ({', '.join(CONFIG_NAMES)}); default: the checkpoint's")
     p.add_argument("--out", help="bundle directory to write")
-    p.add_argument("--checkpoint", help="CFR-SAM checkpoint (ours)")
+    p.add_argument("--checkpoint", help="CFR-SAM checkpoint (ours), or a bundle directory to export again")
     p.add_argument("--sam-checkpoint", help="official SAM checkpoint (sam_vit_*.pth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--input-size", type=int)
@@ -59,7 +59,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             raise ExportError("--out DIR is required (or --check DIR)")
         if not args.config and not args.checkpoint:
             raise ExportError("--config is required unless --checkpoint records a config")
-        ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
+        if args.checkpoint and os.path.isdir(args.checkpoint):
+            if args.out and os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
+                raise ExportError("--out must differ from the bundle being exported again")
+            ckpt = bundle_checkpoint(args.checkpoint)
+        else:
+            ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
         model = build_cfr_sam(
             args.config,
             checkpoint=ckpt,
@@ -73,6 +78,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             "checkpoint": os.path.basename(args.checkpoint) if args.checkpoint else None,
             "sam_checkpoint": os.path.basename(args.sam_checkpoint) if args.sam_checkpoint else None,
         }
+        if ckpt and "bundle" in ckpt:
+            # Exported again: the weights' origin is the bundle's own source.
+            source = {**(ckpt["bundle"]["source"] or {}), "bundle": ckpt["bundle"]["version"]}
         manifest = export_bundle(
             model,
             args.out,

@@ -128,20 +128,14 @@ def read_init(path: str) -> Dict[str, Any]:
     A bundle's weights.pt holds the (float16-rounded) state dict of the merged model and its
     manifest the config; the weights are widened to float32 to train on."""
     if Path(path).is_dir():
-        from ..export import ExportError, load_bundle_model
+        from ..export import ExportError, bundle_checkpoint
 
         try:
-            model, manifest = load_bundle_model(path)
+            checkpoint = bundle_checkpoint(path)
         except ExportError as e:
             raise ValueError(str(e)) from e
-        return {
-            "format": "cfrsam-checkpoint/1",
-            "config": model.config.to_dict(),
-            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "backbone_pretrained": bool(manifest["provenance"].get("backbone_pretrained", False)),
-            "training": {"bundle": str(path), "version": manifest.get("version")},
-            "metrics": manifest.get("metrics"),
-        }
+        # A new run records where it started, not the bundle's own training history.
+        return {**checkpoint, "training": {"bundle": str(path), "version": checkpoint["bundle"]["version"]}}
     from ..checkpoint import read_checkpoint
 
     return read_checkpoint(path)
