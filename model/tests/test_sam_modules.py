@@ -143,7 +143,11 @@ def test_rel_pos_and_attention_shapes():
 def test_neighbourhood_unfold_is_unfold():
     z = torch.randn(2, 3, 6, 7)
     for k in (3, 5, 7):
-        assert torch.equal(NeighbourhoodUnfold(3, k)(z), F.unfold(z, k, padding=k // 2).reshape(2, 3, k * k, 6, 7))
+        unfold = NeighbourhoodUnfold(3, k)
+        expected = F.unfold(z, k, padding=k // 2).reshape(2, 3, k * k, 6, 7)
+        assert torch.equal(unfold(z), expected) and torch.equal(unfold.by_convolution(z), expected)
+        traced = torch.jit.trace(unfold, z)  # what ONNX export records: the convolution
+        assert "conv" in str(traced.graph) and torch.equal(traced(z), expected)
     assert NeighbourhoodUnfold(3, 3).state_dict() == {}  # a constant, not a weight
     got = NeighbourhoodUnfold(3, 3)(z)
     assert got.shape == (2, 3, 9, 6, 7)
