@@ -149,7 +149,8 @@ def test_onnx_export_dynamic_batch():
     for output in proto.graph.output:
         assert output.type.tensor_type.shape.dim[0].dim_param == "B"
     ops = {node.op_type for node in proto.graph.node}
-    assert "GridSample" in ops
+    # The anchors' features are sampled by row gathers (sample_border_by_rows), not GridSample.
+    assert "Gather" in ops and "GridSample" not in ops
 
 
 ORT_NODE = REPO / "node_modules" / "onnxruntime-node"
@@ -340,3 +341,20 @@ def test_loss_rejects_out_of_range_classes():
     }
     with pytest.raises(ValueError, match="out of range"):
         PromptLearnerLoss()(model(torch.randn(1, 3, 64, 64)), targets)
+
+
+def test_row_gather_sampling_equals_grid_sample_at_any_batch():
+    from cfrsam.prompt_learner.prompt_learner import sample_border_by_rows
+
+    def reference(f, g):
+        return F.grid_sample(f, g, mode="bilinear", padding_mode="border", align_corners=False)
+
+    torch.manual_seed(0)
+    feature, grid = torch.randn(2, 5, 7, 9), torch.rand(2, 4, 6, 2) * 2.4 - 1.2  # some points past the border
+    assert torch.allclose(sample_border_by_rows(feature, grid), reference(feature, grid), atol=1e-5)
+    # Traced (as the ONNX export records it) at batch 2, run at batch 3: the batch stays dynamic.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(sample_border_by_rows, (feature, grid))
+    feature3, grid3 = torch.randn(3, 5, 7, 9), torch.rand(3, 4, 6, 2) * 2 - 1
+    assert torch.allclose(traced(feature3, grid3), reference(feature3, grid3), atol=1e-5)
