@@ -71,16 +71,18 @@ describe('standalone process', () => {
     expect(standalone.prompters).toEqual([]);
   });
 
-  it('answers as the four services do, with features and prepared tiles evicted mid-request', async () => {
+  it('answers as the four services do, with features evicted mid-request', async () => {
     expect(split[0].nuclei.length).toBeGreaterThan(50);
     const answers = await segmentAll(standalone, requests);
     for (let i = 0; i < requests.length; i++) {
       expect(answers[i].nuclei.length).toBe(split[i].nuclei.length);
       expect(comparable(answers[i])).toEqual(comparable(split[i]));
     }
-    // Both repair paths ran (caches of one tile cannot hold a 9-tile request).
+    // The encoder's cache of one tile cannot hold a 9-tile request: features were encoded again.
+    // Whether a prepared tile is also evicted between its Prepare and its Decodes depends on how
+    // the tiles interleave (it stopped happening here when the encoder got faster); that repair
+    // is forced in services/standalone/test/localStages.test.ts.
     expect(standaloneLog.some((l) => l.includes('"reason":"FEATURES_MISSING"'))).toBe(true);
-    expect(standaloneLog.some((l) => l.includes('"reason":"NOT_PREPARED"'))).toBe(true);
   });
 
   it('refuses bad input with a clear status and keeps serving', async () => {
