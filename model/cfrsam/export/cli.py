@@ -60,7 +60,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.config and not args.checkpoint:
             raise ExportError("--config is required unless --checkpoint records a config")
         if args.checkpoint and os.path.isdir(args.checkpoint):
-            if args.out and os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
+            if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
                 raise ExportError("--out must differ from the bundle being exported again")
             ckpt = bundle_checkpoint(args.checkpoint)
         else:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modeling.deform_conv import static_dim
 from .config import PromptLearnerConfig
 from .convnext import ConvNeXt
 from .fpn import FPN
@@ -190,12 +191,9 @@ def sample_border_by_rows(feature: torch.Tensor, grid: torch.Tensor) -> torch.Te
     own (a quarter of the prompter's time for 4 x 64 x 1024 values), while Gather on axis 0 copies
     whole C-long rows. Equal to grid_sample up to float rounding of the weights.
     """
-    # Channels, frame and grid sizes are fixed in the graph (int() of a traced size warns); the
-    # batch stays dynamic.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        C, H, W = (int(d) for d in feature.shape[1:])
-        Gh, Gw = int(grid.shape[1]), int(grid.shape[2])
+    # Channels, frame and grid sizes are fixed in the graph; the batch stays dynamic.
+    C, H, W = (static_dim(d) for d in feature.shape[1:])
+    Gh, Gw = static_dim(grid.shape[1]), static_dim(grid.shape[2])
     # Unnormalise (align_corners=False) and clamp to the border, as grid_sample's border mode does.
     x = (((grid[..., 0] + 1.0) * W - 1.0) * 0.5).clamp(0, W - 1).flatten(1)
     y = (((grid[..., 1] + 1.0) * H - 1.0) * 0.5).clamp(0, H - 1).flatten(1)
