@@ -73,7 +73,7 @@ class NeighbourhoodUnfold(nn.Module):
     output is one input value times 1: F.unfold exports as Gather ops with 6-D outputs that
     onnxruntime's CPU kernel copies element by element, a third of the encoder's time for under
     0.1 % of its FLOPs, while the convolution runs in MLAS. (In bf16 training the convolution was
-    15 % slower per MALA layer than F.unfold, hence two paths.)
+    11-20 % slower per MALA layer than F.unfold, hence two paths.)
     """
 
     def __init__(self, channels: int, k: int) -> None:
