@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ..data import NucleiDataset
-from ..data.dataset import default_data_root
+from ..data.dataset import default_data_root, list_samples
 
 # CoNSeP tiles come from 27 source images; these five are held out for validation (split by source,
 # never by tile, or neighbouring tiles leak into validation).
@@ -60,6 +60,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="comma-separated set directories under --data; CoNSeP is split by source",
     )
     parser.add_argument("--val-sources", default=",".join(map(str, DEFAULT_VAL_SOURCES)))
+    parser.add_argument(
+        "--repeat",
+        default="",
+        help="SET=K,...: draw each image of SET K times per epoch (e.g. monuseg-train=6: its 1000 px "
+        "images give one 256 px crop per draw, so unrepeated they are 3 %% of the samples)",
+    )
+    parser.add_argument(
+        "--hold-out",
+        default="",
+        help="SET=N,...: leave the last N images (by name) of SET out of training, for a held-out "
+        "evaluation of that set (`cfrsam evaluate` on a folder of them)",
+    )
     parser.add_argument("--val-limit", type=int, default=0, help="validate on at most N tiles (0: all)")
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="cap steps per epoch (0: whole set)")
     parser.add_argument("--time-budget", type=float, default=0, help="stop after this many minutes")
@@ -145,6 +157,20 @@ def class_map(class_names: Sequence[str]) -> Dict[str, int]:
     return {name: i for i, name in enumerate(class_names)}
 
 
+def parse_set_counts(spec: str, flag: str, minimum: int) -> Dict[str, int]:
+    """"monuseg-train=6,cpm15=2" -> {"monuseg-train": 6, "cpm15": 2}."""
+    counts: Dict[str, int] = {}
+    for part in [p for p in spec.split(",") if p]:
+        name, _, value = part.partition("=")
+        try:
+            counts[name] = int(value)
+        except ValueError:
+            sys.exit(f"{flag}: expected SET=INTEGER, got {part!r}")
+        if counts[name] < minimum:
+            sys.exit(f"{flag}: {name} must be at least {minimum}, got {counts[name]}")
+    return counts
+
+
 def build_datasets(args, class_names: Sequence[str], size: int):
     """(train, val) datasets; validation is the held-out CoNSeP sources, centre crops, no augment."""
     root = Path(args.data)
@@ -152,8 +178,14 @@ def build_datasets(args, class_names: Sequence[str], size: int):
         sys.exit(f"data directory {root} not found (pass --data)")
     val_sources = [int(s) for s in args.val_sources.split(",") if s]
     cmap = class_map(class_names)
+    repeat = parse_set_counts(getattr(args, "repeat", ""), "--repeat", minimum=1)
+    holdout = parse_set_counts(getattr(args, "hold_out", ""), "--hold-out", minimum=0)
     train_parts, val = [], None
-    for set_name in [s for s in args.sets.split(",") if s]:
+    set_names = [s for s in args.sets.split(",") if s]
+    for name in set(repeat) | set(holdout):
+        if name not in set_names or name.startswith("consep"):
+            sys.exit(f"--repeat/--hold-out name a non-CoNSeP set of --sets ({', '.join(set_names)}), got {name!r}")
+    for set_name in set_names:
         set_dir = root / set_name
         if not set_dir.is_dir():
             sys.exit(f"set {set_name!r} not found under {root}")
@@ -174,9 +206,17 @@ def build_datasets(args, class_names: Sequence[str], size: int):
                 cache=True,
             )
         else:
+            names = list_samples(set_dir)
+            held_out = holdout.get(set_name, 0)
+            if held_out >= len(names):
+                sys.exit(f"--hold-out {set_name}={held_out} leaves no image of its {len(names)} to train on")
+            if held_out:
+                print(f"{set_name}: held out of training: {', '.join(names[len(names) - held_out:])}", file=sys.stderr)
+            names = names[: len(names) - held_out]
             train_parts.append(
                 NucleiDataset(
                     set_dir,
+                    names=names * repeat.get(set_name, 1),
                     size=size,
                     augment=True,
                     class_map=cmap,

@@ -12,6 +12,7 @@ import {
   planTiles,
   rectContains,
   sniffImageFormat,
+  tileAlignedRegionSize,
   tissueFraction,
 } from '../src/imaging';
 
@@ -204,6 +205,18 @@ describe('tiling', () => {
       expect([t.valid.x0, t.valid.x1, t.valid.y1 - t.valid.y0]).toEqual([0, 100, 256]);
       expect([t.core.x0, t.core.x1]).toEqual([0, 100]);
     }
+  });
+
+  it('sizes slide regions so that their reads are whole tile layouts', () => {
+    const side = tileAlignedRegionSize(6, 256, 64, 32);
+    expect(side).toBe(1144);
+    // The read (side + 2 margins) and up to the 8 px of slack are 6 tiles; one pixel more is 7.
+    for (const read of [side + 64, side + 64 + 8]) expect(planAxis(read, 256, 64).starts).toHaveLength(6);
+    expect(planAxis(side + 64 + 9, 256, 64).starts).toHaveLength(7);
+    // Four abutting regions cost what one image of their union does (24 tiles per axis).
+    expect(planAxis(4 * side + 64, 256, 64).starts).toHaveLength(4 * 6);
+    expect(() => tileAlignedRegionSize(1, 256, 64, 128)).toThrow(RangeError);
+    expect(() => tileAlignedRegionSize(0, 256, 64, 32)).toThrow(RangeError);
   });
 
   it('extracts tile pixels and pads with white', () => {

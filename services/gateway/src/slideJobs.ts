@@ -27,6 +27,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { AckPolicy, connect, nanos, RetentionPolicy, StorageType, type JetStreamClient, type KV, type NatsConnection, type ObjectStore } from 'nats';
 import { type CallIdentity, type FlagSpec, grpcError, isServiceError, segmentationProto, status } from '@cfrsam/rpc';
 import { detectTissue, resolveMpp, SlideError, tissueRegions, type Roi, type TissueRegion } from '@cfrsam/slides';
+import { DEFAULT_SLIDE_MARGIN, DEFAULT_SLIDE_REGION_SIZE } from './config';
 import { checkRef, describeRef, openSlideRef, removeStalePartials, SlideUpload, type SlideRef } from './slideSources';
 
 const { SlideJobState } = segmentationProto;
@@ -55,14 +56,14 @@ export function slideJobFlags() {
     slideRegionSize: {
       type: 'int',
       env: 'CFRSAM_SLIDE_REGION_SIZE',
-      default: 1024,
+      default: DEFAULT_SLIDE_REGION_SIZE,
       help: "side of a slide job region in pixels at the model's resolution",
     },
     slideOverlap: {
       type: 'int',
       env: 'CFRSAM_SLIDE_OVERLAP',
-      default: 64,
-      help: "margin read around each region, in pixels at the model's resolution",
+      default: DEFAULT_SLIDE_MARGIN,
+      help: "margin read around each region, in pixels at the model's resolution (default: half the tile overlap)",
     },
     slideAckWaitMs: {
       type: 'int',
@@ -110,8 +111,8 @@ export interface SlideJobSettings {
 
 export const DEFAULT_SLIDE_JOB_SETTINGS: Omit<SlideJobSettings, 'natsUrl'> = {
   slideRoot: '',
-  slideRegionSize: 1024,
-  slideOverlap: 64,
+  slideRegionSize: DEFAULT_SLIDE_REGION_SIZE,
+  slideOverlap: DEFAULT_SLIDE_MARGIN,
   slideAckWaitMs: 30_000,
   slideMaxDeliver: 5,
   slideWorkers: 1,

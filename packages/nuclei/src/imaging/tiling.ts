@@ -104,6 +104,21 @@ function boundIndex(bounds: number[], v: number): number {
 }
 
 /**
+ * Side of a slide region (at the model's resolution) whose read area, the region plus `margin` on
+ * every side, is exactly `tilesPerSide` tiles of planTiles' layout, with `slack` pixels to spare
+ * for the rounding of a read resampled from another resolution (a pixel or two of the slide's
+ * level, doubled at 20x). With the margin at half the tile overlap, regions read this way abut as
+ * the tiles of one image do: a region 8 px past a multiple of the tile stride would cost a whole
+ * row and column of tiles more (7 x 7 instead of 6 x 6 at the defaults).
+ */
+export function tileAlignedRegionSize(tilesPerSide: number, tileSize: number, overlap: number, margin: number, slack = 8): number {
+  if (!Number.isInteger(tilesPerSide) || tilesPerSide < 1) throw new RangeError(`tiles per side must be a positive integer, got ${tilesPerSide}`);
+  const side = tileSize + (tilesPerSide - 1) * (tileSize - overlap) - 2 * margin - slack;
+  if (side < 1) throw new RangeError(`${tilesPerSide} tile(s) of ${tileSize} px leave no region inside a ${margin} px margin`);
+  return side;
+}
+
+/**
  * The tile whose core holds the point (x, y) in image pixel coordinates (continuous: the pixel
  * (i, j) covers [i, i+1) x [j, j+1)). Points outside the image go to the nearest edge tile.
  */

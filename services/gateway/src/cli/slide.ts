@@ -51,6 +51,7 @@ import {
   type TissueMask,
   type TissueRegion,
 } from '@cfrsam/slides';
+import { DEFAULT_SLIDE_MARGIN, DEFAULT_SLIDE_REGION_SIZE } from '../config';
 import { nucleusToLevel0, SeamLedger, TextSink } from '../slideRegions';
 import { runSlideJobCommand, SLIDE_JOB_USAGE } from './slideJobCommands';
 import { startStack, type RunningStack } from './stack';
@@ -84,8 +85,16 @@ const RUN_FLAGS = {
     help: 'region of interest: a GeoJSON file with one Polygon in level-0 pixels (e.g. a QuPath annotation)',
   },
   mpp: { type: 'number', default: 0, help: "micrometres per level-0 pixel for slides whose file has no resolution (the file's own mpp wins)" },
-  regionSize: { type: 'int', default: 1024, help: "side of a region in pixels at the model's resolution" },
-  overlap: { type: 'int', default: 64, help: "margin read around each region, in pixels at the model's resolution" },
+  regionSize: {
+    type: 'int',
+    default: DEFAULT_SLIDE_REGION_SIZE,
+    help: "side of a region in pixels at the model's resolution (the default reads exactly 6 x 6 tiles of a 256 px model)",
+  },
+  overlap: {
+    type: 'int',
+    default: DEFAULT_SLIDE_MARGIN,
+    help: "margin read around each region, in pixels at the model's resolution (the default is half the gateway's tile overlap)",
+  },
   concurrency: { type: 'int', default: 2, help: 'regions in flight' },
   minScore: { type: 'number', default: 0, help: 'drop nuclei scoring below this' },
   tissueMaxSide: { type: 'int', default: 1024, help: 'long side of the tissue mask in pixels' },
@@ -102,7 +111,7 @@ const RUN_FLAGS = {
 
 export const SLIDE_RUN_USAGE =
   'usage: cfrsam slide run SLIDE... --out DIR [--gateway host:port] [--roi x,y,w,h | --roi-geojson FILE] [--mpp X]\n' +
-  '                        [--region-size 1024] [--overlap 64] [--concurrency 2]\n' +
+  `                        [--region-size ${DEFAULT_SLIDE_REGION_SIZE}] [--overlap ${DEFAULT_SLIDE_MARGIN}] [--concurrency 2]\n` +
   'Segments every tissue region of each slide (Aperio SVS, pyramidal/OME-TIFF, DICOM WSI, OpenSlide formats, PNG/JPEG/TIFF)\n' +
   "at the model's resolution and writes NAME.geojson.gz, NAME.csv, NAME.overview.png and NAME.summary.json.\n" +
   'Exit code: 0 all slides done, 2 a slide was bad input (the others are still processed), 1 other failures.\n' +
