@@ -274,3 +274,30 @@ def test_target_mpp_resamples_samples_that_give_their_scale(tmp_path):
     assert NucleiDataset(tmp_path, size=32, crop="center")[0]["scale"] == 1.0
     with pytest.raises(ValueError):
         NucleiDataset(tmp_path, size=32, target_mpp=0)
+
+
+def test_training_sets_repeat_and_hold_out(tmp_path):
+    """--repeat draws a set's images K times per epoch; --hold-out leaves its last N names out."""
+    import argparse
+
+    from cfrsam.train import common
+
+    (tmp_path / "consep-train").mkdir()
+    (tmp_path / "big").mkdir()
+    for i in range(3):
+        write_sample(
+            tmp_path / "consep-train", f"train_{i + 1}_000", blocks(32, 32, [(2, 3, 4, 4)]), {"classNames": ["a"]}
+        )
+    for name in ("img1", "img2", "img3"):
+        write_sample(tmp_path / "big", name, blocks(64, 64, [(2, 3, 4, 4)]), {"classNames": ["nucleus"]})
+    args = argparse.Namespace(
+        data=str(tmp_path), sets="consep-train,big", val_sources="3", val_limit=0, repeat="big=4", hold_out="big=1"
+    )
+    train, val = common.build_datasets(args, ["a"], 32)
+    consep, big = train.datasets
+    assert len(consep) == 2 and len(val) == 1
+    assert big.names == ["img1", "img2"] * 4  # img3 held out, the rest drawn 4 times
+
+    for bad in (dict(repeat="big=0"), dict(hold_out="big=3"), dict(repeat="consep-train=2"), dict(repeat="other=2")):
+        with pytest.raises(SystemExit):
+            common.build_datasets(argparse.Namespace(**{**vars(args), "repeat": "", "hold_out": "", **bad}), ["a"], 32)

@@ -158,7 +158,7 @@ def class_map(class_names: Sequence[str]) -> Dict[str, int]:
 
 
 def parse_set_counts(spec: str, flag: str, minimum: int) -> Dict[str, int]:
-    """"monuseg-train=6,cpm15=2" -> {"monuseg-train": 6, "cpm15": 2}."""
+    """ "monuseg-train=6,cpm15=2" -> {"monuseg-train": 6, "cpm15": 2}."""
     counts: Dict[str, int] = {}
     for part in [p for p in spec.split(",") if p]:
         name, _, value = part.partition("=")
