@@ -8,6 +8,13 @@ import { startStack } from './stack';
 const STACK_FLAGS = {
   bundle: { type: 'string', default: '', help: 'model bundle directory (default models/tiny or CFRSAM_BUNDLE)' },
   decoders: { type: 'int', default: 2, help: 'decoder replicas' },
+  prompters: { type: 'int', default: 1, help: 'prompter replicas (the gateways spread tile batches over them)' },
+  encoders: { type: 'int', default: 1, help: 'encoder replicas (the decoders fetch features from the one that encoded a tile)' },
+  gateways: {
+    type: 'int',
+    default: 1,
+    help: 'gateways, each in front of every stage replica: the first on --port, the others on free ports (printed)',
+  },
   port: { type: 'int', default: 50051, help: 'gateway port (stage services get free loopback ports)' },
   httpPort: { type: 'int', default: -1, help: 'HTTP/JSON API port of the gateway (-1: off)' },
   host: { type: 'string', default: '127.0.0.1', help: 'address every service listens on' },
@@ -20,7 +27,7 @@ const STACK_FLAGS = {
 } satisfies Record<string, FlagSpec>;
 
 export const STACK_USAGE = formatHelp(
-  'cfrsam stack [--bundle DIR] [--decoders N] [--port PORT] [--http-port PORT] [--standalone]',
+  'cfrsam stack [--bundle DIR] [--decoders N] [--prompters N] [--encoders N] [--gateways N] [--port PORT] [--http-port PORT] [--standalone]',
   'Runs prompter, encoder, decoders and gateway as local processes on loopback (Ctrl-C stops them all).',
   { flags: STACK_FLAGS },
   { bundle: 'DIR', port: 'PORT', httpPort: 'PORT', host: 'HOST' },
@@ -34,7 +41,12 @@ export async function runStack(argv: readonly string[], io: CliIo = { stdout: pr
   let flags;
   try {
     flags = parseFlags(STACK_FLAGS, argv);
-    if (flags.decoders < 1) throw new ConfigError(`--decoders must be >= 1, got ${flags.decoders}`);
+    for (const kind of ['decoders', 'prompters', 'encoders', 'gateways'] as const) {
+      if (flags[kind] < 1) throw new ConfigError(`--${kind} must be >= 1, got ${flags[kind]}`);
+    }
+    if (flags.standalone && (flags.prompters > 1 || flags.encoders > 1 || flags.gateways > 1)) {
+      throw new ConfigError('--standalone is one process: --prompters, --encoders and --gateways must be 1 (--decoders sets its decoder workers)');
+    }
   } catch (err) {
     if (err instanceof ConfigError) {
       io.stderr.write(`cfrsam stack: ${err.message.split('\n')[0]}\n${STACK_USAGE}\n`);
@@ -54,13 +66,16 @@ export async function runStack(argv: readonly string[], io: CliIo = { stdout: pr
   io.stderr.write(
     flags.standalone
       ? `starting the standalone process (${flags.decoders} decoder worker(s))...\n`
-      : `starting prompter, encoder, ${flags.decoders} decoder(s) and the gateway...\n`,
+      : `starting ${flags.prompters} prompter(s), ${flags.encoders} encoder(s), ${flags.decoders} decoder(s) and ${flags.gateways} gateway(s)...\n`,
   );
   let stack;
   try {
     stack = await startStack({
       bundle: flags.bundle || undefined,
       decoders: flags.decoders,
+      prompters: flags.prompters,
+      encoders: flags.encoders,
+      gateways: flags.gateways,
       standalone: flags.standalone,
       port: flags.port,
       host: flags.host,
@@ -75,8 +90,11 @@ export async function runStack(argv: readonly string[], io: CliIo = { stdout: pr
   }
   io.stdout.write(
     [
-      `gateway   ${stack.gateway}   (cfrsam.v1.Segmentation${flags.standalone ? '; prompter, encoder and decoder inside' : ''})`,
-      ...(flags.standalone ? [] : [`prompter  ${stack.prompter}`, `encoder   ${stack.encoder}`]),
+      ...stack.gateways.map(
+        (g, i) =>
+          `gateway${stack.gateways.length > 1 ? `-${i}` : ''}   ${g}   (cfrsam.v1.Segmentation${flags.standalone ? '; prompter, encoder and decoder inside' : ''})`,
+      ),
+      ...(flags.standalone ? [] : [...stack.prompters.map((a, i) => `prompter-${i} ${a}`), ...stack.encoders.map((a, i) => `encoder-${i} ${a}`)]),
       ...stack.decoders.map((d, i) => `decoder-${i} ${d}`),
       'ready; Ctrl-C stops everything',
       '',
