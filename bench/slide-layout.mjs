@@ -50,8 +50,9 @@ for (let round = 1; round <= Number(args.rounds); round++) {
     const t0 = performance.now();
     execFileSync(process.execPath, [cli, 'slide', 'run', args.slide, '--out', out, ...flags], { stdio: ['ignore', 'ignore', 'inherit'] });
     const wallS = (performance.now() - t0) / 1000;
-    const name = path.basename(args.slide).replace(/\.[^.]+$/, '');
-    const summary = JSON.parse(fs.readFileSync(path.join(out, `${name}.summary.json`), 'utf8'));
+    const summaryFile = fs.readdirSync(out).find((f) => f.endsWith('.summary.json'));
+    if (!summaryFile) throw new Error(`cfrsam slide run wrote no summary in ${out}`);
+    const summary = JSON.parse(fs.readFileSync(path.join(out, summaryFile), 'utf8'));
     fs.rmSync(out, { recursive: true, force: true });
     const run = {
       round,
