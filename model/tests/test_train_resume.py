@@ -13,7 +13,7 @@ from cfrsam.synthetic import synthetic_he_image
 from cfrsam.train import stage1, stage2
 
 
-def _write_set(root, n=2, size=256):
+def _write_set(root, n=2, size=256, prefix="tile"):
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         rgb, centres = synthetic_he_image(size, seed=i, nuclei=12)
@@ -21,10 +21,10 @@ def _write_set(root, n=2, size=256):
         yy, xx = np.mgrid[0:size, 0:size]
         for k, (x, y) in enumerate(centres, start=1):
             labels[(xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2 <= 25] = k
-        Image.fromarray(rgb).save(root / f"tile{i}.png")
-        Image.fromarray(labels.astype(np.int32)).convert("I;16").save(root / f"tile{i}.labels.png")
+        Image.fromarray(rgb).save(root / f"{prefix}{i}.png")
+        Image.fromarray(labels.astype(np.int32)).convert("I;16").save(root / f"{prefix}{i}.labels.png")
         classes = {str(k): k % 4 for k in range(1, int(labels.max()) + 1)}
-        (root / f"tile{i}.json").write_text(
+        (root / f"{prefix}{i}.json").write_text(
             json.dumps(
                 {
                     "classNames": ["other", "inflammatory", "epithelial", "spindle-shaped"],
@@ -107,3 +107,26 @@ def test_init_from_a_bundle(tmp_path, stage):
     # Parameters only: BatchNorm running statistics move in a training step even at lr 0.
     for name, value in shipped.named_parameters():
         assert torch.equal(trained[name], value), name
+
+
+def test_domain_adversarial_stage1_resumes_exactly(tmp_path):
+    """--domain-adversarial: the source-set classifier trains (its loss is logged), its state is kept
+    in last.pt so that a resumed run ends with the weights of a straight one, and it never enters the
+    model's checkpoint."""
+    data = tmp_path / "data"
+    _write_set(data / "synth")
+    _write_set(data / "other", prefix="other")
+    extra = ("--sets", "synth,other", "--domain-adversarial", "0.5")
+    assert stage1.main(_args(data, tmp_path / "straight", 2, extra)) == 0
+    assert stage1.main(_args(data, tmp_path / "resumed", 2, (*extra, "--time-budget", "1e-9"))) == 0
+    assert stage1.main(_args(data, tmp_path / "resumed", 2, (*extra, "--resume"))) == 0
+    straight = torch.load(tmp_path / "straight" / "last.pt", map_location="cpu")
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", map_location="cpu")
+    for name in straight["model"]:
+        assert torch.equal(straight["model"][name], resumed["model"][name]), name
+    for name, value in straight["extra"]["auxiliary"].items():
+        assert torch.equal(value, resumed["extra"]["auxiliary"][name]), name
+    assert not any("adversary" in k or "domain" in k for k in straight["model"])
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in log if r["event"] == "epoch"]
+    assert all(r["train_loss_domain"] > 0 for r in epochs)

@@ -354,6 +354,7 @@ def run_epochs(
     loss_of_batch,
     validate,
     save_best,
+    auxiliary: Optional[torch.nn.Module] = None,
 ) -> Dict[str, Any]:
     """The epoch loop both stages share; returns the best validation record.
 
@@ -362,7 +363,8 @@ def run_epochs(
     batch; validate(epoch) returns the validation metrics ({} when this epoch is not validated);
     save_best(epoch, metrics) writes best.pt. The shuffle order is a function of (seed, epoch), so a
     resumed run sees the same batches. After each epoch: log line, best.pt when `select` improves,
-    last.pt (exact resume), and the time budget check.
+    last.pt (exact resume), and the time budget check. `auxiliary` is a training-only module
+    (e.g. stage 1's domain classifier) whose state last.pt keeps beside the model's.
     """
     began = time.time()
     for epoch in range(start_epoch, args.epochs + 1):
@@ -402,7 +404,8 @@ def run_epochs(
         if val and val[select] > best.get(select, -1.0):
             best = {"epoch": epoch, **val}
             save_best(epoch, val)
-        save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best)
+        extra = {"auxiliary": auxiliary.state_dict()} if auxiliary is not None else None
+        save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best, extra)
         if args.time_budget and (time.time() - began) / 60 > args.time_budget:
             print(f"time budget of {args.time_budget} min reached after epoch {epoch}", file=sys.stderr)
             break

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..build import build_cfr_sam
 from ..checkpoint import CheckpointError, save_checkpoint
@@ -26,6 +27,7 @@ from ..inference import point_nms
 from ..metrics import pair_points
 from ..prompt_learner import PromptLearnerLoss, decode_prompts
 from . import common
+from .domain import DomainClassifier, domains_by_name, reversal_schedule
 
 
 def validate(model, loader, device, radius: float, min_foreground: float, nms_radius: float):
@@ -129,6 +131,13 @@ def main(argv=None) -> int:
         help="prompt-learner preset (femto, nano, tiny, small) replacing the config's; with --init the "
         "rest of the model keeps the initial weights and the prompt learner starts fresh",
     )
+    parser.add_argument(
+        "--domain-adversarial",
+        type=float,
+        default=0.0,
+        help="weight of the domain-adversarial loss (AMA-SAM's multi-dataset alignment: a classifier of "
+        "the source set behind a gradient reversal on the deepest backbone features); 0: off",
+    )
     args = parser.parse_args(argv)
 
     common.seed_everything(args.seed)
@@ -158,7 +167,18 @@ def main(argv=None) -> int:
         p.requires_grad_(False)
     for p in learner.parameters():
         p.requires_grad_(True)
-    optimizer, scheduler, steps_per_epoch = common.make_optimizer(list(learner.parameters()), args, len(train_loader))
+    adversary, domain_of, captured = None, {}, {}
+    if args.domain_adversarial > 0:
+        parts = train_set.datasets if hasattr(train_set, "datasets") else [train_set]
+        try:
+            domain_of = domains_by_name(parts)
+            adversary = DomainClassifier(learner.cfg.backbone_dims[-1], len(parts)).to(device)
+        except ValueError as e:
+            sys.exit(f"--domain-adversarial: {e}")
+        # The deepest backbone stage, as the learner computes it in its forward pass.
+        learner.backbone.register_forward_hook(lambda _m, _i, output: captured.__setitem__("features", output[-1]))
+    trained = list(learner.parameters()) + (list(adversary.parameters()) if adversary is not None else [])
+    optimizer, scheduler, steps_per_epoch = common.make_optimizer(trained, args, len(train_loader))
     class_weights = resolve_class_weights(args.class_weights, train_set, model.config.num_classes)
     criterion = PromptLearnerLoss(
         background_weight=args.background_weight, regression_weight=args.regression_weight, class_weights=class_weights
@@ -168,6 +188,8 @@ def main(argv=None) -> int:
     if args.resume and (out / "last.pt").exists():
         state = common.load_training_state(out / "last.pt", model, optimizer, scheduler)
         start_epoch, best = state["epoch"] + 1, state["best"]
+        if adversary is not None:
+            adversary.load_state_dict(state["extra"]["auxiliary"])
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}", file=sys.stderr)
     log.write(
         {
@@ -181,8 +203,13 @@ def main(argv=None) -> int:
         }
     )
 
+    # Steps taken so far (the gradient reversal ramps up over the whole schedule).
+    global_step = [(start_epoch - 1) * steps_per_epoch]
+
     def begin_epoch(epoch):
         learner.train()
+        if adversary is not None:
+            adversary.train()
 
     def loss_of_batch(batch, _context):
         image = batch["image"].to(device)
@@ -195,7 +222,16 @@ def main(argv=None) -> int:
             "classes": [c.to(device) for c in batch["classes"]],
             "foreground": batch["foreground"].to(device),
         }
-        return criterion(common.to_float(outputs), targets)
+        losses = criterion(common.to_float(outputs), targets)
+        if adversary is not None:
+            global_step[0] += 1
+            done = global_step[0] / (args.epochs * steps_per_epoch)
+            domains = torch.tensor([domain_of[n] for n in batch["name"]], device=device)
+            logits = adversary(captured["features"], reversal_schedule(done))
+            losses["loss_domain"] = F.cross_entropy(logits, domains)
+            losses["domain_accuracy"] = (logits.argmax(-1) == domains).float().mean().detach()
+            losses["loss"] = losses["loss"] + args.domain_adversarial * losses["loss_domain"]
+        return losses
 
     def validate_epoch(_epoch):
         if not val_loader:
@@ -218,7 +254,7 @@ def main(argv=None) -> int:
         log=log,
         loader=train_loader,
         steps_per_epoch=steps_per_epoch,
-        params=list(learner.parameters()),
+        params=trained,
         optimizer=optimizer,
         scheduler=scheduler,
         model=model,
@@ -229,6 +265,7 @@ def main(argv=None) -> int:
         loss_of_batch=loss_of_batch,
         validate=validate_epoch,
         save_best=save_best,
+        auxiliary=adversary,
     )
     if not val_loader:
         save_checkpoint(out / "best.pt", model.cpu(), training={"stage1": {"args": vars(args)}})
