@@ -37,7 +37,8 @@ const layouts = args.layouts.split(',').map((spec) => {
   if (!(region > 0 && margin >= 0)) throw new Error(`bad layout ${spec}: expected REGION:MARGIN`);
   return { region, margin };
 });
-const tileSize = 256;
+// The committed model's input side: what the gateway cuts a region into.
+const tileSize = JSON.parse(fs.readFileSync(path.join(root, 'models/tiny/manifest.json'), 'utf8')).input_size;
 const tilesPerRegion = ({ region, margin }) => planAxis(region + 2 * margin, tileSize, DEFAULT_GATEWAY_CONFIG.tileOverlap).starts.length ** 2;
 
 const cli = path.join(root, 'services/gateway/dist/cli/main.js');

@@ -127,7 +127,8 @@ export const DEFAULT_GATEWAY_CONFIG: Omit<GatewayConfig, 'prompter' | 'encoder' 
  * between two tiles, and the region side makes the read exactly 6 x 6 tiles of a 256 px model at
  * the default overlap (1144 + 2 x 32 = 1208 <= 256 + 5 x 192 = 1216, 8 px to spare for resampling).
  * The previous 1024 px regions read with a 64 px margin took 36 tiles for 1.05 Mpx of slide, these
- * 36 tiles for 1.31 Mpx: 1.25x fewer tiles per megapixel, no seam with less context than before.
+ * 36 tiles for 1.31 Mpx: 1.25x fewer tiles per megapixel, and no region seam with less context than
+ * a seam between two tiles of one image.
  */
-export const DEFAULT_SLIDE_MARGIN = 32;
+export const DEFAULT_SLIDE_MARGIN = DEFAULT_GATEWAY_CONFIG.tileOverlap / 2;
 export const DEFAULT_SLIDE_REGION_SIZE = tileAlignedRegionSize(6, 256, DEFAULT_GATEWAY_CONFIG.tileOverlap, DEFAULT_SLIDE_MARGIN);
