@@ -321,7 +321,9 @@ async function bytesThroughGateway(stack, config, request, big) {
   console.log(
     `  ${manifest.config} (features ${mb(F)} MB): before ${mb(before(F, S))} MB, after ${mb(after)} MB measured (${mb(afterFor(S))} MB computed), features through the gateway: ${st.bytes.featuresIn}`,
   );
-  console.log(`  b at 1024 (features ${mb(fB)} MB): before ${mb(before(fB, 1024))} MB, after ${mb(afterFor(1024))} MB (computed with the same Prepares per tile)`);
+  console.log(
+    `  b at 1024 (features ${mb(fB)} MB): before ${mb(before(fB, 1024))} MB, after ${mb(afterFor(1024))} MB (computed with the same Prepares per tile)`,
+  );
   viaGrpc.close();
 }
 
@@ -387,7 +389,12 @@ async function main() {
   const modes = [
     services.meter,
     standalone.meter,
-    modeMeter('one process', (image) => pipeline.segment(request(image)), () => ({ 'one process': selfCpuSeconds() }), async () => localOrt.snapshot()),
+    modeMeter(
+      'one process',
+      (image) => pipeline.segment(request(image)),
+      () => ({ 'one process': selfCpuSeconds() }),
+      async () => localOrt.snapshot(),
+    ),
   ];
   const results = {};
   try {
@@ -410,7 +417,9 @@ async function main() {
       for (const m of modes) {
         const r = results[c.label][m.name];
         const rep = r.repeat ? `; repeated request ${fmt(r.repeat)} ms (${(r.lat.ms / r.repeat).toFixed(0)}x faster)` : '';
-        console.log(`${m.name} ${c.label}: ${fmt(r.lat.ms)} ms, ${median(r.tput).toFixed(2)} images/s (rounds ${r.tput.map((v) => v.toFixed(2)).join(', ')})${rep}`);
+        console.log(
+          `${m.name} ${c.label}: ${fmt(r.lat.ms)} ms, ${median(r.tput).toFixed(2)} images/s (rounds ${r.tput.map((v) => v.toFixed(2)).join(', ')})${rep}`,
+        );
       }
     }
     await bytesThroughGateway(services.stack, config, request, big);
