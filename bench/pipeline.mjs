@@ -2,7 +2,7 @@
 // is asserted).
 //
 //   npm run build && node bench/pipeline.mjs [--bundle models/tiny] [--reps 5] [--rounds 3] [--clients 8]
-//                                            [--data ../shared/data] [--decoder-processes 2]
+//                                            [--cases tile,large] [--data ../shared/data] [--decoder-processes 2]
 //
 // The same orchestration (the gateway's SegmentationPipeline) runs over three sets of stage ports:
 //   services     the four services as separate processes (1 prompter, 1 encoder, 2 decoder
@@ -44,6 +44,7 @@ const { values: args } = parseArgs({
     bundle: { type: 'string', default: path.join(root, 'models/tiny') },
     reps: { type: 'string', default: '5' },
     rounds: { type: 'string', default: '3' },
+    cases: { type: 'string', default: 'tile,large' },
     clients: { type: 'string', default: '8' },
     data: { type: 'string', default: path.join(root, '../shared/data') },
     'decoder-processes': { type: 'string', default: '2' },
@@ -373,10 +374,11 @@ async function main() {
   const bigFile = fs.existsSync(monuseg) ? fs.readdirSync(monuseg).find((f) => f.endsWith('.png') && !f.includes('labels')) : undefined;
   const big = await loadRgb(bigFile ? path.join(monuseg, bigFile) : 'x', 1000);
   console.log(`tile: ${tile.source}; large image: ${big.source} (1000x1000)`);
+  const wanted = new Set(args.cases.split(','));
   const cases = [
-    { label: `${S}x${S} tile`, rgb: tile.rgb, size: S, tput: 4 * CLIENTS },
-    { label: '1000x1000 image', rgb: big.rgb, size: 1000, tput: 2 * CLIENTS },
-  ];
+    { name: 'tile', label: `${S}x${S} tile`, rgb: tile.rgb, size: S, tput: 4 * CLIENTS },
+    { name: 'large', label: '1000x1000 image', rgb: big.rgb, size: 1000, tput: 2 * CLIENTS },
+  ].filter((c) => wanted.has(c.name));
   const config = { ...DEFAULT_GATEWAY_CONFIG, prompter: ['-'], encoder: ['-'], decoders: ['-'], maxConcurrentRequests: 1000 };
   const request = (image) => segmentationProto.SegmentRequest.fromPartial({ image });
 

@@ -130,3 +130,39 @@ def test_domain_adversarial_stage1_resumes_exactly(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in log if r["event"] == "epoch"]
     assert all(r["train_loss_domain"] > 0 for r in epochs)
+
+
+def test_weight_average_follows_the_steps_and_lends_its_weights():
+    from cfrsam.train.ema import WeightAverage
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)  # 0.5 * 1 + 0.5 * 3
+    with ema.applied(model):
+        assert torch.allclose(model.weight, torch.full((1, 2), 2.0))
+    assert torch.allclose(model.weight, torch.full((1, 2), 3.0)), "the model's own weights come back"
+    with pytest.raises(ValueError):
+        WeightAverage(model, decay=1.0)
+
+
+@pytest.mark.parametrize("stage", [stage1, stage2], ids=["stage1", "stage2"])
+def test_ema_resumes_exactly(tmp_path, stage):
+    """--ema: last.pt keeps the average beside the raw weights, a resumed run ends with the average
+    of a straight one, and the average differs from the raw weights (it lags them)."""
+    data = tmp_path / "data"
+    _write_set(data / "synth")
+    extra = ("--ema", "0.9", *(("--max-prompts", "4") if stage is stage2 else ()))
+    assert stage.main(_args(data, tmp_path / "straight", 2, extra)) == 0
+    assert stage.main(_args(data, tmp_path / "resumed", 2, (*extra, "--time-budget", "1e-9"))) == 0
+    assert stage.main(_args(data, tmp_path / "resumed", 2, (*extra, "--resume"))) == 0
+    straight = torch.load(tmp_path / "straight" / "last.pt", map_location="cpu")
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", map_location="cpu")
+    shadow = straight["extra"]["ema"]["shadow"]
+    for name, value in shadow.items():
+        assert torch.equal(value, resumed["extra"]["ema"]["shadow"][name]), name
+    moved = [n for n, v in straight["model"].items() if v.is_floating_point() and not torch.equal(v.float(), shadow[n])]
+    assert moved, "the average should lag the trained weights"

@@ -18,6 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from ..data import NucleiDataset
 from ..data.dataset import default_data_root, list_samples
+from .ema import WeightAverage
 
 # CoNSeP tiles come from 27 source images; these five are held out for validation (split by source,
 # never by tile, or neighbouring tiles leak into validation).
@@ -75,6 +76,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-limit", type=int, default=0, help="validate on at most N tiles (0: all)")
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="cap steps per epoch (0: whole set)")
     parser.add_argument("--time-budget", type=float, default=0, help="stop after this many minutes")
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="keep an exponential moving average of the weights with this decay per step (e.g. 0.999): "
+        "validation scores it (the raw weights too, as val_raw_*) and best.pt holds it; 0: off",
+    )
     parser.add_argument(
         "--target-mpp",
         type=float,
@@ -318,6 +326,16 @@ def load_training_state(path: Path, model, optimizer, scheduler) -> Dict[str, An
     return state
 
 
+def make_weight_average(model: torch.nn.Module, args, state: Optional[Dict[str, Any]] = None) -> Optional[WeightAverage]:
+    """The `--ema` average (None without it), continued from last.pt's when resuming."""
+    if not getattr(args, "ema", 0.0):
+        return None
+    ema = WeightAverage(model, args.ema)
+    if state is not None and "ema" in (state.get("extra") or {}):
+        ema.load_state_dict(state["extra"]["ema"])
+    return ema
+
+
 def progress(epoch: int, epochs: int, step: int, steps: int, started: float, losses: Dict[str, float]) -> None:
     elapsed = time.time() - started
     rate = step / elapsed if elapsed > 0 else 0.0
@@ -355,6 +373,7 @@ def run_epochs(
     validate,
     save_best,
     auxiliary: Optional[torch.nn.Module] = None,
+    ema: Optional[WeightAverage] = None,
 ) -> Dict[str, Any]:
     """The epoch loop both stages share; returns the best validation record.
 
@@ -364,7 +383,9 @@ def run_epochs(
     save_best(epoch, metrics) writes best.pt. The shuffle order is a function of (seed, epoch), so a
     resumed run sees the same batches. After each epoch: log line, best.pt when `select` improves,
     last.pt (exact resume), and the time budget check. `auxiliary` is a training-only module
-    (e.g. stage 1's domain classifier) whose state last.pt keeps beside the model's.
+    (e.g. stage 1's domain classifier) whose state last.pt keeps beside the model's. With `ema`
+    the average follows every step; validation scores the raw weights (logged as val_raw_*) and
+    then the average, which `select` and best.pt use; last.pt keeps both.
     """
     began = time.time()
     for epoch in range(start_epoch, args.epochs + 1):
@@ -382,10 +403,18 @@ def run_epochs(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             records.append({k: float(v) for k, v in losses.items() if k != "num_matched"})
             if step % 10 == 0 or step == steps_per_epoch:
                 progress(epoch, args.epochs, step, steps_per_epoch, started, mean_dict(records[-10:]))
-        val = validate(epoch)
+        raw = validate(epoch) if ema is not None else {}
+        averaged = ema.applied(model) if ema is not None else nullcontext()
+        with averaged:
+            val = validate(epoch)
+            if val and val[select] > best.get(select, -1.0):
+                best = {"epoch": epoch, **val}
+                save_best(epoch, val)
         record = {
             "event": "epoch",
             "stage": stage,
@@ -394,6 +423,7 @@ def run_epochs(
             "seconds": time.time() - started,
             **{f"train_{k}": v for k, v in mean_dict(records).items()},
             **{f"val_{k}": v for k, v in val.items()},
+            **{f"val_raw_{k}": v for k, v in raw.items()},
         }
         log.write(record)
         print(
@@ -401,10 +431,11 @@ def run_epochs(
             file=sys.stderr,
             flush=True,
         )
-        if val and val[select] > best.get(select, -1.0):
-            best = {"epoch": epoch, **val}
-            save_best(epoch, val)
-        extra = {"auxiliary": auxiliary.state_dict()} if auxiliary is not None else None
+        extra: Dict[str, Any] = {}
+        if auxiliary is not None:
+            extra["auxiliary"] = auxiliary.state_dict()
+        if ema is not None:
+            extra["ema"] = ema.state_dict()
         save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best, extra)
         if args.time_budget and (time.time() - began) / 60 > args.time_budget:
             print(f"time budget of {args.time_budget} min reached after epoch {epoch}", file=sys.stderr)

@@ -185,12 +185,14 @@ def main(argv=None) -> int:
     )
 
     start_epoch, best = 1, {"det_f1": -1.0}
+    state = None
     if args.resume and (out / "last.pt").exists():
         state = common.load_training_state(out / "last.pt", model, optimizer, scheduler)
         start_epoch, best = state["epoch"] + 1, state["best"]
         if adversary is not None:
             adversary.load_state_dict(state["extra"]["auxiliary"])
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}", file=sys.stderr)
+    ema = common.make_weight_average(model, args, state)
     log.write(
         {
             "event": "start",
@@ -266,6 +268,7 @@ def main(argv=None) -> int:
         validate=validate_epoch,
         save_best=save_best,
         auxiliary=adversary,
+        ema=ema,
     )
     if not val_loader:
         save_checkpoint(out / "best.pt", model.cpu(), training={"stage1": {"args": vars(args)}})

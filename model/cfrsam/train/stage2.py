@@ -179,10 +179,12 @@ def main(argv=None) -> int:
     # then measure what this stage learns.
     select = args.select or ("bpq" if args.stage1 else "bpq_gt_prompts")
     start_epoch, best = 1, {select: -1.0}
+    state = None
     if args.resume and (out / "last.pt").exists():
         state = common.load_training_state(out / "last.pt", model, optimizer, scheduler)
         start_epoch, best = state["epoch"] + 1, state["best"]
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}", file=sys.stderr)
+    ema = common.make_weight_average(model, args, state)
     log.write(
         {
             "event": "start",
@@ -266,6 +268,7 @@ def main(argv=None) -> int:
         loss_of_batch=loss_of_batch,
         validate=validate_epoch,
         save_best=save_best,
+        ema=ema,
     )
     log.write({"event": "end", "stage": 2, "best": best})
     print(f"best: {best}", file=sys.stderr)

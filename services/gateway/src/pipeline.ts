@@ -113,6 +113,8 @@ export class SegmentationPipeline {
   private readonly results: ByteLruCache<segmentationProto.SegmentResponse>;
   private inFlight = 0;
   private counts = { segments: 0, refines: 0, resultHits: 0 };
+  /** Tiles being worked on now over all requests (what decides whether a tile's prompts are spread over decoders). */
+  private tilesInFlight = 0;
   private readonly S: number;
   /** Admission of Segment and Refine (admission/admission.ts) under an adaptive concurrency limit. */
   readonly admission: Admission;
@@ -243,7 +245,21 @@ export class SegmentationPipeline {
 
   private stageCall(ctx: RequestContext, clock: StageClock): StageCall {
     // Without a client deadline, stage calls still get one, so nothing waits forever.
-    return { deadline: ctx.deadline ?? new Date(Date.now() + this.config.defaultTimeoutMs), signal: ctx.signal, clock };
+    return {
+      deadline: ctx.deadline ?? new Date(Date.now() + this.config.defaultTimeoutMs),
+      signal: ctx.signal,
+      clock,
+      tilesInFlight: () => this.tilesInFlight,
+    };
+  }
+
+  private async withTilesInFlight<T>(tiles: number, work: () => Promise<T>): Promise<T> {
+    this.tilesInFlight += tiles;
+    try {
+      return await work();
+    } finally {
+      this.tilesInFlight -= tiles;
+    }
   }
 
   private checkModel(model: string): void {
@@ -355,28 +371,30 @@ export class SegmentationPipeline {
     const detections: (ImageDetection[] | undefined)[] = new Array(layout.tiles.length).fill(undefined);
     // Candidates by tile, flattened in tile order so the result does not depend on call timing.
     const byTile: DecodedCandidate[][] = layout.tiles.map(() => []);
-    const call = { ...this.stageCall(ctx, clock), tiles: tilesToRun.length };
+    const call = this.stageCall(ctx, clock);
     const batches: Tile[][] = [];
     for (let i = 0; i < tilesToRun.length; i += this.config.tileBatchSize) batches.push(tilesToRun.slice(i, i + this.config.tileBatchSize));
 
-    await mapConcurrent(batches, this.config.tileBatchConcurrency, async (batch) => {
-      const tiles = batch.map((tile) => {
-        const stageTile = this.stageTile(work, tile);
-        digests[tile.index] = stageTile.digest;
-        return stageTile;
-      });
-      // The prompter and the encoder side by side; decoding a tile needs both (its prompts, and
-      // its features where the decoders fetch them).
-      const [detected] = await Promise.all([this.stages.prompter.detect(tiles, call), this.stages.encoder.encode(tiles, call)]);
-      await Promise.all(
-        batch.map(async (tile, i) => {
-          const tileDetections = toImageDetections(detected.get(tiles[i].digest) ?? [], tile);
-          detections[tile.index] = tileDetections;
-          const planned = this.planTilePrompts(tile, tileDetections, manual, mode, request.minScore);
-          byTile[tile.index] = await this.decodePlanned(tile, tiles[i], planned, call);
-        }),
-      );
-    });
+    await this.withTilesInFlight(tilesToRun.length, () =>
+      mapConcurrent(batches, this.config.tileBatchConcurrency, async (batch) => {
+        const tiles = batch.map((tile) => {
+          const stageTile = this.stageTile(work, tile);
+          digests[tile.index] = stageTile.digest;
+          return stageTile;
+        });
+        // The prompter and the encoder side by side; decoding a tile needs both (its prompts, and
+        // its features where the decoders fetch them).
+        const [detected] = await Promise.all([this.stages.prompter.detect(tiles, call), this.stages.encoder.encode(tiles, call)]);
+        await Promise.all(
+          batch.map(async (tile, i) => {
+            const tileDetections = toImageDetections(detected.get(tiles[i].digest) ?? [], tile);
+            detections[tile.index] = tileDetections;
+            const planned = this.planTilePrompts(tile, tileDetections, manual, mode, request.minScore);
+            byTile[tile.index] = await this.decodePlanned(tile, tiles[i], planned, call);
+          }),
+        );
+      }),
+    );
 
     const candidates = toImageFrame(byTile.flat(), scale, image);
     const assembled = await clock.time('assemble', () =>
@@ -587,7 +605,7 @@ export class SegmentationPipeline {
     validatePrompts(request.prompts, image.width, image.height, this.config);
     const manual = this.manualPrompts(request.prompts, layout, scale);
     const tiles = layout.tiles.filter((t) => manual.some((m) => m.tile === t.index));
-    const call = { ...this.stageCall(ctx, clock), tiles: tiles.length };
+    const call = this.stageCall(ctx, clock);
     const stageTiles = new Map(tiles.map((t) => [t.index, this.stageTile(work, t)]));
     // Tiles the prompter has not seen (Segment in manual mode): classify their prompts now.
     const unseen = tiles.filter((t) => entry.detections[t.index] === undefined);
@@ -602,11 +620,13 @@ export class SegmentationPipeline {
     }
     // The decoders that prepared these tiles in Segment still hold them (or fetch the features
     // again from the encoders); nothing is relayed through here.
-    const byTile = await Promise.all(
-      tiles.map((tile) => {
-        const planned = manual.filter((m) => m.tile === tile.index).map((m) => this.planManual(m, tile, entry.detections[tile.index] ?? []));
-        return this.decodePlanned(tile, stageTiles.get(tile.index)!, planned, call);
-      }),
+    const byTile = await this.withTilesInFlight(tiles.length, () =>
+      Promise.all(
+        tiles.map((tile) => {
+          const planned = manual.filter((m) => m.tile === tile.index).map((m) => this.planManual(m, tile, entry.detections[tile.index] ?? []));
+          return this.decodePlanned(tile, stageTiles.get(tile.index)!, planned, call);
+        }),
+      ),
     );
     const candidates = toImageFrame(byTile.flat(), scale, image);
     const assembled = await clock.time('assemble', () =>

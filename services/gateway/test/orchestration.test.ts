@@ -93,6 +93,8 @@ function fakeStages(options: FakeOptions = {}) {
     decode: [] as { digest: string; prompts: number }[],
     aborted: 0,
     calls: [] as StageCall[],
+    /** Tiles in flight at the gateway as each decodeTile saw it. */
+    tilesInFlight: [] as (number | undefined)[],
   };
   const stages: StagePorts = {
     prompter: {
@@ -135,6 +137,7 @@ function fakeStages(options: FakeOptions = {}) {
             });
           });
         }
+        log.tilesInFlight.push(call.tilesInFlight?.()); // after the delay: concurrent requests have all started
         if (options.failDecode?.(tile)) throw grpcError(status.INTERNAL, 'decoder exploded');
         const comps = components(tile.rgb);
         return prompts.map((p) => {
@@ -378,6 +381,29 @@ describe('SegmentationPipeline over in-memory stages', () => {
     const manual = await p.segment(request(small, { mpp: 0.5, prompts: [{ positive: [{ x: disks20[1].x, y: disks20[1].y }], negative: [] }] }));
     expect(manual.nuclei).toHaveLength(1);
     expect(Math.hypot(manual.nuclei[0].centroid!.x - disks20[1].x, manual.nuclei[0].centroid!.y - disks20[1].y)).toBeLessThan(2);
+  });
+
+  it('tells the decoder port the tiles in flight over all requests (one request alone may spread its tile)', async () => {
+    const { stages, log } = fakeStages({ decodeDelayMs: 40 });
+    const p = pipelineWith(stages, { initialConcurrentRequests: 2 }); // admission would start at one request
+    const one = await diskImage(S, S, [DISKS[0], DISKS[1]]);
+    await p.segment(request(one));
+    expect(log.tilesInFlight).toEqual([1]);
+    // Two one-tile requests at once: the decodes see both tiles.
+    log.tilesInFlight.length = 0;
+    const [a, b] = [await diskImage(S, S, [DISKS[1]]), await diskImage(S, S, [{ x: 100, y: 200 }])];
+    await Promise.all([p.segment(request(a)), p.segment(request(b))]);
+    expect(log.tilesInFlight).toContain(2);
+    // A 600 x 500 image alone: its 9 tiles (3 x 3 at the 64 px overlap).
+    log.tilesInFlight.length = 0;
+    await p.segment(request(await diskImage(600, 500, DISKS)));
+    expect(Math.max(...log.tilesInFlight.map(Number))).toBe(9);
+    // Nothing stays counted after the requests, failed ones included.
+    const failing = fakeStages({ failDecode: () => true });
+    const q = pipelineWith(failing.stages);
+    await expect(q.segment(request(one))).rejects.toThrow(/decoder exploded/);
+    await q.segment(request(one)).catch(() => undefined);
+    expect(failing.log.tilesInFlight).toEqual([1, 1]);
   });
 
   it('answers a repeated request from the result cache without running a stage', async () => {

@@ -268,14 +268,13 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     const batches: stagesProto.PromptPoints[][] = [];
     for (let i = 0; i < prompts.length; i += size) batches.push(prompts.slice(i, i + size));
     // A tile's batches go to its top-k replicas; each of them prepares the tile (decoder_image),
-    // so spreading pays only when the request has fewer tiles than there are replicas to keep busy
-    // and no other request keeps them busy already (under load the second decoder_image run would
-    // be pure extra work: measured, 5 % of a 256 tile's CPU with 8 clients).
+    // so spreading pays only when the gateway has fewer tiles in flight (over all requests) than
+    // there are replicas to keep busy; under load the second decoder_image run is pure extra work.
     // Otherwise the tile goes to the less busy of its two rendezvous replicas (power of two
     // choices): affinity keeps prepared state reusable, the choice keeps replicas evenly loaded.
     const replicas = this.decoders.addresses.length;
-    const idle = this.decoders.addresses.every((r) => (this.busy.get(r) ?? 0) === 0);
-    const k = idle ? Math.max(1, Math.min(this.options.replicasPerTile, Math.ceil(replicas / Math.max(1, call.tiles ?? 1)))) : 1;
+    const inFlight = Math.max(1, call.tilesInFlight?.() ?? 1);
+    const k = Math.max(1, Math.min(this.options.replicasPerTile, Math.ceil(replicas / inFlight)));
     const order = k > 1 ? null : this.leastBusyFirst(this.decoders.orderFor(tile.digest));
     const results = await Promise.all(
       batches.map((batch, i) =>

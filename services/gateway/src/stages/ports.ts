@@ -15,8 +15,11 @@ export interface StageCall {
   deadline?: Date;
   signal?: AbortSignal;
   clock: StageClock;
-  /** Tiles the request decodes: with fewer tiles than replicas, a tile's prompts may be spread. */
-  tiles?: number;
+  /**
+   * Tiles the gateway has in flight now, this request's and every other's: with fewer than there
+   * are decoder replicas, a tile's prompts may be spread over several (each prepares the tile).
+   */
+  tilesInFlight?: () => number;
 }
 
 export interface PrompterPort {
