@@ -326,7 +326,9 @@ def load_training_state(path: Path, model, optimizer, scheduler) -> Dict[str, An
     return state
 
 
-def make_weight_average(model: torch.nn.Module, args, state: Optional[Dict[str, Any]] = None) -> Optional[WeightAverage]:
+def make_weight_average(
+    model: torch.nn.Module, args, state: Optional[Dict[str, Any]] = None
+) -> Optional[WeightAverage]:
     """The `--ema` average (None without it), continued from last.pt's when resuming."""
     if not getattr(args, "ema", 0.0):
         return None
