@@ -59,7 +59,8 @@ def test_bundle_files_and_manifest(bundle):
     assert m["refinement"]["mode"] == "window" and m["refinement"]["window"] == 32
     assert m["prompter"]["anchors"] == 64 and m["mask_threshold"] == 0.0
     prov = m["provenance"]
-    assert m["version"] == "0.1.0+" + model_sha256(prov["weights_sha256"], prov["config"])[:12]
+    settings = {k: m["prompter"][k] for k in ("min_foreground", "nms_radius")}
+    assert m["version"] == "0.1.0+" + model_sha256(prov["weights_sha256"], prov["config"], settings)[:12]
     assert prov["seed"] == 0 and prov["training"] is None and prov["config"]["name"] == "tiny"
     weights = torch.load(os.path.join(bundle, "weights.pt"))
     assert state_dict_sha256(weights) == prov["weights_sha256"]
@@ -189,5 +190,14 @@ def test_bundle_exported_again_keeps_weights_and_provenance(tmp_path, capsys):
     # Another window is another version (the version hashes the config).
     assert main(["--checkpoint", str(first), "--out", str(tmp_path / "w16"), "--no-full", "--window", "16"]) == 0
     assert json.load(open(tmp_path / "w16" / "manifest.json"))["version"] != a["version"]
+    # Another prompter threshold finds other nuclei: another version too.
+    other = torch.load(ckpt, map_location="cpu")
+    other["prompter"] = {"min_foreground": 0.4, "nms_radius": 12.0}
+    torch.save(other, tmp_path / "other.pt")
+    assert (
+        main(["--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "t04"), "--no-full", "--name", "t"])
+        == 0
+    )
+    assert json.load(open(tmp_path / "t04" / "manifest.json"))["version"] != a["version"]
     assert main(["--checkpoint", str(first), "--out", str(first)]) == 2
     assert "--out must differ" in capsys.readouterr().err

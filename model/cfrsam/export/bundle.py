@@ -13,7 +13,7 @@ from ..configs import CFRSAMConfig
 from ..modeling.cfr_sam import CFRSAM
 from .errors import ExportError
 from .graphs import GRAPH_FILES, GRAPH_IO, example_args, run_stage, stage_module
-from .manifest import BUNDLE_FORMAT, build_manifest
+from .manifest import BUNDLE_FORMAT, build_manifest, prompter_settings
 from .onnx_files import annotate, export_onnx, store_initializers_fp16
 from .parity import TOLERANCE, FixtureWriter, compare, parity_inputs, read_bin
 from .weights import bundle_state_dict, file_sha256, model_sha256, round_to_fp16, state_dict_sha256
@@ -44,7 +44,8 @@ def export_bundle(
         round_to_fp16(model)
     weights = bundle_state_dict(model, precision)
     weights_sha = state_dict_sha256(weights)
-    version = f"{__version__}+{model_sha256(weights_sha, model.config.to_dict())[:12]}"
+    prompter = prompter_settings(checkpoint_info or {})
+    version = f"{__version__}+{model_sha256(weights_sha, model.config.to_dict(), prompter)[:12]}"
 
     os.makedirs(out_dir, exist_ok=True)
     for stale in list(GRAPH_FILES.values()) + ["manifest.json", "weights.pt"]:

@@ -15,6 +15,17 @@ PROMPTER_MIN_FOREGROUND = 0.5
 PROMPTER_NMS_RADIUS = 4
 
 
+def prompter_settings(checkpoint_info: Dict[str, Any]) -> Dict[str, float]:
+    """The prompter's decision settings: tuned on validation when training recorded them
+    (cfrsam.train.finalize), else the defaults. They change which nuclei are found, so the
+    bundle's version hashes them too."""
+    recorded = checkpoint_info.get("prompter") or {}
+    return {
+        "min_foreground": float(recorded.get("min_foreground", PROMPTER_MIN_FOREGROUND)),
+        "nms_radius": float(recorded.get("nms_radius", PROMPTER_NMS_RADIUS)),
+    }
+
+
 def build_manifest(
     model: CFRSAM,
     name: Optional[str],
@@ -62,11 +73,7 @@ def build_manifest(
         "mask_threshold": cfg.mask_threshold,
         "prompter": {
             "anchors": learner_cfg.num_anchors,
-            # Tuned on validation when training recorded them (cfrsam.train.tune_prompter).
-            "min_foreground": float(
-                (checkpoint_info.get("prompter") or {}).get("min_foreground", PROMPTER_MIN_FOREGROUND)
-            ),
-            "nms_radius": float((checkpoint_info.get("prompter") or {}).get("nms_radius", PROMPTER_NMS_RADIUS)),
+            **prompter_settings(checkpoint_info),
         },
         "graphs": graph_entries,
         "provenance": {

@@ -2,7 +2,7 @@
 
 import hashlib
 import json
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -36,13 +36,18 @@ def state_dict_sha256(state: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def model_sha256(weights_sha: str, config: Dict[str, Any]) -> str:
-    """SHA-256 of what the bundle serves: the weights and the config that shapes the graphs.
+def model_sha256(weights_sha: str, config: Dict[str, Any], prompter: Optional[Dict[str, Any]] = None) -> str:
+    """SHA-256 of what the bundle serves: the weights, the config that shapes the graphs and the
+    prompter's decision settings (foreground threshold, NMS radius).
 
-    Two exports of the same weights with, say, another refinement window give other masks, so they
-    must not share a version (result caches and feature tiers are keyed by it).
+    Two exports of the same weights with, say, another refinement window give other masks, and with
+    another threshold other nuclei, so they must not share a version (result caches and feature
+    tiers are keyed by it).
     """
-    return hashlib.sha256((weights_sha + json.dumps(config, sort_keys=True)).encode()).hexdigest()
+    text = weights_sha + json.dumps(config, sort_keys=True)
+    if prompter is not None:
+        text += json.dumps(prompter, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def file_sha256(path: str) -> str:
