@@ -270,8 +270,7 @@ async function measureCase(c, modes, images) {
     }
   }
   for (const m of modes) {
-    const images = ROUNDS * c.tput;
-    const p = m.perImage(images);
+    const p = m.perImage(ROUNDS * c.tput);
     const cpuS = Object.values(m.cpu).reduce((a, b) => a + b, 0);
     const wallS = out[m.name].tput.reduce((a, v) => a + c.tput / v, 0);
     out[m.name].load = { ...p, busyCpus: cpuS / wallS };

@@ -147,6 +147,10 @@ def test_weight_average_follows_the_steps_and_lends_its_weights():
     assert torch.allclose(model.weight, torch.full((1, 2), 3.0)), "the model's own weights come back"
     with pytest.raises(ValueError):
         WeightAverage(model, decay=1.0)
+    # Frozen parameters are not averaged step by step: the shadow keeps what it was made from.
+    model.bias.requires_grad_(False)
+    frozen = WeightAverage(model, decay=0.5)
+    assert "bias" in frozen.frozen and "weight" not in frozen.frozen
 
 
 @pytest.mark.parametrize("stage", [stage1, stage2], ids=["stage1", "stage2"])

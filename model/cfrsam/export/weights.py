@@ -2,7 +2,7 @@
 
 import hashlib
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ def state_dict_sha256(state: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def model_sha256(weights_sha: str, config: Dict[str, Any], prompter: Optional[Dict[str, Any]] = None) -> str:
+def model_sha256(weights_sha: str, config: Dict[str, Any], prompter: Dict[str, Any]) -> str:
     """SHA-256 of what the bundle serves: the weights, the config that shapes the graphs and the
     prompter's decision settings (foreground threshold, NMS radius).
 
@@ -44,9 +44,7 @@ def model_sha256(weights_sha: str, config: Dict[str, Any], prompter: Optional[Di
     another threshold other nuclei, so they must not share a version (result caches and feature
     tiers are keyed by it).
     """
-    text = weights_sha + json.dumps(config, sort_keys=True)
-    if prompter is not None:
-        text += json.dumps(prompter, sort_keys=True)
+    text = weights_sha + json.dumps(config, sort_keys=True) + json.dumps(prompter, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

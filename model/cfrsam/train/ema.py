@@ -18,7 +18,8 @@ class WeightAverage:
     """shadow <- decay * shadow + (1 - decay) * weights, after every optimiser step.
 
     Floating-point parameters and buffers are averaged (in float32); other buffers (counters) are
-    copied as they are.
+    copied as they are. Frozen parameters (stage 1 trains only the prompt learner) never change, so
+    the per-step update skips them; their shadow stays what it was made from.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -26,10 +27,13 @@ class WeightAverage:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.shadow: Dict[str, torch.Tensor] = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        self.frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         for name, value in model.state_dict().items():
+            if name in self.frozen:
+                continue
             target = self.shadow[name]
             if value.is_floating_point():
                 target.mul_(self.decay).add_(value.detach().float(), alpha=1.0 - self.decay)
