@@ -46,7 +46,8 @@ let slideRoot: string;
 const gateways: Gateway[] = [];
 
 /** A gateway process that is both slide job API and worker. */
-async function startGateway(name: string, extra: string[] = []): Promise<Gateway> {
+/** `probe`: call options (an admin's token) for the readiness probe of a gateway that authenticates. */
+async function startGateway(name: string, extra: string[] = [], probe: { metadata?: Metadata } = {}): Promise<Gateway> {
   const port = await freePort();
   const child = spawn(
     process.execPath,
@@ -76,13 +77,18 @@ async function startGateway(name: string, extra: string[] = []): Promise<Gateway
     await new Promise((r) => setTimeout(r, 200));
   }
   const client = makeClient(segmentationProto.SegmentationClient, `127.0.0.1:${port}`);
-  // Slide jobs answer UNAVAILABLE until the gateway has set up its NATS streams.
+  // Slide jobs answer UNAVAILABLE until the gateway has set up its NATS streams; then an unknown
+  // job is NOT_FOUND. Any other answer (UNAUTHENTICATED without `probe`) would hide that wait.
   for (let i = 0; ; i++) {
-    const code = await unary(client, client.getSlideJob, { jobId: '0'.repeat(32) }).then(
+    const code = await unary(client, client.getSlideJob, { jobId: '0'.repeat(32) }, probe).then(
       () => 0,
       (err: { code: number }) => err.code,
     );
-    if (code !== 14 || i > 100) break;
+    if (code === 5) break;
+    if (code !== 14 || i > 300) {
+      child.kill('SIGKILL');
+      throw new Error(`gateway ${name}: slide jobs not ready (gRPC code ${code} for an unknown job):\n${log.join('\n')}`);
+    }
     await new Promise((r) => setTimeout(r, 100));
   }
   const gw = { name, port, client, child, exited, log };
@@ -582,7 +588,9 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
       tokenFile,
       JSON.stringify({ tokens: [grant('alice', ['cfrsam.v1.Segmentation/*']), grant('bob', ['cfrsam.v1.Segmentation/*']), grant('admin', ['*'])] }),
     );
-    const gw = await startGateway('g-auth', ['--auth-tokens', tokenFile, '--slide-workers', '0']);
+    const adminProbe = new Metadata();
+    adminProbe.set('authorization', `Bearer ${tokens.admin}`);
+    const gw = await startGateway('g-auth', ['--auth-tokens', tokenFile, '--slide-workers', '0'], { metadata: adminProbe });
     try {
       const as = (who: keyof typeof tokens) => {
         const metadata = new Metadata();

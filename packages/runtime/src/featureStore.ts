@@ -121,12 +121,22 @@ class TimeoutError extends Error {}
  */
 type DirectGets = { direct?: { getMessage(stream: string, query: { last_by_subj: string }): Promise<StoredMsg> } };
 
-function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+/**
+ * Settles like `promise`, or rejects after `ms`, or as soon as `cut` is called (the connection
+ * dropped: a call in flight would otherwise wait out its whole timeout while the client reconnects).
+ */
+function bounded<T>(promise: Promise<T>, ms: number, what: string, cuts: Set<() => void>): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
+  let cut: (() => void) | undefined;
+  const stop = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new TimeoutError(`${what} timed out after ${ms} ms`)), ms);
+    cut = () => reject(new Error(`${what}: disconnected from the server`));
+    cuts.add(cut);
   });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+  return Promise.race([promise, stop]).finally(() => {
+    clearTimeout(timer);
+    cuts.delete(cut!);
+  });
 }
 
 /**
@@ -188,6 +198,8 @@ export class SharedFeatureStore {
   private lastErrorLog = 0;
   private suppressedErrors = 0;
   private readyWaiters: Array<() => void> = [];
+  /** Rejects each call in flight: run when the client reports a disconnect. */
+  private readonly inFlightCuts = new Set<() => void>();
 
   private constructor(private readonly options: SharedFeatureStoreOptions) {
     this.bucket = options.bucket ?? DEFAULT_FEATURE_BUCKET;
@@ -256,6 +268,7 @@ export class SharedFeatureStore {
       if (s.type === Events.Disconnect) {
         // Fail fast while reconnecting instead of waiting for each call's timeout.
         this.connected = false;
+        for (const cut of [...this.inFlightCuts]) cut();
         this.log(`shared feature cache: disconnected from ${String(s.data)}; lookups are misses until it is back`);
       } else if (s.type === Events.Reconnect) {
         this.connected = true;
@@ -299,10 +312,10 @@ export class SharedFeatureStore {
       try {
         let info;
         try {
-          info = await withTimeout(jsm.streams.info(this.bucket), this.timeoutMs, 'stream info');
+          info = await bounded(jsm.streams.info(this.bucket), this.timeoutMs, 'stream info', this.inFlightCuts);
         } catch (err) {
           if (!/stream not found/i.test((err as Error).message)) throw err;
-          info = await withTimeout(jsm.streams.add(this.streamConfig()), this.timeoutMs, 'stream create');
+          info = await bounded(jsm.streams.add(this.streamConfig()), this.timeoutMs, 'stream create', this.inFlightCuts);
           this.log(
             `shared feature cache: created bucket ${this.bucket} (max ${info.config.max_bytes} bytes, ` +
               `max age ${Math.round(info.config.max_age / 1e9)} s)`,
@@ -397,7 +410,7 @@ export class SharedFeatureStore {
       return { status: 'error', reason: unusable };
     }
     try {
-      const bytes = await withTimeout(this.readChunks(key), this.timeoutMs, `lookup of ${key}`);
+      const bytes = await bounded(this.readChunks(key), this.timeoutMs, `lookup of ${key}`, this.inFlightCuts);
       if (bytes) this.counters.hits++;
       else this.counters.misses++;
       return bytes ? { status: 'hit', bytes } : { status: 'miss' };
@@ -493,7 +506,7 @@ export class SharedFeatureStore {
         const data = bytes.subarray(chunk * chunkBytes, Math.min(bytes.byteLength, (chunk + 1) * chunkBytes));
         return js.publish(this.subject(key, chunk), data, { headers: h, timeout: this.timeoutMs });
       };
-      await withTimeout(
+      await bounded(
         (async () => {
           // Chunk 0 last: once readers can see it, the rest of this write is stored.
           await Promise.all(Array.from({ length: chunks - 1 }, (_, i) => publish(i + 1)));
@@ -501,6 +514,7 @@ export class SharedFeatureStore {
         })(),
         this.timeoutMs,
         `write of ${key}`,
+        this.inFlightCuts,
       );
       this.counters.writes++;
       return true;

@@ -2,7 +2,7 @@
 // with a temporary store): bucket creation with its limits, round trips of one- and many-chunk
 // values, misses for absent, evicted and partial entries, and errors (never exceptions) when the
 // server is gone.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { connect } from 'nats';
 import { featureKey, float32Bytes, float32Lookup, SharedFeatureStore, subjectToken } from '../src/featureStore';
 import { natsSkipReason, startTestNatsServer, type TestNatsServer } from '@cfrsam/testing';
@@ -115,22 +115,24 @@ describe.skipIf(skipReason !== null)('SharedFeatureStore on nats-server', () => 
     }
   });
 
-  it('answers lookups and writes with errors, fast, when the server is gone', async () => {
+  it('answers lookups and writes with errors, not timeouts, when the server is gone', async () => {
     const before = store.stats();
     await nats.stop();
-    // The client notices the closed socket; until then a call waits at most its timeout.
+    // A call in flight when the client notices the closed socket is cut then, and later calls fail
+    // without going to the network: none of them waits out its (10 s) timeout. The reasons say
+    // which happened; the time is printed, not asserted (CI machines are busy).
     const started = performance.now();
     const lookup = await store.lookup('v.small');
     expect(lookup.status).toBe('error');
+    expect(lookup.status === 'error' && lookup.reason).toMatch(/not connected|disconnected from the server/);
     expect(await store.put('v.after', float32Bytes(values(10, 4)))).toBe(false);
-    expect(performance.now() - started).toBeLessThan(4_500);
+    console.log(`featureStore.test: a lookup and a write with the server gone took ${(performance.now() - started).toFixed(0)} ms`);
+    await vi.waitFor(() => expect(logs.some((m) => /disconnected from/.test(m))).toBe(true), { timeout: 10_000 });
     // Once the disconnect is known, calls fail without going to the network.
-    const again = performance.now();
-    expect((await store.lookup('v.large')).status).toBe('error');
-    expect(performance.now() - again).toBeLessThan(200);
+    const again = await store.lookup('v.large');
+    expect(again).toEqual({ status: 'error', reason: 'not connected' });
     const after = store.stats();
     expect(after.errors - before.errors).toBe(3);
     expect(after.hits).toBe(before.hits);
-    expect(logs.some((m) => /disconnected|lookup of v\.small/.test(m))).toBe(true);
   });
 });
