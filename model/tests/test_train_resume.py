@@ -170,3 +170,29 @@ def test_ema_resumes_exactly(tmp_path, stage):
         assert torch.equal(value, resumed["extra"]["ema"]["shadow"][name]), name
     moved = [n for n, v in straight["model"].items() if v.is_floating_point() and not torch.equal(v.float(), shadow[n])]
     assert moved, "the average should lag the trained weights"
+
+
+def _one_small_nucleus_batch():
+    """One 32 px image holding one 3 x 3 nucleus centred on (10.5, 10.5)."""
+    instances = torch.zeros(32, 32, dtype=torch.int64)
+    instances[9:12, 9:12] = 1
+    return {"centroids": [torch.tensor([[10.5, 10.5]])], "instances": [instances]}
+
+
+@pytest.mark.parametrize("off_nucleus", [False, True])
+def test_stage2_prompt_jitter_stays_on_the_nucleus_unless_asked(off_nucleus):
+    # The prompter's points sit a few pixels off the centroid, often off a small nucleus; stage 2
+    # can train on such prompts (--jitter-off-nucleus) or snap them back onto the nucleus.
+    batch = _one_small_nucleus_batch()
+    rng = np.random.default_rng(0)
+    outside = 0
+    for _ in range(200):
+        coords, labels, targets, valid = stage2.sample_prompts(batch, 4, 3.0, 32, rng, off_nucleus=off_nucleus)
+        assert valid[0].tolist() == [True, False, False, False]
+        assert labels[0, 0, 0] == 1.0 and float(targets[0, 0].sum()) == 9.0
+        x, y = coords[0, 0, 0].tolist()
+        outside += not (9 <= x < 12 and 9 <= y < 12)
+    if off_nucleus:
+        assert outside > 150  # a 3 x 3 nucleus holds few draws of a 3 px jitter
+    else:
+        assert outside == 0
