@@ -196,3 +196,24 @@ def test_stage2_prompt_jitter_stays_on_the_nucleus_unless_asked(off_nucleus):
         assert outside > 150  # a 3 x 3 nucleus holds few draws of a 3 px jitter
     else:
         assert outside == 0
+
+
+@pytest.mark.skipif(not (BUNDLE / "weights.pt").is_file(), reason="models/tiny is not here")
+def test_prompt_location_report(tmp_path):
+    """The prompt-location analysis runs the serving rules with each kind of prompt and reports them."""
+    from cfrsam.train import prompt_location
+
+    data = tmp_path / "data"
+    _write_set(data / "consep-train", n=2, prefix="train_3_00")
+    out = tmp_path / "report.json"
+    argv = ["--checkpoint", str(BUNDLE), "--data", str(data), "--val-sources", "3", "--threads", "1"]
+    assert prompt_location.main([*argv, "--jitters", "0,3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["tiles"] == 2
+    runs = report["runs"]
+    assert set(runs) == {"pipeline", "oracle_location", "gt", "gt_prompter_offsets", "gt_jitter_0", "gt_jitter_3"}
+    # Ground-truth centroids with no jitter are the same prompts as "gt": the same segmentation.
+    assert runs["gt_jitter_0"] == runs["gt"]
+    assert report["offsets"]["paired_points"] >= 0
+    for figures in runs.values():
+        assert 0.0 <= figures["bpq"] <= 1.0 and 0.0 <= figures["aji"] <= 1.0
