@@ -12,7 +12,9 @@ prompter's points, a few pixels off. This runs, per validation tile, the serving
 - `gt`: the ground-truth centroids;
 - `gt_prompter_offsets`: the centroids moved by offsets drawn from the prompter's own (paired
   point minus centroid, collected over the tiles seen so far);
-- `gt_jitter_S`: the centroids moved by Gaussian noise of std S px per axis.
+- `gt_jitter_S`: the centroids moved by Gaussian noise of std S px per axis;
+- `pipeline_recentred` (with `--recentre`): the pipeline's instances prompted again at their own
+  centroids (a second decoding round: what re-centring the prompts at serving time would give).
 
 It prints the prompter's offset distribution and bPQ / AJI / detection F1 of each, and writes them
 as JSON with `--json`.
@@ -46,6 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=0, help="refinement window (px; 0: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recentre", action="store_true", help="also decode again at the instances' centroids")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
     size = model.config.input_size
     rng = np.random.default_rng(args.seed)
     names = ["pipeline", "oracle_location", "gt", "gt_prompter_offsets"] + [f"gt_jitter_{s:g}" for s in jitters]
+    names += ["pipeline_recentred"] if args.recentre else []
     accs = {name: MetricAccumulator(num_classes=model.config.num_classes, radius=args.radius) for name in names}
     offsets = []
     started = time.time()
@@ -78,7 +82,12 @@ def main(argv=None) -> int:
         gt = item["instances"].numpy()
         centroids = item["centroids"].numpy().reshape(-1, 2)
         points, classes, _, _ = detect_points(model, image, args.min_foreground, args.nms_radius)
-        accs["pipeline"].add(gt, segment(image, points, classes) if len(points) else np.zeros_like(gt))
+        served = segment(image, points, classes) if len(points) else np.zeros_like(gt)
+        accs["pipeline"].add(gt, served)
+        if args.recentre:
+            ids = [i for i in np.unique(served) if i > 0]
+            again = np.array([np.argwhere(served == i).mean(0)[::-1] + 0.5 for i in ids]).reshape(-1, 2)
+            accs["pipeline_recentred"].add(gt, segment(image, again) if len(again) else np.zeros_like(gt))
         if len(centroids) == 0:
             continue
         pairs = pair_points(points, centroids, args.radius)
