@@ -240,6 +240,14 @@ def build_datasets(args, class_names: Sequence[str], size: int):
     return train, val
 
 
+def validation_set(data: Optional[str], val_sources: str, val_limit: int, class_names: Sequence[str], size: int):
+    """The held-out CoNSeP tiles the training commands validate on, for the commands that only validate."""
+    ns = argparse.Namespace(
+        data=data or str(default_data_root()), sets="consep-train", val_sources=val_sources, val_limit=val_limit
+    )
+    return build_datasets(ns, class_names, size)[1]
+
+
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, collate):
     generator = torch.Generator()
     generator.manual_seed(seed)

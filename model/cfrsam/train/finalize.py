@@ -61,13 +61,9 @@ def main(argv=None) -> int:
     model.prompt_learner.load_state_dict(learner)
     model.eval()
 
-    ns = argparse.Namespace(
-        data=args.data or str(common.default_data_root()),
-        sets="consep-train",
-        val_sources=args.val_sources,
-        val_limit=args.val_limit,
+    val_set = common.validation_set(
+        args.data, args.val_sources, args.val_limit, model.config.class_names, model.config.input_size
     )
-    _, val_set = common.build_datasets(ns, model.config.class_names, model.config.input_size)
     loader = common.make_loader(val_set, 4, False, 0, 0, collate_nuclei)
 
     sweep = {}

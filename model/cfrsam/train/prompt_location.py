@@ -57,13 +57,9 @@ def main(argv=None) -> int:
     overrides = {"bgmr__window": args.window} if args.window else {}
     model = build_cfr_sam(None, checkpoint=common.read_init(args.checkpoint), **overrides)
     model.eval()
-    ns = argparse.Namespace(
-        data=args.data or str(common.default_data_root()),
-        sets="consep-train",
-        val_sources=args.val_sources,
-        val_limit=args.val_limit,
+    val_set = common.validation_set(
+        args.data, args.val_sources, args.val_limit, model.config.class_names, model.config.input_size
     )
-    _, val_set = common.build_datasets(ns, model.config.class_names, model.config.input_size)
     jitters = [float(s) for s in args.jitters.split(",") if s]
     size = model.config.input_size
     rng = np.random.default_rng(args.seed)
