@@ -172,30 +172,37 @@ def test_ema_resumes_exactly(tmp_path, stage):
     assert moved, "the average should lag the trained weights"
 
 
-def _one_small_nucleus_batch():
-    """One 32 px image holding one 3 x 3 nucleus centred on (10.5, 10.5)."""
+def _two_small_nuclei_batch():
+    """One 32 px image holding two touching 3 x 3 nuclei, centred on (10.5, 10.5) and (13.5, 10.5)."""
     instances = torch.zeros(32, 32, dtype=torch.int64)
     instances[9:12, 9:12] = 1
-    return {"centroids": [torch.tensor([[10.5, 10.5]])], "instances": [instances]}
+    instances[9:12, 12:15] = 2
+    return {"centroids": [torch.tensor([[10.5, 10.5], [13.5, 10.5]])], "instances": [instances]}
 
 
 @pytest.mark.parametrize("off_nucleus", [False, True])
 def test_stage2_prompt_jitter_stays_on_the_nucleus_unless_asked(off_nucleus):
     # The prompter's points sit a few pixels off the centroid, often off a small nucleus; stage 2
-    # can train on such prompts (--jitter-off-nucleus) or snap them back onto the nucleus.
-    batch = _one_small_nucleus_batch()
+    # can train on such prompts (--jitter-off-nucleus) or snap them back onto the nucleus. A point
+    # is never left on the other nucleus: it would ask for two masks at once.
+    batch = _two_small_nuclei_batch()
+    instances = batch["instances"][0]
     rng = np.random.default_rng(0)
-    outside = 0
-    for _ in range(200):
+    on_background = 0
+    for _ in range(100):
         coords, labels, targets, valid = stage2.sample_prompts(batch, 4, 3.0, 32, rng, off_nucleus=off_nucleus)
-        assert valid[0].tolist() == [True, False, False, False]
-        assert labels[0, 0, 0] == 1.0 and float(targets[0, 0].sum()) == 9.0
-        x, y = coords[0, 0, 0].tolist()
-        outside += not (9 <= x < 12 and 9 <= y < 12)
+        assert valid[0].tolist() == [True, True, False, False]
+        for j in range(2):
+            assert labels[0, j, 0] == 1.0 and float(targets[0, j].sum()) == 9.0
+            own = int(instances[targets[0, j] > 0][0])
+            x, y = coords[0, j, 0].tolist()
+            under = int(instances[int(y), int(x)])
+            assert under in (0, own)
+            on_background += under == 0
     if off_nucleus:
-        assert outside > 150  # a 3 x 3 nucleus holds few draws of a 3 px jitter
+        assert on_background > 100  # two 3 x 3 nuclei hold few draws of a 3 px jitter
     else:
-        assert outside == 0
+        assert on_background == 0
 
 
 @pytest.mark.skipif(not (BUNDLE / "weights.pt").is_file(), reason="models/tiny is not here")
@@ -217,3 +224,21 @@ def test_prompt_location_report(tmp_path):
     assert report["offsets"]["paired_points"] >= 0
     for figures in runs.values():
         assert 0.0 <= figures["bpq"] <= 1.0 and 0.0 <= figures["aji"] <= 1.0
+
+
+def test_stage2_freeze_keeps_the_named_modules(tmp_path):
+    data = tmp_path / "data"
+    _write_set(data / "synth", n=1)
+    out = tmp_path / "run"
+    assert stage2.main(_args(data, out, 1, ("--max-prompts", "4", "--freeze", "image_encoder,hmfm"))) == 0
+    first = _weights(out / "last.pt")
+    assert (
+        stage2.main(_args(data, tmp_path / "again", 2, ("--max-prompts", "4", "--freeze", "image_encoder,hmfm"))) == 0
+    )
+    second = _weights(tmp_path / "again" / "last.pt")
+    # Same seed: after one more step the frozen modules are where they were, the decoder moved.
+    params = [k for k in first if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(first[k], second[k]) for k in params if k.startswith(("image_encoder.", "hmfm.")))
+    assert any(not torch.equal(first[k], second[k]) for k in params if k.startswith("mask_decoder."))
+    with pytest.raises(SystemExit, match="no parameters under encoder"):
+        stage2.main(_args(data, tmp_path / "typo", 1, ("--max-prompts", "4", "--freeze", "encoder")))
