@@ -137,7 +137,7 @@ def segment_tile(
     min_foreground: float = 0.5,
     nms_radius: float = 4.0,
     batch: int = 64,
-    mask_threshold: float = 0.0,
+    mask_threshold: Optional[float] = None,
     points: Optional[np.ndarray] = None,
     point_classes: Optional[np.ndarray] = None,
     min_kept_fraction: float = MIN_KEPT_FRACTION,
@@ -146,8 +146,11 @@ def segment_tile(
     """image [1,3,S,S] normalised -> (label map [S,S] int32, {instance id: class index}).
 
     With `points` (x, y) given, they are the prompts (their classes `point_classes`), bypassing the
-    prompter: validates the segmentation stage alone.
+    prompter: validates the segmentation stage alone. `mask_threshold` (a logit) defaults to the
+    config's, the one the decoder service applies.
     """
+    if mask_threshold is None:
+        mask_threshold = model.config.mask_threshold
     model.eval()
     size = image.shape[-1]
     device = image.device

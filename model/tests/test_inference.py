@@ -165,3 +165,21 @@ def test_shared_fixture_is_current():
         FIXTURE.parent.mkdir(exist_ok=True)
         FIXTURE.write_text(json.dumps(fixture) + "\n")
     assert json.loads(FIXTURE.read_text()) == fixture
+
+
+def test_segment_tile_thresholds_masks_at_the_configs_logit():
+    """The Python reference applies the config's mask threshold, as the decoder service does."""
+    from cfrsam import build_cfr_sam
+    from cfrsam.inference import segment_tile
+
+    model = build_cfr_sam("tiny", input_size=64, window=32, seed=3)
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    points = np.array([[20.0, 20.0], [44.0, 40.0]], dtype=np.float32)
+    areas = {}
+    for threshold in (-0.5, 0.5):
+        model.config.mask_threshold = threshold
+        labels, _ = segment_tile(model, image, points=points)
+        explicit, _ = segment_tile(model, image, points=points, mask_threshold=threshold)
+        assert np.array_equal(labels, explicit)
+        areas[threshold] = int((labels > 0).sum())
+    assert areas[-0.5] >= areas[0.5]

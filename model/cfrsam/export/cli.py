@@ -34,6 +34,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--input-size", type=int)
     p.add_argument("--refinement", choices=("window", "full"))
     p.add_argument("--window", type=int)
+    p.add_argument(
+        "--mask-threshold",
+        type=float,
+        help="logit above which a mask pixel is set (the decoder service's threshold; default: the checkpoint's)",
+    )
     p.add_argument("--no-parity", action="store_true")
     p.add_argument("--no-full", action="store_true", help="skip decoder_prompts_full.onnx")
     p.add_argument(
@@ -73,6 +78,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             input_size=args.input_size,
             refinement=args.refinement,
             window=args.window,
+            mask_threshold=args.mask_threshold,
         )
         source = {
             "checkpoint": os.path.basename(args.checkpoint) if args.checkpoint else None,

@@ -42,6 +42,11 @@ def main(argv=None) -> int:
         help="point NMS radii to try (px): anchors converging on one nucleus are duplicates",
     )
     parser.add_argument("--radius", type=float, default=12.0)
+    parser.add_argument(
+        "--mask-threshold",
+        type=float,
+        help="mask logit threshold to serve and validate with (the decoder's; default: stage 2's config)",
+    )
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
@@ -60,6 +65,9 @@ def main(argv=None) -> int:
         model = build_cfr_sam(None, checkpoint={**s2, "config": config, "model": sam_side})
     model.prompt_learner.load_state_dict(learner)
     model.eval()
+    if args.mask_threshold is not None:
+        # A serving rule like the prompter's two: part of the config, hence of the bundle's version.
+        model.config.mask_threshold = args.mask_threshold
 
     val_set = common.validation_set(
         args.data, args.val_sources, args.val_limit, model.config.class_names, model.config.input_size
