@@ -74,6 +74,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "evaluation of that set (`cfrsam evaluate` on a folder of them)",
     )
     parser.add_argument("--val-limit", type=int, default=0, help="validate on at most N tiles (0: all)")
+    parser.add_argument("--min-foreground", type=float, default=0.5, help="prompter threshold for validation")
+    parser.add_argument("--nms-radius", type=float, default=4.0, help="prompter NMS radius (px) for validation")
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="cap steps per epoch (0: whole set)")
     parser.add_argument("--time-budget", type=float, default=0, help="stop after this many minutes")
     parser.add_argument(

@@ -117,8 +117,6 @@ def main(argv=None) -> int:
     parser.add_argument("--background-weight", type=float, default=0.4)
     parser.add_argument("--regression-weight", type=float, default=5e-3)
     parser.add_argument("--radius", type=float, default=12.0, help="detection pairing radius (px)")
-    parser.add_argument("--min-foreground", type=float, default=0.5)
-    parser.add_argument("--nms-radius", type=float, default=4.0)
     parser.add_argument(
         "--class-weights",
         default="",

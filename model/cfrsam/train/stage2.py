@@ -127,15 +127,9 @@ def main(argv=None) -> int:
         help="let jittered prompts leave the nucleus, as the prompter's points do (default: snap back onto it)",
     )
     parser.add_argument(
-        "--min-foreground", type=float, default=0.5, help="prompter threshold for whole-pipeline validation"
-    )
-    parser.add_argument(
         "--freeze",
         default="",
         help="modules to keep fixed, comma-separated (e.g. image_encoder,hmfm: train only what reads the prompts)",
-    )
-    parser.add_argument(
-        "--nms-radius", type=float, default=4.0, help="prompter NMS radius for whole-pipeline validation"
     )
     parser.add_argument("--lambda-b", type=float, default=1.0)
     parser.add_argument("--radius", type=float, default=12.0)
