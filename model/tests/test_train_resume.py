@@ -242,3 +242,37 @@ def test_stage2_freeze_keeps_the_named_modules(tmp_path):
     assert any(not torch.equal(first[k], second[k]) for k in params if k.startswith("mask_decoder."))
     with pytest.raises(SystemExit, match="no parameters under encoder"):
         stage2.main(_args(data, tmp_path / "typo", 1, ("--max-prompts", "4", "--freeze", "encoder")))
+
+
+class _PointsAt(torch.nn.Module):
+    """A prompt learner that answers fixed points, one per ground-truth centroid plus an offset."""
+
+    def __init__(self, centroids, offset):
+        super().__init__()
+        self.points = torch.as_tensor(centroids, dtype=torch.float32) + torch.tensor(offset, dtype=torch.float32)
+
+    def forward(self, image):
+        n = self.points.shape[0]
+        logits = torch.full((image.shape[0], n, 5), -10.0)
+        logits[..., 1] = 10.0  # confidently "inflammatory", never background
+        return {"points": self.points.expand(image.shape[0], n, 2), "logits": logits}
+
+
+@pytest.mark.parametrize("offset,placed", [((3.0, 0.0), 1.0), ((3.0, 4.0), 0.0)])
+def test_stage1_validation_reports_where_points_sit(offset, placed):
+    centroids = np.array([[40.0, 40.0], [120.0, 60.0], [200.0, 200.0]], dtype=np.float32)
+    batch = {
+        "image": torch.zeros(1, 3, 256, 256),
+        "centroids": [torch.from_numpy(centroids)],
+        "classes": [torch.tensor([1, 1, 2])],
+    }
+    model = torch.nn.Module()
+    model.prompt_learner = _PointsAt(centroids, offset)
+    val = stage1.validate(model, [batch], torch.device("cpu"), radius=12, min_foreground=0.3, nms_radius=4)
+    distance = float(np.hypot(*offset))
+    assert val["det_f1"] == 1.0
+    assert val["type_accuracy"] == pytest.approx(2 / 3)
+    assert val["placement_mean"] == pytest.approx(distance)
+    assert val["placement_median"] == pytest.approx(distance)
+    # Within stage1.PLACED_RADIUS (4 px) or not: 3 px off counts, 5 px off does not.
+    assert val["det_f1_placed"] == placed

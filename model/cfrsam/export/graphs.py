@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..modeling.cfr_sam import CFRSAM
+from ..prompt_learner import PrompterGraph
 
 OPSET = 17
 
@@ -44,16 +45,6 @@ DYNAMIC_AXES = {
 DYNAMIC_AXES["decoder_prompts_full"] = DYNAMIC_AXES["decoder_prompts"]
 
 
-class PrompterGraph(nn.Module):
-    def __init__(self, model: CFRSAM) -> None:
-        super().__init__()
-        self.learner = model.prompt_learner
-
-    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        out = self.learner(image)
-        return out["points"], out["logits"]
-
-
 class EncoderGraph(nn.Module):
     def __init__(self, model: CFRSAM) -> None:
         super().__init__()
@@ -86,7 +77,7 @@ class DecoderPromptsGraph(nn.Module):
 
 def stage_module(model: CFRSAM, graph: str) -> nn.Module:
     if graph == "prompter":
-        return PrompterGraph(model)
+        return PrompterGraph(model.prompt_learner)
     if graph == "encoder":
         return EncoderGraph(model)
     if graph == "decoder_image":
