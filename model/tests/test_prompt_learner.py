@@ -358,3 +358,27 @@ def test_row_gather_sampling_equals_grid_sample_at_any_batch():
         traced = torch.jit.trace(sample_border_by_rows, (feature, grid))
     feature3, grid3 = torch.randn(3, 5, 7, 9), torch.rand(3, 4, 6, 2) * 2 - 1
     assert torch.allclose(traced(feature3, grid3), reference(feature3, grid3), atol=1e-5)
+
+
+def test_dense_regression_trains_the_neighbours_of_a_nucleus():
+    # Three anchors: one on the nucleus (the matched one), one 5 px away whose point sits 3 px off
+    # the centroid, one 20 px away (outside the 12 px radius) whose point is far off.
+    anchors = torch.tensor([[[32.0, 32.0], [37.0, 32.0], [52.0, 32.0]]])
+    points = torch.tensor([[[32.0, 32.0], [35.0, 32.0], [60.0, 40.0]]], requires_grad=True)
+    logits = torch.tensor([[[5.0, -5.0], [-5.0, 5.0], [-5.0, 5.0]]])  # K = 1: nucleus, background
+    outputs = {"points": points, "anchors": anchors, "logits": logits, "foreground_logits": torch.zeros(1, 1, 16, 16)}
+    targets = {
+        "centroids": [torch.tensor([[32.0, 32.0]])],
+        "classes": [torch.tensor([0])],
+        "foreground": torch.zeros(1, 64, 64),
+    }
+    plain = PromptLearnerLoss()(outputs, targets)
+    assert "loss_reg_dense" not in plain
+    assert plain["loss_reg"].item() == 0.0  # the matched anchor is exact: nothing else is trained
+    dense = PromptLearnerLoss(dense_regression_radius=12.0, dense_regression_weight=0.01)(outputs, targets)
+    assert dense["loss_reg_dense"].item() == pytest.approx(9.0)  # (35 - 32)^2, over one nucleus
+    assert dense["loss"].item() == pytest.approx(plain["loss"].item() + 0.09, abs=1e-5)
+    dense["loss"].backward()
+    # Only the neighbour inside the radius is pulled, towards the centroid (-x).
+    assert points.grad[0, 1, 0].item() > 0 and points.grad[0, 1, 1].item() == 0
+    assert torch.count_nonzero(points.grad[0, 2]) == 0

@@ -143,6 +143,21 @@ def main(argv=None) -> int:
         help="point regression loss: squared error (the paper's) or smooth L1 (constant pull at a few px off)",
     )
     parser.add_argument(
+        "--dense-regression",
+        type=float,
+        default=0.0,
+        metavar="RADIUS",
+        help="also regress every anchor within RADIUS px of a centroid onto it (0: only the matched "
+        "anchors, as the paper); the points NMS keeps are often not the matched ones",
+    )
+    parser.add_argument(
+        "--dense-regression-weight",
+        type=float,
+        default=1e-3,
+        help="weight of the dense regression loss (summed over the anchors near each nucleus, so several per "
+        "nucleus: lower than --regression-weight)",
+    )
+    parser.add_argument(
         "--select",
         choices=("det_f1", "det_f1_placed"),
         default="det_f1",
@@ -216,6 +231,8 @@ def main(argv=None) -> int:
         regression_weight=args.regression_weight,
         regression=args.regression,
         class_weights=class_weights,
+        dense_regression_radius=args.dense_regression,
+        dense_regression_weight=args.dense_regression_weight,
     )
 
     start_epoch, best = 1, {args.select: -1.0}
