@@ -226,6 +226,26 @@ def test_prompt_location_report(tmp_path):
         assert 0.0 <= figures["bpq"] <= 1.0 and 0.0 <= figures["aji"] <= 1.0
 
 
+@pytest.mark.skipif(not (BUNDLE / "weights.pt").is_file(), reason="models/tiny is not here")
+def test_kept_anchors_report(tmp_path):
+    """Every kept point is counted once, as from a matched anchor or not; offsets within the radius."""
+    from cfrsam.train import kept_anchors
+
+    data = tmp_path / "data"
+    _write_set(data / "consep-train", n=2, prefix="train_3_00")
+    out = tmp_path / "report.json"
+    argv = ["--checkpoint", str(BUNDLE), "--data", str(data), "--val-sources", "3", "--min-foreground", "0.1"]
+    assert kept_anchors.main([*argv, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["tiles"] == 2
+    kinds = [report["from_matched_anchors"], report["from_other_anchors"]]
+    assert sum(k["kept"] for k in kinds) > 0
+    for kind in kinds:
+        assert 0 <= kind["paired"] <= kind["kept"]
+        if kind["paired"]:
+            assert 0.0 <= kind["median_px"] <= kind["p90_px"] <= 12.0
+
+
 def test_stage2_freeze_keeps_the_named_modules(tmp_path):
     data = tmp_path / "data"
     _write_set(data / "synth", n=1)
