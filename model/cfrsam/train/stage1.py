@@ -158,6 +158,13 @@ def main(argv=None) -> int:
         "nucleus: lower than --regression-weight)",
     )
     parser.add_argument(
+        "--head-lr-mult",
+        type=float,
+        default=1.0,
+        help="learning-rate multiplier of the point heads (offset and regression): their outputs are in pixels, "
+        "so moving a point several pixels takes large weights, slow at the backbone's rate",
+    )
+    parser.add_argument(
         "--select",
         choices=("det_f1", "det_f1_placed"),
         default="det_f1",
@@ -224,7 +231,12 @@ def main(argv=None) -> int:
         # The deepest backbone stage, as the learner computes it in its forward pass.
         learner.backbone.register_forward_hook(lambda _m, _i, output: captured.__setitem__("features", output[-1]))
     trained = list(learner.parameters()) + (list(adversary.parameters()) if adversary is not None else [])
-    optimizer, scheduler, steps_per_epoch = common.make_optimizer(trained, args, len(train_loader))
+    point_heads = [p for n, p in learner.named_parameters() if n.startswith(("offset_head.", "regression_head."))]
+    groups = [
+        {"params": [p for p in trained if all(p is not q for q in point_heads)]},
+        {"params": point_heads, "lr": args.lr * args.head_lr_mult},
+    ]
+    optimizer, scheduler, steps_per_epoch = common.make_optimizer(groups, args, len(train_loader))
     class_weights = resolve_class_weights(args.class_weights, train_set, model.config.num_classes)
     criterion = PromptLearnerLoss(
         background_weight=args.background_weight,
