@@ -375,10 +375,35 @@ def test_dense_regression_trains_the_neighbours_of_a_nucleus():
     plain = PromptLearnerLoss()(outputs, targets)
     assert "loss_reg_dense" not in plain
     assert plain["loss_reg"].item() == 0.0  # the matched anchor is exact: nothing else is trained
-    dense = PromptLearnerLoss(dense_regression_radius=12.0, dense_regression_weight=0.01)(outputs, targets)
+    dense = PromptLearnerLoss(dense_regression="radius", dense_regression_weight=0.01)(outputs, targets)
     assert dense["loss_reg_dense"].item() == pytest.approx(9.0)  # (35 - 32)^2, over one nucleus
     assert dense["loss"].item() == pytest.approx(plain["loss"].item() + 0.09, abs=1e-5)
     dense["loss"].backward()
     # Only the neighbour inside the radius is pulled, towards the centroid (-x).
     assert points.grad[0, 1, 0].item() > 0 and points.grad[0, 1, 1].item() == 0
     assert torch.count_nonzero(points.grad[0, 2]) == 0
+
+
+def test_dense_regression_inside_follows_the_instance_map():
+    # A nucleus (instance 1) covering x 28..39; anchor 0 on it (matched), anchor 1 on it with its
+    # point 3 px off, anchor 2 just beside it (5 px from the centroid, on background).
+    instances = torch.zeros(1, 64, 64, dtype=torch.long)
+    instances[0, 28:37, 28:40] = 1
+    anchors = torch.tensor([[[32.0, 32.0], [38.0, 32.0], [32.0, 27.0]]])
+    points = torch.tensor([[[32.0, 32.0], [35.0, 32.0], [32.0, 27.0]]], requires_grad=True)
+    logits = torch.tensor([[[5.0, -5.0], [-5.0, 5.0], [-5.0, 5.0]]])
+    outputs = {"points": points, "anchors": anchors, "logits": logits, "foreground_logits": torch.zeros(1, 1, 16, 16)}
+    targets = {
+        "centroids": [torch.tensor([[32.0, 32.0]])],
+        "classes": [torch.tensor([0])],
+        "foreground": (instances > 0).float(),
+        "instances": instances,
+    }
+    inside = PromptLearnerLoss(dense_regression="inside")(outputs, targets)
+    assert inside["loss_reg_dense"].item() == pytest.approx(9.0)  # only anchor 1: (35 - 32)^2
+    near = PromptLearnerLoss(dense_regression="radius", dense_regression_radius=6.0)(outputs, targets)
+    assert near["loss_reg_dense"].item() == pytest.approx(9.0 + 25.0)  # anchor 2 is within 6 px
+    with pytest.raises(ValueError, match="instances"):
+        PromptLearnerLoss(dense_regression="inside")(outputs, {k: v for k, v in targets.items() if k != "instances"})
+    with pytest.raises(ValueError, match="dense_regression"):
+        PromptLearnerLoss(dense_regression="everywhere")

@@ -11,15 +11,17 @@ divided by the number of ground-truth nuclei, weighted 5e-3 (so 10 px of error c
 focal loss is binary, gamma 2, no alpha, averaged over pixels. `regression="smooth_l1"` is offered
 for robustness to badly matched pairs early in training.
 
-Dense regression (`dense_regression_radius` > 0, not in the paper): every anchor whose position
-(after the offset net, before the regression head) lies within that radius of a nucleus' centroid
-also regresses its point to the nearest such centroid, with the same squared error, summed and
-divided by the number of nuclei, weighted `dense_regression_weight`. Why: the one-to-one matching
-trains the regression of one anchor per nucleus, but at serving time the prompter keeps the anchor
-of highest foreground after NMS, and on the validation tiles half of the kept points came from
-anchors the matching had not picked. Their points had never been trained to move (6.7 px from the
-centroid on average against 2.4 for matched ones), and the segmentation stage needs its prompt
-near the centre. Classification stays one-to-one: the neighbours are still background there.
+Dense regression (`dense_regression`, not in the paper): besides the matched anchor, more anchors
+regress their point to a nucleus' centroid, with the same squared error, summed and divided by the
+number of nuclei, weighted `dense_regression_weight`. Which anchors (by their position after the
+offset net, before the regression head): "radius", every anchor within `dense_regression_radius`
+px of a centroid, to the nearest one; "inside", every anchor that lies on a nucleus (the target's
+`instances` map), to that nucleus' centroid. Why: the one-to-one matching trains the regression
+of one anchor per nucleus, but at serving time the prompter keeps the anchor of highest
+foreground after NMS, and on the validation tiles half of the kept points came from anchors the
+matching had not picked. Their points had never been trained to move (6.7 px from the centroid on
+average against 2.4 for matched ones), and the segmentation stage needs its prompt near the
+centre. Classification stays one-to-one: the neighbours are still background there.
 
 Classification targets: unmatched anchors are background (index K); an anchor matched to a nucleus
 of class c gets c; one matched to a nucleus of unknown class (index < 0) gets the partial-label loss
@@ -84,7 +86,8 @@ class PromptLearnerLoss(nn.Module):
         focal_gamma: float = 2.0,
         focal_alpha: Optional[float] = None,
         class_weights: Optional[Sequence[float]] = None,
-        dense_regression_radius: float = 0.0,
+        dense_regression: str = "",
+        dense_regression_radius: float = 12.0,
         dense_regression_weight: Optional[float] = None,
     ) -> None:
         super().__init__()
@@ -100,6 +103,9 @@ class PromptLearnerLoss(nn.Module):
         # Per nucleus class CE weights (rare classes up); None = 1 for every class.
         self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
         self.matcher = HungarianMatcher(distance_weight=distance_weight)
+        if dense_regression not in ("", "radius", "inside"):
+            raise ValueError(f"dense_regression must be '', 'radius' or 'inside', got {dense_regression!r}")
+        self.dense_regression = dense_regression
         self.dense_regression_radius = float(dense_regression_radius)
         self.dense_regression_weight = regression_weight if dense_regression_weight is None else dense_regression_weight
 
@@ -159,18 +165,33 @@ class PromptLearnerLoss(nn.Module):
         return F.smooth_l1_loss(pred, gt, reduction="sum", beta=1.0)
 
     def dense_regression_loss(
-        self, points: torch.Tensor, anchors: torch.Tensor, centroids: Sequence[torch.Tensor]
+        self,
+        points: torch.Tensor,
+        anchors: torch.Tensor,
+        centroids: Sequence[torch.Tensor],
+        instances: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Squared error of every anchor near a centroid (within the radius) to the nearest one."""
+        """Squared error of the points of the anchors near (or on) a nucleus to its centroid."""
         num_gt = sum(int(c.shape[0]) for c in centroids)
         total = points.new_zeros(())
         for i, c in enumerate(centroids):
             if c.numel() == 0:
                 continue
             c = c.to(points.device, points.dtype).reshape(-1, 2)
-            distance = torch.cdist(anchors[i].detach().to(points.dtype), c)  # [A, N]
-            nearest, which = distance.min(dim=1)
-            near = nearest <= self.dense_regression_radius
+            where = anchors[i].detach()
+            if self.dense_regression == "inside":
+                if instances is None:
+                    raise ValueError("dense regression 'inside' needs the targets' instances map")
+                h, w = instances.shape[-2:]
+                x = where[:, 0].floor().long().clamp(0, w - 1)
+                y = where[:, 1].floor().long().clamp(0, h - 1)
+                # Instance k of the map is centroid k - 1 (the dataset's numbering); 0 is background.
+                which = instances[i].to(points.device)[y, x].long() - 1
+                near = (which >= 0) & (which < len(c))
+                which = which.clamp(min=0)
+            else:
+                nearest, which = torch.cdist(where.to(points.dtype), c).min(dim=1)  # [A]
+                near = nearest <= self.dense_regression_radius
             if near.any():
                 total = total + self._point_error(points[i, near], c[which[near]])
         return total / max(num_gt, 1)
@@ -193,8 +214,10 @@ class PromptLearnerLoss(nn.Module):
 
         total = self.classification_weight * loss_cls + self.regression_weight * loss_reg + self.mask_weight * loss_mask
         extra = {}
-        if self.dense_regression_radius > 0:
-            extra["loss_reg_dense"] = self.dense_regression_loss(points, outputs["anchors"], centroids)
+        if self.dense_regression:
+            extra["loss_reg_dense"] = self.dense_regression_loss(
+                points, outputs["anchors"], centroids, targets.get("instances")
+            )
             total = total + self.dense_regression_weight * extra["loss_reg_dense"]
         num_matched = torch.tensor(float(sum(int(m[0].numel()) for m in matches)), device=logits.device)
         return {

@@ -144,12 +144,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--dense-regression",
-        type=float,
-        default=0.0,
-        metavar="RADIUS",
-        help="also regress every anchor within RADIUS px of a centroid onto it (0: only the matched "
-        "anchors, as the paper); the points NMS keeps are often not the matched ones",
+        choices=("", "radius", "inside"),
+        default="",
+        help="also regress other anchors' points onto a centroid: those within --dense-regression-radius px of "
+        "one ('radius') or those on a nucleus ('inside'); default: only the matched anchors, as the paper. The "
+        "points NMS keeps are often not the matched ones",
     )
+    parser.add_argument("--dense-regression-radius", type=float, default=12.0, help="px, for --dense-regression radius")
     parser.add_argument(
         "--dense-regression-weight",
         type=float,
@@ -243,7 +244,8 @@ def main(argv=None) -> int:
         regression_weight=args.regression_weight,
         regression=args.regression,
         class_weights=class_weights,
-        dense_regression_radius=args.dense_regression,
+        dense_regression=args.dense_regression,
+        dense_regression_radius=args.dense_regression_radius,
         dense_regression_weight=args.dense_regression_weight,
     )
 
@@ -286,6 +288,7 @@ def main(argv=None) -> int:
             "centroids": [c.to(device) for c in batch["centroids"]],
             "classes": [c.to(device) for c in batch["classes"]],
             "foreground": batch["foreground"].to(device),
+            "instances": batch["instances"].to(device),
         }
         losses = criterion(common.to_float(outputs), targets)
         if adversary is not None:
