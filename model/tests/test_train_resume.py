@@ -226,6 +226,18 @@ def test_prompt_location_report(tmp_path):
         assert 0.0 <= figures["bpq"] <= 1.0 and 0.0 <= figures["aji"] <= 1.0
 
 
+def test_stage1_dense_regression_and_point_head_rate(tmp_path):
+    data = tmp_path / "data"
+    _write_set(data / "synth", n=1)
+    flags = ("--dense-regression", "inside", "--head-lr-mult", "10", "--lr", "1e-3")
+    assert stage1.main(_args(data, tmp_path / "run", 1, flags)) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    epoch = [r for r in log if r["event"] == "epoch"][0]
+    assert epoch["train_loss_reg_dense"] > 0  # anchors on the synthetic nuclei were trained
+    groups = torch.load(tmp_path / "run" / "last.pt", map_location="cpu")["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["initial_lr"] == pytest.approx(10 * groups[0]["initial_lr"])
+
+
 @pytest.mark.skipif(not (BUNDLE / "weights.pt").is_file(), reason="models/tiny is not here")
 def test_kept_anchors_report(tmp_path):
     """Every kept point is counted once, as from a matched anchor or not; offsets within the radius."""
