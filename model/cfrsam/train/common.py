@@ -108,6 +108,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_analysis_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the analyses that run a model on the validation tiles at the served setting."""
+    parser.add_argument("--checkpoint", required=True, help="a CFR-SAM checkpoint or an exported bundle directory")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--val-sources", default=",".join(map(str, DEFAULT_VAL_SOURCES)))
+    parser.add_argument("--val-limit", type=int, default=0)
+    parser.add_argument("--min-foreground", type=float, default=0.3, help="prompter threshold (the served one)")
+    parser.add_argument("--nms-radius", type=float, default=12.0, help="prompter NMS radius (px, the served one)")
+    parser.add_argument("--radius", type=float, default=12.0, help="detection pairing radius (px)")
+
+
 def autocast(device: torch.device, enabled: bool):
     """bfloat16 autocast on `device` when enabled (a no-op context otherwise)."""
     if not enabled:

@@ -5,8 +5,8 @@
 The stages train separately (the point selection between them is not differentiable, paper §4.3),
 possibly at the same time, so the final model takes the prompt learner of stage 1 and everything
 else of stage 2. The prompter's foreground threshold is then picked on the validation tiles by
-detection F1 (or with `--select det_f1_placed` by detection F1 within 4 px; it trades precision for recall and the paper's argmax rule favours precision on a
-small model), and the whole pipeline is validated with it: bPQ, mPQ, AJI, detection F1. Those
+detection F1 (or, with `--select det_f1_placed`, by detection F1 within 4 px; it trades precision
+for recall and the paper's argmax rule favours precision on a small model), and the whole pipeline is validated with it: bPQ, mPQ, AJI, detection F1. Those
 numbers, the threshold and both stages' provenance go into the checkpoint, and from there into the
 bundle manifest on export.
 """
@@ -23,7 +23,7 @@ from ..build import build_cfr_sam
 from ..checkpoint import read_checkpoint
 from ..data import collate_nuclei
 from . import common
-from .stage1 import PLACED_RADIUS
+from .stage1 import add_select_arg
 from .stage1 import validate as validate_detection
 from .stage2 import validate as validate_pipeline
 
@@ -43,13 +43,7 @@ def main(argv=None) -> int:
         help="point NMS radii to try (px): anchors converging on one nucleus are duplicates",
     )
     parser.add_argument("--radius", type=float, default=12.0)
-    parser.add_argument(
-        "--select",
-        choices=("det_f1", "det_f1_placed"),
-        default="det_f1",
-        help="what picks the prompter's threshold and NMS radius: detection F1 within --radius, or within "
-        f"{PLACED_RADIUS:g} px (points near the centre, which the masks need)",
-    )
+    add_select_arg(parser, "the prompter's threshold and NMS radius")
     parser.add_argument(
         "--mask-threshold",
         type=float,

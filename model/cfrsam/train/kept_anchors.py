@@ -28,13 +28,7 @@ from . import common
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a CFR-SAM checkpoint or an exported bundle directory")
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--val-sources", default=",".join(map(str, common.DEFAULT_VAL_SOURCES)))
-    parser.add_argument("--val-limit", type=int, default=0)
-    parser.add_argument("--min-foreground", type=float, default=0.3)
-    parser.add_argument("--nms-radius", type=float, default=12.0)
-    parser.add_argument("--radius", type=float, default=12.0, help="detection pairing radius (px)")
+    common.add_analysis_args(parser)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
 

@@ -37,6 +37,17 @@ from .domain import DomainClassifier, domains_by_name, reversal_schedule
 PLACED_RADIUS = 4.0
 
 
+def add_select_arg(parser: argparse.ArgumentParser, picks: str) -> None:
+    """--select: the detection metric (of `validate`) that picks `picks`."""
+    parser.add_argument(
+        "--select",
+        choices=("det_f1", "det_f1_placed"),
+        default="det_f1",
+        help=f"what picks {picks}: detection F1 within --radius, or within {PLACED_RADIUS:g} px (rewards points "
+        "placed near the centre, which the masks need)",
+    )
+
+
 def validate(model, loader, device, radius: float, min_foreground: float, nms_radius: float):
     """Pooled detection counts over the validation set, and where the paired points sit.
 
@@ -165,13 +176,7 @@ def main(argv=None) -> int:
         help="learning-rate multiplier of the point heads (offset and regression): their outputs are in pixels, "
         "so moving a point several pixels takes large weights, slow at the backbone's rate",
     )
-    parser.add_argument(
-        "--select",
-        choices=("det_f1", "det_f1_placed"),
-        default="det_f1",
-        help="validation metric that picks best.pt: detection F1 within --radius, or within "
-        f"{PLACED_RADIUS:g} px (rewards points placed near the centre, which the masks need)",
-    )
+    add_select_arg(parser, "best.pt")
     parser.add_argument("--radius", type=float, default=12.0, help="detection pairing radius (px)")
     parser.add_argument(
         "--class-weights",
