@@ -7,8 +7,9 @@ only that anchor's point regression; its neighbours learn "background". The prom
 after its foreground threshold and point NMS, the anchor of highest foreground near each nucleus,
 which need not be the matched one. This splits the kept points of the validation tiles by whether
 the matcher (run on the same outputs, as in training) picked their anchor, and prints for each kind
-how many paired with a nucleus (within --radius) and how far from its centroid they sit. It is the
-measurement behind stage 1's `--dense-regression`.
+how many paired with a nucleus (within --radius) and how far from its centroid they sit, then the
+same offsets by the true class of the nucleus. It is the measurement behind stage 1's
+`--dense-regression`.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
         args.data, args.val_sources, args.val_limit, model.config.class_names, model.config.input_size
     )
     kinds = {True: {"kept": 0, "offsets": []}, False: {"kept": 0, "offsets": []}}
+    by_class = {name: {"kept": 0, "offsets": []} for name in model.config.class_names}
     for idx in range(len(val_set)):
         item = val_set[idx]
         with torch.no_grad():
@@ -48,28 +50,37 @@ def main(argv=None) -> int:
         points = np.clip(det["points"].float().numpy(), 0, model.config.input_size)
         keep = point_nms(points, det["foreground"].float().numpy(), args.nms_radius)
         points, anchors = points[keep], det["anchor_index"].numpy()[keep]
-        offset = {p: float(np.linalg.norm(gt[g] - points[p])) for g, p in pair_points(gt, points, args.radius)}
+        pairs = pair_points(gt, points, args.radius)
+        offset = {p: float(np.linalg.norm(gt[g] - points[p])) for g, p in pairs}
+        for g, p in pairs:
+            if 0 <= gt_classes[g] < len(model.config.class_names):
+                by_class[model.config.class_names[gt_classes[g]]]["offsets"].append(offset[p])
         for k, anchor in enumerate(anchors):
             kind = kinds[int(anchor) in matched]
             kind["kept"] += 1
             if k in offset:
                 kind["offsets"].append(offset[k])
 
-    report = {"checkpoint": args.checkpoint, "tiles": len(val_set)}
+    report = {"checkpoint": args.checkpoint, "tiles": len(val_set), "by_class": {}}
     print(f"{'kept points':28s} {'kept':>6s} {'paired':>7s} {'mean px':>8s} {'median':>7s} {'p90':>6s}")
-    for is_matched, kind in kinds.items():
+    rows = [("from matched anchors", kinds[True]), ("from other anchors", kinds[False])]
+    rows += [(f"paired with {name}", kind) for name, kind in by_class.items()]
+    for name, kind in rows:
         d = np.asarray(kind["offsets"])
-        name = "from matched anchors" if is_matched else "from other anchors"
         row = {
-            "kept": kind["kept"],
             "paired": int(len(d)),
             "mean_px": float(d.mean()) if len(d) else None,
             "median_px": float(np.median(d)) if len(d) else None,
             "p90_px": float(np.percentile(d, 90)) if len(d) else None,
         }
-        report[name.replace(" ", "_")] = row
+        if name.startswith("from"):
+            row = {"kept": kind["kept"], **row}
+            report[name.replace(" ", "_")] = row
+        else:
+            report["by_class"][name[len("paired with ") :]] = row
         stats = f"{row['mean_px']:8.2f} {row['median_px']:7.2f} {row['p90_px']:6.2f}" if len(d) else ""
-        print(f"{name:28s} {row['kept']:6d} {row['paired']:7d} {stats}")
+        kept = f"{row['kept']:6d}" if "kept" in row else " " * 6
+        print(f"{name:28s} {kept} {row['paired']:7d} {stats}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
