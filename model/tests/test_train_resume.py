@@ -238,6 +238,26 @@ def test_stage1_dense_regression_and_point_head_rate(tmp_path):
     assert len(groups) == 2 and groups[1]["initial_lr"] == pytest.approx(10 * groups[0]["initial_lr"])
 
 
+def test_stage2_interior_prompts_cover_the_nucleus():
+    # --interior-prompts 1: every prompt is a point drawn over its own nucleus (SAM's sampling), so
+    # the draws reach all nine pixels of a 3 x 3 nucleus, not only its centre.
+    batch = _two_small_nuclei_batch()
+    instances = batch["instances"][0]
+    rng = np.random.default_rng(0)
+    pixels = {1: set(), 2: set()}
+    for _ in range(100):
+        coords, labels, targets, valid = stage2.sample_prompts(batch, 4, 0.0, 32, rng, interior=1.0)
+        for j in range(2):
+            own = int(instances[targets[0, j] > 0][0])
+            x, y = coords[0, j, 0].tolist()
+            assert int(instances[int(y), int(x)]) == own
+            pixels[own].add((int(x), int(y)))
+    assert len(pixels[1]) == len(pixels[2]) == 9
+    # With no interior share and no jitter every prompt is the centroid.
+    coords, *_ = stage2.sample_prompts(batch, 4, 0.0, 32, rng, interior=0.0)
+    assert sorted(coords[0, :2, 0].tolist()) == [[10.5, 10.5], [13.5, 10.5]]
+
+
 @pytest.mark.skipif(not (BUNDLE / "weights.pt").is_file(), reason="models/tiny is not here")
 def test_kept_anchors_report(tmp_path):
     """Every kept point is counted once, as from a matched anchor or not; offsets within the radius."""
