@@ -154,7 +154,11 @@ export class LocalStages implements StagePorts {
       const { response } = await call.clock.time('encoder', () =>
         this.pipelines.encoder.encode({ tiles: [tileInput(tile)], modelVersion: this.manifest.version, returnFeatures: true }),
       );
-      await prepareWith(response.tiles[0]?.features);
+      // A copy, as the wire would make: the response's features share the encoder cache's buffer,
+      // and the decoder hands what it is given to a worker, which detaches it; the cache entry
+      // would be left empty for every later Prepare of this tile.
+      const features = response.tiles[0]?.features;
+      await prepareWith(features && { ...features, data: Buffer.from(features.data) });
     }
   }
 }

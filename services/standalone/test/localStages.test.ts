@@ -85,6 +85,9 @@ describe('LocalStages repairs', () => {
     await stages.decoder.decodeTile(tile, prompts, call());
     expect(log.encodes).toEqual([true]); // encoded again, asking for the features back
     expect(log.prepares).toEqual([undefined, features]); // from the cache first, then handed over
+    // ... as a copy: the decoder's worker takes ownership of what Prepare gets, and the encoder's
+    // response shares its cache's buffer (a detached cache entry failed later Prepares).
+    expect(log.prepares[1]!.data.buffer).not.toBe(features.data.buffer);
   });
 
   it('gives up with the decoder status when the tile keeps being evicted', async () => {
