@@ -164,6 +164,42 @@ export class SeamLedger {
   }
 }
 
+/**
+ * Writes regions in index order, whatever order they finish in. Which of two regions keeps a
+ * nucleus both of them found (SeamLedger) must not depend on timing, or two runs of one slide
+ * differ in the class and id of seam nuclei. A finished region waits here for the ones before it;
+ * a failed one (null) is skipped without holding back the rest.
+ */
+export class InOrderWriter<T> {
+  private readonly finished = new Map<number, T | null>();
+  private next = 0;
+  private chain: Promise<void> = Promise.resolve();
+
+  constructor(private readonly write: (index: number, item: T) => Promise<void>) {}
+
+  /** Queues region `index` and starts every write now in order; resolves when they are done. */
+  done(index: number, item: T | null): Promise<void> {
+    this.finished.set(index, item);
+    while (this.finished.has(this.next)) {
+      const i = this.next++;
+      const ready = this.finished.get(i)!;
+      this.finished.delete(i);
+      if (ready !== null) this.chain = this.chain.then(() => this.write(i, ready));
+    }
+    return this.chain;
+  }
+
+  /** Every write started so far (rejects with the first write error). */
+  flush(): Promise<void> {
+    return this.chain;
+  }
+
+  /** Finished regions waiting for an earlier one. */
+  get waiting(): number {
+    return this.finished.size;
+  }
+}
+
 /** A text stream to a file (optionally gzip), with backpressure. */
 export class TextSink {
   private readonly file: WriteStream;

@@ -5,6 +5,7 @@ import { PassThrough } from 'node:stream';
 import { segmentationProto } from '@cfrsam/rpc';
 import { describe, expect, it } from 'vitest';
 import { nucleusToLevel0, parseRoiGeoJson, parseRoiRect, runSlide, SeamLedger, slideName } from '../src/cli/slide';
+import { InOrderWriter } from '../src/slideRegions';
 
 type Nucleus = segmentationProto.Nucleus;
 
@@ -155,5 +156,35 @@ describe('cfrsam slide run: seams', () => {
     // region 1 (the last neighbour of 0 and 2) written: nothing left to remember
     expect(ledger.admit(1, [square(100.5, 99.5)])).toHaveLength(0);
     expect(ledger.remembered).toBe(0);
+  });
+});
+
+describe('InOrderWriter', () => {
+  it('writes regions in index order whatever order they finish in, and a failed one holds nothing back', async () => {
+    const written: string[] = [];
+    let release!: () => void;
+    const slowWrite = new Promise<void>((r) => (release = r));
+    const writer = new InOrderWriter<string>(async (i, item) => {
+      if (i === 0) await slowWrite; // the first write is still going when the others queue up
+      written.push(`${i}:${item}`);
+    });
+    const third = writer.done(3, 'd');
+    const second = writer.done(2, 'c');
+    expect(writer.waiting).toBe(2); // both wait for regions 0 and 1
+    const first = writer.done(0, 'a');
+    writer.done(1, null).catch(() => undefined); // region 1 failed: nothing to write
+    expect(writer.waiting).toBe(0);
+    release();
+    await Promise.all([first, second, third, writer.flush()]);
+    expect(written).toEqual(['0:a', '2:c', '3:d']);
+  });
+
+  it('surfaces a write error to the regions waiting behind it', async () => {
+    const writer = new InOrderWriter<number>(async (i) => {
+      if (i === 0) throw new Error('disk full');
+    });
+    await expect(writer.done(0, 1)).rejects.toThrow('disk full');
+    await expect(writer.done(1, 2)).rejects.toThrow('disk full');
+    await expect(writer.flush()).rejects.toThrow('disk full');
   });
 });

@@ -52,7 +52,7 @@ import {
   type TissueRegion,
 } from '@cfrsam/slides';
 import { DEFAULT_SLIDE_MARGIN, DEFAULT_SLIDE_REGION_SIZE } from '../config';
-import { nucleusToLevel0, SeamLedger, TextSink } from '../slideRegions';
+import { InOrderWriter, nucleusToLevel0, SeamLedger, TextSink } from '../slideRegions';
 import { runSlideJobCommand, SLIDE_JOB_USAGE } from './slideJobCommands';
 import { startStack, type RunningStack } from './stack';
 import { announceImage } from '../admission/announce';
@@ -713,7 +713,6 @@ async function runOneSlide(
   };
   // Column header of `cfrsam segment`'s CSV, plus the region that owns the nucleus.
   const csvHeader = nucleiToCsv([], classes).trimEnd();
-  let writeChain: Promise<void> = Promise.resolve();
   let nucleiWritten = 0,
     featuresWritten = 0;
   const byClass: Record<string, number> = {};
@@ -729,7 +728,8 @@ async function runOneSlide(
   // differs by up to several pixels), at most the margin read around each region.
   const band = { x: Math.min(marginL0.x, (16 * modelMpp) / mpp.x), y: Math.min(marginL0.y, (16 * modelMpp) / mpp.y) };
   const seams = new SeamLedger(regions, band);
-  const writeRegion = async (regionIndex: number, candidates: Nucleus[]): Promise<void> => {
+  // In region order, so that the seam nuclei (and the ids) do not depend on which region finished first.
+  const writer = new InOrderWriter<Nucleus[]>(async (regionIndex, candidates) => {
     const feats: string[] = [];
     const kept: Nucleus[] = [];
     for (const n of seams.admit(regionIndex, candidates)) {
@@ -750,6 +750,11 @@ async function runOneSlide(
       byClass[n.className || 'unclassified'] = (byClass[n.className || 'unclassified'] ?? 0) + 1;
     }
     nucleiWritten += kept.length;
+  });
+  /** A failed region: nothing of it is written, and the regions after it are not held back. */
+  const skipRegion = (index: number): void => {
+    // A write error surfaces where the writes are awaited (the next region's, or the end).
+    writer.done(index, null).catch(() => undefined);
   };
 
   const segmentRegion = async (index: number): Promise<void> => {
@@ -760,7 +765,7 @@ async function runOneSlide(
       region = await readRegionAtMpp(slide, rect, modelMpp, { slideMpp: mpp });
     } catch (err) {
       abort ??= { kind: err instanceof SlideError ? 'bad-input' : 'failed', message: slideErrorText(err, file) };
-      return;
+      return skipRegion(index);
     }
     const png = await encodeRgbPng(region);
     const regionMpp = (region.mpp.x + region.mpp.y) / 2;
@@ -790,7 +795,7 @@ async function runOneSlide(
         consecutiveFailures++;
         io.stderr.write(`\n${name}: region ${index} at (${cell.x},${cell.y}) failed: ${describeError(err)}\n`);
         if (consecutiveFailures >= 5) abort ??= { kind: 'failed', message: `5 regions in a row failed; last: ${describeError(err)}` };
-        return;
+        return skipRegion(index);
       }
     }
     consecutiveFailures = 0;
@@ -804,13 +809,12 @@ async function runOneSlide(
       if (roi && !pointInRoi(roi, cx, cy)) continue;
       candidates.push(nucleusToLevel0(n, region.origin, region.scale, level0, 0));
     }
-    const write = (writeChain = writeChain.then(() => writeRegion(index, candidates)));
-    try {
-      await write;
-    } catch (err) {
+    // Not awaited: the worker goes on to its next region while this one waits for those before it
+    // to be written. What waits is the candidates of regions done ahead of a slow one (a few
+    // hundred nuclei each), not their images.
+    writer.done(index, candidates).catch((err) => {
       abort ??= { kind: 'failed', message: `cannot write the outputs: ${describeError(err)}` };
-      return;
-    }
+    });
     tissueDone += regionTissueMpx(cell);
     done++;
     progress.update(done, nucleiWritten, tissueDone * toModel);
@@ -826,7 +830,7 @@ async function runOneSlide(
     const tSeg = performance.now();
     progress.update(0, 0, 0, true);
     await Promise.all(Array.from({ length: Math.min(flags.concurrency, Math.max(1, regions.length)) }, worker));
-    await writeChain;
+    await writer.flush().catch(() => undefined); // a write error is in `abort`
     const segmentS = (performance.now() - tSeg) / 1000;
     progress.update(done, nucleiWritten, tissueDone * toModel, true);
     progress.finish();
