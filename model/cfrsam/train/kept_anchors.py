@@ -61,25 +61,31 @@ def main(argv=None) -> int:
             if k in offset:
                 kind["offsets"].append(offset[k])
 
-    report = {"checkpoint": args.checkpoint, "tiles": len(val_set), "by_class": {}}
-    print(f"{'kept points':28s} {'kept':>6s} {'paired':>7s} {'mean px':>8s} {'median':>7s} {'p90':>6s}")
-    rows = [("from matched anchors", kinds[True]), ("from other anchors", kinds[False])]
-    rows += [(f"paired with {name}", kind) for name, kind in by_class.items()]
-    for name, kind in rows:
+    def offsets_of(kind):
         d = np.asarray(kind["offsets"])
-        row = {
+        return {
             "paired": int(len(d)),
             "mean_px": float(d.mean()) if len(d) else None,
             "median_px": float(np.median(d)) if len(d) else None,
             "p90_px": float(np.percentile(d, 90)) if len(d) else None,
         }
-        if name.startswith("from"):
-            row = {"kept": kind["kept"], **row}
-            report[name.replace(" ", "_")] = row
-        else:
-            report["by_class"][name[len("paired with ") :]] = row
-        stats = f"{row['mean_px']:8.2f} {row['median_px']:7.2f} {row['p90_px']:6.2f}" if len(d) else ""
+
+    report = {
+        "checkpoint": args.checkpoint,
+        "tiles": len(val_set),
+        "from_matched_anchors": {"kept": kinds[True]["kept"], **offsets_of(kinds[True])},
+        "from_other_anchors": {"kept": kinds[False]["kept"], **offsets_of(kinds[False])},
+        "by_class": {name: offsets_of(kind) for name, kind in by_class.items()},
+    }
+    rows = [
+        ("from matched anchors", report["from_matched_anchors"]),
+        ("from other anchors", report["from_other_anchors"]),
+    ]
+    rows += [(f"paired with {name}", row) for name, row in report["by_class"].items()]
+    print(f"{'kept points':28s} {'kept':>6s} {'paired':>7s} {'mean px':>8s} {'median':>7s} {'p90':>6s}")
+    for name, row in rows:
         kept = f"{row['kept']:6d}" if "kept" in row else " " * 6
+        stats = f"{row['mean_px']:8.2f} {row['median_px']:7.2f} {row['p90_px']:6.2f}" if row["paired"] else ""
         print(f"{name:28s} {kept} {row['paired']:7d} {stats}")
     if args.json:
         with open(args.json, "w") as f:

@@ -71,7 +71,9 @@ def validate(model, loader, device, radius: float, min_foreground: float, nms_ra
                 pairs = pair_points(gt, pts, radius)
                 offsets = np.linalg.norm(gt[pairs[:, 0]] - pts[pairs[:, 1]], axis=1) if len(pairs) else np.zeros(0)
                 distances.append(offsets)
-                placed += len(pair_points(gt, pts, PLACED_RADIUS))
+                # pair_points assigns on all distances, then keeps those within the radius: the
+                # pairs within PLACED_RADIUS are these pairs' closest ones, no second assignment.
+                placed += int((offsets <= PLACED_RADIUS).sum())
                 tp += len(pairs)
                 fp += len(pts) - len(pairs)
                 fn += len(gt) - len(pairs)

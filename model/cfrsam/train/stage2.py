@@ -75,29 +75,31 @@ def sample_prompts(
             if interior > 0 and rng.random() < interior:
                 pick = int(rng.integers(len(xs)))
                 xy = np.array([float(xs[pick]), float(ys[pick])]) + rng.uniform(0, 1, 2)
-                coords[i, j, 0] = torch.tensor(np.clip(xy, 0, size - 1e-3), dtype=torch.float32)
-                labels[i, j, 0] = 1.0
-                targets[i, j] = mask.float()
-                valid[i, j] = True
-                continue
-            d = (xs.float() + 0.5 - float(xy[0])) ** 2 + (ys.float() + 0.5 - float(xy[1])) ** 2
-            nearest = int(torch.argmin(d))
-            if float(d[nearest]) > 0.0 and not bool(
-                mask[int(np.clip(xy[1], 0, size - 1)), int(np.clip(xy[0], 0, size - 1))]
-            ):
-                xy = np.array([float(xs[nearest]) + 0.5, float(ys[nearest]) + 0.5])
-            if off_nucleus:
-                moved = np.clip(xy + offset, 0, size - 1e-3)
-                under = int(batch["instances"][i][int(moved[1]), int(moved[0])])
-                # On the background the point stays (the prompter's often do); on another nucleus
-                # it would ask for two masks at once, so it stays on this one instead.
-                if under in (0, int(k) + 1):
-                    xy = moved
+            else:
+                xy = _placed_near_centroid(
+                    xy, offset, mask, xs, ys, batch["instances"][i], int(k) + 1, size, off_nucleus
+                )
             coords[i, j, 0] = torch.tensor(np.clip(xy, 0, size - 1e-3), dtype=torch.float32)
             labels[i, j, 0] = 1.0
             targets[i, j] = mask.float()
             valid[i, j] = True
     return coords, labels, targets, valid
+
+
+def _placed_near_centroid(xy, offset, mask, xs, ys, instances, own: int, size: int, off_nucleus: bool):
+    """The (jittered) centroid `xy` snapped onto the nucleus; with `off_nucleus`, then moved by `offset`."""
+    d = (xs.float() + 0.5 - float(xy[0])) ** 2 + (ys.float() + 0.5 - float(xy[1])) ** 2
+    nearest = int(torch.argmin(d))
+    if float(d[nearest]) > 0.0 and not bool(mask[int(np.clip(xy[1], 0, size - 1)), int(np.clip(xy[0], 0, size - 1))]):
+        xy = np.array([float(xs[nearest]) + 0.5, float(ys[nearest]) + 0.5])
+    if off_nucleus:
+        moved = np.clip(xy + offset, 0, size - 1e-3)
+        under = int(instances[int(moved[1]), int(moved[0])])
+        # On the background the point stays (the prompter's often do); on another nucleus
+        # it would ask for two masks at once, so it stays on this one instead.
+        if under in (0, own):
+            xy = moved
+    return xy
 
 
 def validate(
