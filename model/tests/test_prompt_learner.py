@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import shutil
 import subprocess
 import warnings
@@ -407,3 +408,31 @@ def test_dense_regression_inside_follows_the_instance_map():
         PromptLearnerLoss(dense_regression="inside")(outputs, {k: v for k, v in targets.items() if k != "instances"})
     with pytest.raises(ValueError, match="dense_regression"):
         PromptLearnerLoss(dense_regression="everywhere")
+
+
+def test_quality_targets_rank_the_neighbours_by_where_their_points_land():
+    # Anchor 0 is matched (exact point); anchor 1's point is 2 px off the centroid, anchor 2's 10 px
+    # (beyond 3 sigma at sigma 2), so only anchor 1 gets a soft target: q = exp(-4 / 8).
+    anchors = torch.tensor([[[32.0, 32.0], [36.0, 32.0], [44.0, 32.0]]])
+    points = torch.tensor([[[32.0, 32.0], [34.0, 32.0], [42.0, 32.0]]])
+    logits = torch.zeros(1, 3, 3, requires_grad=True)  # K = 2 classes + background, all p = 1/3
+    outputs = {"points": points, "anchors": anchors, "logits": logits, "foreground_logits": torch.zeros(1, 1, 16, 16)}
+    targets = {
+        "centroids": [torch.tensor([[32.0, 32.0]])],
+        "classes": [torch.tensor([1])],
+        "foreground": torch.zeros(1, 64, 64),
+    }
+    plain = PromptLearnerLoss()(outputs, targets)
+    quality = PromptLearnerLoss(quality_sigma=2.0)(outputs, targets)
+    # With uniform probabilities every anchor's loss is log 3 either way: the loss value is equal.
+    assert quality["loss_cls"].item() == pytest.approx(plain["loss_cls"].item())
+    quality["loss"].backward()
+    q = math.exp(-0.5)
+    grad = logits.grad[0]
+    # Soft CE gradient is p - t: anchor 1 is pulled towards class 1 by q and background by 1 - q.
+    weight_sum = 1.0 + 2 * 0.4  # the matched anchor (class weight 1) and two background-weighted ones
+    assert grad[1, 1].item() == pytest.approx(0.4 * (1 / 3 - q) / weight_sum, abs=1e-5)
+    assert grad[1, 2].item() == pytest.approx(0.4 * (1 / 3 - (1 - q)) / weight_sum, abs=1e-5)
+    assert grad[2, 2].item() == pytest.approx(0.4 * (1 / 3 - 1) / weight_sum, abs=1e-5)  # still background
+    with pytest.raises(ValueError, match="quality_sigma"):
+        PromptLearnerLoss(quality_sigma=-1.0)

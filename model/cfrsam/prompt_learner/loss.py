@@ -26,6 +26,14 @@ centre. Classification stays one-to-one: the neighbours are still background the
 Classification targets: unmatched anchors are background (index K); an anchor matched to a nucleus
 of class c gets c; one matched to a nucleus of unknown class (index < 0) gets the partial-label loss
 -log(1 - p(background)), which teaches "this is a nucleus" without guessing which kind.
+
+Quality targets (`quality_sigma` > 0, not in the paper; the idea of GFL's quality focal loss): an
+unmatched anchor whose predicted point lies near a centroid is not plain background but a soft
+target, nucleus (of that nucleus' class) with weight q = exp(-d^2 / (2 sigma^2)), d the point's
+distance to the centroid (detached), background 1 - q. Why: the prompter keeps the anchor of highest
+foreground after NMS, and the one-to-one targets give every neighbour of the matched anchor the same
+"background", so nothing ranks the neighbours by where their points land; with quality targets the
+foreground score orders them by it, and the kept point is the best placed one the network can tell.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -89,6 +97,7 @@ class PromptLearnerLoss(nn.Module):
         dense_regression: str = "",
         dense_regression_radius: float = 12.0,
         dense_regression_weight: Optional[float] = None,
+        quality_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         if regression not in ("l2", "smooth_l1"):
@@ -108,12 +117,17 @@ class PromptLearnerLoss(nn.Module):
         self.dense_regression = dense_regression
         self.dense_regression_radius = float(dense_regression_radius)
         self.dense_regression_weight = regression_weight if dense_regression_weight is None else dense_regression_weight
+        if quality_sigma < 0:
+            raise ValueError(f"quality_sigma must be >= 0, got {quality_sigma}")
+        self.quality_sigma = float(quality_sigma)
 
     def classification_loss(
         self,
         logits: torch.Tensor,
         matches: Sequence[Tuple[torch.Tensor, torch.Tensor]],
         classes: Sequence[torch.Tensor],
+        points: Optional[torch.Tensor] = None,
+        centroids: Optional[Sequence[torch.Tensor]] = None,
     ) -> torch.Tensor:
         b, a, k1 = logits.shape
         background = k1 - 1
@@ -140,7 +154,32 @@ class PromptLearnerLoss(nn.Module):
             torch.full_like(nll, self.background_weight),
             nucleus_weight,
         )
+        if self.quality_sigma > 0 and points is not None and centroids is not None:
+            nll = self._quality_nll(nll, log_probs, target, points, centroids, classes)
         return (weight * nll).sum() / weight.sum().clamp(min=1e-12)
+
+    def _quality_nll(self, nll, log_probs, target, points, centroids, classes) -> torch.Tensor:
+        """The background anchors' loss with quality targets: for an anchor whose point is d px from
+        the nearest centroid, -(q log p(that nucleus' class) + (1 - q) log p(background)), q =
+        exp(-d^2 / 2 sigma^2) (for a nucleus of unknown class, log p(nucleus) in place of the
+        class). Anchors beyond 3 sigma keep the plain background loss; matched anchors are unchanged."""
+        background = log_probs.shape[-1] - 1
+        log_nucleus = torch.logsumexp(log_probs[..., :background], dim=-1)
+        soft = nll.clone()
+        for i, c in enumerate(centroids):
+            if c.numel() == 0:
+                continue
+            c = c.to(points.device, torch.float32).reshape(-1, 2)
+            distance, which = torch.cdist(points[i].detach().float(), c).min(dim=1)  # [A]
+            near = (target[i] == background) & (distance <= 3 * self.quality_sigma)
+            if not near.any():
+                continue
+            q = torch.exp(-(distance[near] ** 2) / (2 * self.quality_sigma**2)).to(log_probs.dtype)
+            cls = classes[i].to(points.device).long()[which[near]]
+            lp = log_probs[i, near]
+            log_p_nucleus = torch.where(cls >= 0, lp.gather(-1, cls.clamp(min=0)[:, None])[:, 0], log_nucleus[i, near])
+            soft[i, near] = -(q * log_p_nucleus + (1 - q) * lp[:, background])
+        return soft
 
     def regression_loss(
         self,
@@ -206,7 +245,7 @@ class PromptLearnerLoss(nn.Module):
                 raise ValueError(f"target class {int(c.max())} out of range for {background} nucleus classes")
         matches = self.matcher(points, logits, centroids, classes)
 
-        loss_cls = self.classification_loss(logits, matches, classes)
+        loss_cls = self.classification_loss(logits, matches, classes, points, centroids)
         loss_reg = self.regression_loss(points, matches, centroids)
         fg_logits = outputs["foreground_logits"]
         fg_target = foreground_target(targets["foreground"].to(fg_logits.device), fg_logits.shape[-2:])

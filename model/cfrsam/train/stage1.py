@@ -178,6 +178,14 @@ def main(argv=None) -> int:
         help="learning-rate multiplier of the point heads (offset and regression): their outputs are in pixels, "
         "so moving a point several pixels takes large weights, slow at the backbone's rate",
     )
+    parser.add_argument(
+        "--quality-sigma",
+        type=float,
+        default=0.0,
+        help="px; > 0: an unmatched anchor whose point lies d px from a centroid is trained towards "
+        "foreground exp(-d^2 / 2 sigma^2) instead of background, so the foreground score (what NMS keeps by) "
+        "ranks neighbouring anchors by where their points land; 0: one-to-one targets, as the paper",
+    )
     add_select_arg(parser, "best.pt")
     parser.add_argument("--radius", type=float, default=12.0, help="detection pairing radius (px)")
     parser.add_argument(
@@ -254,6 +262,7 @@ def main(argv=None) -> int:
         dense_regression=args.dense_regression,
         dense_regression_radius=args.dense_regression_radius,
         dense_regression_weight=args.dense_regression_weight,
+        quality_sigma=args.quality_sigma,
     )
 
     start_epoch, best = 1, {args.select: -1.0}

@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { securityFlags } from './auth';
 import { initLogger } from './log';
-import { ConfigError, defaultBundleDir, HelpRequested, type FlagSpec } from './config';
+import { ConfigError, defaultBundleDir, HelpRequested, type FlagSpec, type FlagValues } from './config';
 import { DEFAULT_MAX_CONNECTION_AGE_GRACE_MS, type ConnectionAgeOptions } from './server';
 import { initServiceMetrics, type ServiceMetrics } from './telemetry';
 import { initTracing, type TraceExporterKind, type Tracing } from './tracing';
@@ -54,6 +54,43 @@ export function connectionAgeFromFlags(config: { maxConnectionAgeMs: number; max
     throw new ConfigError(`--max-connection-age-grace-ms must be >= 0, got ${config.maxConnectionAgeGraceMs}`);
   }
   return { maxConnectionAgeMs: config.maxConnectionAgeMs, maxConnectionAgeGraceMs: config.maxConnectionAgeGraceMs };
+}
+
+/** A comma-separated flag as its non-empty, trimmed items. */
+export function listFlag(value: string): string[] {
+  return value
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
+}
+
+/**
+ * What every stage service's main() passes to its start function, from the common stage flags:
+ * telemetry started for `serviceName` and flushed on shutdown, signals handled. Each service adds
+ * its own options (batch sizes, caches) to this object.
+ */
+export async function stageServiceMainOptions(serviceName: string, config: FlagValues<ReturnType<typeof stageServiceFlags>>) {
+  const connectionAge = connectionAgeFromFlags(config);
+  const telemetry = await initServiceTelemetry({ serviceName, ...config });
+  return {
+    port: config.port,
+    host: config.host,
+    bundle: config.bundle,
+    workers: config.workers,
+    intraOpThreads: config.intraOpThreads,
+    maxQueue: config.maxQueue,
+    executionProviders: listFlag(config.executionProviders),
+    maxMessageBytes: config.maxMessageMb * 1024 * 1024,
+    shutdownGraceMs: config.shutdownGraceMs,
+    connectionAge,
+    internalToken: config.internalToken || undefined,
+    reflection: config.reflection,
+    handleSignals: true,
+    onShutdown: async () => {
+      await telemetry.tracing.shutdown();
+      await telemetry.metrics.close();
+    },
+  };
 }
 
 /** Starts tracing and service metrics for a service process. */

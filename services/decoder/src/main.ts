@@ -3,7 +3,7 @@
 // fall back to environment variables and defaults that work from a fresh clone; `--help` lists them.
 // Prepare fetches a tile's features itself: from the shared tier (--nats-url) and from the encoders
 // (--encoder), so they never travel through the gateway.
-import { connectionAgeFromFlags, initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/rpc';
+import { listFlag, parseFlags, runMain, stageServiceFlags, stageServiceMainOptions } from '@cfrsam/rpc';
 import { openSharedFeatureStore, sharedFeatureCacheFlags } from '@cfrsam/runtime';
 import { DEFAULT_DECODER_PORT, startDecoder } from './server';
 
@@ -30,24 +30,8 @@ const flags = {
 
 async function main(): Promise<void> {
   const config = parseFlags(flags);
-  const connectionAge = connectionAgeFromFlags(config);
-  const telemetry = await initServiceTelemetry({ serviceName: 'decoder', ...config });
   await startDecoder({
-    port: config.port,
-    host: config.host,
-    bundle: config.bundle,
-    workers: config.workers,
-    intraOpThreads: config.intraOpThreads,
-    maxQueue: config.maxQueue,
-    executionProviders: config.executionProviders
-      .split(',')
-      .map((s) => s.trim())
-      .filter(Boolean),
-    maxMessageBytes: config.maxMessageMb * 1024 * 1024,
-    shutdownGraceMs: config.shutdownGraceMs,
-    connectionAge,
-    internalToken: config.internalToken || undefined,
-    reflection: config.reflection,
+    ...(await stageServiceMainOptions('decoder', config)),
     maxBatch: config.maxBatch,
     maxPromptsPerRequest: config.maxPrompts,
     maxPointsPerPrompt: config.maxPoints,
@@ -55,15 +39,7 @@ async function main(): Promise<void> {
     acceptUnverifiedInput: config.acceptUnverifiedInput,
     // Prepares without features read the shared tier (see pipeline.ts); off without --nats-url.
     sharedStore: openSharedFeatureStore(config, 'decoder'),
-    encoders: config.encoder
-      .split(',')
-      .map((s) => s.trim())
-      .filter(Boolean),
-    handleSignals: true,
-    onShutdown: async () => {
-      await telemetry.tracing.shutdown();
-      await telemetry.metrics.close();
-    },
+    encoders: listFlag(config.encoder),
   });
 }
 

@@ -2,7 +2,7 @@
 // cfrsam-encoder: serves cfrsam.v1.Encoder (Encode with a feature cache, GetCacheStats). Flags fall
 // back to environment variables and defaults that work from a fresh clone; `--help` lists them.
 // --nats-url switches on the shared feature tier in NATS JetStream (off by default).
-import { connectionAgeFromFlags, initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/rpc';
+import { parseFlags, runMain, stageServiceFlags, stageServiceMainOptions } from '@cfrsam/rpc';
 import { openSharedFeatureStore, sharedFeatureCacheFlags } from '@cfrsam/runtime';
 import { DEFAULT_ENCODER_PORT, startEncoder } from './server';
 
@@ -16,34 +16,13 @@ const flags = {
 
 async function main(): Promise<void> {
   const config = parseFlags(flags);
-  const connectionAge = connectionAgeFromFlags(config);
-  const telemetry = await initServiceTelemetry({ serviceName: 'encoder', ...config });
   await startEncoder({
-    port: config.port,
-    host: config.host,
-    bundle: config.bundle,
-    workers: config.workers,
-    intraOpThreads: config.intraOpThreads,
-    maxQueue: config.maxQueue,
-    executionProviders: config.executionProviders
-      .split(',')
-      .map((s) => s.trim())
-      .filter(Boolean),
-    maxMessageBytes: config.maxMessageMb * 1024 * 1024,
-    shutdownGraceMs: config.shutdownGraceMs,
-    connectionAge,
-    internalToken: config.internalToken || undefined,
-    reflection: config.reflection,
+    ...(await stageServiceMainOptions('encoder', config)),
     maxBatch: config.maxBatch,
     maxTilesPerRequest: config.maxTiles,
     cacheBytes: config.cacheMb * 1024 * 1024,
     // Connects in the background: the encoder serves (computing) while NATS is unreachable.
     sharedStore: openSharedFeatureStore(config, 'encoder'),
-    handleSignals: true,
-    onShutdown: async () => {
-      await telemetry.tracing.shutdown();
-      await telemetry.metrics.close();
-    },
   });
 }
 

@@ -10,6 +10,7 @@ import {
   defaultBundleDir,
   type FlagSpec,
   initServiceTelemetry,
+  listFlag,
   parseFlags,
   runMain,
   securityFlags,
@@ -181,10 +182,7 @@ export const GATEWAY_FLAGS = {
 
 /** Stage addresses from a comma-separated flag; at least one. */
 function addresses(flag: string, value: string, what: string): string[] {
-  const list = value
-    .split(',')
-    .map((s) => s.trim())
-    .filter(Boolean);
+  const list = listFlag(value);
   if (list.length === 0) throw new ConfigError(`--${flag}: at least one ${what} address is needed`);
   return list;
 }

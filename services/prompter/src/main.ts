@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // cfrsam-prompter: serves cfrsam.v1.Prompter/Detect. Flags fall back to environment variables and
 // defaults that work from a fresh clone (bundle models/tiny); `--help` lists them.
-import { connectionAgeFromFlags, initServiceTelemetry, parseFlags, runMain, stageServiceFlags } from '@cfrsam/rpc';
+import { parseFlags, runMain, stageServiceFlags, stageServiceMainOptions } from '@cfrsam/rpc';
 import { DEFAULT_PROMPTER_PORT, startPrompter } from './server';
 
 const flags = {
@@ -12,31 +12,10 @@ const flags = {
 
 async function main(): Promise<void> {
   const config = parseFlags(flags);
-  const connectionAge = connectionAgeFromFlags(config);
-  const telemetry = await initServiceTelemetry({ serviceName: 'prompter', ...config });
   await startPrompter({
-    port: config.port,
-    host: config.host,
-    bundle: config.bundle,
-    workers: config.workers,
-    intraOpThreads: config.intraOpThreads,
-    maxQueue: config.maxQueue,
-    executionProviders: config.executionProviders
-      .split(',')
-      .map((s) => s.trim())
-      .filter(Boolean),
-    maxMessageBytes: config.maxMessageMb * 1024 * 1024,
-    shutdownGraceMs: config.shutdownGraceMs,
-    connectionAge,
-    internalToken: config.internalToken || undefined,
-    reflection: config.reflection,
+    ...(await stageServiceMainOptions('prompter', config)),
     maxBatch: config.maxBatch,
     maxTilesPerRequest: config.maxTiles,
-    handleSignals: true,
-    onShutdown: async () => {
-      await telemetry.tracing.shutdown();
-      await telemetry.metrics.close();
-    },
   });
 }
 

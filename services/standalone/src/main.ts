@@ -5,7 +5,7 @@
 // cache sizes. `--help` lists them. For one machine; a cluster runs the four services apart.
 import { loadManifest } from '@cfrsam/contract';
 import { GATEWAY_FLAGS, startGatewayFromFlags } from '@cfrsam/gateway/dist/main';
-import { type FlagSpec, logger, parseFlags, runMain, serviceMetrics, stageServiceFlags } from '@cfrsam/rpc';
+import { type FlagSpec, listFlag, logger, parseFlags, runMain, serviceMetrics, stageServiceFlags } from '@cfrsam/rpc';
 import { startLocalStages } from './compose';
 
 const STAGE_FLAGS = stageServiceFlags(0);
@@ -34,10 +34,7 @@ async function main(): Promise<void> {
     decoderWorkers,
     intraOpThreads,
     maxQueue,
-    executionProviders: executionProviders
-      .split(',')
-      .map((s) => s.trim())
-      .filter(Boolean),
+    executionProviders: listFlag(executionProviders),
     encoderCacheBytes: encoderCacheMb * 1024 * 1024,
     decoderCacheBytes: decoderCacheMb * 1024 * 1024,
     decodeBatchSize: config.decodeBatchSize,
