@@ -396,24 +396,12 @@ export class SegmentationPipeline {
       }),
     );
 
-    const candidates = toImageFrame(byTile.flat(), scale, image);
-    const assembled = await clock.time('assemble', () =>
-      withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async (span) => {
-        const out = assembleNuclei(
-          candidates,
-          image,
-          this.assembleOptions(imageMpp, request.minScore, request.returnLabelMap, request.returnMasks, request.maskEncoding),
-        );
-        span.setAttribute('cfrsam.nuclei', out.nuclei.length);
-        return out;
-      }),
-    );
     // Tiles the prompter and encoder did not see (manual mode) get their digest now, for Refine.
     for (const tile of layout.tiles) {
       digests[tile.index] ??= digestTile(extractTileRgb(work, tile, this.S), this.manifest.version);
     }
     const kept: RgbImage = { width: image.width, height: image.height, data: image.data };
-    this.images.set(imageId, {
+    const stored: SegmentedImage = {
       imageId,
       image: kept,
       work: work === image ? kept : work,
@@ -424,24 +412,11 @@ export class SegmentationPipeline {
       detections,
       mpp: imageMpp,
       placement,
-    });
-    return {
-      imageId,
-      width: image.width,
-      height: image.height,
-      nuclei: assembled.nuclei,
-      counts: assembled.counts,
-      labelMap: await encodeLabelMapAs(assembled.labelMap, request.labelMapEncoding),
-      modelName: this.manifest.name,
-      modelVersion: this.manifest.version,
-      timings: clock.timings(),
-      tiles: layout.tiles.length,
-      imageMpp,
-      mppAssumed,
-      modelMpp: this.manifest.mpp,
-      ...placement,
-      ...(image.notes.length > 0 ? { imageNotes: image.notes.join('; ') } : {}),
     };
+    const response = await this.respond(toImageFrame(byTile.flat(), scale, image), stored, request.minScore, request, clock, image.notes);
+    // Kept for Refine once the answer is made (a Segment that failed leaves nothing to refine).
+    this.images.set(imageId, stored);
+    return response;
   }
 
   /** The image resized by `scale` (itself when no resampling is needed), within the pixel limit. */
@@ -628,27 +603,49 @@ export class SegmentationPipeline {
         }),
       ),
     );
-    const candidates = toImageFrame(byTile.flat(), scale, image);
+    return this.respond(toImageFrame(byTile.flat(), scale, image), entry, 0, request, clock);
+  }
+
+  /**
+   * Segment's and Refine's last step: overlaps resolved, outlines and measurements made (image
+   * pixels), and the response built around them.
+   */
+  private async respond(
+    candidates: DecodedCandidate[],
+    stored: SegmentedImage,
+    minScore: number,
+    output: Pick<segmentationProto.RefineRequest, 'returnLabelMap' | 'returnMasks' | 'maskEncoding' | 'labelMapEncoding'>,
+    clock: StageClock,
+    imageNotes: string[] = [],
+  ): Promise<segmentationProto.SegmentResponse> {
+    const { image, layout } = stored;
     const assembled = await clock.time('assemble', () =>
-      withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async () =>
-        assembleNuclei(candidates, image, this.assembleOptions(entry.mpp, 0, request.returnLabelMap, request.returnMasks, request.maskEncoding)),
-      ),
+      withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async (span) => {
+        const out = assembleNuclei(
+          candidates,
+          image,
+          this.assembleOptions(stored.mpp, minScore, output.returnLabelMap, output.returnMasks, output.maskEncoding),
+        );
+        span.setAttribute('cfrsam.nuclei', out.nuclei.length);
+        return out;
+      }),
     );
     return {
-      imageId: entry.imageId,
+      imageId: stored.imageId,
       width: image.width,
       height: image.height,
       nuclei: assembled.nuclei,
       counts: assembled.counts,
-      labelMap: await encodeLabelMapAs(assembled.labelMap, request.labelMapEncoding),
+      labelMap: await encodeLabelMapAs(assembled.labelMap, output.labelMapEncoding),
       modelName: this.manifest.name,
       modelVersion: this.manifest.version,
       timings: clock.timings(),
       tiles: layout.tiles.length,
-      imageMpp: entry.mpp,
-      mppAssumed: entry.mppAssumed,
+      imageMpp: stored.mpp,
+      mppAssumed: stored.mppAssumed,
       modelMpp: this.manifest.mpp,
-      ...entry.placement,
+      ...stored.placement,
+      ...(imageNotes.length > 0 ? { imageNotes: imageNotes.join('; ') } : {}),
     };
   }
 }
