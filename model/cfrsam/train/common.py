@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -286,6 +286,17 @@ def make_optimizer(params, args, batches_per_epoch: int, warmup_steps: int = 50)
         optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     return optimizer, scheduler, steps_per_epoch
+
+
+def start_run(args) -> Tuple[torch.device, Path, "RunLog"]:
+    """A training run's start, the same for both stages: seeded, threads set, the device picked, the
+    output folder made and its JSON-lines log opened."""
+    seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return pick_device(args.device), out, RunLog(out / "log.jsonl")
 
 
 class RunLog:

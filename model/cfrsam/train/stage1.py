@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -209,13 +208,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    common.seed_everything(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = common.RunLog(out / "log.jsonl")
+    device, out, log = common.start_run(args)
 
     try:
         model = build_model(args)
