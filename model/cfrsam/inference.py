@@ -130,6 +130,25 @@ def detect_points(model, image: torch.Tensor, min_foreground: float, nms_radius:
     return (pts[keep], det["classes"].cpu().numpy()[keep], det["scores"].float().cpu().numpy()[keep], foreground[keep])
 
 
+def negative_prompts(points: np.ndarray, count: int, radius: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Each prompt's point plus up to `count` other prompts' points within `radius` px (nearest
+    first, ties by index) as negative points: coords [P, 1 + count, 2], labels [P, 1 + count] (1 the
+    prompt's own point, 0 a neighbour, -1 padding placed on the prompt's point)."""
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    n = len(points)
+    coords = np.repeat(points[:, None, :], 1 + count, axis=1)
+    labels = -np.ones((n, 1 + count), dtype=np.float32)
+    labels[:, 0] = 1.0
+    if count > 0 and n > 1:
+        distance = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=-1)
+        np.fill_diagonal(distance, np.inf)
+        for i in range(n):
+            near = [j for j in np.argsort(distance[i], kind="stable") if distance[i, j] <= radius][:count]
+            coords[i, 1 : 1 + len(near)] = points[near]
+            labels[i, 1 : 1 + len(near)] = 0.0
+    return coords, labels
+
+
 @torch.no_grad()
 def segment_tile(
     model,
@@ -142,6 +161,8 @@ def segment_tile(
     point_classes: Optional[np.ndarray] = None,
     min_kept_fraction: float = MIN_KEPT_FRACTION,
     min_area_px: int = MIN_AREA_PX,
+    negatives: int = 0,
+    negative_radius: float = 24.0,
 ) -> Tuple[np.ndarray, Dict[int, int]]:
     """image [1,3,S,S] normalised -> (label map [S,S] int32, {instance id: class index}).
 
@@ -163,11 +184,11 @@ def segment_tile(
     if len(pts) == 0:
         return np.zeros((size, size), dtype=np.int32), {}
     prepared = model.prepare(model.encode(image), image)
+    all_coords, all_labels = negative_prompts(np.clip(pts, 0, size - 1e-3), negatives, negative_radius)
     masks, origins, ious = [], [], []
     for start in range(0, len(pts), batch):
-        chunk = torch.from_numpy(np.clip(pts[start : start + batch], 0, size - 1e-3)).float().to(device)
-        coords = chunk[:, None, :]
-        point_labels = torch.ones(coords.shape[:2], device=device)
+        coords = torch.from_numpy(all_coords[start : start + batch]).float().to(device)
+        point_labels = torch.from_numpy(all_labels[start : start + batch]).float().to(device)
         mask_logits, origin, iou, _, _ = model.decode_prompts(*prepared, coords, point_labels)
         masks.append((mask_logits > mask_threshold).cpu().numpy())
         origins.append(origin.cpu().numpy())

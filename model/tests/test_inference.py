@@ -183,3 +183,20 @@ def test_segment_tile_thresholds_masks_at_the_configs_logit():
         assert np.array_equal(labels, explicit)
         areas[threshold] = int((labels > 0).sum())
     assert areas[-0.5] >= areas[0.5]
+
+
+def test_negative_prompts_take_the_nearest_neighbours_within_the_radius():
+    from cfrsam.inference import negative_prompts
+
+    points = np.array([[10, 10], [20, 10], [10, 35], [100, 100]], dtype=np.float32)
+    coords, labels = negative_prompts(points, 2, 26.0)
+    assert coords.shape == (4, 3, 2)
+    # Point 0: its neighbours at 10 px (1) and 25 px (2); point 3 has none within 26 px.
+    assert (
+        labels.tolist()[0] == [1.0, 0.0, 0.0]
+        and coords[0, 1].tolist() == [20, 10]
+        and coords[0, 2].tolist() == [10, 35]
+    )
+    assert labels.tolist()[3] == [1.0, -1.0, -1.0] and (coords[3] == [100, 100]).all()
+    one, one_labels = negative_prompts(points, 0, 26.0)
+    assert one.shape == (4, 1, 2) and (one_labels == 1).all()

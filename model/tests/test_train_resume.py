@@ -328,3 +328,18 @@ def test_stage1_validation_reports_where_points_sit(offset, placed):
     assert val["placement_median"] == pytest.approx(distance)
     # Within stage1.PLACED_RADIUS (4 px) or not: 3 px off counts, 5 px off does not.
     assert val["det_f1_placed"] == placed
+
+
+def test_stage2_negatives_are_the_neighbouring_centroids():
+    # Two nuclei 3 px apart: with --negatives 2 each prompt carries the other nucleus' centroid as a
+    # negative point (label 0) and one padding slot (label -1); beyond the radius, only padding.
+    batch = _two_small_nuclei_batch()
+    rng = np.random.default_rng(0)
+    coords, labels, targets, valid = stage2.sample_prompts(batch, 4, 0.0, 32, rng, negatives=2, negative_radius=5.0)
+    assert coords.shape == (1, 4, 3, 2) and labels.shape == (1, 4, 3)
+    for j in range(2):
+        assert labels[0, j].tolist() == [1.0, 0.0, -1.0]
+        own, other = coords[0, j, 0].tolist(), coords[0, j, 1].tolist()
+        assert own != other and sorted([own, other]) == [[10.5, 10.5], [13.5, 10.5]]
+    _, far_labels, *_ = stage2.sample_prompts(batch, 4, 0.0, 32, rng, negatives=2, negative_radius=2.0)
+    assert far_labels[0, :2].tolist() == [[1.0, -1.0, -1.0]] * 2

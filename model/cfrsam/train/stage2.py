@@ -40,8 +40,11 @@ def sample_prompts(
     rng: np.random.Generator,
     off_nucleus: bool = False,
     interior: float = 0.0,
+    negatives: int = 0,
+    negative_radius: float = 24.0,
 ):
-    """Per image up to max_prompts nuclei: coords [B,P,1,2], labels [B,P,1], targets [B,P,S,S], valid [B,P].
+    """Per image up to max_prompts nuclei: coords [B,P,N,2], labels [B,P,N], targets [B,P,S,S], valid [B,P],
+    N = 1 + negatives.
 
     A prompt is the nucleus' centroid (snapped onto the nucleus when it falls outside) plus Gaussian
     jitter of std `jitter` px. By default a jittered point that leaves the nucleus is snapped back
@@ -50,10 +53,15 @@ def sample_prompts(
     it lands on another nucleus. With probability `interior` a prompt is instead a point drawn
     uniformly over the nucleus (SAM's own sampling): the prompter's points sit further from the
     centroid on larger nuclei (5.1 px on epithelial nuclei, 2.2 on inflammatory ones), so the
-    segmentation stage should answer a point anywhere on the nucleus, not only near its centre."""
+    segmentation stage should answer a point anywhere on the nucleus, not only near its centre.
+
+    With `negatives` K > 0, each prompt also carries the (jittered) centroids of up to K other
+    nuclei within `negative_radius` px, nearest first, as negative points (label 0; unused slots are
+    padding, label -1), as the serving pipeline gives each prompt its neighbouring detections
+    (`inference.negative_prompts`)."""
     b = len(batch["centroids"])
-    coords = torch.zeros(b, max_prompts, 1, 2)
-    labels = -torch.ones(b, max_prompts, 1)
+    coords = torch.zeros(b, max_prompts, 1 + negatives, 2)
+    labels = -torch.ones(b, max_prompts, 1 + negatives)
     targets = torch.zeros(b, max_prompts, size, size)
     valid = torch.zeros(b, max_prompts, dtype=torch.bool)
     for i in range(b):
@@ -78,8 +86,16 @@ def sample_prompts(
                 xy = _placed_near_centroid(
                     xy, offset, mask, xs, ys, batch["instances"][i], int(k) + 1, size, off_nucleus
                 )
-            coords[i, j, 0] = torch.tensor(np.clip(xy, 0, size - 1e-3), dtype=torch.float32)
+            coords[i, j, :] = torch.tensor(np.clip(xy, 0, size - 1e-3), dtype=torch.float32)
             labels[i, j, 0] = 1.0
+            if negatives > 0:
+                others = cents.numpy().reshape(-1, 2) + rng.normal(0, jitter, (n, 2))
+                distance = np.linalg.norm(cents.numpy().reshape(-1, 2) - cents[k].numpy(), axis=1)
+                distance[k] = np.inf
+                near = [o for o in np.argsort(distance, kind="stable") if distance[o] <= negative_radius][:negatives]
+                for slot, o in enumerate(near, start=1):
+                    coords[i, j, slot] = torch.tensor(np.clip(others[o], 0, size - 1e-3), dtype=torch.float32)
+                    labels[i, j, slot] = 0.0
             targets[i, j] = mask.float()
             valid[i, j] = True
     return coords, labels, targets, valid
@@ -110,8 +126,11 @@ def validate(
     pipeline: bool = True,
     min_foreground: float = 0.5,
     nms_radius: float = 4.0,
+    negatives: int = 0,
+    negative_radius: float = 24.0,
 ):
     """Whole-pipeline metrics on the validation tiles (when `pipeline`), plus bPQ with ground-truth prompts."""
+    extra = dict(negatives=negatives, negative_radius=negative_radius)
     acc = MetricAccumulator(num_classes=model.config.num_classes, radius=radius)
     acc_gt = MetricAccumulator(num_classes=model.config.num_classes, radius=radius)
     n = len(dataset) if not limit else min(limit, len(dataset))
@@ -121,10 +140,10 @@ def validate(
         gt = item["instances"].numpy()
         gt_classes = {i + 1: int(c) for i, c in enumerate(item["classes"].tolist())}
         if pipeline:
-            pred, pred_classes = segment_tile(model, image, min_foreground, nms_radius)
+            pred, pred_classes = segment_tile(model, image, min_foreground, nms_radius, **extra)
             acc.add(gt, pred, gt_classes, pred_classes)
         if len(item["centroids"]):
-            pred_gt, _ = segment_tile(model, image, points=item["centroids"].numpy())
+            pred_gt, _ = segment_tile(model, image, points=item["centroids"].numpy(), **extra)
             acc_gt.add(gt, pred_gt)
     summary = acc.summary() if pipeline else {}
     summary["bpq_gt_prompts"] = acc_gt.summary()["bpq"]
@@ -151,6 +170,15 @@ def main(argv=None) -> int:
         metavar="P",
         help="share of prompts drawn uniformly over the nucleus instead of at its jittered centroid (SAM's sampling)",
     )
+    parser.add_argument(
+        "--negatives",
+        type=int,
+        default=0,
+        metavar="K",
+        help="give each prompt the centroids of up to K neighbouring nuclei as negative points, in training and "
+        "validation (0: a single positive point, as served)",
+    )
+    parser.add_argument("--negative-radius", type=float, default=24.0, help="px, for --negatives")
     parser.add_argument(
         "--freeze",
         default="",
@@ -265,6 +293,8 @@ def main(argv=None) -> int:
             rng,
             off_nucleus=args.jitter_off_nucleus,
             interior=args.interior_prompts,
+            negatives=args.negatives,
+            negative_radius=args.negative_radius,
         )
         if not valid.any():
             return None
@@ -278,8 +308,8 @@ def main(argv=None) -> int:
             prepared = model.prepare(model.encode(image), image)
             mask_logits, origin, iou, coarse, boundary = model.decode_prompts(
                 *prepared,
-                coords.reshape(b * p, 1, 2)[flat_valid].to(device),
-                labels.reshape(b * p, 1)[flat_valid].to(device),
+                coords.reshape(b * p, -1, 2)[flat_valid].to(device),
+                labels.reshape(b * p, -1)[flat_valid].to(device),
                 image_index=image_index,
             )
         mask_logits, iou, coarse, boundary = common.to_float((mask_logits, iou, coarse, boundary))
@@ -306,6 +336,8 @@ def main(argv=None) -> int:
             pipeline=bool(args.stage1),
             min_foreground=args.min_foreground,
             nms_radius=args.nms_radius,
+            negatives=args.negatives,
+            negative_radius=args.negative_radius,
         )
 
     def save_best(epoch, val):
