@@ -10,6 +10,26 @@ import { DEFAULT_MAX_CONNECTION_AGE_GRACE_MS, type ConnectionAgeOptions } from '
 import { initServiceMetrics, type ServiceMetrics } from './telemetry';
 import { initTracing, type TraceExporterKind, type Tracing } from './tracing';
 
+/**
+ * Flags every server process has, the gateway too: metrics, tracing, drain on shutdown and the
+ * connection age limit (`ageHelp` says what reconnecting reaches for that process).
+ */
+export function processFlags(ageHelp: string) {
+  return {
+    metricsPort: { type: 'int', env: 'METRICS_PORT', default: 0, help: 'Prometheus /metrics port (0: off)' },
+    tracing: { type: 'string', env: 'CFRSAM_TRACING', default: 'none', help: 'trace exporter: otlp, memory or none' },
+    otlpEndpoint: { type: 'string', env: 'OTEL_EXPORTER_OTLP_ENDPOINT', default: 'http://localhost:4317', help: 'OTLP/gRPC collector' },
+    shutdownGraceMs: { type: 'int', env: 'CFRSAM_SHUTDOWN_GRACE_MS', default: 15000, help: 'drain time for in-flight calls on SIGTERM' },
+    maxConnectionAgeMs: { type: 'int', env: 'CFRSAM_MAX_CONNECTION_AGE_MS', default: 0, help: ageHelp },
+    maxConnectionAgeGraceMs: {
+      type: 'int',
+      env: 'CFRSAM_MAX_CONNECTION_AGE_GRACE_MS',
+      default: DEFAULT_MAX_CONNECTION_AGE_GRACE_MS,
+      help: 'time calls on an aged connection get to finish before it closes',
+    },
+  } satisfies Record<string, FlagSpec>;
+}
+
 /** Flags of every stage service; `defaultPort` differs per service. */
 export function stageServiceFlags(defaultPort: number) {
   return {
@@ -26,22 +46,7 @@ export function stageServiceFlags(defaultPort: number) {
       help: 'onnxruntime providers, comma separated (e.g. cuda,cpu)',
     },
     maxMessageMb: { type: 'int', env: 'CFRSAM_MAX_MESSAGE_MB', default: 64, help: 'max gRPC message size in MiB' },
-    metricsPort: { type: 'int', env: 'METRICS_PORT', default: 0, help: 'Prometheus /metrics port (0: off)' },
-    tracing: { type: 'string', env: 'CFRSAM_TRACING', default: 'none', help: 'trace exporter: otlp, memory or none' },
-    otlpEndpoint: { type: 'string', env: 'OTEL_EXPORTER_OTLP_ENDPOINT', default: 'http://localhost:4317', help: 'OTLP/gRPC collector' },
-    shutdownGraceMs: { type: 'int', env: 'CFRSAM_SHUTDOWN_GRACE_MS', default: 15000, help: 'drain time for in-flight calls on SIGTERM' },
-    maxConnectionAgeMs: {
-      type: 'int',
-      env: 'CFRSAM_MAX_CONNECTION_AGE_MS',
-      default: 0,
-      help: 'close client connections after this long so clients reconnect and reach new replicas (0: off)',
-    },
-    maxConnectionAgeGraceMs: {
-      type: 'int',
-      env: 'CFRSAM_MAX_CONNECTION_AGE_GRACE_MS',
-      default: DEFAULT_MAX_CONNECTION_AGE_GRACE_MS,
-      help: 'time calls on an aged connection get to finish before it closes',
-    },
+    ...processFlags('close client connections after this long so clients reconnect and reach new replicas (0: off)'),
     internalToken: securityFlags().internalToken,
     reflection: securityFlags().reflection,
   } satisfies Record<string, FlagSpec>;
