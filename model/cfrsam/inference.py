@@ -18,7 +18,7 @@ Mirrors the serving pipeline for one S x S tile, rule for rule:
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -130,22 +130,28 @@ def detect_points(model, image: torch.Tensor, min_foreground: float, nms_radius:
     return (pts[keep], det["classes"].cpu().numpy()[keep], det["scores"].float().cpu().numpy()[keep], foreground[keep])
 
 
-def negative_prompts(points: np.ndarray, count: int, radius: float) -> Tuple[np.ndarray, np.ndarray]:
-    """Each prompt's point plus up to `count` other prompts' points within `radius` px (nearest
-    first, ties by index) as negative points: coords [P, 1 + count, 2], labels [P, 1 + count] (1 the
-    prompt's own point, 0 a neighbour, -1 padding placed on the prompt's point)."""
+def neighbours_within(points: np.ndarray, count: int, radius: float) -> List[List[int]]:
+    """For each point, the indices of up to `count` other points within `radius` px, nearest first
+    (ties by index): the neighbours a prompt gets as negative points, in training and serving."""
     points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
-    n = len(points)
+    if count <= 0 or len(points) < 2:
+        return [[] for _ in range(len(points))]
+    distance = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=-1)
+    np.fill_diagonal(distance, np.inf)
+    return [[int(j) for j in np.argsort(row, kind="stable") if row[j] <= radius][:count] for row in distance]
+
+
+def negative_prompts(points: np.ndarray, count: int, radius: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Each prompt's point plus its `neighbours_within` as negative points: coords [P, 1 + count, 2],
+    labels [P, 1 + count] (1 the prompt's own point, 0 a neighbour, -1 padding placed on the
+    prompt's point)."""
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
     coords = np.repeat(points[:, None, :], 1 + count, axis=1)
-    labels = -np.ones((n, 1 + count), dtype=np.float32)
+    labels = -np.ones((len(points), 1 + count), dtype=np.float32)
     labels[:, 0] = 1.0
-    if count > 0 and n > 1:
-        distance = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=-1)
-        np.fill_diagonal(distance, np.inf)
-        for i in range(n):
-            near = [j for j in np.argsort(distance[i], kind="stable") if distance[i, j] <= radius][:count]
-            coords[i, 1 : 1 + len(near)] = points[near]
-            labels[i, 1 : 1 + len(near)] = 0.0
+    for i, near in enumerate(neighbours_within(points, count, radius)):
+        coords[i, 1 : 1 + len(near)] = points[near]
+        labels[i, 1 : 1 + len(near)] = 0.0
     return coords, labels
 
 

@@ -361,18 +361,24 @@ def test_row_gather_sampling_equals_grid_sample_at_any_batch():
     assert torch.allclose(traced(feature3, grid3), reference(feature3, grid3), atol=1e-5)
 
 
+def _one_nucleus_loss_inputs(anchors, points, logits, nucleus_class=0, foreground=None):
+    """PromptLearnerLoss inputs for one 64 x 64 image with one nucleus centred at (32, 32)."""
+    outputs = {"points": points, "anchors": anchors, "logits": logits, "foreground_logits": torch.zeros(1, 1, 16, 16)}
+    targets = {
+        "centroids": [torch.tensor([[32.0, 32.0]])],
+        "classes": [torch.tensor([nucleus_class])],
+        "foreground": torch.zeros(1, 64, 64) if foreground is None else foreground,
+    }
+    return outputs, targets
+
+
 def test_dense_regression_trains_the_neighbours_of_a_nucleus():
     # Three anchors: one on the nucleus (the matched one), one 5 px away whose point sits 3 px off
     # the centroid, one 20 px away (outside the 12 px radius) whose point is far off.
     anchors = torch.tensor([[[32.0, 32.0], [37.0, 32.0], [52.0, 32.0]]])
     points = torch.tensor([[[32.0, 32.0], [35.0, 32.0], [60.0, 40.0]]], requires_grad=True)
     logits = torch.tensor([[[5.0, -5.0], [-5.0, 5.0], [-5.0, 5.0]]])  # K = 1: nucleus, background
-    outputs = {"points": points, "anchors": anchors, "logits": logits, "foreground_logits": torch.zeros(1, 1, 16, 16)}
-    targets = {
-        "centroids": [torch.tensor([[32.0, 32.0]])],
-        "classes": [torch.tensor([0])],
-        "foreground": torch.zeros(1, 64, 64),
-    }
+    outputs, targets = _one_nucleus_loss_inputs(anchors, points, logits)
     plain = PromptLearnerLoss()(outputs, targets)
     assert "loss_reg_dense" not in plain
     assert plain["loss_reg"].item() == 0.0  # the matched anchor is exact: nothing else is trained
@@ -393,13 +399,8 @@ def test_dense_regression_inside_follows_the_instance_map():
     anchors = torch.tensor([[[32.0, 32.0], [38.0, 32.0], [32.0, 27.0]]])
     points = torch.tensor([[[32.0, 32.0], [35.0, 32.0], [32.0, 27.0]]], requires_grad=True)
     logits = torch.tensor([[[5.0, -5.0], [-5.0, 5.0], [-5.0, 5.0]]])
-    outputs = {"points": points, "anchors": anchors, "logits": logits, "foreground_logits": torch.zeros(1, 1, 16, 16)}
-    targets = {
-        "centroids": [torch.tensor([[32.0, 32.0]])],
-        "classes": [torch.tensor([0])],
-        "foreground": (instances > 0).float(),
-        "instances": instances,
-    }
+    outputs, targets = _one_nucleus_loss_inputs(anchors, points, logits, foreground=(instances > 0).float())
+    targets["instances"] = instances
     inside = PromptLearnerLoss(dense_regression="inside")(outputs, targets)
     assert inside["loss_reg_dense"].item() == pytest.approx(9.0)  # only anchor 1: (35 - 32)^2
     near = PromptLearnerLoss(dense_regression="radius", dense_regression_radius=6.0)(outputs, targets)
@@ -416,12 +417,7 @@ def test_quality_targets_rank_the_neighbours_by_where_their_points_land():
     anchors = torch.tensor([[[32.0, 32.0], [36.0, 32.0], [44.0, 32.0]]])
     points = torch.tensor([[[32.0, 32.0], [34.0, 32.0], [42.0, 32.0]]])
     logits = torch.zeros(1, 3, 3, requires_grad=True)  # K = 2 classes + background, all p = 1/3
-    outputs = {"points": points, "anchors": anchors, "logits": logits, "foreground_logits": torch.zeros(1, 1, 16, 16)}
-    targets = {
-        "centroids": [torch.tensor([[32.0, 32.0]])],
-        "classes": [torch.tensor([1])],
-        "foreground": torch.zeros(1, 64, 64),
-    }
+    outputs, targets = _one_nucleus_loss_inputs(anchors, points, logits, nucleus_class=1)
     plain = PromptLearnerLoss()(outputs, targets)
     quality = PromptLearnerLoss(quality_sigma=2.0)(outputs, targets)
     # With uniform probabilities every anchor's loss is log 3 either way: the loss value is equal.

@@ -25,7 +25,7 @@ import torch
 from ..build import build_cfr_sam
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from ..data import collate_nuclei
-from ..inference import segment_tile
+from ..inference import neighbours_within, segment_tile
 from ..losses import cfr_sam_loss
 from ..metrics import MetricAccumulator
 from ..modeling.peft import configure_trainable
@@ -70,6 +70,10 @@ def sample_prompts(
         if n == 0:
             continue
         chosen = rng.choice(n, size=min(n, max_prompts), replace=False)
+        # Negatives (once per image): the neighbours' centroids, jittered like the prompts.
+        neighbours = neighbours_within(cents.numpy(), negatives, negative_radius)
+        if negatives > 0:
+            others = np.clip(cents.numpy().reshape(-1, 2) + rng.normal(0, jitter, (n, 2)), 0, size - 1e-3)
         for j, k in enumerate(chosen):
             offset = rng.normal(0, jitter, 2)
             xy = cents[k].numpy() + (0.0 if off_nucleus else offset)
@@ -88,14 +92,9 @@ def sample_prompts(
                 )
             coords[i, j, :] = torch.tensor(np.clip(xy, 0, size - 1e-3), dtype=torch.float32)
             labels[i, j, 0] = 1.0
-            if negatives > 0:
-                others = cents.numpy().reshape(-1, 2) + rng.normal(0, jitter, (n, 2))
-                distance = np.linalg.norm(cents.numpy().reshape(-1, 2) - cents[k].numpy(), axis=1)
-                distance[k] = np.inf
-                near = [o for o in np.argsort(distance, kind="stable") if distance[o] <= negative_radius][:negatives]
-                for slot, o in enumerate(near, start=1):
-                    coords[i, j, slot] = torch.tensor(np.clip(others[o], 0, size - 1e-3), dtype=torch.float32)
-                    labels[i, j, slot] = 0.0
+            for slot, o in enumerate(neighbours[k], start=1):
+                coords[i, j, slot] = torch.tensor(others[o], dtype=torch.float32)
+                labels[i, j, slot] = 0.0
             targets[i, j] = mask.float()
             valid[i, j] = True
     return coords, labels, targets, valid

@@ -31,7 +31,7 @@ import {
   type StoredMsg,
   type StreamConfig,
 } from 'nats';
-import { ConfigError, type FlagSpec, logger } from '@cfrsam/rpc';
+import { ConfigError, type FlagSpec, listFlag, logger } from '@cfrsam/rpc';
 
 export const DEFAULT_FEATURE_BUCKET = 'cfrsam-features';
 
@@ -223,10 +223,7 @@ export class SharedFeatureStore {
   }
 
   private get servers(): string[] {
-    return this.options.url
-      .split(',')
-      .map((s) => s.trim())
-      .filter(Boolean);
+    return listFlag(this.options.url);
   }
 
   private async connectLoop(): Promise<void> {

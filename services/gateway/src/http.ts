@@ -22,6 +22,7 @@ import {
   type CallAuthenticator,
   errorDetailsOf,
   getTracer,
+  listFlag,
   logger,
   logRequest,
   segmentationProto,
@@ -159,10 +160,7 @@ function parseJson(body: Buffer): unknown {
 }
 
 export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGatewayOptions): Promise<RunningHttpGateway> {
-  const allowed = options.corsOrigins
-    .split(',')
-    .map((s) => s.trim())
-    .filter(Boolean);
+  const allowed = listFlag(options.corsOrigins);
   const cors = (req: http.IncomingMessage, res: http.ServerResponse) => {
     const origin = req.headers.origin;
     if (!origin || allowed.length === 0) return;

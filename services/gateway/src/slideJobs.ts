@@ -25,7 +25,7 @@
 // Finished jobs are removed with their results after --slide-job-ttl-s (every gateway sweeps).
 import { createHash, randomBytes } from 'node:crypto';
 import { AckPolicy, connect, nanos, RetentionPolicy, StorageType, type JetStreamClient, type KV, type NatsConnection, type ObjectStore } from 'nats';
-import { type CallIdentity, type FlagSpec, grpcError, isServiceError, segmentationProto, status } from '@cfrsam/rpc';
+import { type CallIdentity, type FlagSpec, grpcError, isServiceError, listFlag, segmentationProto, status } from '@cfrsam/rpc';
 import { detectTissue, resolveMpp, SlideError, tissueRegions, type Roi, type TissueRegion } from '@cfrsam/slides';
 import { DEFAULT_SLIDE_MARGIN, DEFAULT_SLIDE_REGION_SIZE } from './config';
 import { checkRef, describeRef, openSlideRef, removeStalePartials, SlideUpload, type SlideRef } from './slideSources';
@@ -216,10 +216,7 @@ export class SlideJobStore {
   /** Connects (reconnecting forever once connected) and creates what is missing. */
   static async open(settings: SlideJobSettings): Promise<SlideJobStore> {
     const nc = await connect({
-      servers: settings.natsUrl
-        .split(',')
-        .map((s) => s.trim())
-        .filter(Boolean),
+      servers: listFlag(settings.natsUrl),
       name: 'cfrsam-gateway-slide-jobs',
       maxReconnectAttempts: -1,
       reconnectTimeWait: 500,
@@ -553,10 +550,7 @@ export class SlideJobService {
     const ref = await requestRef(request, settings);
     checkRef(ref);
     if ('url' in ref && settings.slideUrlPrefixes) {
-      const prefixes = settings.slideUrlPrefixes
-        .split(',')
-        .map((p) => p.trim())
-        .filter(Boolean);
+      const prefixes = listFlag(settings.slideUrlPrefixes);
       if (!prefixes.some((p) => ref.url.startsWith(p))) {
         throw grpcError(status.PERMISSION_DENIED, `slide URL ${describeRef(ref)} is outside the prefixes this gateway reads (--slide-url-prefixes)`);
       }
