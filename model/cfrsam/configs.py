@@ -103,6 +103,9 @@ class CFRSAMConfig:
     bgmr: BGMRConfig = field(default_factory=BGMRConfig)
     # A preset name of cfrsam.prompt_learner.config, or a PromptLearnerConfig instance.
     prompt_learner: Any = "femto"
+    # The point refiner's fields (cfrsam.prompt_learner.point_refiner.PointRefinerConfig) as a dict,
+    # or None for a model without one: its prompter serves the prompt learner's points as they are.
+    point_refiner: Optional[Dict[str, Any]] = None
     class_names: Tuple[str, ...] = CONSEP_CLASSES
     class_colors: Tuple[str, ...] = CONSEP_COLORS
     mpp: float = 0.25

@@ -120,14 +120,23 @@ def resolve_overlaps(
 @torch.no_grad()
 def detect_points(model, image: torch.Tensor, min_foreground: float, nms_radius: float):
     """The prompter service's detections for one tile: (points [P, 2], classes [P], class
-    confidence [P] = p(class) over K+1, foreground [P]), most confident (foreground) first."""
+    confidence [P] = p(class) over K+1, foreground [P]), most confident (foreground) first; the
+    points refined by the model's point refiner when it has one."""
     size = image.shape[-1]
     out = model.detect(image)
     det = decode_prompts(out["points"], out["logits"], min_foreground)[0]
     pts = np.clip(det["points"].float().cpu().numpy(), 0, size)
     foreground = det["foreground"].float().cpu().numpy()
     keep = point_nms(pts, foreground, nms_radius)
-    return (pts[keep], det["classes"].cpu().numpy()[keep], det["scores"].float().cpu().numpy()[keep], foreground[keep])
+    pts = pts[keep]
+    refiner = getattr(model, "point_refiner", None)
+    if refiner is not None and len(pts):
+        # As the prompter service: the kept points moved onto their nuclei's centres, then those
+        # that converged on one nucleus merged (keep is still in foreground order).
+        pts = model.refine_points(image, torch.from_numpy(pts).to(image.device, image.dtype)).float().cpu().numpy()
+        again = point_nms(pts, foreground[keep], refiner.cfg.nms_radius)
+        pts, keep = pts[again], keep[again]
+    return (pts, det["classes"].cpu().numpy()[keep], det["scores"].float().cpu().numpy()[keep], foreground[keep])
 
 
 def neighbours_within(points: np.ndarray, count: int, radius: float) -> List[List[int]]:

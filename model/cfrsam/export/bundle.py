@@ -12,7 +12,7 @@ from ..build import build_cfr_sam
 from ..configs import CFRSAMConfig
 from ..modeling.cfr_sam import CFRSAM
 from .errors import ExportError
-from .graphs import GRAPH_FILES, GRAPH_IO, example_args, run_stage, stage_module
+from .graphs import GRAPH_FILES, GRAPH_IO, OPTIONAL_GRAPHS, example_args, run_stage, stage_module
 from .manifest import BUNDLE_FORMAT, build_manifest, prompter_settings
 from .onnx_files import annotate, export_onnx, store_initializers_fp16
 from .parity import TOLERANCE, FixtureWriter, compare, parity_inputs, read_bin
@@ -58,6 +58,7 @@ def export_bundle(
 
     inputs = parity_inputs(model, seed=seed)
     graphs = [g for g in GRAPH_FILES if include_full or g != "decoder_prompts_full"]
+    graphs = [g for g in graphs if g not in OPTIONAL_GRAPHS or g in inputs]
     graph_entries = {}
     for graph in graphs:
         path = os.path.join(out_dir, GRAPH_FILES[graph])

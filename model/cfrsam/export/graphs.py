@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..modeling.cfr_sam import CFRSAM
-from ..prompt_learner import PrompterGraph
+from ..prompt_learner import PointRefinerGraph, PrompterGraph
 
 OPSET = 17
 
@@ -17,7 +17,10 @@ GRAPH_FILES = {
     "decoder_image": "decoder_image.onnx",
     "decoder_prompts": "decoder_prompts.onnx",
     "decoder_prompts_full": "decoder_prompts_full.onnx",
+    "point_refiner": "point_refiner.onnx",
 }
+# Graphs a bundle has only when its model has the part: the point refiner.
+OPTIONAL_GRAPHS = ("point_refiner",)
 GRAPH_IO = {
     "prompter": (["image"], ["points", "logits"]),
     "encoder": (["image"], ["features"]),
@@ -28,6 +31,7 @@ GRAPH_IO = {
     ),
 }
 GRAPH_IO["decoder_prompts_full"] = GRAPH_IO["decoder_prompts"]
+GRAPH_IO["point_refiner"] = (["image", "points", "image_index"], ["refined_points"])
 DYNAMIC_AXES = {
     "prompter": {"image": {0: "B"}, "points": {0: "B"}, "logits": {0: "B"}},
     "encoder": {"image": {0: "B"}, "features": {0: "B"}},
@@ -43,6 +47,7 @@ DYNAMIC_AXES = {
     },
 }
 DYNAMIC_AXES["decoder_prompts_full"] = DYNAMIC_AXES["decoder_prompts"]
+DYNAMIC_AXES["point_refiner"] = {"image": {0: "B"}, "points": {0: "P"}, "image_index": {0: "P"}, "refined_points": {0: "P"}}
 
 
 class EncoderGraph(nn.Module):
@@ -86,6 +91,10 @@ def stage_module(model: CFRSAM, graph: str) -> nn.Module:
         return DecoderPromptsGraph(model, model.config.bgmr.refinement)
     if graph == "decoder_prompts_full":
         return DecoderPromptsGraph(model, "full")
+    if graph == "point_refiner":
+        if model.point_refiner is None:
+            raise KeyError("point_refiner: the model has no point refiner")
+        return PointRefinerGraph(model.point_refiner)
     raise KeyError(graph)
 
 

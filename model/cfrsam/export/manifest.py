@@ -74,6 +74,11 @@ def build_manifest(
         "prompter": {
             "anchors": learner_cfg.num_anchors,
             **prompter_settings(checkpoint_info),
+            **(
+                {"refined_nms_radius": model.point_refiner.cfg.nms_radius}
+                if getattr(model, "point_refiner", None) is not None
+                else {}
+            ),
         },
         "graphs": graph_entries,
         "provenance": {

@@ -18,6 +18,8 @@ TOLERANCE = {
     "decoder_image": {"atol": 1e-3, "rtol": 1e-3},
     "decoder_prompts": {"atol": 2e-3, "rtol": 1e-3},
     "decoder_prompts_full": {"atol": 2e-3, "rtol": 1e-3},
+    # Refined points in pixels (a soft-argmax over the crop: sub-pixel, so float noise stays small).
+    "point_refiner": {"atol": 2e-3, "rtol": 1e-4},
 }
 
 
@@ -68,13 +70,26 @@ def parity_inputs(model: CFRSAM, seed: int = 0) -> Dict[str, Dict[str, np.ndarra
     prepared = run_stage(model, "decoder_image", {"features": features, "image": image})
     coords, labels = parity_prompts(size, centres)
     prompts = dict(prepared, point_coords=coords, point_labels=labels)
-    return {
+    graphs = {
         "prompter": {"image": image},
         "encoder": {"image": image},
         "decoder_image": {"features": features, "image": image},
         "decoder_prompts": prompts,
         "decoder_prompts_full": prompts,
     }
+    if model.point_refiner is not None:
+        graphs["point_refiner"] = parity_refiner_inputs(image, centres)
+    return graphs
+
+
+def parity_refiner_inputs(image: np.ndarray, centres: np.ndarray) -> Dict[str, np.ndarray]:
+    """The synthetic image and points near its nuclei, off the pixel grid (a point on a pixel
+    corner could round to either crop in float32), plus the frame's corners."""
+    size = image.shape[-1]
+    near = (centres[:6] if len(centres) else np.array([[0.5, 0.5]]) * size) + np.array([2.37, -1.61])
+    corners = np.array([[0.25, 0.25], [size - 0.25, size - 0.25]])
+    points = np.clip(np.concatenate([near, corners]), 0.1, size - 0.1).astype(np.float32)
+    return {"image": image, "points": points, "image_index": np.zeros(len(points), dtype=np.int64)}
 
 
 def read_bin(directory: str, spec: Dict[str, Any]) -> np.ndarray:

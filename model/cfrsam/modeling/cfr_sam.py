@@ -54,6 +54,7 @@ class CFRSAM(nn.Module):
         mask_decoder: MaskDecoder,
         bgmr: BGMR,
         prompt_learner: Optional[nn.Module] = None,
+        point_refiner: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -63,6 +64,7 @@ class CFRSAM(nn.Module):
         self.mask_decoder = mask_decoder
         self.bgmr = bgmr
         self.prompt_learner = prompt_learner
+        self.point_refiner = point_refiner
         self.hmfm_levels = tuple(config.hmfm.levels)
         self.input_size = config.input_size
 
@@ -117,18 +119,29 @@ class CFRSAM(nn.Module):
             channels=cfg.bgmr.channels,
             boundary_channels=cfg.bgmr.boundary_channels,
         )
-        prompt_learner = None
+        prompt_learner = point_refiner = None
         if with_prompt_learner:
-            from ..prompt_learner import PromptLearner  # noqa: WPS433
+            from ..prompt_learner import PointRefiner, PointRefinerConfig, PromptLearner  # noqa: WPS433
 
             prompt_learner = PromptLearner(resolve_prompt_learner_config(cfg))
-        return cls(cfg, image_encoder, hmfm, prompt_encoder, mask_decoder, bgmr, prompt_learner)
+            if cfg.point_refiner is not None:
+                point_refiner = PointRefiner(PointRefinerConfig.from_dict(cfg.point_refiner))
+        return cls(cfg, image_encoder, hmfm, prompt_encoder, mask_decoder, bgmr, prompt_learner, point_refiner)
 
     # ---- stages ------------------------------------------------------------------------------
     def detect(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         if self.prompt_learner is None:
             raise RuntimeError("this model was built without a prompt learner")
         return self.prompt_learner(image)
+
+    def refine_points(
+        self, image: torch.Tensor, points: torch.Tensor, image_index: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The kept prompt points [P, 2] moved onto their nuclei's centres (point_refiner.onnx);
+        unchanged for a model without a point refiner."""
+        if self.point_refiner is None:
+            return points
+        return self.point_refiner.refine(image, points, image_index)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """image [B, 3, S, S] (normalised) -> features [B, L, D, h, w]."""

@@ -5,6 +5,7 @@ from .convnext import ConvNeXt
 from .fpn import FPN
 from .loss import PromptLearnerLoss, sigmoid_focal_loss
 from .matcher import HungarianMatcher, match_anchors
+from .point_refiner import PointRefiner, PointRefinerConfig, PointRefinerGraph
 from .prompt_learner import PromptLearner, PrompterGraph, decode_prompts, uniform_anchor_grid
 
 __all__ = [
@@ -15,6 +16,9 @@ __all__ = [
     "FPN",
     "PromptLearner",
     "PrompterGraph",
+    "PointRefiner",
+    "PointRefinerConfig",
+    "PointRefinerGraph",
     "decode_prompts",
     "uniform_anchor_grid",
     "HungarianMatcher",

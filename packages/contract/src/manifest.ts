@@ -8,8 +8,8 @@ import * as path from 'node:path';
 /** The bundle format this code reads. */
 export const BUNDLE_FORMAT = 'cfrsam-bundle/1';
 
-/** Graph names of the contract; `decoder_prompts_full` is optional. */
-export const GRAPH_NAMES = ['prompter', 'encoder', 'decoder_image', 'decoder_prompts', 'decoder_prompts_full'] as const;
+/** Graph names of the contract; `decoder_prompts_full` and `point_refiner` are optional. */
+export const GRAPH_NAMES = ['prompter', 'encoder', 'decoder_image', 'decoder_prompts', 'decoder_prompts_full', 'point_refiner'] as const;
 export type GraphName = (typeof GRAPH_NAMES)[number];
 const REQUIRED_GRAPHS: readonly GraphName[] = ['prompter', 'encoder', 'decoder_image', 'decoder_prompts'];
 
@@ -50,7 +50,11 @@ export interface Manifest {
   refinement: { mode: 'window' | 'full'; window: number };
   /** Mask logits above this are foreground. */
   maskThreshold: number;
-  prompter: { anchors: number; minForeground: number; nmsRadius: number };
+  /**
+   * The prompter's rules: its threshold and NMS radius, and (bundles with a point refiner) the
+   * radius within which refined points are merged, 0 otherwise.
+   */
+  prompter: { anchors: number; minForeground: number; nmsRadius: number; refinedNmsRadius: number };
   graphs: Partial<Record<GraphName, GraphEntry>>;
   provenance: Record<string, unknown>;
   metrics: Record<string, unknown>;
@@ -69,6 +73,13 @@ export interface LoadManifestOptions {
   verifyGraphs?: boolean;
   /** Only these graphs must exist and are verified (default: the four required graphs). */
   graphs?: readonly GraphName[];
+  /** These graphs are verified when the manifest lists them (e.g. the prompter's point_refiner). */
+  optionalGraphs?: readonly GraphName[];
+}
+
+/** The graphs a prompter runs for this bundle: the prompt learner, and its point refiner if it has one. */
+export function prompterGraphs(manifest: Pick<Manifest, 'graphs'>): GraphName[] {
+  return manifest.graphs.point_refiner ? ['prompter', 'point_refiner'] : ['prompter'];
 }
 
 type Json = Record<string, unknown>;
@@ -194,6 +205,8 @@ export function loadManifest(dir: string, options: LoadManifestOptions = {}): Ma
     anchors: num(absDir, prompterRaw, 'anchors', 'prompter.anchors', { int: true, min: 1 }),
     minForeground: num(absDir, prompterRaw, 'min_foreground', 'prompter.min_foreground', { min: 0 }),
     nmsRadius: num(absDir, prompterRaw, 'nms_radius', 'prompter.nms_radius', { min: 0 }),
+    refinedNmsRadius:
+      prompterRaw.refined_nms_radius === undefined ? 0 : num(absDir, prompterRaw, 'refined_nms_radius', 'prompter.refined_nms_radius', { min: 0 }),
   };
   if (prompter.minForeground > 1) fail(absDir, `"prompter.min_foreground" must be in [0, 1], got ${prompter.minForeground}`);
 
@@ -207,7 +220,8 @@ export function loadManifest(dir: string, options: LoadManifestOptions = {}): Ma
     if (!/^[0-9a-f]{64}$/.test(sha256)) fail(absDir, `"graphs.${name}.sha256" must be 64 hex digits`);
     graphs[name as GraphName] = { file: fileName, sha256, path: path.resolve(absDir, fileName) };
   }
-  const needed = options.graphs ?? REQUIRED_GRAPHS;
+  const optional = (options.optionalGraphs ?? []).filter((name) => graphs[name] !== undefined);
+  const needed = [...(options.graphs ?? REQUIRED_GRAPHS), ...optional];
   for (const name of needed) {
     const entry = graphs[name];
     if (!entry) fail(absDir, `missing graph "graphs.${name}"`);

@@ -46,6 +46,8 @@ export interface StageServiceSpec<P> {
   definition: ServiceDefinition;
   /** The bundle graphs this service runs. */
   graphs: GraphName[];
+  /** Graphs it runs too when the bundle has them (the prompter's point_refiner). */
+  optionalGraphs?: GraphName[];
   createPipeline: (manifest: Manifest, pool: OnnxWorkerPool) => P;
   handlers: (pipeline: P) => UntypedServiceImplementation;
   /** Closed after the pool on shutdown (e.g. the shared feature store, whose writes drain last). */
@@ -54,12 +56,13 @@ export interface StageServiceSpec<P> {
 
 /** Loads the bundle, starts the worker pool and serves the stage's gRPC service. */
 export async function startStageService<P>(spec: StageServiceSpec<P>, options: StageServiceOptions): Promise<RunningStageService<P>> {
-  const manifest = loadManifest(options.bundle, { graphs: spec.graphs });
+  const manifest = loadManifest(options.bundle, { graphs: spec.graphs, optionalGraphs: spec.optionalGraphs });
+  const graphs = [...spec.graphs, ...(spec.optionalGraphs ?? []).filter((g) => manifest.graphs[g] !== undefined)];
   const metrics = serviceMetrics();
   let server: RunningServer | undefined;
   const pool = await OnnxWorkerPool.create({
     name: spec.name,
-    graphs: Object.fromEntries(spec.graphs.map((g) => [g, manifest.graphs[g]!.path])),
+    graphs: Object.fromEntries(graphs.map((g) => [g, manifest.graphs[g]!.path])),
     workers: options.workers,
     intraOpThreads: options.intraOpThreads,
     maxQueue: options.maxQueue,

@@ -123,6 +123,20 @@ const WORKER_SCRIPT = path.join(__dirname, 'onnxWorker.js');
  * received message, a pooled Buffer) is copied to an exact-size buffer first: structured clone
  * would otherwise copy the whole underlying buffer. SharedArrayBuffer views are shared as is.
  */
+/** Why a feed cannot be sent (its data does not fill its dims, e.g. a buffer already transferred), or null. */
+function unusableFeed(feeds: Record<string, HostTensor>): string | null {
+  for (const [name, t] of Object.entries(feeds)) {
+    const count = t.dims.reduce((a, b) => a * b, 1);
+    if (t.data.length !== count) {
+      const detached = t.data.length === 0 && t.data.buffer.byteLength === 0 && count > 0;
+      return detached
+        ? `feed "${name}" has no data: its buffer was transferred to a worker by an earlier run (pass a copy)`
+        : `feed "${name}" has ${t.data.length} values, dims [${t.dims.join(',')}] need ${count}`;
+    }
+  }
+  return null;
+}
+
 function prepareFeeds(feeds: Record<string, HostTensor>): { feeds: Record<string, HostTensor>; transfer: ArrayBuffer[] } {
   const out: Record<string, HostTensor> = {};
   const transfer: ArrayBuffer[] = [];
@@ -217,6 +231,10 @@ export class OnnxWorkerPool {
         ),
       );
     }
+    const unusable = unusableFeed(feeds);
+    // A worker never receives a message whose transfer list holds a detached buffer (postMessage
+    // drops it silently), so such a job would wait forever: refuse it here.
+    if (unusable) return Promise.reject(new InferenceError(`${graph}: ${unusable}`));
     const prepared = prepareFeeds(feeds);
     return new Promise((resolve, reject) => {
       const job: Job = {

@@ -44,6 +44,18 @@ describe.skipIf(!bundle.manifest)('OnnxWorkerPool', () => {
     expect(big.byteLength).toBe((3 * S * S + 16) * 4);
   });
 
+  it('refuses a feed whose buffer an earlier run took over, or that does not fill its dims, and keeps serving', async () => {
+    const input = image();
+    await pool.run('prompter', { image: input });
+    // postMessage drops a message whose transfer list holds a detached buffer: without the check
+    // this job would never settle.
+    await expect(pool.run('prompter', { image: input })).rejects.toThrow(/feed "image" has no data: its buffer was transferred/);
+    await expect(pool.run('prompter', { image: { type: 'float32', dims: [1, 3, S, S], data: new Float32Array(5) } })).rejects.toThrow(
+      /feed "image" has 5 values, dims \[1,3,256,256\] need 196608/,
+    );
+    await expect(pool.run('prompter', { image: image() })).resolves.toHaveProperty('points');
+  });
+
   it('fails a job whose worker dies, replaces the worker, and leaves other jobs alone', async () => {
     const other = pool.run('prompter', { image: image() });
     const crash = pool.run('__exit__', {});

@@ -1,6 +1,8 @@
 // Detect: tiles -> prompter.onnx in batches -> point prompts with classes. The graph gives every
 // anchor a point and K+1 logits; here anchors are filtered by foreground probability, merged by
-// point NMS, and their class probabilities renormalised without background.
+// point NMS, and their class probabilities renormalised without background. When the bundle has a
+// point refiner, point_refiner.onnx then moves each kept point onto its nucleus' centre (one run
+// per batch of tiles, for all their kept points).
 import { grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import { type Float32Tensor, graphOutputFloat32, type Manifest, stackFloat32, readStageTile } from '@cfrsam/contract';
 import { type OnnxWorkerPool } from '@cfrsam/runtime';
@@ -10,6 +12,8 @@ export interface PrompterPipelineOptions {
   maxBatch?: number;
   /** Tiles per Detect request (default 64). */
   maxTilesPerRequest?: number;
+  /** Run the bundle's point refiner on the kept points (default: when the bundle has one). */
+  refinePoints?: boolean;
 }
 
 export interface DetectionParams {
@@ -103,9 +107,50 @@ export function pointNms<T extends { x: number; y: number }>(sorted: readonly T[
   return kept;
 }
 
+/**
+ * The kept detections of a batch's tiles as point_refiner.onnx's inputs: points [P, 2] and the
+ * index [P] of each one's tile in the batch.
+ */
+export function refinerInputs(perTile: readonly (readonly Detection[])[]): { points: Float32Array; imageIndex: BigInt64Array } {
+  const count = perTile.reduce((n, d) => n + d.length, 0);
+  const points = new Float32Array(count * 2);
+  const imageIndex = new BigInt64Array(count);
+  let i = 0;
+  perTile.forEach((detections, b) => {
+    for (const d of detections) {
+      points[i * 2] = d.x;
+      points[i * 2 + 1] = d.y;
+      imageIndex[i] = BigInt(b);
+      i++;
+    }
+  });
+  return { points, imageIndex };
+}
+
+/**
+ * The detections with the refined points (in the order of refinerInputs), clipped to [0, size];
+ * refined points closer than `nmsRadius` converged on one nucleus, and the less confident goes.
+ */
+export function withRefinedPoints(perTile: readonly (readonly Detection[])[], refined: Float32Array, size: number, nmsRadius: number): Detection[][] {
+  let i = 0;
+  return perTile.map((detections) => {
+    const moved = detections.map((d) => {
+      const x = refined[i * 2];
+      const y = refined[i * 2 + 1];
+      i++;
+      // A non-finite refinement keeps the prompt learner's point rather than losing the nucleus.
+      if (!Number.isFinite(x) || !Number.isFinite(y)) return d;
+      return { ...d, x: Math.min(size, Math.max(0, x)), y: Math.min(size, Math.max(0, y)) };
+    });
+    return pointNms(moved, nmsRadius); // still in foreground order
+  });
+}
+
 export class PrompterPipeline {
   readonly maxBatch: number;
   readonly maxTilesPerRequest: number;
+  /** Whether kept points go through point_refiner.onnx (the bundle has one). */
+  readonly refinesPoints: boolean;
 
   constructor(
     readonly manifest: Manifest,
@@ -114,6 +159,7 @@ export class PrompterPipeline {
   ) {
     this.maxBatch = Math.max(1, options.maxBatch ?? 8);
     this.maxTilesPerRequest = Math.max(1, options.maxTilesPerRequest ?? 64);
+    this.refinesPoints = (options.refinePoints ?? true) && manifest.graphs.point_refiner !== undefined;
   }
 
   /** Checks the request and resolves its detection parameters (request values, else the manifest's). */
@@ -155,25 +201,37 @@ export class PrompterPipeline {
     const perTile: Detection[][] = new Array(tiles.length);
     await Promise.all(
       batches.map(async (indices) => {
-        const image = stackFloat32(indices.map((i) => tiles[i]));
-        const out = await this.pool.run('prompter', { image }, { signal });
+        const stack = () => stackFloat32(indices.map((i) => tiles[i]));
+        // The pool takes the feed's buffer over (transferred to the worker): the refiner gets its own stack.
+        const out = await this.pool.run('prompter', { image: stack() }, { signal });
         const B = indices.length;
         const points = graphOutputFloat32('prompter', out, 'points', [B, A, 2]);
         const logits = graphOutputFloat32('prompter', out, 'logits', [B, A, K + 1]);
+        let detections = indices.map((_, b) =>
+          decodeAnchors(points.subarray(b * A * 2, (b + 1) * A * 2), logits.subarray(b * A * (K + 1), (b + 1) * A * (K + 1)), A, K, S, params),
+        );
+        if (this.refinesPoints) detections = await this.refine(stack(), detections, signal);
         indices.forEach((tileIndex, b) => {
-          perTile[tileIndex] = decodeAnchors(
-            points.subarray(b * A * 2, (b + 1) * A * 2),
-            logits.subarray(b * A * (K + 1), (b + 1) * A * (K + 1)),
-            A,
-            K,
-            S,
-            params,
-          );
+          perTile[tileIndex] = detections[b];
         });
       }),
     );
     return {
       tiles: request.tiles.map((t, i) => ({ digest: t.digest, detections: perTile[i] })),
     };
+  }
+
+  /** One point_refiner.onnx run for the kept points of a batch of tiles (image [B, 3, S, S]). */
+  private async refine(image: Float32Tensor, perTile: Detection[][], signal?: AbortSignal): Promise<Detection[][]> {
+    const { points, imageIndex } = refinerInputs(perTile);
+    const P = imageIndex.length;
+    if (P === 0) return perTile;
+    const out = await this.pool.run(
+      'point_refiner',
+      { image, points: { type: 'float32', dims: [P, 2], data: points }, image_index: { type: 'int64', dims: [P], data: imageIndex } },
+      { signal },
+    );
+    const refined = graphOutputFloat32('point_refiner', out, 'refined_points', [P, 2]);
+    return withRefinedPoints(perTile, refined, this.manifest.inputSize, this.manifest.prompter.refinedNmsRadius);
   }
 }

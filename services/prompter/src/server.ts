@@ -36,6 +36,7 @@ export function startPrompter(options: PrompterOptions): Promise<RunningPrompter
       serviceName: PROMPTER_SERVICE_NAME,
       definition: stagesProto.PrompterService,
       graphs: ['prompter'],
+      optionalGraphs: ['point_refiner'],
       createPipeline: (manifest, pool) => new PrompterPipeline(manifest, pool, options),
       handlers: prompterHandlers,
     },

@@ -89,7 +89,9 @@ describe.skipIf(!bundle.manifest)('Prompter service', () => {
   it('detects well-formed point prompts for every tile, batching as configured', async () => {
     const response = await detect({ tiles });
     expect(response.tiles.map((t) => t.digest)).toEqual(tiles.map((t) => t.digest));
-    const { minForeground, nmsRadius } = manifest.prompter;
+    const { minForeground } = manifest.prompter;
+    // With a point refiner the returned points are refined ones, merged at its own radius.
+    const nmsRadius = manifest.graphs.point_refiner ? manifest.prompter.refinedNmsRadius : manifest.prompter.nmsRadius;
     // Collect violations instead of asserting per detection: an untrained bundle yields ~1000 each.
     const problems: string[] = [];
     for (const tile of response.tiles) {
@@ -117,6 +119,36 @@ describe.skipIf(!bundle.manifest)('Prompter service', () => {
       expect(d.x).toBeCloseTo(response.tiles[1].detections[i].x, 2);
       expect(d.y).toBeCloseTo(response.tiles[1].detections[i].y, 2);
     });
+  });
+
+  it.skipIf(!manifest.graphs.point_refiner)('moves the kept points with the point refiner, within its crop', async () => {
+    const unrefined = await startPrompter({ port: 0, host: '127.0.0.1', bundle: manifest.dir, refinePoints: false, maxBatch: 2, workers: 1 });
+    const plainClient = makeClient(stagesProto.PrompterClient, unrefined.server.address);
+    try {
+      const request = { tiles, minForeground: 0, nmsRadius: 0, modelVersion: manifest.version };
+      const [refined, plain] = await Promise.all([detect(request), unary(plainClient, plainClient.detect, request, { timeoutMs: 30_000 })]);
+      const half = 24; // the refiner's crop is at least 48 px: a point moves at most half of it
+      let moved = 0;
+      refined.tiles.forEach((tile, t) => {
+        const before = plain.tiles[t].detections;
+        // Merging refined points only removes detections; each kept one comes from the unrefined list in order.
+        expect(tile.detections.length).toBeLessThanOrEqual(before.length);
+        let j = 0;
+        for (const d of tile.detections) {
+          while (j < before.length && Math.abs(before[j].foreground - d.foreground) > 1e-5) j++;
+          expect(j).toBeLessThan(before.length);
+          const shift = Math.hypot(d.x - before[j].x, d.y - before[j].y);
+          expect(shift).toBeLessThanOrEqual(half * Math.SQRT2 + 1);
+          if (shift > 0.1) moved++;
+          expect(d.classIndex).toBe(before[j].classIndex);
+          j++;
+        }
+      });
+      expect(moved).toBeGreaterThan(0);
+    } finally {
+      plainClient.close();
+      await unrefined.server.shutdown();
+    }
   });
 
   it('honours min_foreground and accepts float16 pixels', async () => {

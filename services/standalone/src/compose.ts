@@ -1,6 +1,6 @@
 // The three stages in this process: their worker pools, their pipelines and LocalStages over them.
 // The standalone entry (main.ts) serves it; bench/pipeline.mjs drives it with no gRPC at all.
-import type { GraphName, Manifest } from '@cfrsam/contract';
+import { type GraphName, type Manifest, prompterGraphs } from '@cfrsam/contract';
 import { DecoderPipeline } from '@cfrsam/decoder/dist/pipeline';
 import { EncoderPipeline } from '@cfrsam/encoder/dist/pipeline';
 import { PrompterPipeline } from '@cfrsam/prompter/dist/pipeline';
@@ -36,7 +36,7 @@ export async function startLocalStages(manifest: Manifest, config: LocalStagesCo
       onJobDone: config.onJobDone,
     });
   const pools = await Promise.all([
-    pool('prompter', ['prompter'], config.prompterWorkers),
+    pool('prompter', prompterGraphs(manifest), config.prompterWorkers),
     pool('encoder', ['encoder'], config.encoderWorkers),
     pool('decoder', ['decoder_image', 'decoder_prompts'], config.decoderWorkers),
   ]);

@@ -1,0 +1,140 @@
+"""The point refiner: its crops, its training targets, that it learns, and the model and bundle
+that carry it (detect_points and point_refiner.onnx)."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cfrsam import build_cfr_sam
+from cfrsam.export import export_bundle
+from cfrsam.export.bundle import check_bundle
+from cfrsam.inference import detect_points, point_nms
+from cfrsam.prompt_learner import PointRefiner, PointRefinerConfig
+from cfrsam.train import common
+from cfrsam.train.refiner import attach, placement, train, training_batch
+
+
+def test_crops_put_the_points_pixel_at_the_centre_and_read_zeros_outside():
+    refiner = PointRefiner(PointRefinerConfig(crop=16, width=8, stem_width=4, dilations=(1,)))
+    image = torch.zeros(2, 3, 32, 32)
+    image[1, :, 20, 9] = 5.0  # row 20, column 9 of image 1
+    crops = refiner.crops(image, torch.tensor([[9.7, 20.2], [0.3, 0.4]]), torch.tensor([1, 1]))
+    assert crops.shape == (2, 3, 16, 16)
+    assert (crops[0, 0] == 5.0).nonzero().tolist() == [[8, 8]]
+    # A point at the corner: the crop's top-left quarter lies outside the image and reads zero.
+    assert crops[1, :, :8, :8].abs().sum() == 0
+
+
+def test_training_targets_are_the_centroid_of_the_nucleus_under_the_moved_point():
+    instances = torch.zeros(1, 32, 32, dtype=torch.long)
+    instances[0, 2:10, 2:10] = 1  # centroid (6, 6)
+    instances[0, 20:30, 20:30] = 2  # centroid (25, 25)
+    batch = {
+        "image": torch.zeros(1, 3, 32, 32),
+        "instances": instances,
+        "centroids": [torch.tensor([[6.0, 6.0], [25.0, 25.0]])],
+    }
+    rng = np.random.default_rng(0)
+    points, index, targets = training_batch(batch, per_image=2, jitter=30.0, rng=rng)
+    assert index.tolist() == [0, 0]
+    for point, target in zip(points.numpy(), targets.numpy()):
+        under = int(instances[0, int(point[1]), int(point[0])])
+        if under:
+            assert target.tolist() == [[6.0, 6.0], [25.0, 25.0]][under - 1]
+        else:  # on no nucleus: the one it was drawn from
+            assert target.tolist() in ([6.0, 6.0], [25.0, 25.0])
+
+
+def _discs(count: int, size: int = 64, seed: int = 0):
+    """Synthetic tiles: dark discs (nuclei) on a light background, with their label maps."""
+    rng = np.random.default_rng(seed)
+    items = []
+    yy, xx = np.mgrid[0:size, 0:size]
+    for _ in range(count):
+        image = np.ones((3, size, size), dtype=np.float32)
+        labels = np.zeros((size, size), dtype=np.int64)
+        centroids = []
+        for cx, cy in ((16, 16), (46, 20), (20, 46), (46, 46)):
+            cx, cy, r = cx + rng.uniform(-4, 4), cy + rng.uniform(-4, 4), rng.uniform(5, 8)
+            disc = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+            image[:, disc] = -1.0
+            labels[disc] = len(centroids) + 1
+            ys, xs = np.nonzero(disc)
+            centroids.append([xs.mean() + 0.5, ys.mean() + 0.5])
+        items.append(
+            {
+                "image": torch.from_numpy(image),
+                "instances": torch.from_numpy(labels),
+                "foreground": torch.from_numpy((labels > 0).astype(np.float32)),
+                "centroids": torch.tensor(centroids, dtype=torch.float32),
+            }
+        )
+    return items
+
+
+def test_the_refiner_learns_to_move_points_onto_centres(tmp_path):
+    torch.manual_seed(0)
+    train_set = _discs(8)
+    rng = np.random.default_rng(1)
+    tiles = []
+    for item in _discs(4, seed=5):
+        centroids = item["centroids"].numpy()
+        points = (centroids + rng.normal(0, 3, centroids.shape)).astype(np.float32)
+        tiles.append((item["image"][None], item["instances"].numpy(), centroids, points, None, None))
+    args = argparse.Namespace(
+        batch_size=4, per_image=4, jitter=4.0, lr=3e-3, steps=120, val_every=120, seed=0, bf16=False,
+        heat_sigma=1.5, distance_weight=0.1, radius=12.0,
+    )  # fmt: skip
+    refiner = PointRefiner(PointRefinerConfig(crop=32, width=16, stem_width=8, dilations=(1, 2)))
+    train(args, refiner, train_set, tiles, common.RunLog(tmp_path / "log.jsonl"), tmp_path)
+    refiner.eval()
+    served, refined = placement(tiles, refiner, radius=12.0)
+    assert refined["mean"] < 0.6 * served["mean"], (served, refined)
+    record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert record["event"] == "val" and record["step"] == 120
+    assert (tmp_path / "refiner.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def refined_model():
+    base = build_cfr_sam("tiny", input_size=64, window=32, seed=3)
+    refiner = PointRefiner(PointRefinerConfig(crop=16, width=8, stem_width=4, dilations=(1,)))
+    torch.manual_seed(1)
+    for p in refiner.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    checkpoint = {"config": base.config.to_dict(), "model": base.state_dict(), "training": None, "metrics": None}
+    return build_cfr_sam(None, checkpoint=attach(checkpoint, refiner, {"note": "test"}, {"steps": 0}))
+
+
+def test_detect_points_refines_the_kept_points_then_merges_converged_ones(refined_model):
+    model = refined_model
+    assert model.point_refiner is not None
+    image = torch.randn(1, 3, 64, 64)
+    points, classes, scores, foreground = detect_points(model, image, min_foreground=0.0, nms_radius=4.0)
+    assert len(points) == len(classes) == len(scores) == len(foreground) > 0
+    # The same as refining the unrefined detections, then NMS at the refiner's radius.
+    plain = model.point_refiner
+    model.point_refiner = None
+    try:
+        raw, raw_classes, _, raw_foreground = detect_points(model, image, min_foreground=0.0, nms_radius=4.0)
+    finally:
+        model.point_refiner = plain
+    with torch.no_grad():
+        moved = model.refine_points(image, torch.from_numpy(raw)).numpy()
+    keep = point_nms(moved, raw_foreground, plain.cfg.nms_radius)
+    np.testing.assert_allclose(points, moved[keep], atol=1e-5)
+    assert classes.tolist() == raw_classes[keep].tolist()
+    assert (points >= 0).all() and (points <= 64).all()
+
+
+def test_a_bundle_with_a_refiner_exports_its_graph_and_checks(refined_model, tmp_path):
+    manifest = export_bundle(refined_model, str(tmp_path / "b"), name="t", include_full=False)
+    assert manifest["graphs"]["point_refiner"]["file"] == "point_refiner.onnx"
+    assert manifest["prompter"]["refined_nms_radius"] == 4.0
+    assert manifest["provenance"]["config"]["point_refiner"]["crop"] == 16
+    assert check_bundle(str(tmp_path / "b"), verbose=False) == []
+    fixture = json.loads((tmp_path / "b" / "parity" / "point_refiner.json").read_text())
+    assert fixture["inputs"]["image_index"]["dtype"] == "int64"
+    assert fixture["outputs"]["refined_points"]["dims"][1] == 2
