@@ -1,6 +1,7 @@
 // Per-stage latency of a model bundle's graphs in onnxruntime-node (CPU), one S x S tile:
 // session load time, then the median of --reps runs, for the prompter, encoder, decoder_image and
-// decoder_prompts (at --prompts prompts of one point). Prints the bundle's size.
+// decoder_prompts (at --prompts prompts of one point), and the point refiner (at as many points)
+// when the bundle has one. Prints the bundle's size.
 //
 //   node bench/stages.mjs [--bundle models/tiny] [--reps 5] [--prompts 16] [--threads 1] [--flops FILE]
 //                         [--providers cpu]
@@ -96,7 +97,17 @@ const dec = {
 };
 await time('decoder_prompts', dec);
 if (manifest.graphs.decoder_prompts_full) await time('decoder_prompts_full', dec);
-console.log(`  (decoder_prompts at ${P} prompts; _full = BGMR over the whole frame instead of the ${manifest.refinement.window} px window)`);
+if (manifest.graphs.point_refiner) {
+  // The prompter's second graph: the kept points (one per nucleus) moved onto their centres.
+  await time('point_refiner', {
+    image,
+    points: new ort.Tensor('float32', coords.slice(), [P, 2]),
+    image_index: new ort.Tensor('int64', new BigInt64Array(P), [P]),
+  });
+}
+console.log(
+  `  (decoder_prompts${manifest.graphs.point_refiner ? ' and point_refiner' : ''} at ${P} prompts; _full = BGMR over the whole frame instead of the ${manifest.refinement.window} px window)`,
+);
 if (flops) {
   console.log(
     `\nroofline: MatMul ${Math.round(Math.cbrt(flops.matmul.flops / 2))}^3 float32 peak ${peak.toFixed(1)} GFLOP/s (${args.threads} thread(s))`,

@@ -35,8 +35,17 @@ def graph_flops(model, prompts: int) -> dict:
         point_labels=np.ones((prompts, 1), dtype=np.float32),
     )
     inputs["decoder_prompts"] = decoder_inputs
+    graphs = ["prompter", "encoder", "decoder_image", "decoder_prompts"]
+    if model.point_refiner is not None:
+        # As many points as prompts: the refiner runs once per kept point, like the decoder.
+        inputs["point_refiner"] = dict(
+            inputs["point_refiner"],
+            points=coords.astype(np.float32),
+            image_index=np.zeros(prompts, dtype=np.int64),
+        )
+        graphs.append("point_refiner")
     out = {}
-    for graph in ("prompter", "encoder", "decoder_image", "decoder_prompts"):
+    for graph in graphs:
         module = stage_module(model, graph).eval()
         args = [torch.from_numpy(np.ascontiguousarray(inputs[graph][n])) for n in GRAPH_IO[graph][0]]
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:

@@ -47,7 +47,12 @@ DYNAMIC_AXES = {
     },
 }
 DYNAMIC_AXES["decoder_prompts_full"] = DYNAMIC_AXES["decoder_prompts"]
-DYNAMIC_AXES["point_refiner"] = {"image": {0: "B"}, "points": {0: "P"}, "image_index": {0: "P"}, "refined_points": {0: "P"}}
+DYNAMIC_AXES["point_refiner"] = {
+    "image": {0: "B"},
+    "points": {0: "P"},
+    "image_index": {0: "P"},
+    "refined_points": {0: "P"},
+}
 
 
 class EncoderGraph(nn.Module):

@@ -108,7 +108,9 @@ class PointRefiner(nn.Module):
         source = padded.transpose(0, 1).reshape(ch, -1)
         return source.index_select(1, flat.reshape(-1)).reshape(ch, -1, c, c).transpose(0, 1)
 
-    def refine(self, image: torch.Tensor, points: torch.Tensor, image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def refine(
+        self, image: torch.Tensor, points: torch.Tensor, image_index: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Refined points [P, 2] for points [P, 2] on image [N, 3, S, S] (image_index [P], default
         0), inside the frame [0, S]."""
         if image_index is None:

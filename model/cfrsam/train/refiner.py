@@ -36,6 +36,7 @@ from ..inference import detect_points, segment_tile
 from ..metrics import MetricAccumulator, pair_points
 from ..prompt_learner.point_refiner import PointRefiner, PointRefinerConfig
 from . import common
+from .stage2 import validate as validate_pipeline
 
 
 def training_batch(batch, per_image: int, jitter: float, rng: np.random.Generator):
@@ -54,7 +55,10 @@ def training_batch(batch, per_image: int, jitter: float, rng: np.random.Generato
         points.append(moved)
         targets.append(target)
         index.append(np.full(len(chosen), b))
-    cat = lambda xs, dtype: torch.from_numpy(np.concatenate(xs)).to(dtype)  # noqa: E731
+
+    def cat(xs, dtype):
+        return torch.from_numpy(np.concatenate(xs)).to(dtype) if xs else torch.zeros((0,), dtype=dtype)
+
     return cat(points, torch.float32), cat(index, torch.long), cat(targets, torch.float32)
 
 
@@ -66,7 +70,9 @@ def served_points(model, val_set, min_foreground: float, nms_radius: float):
         item = val_set[i]
         image = item["image"][None]
         pts, classes, _, foreground = detect_points(model, image, min_foreground, nms_radius)
-        tiles.append((image, item["instances"].numpy(), item["centroids"].numpy().reshape(-1, 2), pts, classes, foreground))
+        tiles.append(
+            (image, item["instances"].numpy(), item["centroids"].numpy().reshape(-1, 2), pts, classes, foreground)
+        )
     return tiles
 
 
@@ -88,7 +94,10 @@ def placement(tiles, refiner, radius: float):
         refined = refine_points(refiner, image, pts)
         before.extend(np.linalg.norm(pts[pairs[:, 0]] - centroids[pairs[:, 1]], axis=1))
         after.extend(np.linalg.norm(refined[pairs[:, 0]] - centroids[pairs[:, 1]], axis=1))
-    stats = lambda d: {"mean": float(np.mean(d)), "median": float(np.median(d)), "p90": float(np.percentile(d, 90))}  # noqa: E731
+
+    def stats(d):
+        return {"mean": float(np.mean(d)), "median": float(np.median(d)), "p90": float(np.percentile(d, 90))}
+
     return stats(before), stats(after)
 
 
@@ -134,6 +143,8 @@ def train(args, refiner: PointRefiner, train_set, tiles, log: common.RunLog, out
         for batch in loader:
             refiner.train()
             points, index, targets = training_batch(batch, args.per_image, args.jitter, rng)
+            if len(points) == 0:  # no nucleus in any of the batch's crops
+                continue
             offsets = targets - refiner.crop_origins(points).clamp(0, size - 1).float()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 logits = refiner.heat_logits(refiner.crops(batch["image"], points, index))
@@ -149,11 +160,21 @@ def train(args, refiner: PointRefiner, train_set, tiles, log: common.RunLog, out
             distances.append(float(distance))
             step += 1
             if step % 50 == 0:
-                print(f"step {step}/{args.steps} distance {np.mean(distances[-50:]):.3f} px ({time.time() - began:.0f} s)", file=sys.stderr)
+                print(
+                    f"step {step}/{args.steps} distance {np.mean(distances[-50:]):.3f} px ({time.time() - began:.0f} s)",
+                    file=sys.stderr,
+                )
             if step % args.val_every == 0 or step == args.steps:
                 refiner.eval()
                 served, refined = placement(tiles, refiner, args.radius)
-                record = {"event": "val", "step": step, "train_px": float(np.mean(distances[-50:])), "served": served, "refined": refined, "seconds": time.time() - began}
+                record = {
+                    "event": "val",
+                    "step": step,
+                    "train_px": float(np.mean(distances[-50:])),
+                    "served": served,
+                    "refined": refined,
+                    "seconds": time.time() - began,
+                }
                 log.write(record)
                 print(json.dumps(record), file=sys.stderr)
                 torch.save({"config": refiner.cfg.to_dict(), "state_dict": refiner.state_dict()}, out / "refiner.pt")
@@ -163,10 +184,16 @@ def train(args, refiner: PointRefiner, train_set, tiles, log: common.RunLog, out
 
 def pipeline_comparison(model, refiner: PointRefiner, tiles, radius: float):
     """bPQ / AJI / detection F1 of the whole pipeline with the points as served and refined."""
-    accs = {name: MetricAccumulator(num_classes=model.config.num_classes, radius=radius) for name in ("served", "refined")}
+    accs = {
+        name: MetricAccumulator(num_classes=model.config.num_classes, radius=radius) for name in ("served", "refined")
+    }
     for image, gt, _, pts, classes, _ in tiles:
         for name, points in (("served", pts), ("refined", refine_points(refiner, image, pts))):
-            labels = segment_tile(model, image, points=points, point_classes=classes)[0] if len(points) else np.zeros_like(gt)
+            labels = (
+                segment_tile(model, image, points=points, point_classes=classes)[0]
+                if len(points)
+                else np.zeros_like(gt)
+            )
             accs[name].add(gt, labels)
     return {name: {k: acc.summary()[k] for k in ("bpq", "aji", "det_f1")} for name, acc in accs.items()}
 
@@ -179,7 +206,10 @@ def attach(checkpoint: dict, refiner: PointRefiner, report: dict, run: dict) -> 
     model_state.update({f"point_refiner.{k}": v.detach().cpu() for k, v in refiner.state_dict().items()})
     out["model"] = model_state
     out["training"] = dict(checkpoint.get("training") or {}, point_refiner=run)
-    out["metrics"] = dict(checkpoint.get("metrics") or {}, point_refiner=report)
+    metrics = dict(checkpoint.get("metrics") or {}, point_refiner=report)
+    if "validation" in metrics:
+        metrics["validation_without_point_refiner"] = metrics.pop("validation")
+    out["metrics"] = metrics
     return out
 
 
@@ -227,7 +257,26 @@ def main(argv=None) -> int:
     print(json.dumps(report, indent=1))
     if args.write_checkpoint:
         run = {"refiner": args.refiner, "args": {k: v for k, v in vars(args).items() if k != "write_checkpoint"}}
-        torch.save(attach(checkpoint, refiner, report, run), args.write_checkpoint)
+        attached = attach(checkpoint, refiner, report, run)
+        # The whole model's validation (as finalize records it), now with the refiner serving.
+        refined_model = build_cfr_sam(None, checkpoint=attached)
+        refined_model.eval()
+        val = validate_pipeline(
+            refined_model,
+            val_set,
+            torch.device("cpu"),
+            0,
+            args.radius,
+            min_foreground=args.min_foreground,
+            nms_radius=args.nms_radius,
+        )
+        attached["metrics"]["validation"] = val
+        log.write({"event": "validation", **{k: v for k, v in val.items() if isinstance(v, (int, float))}})
+        print(
+            "validation with the refiner: " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float)),
+            file=sys.stderr,
+        )
+        torch.save(attached, args.write_checkpoint)
         print(f"wrote {args.write_checkpoint}", file=sys.stderr)
     return 0
 
