@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeClient, stagesProto, status, unary } from '@cfrsam/rpc';
 import { digestTile, type Manifest, tensorFromProto, tensorToProto } from '@cfrsam/contract';
 import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/testing';
-import { decodeAnchors, pointNms } from '../src/pipeline';
+import { decodeAnchors, type Detection, pointNms, refinerInputs, withRefinedPoints } from '../src/pipeline';
 import { startPrompter, type RunningPrompter } from '../src/server';
 
 describe('decodeAnchors', () => {
@@ -57,6 +57,31 @@ describe('decodeAnchors', () => {
     ).toEqual([
       { x: 0, y: 0 },
       { x: 5, y: 0 },
+    ]);
+  });
+});
+
+describe('point refinement (pure parts)', () => {
+  const det = (x: number, y: number, foreground: number): Detection => ({ x, y, foreground, classIndex: 0, classProbabilities: [1] });
+  const perTile = [[det(10, 10, 0.9), det(30, 10, 0.8)], [], [det(5, 250, 0.7)]];
+
+  it("packs every tile's kept points with their tile's index in the batch", () => {
+    const { points, imageIndex } = refinerInputs(perTile);
+    expect([...points]).toEqual([10, 10, 30, 10, 5, 250]);
+    expect([...imageIndex]).toEqual([0n, 0n, 2n]);
+  });
+
+  it('moves the points, clips them to the tile, keeps a point whose refinement is not finite, merges converged ones', () => {
+    const refined = new Float32Array([20, 11, 21, 11.5, -3, 300]);
+    const out = withRefinedPoints(perTile, refined, 256, 4);
+    // The two points of tile 0 converged (1.1 px apart): the less confident goes.
+    expect(out[0].map((d) => [d.x, d.y, d.foreground])).toEqual([[20, 11, 0.9]]);
+    expect(out[1]).toEqual([]);
+    expect(out[2].map((d) => [d.x, d.y])).toEqual([[0, 256]]);
+    const kept = withRefinedPoints(perTile, new Float32Array([NaN, 1, 40, 10, 5, 250]), 256, 4);
+    expect(kept[0].map((d) => [d.x, d.y])).toEqual([
+      [10, 10],
+      [40, 10],
     ]);
   });
 });
