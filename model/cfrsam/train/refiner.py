@@ -63,6 +63,38 @@ def training_batch(batch, per_image: int, jitter: float, rng: np.random.Generato
 
 
 @torch.no_grad()
+def prompter_batch(model, batch, min_foreground: float, nms_radius: float, radius: float):
+    """The prompt learner's own kept points on a collated batch, each with the centroid of the
+    nucleus under it, else of the nearest one within `radius` px (points near no nucleus are left
+    out): (points [P, 2], image_index [P], targets [P, 2])."""
+    points, index, targets = [], [], []
+    for b, centroids in enumerate(batch["centroids"]):
+        centroids = centroids.numpy().reshape(-1, 2)
+        if len(centroids) == 0:
+            continue
+        pts = detect_points(model, batch["image"][b : b + 1], min_foreground, nms_radius)[0]
+        if len(pts) == 0:
+            continue
+        size = batch["image"].shape[-1]
+        cells = np.clip(pts, 0, size - 1e-3).astype(int)
+        under = batch["instances"][b].numpy()[cells[:, 1], cells[:, 0]]
+        distance = np.linalg.norm(pts[:, None, :] - centroids[None, :, :], axis=-1)
+        nearest = distance.argmin(1)
+        target_index = np.where(under > 0, under - 1, nearest)
+        keep = (under > 0) | (distance[np.arange(len(pts)), nearest] <= radius)
+        points.append(pts[keep])
+        targets.append(centroids[target_index[keep]])
+        index.append(np.full(int(keep.sum()), b))
+    if not points:
+        return torch.zeros((0, 2)), torch.zeros((0,), dtype=torch.long), torch.zeros((0, 2))
+    return (
+        torch.from_numpy(np.concatenate(points)).float(),
+        torch.from_numpy(np.concatenate(index)).long(),
+        torch.from_numpy(np.concatenate(targets)).float(),
+    )
+
+
+@torch.no_grad()
 def served_points(model, val_set, min_foreground: float, nms_radius: float):
     """Per validation tile: (image, gt instances, centroids, points, classes)."""
     tiles = []
@@ -126,11 +158,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the final bPQ comparison")
+    parser.add_argument(
+        "--prompter-points",
+        action="store_true",
+        help="also train on the checkpoint's own kept points of each training crop (at the served setting)",
+    )
     return parser.parse_args(argv)
 
 
-def train(args, refiner: PointRefiner, train_set, tiles, log: common.RunLog, out: Path) -> None:
-    """Trains `refiner` in place for args.steps steps; validates and saves refiner.pt on the way."""
+def train(args, refiner: PointRefiner, train_set, tiles, log: common.RunLog, out: Path, model=None) -> None:
+    """Trains `refiner` in place for args.steps steps; validates and saves refiner.pt on the way.
+    With `model` (and args.prompter_points), each step also trains on the model's own kept points."""
     from ..data.dataset import collate_nuclei
 
     size = train_set[0]["image"].shape[-1]
@@ -143,6 +181,9 @@ def train(args, refiner: PointRefiner, train_set, tiles, log: common.RunLog, out
         for batch in loader:
             refiner.train()
             points, index, targets = training_batch(batch, args.per_image, args.jitter, rng)
+            if model is not None and getattr(args, "prompter_points", False):
+                more = prompter_batch(model, batch, args.min_foreground, args.nms_radius, args.radius)
+                points, index, targets = (torch.cat(pair) for pair in zip((points, index, targets), more))
             if len(points) == 0:  # no nucleus in any of the batch's crops
                 continue
             offsets = targets - refiner.crop_origins(points).clamp(0, size - 1).float()
@@ -247,7 +288,7 @@ def main(argv=None) -> int:
                 dilations=tuple(int(d) for d in args.dilations.split(",")),
             )
         )
-        train(args, refiner, train_set, tiles, log, out)
+        train(args, refiner, train_set, tiles, log, out, model)
     refiner.eval()
     served, refined = placement(tiles, refiner, args.radius)
     report = {"tiles": len(tiles), "placement": {"served": served, "refined": refined}}
