@@ -268,6 +268,10 @@ def main(argv=None) -> int:
         # Measure against the prompt learner's own points: build the model without its refiner.
         checkpoint = dict(checkpoint, config=dict(checkpoint["config"], point_refiner=None))
         checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if not k.startswith("point_refiner.")}
+        metrics = {k: v for k, v in (checkpoint.get("metrics") or {}).items() if k != "point_refiner"}
+        if "validation_without_point_refiner" in metrics:
+            metrics["validation"] = metrics.pop("validation_without_point_refiner")
+        checkpoint["metrics"] = metrics
     model = build_cfr_sam(None, checkpoint=checkpoint)
     model.eval()
     args.data = args.data or str(common.default_data_root())
