@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modeling.bgmr import crop_windows
+
 
 @dataclass(frozen=True)
 class PointRefinerConfig:
@@ -87,26 +89,18 @@ class PointRefiner(nn.Module):
         d2 = (self.cell_x - offsets[:, :1]) ** 2 + (self.cell_y - offsets[:, 1:]) ** 2
         return (-d2 / (2 * sigma**2)).softmax(-1)
 
-    def crop_origins(self, points: torch.Tensor) -> torch.Tensor:
-        """[P, 2] integer (x0, y0) of each point's crop in the padded image (padding = crop / 2)."""
-        return torch.floor(points).long()
+    def crop_origins(self, points: torch.Tensor, size: int) -> torch.Tensor:
+        """[P, 2] integer corner floor(p) each point's crop is centred on, inside the [0, S) frame.
+        It is also the crop's top-left (x0, y0) in the image padded by C/2 on every side."""
+        return torch.floor(points).long().clamp(0, size - 1)
 
     def crops(self, image: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
         """image [N, 3, S, S], points [P, 2], image_index [P] -> [P, 3, C, C]: the window covering
-        [floor(p) - C/2, floor(p) + C/2) on each axis (zeros beyond the image), centred on the
-        corner floor(p), i.e. within a pixel of the point."""
-        c = self.cfg.crop
-        half = c // 2
+        [floor(p) - C/2, floor(p) + C/2) on each axis (zeros beyond the image)."""
+        half = self.cfg.crop // 2
         padded = F.pad(image, (half, half, half, half))
-        origins = self.crop_origins(points).clamp(0, image.shape[-1] - 1)
-        steps = torch.arange(c, device=image.device)
-        rows = origins[:, 1:2] + steps  # [P, C] in padded coords: pixel y sits at y + half
-        cols = origins[:, 0:1] + steps
-        n, ch, h, w = padded.shape
-        flat = (rows.unsqueeze(2) * w + cols.unsqueeze(1)).reshape(-1, c * c)
-        flat = flat + image_index.long().unsqueeze(1) * (h * w)
-        source = padded.transpose(0, 1).reshape(ch, -1)
-        return source.index_select(1, flat.reshape(-1)).reshape(ch, -1, c, c).transpose(0, 1)
+        origins = self.crop_origins(points, image.shape[-1])
+        return crop_windows(padded, origins, self.cfg.crop, image_index=image_index.long())
 
     def refine(
         self, image: torch.Tensor, points: torch.Tensor, image_index: Optional[torch.Tensor] = None
@@ -116,7 +110,7 @@ class PointRefiner(nn.Module):
         if image_index is None:
             image_index = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
         size = image.shape[-1]
-        centres = self.crop_origins(points).clamp(0, size - 1).to(points.dtype)
+        centres = self.crop_origins(points, size).to(points.dtype)
         return (centres + self(self.crops(image, points, image_index)).to(points.dtype)).clamp(0, size)
 
 

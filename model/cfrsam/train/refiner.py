@@ -186,7 +186,7 @@ def train(args, refiner: PointRefiner, train_set, tiles, log: common.RunLog, out
                 points, index, targets = (torch.cat(pair) for pair in zip((points, index, targets), more))
             if len(points) == 0:  # no nucleus in any of the batch's crops
                 continue
-            offsets = targets - refiner.crop_origins(points).clamp(0, size - 1).float()
+            offsets = targets - refiner.crop_origins(points, size).float()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 logits = refiner.heat_logits(refiner.crops(batch["image"], points, index))
             # A heat-map loss (cross-entropy against a Gaussian at the target) trains the map fast;

@@ -5,7 +5,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { status } from '@grpc/grpc-js';
-import type { HostTensor } from '@cfrsam/contract';
+import { elementCount, type HostTensor } from '@cfrsam/contract';
 import { logger } from '@cfrsam/rpc';
 import type { WorkerData, WorkerReply, WorkerRequest } from './workerProtocol';
 
@@ -126,7 +126,7 @@ const WORKER_SCRIPT = path.join(__dirname, 'onnxWorker.js');
 /** Why a feed cannot be sent (its data does not fill its dims, e.g. a buffer already transferred), or null. */
 function unusableFeed(feeds: Record<string, HostTensor>): string | null {
   for (const [name, t] of Object.entries(feeds)) {
-    const count = t.dims.reduce((a, b) => a * b, 1);
+    const count = elementCount(t.dims);
     if (t.data.length !== count) {
       const detached = t.data.length === 0 && t.data.buffer.byteLength === 0 && count > 0;
       return detached
