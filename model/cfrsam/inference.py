@@ -25,6 +25,7 @@ import torch
 from scipy import ndimage
 
 from .prompt_learner import decode_prompts
+from .prompt_learner.point_refiner import mix_class_probabilities
 
 # The gateway's defaults (services/gateway/src/config.ts, DEFAULT_OVERLAP_OPTIONS).
 MIN_KEPT_FRACTION = 0.5
@@ -118,10 +119,11 @@ def resolve_overlaps(
 
 
 @torch.no_grad()
-def detect_points(model, image: torch.Tensor, min_foreground: float, nms_radius: float):
+def detect_points(model, image: torch.Tensor, min_foreground: float, nms_radius: float, class_probs: bool = False):
     """The prompter service's detections for one tile: (points [P, 2], classes [P], class
-    confidence [P] = p(class) over K+1, foreground [P]), most confident (foreground) first; the
-    points refined by the model's point refiner when it has one."""
+    confidence [P] = p(class) over K+1, foreground [P]), most confident (foreground) first; with a
+    point refiner, the points refined, verified and their classes mixed with the refiner's. With
+    `class_probs`, a fifth item: the served probabilities over the K classes [P, K]."""
     size = image.shape[-1]
     out = model.detect(image)
     det = decode_prompts(out["points"], out["logits"], min_foreground)[0]
@@ -129,14 +131,28 @@ def detect_points(model, image: torch.Tensor, min_foreground: float, nms_radius:
     foreground = det["foreground"].float().cpu().numpy()
     keep = point_nms(pts, foreground, nms_radius)
     pts = pts[keep]
+    classes, scores = det["classes"].cpu().numpy()[keep], det["scores"].float().cpu().numpy()[keep]
+    # The learner's probabilities over the K classes (renormalised without background).
+    probs = out["logits"][0].float().softmax(-1)[det["anchor_index"][keep]][:, :-1].cpu()
+    probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
     refiner = getattr(model, "point_refiner", None)
     if refiner is not None and len(pts):
-        # As the prompter service: the kept points moved onto their nuclei's centres, then those
-        # that converged on one nucleus merged (keep is still in foreground order).
-        pts = model.refine_points(image, torch.from_numpy(pts).to(image.device, image.dtype)).float().cpu().numpy()
-        again = point_nms(pts, foreground[keep], refiner.cfg.nms_radius)
-        pts, keep = pts[again], keep[again]
-    return (pts, det["classes"].cpu().numpy()[keep], det["scores"].float().cpu().numpy()[keep], foreground[keep])
+        # As the prompter service: the kept points moved onto their nuclei's centres, those the
+        # refiner's score head says are on no nucleus dropped, then those that converged on one
+        # nucleus merged (keep is still in foreground order).
+        refined, on_nucleus, refiner_probs = model.refine_and_score_points(
+            image, torch.from_numpy(pts).to(image.device, image.dtype)
+        )
+        if refiner.cfg.class_weight > 0:
+            probs = mix_class_probabilities(probs, refiner_probs.float().cpu(), refiner.cfg.class_weight)
+            classes = probs.argmax(-1).numpy()
+            scores = foreground[keep] * probs.max(-1).values.numpy()
+        pts = refined.float().cpu().numpy()
+        verified = np.flatnonzero(on_nucleus.float().cpu().numpy() >= refiner.cfg.min_score)
+        again = verified[point_nms(pts[verified], foreground[keep][verified], refiner.cfg.nms_radius)]
+        pts, keep, classes, scores, probs = pts[again], keep[again], classes[again], scores[again], probs[again]
+    detections = (pts, classes, scores, foreground[keep])
+    return detections + (probs.numpy(),) if class_probs else detections
 
 
 def neighbours_within(points: np.ndarray, count: int, radius: float) -> List[List[int]]:

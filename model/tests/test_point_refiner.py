@@ -1,6 +1,7 @@
 """The point refiner: its crops, its training targets, that it learns, and the model and bundle
 that carry it (detect_points and point_refiner.onnx)."""
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from cfrsam.export import export_bundle
 from cfrsam.export.bundle import check_bundle
 from cfrsam.inference import detect_points, point_nms
 from cfrsam.prompt_learner import PointRefiner, PointRefinerConfig
+from cfrsam.prompt_learner.point_refiner import mix_class_probabilities
 from cfrsam.train import common
 from cfrsam.train.refiner import attach, placement, train, training_batch
 
@@ -37,8 +39,12 @@ def test_training_targets_are_the_centroid_of_the_nucleus_under_the_moved_point(
         "centroids": [torch.tensor([[6.0, 6.0], [25.0, 25.0]])],
     }
     rng = np.random.default_rng(0)
-    points, index, targets = training_batch(batch, per_image=2, jitter=30.0, rng=rng)
+    batch["classes"] = [torch.tensor([2, -1])]
+    points, index, targets, classes = training_batch(batch, per_image=2, jitter=30.0, rng=rng)
     assert index.tolist() == [0, 0]
+    # Each point carries its target nucleus' class (-1: unknown).
+    for target, cls in zip(targets.tolist(), classes.tolist()):
+        assert cls == (2 if target == [6.0, 6.0] else -1)
     for point, target in zip(points.numpy(), targets.numpy()):
         under = int(instances[0, int(point[1]), int(point[0])])
         if under:
@@ -138,3 +144,87 @@ def test_a_bundle_with_a_refiner_exports_its_graph_and_checks(refined_model, tmp
     fixture = json.loads((tmp_path / "b" / "parity" / "point_refiner.json").read_text())
     assert fixture["inputs"]["image_index"]["dtype"] == "int64"
     assert fixture["outputs"]["refined_points"]["dims"][1] == 2
+    # A refiner without the score head reports every point as on a nucleus.
+    assert fixture["outputs"]["point_scores"]["dims"] == fixture["outputs"]["refined_points"]["dims"][:1]
+    assert manifest["prompter"]["min_point_score"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def scored_model():
+    base = build_cfr_sam("tiny", input_size=64, window=32, seed=3)
+    cfg = PointRefinerConfig(
+        crop=16, width=8, stem_width=4, dilations=(1,), score_head=True, min_score=0.5,
+        num_classes=base.config.num_classes, class_weight=0.5,
+    )  # fmt: skip
+    refiner = PointRefiner(cfg)
+    torch.manual_seed(2)
+    for p in refiner.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    checkpoint = {"config": base.config.to_dict(), "model": base.state_dict(), "training": None, "metrics": None}
+    return build_cfr_sam(None, checkpoint=attach(checkpoint, refiner, {"note": "test"}, {"steps": 0}))
+
+
+def test_detect_points_drops_the_points_the_score_head_puts_on_no_nucleus_and_mixes_classes(scored_model):
+    model = scored_model
+    image = torch.randn(1, 3, 64, 64)
+    refiner = model.point_refiner
+    model.point_refiner = None
+    try:
+        raw, _, _, raw_foreground, raw_probs = detect_points(model, image, 0.0, 4.0, class_probs=True)
+    finally:
+        model.point_refiner = refiner
+    with torch.no_grad():
+        moved, scores, refiner_probs = model.refine_and_score_points(image, torch.from_numpy(raw))
+    moved, scores = moved.numpy(), scores.numpy()
+    assert ((scores > 0) & (scores < 1)).all()
+    assert refiner_probs.shape == (len(raw), model.config.num_classes)
+    # The bar at the random head's median score: points on both sides, or the test shows nothing.
+    bar = float(np.median(scores))
+    refiner.cfg = dataclasses.replace(refiner.cfg, min_score=bar)
+    assert 0 < (scores >= bar).sum() < len(scores)
+    points, classes, confidence, foreground, probs = detect_points(model, image, 0.0, 4.0, class_probs=True)
+    verified = np.flatnonzero(scores >= bar)
+    keep = verified[point_nms(moved[verified], raw_foreground[verified], refiner.cfg.nms_radius)]
+    np.testing.assert_allclose(points, moved[keep], atol=1e-5)
+    assert foreground.tolist() == raw_foreground[keep].tolist()
+    mixed = mix_class_probabilities(torch.from_numpy(raw_probs), refiner_probs, 0.5)[keep].numpy()
+    np.testing.assert_allclose(probs, mixed, atol=1e-6)
+    assert classes.tolist() == mixed.argmax(-1).tolist()
+    np.testing.assert_allclose(confidence, foreground * mixed.max(-1), atol=1e-6)
+
+
+def test_class_mixing_is_geometric_and_leaves_the_learner_alone_at_zero():
+    learner = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]])
+    refiner = torch.tensor([[0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
+    assert torch.equal(mix_class_probabilities(learner, refiner, 0.0), learner)
+    torch.testing.assert_close(mix_class_probabilities(learner, refiner, 1.0), refiner)
+    half = mix_class_probabilities(learner, refiner, 0.5)
+    expected = (learner * refiner).sqrt()
+    torch.testing.assert_close(half, expected / expected.sum(-1, keepdim=True))
+    assert half[0].argmax() == 1  # 0.7 x 0.1 < 0.2 x 0.8
+    # A refiner without the class head ([P, 1] ones) leaves the learner's classes.
+    assert torch.equal(mix_class_probabilities(learner, torch.ones(2, 1), 0.5), learner)
+
+
+def test_a_bundle_with_a_score_head_exports_the_scores_and_its_bar(scored_model, tmp_path):
+    manifest = export_bundle(scored_model, str(tmp_path / "b"), name="t", include_full=False)
+    assert manifest["prompter"]["min_point_score"] == scored_model.point_refiner.cfg.min_score > 0
+    assert manifest["provenance"]["config"]["point_refiner"]["score_head"] is True
+    assert check_bundle(str(tmp_path / "b"), verbose=False) == []
+    fixture = json.loads((tmp_path / "b" / "parity" / "point_refiner.json").read_text())
+    assert fixture["outputs"]["point_scores"]["dtype"] == "float32"
+    assert fixture["outputs"]["point_class_probs"]["dims"][1] == scored_model.config.num_classes
+    assert manifest["prompter"]["refiner_class_weight"] == 0.5
+
+
+def test_prompter_batch_labels_points_on_and_off_nuclei():
+    from cfrsam.train.refiner import background_batch
+
+    instances = torch.zeros(1, 64, 64, dtype=torch.long)
+    instances[0, 10:20, 10:20] = 1  # centroid (15, 15)
+    batch = {"image": torch.zeros(1, 3, 64, 64), "instances": instances, "centroids": [torch.tensor([[15.0, 15.0]])]}
+    points, index = background_batch(batch, per_image=6, clearance=8.0, rng=np.random.default_rng(0))
+    assert len(points) == 6 and index.tolist() == [0] * 6
+    cells = points.long()
+    assert (instances[0, cells[:, 1], cells[:, 0]] == 0).all()
+    assert ((points - torch.tensor([15.0, 15.0])).norm(dim=-1) >= 8.0).all()

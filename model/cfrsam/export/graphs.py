@@ -31,7 +31,10 @@ GRAPH_IO = {
     ),
 }
 GRAPH_IO["decoder_prompts_full"] = GRAPH_IO["decoder_prompts"]
-GRAPH_IO["point_refiner"] = (["image", "points", "image_index"], ["refined_points"])
+GRAPH_IO["point_refiner"] = (
+    ["image", "points", "image_index"],
+    ["refined_points", "point_scores", "point_class_probs"],
+)
 DYNAMIC_AXES = {
     "prompter": {"image": {0: "B"}, "points": {0: "B"}, "logits": {0: "B"}},
     "encoder": {"image": {0: "B"}, "features": {0: "B"}},
@@ -52,6 +55,8 @@ DYNAMIC_AXES["point_refiner"] = {
     "points": {0: "P"},
     "image_index": {0: "P"},
     "refined_points": {0: "P"},
+    "point_scores": {0: "P"},
+    "point_class_probs": {0: "P"},
 }
 
 

@@ -75,7 +75,11 @@ def build_manifest(
             "anchors": learner_cfg.num_anchors,
             **prompter_settings(checkpoint_info),
             **(
-                {"refined_nms_radius": model.point_refiner.cfg.nms_radius}
+                {
+                    "refined_nms_radius": model.point_refiner.cfg.nms_radius,
+                    "min_point_score": model.point_refiner.cfg.min_score,
+                    "refiner_class_weight": model.point_refiner.cfg.class_weight,
+                }
                 if getattr(model, "point_refiner", None) is not None
                 else {}
             ),

@@ -139,9 +139,17 @@ class CFRSAM(nn.Module):
     ) -> torch.Tensor:
         """The kept prompt points [P, 2] moved onto their nuclei's centres (point_refiner.onnx);
         unchanged for a model without a point refiner."""
+        return self.refine_and_score_points(image, points, image_index)[0]
+
+    def refine_and_score_points(
+        self, image: torch.Tensor, points: torch.Tensor, image_index: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """point_refiner.onnx's outputs: (refined points [P, 2], probability [P] that each is on a
+        nucleus, class probabilities [P, K'] from the refiner); the points unchanged, ones and [P, 1]
+        ones for a model without a point refiner (or without those heads)."""
         if self.point_refiner is None:
-            return points
-        return self.point_refiner.refine(image, points, image_index)
+            return points, torch.ones_like(points[:, 0]), torch.ones_like(points[:, :1])
+        return self.point_refiner.refine_and_score(image, points, image_index)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """image [B, 3, S, S] (normalised) -> features [B, L, D, h, w]."""

@@ -31,6 +31,17 @@ class PointRefinerConfig:
     # Refined points closer than this (px) prompt the same nucleus: the less confident is dropped
     # (the prompter's NMS ran on the unrefined points, which may converge).
     nms_radius: float = 4.0
+    # A second head: the probability that the point lies on a nucleus at all (a verifier at full
+    # resolution of the prompter's stride-4 foreground), read from the features at the heat map's
+    # peak and over the crop. Points scoring below `min_score` are dropped (0: none are).
+    score_head: bool = False
+    score_hidden: int = 32
+    min_score: float = 0.0
+    # A third head: the nucleus' class (K logits) from the same features, at full resolution where
+    # the prompt learner sees stride-4 features. Served classes mix the two: p ~ p_learner^(1 - w)
+    # x p_refiner^w over the K classes, w = `class_weight` (0: the prompt learner's alone).
+    num_classes: int = 0
+    class_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.crop % 4 != 0 or self.crop < 16:
@@ -66,6 +77,22 @@ class PointRefiner(nn.Module):
         self.down = _conv_bn_relu(cfg.stem_width, cfg.width, stride=2)
         self.context = nn.Sequential(*[_conv_bn_relu(cfg.width, cfg.width, dilation=d) for d in cfg.dilations])
         self.head = nn.Conv2d(cfg.width, 1, 1)
+        self.score = (
+            nn.Sequential(
+                nn.Linear(2 * cfg.width, cfg.score_hidden), nn.ReLU(inplace=True), nn.Linear(cfg.score_hidden, 1)
+            )
+            if cfg.score_head
+            else None
+        )
+        self.classify = (
+            nn.Sequential(
+                nn.Linear(2 * cfg.width, cfg.score_hidden),
+                nn.ReLU(inplace=True),
+                nn.Linear(cfg.score_hidden, cfg.num_classes),
+            )
+            if cfg.num_classes
+            else None
+        )
         half = cfg.crop // 2
         # Heat-map cell centres (stride 2) relative to the crop's centre, in input pixels.
         steps = torch.arange(half, dtype=torch.float32) * 2.0 + 1.0 - half
@@ -74,7 +101,22 @@ class PointRefiner(nn.Module):
 
     def heat_logits(self, crops: torch.Tensor) -> torch.Tensor:
         """[P, (C/2)^2] logits over the stride-2 cells of each crop (row-major)."""
-        return self.head(self.context(self.down(self.stem(crops)))).flatten(1).float()
+        return self.heads(crops)[0]
+
+    def heads(self, crops: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """([P, (C/2)^2] heat-map logits, [P] on-a-nucleus logits, [P, K] class logits); the last two
+        None without their heads."""
+        features = self.context(self.down(self.stem(crops)))
+        logits = self.head(features).flatten(1).float()
+        if self.score is None and self.classify is None:
+            return logits, None, None
+        cells = features.flatten(2).float()  # [P, width, (C/2)^2]
+        # What is at the predicted centre (the heat map's weights) and around it.
+        at_peak = torch.bmm(cells, logits.softmax(-1).unsqueeze(-1)).squeeze(-1)
+        pooled = torch.cat((at_peak, cells.mean(-1)), dim=-1)
+        score = self.score(pooled).squeeze(-1).float() if self.score is not None else None
+        classes = self.classify(pooled).float() if self.classify is not None else None
+        return logits, score, classes
 
     def expectation(self, logits: torch.Tensor) -> torch.Tensor:
         """Soft-argmax: [P, 2] (x, y) offsets from the crop's centre, input pixels."""
@@ -107,22 +149,46 @@ class PointRefiner(nn.Module):
     ) -> torch.Tensor:
         """Refined points [P, 2] for points [P, 2] on image [N, 3, S, S] (image_index [P], default
         0), inside the frame [0, S]."""
+        return self.refine_and_score(image, points, image_index)[0]
+
+    def refine_and_score(
+        self, image: torch.Tensor, points: torch.Tensor, image_index: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(refined points [P, 2], on-a-nucleus probability [P], class probabilities [P, K']): ones
+        without the score head, and K' = 1 (a single 1) without the class head."""
         if image_index is None:
             image_index = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
         size = image.shape[-1]
         centres = self.crop_origins(points, size).to(points.dtype)
-        return (centres + self(self.crops(image, points, image_index)).to(points.dtype)).clamp(0, size)
+        logits, score_logits, class_logits = self.heads(self.crops(image, points, image_index))
+        refined = (centres + self.expectation(logits).to(points.dtype)).clamp(0, size)
+        scores = torch.ones_like(refined[:, 0]) if score_logits is None else score_logits.sigmoid().to(points.dtype)
+        classes = torch.ones_like(refined[:, :1]) if class_logits is None else class_logits.softmax(-1).to(points.dtype)
+        return refined, scores, classes
+
+
+def mix_class_probabilities(learner: torch.Tensor, refiner: torch.Tensor, weight: float) -> torch.Tensor:
+    """[P, K] class probabilities served: the prompt learner's (over the K classes) and the point
+    refiner's mixed geometrically, p ~ learner^(1 - weight) x refiner^weight, renormalised. The
+    prompter service computes the same (services/prompter/src/pipeline.ts)."""
+    if weight <= 0 or refiner.shape[-1] != learner.shape[-1]:
+        return learner
+    eps = 1e-12
+    mixed = torch.exp((1 - weight) * torch.log(learner.clamp_min(eps)) + weight * torch.log(refiner.clamp_min(eps)))
+    return mixed / mixed.sum(-1, keepdim=True)
 
 
 class PointRefinerGraph(nn.Module):
     """The `point_refiner` ONNX graph: (image [B,3,S,S], points [P,2], image_index [P] int64) ->
-    refined_points [P,2]. The prompter service runs it on the points its NMS kept."""
+    (refined_points [P,2], point_scores [P]: the probability that each point is on a nucleus, ones
+    for a refiner without the score head; point_class_probs [P,K']: the nucleus' class, [P,1] ones
+    without the class head). The prompter service runs it on the points its NMS kept."""
 
-    output_names: Tuple[str] = ("refined_points",)
+    output_names: Tuple[str, ...] = ("refined_points", "point_scores", "point_class_probs")
 
     def __init__(self, refiner: PointRefiner) -> None:
         super().__init__()
         self.refiner = refiner
 
-    def forward(self, image: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
-        return self.refiner.refine(image, points, image_index)
+    def forward(self, image: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor):
+        return self.refiner.refine_and_score(image, points, image_index)

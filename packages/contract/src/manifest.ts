@@ -52,9 +52,10 @@ export interface Manifest {
   maskThreshold: number;
   /**
    * The prompter's rules: its threshold and NMS radius, and (bundles with a point refiner) the
-   * radius within which refined points are merged, 0 otherwise.
+   * radius within which refined points are merged, 0 otherwise, and the refiner's score below
+   * which a point is on no nucleus and dropped (0: none is; bundles whose refiner has a score head).
    */
-  prompter: { anchors: number; minForeground: number; nmsRadius: number; refinedNmsRadius: number };
+  prompter: { anchors: number; minForeground: number; nmsRadius: number; refinedNmsRadius: number; minPointScore: number };
   graphs: Partial<Record<GraphName, GraphEntry>>;
   provenance: Record<string, unknown>;
   metrics: Record<string, unknown>;
@@ -207,8 +208,11 @@ export function loadManifest(dir: string, options: LoadManifestOptions = {}): Ma
     nmsRadius: num(absDir, prompterRaw, 'nms_radius', 'prompter.nms_radius', { min: 0 }),
     refinedNmsRadius:
       prompterRaw.refined_nms_radius === undefined ? 0 : num(absDir, prompterRaw, 'refined_nms_radius', 'prompter.refined_nms_radius', { min: 0 }),
+    minPointScore:
+      prompterRaw.min_point_score === undefined ? 0 : num(absDir, prompterRaw, 'min_point_score', 'prompter.min_point_score', { min: 0 }),
   };
   if (prompter.minForeground > 1) fail(absDir, `"prompter.min_foreground" must be in [0, 1], got ${prompter.minForeground}`);
+  if (prompter.minPointScore > 1) fail(absDir, `"prompter.min_point_score" must be in [0, 1], got ${prompter.minPointScore}`);
 
   const graphsRaw = obj(absDir, m, 'graphs');
   const graphs: Partial<Record<GraphName, GraphEntry>> = {};

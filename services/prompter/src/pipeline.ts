@@ -129,19 +129,32 @@ export function refinerInputs(perTile: readonly (readonly Detection[])[]): { poi
 
 /**
  * The detections with the refined points (in the order of refinerInputs), clipped to [0, size];
- * refined points closer than `nmsRadius` converged on one nucleus, and the less confident goes.
+ * with `scores` (point_refiner.onnx's point_scores, same order), points scoring below `minScore`
+ * are on no nucleus and dropped; refined points closer than `nmsRadius` converged on one nucleus,
+ * and the less confident goes.
  */
-export function withRefinedPoints(perTile: readonly (readonly Detection[])[], refined: Float32Array, size: number, nmsRadius: number): Detection[][] {
+export function withRefinedPoints(
+  perTile: readonly (readonly Detection[])[],
+  refined: Float32Array,
+  size: number,
+  nmsRadius: number,
+  scores?: Float32Array,
+  minScore = 0,
+): Detection[][] {
   let i = 0;
   return perTile.map((detections) => {
-    const moved = detections.map((d) => {
+    const moved: Detection[] = [];
+    for (const d of detections) {
       const x = refined[i * 2];
       const y = refined[i * 2 + 1];
+      const score = scores ? scores[i] : 1;
       i++;
-      // A non-finite refinement keeps the prompt learner's point rather than losing the nucleus.
-      if (!Number.isFinite(x) || !Number.isFinite(y)) return d;
-      return { ...d, x: Math.min(size, Math.max(0, x)), y: Math.min(size, Math.max(0, y)) };
-    });
+      // A score below the bar drops the point; a non-finite one keeps it, as a non-finite
+      // refinement keeps the prompt learner's point: the refiner never loses a nucleus by failing.
+      if (score < minScore) continue;
+      if (!Number.isFinite(x) || !Number.isFinite(y)) moved.push(d);
+      else moved.push({ ...d, x: Math.min(size, Math.max(0, x)), y: Math.min(size, Math.max(0, y)) });
+    }
     return pointNms(moved, nmsRadius); // still in foreground order
   });
 }
@@ -232,6 +245,9 @@ export class PrompterPipeline {
       { signal },
     );
     const refined = graphOutputFloat32('point_refiner', out, 'refined_points', [P, 2]);
-    return withRefinedPoints(perTile, refined, this.manifest.inputSize, this.manifest.prompter.refinedNmsRadius);
+    const { refinedNmsRadius, minPointScore } = this.manifest.prompter;
+    // Bundles that set a score bar have the score head (older refiners have no point_scores output).
+    const scores = minPointScore > 0 ? graphOutputFloat32('point_refiner', out, 'point_scores', [P]) : undefined;
+    return withRefinedPoints(perTile, refined, this.manifest.inputSize, refinedNmsRadius, scores, minPointScore);
   }
 }

@@ -84,6 +84,17 @@ describe('point refinement (pure parts)', () => {
       [40, 10],
     ]);
   });
+
+  it("drops the points the refiner's score head puts below the bar before merging, keeps a non-finite score", () => {
+    const refined = new Float32Array([20, 11, 21, 11.5, 5, 250]);
+    // The first point of tile 0 is on no nucleus: its converged neighbour survives the merge.
+    const out = withRefinedPoints(perTile, refined, 256, 4, new Float32Array([0.1, 0.8, NaN]), 0.3);
+    expect(out[0].map((d) => [d.x, d.y, d.foreground])).toEqual([[21, 11.5, 0.8]]);
+    expect(out[2].map((d) => [d.x, d.y])).toEqual([[5, 250]]);
+    // Without a bar the scores change nothing.
+    expect(withRefinedPoints(perTile, refined, 256, 4, new Float32Array([0.1, 0.8, 0.2]), 0)[0]).toHaveLength(1);
+    expect(withRefinedPoints(perTile, refined, 256, 4, new Float32Array([0.1, 0.8, 0.2]), 0)[2]).toHaveLength(1);
+  });
 });
 
 const bundle = testBundle();
