@@ -53,9 +53,18 @@ export interface Manifest {
   /**
    * The prompter's rules: its threshold and NMS radius, and (bundles with a point refiner) the
    * radius within which refined points are merged, 0 otherwise, and the refiner's score below
-   * which a point is on no nucleus and dropped (0: none is; bundles whose refiner has a score head).
+   * which a point is on no nucleus and dropped (0: none is; bundles whose refiner has a score head),
+   * and the weight w of the refiner's class probabilities in the served ones, p ~ learner^(1-w) x
+   * refiner^w (0: the prompt learner's alone; bundles whose refiner has a class head).
    */
-  prompter: { anchors: number; minForeground: number; nmsRadius: number; refinedNmsRadius: number; minPointScore: number };
+  prompter: {
+    anchors: number;
+    minForeground: number;
+    nmsRadius: number;
+    refinedNmsRadius: number;
+    minPointScore: number;
+    refinerClassWeight: number;
+  };
   graphs: Partial<Record<GraphName, GraphEntry>>;
   provenance: Record<string, unknown>;
   metrics: Record<string, unknown>;
@@ -210,9 +219,16 @@ export function loadManifest(dir: string, options: LoadManifestOptions = {}): Ma
       prompterRaw.refined_nms_radius === undefined ? 0 : num(absDir, prompterRaw, 'refined_nms_radius', 'prompter.refined_nms_radius', { min: 0 }),
     minPointScore:
       prompterRaw.min_point_score === undefined ? 0 : num(absDir, prompterRaw, 'min_point_score', 'prompter.min_point_score', { min: 0 }),
+    refinerClassWeight:
+      prompterRaw.refiner_class_weight === undefined
+        ? 0
+        : num(absDir, prompterRaw, 'refiner_class_weight', 'prompter.refiner_class_weight', { min: 0 }),
   };
   if (prompter.minForeground > 1) fail(absDir, `"prompter.min_foreground" must be in [0, 1], got ${prompter.minForeground}`);
   if (prompter.minPointScore > 1) fail(absDir, `"prompter.min_point_score" must be in [0, 1], got ${prompter.minPointScore}`);
+  if (prompter.refinerClassWeight > 1) {
+    fail(absDir, `"prompter.refiner_class_weight" must be in [0, 1], got ${prompter.refinerClassWeight}`);
+  }
 
   const graphsRaw = obj(absDir, m, 'graphs');
   const graphs: Partial<Record<GraphName, GraphEntry>> = {};

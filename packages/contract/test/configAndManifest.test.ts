@@ -78,7 +78,7 @@ describe('loadManifest', () => {
   it('accepts a valid manifest and converts names', () => {
     const m = loadManifest(writeBundle('ok', () => {}));
     expect(m).toMatchObject({ inputSize: 256, featureShape: [2, 8, 16, 16], refinement: { mode: 'window', window: 64 } });
-    expect(m.prompter).toEqual({ anchors: 64, minForeground: 0.5, nmsRadius: 4, refinedNmsRadius: 0, minPointScore: 0 });
+    expect(m.prompter).toEqual({ anchors: 64, minForeground: 0.5, nmsRadius: 4, refinedNmsRadius: 0, minPointScore: 0, refinerClassWeight: 0 });
   });
 
   it('names the field or file at fault', () => {

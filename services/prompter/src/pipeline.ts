@@ -128,19 +128,45 @@ export function refinerInputs(perTile: readonly (readonly Detection[])[]): { poi
 }
 
 /**
+ * Class probabilities served for a refined point: the prompt learner's and the point refiner's
+ * mixed geometrically, p ~ learner^(1 - weight) x refiner^weight, renormalised (model/cfrsam/
+ * prompt_learner/point_refiner.py `mix_class_probabilities`). The learner's stand when the weight is
+ * 0, the refiner's row does not have K finite values, or the mix is degenerate.
+ */
+export function mixClassProbabilities(learner: readonly number[], refiner: ArrayLike<number>, weight: number): number[] {
+  if (!(weight > 0) || refiner.length !== learner.length) return [...learner];
+  const eps = 1e-12;
+  const mixed = learner.map((p, k) => Math.exp((1 - weight) * Math.log(Math.max(p, eps)) + weight * Math.log(Math.max(refiner[k], eps))));
+  const sum = mixed.reduce((a, b) => a + b, 0);
+  if (!(sum > 0) || !Number.isFinite(sum)) return [...learner];
+  return mixed.map((p) => p / sum);
+}
+
+/** What point_refiner.onnx says about the kept points, in the order of refinerInputs. */
+export interface RefinerOutputs {
+  /** refined_points [P, 2]. */
+  refined: Float32Array;
+  /** point_scores [P], read when the bundle sets a score bar. */
+  scores?: Float32Array;
+  /** point_class_probs [P, K], read when the bundle mixes classes. */
+  classProbabilities?: Float32Array;
+}
+
+/**
  * The detections with the refined points (in the order of refinerInputs), clipped to [0, size];
- * with `scores` (point_refiner.onnx's point_scores, same order), points scoring below `minScore`
- * are on no nucleus and dropped; refined points closer than `nmsRadius` converged on one nucleus,
- * and the less confident goes.
+ * points scoring below `minScore` are on no nucleus and dropped; with class probabilities, each
+ * detection's classes are mixed with the refiner's at `classWeight`; refined points closer than
+ * `nmsRadius` converged on one nucleus, and the less confident goes.
  */
 export function withRefinedPoints(
   perTile: readonly (readonly Detection[])[],
-  refined: Float32Array,
+  outputs: RefinerOutputs,
   size: number,
   nmsRadius: number,
-  scores?: Float32Array,
   minScore = 0,
+  classWeight = 0,
 ): Detection[][] {
+  const { refined, scores, classProbabilities } = outputs;
   let i = 0;
   return perTile.map((detections) => {
     const moved: Detection[] = [];
@@ -148,12 +174,20 @@ export function withRefinedPoints(
       const x = refined[i * 2];
       const y = refined[i * 2 + 1];
       const score = scores ? scores[i] : 1;
+      let classes: Pick<Detection, 'classIndex' | 'classProbabilities'> = d;
+      if (classProbabilities && classWeight > 0) {
+        const K = d.classProbabilities.length;
+        const probabilities = mixClassProbabilities(d.classProbabilities, classProbabilities.subarray(i * K, (i + 1) * K), classWeight);
+        // The first of equal maxima, as argmax in the Python reference.
+        const classIndex = probabilities.reduce((best, p, k) => (p > probabilities[best] ? k : best), 0);
+        classes = { classIndex, classProbabilities: probabilities };
+      }
       i++;
       // A score below the bar drops the point; a non-finite one keeps it, as a non-finite
       // refinement keeps the prompt learner's point: the refiner never loses a nucleus by failing.
       if (score < minScore) continue;
-      if (!Number.isFinite(x) || !Number.isFinite(y)) moved.push(d);
-      else moved.push({ ...d, x: Math.min(size, Math.max(0, x)), y: Math.min(size, Math.max(0, y)) });
+      if (!Number.isFinite(x) || !Number.isFinite(y)) moved.push({ ...d, ...classes });
+      else moved.push({ ...d, ...classes, x: Math.min(size, Math.max(0, x)), y: Math.min(size, Math.max(0, y)) });
     }
     return pointNms(moved, nmsRadius); // still in foreground order
   });
@@ -244,10 +278,15 @@ export class PrompterPipeline {
       { image, points: { type: 'float32', dims: [P, 2], data: points }, image_index: { type: 'int64', dims: [P], data: imageIndex } },
       { signal },
     );
-    const refined = graphOutputFloat32('point_refiner', out, 'refined_points', [P, 2]);
-    const { refinedNmsRadius, minPointScore } = this.manifest.prompter;
-    // Bundles that set a score bar have the score head (older refiners have no point_scores output).
-    const scores = minPointScore > 0 ? graphOutputFloat32('point_refiner', out, 'point_scores', [P]) : undefined;
-    return withRefinedPoints(perTile, refined, this.manifest.inputSize, refinedNmsRadius, scores, minPointScore);
+    const K = this.manifest.classes.length;
+    const { refinedNmsRadius, minPointScore, refinerClassWeight } = this.manifest.prompter;
+    // Bundles that set a score bar or a class weight have those heads (older refiners have only
+    // refined_points), so the other outputs are read only then.
+    const outputs: RefinerOutputs = {
+      refined: graphOutputFloat32('point_refiner', out, 'refined_points', [P, 2]),
+      scores: minPointScore > 0 ? graphOutputFloat32('point_refiner', out, 'point_scores', [P]) : undefined,
+      classProbabilities: refinerClassWeight > 0 ? graphOutputFloat32('point_refiner', out, 'point_class_probs', [P, K]) : undefined,
+    };
+    return withRefinedPoints(perTile, outputs, this.manifest.inputSize, refinedNmsRadius, minPointScore, refinerClassWeight);
   }
 }

@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeClient, stagesProto, status, unary } from '@cfrsam/rpc';
 import { digestTile, type Manifest, tensorFromProto, tensorToProto } from '@cfrsam/contract';
 import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/testing';
-import { decodeAnchors, type Detection, pointNms, refinerInputs, withRefinedPoints } from '../src/pipeline';
+import { decodeAnchors, type Detection, mixClassProbabilities, pointNms, refinerInputs, withRefinedPoints } from '../src/pipeline';
 import { startPrompter, type RunningPrompter } from '../src/server';
 
 describe('decodeAnchors', () => {
@@ -73,12 +73,12 @@ describe('point refinement (pure parts)', () => {
 
   it('moves the points, clips them to the tile, keeps a point whose refinement is not finite, merges converged ones', () => {
     const refined = new Float32Array([20, 11, 21, 11.5, -3, 300]);
-    const out = withRefinedPoints(perTile, refined, 256, 4);
+    const out = withRefinedPoints(perTile, { refined }, 256, 4);
     // The two points of tile 0 converged (1.1 px apart): the less confident goes.
     expect(out[0].map((d) => [d.x, d.y, d.foreground])).toEqual([[20, 11, 0.9]]);
     expect(out[1]).toEqual([]);
     expect(out[2].map((d) => [d.x, d.y])).toEqual([[0, 256]]);
-    const kept = withRefinedPoints(perTile, new Float32Array([NaN, 1, 40, 10, 5, 250]), 256, 4);
+    const kept = withRefinedPoints(perTile, { refined: new Float32Array([NaN, 1, 40, 10, 5, 250]) }, 256, 4);
     expect(kept[0].map((d) => [d.x, d.y])).toEqual([
       [10, 10],
       [40, 10],
@@ -88,12 +88,36 @@ describe('point refinement (pure parts)', () => {
   it("drops the points the refiner's score head puts below the bar before merging, keeps a non-finite score", () => {
     const refined = new Float32Array([20, 11, 21, 11.5, 5, 250]);
     // The first point of tile 0 is on no nucleus: its converged neighbour survives the merge.
-    const out = withRefinedPoints(perTile, refined, 256, 4, new Float32Array([0.1, 0.8, NaN]), 0.3);
+    const out = withRefinedPoints(perTile, { refined, scores: new Float32Array([0.1, 0.8, NaN]) }, 256, 4, 0.3);
     expect(out[0].map((d) => [d.x, d.y, d.foreground])).toEqual([[21, 11.5, 0.8]]);
     expect(out[2].map((d) => [d.x, d.y])).toEqual([[5, 250]]);
     // Without a bar the scores change nothing.
-    expect(withRefinedPoints(perTile, refined, 256, 4, new Float32Array([0.1, 0.8, 0.2]), 0)[0]).toHaveLength(1);
-    expect(withRefinedPoints(perTile, refined, 256, 4, new Float32Array([0.1, 0.8, 0.2]), 0)[2]).toHaveLength(1);
+    const unbarred = withRefinedPoints(perTile, { refined, scores: new Float32Array([0.1, 0.8, 0.2]) }, 256, 4, 0);
+    expect(unbarred.map((t) => t.length)).toEqual([1, 0, 1]);
+  });
+
+  it("mixes each point's classes with the refiner's at the bundle's weight", () => {
+    const two = (x: number, y: number, probabilities: number[]): Detection => ({
+      x,
+      y,
+      foreground: 0.9,
+      classIndex: probabilities.indexOf(Math.max(...probabilities)),
+      classProbabilities: probabilities,
+    });
+    const tiles = [[two(10, 10, [0.7, 0.2, 0.1]), two(60, 60, [0.2, 0.2, 0.6])]];
+    const refined = new Float32Array([10, 10, 60, 60]);
+    const classProbabilities = new Float32Array([0.1, 0.8, 0.1, 0.2, 0.2, 0.6]);
+    const [mixed] = withRefinedPoints(tiles, { refined, classProbabilities }, 256, 4, 0, 0.5);
+    // sqrt(0.7 x 0.1) < sqrt(0.2 x 0.8): the refiner turns the first point to class 1.
+    expect(mixed.map((d) => d.classIndex)).toEqual([1, 2]);
+    const g = [Math.sqrt(0.07), Math.sqrt(0.16), Math.sqrt(0.01)];
+    const total = g[0] + g[1] + g[2];
+    mixed[0].classProbabilities.forEach((p, k) => expect(p).toBeCloseTo(g[k] / total, 6));
+    expect(mixed[1].classProbabilities.reduce((a, b) => a + b, 0)).toBeCloseTo(1, 6);
+    // Weight 0 (or no class output) serves the learner's classes untouched.
+    const [plain] = withRefinedPoints(tiles, { refined, classProbabilities }, 256, 4, 0, 0);
+    expect(plain.map((d) => d.classProbabilities)).toEqual(tiles[0].map((d) => d.classProbabilities));
+    expect(mixClassProbabilities([0.5, 0.5], new Float32Array([1]), 0.5)).toEqual([0.5, 0.5]);
   });
 });
 
