@@ -87,7 +87,11 @@ function twins(features: Feature[]): string[] {
       if (Math.hypot(c[i][0] - c[j][0], c[i][1] - c[j][1]) > 40) continue;
       const pa = features[i].geometry.coordinates[0],
         pb = features[j].geometry.coordinates[0];
-      if (insidePolygon(pa, c[j][0], c[j][1]) || insidePolygon(pb, c[i][0], c[i][1])) out.push(`${c[i]} / ${c[j]}`);
+      // A centroid says where its nucleus is only when it lies on it: a C-shaped nucleus' centroid
+      // can fall on the neighbour it wraps, which is no twin.
+      const jOnI = insidePolygon(pb, c[j][0], c[j][1]) && insidePolygon(pa, c[j][0], c[j][1]);
+      const iOnJ = insidePolygon(pa, c[i][0], c[i][1]) && insidePolygon(pb, c[i][0], c[i][1]);
+      if (jOnI || iOnJ) out.push(`${c[i]} / ${c[j]}`);
     }
   }
   return out;
