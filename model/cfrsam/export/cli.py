@@ -19,6 +19,33 @@ def _bundle_size(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)
 
 
+def with_refiner_settings(ckpt, min_score: Optional[float], class_weight: Optional[float]):
+    """The checkpoint with its point refiner's serving settings replaced (None: kept). They change
+    which nuclei are served, so the recorded validation no longer applies: it is kept under
+    `validation_before_settings` beside the settings it was measured with."""
+    if min_score is None and class_weight is None:
+        return ckpt
+    refiner = ((ckpt or {}).get("config") or {}).get("point_refiner")
+    if not refiner:
+        raise ExportError("--min-point-score / --refiner-class-weight: the checkpoint has no point refiner")
+    if min_score is not None and not (refiner.get("score_head") and 0 <= min_score <= 1):
+        raise ExportError(f"--min-point-score {min_score}: needs a refiner with a score head and a value in [0, 1]")
+    if class_weight is not None and not (refiner.get("num_classes") and 0 <= class_weight <= 1):
+        raise ExportError(
+            f"--refiner-class-weight {class_weight}: needs a refiner with a class head and a value in [0, 1]"
+        )
+    settings = {"min_score": refiner.get("min_score", 0.0), "class_weight": refiner.get("class_weight", 0.0)}
+    changed = dict(refiner)
+    if min_score is not None:
+        changed["min_score"] = min_score
+    if class_weight is not None:
+        changed["class_weight"] = class_weight
+    metrics = dict(ckpt.get("metrics") or {})
+    if "validation" in metrics:
+        metrics["validation_before_settings"] = {"settings": settings, **metrics.pop("validation")}
+    return {**ckpt, "config": {**ckpt["config"], "point_refiner": changed}, "metrics": metrics}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     with torch.no_grad():
         return _main(argv)
@@ -38,6 +65,16 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         "--mask-threshold",
         type=float,
         help="logit above which a mask pixel is set (the decoder service's threshold; default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--min-point-score",
+        type=float,
+        help="the point refiner's score bar (prompter.min_point_score; default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--refiner-class-weight",
+        type=float,
+        help="weight of the point refiner's classes (prompter.refiner_class_weight; default: the checkpoint's)",
     )
     p.add_argument("--no-parity", action="store_true")
     p.add_argument("--no-full", action="store_true", help="skip decoder_prompts_full.onnx")
@@ -70,6 +107,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             ckpt = bundle_checkpoint(args.checkpoint)
         else:
             ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
+        ckpt = with_refiner_settings(ckpt, args.min_point_score, args.refiner_class_weight)
         model = build_cfr_sam(
             args.config,
             checkpoint=ckpt,
