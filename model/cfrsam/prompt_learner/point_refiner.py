@@ -66,6 +66,10 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn
     )
 
 
+def _mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, cout))
+
+
 class PointRefiner(nn.Module):
     """crops [P, 3, C, C] (normalised pixels) -> offsets [P, 2] (x, y) of the centre from the crop's
     centre, in input pixels; `refine(image, points)` does the cropping."""
@@ -77,22 +81,9 @@ class PointRefiner(nn.Module):
         self.down = _conv_bn_relu(cfg.stem_width, cfg.width, stride=2)
         self.context = nn.Sequential(*[_conv_bn_relu(cfg.width, cfg.width, dilation=d) for d in cfg.dilations])
         self.head = nn.Conv2d(cfg.width, 1, 1)
-        self.score = (
-            nn.Sequential(
-                nn.Linear(2 * cfg.width, cfg.score_hidden), nn.ReLU(inplace=True), nn.Linear(cfg.score_hidden, 1)
-            )
-            if cfg.score_head
-            else None
-        )
-        self.classify = (
-            nn.Sequential(
-                nn.Linear(2 * cfg.width, cfg.score_hidden),
-                nn.ReLU(inplace=True),
-                nn.Linear(cfg.score_hidden, cfg.num_classes),
-            )
-            if cfg.num_classes
-            else None
-        )
+        # Both heads read the same 2 x width pooled features (at the heat map's peak, and the mean).
+        self.score = _mlp(2 * cfg.width, cfg.score_hidden, 1) if cfg.score_head else None
+        self.classify = _mlp(2 * cfg.width, cfg.score_hidden, cfg.num_classes) if cfg.num_classes else None
         half = cfg.crop // 2
         # Heat-map cell centres (stride 2) relative to the crop's centre, in input pixels.
         steps = torch.arange(half, dtype=torch.float32) * 2.0 + 1.0 - half

@@ -22,6 +22,7 @@ from ..build import build_cfr_sam
 from ..inference import detect_points, segment_tile
 from ..metrics import MetricAccumulator
 from . import common
+from .refiner import lies_on_nucleus
 
 
 def instance_errors(gt: np.ndarray, pred: np.ndarray) -> Counter:
@@ -83,21 +84,17 @@ def main(argv=None) -> int:
         gt_classes = {j + 1: int(c) for j, c in enumerate(item["classes"].tolist())}
         points = detect_points(model, image, args.min_foreground, args.nms_radius)[0]
         centroids = item["centroids"].numpy().reshape(-1, 2)
-        if len(points):
-            cells = np.clip(points, 0, gt.shape[-1] - 1e-3).astype(int)
-            on = gt[cells[:, 1], cells[:, 0]] > 0
-            if len(centroids):
-                on |= np.linalg.norm(points[:, None] - centroids[None], axis=-1).min(1) <= args.on_radius
-            counts["points"] += len(points)
-            counts["points_on_nucleus"] += int(on.sum())
+        counts["points"] += len(points)
+        counts["points_on_nucleus"] += int(lies_on_nucleus(points, gt, centroids, args.on_radius).sum())
         labels, classes = segment_tile(model, image, args.min_foreground, args.nms_radius)
         counts += instance_errors(gt, labels)
         served.add(gt, labels, gt_classes, classes)
         oracle_classes = dict(classes)
         for p in classes:
             ids, n = np.unique(gt[labels == p], return_counts=True)
-            if (ids > 0).any() and gt_classes.get(int(ids[ids > 0][n[ids > 0].argmax()]), -1) >= 0:
-                oracle_classes[p] = gt_classes[int(ids[ids > 0][n[ids > 0].argmax()])]
+            n[ids == 0] = 0  # the annotated nucleus the instance mostly covers, not the background
+            if n.max() > 0 and gt_classes.get(int(ids[n.argmax()]), -1) >= 0:
+                oracle_classes[p] = gt_classes[int(ids[n.argmax()])]
         oracle.add(gt, labels, gt_classes, oracle_classes)
     report = {
         "checkpoint": args.checkpoint,

@@ -73,6 +73,18 @@ def _nucleus_classes(batch, b: int, nucleus_index: np.ndarray) -> np.ndarray:
     return out
 
 
+def lies_on_nucleus(points: np.ndarray, instances: np.ndarray, centroids: np.ndarray, radius: float) -> np.ndarray:
+    """[P] bool: each point (x, y) lies on an annotated nucleus or within `radius` px of a centroid,
+    the score head's label."""
+    if len(points) == 0:
+        return np.zeros(0, dtype=bool)
+    cells = np.clip(points, 0, instances.shape[-1] - 1e-3).astype(int)
+    on = instances[cells[:, 1], cells[:, 0]] > 0
+    if len(centroids):
+        on |= np.linalg.norm(points[:, None, :] - centroids[None, :, :], axis=-1).min(1) <= radius
+    return on
+
+
 @torch.no_grad()
 def prompter_batch(model, batch, min_foreground: float, nms_radius: float, radius: float, on_radius: float = 6.0):
     """The prompt learner's own kept points on a collated batch: (points [P, 2], image_index [P],
@@ -101,7 +113,7 @@ def prompter_batch(model, batch, min_foreground: float, nms_radius: float, radiu
             targets.append(pts.copy())
         has_target.append((under > 0) | (nearest_distance <= radius))
         classes.append(np.where(has_target[-1], _nucleus_classes(batch, b, target_index), -1))
-        on_nucleus.append((under > 0) | (nearest_distance <= on_radius))
+        on_nucleus.append(lies_on_nucleus(pts, batch["instances"][b].numpy(), centroids, on_radius))
         points.append(pts)
         index.append(np.full(len(pts), b))
     if not points:
@@ -373,11 +385,7 @@ def score_separation(tiles, refiner: PointRefiner, on_radius: float):
             continue
         with torch.no_grad():
             _, scores, _ = refiner.refine_and_score(image, torch.from_numpy(pts).float())
-        cells = np.clip(pts, 0, gt.shape[-1] - 1e-3).astype(int)
-        on = gt[cells[:, 1], cells[:, 0]] > 0
-        if len(centroids):
-            on |= np.linalg.norm(pts[:, None, :] - centroids[None, :, :], axis=-1).min(1) <= on_radius
-        labels.append(on)
+        labels.append(lies_on_nucleus(pts, gt, centroids, on_radius))
         fg.append(foreground)
         head.append(scores.numpy())
     labels, fg, head = np.concatenate(labels), np.concatenate(fg), np.concatenate(head)

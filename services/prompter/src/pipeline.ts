@@ -171,21 +171,20 @@ export function withRefinedPoints(
   return perTile.map((detections) => {
     const moved: Detection[] = [];
     for (const d of detections) {
-      const x = refined[i * 2];
-      const y = refined[i * 2 + 1];
-      const score = scores ? scores[i] : 1;
+      const k = i++;
+      // A score below the bar drops the point; a non-finite one keeps it, as a non-finite
+      // refinement keeps the prompt learner's point: the refiner never loses a nucleus by failing.
+      if (scores && scores[k] < minScore) continue;
       let classes: Pick<Detection, 'classIndex' | 'classProbabilities'> = d;
       if (classProbabilities && classWeight > 0) {
         const K = d.classProbabilities.length;
-        const probabilities = mixClassProbabilities(d.classProbabilities, classProbabilities.subarray(i * K, (i + 1) * K), classWeight);
+        const probabilities = mixClassProbabilities(d.classProbabilities, classProbabilities.subarray(k * K, (k + 1) * K), classWeight);
         // The first of equal maxima, as argmax in the Python reference.
-        const classIndex = probabilities.reduce((best, p, k) => (p > probabilities[best] ? k : best), 0);
+        const classIndex = probabilities.reduce((best, p, c) => (p > probabilities[best] ? c : best), 0);
         classes = { classIndex, classProbabilities: probabilities };
       }
-      i++;
-      // A score below the bar drops the point; a non-finite one keeps it, as a non-finite
-      // refinement keeps the prompt learner's point: the refiner never loses a nucleus by failing.
-      if (score < minScore) continue;
+      const x = refined[k * 2];
+      const y = refined[k * 2 + 1];
       if (!Number.isFinite(x) || !Number.isFinite(y)) moved.push({ ...d, ...classes });
       else moved.push({ ...d, ...classes, x: Math.min(size, Math.max(0, x)), y: Math.min(size, Math.max(0, y)) });
     }
