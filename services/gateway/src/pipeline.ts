@@ -786,13 +786,15 @@ async function encodeLabelMapAs(
   };
 }
 
-/** The result cache's key: SHA-256 over the model version and the whole request, image included. */
+/** The result cache's key: SHA-256 over the model version, the request without its image, and the image's bytes. */
 function resultKey(request: segmentationProto.SegmentRequest, modelVersion: string): string {
-  return createHash('sha256')
-    .update(`cfrsam-result/1 ${modelVersion}\n`)
-    .update(segmentationProto.SegmentRequest.encode(request).finish())
-    .digest('hex');
+  // The image's bytes are hashed as they came; only the rest of the request is encoded (encoding
+  // the whole request copied the image twice more: a few MB per large image, on every request).
+  const rest = segmentationProto.SegmentRequest.encode({ ...request, image: EMPTY_BYTES }).finish();
+  return createHash('sha256').update(`cfrsam-result/2 ${modelVersion} ${rest.length}\n`).update(rest).update(request.image).digest('hex');
 }
+
+const EMPTY_BYTES = Buffer.alloc(0);
 
 /** image_id: SHA-256 over the decoded RGB pixels, the size, the resolution and the model version. */
 export function imageDigest(image: RgbImage, modelVersion: string, mpp: number): string {

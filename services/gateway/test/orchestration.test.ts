@@ -421,6 +421,9 @@ describe('SegmentationPipeline over in-memory stages', () => {
     // Any other parameter is another request.
     await p.segment(request(image, { minScore: 0.5 }));
     expect(log.decode.length).toBeGreaterThan(calls[2]);
+    // So is another image with the same parameters.
+    await p.segment(request(await diskImage(600, 501, DISKS)));
+    expect(p.stats().resultHits).toBe(1);
     // Off when its capacity is 0.
     const off = pipelineWith(fakeStages().stages, { resultCacheBytes: 0 });
     await off.segment(request(image));
