@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cfrsam.modeling.bgmr import BGMR, crop_windows
-from cfrsam.modeling.deform_conv import DeformConv2d, deform_conv2d
+from cfrsam.modeling.deform_conv import DeformConv2d, deform_conv2d, sample_taps_at_once
 
 torch.set_num_threads(1)
 
@@ -185,6 +185,24 @@ def test_deform_conv_without_offsets_is_a_plain_conv(in_channels, out_channels):
     shifted = deform_conv2d(x, offset, layer.weight, layer.bias)
     expected = F.conv2d(F.pad(x, (0, 2, 1, 1)), layer.weight, layer.bias)
     torch.testing.assert_close(shifted, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_channels,out_channels,dilation", [(6, 2, 1), (4, 4, 1), (4, 4, 2)])
+def test_sampling_all_taps_at_once_equals_the_tap_loop(in_channels, out_channels, dilation):
+    # The export's form of the deformable conv (one grid_sample over N x K maps) against the loop
+    # training runs, with offsets reaching past the border and a modulation mask.
+    torch.manual_seed(0)
+    x = torch.randn(3, in_channels, 10, 13)
+    weight = torch.randn(out_channels, in_channels, 3, 3)
+    bias = torch.randn(out_channels)
+    offset = 3.0 * torch.randn(3, 18, 10, 13)
+    mask = torch.rand(3, 9, 10, 13)
+    expected = deform_conv2d(x, offset, weight, bias, mask, dilation)
+    got = sample_taps_at_once(x, offset, weight, bias, mask, dilation)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sample_taps_at_once(x, offset, weight), deform_conv2d(x, offset, weight), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_deform_conv_receptive_radius_bounds_its_reach():
