@@ -251,6 +251,14 @@ def test_export_overrides_the_refiners_serving_settings(scored_model, tmp_path):
     # The recorded validation was measured at the old bar: kept aside with it, not claimed.
     assert "validation" not in manifest["metrics"]
     assert manifest["metrics"]["validation_before_settings"]["bpq"] == 0.5
+    # So is a new mask threshold: served, the old one recorded beside the validation.
+    assert export_main(argv + ["--out", str(tmp_path / "m"), "--mask-threshold", "-0.75"]) == 0
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["mask_threshold"] == -0.75
+    assert "validation" not in manifest["metrics"]
+    before = manifest["metrics"]["validation_before_settings"]
+    assert before["settings"] == {"mask_threshold": scored_model.config.mask_threshold} and before["bpq"] == 0.5
+    assert export_main(argv + ["--out", str(tmp_path / "n"), "--mask-threshold", "nan"]) == 2
     # A value out of range, or a setting the refiner has no head for, is refused with a message.
     assert export_main(argv + ["--out", str(tmp_path / "c"), "--refiner-class-weight", "1.5"]) == 2
     plain = dict(checkpoint, config=dict(checkpoint["config"], point_refiner=None))

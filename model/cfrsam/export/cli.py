@@ -1,6 +1,7 @@
 """`python -m cfrsam.export`: export a bundle or check one (see the package docstring)."""
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -19,31 +20,45 @@ def _bundle_size(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)
 
 
-def with_refiner_settings(ckpt, min_score: Optional[float], class_weight: Optional[float]):
-    """The checkpoint with its point refiner's serving settings replaced (None: kept). They change
-    which nuclei are served, so the recorded validation no longer applies: it is kept under
-    `validation_before_settings` beside the settings it was measured with."""
-    if min_score is None and class_weight is None:
+def with_serving_settings(
+    ckpt, min_score: Optional[float], class_weight: Optional[float], mask_threshold: Optional[float] = None
+):
+    """The checkpoint with serving settings replaced (None: kept): the point refiner's score bar and
+    class weight, and the decoder's mask threshold. They change what is served, so the recorded
+    validation no longer applies: it is kept under `validation_before_settings` beside the settings
+    it was measured with."""
+    if min_score is None and class_weight is None and mask_threshold is None:
         return ckpt
-    refiner = ((ckpt or {}).get("config") or {}).get("point_refiner")
-    if not refiner:
-        raise ExportError("--min-point-score / --refiner-class-weight: the checkpoint has no point refiner")
-    if min_score is not None and not (refiner.get("score_head") and 0 <= min_score <= 1):
-        raise ExportError(f"--min-point-score {min_score}: needs a refiner with a score head and a value in [0, 1]")
-    if class_weight is not None and not (refiner.get("num_classes") and 0 <= class_weight <= 1):
-        raise ExportError(
-            f"--refiner-class-weight {class_weight}: needs a refiner with a class head and a value in [0, 1]"
-        )
-    settings = {"min_score": refiner.get("min_score", 0.0), "class_weight": refiner.get("class_weight", 0.0)}
-    changed = dict(refiner)
-    if min_score is not None:
-        changed["min_score"] = min_score
-    if class_weight is not None:
-        changed["class_weight"] = class_weight
+    if mask_threshold is not None and not math.isfinite(mask_threshold):
+        raise ExportError(f"--mask-threshold {mask_threshold}: needs a finite logit")
+    if ckpt is None and mask_threshold is not None and min_score is None and class_weight is None:
+        return ckpt  # a fresh model: build_cfr_sam takes the threshold, and there is no validation
+    config = dict((ckpt or {}).get("config") or {})
+    settings = {}
+    if min_score is not None or class_weight is not None:
+        refiner = config.get("point_refiner")
+        if not refiner:
+            raise ExportError("--min-point-score / --refiner-class-weight: the checkpoint has no point refiner")
+        if min_score is not None and not (refiner.get("score_head") and 0 <= min_score <= 1):
+            raise ExportError(f"--min-point-score {min_score}: needs a refiner with a score head and a value in [0, 1]")
+        if class_weight is not None and not (refiner.get("num_classes") and 0 <= class_weight <= 1):
+            raise ExportError(
+                f"--refiner-class-weight {class_weight}: needs a refiner with a class head and a value in [0, 1]"
+            )
+        settings.update(min_score=refiner.get("min_score", 0.0), class_weight=refiner.get("class_weight", 0.0))
+        changed = dict(refiner)
+        if min_score is not None:
+            changed["min_score"] = min_score
+        if class_weight is not None:
+            changed["class_weight"] = class_weight
+        config["point_refiner"] = changed
+    if mask_threshold is not None:
+        settings["mask_threshold"] = config.get("mask_threshold", 0.0)
+        config["mask_threshold"] = mask_threshold
     metrics = dict(ckpt.get("metrics") or {})
     if "validation" in metrics:
         metrics["validation_before_settings"] = {"settings": settings, **metrics.pop("validation")}
-    return {**ckpt, "config": {**ckpt["config"], "point_refiner": changed}, "metrics": metrics}
+    return {**ckpt, "config": config, "metrics": metrics}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -107,7 +122,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             ckpt = bundle_checkpoint(args.checkpoint)
         else:
             ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
-        ckpt = with_refiner_settings(ckpt, args.min_point_score, args.refiner_class_weight)
+        ckpt = with_serving_settings(ckpt, args.min_point_score, args.refiner_class_weight, args.mask_threshold)
         model = build_cfr_sam(
             args.config,
             checkpoint=ckpt,
