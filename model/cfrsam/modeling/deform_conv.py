@@ -36,6 +36,25 @@ def static_dim(dim) -> int:
     return int(dim)
 
 
+def tap_shift(k: int, kh: int, kw: int, dilation: int) -> tuple:
+    """(dy, dx) of tap k (row-major) from the output pixel, before its learned offset."""
+    i, j = divmod(k, kw)
+    return float((i - (kh - 1) // 2) * dilation), float((j - (kw - 1) // 2) * dilation)
+
+
+def sampling_grid(py: torch.Tensor, px: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """grid_sample's grid [..., 2] (x, y) for pixel coordinates py, px: with align_corners=False,
+    pixel index p sits at normalised (2p + 1) / size - 1."""
+    return torch.stack(((2.0 * px + 1.0) / width - 1.0, (2.0 * py + 1.0) / height - 1.0), dim=-1)
+
+
+def project_taps(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each tap's 1x1 slice of the weight applied to x: [N, K*Cout, H, W], tap-major (channels
+    k*Cout .. (k+1)*Cout-1 are tap k)."""
+    cout, _, kh, kw = (static_dim(d) for d in weight.shape)
+    return F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(kh * kw * cout, -1, 1, 1))
+
+
 def deform_conv2d(
     x: torch.Tensor,
     offset: torch.Tensor,
@@ -61,17 +80,14 @@ def deform_conv2d(
         return sample_taps_at_once(x, offset, weight, bias, mask, dilation)
     project_first = cout < cin
     if project_first:
-        # [K*Cout, Cin, 1, 1], tap-major: rows k*Cout .. (k+1)*Cout-1 are tap k.
-        projected = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(taps * cout, -1, 1, 1))
+        projected = project_taps(x, weight)
     ys = torch.arange(height, dtype=x.dtype, device=x.device).view(1, height, 1)
     xs = torch.arange(width, dtype=x.dtype, device=x.device).view(1, 1, width)
     out: Optional[torch.Tensor] = None
     for k in range(taps):
         i, j = divmod(k, kw)
-        py = ys + float((i - (kh - 1) // 2) * dilation) + offset[:, 2 * k]
-        px = xs + float((j - (kw - 1) // 2) * dilation) + offset[:, 2 * k + 1]
-        # align_corners=False: pixel index p sits at normalised (2p + 1) / size - 1.
-        grid = torch.stack(((2.0 * px + 1.0) / width - 1.0, (2.0 * py + 1.0) / height - 1.0), dim=-1)
+        dy, dx = tap_shift(k, kh, kw, dilation)
+        grid = sampling_grid(ys + dy + offset[:, 2 * k], xs + dx + offset[:, 2 * k + 1], height, width)
         if project_first:
             term = F.grid_sample(
                 projected[:, k * cout : (k + 1) * cout],
@@ -109,17 +125,14 @@ def sample_taps_at_once(
     cout, _, kh, kw = (static_dim(d) for d in weight.shape)
     height, width = static_dim(x.shape[2]), static_dim(x.shape[3])
     taps = kh * kw
-    projected = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(taps * cout, -1, 1, 1))
-    tap_y = [float((k // kw - (kh - 1) // 2) * dilation) for k in range(taps)]
-    tap_x = [float((k % kw - (kw - 1) // 2) * dilation) for k in range(taps)]
+    shifts = torch.tensor([tap_shift(k, kh, kw, dilation) for k in range(taps)], dtype=x.dtype, device=x.device)
     ys = torch.arange(height, dtype=x.dtype, device=x.device).view(1, 1, height, 1)
     xs = torch.arange(width, dtype=x.dtype, device=x.device).view(1, 1, 1, width)
-    py = ys + torch.tensor(tap_y, dtype=x.dtype, device=x.device).view(1, taps, 1, 1) + offset[:, 0::2]
-    px = xs + torch.tensor(tap_x, dtype=x.dtype, device=x.device).view(1, taps, 1, 1) + offset[:, 1::2]
-    # align_corners=False: pixel index p sits at normalised (2p + 1) / size - 1.
-    grid = torch.stack(((2.0 * px + 1.0) / width - 1.0, (2.0 * py + 1.0) / height - 1.0), dim=-1)
+    py = ys + shifts[:, 0].view(1, taps, 1, 1) + offset[:, 0::2]
+    px = xs + shifts[:, 1].view(1, taps, 1, 1) + offset[:, 1::2]
+    grid = sampling_grid(py, px, height, width)
     sampled = F.grid_sample(
-        projected.reshape(-1, cout, height, width),
+        project_taps(x, weight).reshape(-1, cout, height, width),
         grid.reshape(-1, height, width, 2),
         mode="bilinear",
         padding_mode="zeros",
