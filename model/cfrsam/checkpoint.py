@@ -135,7 +135,7 @@ def _torch_load(source: PathOrFile) -> Any:
     if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
         raise CheckpointError(f"checkpoint not found: {source}")
     try:
-        return torch.load(source, map_location="cpu")
+        return torch.load(source, map_location="cpu", weights_only=False)
     except Exception as exc:  # pickle errors, zip errors, truncated files...
         raise CheckpointError(f"cannot read checkpoint {source}: {exc}") from exc
 

@@ -106,7 +106,7 @@ def load_bundle_model(bundle_dir: str) -> Tuple[CFRSAM, Dict[str, Any]]:
     cfg = CFRSAMConfig.from_dict(prov["config"]).validate()
     weights_path = os.path.join(bundle_dir, "weights.pt")
     if os.path.isfile(weights_path):
-        weights = torch.load(weights_path, map_location="cpu")
+        weights = torch.load(weights_path, map_location="cpu", weights_only=False)
         what = "weights.pt"
     elif _regenerable(prov):
         # A random-init bundle without weights.pt: rebuild the weights from config and seed.

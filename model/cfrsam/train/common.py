@@ -280,12 +280,33 @@ def make_optimizer(params, args, batches_per_epoch: int, warmup_steps: int = 50)
 
     Returns (optimizer, scheduler stepped once per batch, steps per epoch)."""
     steps_per_epoch = batches_per_epoch if not args.steps_per_epoch else min(args.steps_per_epoch, batches_per_epoch)
-    total = max(1, steps_per_epoch * args.epochs)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    schedule = WarmupCosine(warmup_steps, steps_per_epoch * args.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return optimizer, scheduler, steps_per_epoch
+
+
+class WarmupCosine:
+    """The LR factor at step s: linear warm-up, then cosine decay to 0 at `total` steps.
+
+    An object rather than a lambda so that `total` can be refitted to a time budget after the first
+    epoch (see `run_epochs`) and LambdaLR's state_dict keeps it, so a resumed run decays the same."""
+
+    def __init__(self, warmup_steps: int, total: int):
+        self.warmup_steps = warmup_steps
+        self.total = max(1, total)
+
+    def __call__(self, step: int) -> float:
+        warmup = min(1.0, (step + 1) / self.warmup_steps)
+        return warmup * 0.5 * (1 + math.cos(math.pi * min(step, self.total) / self.total))
+
+
+def epochs_within_budget(budget_minutes: float, first_epoch_seconds: float, requested: int, done: int) -> int:
+    """How many epochs fit a time budget, judged by the first epoch (training + validation + save).
+
+    Never fewer than already done, never more than requested: `--epochs` stays the upper bound."""
+    fitting = int(budget_minutes * 60 // max(first_epoch_seconds, 1e-6))
+    return max(done, min(requested, fitting))
 
 
 def start_run(args) -> Tuple[torch.device, Path, "RunLog"]:
@@ -349,7 +370,7 @@ def save_training_state(
 
 
 def load_training_state(path: Path, model, optimizer, scheduler) -> Dict[str, Any]:
-    state = torch.load(path, map_location="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
@@ -422,7 +443,9 @@ def run_epochs(
     then the average, which `select` and best.pt use; last.pt keeps both.
     """
     began = time.time()
-    for epoch in range(start_epoch, args.epochs + 1):
+    epoch = start_epoch - 1
+    while epoch < args.epochs:
+        epoch += 1
         loader.generator.manual_seed(args.seed * 1000 + epoch)
         context = begin_epoch(epoch)
         started, records = time.time(), []
@@ -470,6 +493,14 @@ def run_epochs(
             extra["auxiliary"] = auxiliary.state_dict()
         if ema is not None:
             extra["ema"] = ema.state_dict()
+        if args.time_budget and epoch == start_epoch and isinstance(scheduler.lr_lambdas[0], WarmupCosine):
+            # Fit the cosine decay to the budget (a GPU run's epoch time is not known in advance):
+            # a schedule cut off by the budget would stop at a high learning rate.
+            fitted = epochs_within_budget(args.time_budget, time.time() - began, args.epochs, epoch)
+            if fitted != args.epochs:
+                print(f"time budget of {args.time_budget} min: schedule fitted to {fitted} epochs", file=sys.stderr)
+                args.epochs = fitted
+                scheduler.lr_lambdas[0].total = max(1, steps_per_epoch * fitted)
         save_training_state(out / "last.pt", model, optimizer, scheduler, epoch, best, extra)
         if args.time_budget and (time.time() - began) / 60 > args.time_budget:
             print(f"time budget of {args.time_budget} min reached after epoch {epoch}", file=sys.stderr)

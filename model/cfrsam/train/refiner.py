@@ -448,12 +448,12 @@ def main(argv=None) -> int:
     log.write({"event": "start", "args": vars(args), "train_images": len(train_set), "val_tiles": len(tiles)})
 
     if args.refiner:
-        saved = torch.load(args.refiner, map_location="cpu")
+        saved = torch.load(args.refiner, map_location="cpu", weights_only=False)
         cfg = PointRefinerConfig.from_dict(dict(saved["config"], min_score=args.min_score, class_weight=args.class_mix))
         refiner = PointRefiner(cfg)
         refiner.load_state_dict(saved["state_dict"])
     else:
-        init = torch.load(args.init, map_location="cpu") if args.init else None
+        init = torch.load(args.init, map_location="cpu", weights_only=False) if args.init else None
         heads = {"score_head": args.score_head, "num_classes": model.config.num_classes if args.class_head else 0}
         cfg = (
             PointRefinerConfig.from_dict(dict(init["config"], **heads))

@@ -184,6 +184,16 @@ def main(argv=None) -> int:
         help="modules to keep fixed, comma-separated (e.g. image_encoder,hmfm: train only what reads the prompts)",
     )
     parser.add_argument("--lambda-b", type=float, default=1.0)
+    parser.add_argument(
+        "--focal-weight", type=float, default=20.0, help="weight of the per-pixel focal term of L_mask (SAM's 20)"
+    )
+    parser.add_argument(
+        "--dice-weight",
+        type=float,
+        default=1.0,
+        help="weight of the dice term of L_mask (SAM's 1): dice is relative to each nucleus' own area, so raising "
+        "it weighs a pixel of a small nucleus more than one of a large nucleus, where focal weighs them alike",
+    )
     parser.add_argument("--radius", type=float, default=12.0)
     parser.add_argument("--val-every", type=int, default=1)
     parser.add_argument(
@@ -320,6 +330,8 @@ def main(argv=None) -> int:
             iou,
             lambda_b=args.lambda_b,
             window_origin=origin,
+            focal_weight=args.focal_weight,
+            dice_weight=args.dice_weight,
         )
 
     def validate_epoch(epoch):
