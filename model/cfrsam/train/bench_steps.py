@@ -61,9 +61,10 @@ def run_variant(
                 outputs = module(image)
             else:
                 coords, labels, targets, valid = sample_prompts(batch, max_prompts, 1.5, size, rng)
+                coords, labels, targets = coords.to(device), labels.to(device), targets.to(device)
                 b, p = valid.shape
-                flat = valid.reshape(-1)
-                index = torch.arange(b).repeat_interleave(p)[flat]
+                flat = valid.reshape(-1).to(device)
+                index = torch.arange(b, device=device).repeat_interleave(p)[flat]
                 prepared = model.prepare(model.encode(image), image)
                 outputs = model.decode_prompts(
                     *prepared, coords.reshape(b * p, 1, 2)[flat], labels.reshape(b * p, 1)[flat], image_index=index
@@ -95,6 +96,23 @@ def run_variant(
     }
 
 
+def print_profile(model, batches, args, device) -> None:
+    """The first variant's steps under torch.profiler: the top ops by own CPU time (and GPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name = args.variants.split(",")[0]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    torch.manual_seed(0)
+    with profile(activities=activities) as prof:
+        run_variant(model, batches, args.stage, "bf16" in name, "+cl" in name, args.lr, 0, args.max_prompts, device)
+    averages = prof.key_averages()
+    print(f"profile of {name}, {len(batches)} steps, by own CPU time:", file=sys.stderr)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+    if device.type == "cuda":
+        print(f"profile of {name}, by own GPU time:", file=sys.stderr)
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=10), file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=int, choices=(1, 2), required=True)
@@ -110,6 +128,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", default="fp32,bf16,bf16+cl,fp32+cl")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run the first variant under torch.profiler and print the ops that take the time",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,10 +144,17 @@ def main(argv=None) -> int:
     batch_size = args.batch_size or (4 if args.stage == 1 else 2)
     loader = common.make_loader(train, batch_size, True, 0, 0, collate_nuclei)
     batches = []
+    started = time.perf_counter()
     for batch in loader:
         batches.append(batch)
         if len(batches) == args.steps:
             break
+    # The loader's own cost (augmentation, targets; one process): a GPU step faster than this
+    # starves without enough DataLoader workers.
+    print(
+        f"loader: {(time.perf_counter() - started) / max(len(batches), 1):.3f} s/batch of {batch_size} in one process",
+        file=sys.stderr,
+    )
     results = []
     for name in args.variants.split(","):
         torch.manual_seed(0)
@@ -140,6 +170,8 @@ def main(argv=None) -> int:
             file=sys.stderr,
             flush=True,
         )
+    if args.profile:
+        print_profile(model, batches, args, device)
     print(
         json.dumps(
             {"stage": args.stage, "threads": torch.get_num_threads(), "batch_size": batch_size, "results": results}
