@@ -30,6 +30,11 @@ S2_ARGS=${S2_ARGS:---lr 3e-4 --dice-weight 4 --max-prompts 32}
 STEPS=${STEPS:-0}                     # cap steps per epoch (0: whole set)
 INIT=${INIT:-models/tiny}
 WORKERS=${WORKERS:-4}                 # DataLoader workers per run
+# Torch's CPU threads per run. Stage 2, whose steps are launch-bound on a GPU, ran at 6.6 s/step
+# beside the stage-1 runs with torch's default (16 threads in each of three processes; 2026-12-04)
+# against 0.33-0.40 s/step alone (`cfrsam.train.bench_steps --stage 2 --device cuda --profile`):
+# oversubscription is the likely cause, not yet confirmed on a GPU.
+THREADS=${THREADS:-2}
 VAL_LIMIT=${VAL_LIMIT:-0}             # validate on at most N tiles (0: all 80)
 FINALIZE=${FINALIZE:-0}
 
@@ -41,7 +46,7 @@ mkdir -p "$OUT"
 cd model
 # The shipped recipe's sets: MoNuSeg's 1000 px images drawn 6 times, CPM-15 twice, its last 3
 # MoNuSeg images held out for the held-out evaluation.
-common=(--data "$data" --device "$DEVICE" --bf16 --workers "$WORKERS" --time-budget "$MINUTES" --steps-per-epoch "$STEPS"
+common=(--data "$data" --device "$DEVICE" --bf16 --workers "$WORKERS" --threads "$THREADS" --time-budget "$MINUTES" --steps-per-epoch "$STEPS"
   --val-limit "$VAL_LIMIT" --init "../$INIT" --repeat monuseg-train=6,cpm15=2 --hold-out monuseg-train=3)
 pids=()
 for spec in $STAGE1_RUNS; do
