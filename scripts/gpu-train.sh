@@ -11,7 +11,7 @@
 #   DEVICE=cpu MINUTES=0.2 S1_EPOCHS=1 S2_EPOCHS=1 STEPS=3 VAL_LIMIT=4 WORKERS=0 OUT=/tmp/gpu-out scripts/gpu-train.sh
 #
 # Every run has a time budget; after its first epoch the cosine schedule is fitted to the epochs
-# that fit the budget (--epochs is the upper bound). The runs' folders (best.pt, log.jsonl, the
+# that fit it (`--fit-to-budget`; --epochs is the upper bound). The runs' folders (best.pt, log.jsonl, the
 # console) come back as one tar in 15 MiB parts (the tool returns files of at most 16 MiB):
 #   cat runs.tar.part-* | tar -xf - -C ../runs/gpu
 # and are finalized and exported here (`python -m cfrsam.train.finalize`, then `cfrsam.export`).
@@ -46,7 +46,7 @@ mkdir -p "$OUT"
 cd model
 # The shipped recipe's sets: MoNuSeg's 1000 px images drawn 6 times, CPM-15 twice, its last 3
 # MoNuSeg images held out for the held-out evaluation.
-common=(--data "$data" --device "$DEVICE" --bf16 --workers "$WORKERS" --threads "$THREADS" --time-budget "$MINUTES" --steps-per-epoch "$STEPS"
+common=(--data "$data" --device "$DEVICE" --bf16 --workers "$WORKERS" --threads "$THREADS" --time-budget "$MINUTES" --fit-to-budget --steps-per-epoch "$STEPS"
   --val-limit "$VAL_LIMIT" --init "../$INIT" --repeat monuseg-train=6,cpm15=2 --hold-out monuseg-train=3)
 pids=()
 for spec in $STAGE1_RUNS; do

@@ -343,3 +343,29 @@ def test_stage2_negatives_are_the_neighbouring_centroids():
         assert own != other and sorted([own, other]) == [[10.5, 10.5], [13.5, 10.5]]
     _, far_labels, *_ = stage2.sample_prompts(batch, 4, 0.0, 32, rng, negatives=2, negative_radius=2.0)
     assert far_labels[0, :2].tolist() == [[1.0, -1.0, -1.0]] * 2
+
+
+def test_epochs_within_budget_judges_by_the_first_epoch():
+    from cfrsam.train.common import epochs_within_budget
+
+    assert epochs_within_budget(6.0, 40.0, 200, 1) == 9  # 360 s / 40 s
+    assert epochs_within_budget(6.0, 40.0, 5, 1) == 5  # never more than asked for
+    assert epochs_within_budget(0.1, 40.0, 200, 1) == 1  # never fewer than done
+
+
+def test_fit_to_budget_ends_the_cosine_schedule_with_the_budget(tmp_path):
+    """--fit-to-budget: a budget that ends after epoch 1 shortens the schedule to that epoch (its
+    learning rate reaches 0 there, and last.pt keeps the fitted length for --resume); without the
+    flag the budget only stops the run and the schedule keeps --epochs (test_resume_is_exact)."""
+    from cfrsam.train.common import WarmupCosine
+
+    data = tmp_path / "data"
+    _write_set(data / "synth", n=1)
+    for name, flags in (("fitted", ("--fit-to-budget",)), ("stopped", ())):
+        extra = ("--time-budget", "1e-9", *flags)
+        assert stage1.main(_args(data, tmp_path / name, 50, extra)) == 0
+    fitted = torch.load(tmp_path / "fitted" / "last.pt", map_location="cpu")["scheduler"]["lr_lambdas"][0]
+    stopped = torch.load(tmp_path / "stopped" / "last.pt", map_location="cpu")["scheduler"]["lr_lambdas"][0]
+    assert fitted["total"] == 1 and stopped["total"] == 50
+    schedule = WarmupCosine(50, fitted["total"])
+    assert schedule(1) == 0.0 and schedule(0) > 0.0

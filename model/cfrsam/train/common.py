@@ -77,7 +77,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-foreground", type=float, default=0.5, help="prompter threshold for validation")
     parser.add_argument("--nms-radius", type=float, default=4.0, help="prompter NMS radius (px) for validation")
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="cap steps per epoch (0: whole set)")
-    parser.add_argument("--time-budget", type=float, default=0, help="stop after this many minutes")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=0,
+        help="stop after the epoch that passes this many minutes (resume with --resume: the same schedule)",
+    )
+    parser.add_argument(
+        "--fit-to-budget",
+        action="store_true",
+        help="after the first epoch, shorten --epochs to what fits --time-budget and end the cosine "
+        "schedule there (for a machine whose epoch time is not known in advance, e.g. a GPU run)",
+    )
     parser.add_argument(
         "--ema",
         type=float,
@@ -493,9 +504,10 @@ def run_epochs(
             extra["auxiliary"] = auxiliary.state_dict()
         if ema is not None:
             extra["ema"] = ema.state_dict()
-        if args.time_budget and epoch == start_epoch and isinstance(scheduler.lr_lambdas[0], WarmupCosine):
-            # Fit the cosine decay to the budget (a GPU run's epoch time is not known in advance):
-            # a schedule cut off by the budget would stop at a high learning rate.
+        fit = getattr(args, "fit_to_budget", False) and args.time_budget
+        if fit and epoch == start_epoch and isinstance(scheduler.lr_lambdas[0], WarmupCosine):
+            # A schedule cut off by the budget would stop at a high learning rate. Opt-in: without
+            # it, a run stopped by its budget and resumed follows exactly the uninterrupted schedule.
             fitted = epochs_within_budget(args.time_budget, time.time() - began, args.epochs, epoch)
             if fitted != args.epochs:
                 print(f"time budget of {args.time_budget} min: schedule fitted to {fitted} epochs", file=sys.stderr)
