@@ -694,6 +694,11 @@ describe.each(Object.keys(VARIANTS) as Variant[])('deploy/k8s %s', (variant) => 
       const gateway = server(resources(), 'gateway');
       expect(gateway.resources.limits['nvidia.com/gpu']).toBeUndefined();
       expect(gateway.image).toBe('registry.example.com/cfrsam/gateway:0.1.0');
+      // Larger batches for launch-bound GPU stages (overlays/gpu/gateway-gpu-batches.yaml); the
+      // base's settings survive the patch.
+      expect(env(gateway, 'CFRSAM_DECODE_BATCH')).toBe('64');
+      expect(env(gateway, 'CFRSAM_TILE_BATCH')).toBe('8');
+      expect(env(gateway, 'CFRSAM_PROMPTER')).toBeDefined();
     });
 
     it('scales the GPU stages on in-flight calls per pod served by prometheus-adapter', () => {
