@@ -192,18 +192,26 @@ function modeMeter(name, segment, cpuSample, ortSample) {
     segment,
     cpu,
     ort,
-    /** Runs fn, adding the CPU seconds (per process) and onnxruntime time (per graph) spent meanwhile. */
+    /**
+     * Runs fn, adding the CPU seconds (per process) and onnxruntime time (per graph) spent
+     * meanwhile. Resolves to fn's result and its wall time (ms), which leaves out the /metrics
+     * scrapes around it (tens of ms over five services' endpoints).
+     */
     async measure(fn) {
-      const [c0, o0] = [cpuSample(), await ortSample()];
+      const o0 = await ortSample();
+      const c0 = cpuSample();
+      const t = performance.now();
       const out = await fn();
-      const [c1, o1] = [cpuSample(), await ortSample()];
+      const ms = performance.now() - t;
+      const c1 = cpuSample();
+      const o1 = await ortSample();
       add(cpu, c0, c1);
       for (const [g, v] of Object.entries(o1)) {
         ort[g] ??= { seconds: 0, runs: 0 };
         ort[g].seconds += v.seconds - (o0[g]?.seconds ?? 0);
         ort[g].runs += v.runs - (o0[g]?.runs ?? 0);
       }
-      return out;
+      return { out, ms };
     },
     /** Empties the sums (before a new window kind: latency, then throughput). */
     clear() {
@@ -232,10 +240,9 @@ async function measureCase(c, modes, images) {
   for (let i = 0; i < REPS; i++) {
     for (const m of rotate(modes, i)) {
       const image = images.next();
-      const t = performance.now();
-      const res = await m.measure(() => m.segment(image));
+      const { out: res, ms } = await m.measure(() => m.segment(image));
       const l = lat[m.name];
-      l.ms.push(performance.now() - t);
+      l.ms.push(ms);
       l.nuclei = res.nuclei.length;
       for (const s of res.timings) l.stages.set(s.stage, [...(l.stages.get(s.stage) ?? []), s.ms]);
     }
@@ -258,15 +265,14 @@ async function measureCase(c, modes, images) {
     for (const m of rotate(modes, r)) {
       const batch = Array.from({ length: c.tput }, () => images.next());
       let next = 0;
-      const t = performance.now();
-      await m.measure(() =>
+      const { ms } = await m.measure(() =>
         Promise.all(
           Array.from({ length: CLIENTS }, async () => {
             while (next < batch.length) await m.segment(batch[next++]);
           }),
         ),
       );
-      out[m.name].tput.push(batch.length / ((performance.now() - t) / 1000));
+      out[m.name].tput.push(batch.length / (ms / 1000));
     }
   }
   for (const m of modes) {
