@@ -11,6 +11,7 @@ import torch
 from cfrsam import build_cfr_sam
 from cfrsam.checkpoint import save_checkpoint
 from cfrsam.export import GRAPH_IO, check_bundle, main, state_dict_sha256
+from cfrsam.export.onnx_files import check_graph
 from cfrsam.export.weights import model_sha256
 
 torch.set_num_threads(1)
@@ -76,8 +77,8 @@ def test_graphs_are_valid_onnx_with_contract_names(bundle):
         path = os.path.join(bundle, f"{graph}.onnx")
         if not os.path.exists(path):
             continue
+        check_graph(path)
         model = onnx.load(path)
-        onnx.checker.check_model(model)
         assert [i.name for i in model.graph.input] == inputs
         assert [o.name for o in model.graph.output] == outputs
     dec = onnx.load(os.path.join(bundle, "decoder_prompts.onnx"))
@@ -85,6 +86,33 @@ def test_graphs_are_valid_onnx_with_contract_names(bundle):
     assert dims["point_coords"] == ["P", "N", 2] and dims["point_labels"] == ["P", "N"]
     enc = onnx.load(os.path.join(bundle, "encoder.onnx"))
     assert enc.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "B"
+
+
+def test_deform_conv_native_or_grid_sample(bundle, tmp_path):
+    """BGMR's 8 -> 8 deformable layer is ONNX's DeformConv by default (decoder_prompts at opset 19,
+    reductions converted); --deform-conv grid-sample keeps every graph at opset 17 without it."""
+    import onnx
+
+    def ops(path):
+        model = onnx.load(path)
+        opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        return opset, [n.op_type for n in model.graph.node]
+
+    with open(os.path.join(bundle, "manifest.json")) as f:
+        entries = json.load(f)["graphs"]
+    opset, native = ops(os.path.join(bundle, "decoder_prompts.onnx"))
+    assert opset == 19 and entries["decoder_prompts"]["opset"] == 19
+    assert native.count("DeformConv") == 1 and native.count("GridSample") == 1  # the 16 -> 8 layer projects first
+    assert ops(os.path.join(bundle, "encoder.onnx"))[0] == 17 and entries["encoder"]["opset"] == 17
+
+    out = tmp_path / "grid"
+    assert (
+        main(["--checkpoint", bundle, "--out", str(out), "--no-full", "--no-parity", "--deform-conv", "grid-sample"])
+        == 0
+    )
+    opset, plain = ops(str(out / "decoder_prompts.onnx"))
+    assert opset == 17 and "DeformConv" not in plain and plain.count("GridSample") == 2
+    check_graph(str(out / "decoder_prompts.onnx"))
 
 
 def test_parity_fixture_layout(bundle):

@@ -12,9 +12,9 @@ from ..build import build_cfr_sam
 from ..configs import CFRSAMConfig
 from ..modeling.cfr_sam import CFRSAM
 from .errors import ExportError
-from .graphs import GRAPH_FILES, GRAPH_IO, OPTIONAL_GRAPHS, example_args, run_stage, stage_module
+from .graphs import GRAPH_FILES, GRAPH_IO, OPSET, OPTIONAL_GRAPHS, example_args, run_stage, stage_module
 from .manifest import BUNDLE_FORMAT, build_manifest, prompter_settings
-from .onnx_files import annotate, export_onnx, store_initializers_fp16
+from .onnx_files import NATIVE_OPSET, annotate, check_graph, export_onnx, store_initializers_fp16, to_opset19
 from .parity import TOLERANCE, FixtureWriter, compare, parity_inputs, read_bin
 from .weights import bundle_state_dict, file_sha256, model_sha256, round_to_fp16, state_dict_sha256
 
@@ -30,10 +30,13 @@ def export_bundle(
     include_full: bool = True,
     source: Optional[Dict[str, Any]] = None,
     include_weights: bool = True,
+    native_deform_conv: bool = True,
 ) -> Dict[str, Any]:
     """Write the bundle into out_dir (created; existing bundle files replaced). Returns the manifest.
 
-    With precision fp16 the model's weights are rounded to float16 in place first.
+    With precision fp16 the model's weights are rounded to float16 in place first. With
+    native_deform_conv, deformable layers that gain from it are ONNX DeformConv ops and their
+    graphs import opset 19 (cfrsam.modeling.deform_conv); without, every graph is opset 17.
     """
     if precision not in ("fp16", "fp32"):
         raise ExportError(f"precision must be fp16 or fp32, got {precision!r}")
@@ -62,15 +65,14 @@ def export_bundle(
     graph_entries = {}
     for graph in graphs:
         path = os.path.join(out_dir, GRAPH_FILES[graph])
-        export_onnx(stage_module(model, graph), example_args(inputs[graph], graph), graph, path)
+        export_onnx(stage_module(model, graph), example_args(inputs[graph], graph), graph, path, native_deform_conv)
         if precision == "fp16":
             store_initializers_fp16(path, graph, version)
         else:
             annotate(path, graph, version)
-        import onnx
-
-        onnx.checker.check_model(path)
-        graph_entries[graph] = {"file": GRAPH_FILES[graph], "sha256": file_sha256(path)}
+        opset = NATIVE_OPSET if to_opset19(path) else OPSET
+        check_graph(path)
+        graph_entries[graph] = {"file": GRAPH_FILES[graph], "sha256": file_sha256(path), "opset": opset}
 
     if parity:
         writer = FixtureWriter(os.path.join(out_dir, "parity"))

@@ -100,6 +100,13 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--name")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    p.add_argument(
+        "--deform-conv",
+        choices=("native", "grid-sample"),
+        default="native",
+        help="BGMR's deformable layers with Cout >= Cin as ONNX DeformConv (opset 19, onnxruntime >= 1.25) "
+        "or as GridSample (opset 17, any onnxruntime); default native",
+    )
     p.add_argument("--check", metavar="DIR", help="check DIR's parity fixture against PyTorch")
     args = p.parse_args(argv)
     try:
@@ -151,6 +158,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             include_full=not args.no_full,
             source=source,
             include_weights=not args.no_weights,
+            native_deform_conv=args.deform_conv == "native",
         )
         size = _bundle_size(args.out)
         print(f"wrote {args.out}: {manifest['name']} {manifest['version']} ({size / 1e6:.1f} MB)")

@@ -7,13 +7,34 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..modeling.deform_conv import NATIVE_OP_DOMAIN, native_deform_conv_export
 from .graphs import DYNAMIC_AXES, GRAPH_IO, OPSET
 
+#: The opset of a graph holding ONNX's DeformConv (added in opset 19).
+NATIVE_OPSET = 19
 
-def export_onnx(module: nn.Module, args: Tuple[torch.Tensor, ...], graph: str, path: str) -> None:
+# Reductions whose `axes` moved from an attribute to an input in opset 18 (ReduceSum did in 13).
+_AXES_TO_INPUT_AT_18 = {
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+}
+
+
+def export_onnx(
+    module: nn.Module, args: Tuple[torch.Tensor, ...], graph: str, path: str, native_deform_conv: bool = True
+) -> None:
+    """Trace `module` to `path` at OPSET; with native_deform_conv, the deformable layers that gain
+    from it are traced as DeformConv placeholders (see cfrsam.modeling.deform_conv) for to_opset19."""
     inputs, outputs = GRAPH_IO[graph]
     module.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), native_deform_conv_export(native_deform_conv):
         # Tracer warnings flag Python-side constants (sizes fixed by the config): expected here.
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -25,7 +46,58 @@ def export_onnx(module: nn.Module, args: Tuple[torch.Tensor, ...], graph: str, p
             dynamic_axes=DYNAMIC_AXES[graph],
             opset_version=OPSET,
             do_constant_folding=True,
+            custom_opsets={NATIVE_OP_DOMAIN: 1},
         )
+
+
+def to_opset19(path: str) -> bool:
+    """Makes the DeformConv placeholders standard ops: the file then imports opset 19, with the
+    one change between 17 and 19 that touches what torch 1.13 emits applied (reductions take
+    `axes` as an input). Every other op it emits means the same at 19. Returns False, leaving the
+    file as it is, when it holds no placeholder. The installed onnx (1.12) knows opsets up to 17,
+    so such a file is checked by onnxruntime (the bundle's parity fixture), not by onnx.checker."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(path)
+    g = model.graph
+    if not any(n.domain == NATIVE_OP_DOMAIN for n in g.node):
+        return False
+    for node in g.node:
+        if node.domain == NATIVE_OP_DOMAIN:
+            node.domain = ""
+        elif node.op_type in _AXES_TO_INPUT_AT_18 and node.domain in ("", "ai.onnx"):
+            axes = [a for a in node.attribute if a.name == "axes"]
+            if axes:
+                name = f"{node.name or node.output[0]}__axes"
+                g.initializer.append(numpy_helper.from_array(np.array(axes[0].ints, dtype=np.int64), name))
+                node.input.append(name)
+                node.attribute.remove(axes[0])
+    imports = [o for o in model.opset_import if o.domain not in ("", "ai.onnx", NATIVE_OP_DOMAIN)]
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", NATIVE_OPSET), *imports])
+    onnx.save(model, path)
+    return True
+
+
+def check_graph(path: str) -> None:
+    """onnx.checker where the installed onnx knows the file's opset; for a to_opset19 file under
+    an older onnx (1.12 here), the structure that conversion promises: opset 19, no placeholder
+    left, every reduction's axes an input. onnxruntime runs such a file in the parity tests."""
+    import onnx
+
+    model = onnx.load(path)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset <= onnx.defs.onnx_opset_version():
+        onnx.checker.check_model(model)
+        return
+    if opset != NATIVE_OPSET:
+        raise ValueError(f"{path}: opset {opset}, expected {OPSET} or {NATIVE_OPSET}")
+    for node in model.graph.node:
+        if node.domain == NATIVE_OP_DOMAIN:
+            raise ValueError(f"{path}: placeholder {node.op_type} ({node.name}) left in the graph")
+        if node.op_type in _AXES_TO_INPUT_AT_18 and any(a.name == "axes" for a in node.attribute):
+            raise ValueError(f"{path}: {node.name} still has an axes attribute (opset 18 takes an input)")
 
 
 def store_initializers_fp16(path: str, graph: str, version: str) -> None:
