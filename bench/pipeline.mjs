@@ -2,7 +2,7 @@
 // is asserted).
 //
 //   npm run build && node bench/pipeline.mjs [--bundle models/tiny] [--reps 5] [--rounds 3] [--clients 8]
-//                                            [--cases tile,large] [--data ../shared/data] [--decoder-processes 2]
+//                                            [--cases tile,large] [--data ../shared/data] [--decoder-processes 1]
 //
 // The same orchestration (the gateway's SegmentationPipeline) runs over three sets of stage ports:
 //   services     the four services as separate processes (1 prompter, 1 encoder, 2 decoder
@@ -47,7 +47,7 @@ const { values: args } = parseArgs({
     cases: { type: 'string', default: 'tile,large' },
     clients: { type: 'string', default: '8' },
     data: { type: 'string', default: path.join(root, '../shared/data') },
-    'decoder-processes': { type: 'string', default: '2' },
+    'decoder-processes': { type: 'string', default: '1' },
   },
 });
 const REPS = Number(args.reps);
@@ -56,7 +56,9 @@ const ROUNDS = Number(args.rounds);
 const manifest = loadManifest(args.bundle);
 const S = manifest.inputSize;
 // Decoder workers in total (as in one process); the services spread them over --decoder-processes
-// processes (2: one worker each, as before; 1: one process with both workers, sharing prepared tiles).
+// processes (1, the default: one process with both workers sharing prepared tiles, the shape of a
+// decoder pod in deploy/k8s (2 CPUs, CFRSAM_WORKERS=2); 2: one worker each, as the runs before
+// 2026-12-04 did, where a lone tile's prompts spread over both are prepared twice).
 const DECODERS = 2;
 const DECODER_PROCESSES = Number(args['decoder-processes']);
 if (![1, 2].includes(DECODER_PROCESSES)) throw new Error('--decoder-processes must be 1 or 2');
