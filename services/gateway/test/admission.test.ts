@@ -91,8 +91,19 @@ describe('AdaptiveLimit', () => {
     const grown = limit.limit;
     limit.update({ latencyMs: 3000, work: MPX, inFlight: 8 });
     expect(limit.limit).toBe(Math.floor(grown * 0.5));
-    for (let i = 0; i < 10; i++) limit.update({ latencyMs: 5000, work: MPX, inFlight: 8 });
+    for (let i = 0; i < 10; i++) limit.update({ latencyMs: 5000, work: MPX, inFlight: limit.limit });
     expect(limit.limit).toBe(2);
+  });
+
+  it('a sample admitted before a decrease does not cut the limit again', () => {
+    const limit = new AdaptiveLimit({ initial: 4, tolerance: 1.5, backoff: 0.5 });
+    limit.update({ latencyMs: 1000, work: MPX, inFlight: 4 });
+    limit.update({ latencyMs: 3000, work: MPX, inFlight: 4 });
+    expect(limit.limit).toBe(2);
+    for (let i = 0; i < 3; i++) limit.update({ latencyMs: 3000, work: MPX, inFlight: 4 }); // the same congested round
+    expect(limit.limit).toBe(2);
+    limit.update({ latencyMs: 3000, work: MPX, inFlight: 2 }); // admitted under the new limit, still slow
+    expect(limit.limit).toBe(1);
   });
 
   it('shrinks on a dropped request', () => {
@@ -127,6 +138,35 @@ describe('AdaptiveLimit', () => {
     }
     expect(Math.min(...seen)).toBeGreaterThanOrEqual(2);
     expect(Math.max(...seen)).toBeLessThanOrEqual(4);
+  });
+
+  it('runs more at once while that delivers more pixels per second, even when each is slower', () => {
+    // A lone request keeps 1.5 of 2 cores busy: two at once are each 1.5x slower (4/3 the
+    // throughput), three share the cores for nothing more (each 2.25x).
+    const run = (options: ConstructorParameters<typeof AdaptiveLimit>[0]) => {
+      const limit = new AdaptiveLimit({ initial: 1, max: 8, tolerance: 1.25, ...options });
+      const seen: number[] = [];
+      for (let i = 0; i < 200; i++) {
+        const n = limit.limit;
+        limit.update({ latencyMs: 1000 * Math.max(1, 0.75 * n), work: MPX, inFlight: n });
+        if (i >= 20) seen.push(limit.limit);
+      }
+      return seen;
+    };
+    const paying = run({});
+    expect(Math.min(...paying)).toBe(2); // never back to one at a time
+    expect(Math.max(...paying)).toBe(3); // three probed now and then, never kept
+    expect(paying.filter((n) => n === 2).length).toBeGreaterThan(0.8 * paying.length);
+    // Latency alone (the rule before): each request 1.5x slower at two is congestion, so one at a time.
+    expect(new Set(run({ minThroughputGain: Infinity }))).toEqual(new Set([1, 2]));
+  });
+
+  it('a second request that only shares a full machine is congestion (no throughput gained)', () => {
+    const limit = new AdaptiveLimit({ initial: 1, tolerance: 1.25 });
+    limit.update({ latencyMs: 1000, work: MPX, inFlight: 1 });
+    expect(limit.limit).toBe(2);
+    limit.update({ latencyMs: 1800, work: MPX, inFlight: 2 }); // 1.11x the throughput: below the 1.15 bar
+    expect(limit.limit).toBe(1);
   });
 });
 

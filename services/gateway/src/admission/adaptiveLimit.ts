@@ -6,6 +6,13 @@
 // cores and each one takes longer) and the limit shrinks multiplicatively; a fast sample taken
 // while the limit was in full use lets it grow by one per round of `limit` samples. No npm library
 // does this for Node (the maintained limiters, p-limit and the like, take a fixed number).
+//
+// A slower sample is no congestion when running that many at once still pays: when c requests at
+// once deliver at least `minThroughputGain` more pixels per second than c - 1 did (latency per
+// pixel at c times (c - 1) against the best seen at c - 1 times c). A lone small request leaves
+// cores idle (a 256 tile keeps 1.5 of 2 busy: its stages wait on each other), so two at once are
+// each 1.6x slower yet a quarter more tiles per second (bench/admission-throughput.mjs); a large
+// image already fills the cores, and a second one only doubles both latencies.
 
 export interface AdaptiveLimitOptions {
   /** Limit before any sample (default 1: the first request runs alone, at its single-request latency). */
@@ -32,6 +39,11 @@ export interface AdaptiveLimitOptions {
    * share the cores with a second request (1.76x the single latency in one run).
    */
   reprobeAfter?: number;
+  /**
+   * The throughput gain (fraction) that one more request at once must bring for a slower sample
+   * not to count as congestion (default 0.15; Infinity: latency alone decides).
+   */
+  minThroughputGain?: number;
 }
 
 export interface LimitSample {
@@ -58,6 +70,9 @@ export class AdaptiveLimit {
   private readonly backoff: number;
   private readonly drift: number;
   private best: number | undefined;
+  /** The best recent latency per unit of work of samples that ran with n requests at once, by n. */
+  private readonly bestAt = new Map<number, number>();
+  private readonly minThroughputGain: number;
   private readonly reprobeAfter: number;
   /** The limit at which congestion was last seen (Infinity: never). */
   private congestedAt = Infinity;
@@ -71,6 +86,7 @@ export class AdaptiveLimit {
     this.backoff = clamp(options.backoff ?? 0.75, 0.1, 0.99);
     this.drift = clamp(options.baselineDrift ?? 0.001, 0, 1);
     this.reprobeAfter = Math.max(0, options.reprobeAfter ?? 20);
+    this.minThroughputGain = Math.max(0, options.minThroughputGain ?? 0.15);
   }
 
   /** Requests that may run at once now. */
@@ -90,10 +106,20 @@ export class AdaptiveLimit {
       return this.limit;
     }
     if (!(sample.work > 0) || !(sample.latencyMs >= 0)) return this.limit;
+    // Started with more at once than the limit allows now: admitted before the last decrease,
+    // whose cause it shares. Counted again, the samples of one congested round would cut the limit
+    // once each (3 -> 2 -> 1 from one probe of 3; bench/admission-throughput.mjs).
+    if (sample.inFlight > this.limit) return this.limit;
     const perUnit = sample.latencyMs / sample.work;
     const baseline = this.best === undefined ? perUnit : Math.min(perUnit, this.best * (1 + this.drift));
     this.best = baseline;
-    if (perUnit > this.tolerance * baseline) {
+    const n = Math.max(1, Math.floor(sample.inFlight));
+    const belowBest = this.bestAt.get(n - 1);
+    // n at once pay when they deliver (1 + gain) x the pixels per second of n - 1 at once.
+    const pays = belowBest !== undefined && perUnit * (n - 1) * (1 + this.minThroughputGain) <= n * belowBest;
+    const atBest = this.bestAt.get(n);
+    this.bestAt.set(n, atBest === undefined ? perUnit : Math.min(perUnit, atBest * (1 + this.drift)));
+    if (perUnit > this.tolerance * baseline && !pays) {
       this.congested();
     } else if (sample.inFlight >= this.limit && (sample.queued ?? 1) > 0) {
       // Only a limit in full use, with demand waiting behind it, earns more: answers to requests
