@@ -95,6 +95,15 @@ describe('AdaptiveLimit', () => {
     expect(limit.limit).toBe(2);
   });
 
+  it('at the floor, a slow request that ran alone does not defer the next probe', () => {
+    const limit = new AdaptiveLimit({ initial: 1, tolerance: 1.25, reprobeAfter: 3 });
+    limit.update({ latencyMs: 1000, work: MPX, inFlight: 1 });
+    limit.update({ latencyMs: 2000, work: MPX, inFlight: 2 }); // two at once, no throughput gained
+    expect(limit.limit).toBe(1);
+    for (let i = 0; i < 3; i++) limit.update({ latencyMs: i === 1 ? 1400 : 1000, work: MPX, inFlight: 1 }); // one slow alone
+    expect(limit.limit).toBe(2);
+  });
+
   it('a sample admitted before a decrease does not cut the limit again', () => {
     const limit = new AdaptiveLimit({ initial: 4, tolerance: 1.5, backoff: 0.5 });
     limit.update({ latencyMs: 1000, work: MPX, inFlight: 4 });

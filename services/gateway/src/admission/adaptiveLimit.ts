@@ -8,8 +8,9 @@
 // does this for Node (the maintained limiters, p-limit and the like, take a fixed number).
 //
 // A slower sample is no congestion when running that many at once still pays: when c requests at
-// once deliver at least `minThroughputGain` more pixels per second than c - 1 did (latency per
-// pixel at c times (c - 1) against the best seen at c - 1 times c). A lone small request leaves
+// once deliver at least `minThroughputGain` more pixels per second than c - 1 did (the recent mean
+// latency per pixel at c times (c - 1) against the one at c - 1 times c; means, not the best, as a
+// level probed now and then has few samples, and its best against the other's would be biased). A lone small request leaves
 // cores idle (a 256 tile keeps 1.5 of 2 busy: its stages wait on each other), so two at once are
 // each 1.6x slower yet a quarter more tiles per second (bench/admission-throughput.mjs); a large
 // image already fills the cores, and a second one only doubles both latencies.
@@ -51,7 +52,7 @@ export interface LimitSample {
   latencyMs: number;
   /** Its work (pixels); latency is compared per unit of work. */
   work: number;
-  /** Requests running when it started, itself included. */
+  /** The most requests running at once while it ran, itself included. */
   inFlight: number;
   /**
    * Requests waiting for admission when it finished (undefined: unknown, taken as some). With none
@@ -70,8 +71,8 @@ export class AdaptiveLimit {
   private readonly backoff: number;
   private readonly drift: number;
   private best: number | undefined;
-  /** The best recent latency per unit of work of samples that ran with n requests at once, by n. */
-  private readonly bestAt = new Map<number, number>();
+  /** Recent mean latency per unit of work of samples that started with n requests at once, by n. */
+  private readonly meanAt = new Map<number, number>();
   private readonly minThroughputGain: number;
   private readonly reprobeAfter: number;
   /** The limit at which congestion was last seen (Infinity: never). */
@@ -106,20 +107,25 @@ export class AdaptiveLimit {
       return this.limit;
     }
     if (!(sample.work > 0) || !(sample.latencyMs >= 0)) return this.limit;
-    // Started with more at once than the limit allows now: admitted before the last decrease,
-    // whose cause it shares. Counted again, the samples of one congested round would cut the limit
+    // Ran with more at once than the limit allows now: admitted before the last decrease, whose
+    // cause it shares. Counted again, the samples of one congested round would cut the limit
     // once each (3 -> 2 -> 1 from one probe of 3; bench/admission-throughput.mjs).
     if (sample.inFlight > this.limit) return this.limit;
     const perUnit = sample.latencyMs / sample.work;
     const baseline = this.best === undefined ? perUnit : Math.min(perUnit, this.best * (1 + this.drift));
     this.best = baseline;
     const n = Math.max(1, Math.floor(sample.inFlight));
-    const belowBest = this.bestAt.get(n - 1);
+    const previous = this.meanAt.get(n);
+    const mean = previous === undefined ? perUnit : previous + MEAN_WEIGHT * (perUnit - previous);
+    this.meanAt.set(n, mean);
+    const below = this.meanAt.get(n - 1);
     // n at once pay when they deliver (1 + gain) x the pixels per second of n - 1 at once.
-    const pays = belowBest !== undefined && perUnit * (n - 1) * (1 + this.minThroughputGain) <= n * belowBest;
-    const atBest = this.bestAt.get(n);
-    this.bestAt.set(n, atBest === undefined ? perUnit : Math.min(perUnit, atBest * (1 + this.drift)));
-    if (perUnit > this.tolerance * baseline && !pays) {
+    const pays = below !== undefined && mean * (n - 1) * (1 + this.minThroughputGain) <= n * below;
+    // At the floor, a request that ran alone has nothing to shrink and says nothing about two at
+    // once: counted as congestion, its noise (a lone tile's latency varies 1.5x) would keep
+    // deferring the next probe.
+    const congestion = perUnit > this.tolerance * baseline && !pays && (n > 1 || this.limit > this.min);
+    if (congestion) {
       this.congested();
     } else if (sample.inFlight >= this.limit && (sample.queued ?? 1) > 0) {
       // Only a limit in full use, with demand waiting behind it, earns more: answers to requests
@@ -142,6 +148,9 @@ export class AdaptiveLimit {
     this.value = Math.max(this.min, this.value * this.backoff);
   }
 }
+
+/** Weight of a new sample in its level's mean (about the last 5 samples). */
+const MEAN_WEIGHT = 0.2;
 
 function clamp(x: number, lo: number, hi: number): number {
   return Math.min(hi, Math.max(lo, x));

@@ -206,7 +206,8 @@ interface Running {
   identity: string;
   pixels: number;
   startedAt: number;
-  inFlightAtStart: number;
+  /** The most requests running at once while it ran, itself included. */
+  peakInFlight: number;
 }
 
 interface Bucket {
@@ -677,8 +678,11 @@ export class Admission {
   }
 
   private start(request: AdmissionRequest, enqueuedAt: number, now: number): AdmissionTicket {
-    const run: Running = { identity: request.identity, pixels: request.pixels, startedAt: now, inFlightAtStart: this.running.size + 1 };
+    const run: Running = { identity: request.identity, pixels: request.pixels, startedAt: now, peakInFlight: this.running.size + 1 };
     this.running.add(run);
+    // A request that started alone and shared the cores later ran as one of several: its latency
+    // sample counts at that concurrency.
+    for (const other of this.running) other.peakInFlight = Math.max(other.peakInFlight, this.running.size);
     this.perIdentity.set(request.identity, (this.perIdentity.get(request.identity) ?? 0) + 1);
     this.throughput.start(now);
     let released = false;
@@ -696,7 +700,7 @@ export class Admission {
           this.options.limit.update({
             latencyMs: end - now,
             work: request.pixels,
-            inFlight: run.inFlightAtStart,
+            inFlight: run.peakInFlight,
             queued: this.queuedCount,
             dropped: dropped ?? false,
           });
