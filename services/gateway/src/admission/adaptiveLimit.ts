@@ -9,11 +9,12 @@
 //
 // A slower sample is no congestion when running that many at once still pays: when c requests at
 // once deliver at least `minThroughputGain` more pixels per second than c - 1 did (the recent mean
-// latency per pixel at c times (c - 1) against the one at c - 1 times c; means, not the best, as a
-// level probed now and then has few samples, and its best against the other's would be biased). A lone small request leaves
-// cores idle (a 256 tile keeps 1.5 of 2 busy: its stages wait on each other), so two at once are
-// each 1.6x slower yet a quarter more tiles per second (bench/admission-throughput.mjs); a large
-// image already fills the cores, and a second one only doubles both latencies.
+// latency per pixel at c times (c - 1) against the one at c - 1 times c; means, not the best: a
+// level probed now and then has few samples, and its best against the other's would be biased).
+// A lone small request leaves cores idle (a 256 tile keeps 1.5 of 2 busy: its stages wait on each
+// other), so two at once are each 1.6x slower yet a quarter more tiles per second
+// (bench/admission-throughput.mjs); a large image already fills the cores, and a second one only
+// doubles both latencies.
 
 export interface AdaptiveLimitOptions {
   /** Limit before any sample (default 1: the first request runs alone, at its single-request latency). */
@@ -71,7 +72,7 @@ export class AdaptiveLimit {
   private readonly backoff: number;
   private readonly drift: number;
   private best: number | undefined;
-  /** Recent mean latency per unit of work of samples that started with n requests at once, by n. */
+  /** Recent mean latency per unit of work of samples that ran with (at most) n requests at once, by n. */
   private readonly meanAt = new Map<number, number>();
   private readonly minThroughputGain: number;
   private readonly reprobeAfter: number;
