@@ -276,6 +276,58 @@ def test_target_mpp_resamples_samples_that_give_their_scale(tmp_path):
         NucleiDataset(tmp_path, size=32, target_mpp=0)
 
 
+def test_estimated_mpp_resamples_samples_without_their_scale(tmp_path):
+    # CPM-15's 20x images give no mpp: the committed estimate (from their nuclei's size) stands in.
+    set_dir = tmp_path / "mixed"
+    set_dir.mkdir()
+    write_sample(set_dir, "small", blocks(64, 64, [(28, 28, 8, 8)]), {"classNames": ["nucleus"]})
+    write_sample(set_dir, "large", blocks(64, 64, [(24, 24, 16, 16)]), {"classNames": ["nucleus"]})
+    estimates = {"mixed/small": 0.5}
+    ds = NucleiDataset(set_dir, size=32, crop="center", target_mpp=0.25, mpp_estimates=estimates)
+    small, large = (ds[ds.names.index(n)] for n in ("small", "large"))
+    assert small["scale"] == pytest.approx(2.0) and (small["instances"] == 1).sum().item() == 16 * 16
+    assert large["scale"] == 1.0 and (large["instances"] == 1).sum().item() == 16 * 16
+    # Without target_mpp nothing is resampled, estimate or not.
+    assert NucleiDataset(set_dir, size=32, crop="center", mpp_estimates=estimates)[0]["scale"] == 1.0
+
+
+def test_scale_estimate_from_nucleus_size():
+    from cfrsam.data.scale import estimate_mpp, lookup_mpp, median_diameter, snap_mpp
+
+    labels = blocks(64, 64, [(0, 0, 10, 10), (20, 20, 10, 10), (40, 40, 20, 20)])
+    assert median_diameter(labels) == pytest.approx(2 * np.sqrt(100 / np.pi))
+    assert np.isnan(median_diameter(np.zeros((8, 8), dtype=np.int32)))
+    # 0.25 and 0.5 um/px meet at their geometric mean, 0.354.
+    assert snap_mpp(0.34) == 0.25 and snap_mpp(0.36) == 0.5 and snap_mpp(0.9) == 0.5
+    # Nuclei half the reference's diameter in pixels: an image at half the magnification.
+    assert estimate_mpp(12.0, reference_diameter=25.0, reference_mpp=0.25) == 0.5
+    assert estimate_mpp(22.0, reference_diameter=25.0, reference_mpp=0.25) == 0.25
+    assert lookup_mpp({"mpp": 0.25}, "/x/cpm15", "a", {"cpm15/a": 0.5}) == 0.25
+    assert lookup_mpp({}, "/x/cpm15", "a", {"cpm15/a": 0.5}) == 0.5
+    assert lookup_mpp({}, "/x/cpm15", "b", {"cpm15/a": 0.5}) is None
+
+
+def test_committed_mpp_estimates_match_the_shared_data():
+    """The committed table is what `python -m cfrsam.data.scale` computes from the shared data."""
+    from cfrsam.data.scale import ESTIMATES_PATH, estimate_mpp
+
+    root = default_data_root() / "cpm15"
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root}: the committed CPM-15 scale estimates are not checked")
+    table = json.loads(ESTIMATES_PATH.read_text())
+    ref_px = table["reference"]["median_diameter_um"] / 0.25
+    samples = table["samples"]
+    assert len(samples) == len(list_samples(root))
+    for key, entry in samples.items():
+        labels = read_labels(root / f"{key.split('/', 1)[1]}.labels.png")
+        counts = np.bincount(labels.ravel())[1:]
+        d = float(np.median(2 * np.sqrt(counts[counts > 0] / np.pi)))
+        assert d == pytest.approx(entry["median_diameter_px"], abs=0.01)
+        assert estimate_mpp(d, ref_px, 0.25) == entry["mpp"]
+    # CPM-15 mixes the two magnifications; both are present.
+    assert {e["mpp"] for e in samples.values()} == {0.25, 0.5}
+
+
 def test_training_sets_repeat_and_hold_out(tmp_path):
     """--repeat draws a set's images K times per epoch; --hold-out leaves its last N names out."""
     import argparse

@@ -174,6 +174,8 @@ class NucleiDataset(Dataset):
       cache: keep decoded images and labels in memory.
       target_mpp: resample every sample whose JSON gives an `mpp` to this many micrometres per pixel
         (before the scale jitter); samples without `mpp` keep their pixels. None: no resampling.
+      mpp_estimates: {"<set folder>/<sample>": mpp} for samples whose JSON gives none (see
+        data/scale.py: CPM-15's 20x images); used only with target_mpp.
 
     Item: dict with
       image       [3, S, S] float32, (rgb - SAM mean) / SAM std
@@ -200,10 +202,12 @@ class NucleiDataset(Dataset):
         pad_value: int = 255,
         cache: bool = False,
         target_mpp: Optional[float] = None,
+        mpp_estimates: Optional[Mapping[str, float]] = None,
     ) -> None:
         if target_mpp is not None and not target_mpp > 0:
             raise ValueError(f"target_mpp must be positive, got {target_mpp!r}")
         self.target_mpp = target_mpp
+        self.mpp_estimates = dict(mpp_estimates or {})
         self.root = Path(root)
         names = list(names) if names is not None else list_samples(self.root)
         if split is not None:
@@ -268,6 +272,8 @@ class NucleiDataset(Dataset):
             lo, hi = self.augment.scale_range
             scale = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
         mpp = meta.get("mpp")
+        if not (isinstance(mpp, (int, float)) and mpp > 0):
+            mpp = self.mpp_estimates.get(f"{self.root.name}/{name}")
         if self.target_mpp is not None and isinstance(mpp, (int, float)) and mpp > 0:
             # Output pixels per source pixel: a 0.5 um/px image is enlarged 2x to 0.25 um/px.
             scale *= float(mpp) / self.target_mpp

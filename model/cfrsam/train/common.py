@@ -18,6 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from ..data import NucleiDataset
 from ..data.dataset import default_data_root, list_samples
+from ..data.scale import load_estimates
 from .ema import WeightAverage
 
 # CoNSeP tiles come from 27 source images; these five are held out for validation (split by source,
@@ -100,7 +101,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--target-mpp",
         type=float,
         default=0.0,
-        help="resample training sets whose samples give an mpp to this many um/px (0: off)",
+        help="resample training samples to this many um/px: those whose JSON gives an mpp, and those "
+        "cfrsam/data/estimated_mpp.json estimates (CPM-15's 20x images; python -m cfrsam.data.scale) (0: off)",
     )
     parser.add_argument(
         "--init",
@@ -254,6 +256,7 @@ def build_datasets(args, class_names: Sequence[str], size: int):
                     class_map=cmap,
                     cache=True,
                     target_mpp=getattr(args, "target_mpp", 0) or None,
+                    mpp_estimates=load_estimates() if getattr(args, "target_mpp", 0) else None,
                 )
             )
     if not train_parts:

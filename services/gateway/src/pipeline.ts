@@ -383,8 +383,14 @@ export class SegmentationPipeline {
           return stageTile;
         });
         // The prompter and the encoder side by side; decoding a tile needs both (its prompts, and
-        // its features where the decoders fetch them).
-        const [detected] = await Promise.all([this.stages.prompter.detect(tiles, call), this.stages.encoder.encode(tiles, call)]);
+        // its features where the decoders fetch them). Preparing it (decoder_image) needs only the
+        // features, so it starts when the encoder answers and runs while the prompter still works
+        // (a tile of automatic mode that turns out to have no prompts was prepared for nothing:
+        // one decoder_image run, against the prompter's lead on the critical path of every tile).
+        const [detected] = await Promise.all([
+          this.stages.prompter.detect(tiles, call),
+          this.stages.encoder.encode(tiles, call).then(() => this.prepareEarly(tiles, call)),
+        ]);
         await Promise.all(
           batch.map(async (tile, i) => {
             const tileDetections = toImageDetections(detected.get(tiles[i].digest) ?? [], tile);
@@ -521,6 +527,17 @@ export class SegmentationPipeline {
       classProbabilities: nearest ? nearest.classProbabilities : [],
       classConfidence: nearest ? (nearest.classProbabilities[nearest.classIndex] ?? 0) : 1,
     };
+  }
+
+  /**
+   * Starts preparing the tiles on the decoders (the port's optional hint) without waiting for it:
+   * decodeTile joins a Prepare in flight, and prepares again if this one failed, so its errors are
+   * decodeTile's to report, not this hint's.
+   */
+  private prepareEarly(tiles: readonly StageTile[], call: StageCall): void {
+    const prepareTile = this.stages.decoder.prepareTile?.bind(this.stages.decoder);
+    if (!prepareTile) return;
+    for (const tile of tiles) prepareTile(tile, call).catch(() => undefined);
   }
 
   /** Decodes a tile's planned prompts and pastes the masks into image coordinates. */

@@ -406,6 +406,38 @@ describe('SegmentationPipeline over in-memory stages', () => {
     expect(failing.log.tilesInFlight).toEqual([1, 1]);
   });
 
+  it("prepares each tile when its encode answers, while the prompter still works; a failed early prepare is not the request's", async () => {
+    const { stages, log } = fakeStages();
+    const events: string[] = [];
+    let releasePrompter!: () => void;
+    const prompterHeld = new Promise<void>((resolve) => (releasePrompter = resolve));
+    const detect = stages.prompter.detect.bind(stages.prompter);
+    stages.prompter.detect = async (tiles, call) => {
+      events.push('detect:start');
+      await prompterHeld;
+      events.push('detect:end');
+      return detect(tiles, call);
+    };
+    const prepared: string[] = [];
+    stages.decoder.prepareTile = async (tile) => {
+      events.push('prepare');
+      prepared.push(tile.digest);
+      // The early prepare has no say in the result: the port's decodeTile prepares again.
+      if (prepared.length === 1) throw grpcError(status.UNAVAILABLE, 'decoder restarting');
+    };
+    const p = pipelineWith(stages, { tileBatchSize: 4, tileBatchConcurrency: 1 });
+    const pending = p.segment(request(await diskImage(300, 300, DISKS.slice(0, 2))));
+    await new Promise((r) => setTimeout(r, 20));
+    // One batch of four tiles: each tile is being prepared, and the prompter has not answered.
+    expect(events[0]).toBe('detect:start');
+    expect(events.filter((e) => e === 'prepare').length).toBe(log.encode.length);
+    expect(events).not.toContain('detect:end');
+    releasePrompter();
+    const res = await pending;
+    expect(res.nuclei).toHaveLength(2);
+    expect(new Set(prepared)).toEqual(new Set(log.encode));
+  });
+
   it('answers a repeated request from the result cache without running a stage', async () => {
     const { stages, log } = fakeStages();
     const p = pipelineWith(stages);

@@ -96,6 +96,7 @@ export class LocalStages implements StagePorts {
       const results = await Promise.all(batches.map((batch) => this.decodeBatch(tile, batch, call)));
       return results.flat();
     },
+    prepareTile: (tile: StageTile, call: StageCall): Promise<void> => this.prepare(tile, call),
   };
 
   close(): void {

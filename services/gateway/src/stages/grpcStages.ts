@@ -272,14 +272,11 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     // there are replicas to keep busy; under load the second decoder_image run is pure extra work.
     // Otherwise the tile goes to the less busy of its two rendezvous replicas (power of two
     // choices): affinity keeps prepared state reusable, the choice keeps replicas evenly loaded.
-    const replicas = this.decoders.addresses.length;
-    const inFlight = Math.max(1, call.tilesInFlight?.() ?? 1);
-    const k = Math.max(1, Math.min(this.options.replicasPerTile, Math.ceil(replicas / inFlight)));
-    const order = k > 1 ? null : this.leastBusyFirst(this.decoders.orderFor(tile.digest));
+    const order = this.decodeOrder(tile, call);
     const results = await Promise.all(
       batches.map((batch, i) =>
         this.decoders
-          .call(order ?? this.decoders.spreadOrderFor(tile.digest, i, k), (_client, replica) => this.decodeOn(replica, tile, batch, call), call)
+          .call(order(i), (_client, replica) => this.decodeOn(replica, tile, batch, call), call)
           .catch((err) => {
             throw stageError('decoder', err);
           }),
@@ -288,12 +285,40 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     return results.flat();
   }
 
-  /** The order with the less busy of its first two healthy replicas first. */
-  private leastBusyFirst(order: string[]): string[] {
+  /** Prepares the tile on the replica its first batch would go to now (see DecoderPort.prepareTile). */
+  async prepareTile(tile: StageTile, call: StageCall): Promise<void> {
+    const replica = this.decodeOrder(tile, call)(0).find((r) => !this.decoders.coolingDown(r));
+    if (!replica || this.prepared.has(`${replica}|${tile.digest}`)) return;
+    this.busy.set(replica, (this.busy.get(replica) ?? 0) + 1);
+    try {
+      await this.prepare(replica, tile, call);
+    } finally {
+      this.busy.set(replica, (this.busy.get(replica) ?? 1) - 1);
+    }
+  }
+
+  /** The replica order for a tile's batch i (decodeTile's rule, shared with prepareTile). */
+  private decodeOrder(tile: StageTile, call: StageCall): (batch: number) => string[] {
+    const replicas = this.decoders.addresses.length;
+    const inFlight = Math.max(1, call.tilesInFlight?.() ?? 1);
+    const k = Math.max(1, Math.min(this.options.replicasPerTile, Math.ceil(replicas / inFlight)));
+    if (k > 1) return (i) => this.decoders.spreadOrderFor(tile.digest, i, k);
+    const order = this.leastBusyFirst(this.decoders.orderFor(tile.digest), tile.digest);
+    return () => order;
+  }
+
+  /**
+   * The order with one of its first two healthy replicas first: the one that holds the tile
+   * prepared (or is preparing it) when only one does, else the less busy.
+   */
+  private leastBusyFirst(order: string[], digest: string): string[] {
     const healthy = order.filter((r) => !this.decoders.coolingDown(r));
     if (healthy.length < 2) return order;
     const [a, b] = healthy;
-    const first = (this.busy.get(b) ?? 0) < (this.busy.get(a) ?? 0) ? b : a;
+    const holds = (r: string) => this.prepared.has(`${r}|${digest}`) || this.preparing.has(`${r}|${digest}`);
+    let first: string;
+    if (holds(a) !== holds(b)) first = holds(a) ? a : b;
+    else first = (this.busy.get(b) ?? 0) < (this.busy.get(a) ?? 0) ? b : a;
     return [first, ...order.filter((r) => r !== first)];
   }
 

@@ -42,6 +42,12 @@ export interface DecoderPort {
    * the port's business.
    */
   decodeTile(tile: StageTile, prompts: readonly stagesProto.PromptPoints[], call: StageCall): Promise<stagesProto.DecodedMask[]>;
+  /**
+   * Optional hint: the tile's features exist (its encode resolved) and it will probably be
+   * decoded, so prepare it now where decodeTile would send its first batch. decodeTile joins a
+   * Prepare in flight and repeats one that failed, so a caller may ignore this one's outcome.
+   */
+  prepareTile?(tile: StageTile, call: StageCall): Promise<void>;
 }
 
 export interface StagePorts {
