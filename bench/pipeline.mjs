@@ -3,6 +3,7 @@
 //
 //   npm run build && node bench/pipeline.mjs [--bundle models/tiny] [--reps 5] [--rounds 3] [--clients 8]
 //                                            [--cases tile,large] [--data ../shared/data] [--decoder-processes 1]
+//                                            [--isolated]
 //
 // The same orchestration (the gateway's SegmentationPipeline) runs over three sets of stage ports:
 //   services     the four services as separate processes (1 prompter, 1 encoder, 2 decoder
@@ -12,7 +13,11 @@
 //   one process  the same LocalStages in this process, with the same worker counts (1, 1, 2), no
 //                gRPC at all (the floor the split is measured against).
 // All three run side by side and take turns, request by request and round by round, so that the
-// machine's drift in speed over minutes lands on all of them alike.
+// machine's drift in speed over minutes lands on all of them alike. With --isolated only one of
+// them is up at a time (as on a machine that serves one way): blocks of --reps requests and one
+// throughput round per mode, the modes taking turns block by block (--rounds blocks), each block
+// on a freshly started stack. Interleaving request by request makes every mode run with caches
+// and memory just used by the other two, which costs the five-process services the most.
 // For a 256 tile and a 1000x1000 image it prints the latency of one request (cold: new pixels),
 // the ratio services / one process, the sustained throughput with N concurrent clients for both
 // (the median of per-round ratios), the CPU time per image of every process at one request and
@@ -48,6 +53,7 @@ const { values: args } = parseArgs({
     clients: { type: 'string', default: '8' },
     data: { type: 'string', default: path.join(root, '../shared/data') },
     'decoder-processes': { type: 'string', default: '1' },
+    isolated: { type: 'boolean', default: false },
   },
 });
 const REPS = Number(args.reps);
@@ -235,11 +241,11 @@ function modeMeter(name, segment, cpuSample, ortSample) {
  * throughput round r of every mode before round r + 1 (the order rotating), so a machine whose
  * speed drifts over minutes (this one does, by up to 1.5x) drifts for all of them alike.
  */
-async function measureCase(c, modes, images) {
+async function measureCase(c, modes, images, reps = REPS, rounds = ROUNDS) {
   for (const m of modes) for (let i = 0; i < WARMUP; i++) await m.segment(images.next()); // sessions, JIT, every process
   const lat = Object.fromEntries(modes.map((m) => [m.name, { ms: [], stages: new Map(), nuclei: 0 }]));
   for (const m of modes) m.clear();
-  for (let i = 0; i < REPS; i++) {
+  for (let i = 0; i < reps; i++) {
     for (const m of rotate(modes, i)) {
       const image = images.next();
       const { out: res, ms } = await m.measure(() => m.segment(image));
@@ -252,18 +258,10 @@ async function measureCase(c, modes, images) {
   const out = {};
   for (const m of modes) {
     const l = lat[m.name];
-    out[m.name] = {
-      lat: {
-        ms: median(l.ms),
-        nuclei: l.nuclei,
-        stages: [...l.stages].map(([k, v]) => `${k} ${fmt(median(v))}`).join(', '),
-        ...m.perImage(REPS),
-      },
-      tput: [],
-    };
+    out[m.name] = { lat: { all: l.ms, stageSamples: l.stages, nuclei: l.nuclei, ...m.perImage(reps) }, tput: [] };
     m.clear();
   }
-  for (let r = 0; r < ROUNDS; r++) {
+  for (let r = 0; r < rounds; r++) {
     for (const m of rotate(modes, r)) {
       const batch = Array.from({ length: c.tput }, () => images.next());
       let next = 0;
@@ -278,7 +276,7 @@ async function measureCase(c, modes, images) {
     }
   }
   for (const m of modes) {
-    const p = m.perImage(ROUNDS * c.tput);
+    const p = m.perImage(rounds * c.tput);
     const cpuS = Object.values(m.cpu).reduce((a, b) => a + b, 0);
     const wallS = out[m.name].tput.reduce((a, v) => a + c.tput / v, 0);
     out[m.name].load = { ...p, busyCpus: cpuS / wallS };
@@ -287,6 +285,44 @@ async function measureCase(c, modes, images) {
 }
 
 const rotate = (xs, i) => xs.map((_, j) => xs[(i + j) % xs.length]);
+
+/** A mode's measurements over several blocks as one: samples pooled, per-image sums averaged. */
+function mergeBlocks(blocks) {
+  const avg = (pick) => {
+    const sum = {};
+    for (const b of blocks) for (const [k, v] of Object.entries(pick(b))) sum[k] = (sum[k] ?? 0) + v / blocks.length;
+    return sum;
+  };
+  const avgOrt = (pick) => {
+    const sum = {};
+    for (const b of blocks) {
+      for (const [g, v] of Object.entries(pick(b))) {
+        sum[g] ??= { ms: 0, runs: 0 };
+        sum[g].ms += v.ms / blocks.length;
+        sum[g].runs += v.runs / blocks.length;
+      }
+    }
+    return sum;
+  };
+  const stageSamples = new Map();
+  for (const b of blocks) for (const [k, v] of b.lat.stageSamples) stageSamples.set(k, [...(stageSamples.get(k) ?? []), ...v]);
+  return {
+    lat: { all: blocks.flatMap((b) => b.lat.all), stageSamples, nuclei: blocks[0].lat.nuclei, cpu: avg((b) => b.lat.cpu), ort: avgOrt((b) => b.lat.ort) },
+    tput: blocks.flatMap((b) => b.tput),
+    load: {
+      cpu: avg((b) => b.load.cpu),
+      ort: avgOrt((b) => b.load.ort),
+      busyCpus: blocks.reduce((a, b) => a + b.load.busyCpus, 0) / blocks.length,
+    },
+  };
+}
+
+/** Medians of a mode's pooled latency samples. */
+function summariseLatency(r) {
+  r.lat.ms = median(r.lat.all);
+  r.lat.stages = [...r.lat.stageSamples].map(([k, v]) => `${k} ${fmt(median(v))}`).join(', ');
+  return r;
+}
 
 /** An endless supply of cold copies of an image (PNG), made ahead in chunks. */
 function imageSupply(rgb, size) {
@@ -374,7 +410,9 @@ async function main() {
   console.log(
     `bundle ${manifest.name} ${manifest.version}, input ${S}, ${os.cpus().length} CPUs, ${REPS} requests per latency, ` +
       `${ROUNDS} throughput rounds of ${CLIENTS} clients, ${DECODERS} decoder workers in ${DECODER_PROCESSES} decoder process(es); ` +
-      `the modes interleave request by request and round by round`,
+      (args.isolated
+        ? `one mode up at a time, in ${ROUNDS} blocks of ${REPS} requests and one throughput round each, the modes taking turns`
+        : 'the modes interleave request by request and round by round'),
   );
   const tile = await loadRgb(path.join(args.data, 'consep-train/train_3_005.png'), S);
   const monuseg = path.join(args.data, 'monuseg-train');
@@ -389,56 +427,92 @@ async function main() {
   const config = { ...DEFAULT_GATEWAY_CONFIG, prompter: ['-'], encoder: ['-'], decoders: ['-'], maxConcurrentRequests: 1000 };
   const request = (image) => segmentationProto.SegmentRequest.fromPartial({ image });
 
-  // All three ways of serving stay up side by side (idle ones cost memory, not CPU).
-  const services = await startGrpcMode('services', request);
-  const standalone = await startGrpcMode('standalone', request);
-  const localOrt = ortTotals();
-  const local = await inProcessStages(localOrt);
-  const pipeline = new SegmentationPipeline(manifest, config, local);
-  const modes = [
-    services.meter,
-    standalone.meter,
-    modeMeter(
-      'one process',
-      (image) => pipeline.segment(request(image)),
-      () => ({ 'one process': selfCpuSeconds() }),
-      async () => localOrt.snapshot(),
-    ),
-  ];
-  const results = {};
-  try {
-    for (const c of cases) {
-      const images = imageSupply(c.rgb, c.size);
-      await images.fill(modes.length * (WARMUP + REPS + ROUNDS * c.tput));
-      results[c.label] = await measureCase(c, modes, images);
-      // A repeated request (slide-job redelivery, a client retrying): the gateway's result cache.
-      for (const [i, m] of modes.slice(0, 2).entries()) {
-        const again = await png(coldCopy(c.rgb, c.size, 60_000 + i), c.size);
-        await m.segment(again); // cold, then from the cache
-        const repeat = [];
-        for (let i = 0; i < 3; i++) {
-          const t = performance.now();
-          await m.segment(again);
-          repeat.push(performance.now() - t);
-        }
-        results[c.label][m.name].repeat = median(repeat);
-      }
-      for (const m of modes) {
-        const r = results[c.label][m.name];
-        const rep = r.repeat ? `; repeated request ${fmt(r.repeat)} ms (${(r.lat.ms / r.repeat).toFixed(0)}x faster)` : '';
-        console.log(
-          `${m.name} ${c.label}: ${fmt(r.lat.ms)} ms, ${median(r.tput).toFixed(2)} images/s (rounds ${r.tput.map((v) => v.toFixed(2)).join(', ')})${rep}`,
-        );
-      }
+  // The three ways of serving, each started on demand: { meter, stop }.
+  const startMode = {
+    services: () => startGrpcMode('services', request),
+    standalone: () => startGrpcMode('standalone', request),
+    'one process': async () => {
+      const localOrt = ortTotals();
+      const pipeline = new SegmentationPipeline(manifest, config, await inProcessStages(localOrt));
+      const meter = modeMeter(
+        'one process',
+        (image) => pipeline.segment(request(image)),
+        () => ({ 'one process': selfCpuSeconds() }),
+        async () => localOrt.snapshot(),
+      );
+      return { meter, stop: async () => pipeline.close() };
+    },
+  };
+  const names = Object.keys(startMode);
+
+  /** A repeated request (slide-job redelivery, a client retrying): the gateway's result cache. */
+  async function repeatedRequest(c, m, k) {
+    const again = await png(coldCopy(c.rgb, c.size, 60_000 + k), c.size);
+    await m.segment(again); // cold, then from the cache
+    const repeat = [];
+    for (let i = 0; i < 3; i++) {
+      const t = performance.now();
+      await m.segment(again);
+      repeat.push(performance.now() - t);
     }
-    await bytesThroughGateway(services.stack, config, request, big);
-  } finally {
-    pipeline.close();
-    await services.stop();
-    await standalone.stop();
+    return median(repeat);
   }
 
-  const names = modes.map((m) => m.name);
+  const results = {};
+  if (!args.isolated) {
+    // All three ways of serving stay up side by side (idle ones cost memory, not CPU).
+    const running = [];
+    try {
+      for (const n of names) running.push(await startMode[n]());
+      const modes = running.map((r) => r.meter);
+      for (const c of cases) {
+        const images = imageSupply(c.rgb, c.size);
+        await images.fill(modes.length * (WARMUP + REPS + ROUNDS * c.tput));
+        results[c.label] = await measureCase(c, modes, images);
+        for (const n of names) summariseLatency(results[c.label][n]);
+        for (const [i, m] of modes.slice(0, 2).entries()) results[c.label][m.name].repeat = await repeatedRequest(c, m, i);
+      }
+      await bytesThroughGateway(running[0].stack, config, request, big);
+    } finally {
+      for (const r of running) await r.stop();
+    }
+  } else {
+    // One way of serving up at a time: blocks of REPS requests and one throughput round per mode,
+    // the modes taking turns block by block, each block on a fresh stack.
+    for (const c of cases) {
+      const images = imageSupply(c.rgb, c.size);
+      const blocks = Object.fromEntries(names.map((n) => [n, []]));
+      const repeats = {};
+      for (let b = 0; b < ROUNDS; b++) {
+        for (const n of rotate(names, b)) {
+          const mode = await startMode[n]();
+          try {
+            await images.fill(WARMUP + REPS + c.tput);
+            const out = await measureCase(c, [mode.meter], images, REPS, 1);
+            blocks[n].push(out[n]);
+            if (b === 0 && n !== 'one process') repeats[n] = await repeatedRequest(c, mode.meter, names.indexOf(n));
+          } finally {
+            await mode.stop();
+          }
+        }
+      }
+      results[c.label] = Object.fromEntries(names.map((n) => [n, summariseLatency({ ...mergeBlocks(blocks[n]), repeat: repeats[n] })]));
+    }
+    const services = await startMode.services();
+    try {
+      await bytesThroughGateway(services.stack, config, request, big);
+    } finally {
+      await services.stop();
+    }
+  }
+  for (const c of cases) {
+    for (const n of names) {
+      const r = results[c.label][n];
+      const rep = r.repeat ? `; repeated request ${fmt(r.repeat)} ms (${(r.lat.ms / r.repeat).toFixed(0)}x faster)` : '';
+      console.log(`${n} ${c.label}: ${fmt(r.lat.ms)} ms, ${median(r.tput).toFixed(2)} images/s (rounds ${r.tput.map((v) => v.toFixed(2)).join(', ')})${rep}`);
+    }
+  }
+
   console.log(
     '\n| case | latency one request (ms): services, standalone, one process | services / one process | standalone / one process | ' +
       `throughput, ${CLIENTS} clients (images/s, median of ${ROUNDS} rounds): services, standalone, one process | services / one process | standalone / one process |`,

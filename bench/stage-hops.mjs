@@ -1,0 +1,137 @@
+// Where a request's time goes between the services: each stage's handler time (measured in the
+// stage process) next to the gateway's view of the same call (handler + gRPC + queueing), per cold
+// request, with only the four services up. Prints numbers; nothing is asserted.
+//
+//   npm run build && node bench/stage-hops.mjs [--bundle models/tiny] [--tiles 20] [--large 3] [--data ../shared/data]
+//
+// Rows are cfrsam_stage_duration_seconds from every process's /metrics, summed over the measured
+// requests and divided by their number (a stage that runs several times per tile, as Decode does,
+// sums its calls; the gateway's rows are wall time, its calls running side by side).
+import { createRequire } from 'node:module';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { parseArgs } from 'node:util';
+
+const require = createRequire(import.meta.url);
+const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+const lib = (p) => require(path.join(root, p));
+const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
+const { startStack } = lib('services/gateway/dist/cli/stack.js');
+const sharp = require(require.resolve('sharp', { paths: [path.join(root, 'packages/nuclei')] }));
+
+const { values: args } = parseArgs({
+  options: {
+    bundle: { type: 'string', default: path.join(root, 'models/tiny') },
+    tiles: { type: 'string', default: '20' },
+    large: { type: 'string', default: '3' },
+    data: { type: 'string', default: path.join(root, '../shared/data') },
+  },
+});
+const TILES = Number(args.tiles);
+const LARGE = Number(args.large);
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+async function freePorts(n) {
+  const servers = await Promise.all(
+    Array.from(
+      { length: n },
+      () =>
+        new Promise((resolve) => {
+          const s = net.createServer().listen(0, '127.0.0.1', () => resolve(s));
+        }),
+    ),
+  );
+  const ports = servers.map((s) => s.address().port);
+  await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
+  return ports;
+}
+
+/** A real image when the shared data is there, else the committed synthetic sample; RGB bytes. */
+async function loadRgb(preferred, size) {
+  const file = fs.existsSync(preferred) ? preferred : path.join(root, 'samples/synthetic-he-512.png');
+  const { data } = await sharp(file).removeAlpha().resize(size, size, { fit: 'cover' }).raw().toBuffer({ resolveWithObject: true });
+  return data;
+}
+
+/** Copy k of an image with pixels changed every 100 px, so every model tile is new (cold caches). */
+function coldPng(rgb, size, k) {
+  const copy = Buffer.from(rgb);
+  for (let y = 0; y < size; y += 100) {
+    for (let x = 0; x < size; x += 100) {
+      const i = 3 * (y * size + x);
+      copy[i] = (copy[i] + (k % 251) + 1) % 256;
+      copy[i + 1] = (copy[i + 1] + Math.floor(k / 251) + 1) % 256;
+    }
+  }
+  return sharp(copy, { raw: { width: size, height: size, channels: 3 } })
+    .png()
+    .toBuffer();
+}
+
+const spare = await freePorts(4);
+const metricsPorts = new Map();
+const stack = await startStack({
+  bundle: args.bundle,
+  decoders: 1,
+  port: 0,
+  log: () => {},
+  env: (name) => {
+    metricsPorts.set(name, spare[metricsPorts.size]);
+    return { METRICS_PORT: String(metricsPorts.get(name)) };
+  },
+  args: { gateway: ['--max-concurrent-requests', '1000'], decoder: ['--workers', '2'] },
+});
+const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
+const segment = async (png) => {
+  const t = performance.now();
+  await unary(client, client.segment, segmentationProto.SegmentRequest.fromPartial({ image: png }), { timeoutMs: 300_000 });
+  return performance.now() - t;
+};
+
+/** {"process:stage": {sum, count}} over every process's /metrics. */
+async function scrape() {
+  const out = {};
+  for (const [name, port] of metricsPorts) {
+    const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    for (const line of text.split('\n')) {
+      const m = line.match(/^cfrsam_stage_duration_seconds_(sum|count)\{.*stage="([^"]+)".*\} ([\d.e+-]+)$/);
+      if (!m) continue;
+      const k = `${name}: ${m[2]}`;
+      out[k] ??= { sum: 0, count: 0 };
+      out[k][m[1]] += Number(m[3]);
+    }
+  }
+  return out;
+}
+
+async function measure(label, rgb, size, n, k0) {
+  const pngs = [];
+  for (let k = 0; k < n; k++) pngs.push(await coldPng(rgb, size, k0 + k));
+  const before = await scrape();
+  const latencies = [];
+  for (const png of pngs) latencies.push(await segment(png));
+  const after = await scrape();
+  console.log(`\n${label}: ${n} cold requests one at a time, latency median ${median(latencies).toFixed(0)} ms`);
+  for (const k of Object.keys(after).sort()) {
+    const a = after[k];
+    const b = before[k] ?? { sum: 0, count: 0 };
+    if (a.count === b.count) continue;
+    console.log(
+      `  ${k.padEnd(34)} ${((1000 * (a.sum - b.sum)) / n).toFixed(1).padStart(8)} ms per request  (${((a.count - b.count) / n).toFixed(1)} calls)`,
+    );
+  }
+}
+
+try {
+  const tile = await loadRgb(path.join(args.data, 'consep-train/train_3_005.png'), 256);
+  const monuseg = path.join(args.data, 'monuseg-train');
+  const bigFile = fs.existsSync(monuseg) ? fs.readdirSync(monuseg).find((f) => f.endsWith('.png') && !f.includes('labels')) : undefined;
+  const big = await loadRgb(bigFile ? path.join(monuseg, bigFile) : 'x', 1000);
+  for (let k = 0; k < 3; k++) await segment(await coldPng(tile, 256, 50_000 + k)); // sessions, JIT
+  await measure('256x256 tile', tile, 256, TILES, 0);
+  if (LARGE > 0) await measure('1000x1000 image', big, 1000, LARGE, 1000);
+} finally {
+  client.close();
+  await stack.stop();
+}
