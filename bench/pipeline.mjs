@@ -307,7 +307,13 @@ function mergeBlocks(blocks) {
   const stageSamples = new Map();
   for (const b of blocks) for (const [k, v] of b.lat.stageSamples) stageSamples.set(k, [...(stageSamples.get(k) ?? []), ...v]);
   return {
-    lat: { all: blocks.flatMap((b) => b.lat.all), stageSamples, nuclei: blocks[0].lat.nuclei, cpu: avg((b) => b.lat.cpu), ort: avgOrt((b) => b.lat.ort) },
+    lat: {
+      all: blocks.flatMap((b) => b.lat.all),
+      stageSamples,
+      nuclei: blocks[0].lat.nuclei,
+      cpu: avg((b) => b.lat.cpu),
+      ort: avgOrt((b) => b.lat.ort),
+    },
     tput: blocks.flatMap((b) => b.tput),
     load: {
       cpu: avg((b) => b.load.cpu),
@@ -509,7 +515,9 @@ async function main() {
     for (const n of names) {
       const r = results[c.label][n];
       const rep = r.repeat ? `; repeated request ${fmt(r.repeat)} ms (${(r.lat.ms / r.repeat).toFixed(0)}x faster)` : '';
-      console.log(`${n} ${c.label}: ${fmt(r.lat.ms)} ms, ${median(r.tput).toFixed(2)} images/s (rounds ${r.tput.map((v) => v.toFixed(2)).join(', ')})${rep}`);
+      console.log(
+        `${n} ${c.label}: ${fmt(r.lat.ms)} ms, ${median(r.tput).toFixed(2)} images/s (rounds ${r.tput.map((v) => v.toFixed(2)).join(', ')})${rep}`,
+      );
     }
   }
 
