@@ -27,13 +27,12 @@
 // gateway), for this bundle and for the b config.
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
+import { coldCopy, freePorts, loadRgb, median, png, root } from './common.mjs';
 
 const require = createRequire(import.meta.url);
-const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const lib = (p) => require(path.join(root, p));
 const { loadManifest } = lib('packages/contract/dist/index.js');
 const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
@@ -42,7 +41,6 @@ const { SegmentationPipeline } = lib('services/gateway/dist/pipeline.js');
 const { GrpcStages } = lib('services/gateway/dist/stages/grpcStages.js');
 const { DEFAULT_GATEWAY_CONFIG } = lib('services/gateway/dist/config.js');
 const { startLocalStages } = lib('services/standalone/dist/compose.js');
-const sharp = require(require.resolve('sharp', { paths: [path.join(root, 'packages/nuclei')] }));
 
 const { values: args } = parseArgs({
   options: {
@@ -69,38 +67,8 @@ const DECODERS = 2;
 const DECODER_PROCESSES = Number(args['decoder-processes']);
 if (![1, 2].includes(DECODER_PROCESSES)) throw new Error('--decoder-processes must be 1 or 2');
 
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const fmt = (x) => (x >= 100 ? x.toFixed(0) : x.toFixed(1));
 const mb = (b) => (b / 1e6).toFixed(b < 1e6 ? 3 : 1);
-
-/** A real H&E image when the shared data is there, else the committed synthetic sample. */
-async function loadRgb(preferred, size) {
-  const file = fs.existsSync(preferred) ? preferred : path.join(root, 'samples/synthetic-he-512.png');
-  const { data } = await sharp(file).removeAlpha().resize(size, size, { fit: 'cover' }).raw().toBuffer({ resolveWithObject: true });
-  return { rgb: new Uint8Array(data), source: path.relative(root, file) };
-}
-
-const png = (rgb, size) =>
-  sharp(Buffer.from(rgb), { raw: { width: size, height: size, channels: 3 } })
-    .png()
-    .toBuffer();
-
-/**
- * Copy k of the image with a few pixels changed, one every 100 px in both directions, so every
- * model tile of every copy is new: a cold request (encoder and decoder caches miss). Red and green
- * of those pixels shift by k % 251 + 1 and floor(k / 251) + 1, unique per k (below 64,000).
- */
-function coldCopy(rgb, size, k) {
-  const copy = rgb.slice();
-  for (let y = 0; y < size; y += 100) {
-    for (let x = 0; x < size; x += 100) {
-      const i = 3 * (y * size + x);
-      copy[i] = (copy[i] + (k % 251) + 1) % 256;
-      copy[i + 1] = (copy[i + 1] + Math.floor(k / 251) + 1) % 256;
-    }
-  }
-  return copy;
-}
 
 /** The stage pipelines in this process behind LocalStages (what the standalone process runs), no gRPC. */
 const inProcessStages = (ortRuns) =>
@@ -135,22 +103,6 @@ const fmtCpu = (byProcess) => {
     .map(([k, v]) => `${k} ${(v * 1000).toFixed(0)}`)
     .join(', ')})`;
 };
-
-/** Ports free right now (listen on 0, then close). */
-async function freePorts(n) {
-  const servers = await Promise.all(
-    Array.from(
-      { length: n },
-      () =>
-        new Promise((resolve) => {
-          const s = net.createServer().listen(0, '127.0.0.1', () => resolve(s));
-        }),
-    ),
-  );
-  const ports = servers.map((s) => s.address().port);
-  await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
-  return ports;
-}
 
 /** onnxruntime run time (s) and runs per graph, summed over the pool's workers. */
 function ortTotals() {

@@ -9,16 +9,14 @@
 // sums its calls; the gateway's rows are wall time, its calls running side by side).
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
+import { coldCopy, freePorts, loadRgb, median, png, root } from './common.mjs';
 
 const require = createRequire(import.meta.url);
-const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const lib = (p) => require(path.join(root, p));
 const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
 const { startStack } = lib('services/gateway/dist/cli/stack.js');
-const sharp = require(require.resolve('sharp', { paths: [path.join(root, 'packages/nuclei')] }));
 
 const { values: args } = parseArgs({
   options: {
@@ -30,44 +28,6 @@ const { values: args } = parseArgs({
 });
 const TILES = Number(args.tiles);
 const LARGE = Number(args.large);
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-
-async function freePorts(n) {
-  const servers = await Promise.all(
-    Array.from(
-      { length: n },
-      () =>
-        new Promise((resolve) => {
-          const s = net.createServer().listen(0, '127.0.0.1', () => resolve(s));
-        }),
-    ),
-  );
-  const ports = servers.map((s) => s.address().port);
-  await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
-  return ports;
-}
-
-/** A real image when the shared data is there, else the committed synthetic sample; RGB bytes. */
-async function loadRgb(preferred, size) {
-  const file = fs.existsSync(preferred) ? preferred : path.join(root, 'samples/synthetic-he-512.png');
-  const { data } = await sharp(file).removeAlpha().resize(size, size, { fit: 'cover' }).raw().toBuffer({ resolveWithObject: true });
-  return data;
-}
-
-/** Copy k of an image with pixels changed every 100 px, so every model tile is new (cold caches). */
-function coldPng(rgb, size, k) {
-  const copy = Buffer.from(rgb);
-  for (let y = 0; y < size; y += 100) {
-    for (let x = 0; x < size; x += 100) {
-      const i = 3 * (y * size + x);
-      copy[i] = (copy[i] + (k % 251) + 1) % 256;
-      copy[i + 1] = (copy[i + 1] + Math.floor(k / 251) + 1) % 256;
-    }
-  }
-  return sharp(copy, { raw: { width: size, height: size, channels: 3 } })
-    .png()
-    .toBuffer();
-}
 
 const spare = await freePorts(4);
 const metricsPorts = new Map();
@@ -107,7 +67,7 @@ async function scrape() {
 
 async function measure(label, rgb, size, n, k0) {
   const pngs = [];
-  for (let k = 0; k < n; k++) pngs.push(await coldPng(rgb, size, k0 + k));
+  for (let k = 0; k < n; k++) pngs.push(await png(coldCopy(rgb, size, k0 + k), size));
   const before = await scrape();
   const latencies = [];
   for (const png of pngs) latencies.push(await segment(png));
@@ -124,11 +84,11 @@ async function measure(label, rgb, size, n, k0) {
 }
 
 try {
-  const tile = await loadRgb(path.join(args.data, 'consep-train/train_3_005.png'), 256);
+  const { rgb: tile } = await loadRgb(path.join(args.data, 'consep-train/train_3_005.png'), 256);
   const monuseg = path.join(args.data, 'monuseg-train');
   const bigFile = fs.existsSync(monuseg) ? fs.readdirSync(monuseg).find((f) => f.endsWith('.png') && !f.includes('labels')) : undefined;
-  const big = await loadRgb(bigFile ? path.join(monuseg, bigFile) : 'x', 1000);
-  for (let k = 0; k < 3; k++) await segment(await coldPng(tile, 256, 50_000 + k)); // sessions, JIT
+  const { rgb: big } = await loadRgb(bigFile ? path.join(monuseg, bigFile) : 'x', 1000);
+  for (let k = 0; k < 3; k++) await segment(await png(coldCopy(tile, 256, 50_000 + k), 256)); // sessions, JIT
   await measure('256x256 tile', tile, 256, TILES, 0);
   if (LARGE > 0) await measure('1000x1000 image', big, 1000, LARGE, 1000);
 } finally {

@@ -292,7 +292,8 @@ def test_estimated_mpp_resamples_samples_without_their_scale(tmp_path):
 
 
 def test_scale_estimate_from_nucleus_size():
-    from cfrsam.data.scale import estimate_mpp, lookup_mpp, median_diameter, snap_mpp
+    from cfrsam.data.dataset import lookup_mpp
+    from cfrsam.data.scale import estimate_mpp, median_diameter, snap_mpp
 
     labels = blocks(64, 64, [(0, 0, 10, 10), (20, 20, 10, 10), (40, 40, 20, 20)])
     assert median_diameter(labels) == pytest.approx(2 * np.sqrt(100 / np.pi))

@@ -95,6 +95,23 @@ def read_meta(path: Union[str, Path]) -> Dict[str, Any]:
         return json.load(f)
 
 
+def estimate_key(root: Union[str, Path], name: str) -> str:
+    """A sample's key in the scale estimates (data/estimated_mpp.json): "<set folder>/<sample>"."""
+    return f"{Path(root).name}/{name}"
+
+
+def lookup_mpp(
+    meta: Mapping, root: Union[str, Path], name: str, estimates: Optional[Mapping[str, float]]
+) -> Optional[float]:
+    """The sample's own mpp, else its estimate, else None."""
+    mpp = meta.get("mpp")
+    if isinstance(mpp, (int, float)) and mpp > 0:
+        return float(mpp)
+    if estimates:
+        return estimates.get(estimate_key(root, name))
+    return None
+
+
 def instance_centroids(labels: np.ndarray, num_ids: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Centroids [M + 1, 2] (x, y; row 0 = background, unused) and pixel counts [M + 1]."""
     m = int(labels.max()) if num_ids is None else num_ids
@@ -271,10 +288,8 @@ class NucleiDataset(Dataset):
         if self.augment is not None:
             lo, hi = self.augment.scale_range
             scale = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
-        mpp = meta.get("mpp")
-        if not (isinstance(mpp, (int, float)) and mpp > 0):
-            mpp = self.mpp_estimates.get(f"{self.root.name}/{name}")
-        if self.target_mpp is not None and isinstance(mpp, (int, float)) and mpp > 0:
+        mpp = lookup_mpp(meta, self.root, name, self.mpp_estimates)
+        if self.target_mpp is not None and mpp is not None:
             # Output pixels per source pixel: a 0.5 um/px image is enlarged 2x to 0.25 um/px.
             scale *= float(mpp) / self.target_mpp
         origin = (0, 0)

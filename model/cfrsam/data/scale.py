@@ -16,11 +16,18 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from .dataset import _LABEL_SUFFIX, default_data_root, list_samples, read_labels, read_meta
+from .dataset import (
+    _LABEL_SUFFIX,
+    default_data_root,
+    estimate_key,
+    list_samples,
+    read_labels,
+    read_meta,
+)
 
 ESTIMATES_PATH = Path(__file__).with_name("estimated_mpp.json")
 MAGNIFICATION_MPP = (0.25, 0.5)  # 40x, 20x
@@ -52,22 +59,6 @@ def load_estimates(path: Union[str, Path, None] = None) -> Dict[str, float]:
         return {}
     with open(p) as f:
         return {k: float(v["mpp"]) for k, v in json.load(f)["samples"].items()}
-
-
-def estimate_key(root: Union[str, Path], name: str) -> str:
-    return f"{Path(root).name}/{name}"
-
-
-def lookup_mpp(
-    meta: Mapping, root: Union[str, Path], name: str, estimates: Optional[Mapping[str, float]]
-) -> Optional[float]:
-    """The sample's own mpp, else its estimate, else None."""
-    mpp = meta.get("mpp")
-    if isinstance(mpp, (int, float)) and mpp > 0:
-        return float(mpp)
-    if estimates:
-        return estimates.get(estimate_key(root, name))
-    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

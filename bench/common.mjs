@@ -1,0 +1,58 @@
+// Helpers the serving benchmarks share: free ports, a real (or the committed synthetic) H&E image
+// as RGB bytes, and cold copies of it that miss every cache.
+import { createRequire } from 'node:module';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+
+const require = createRequire(import.meta.url);
+export const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+const sharp = require(require.resolve('sharp', { paths: [path.join(root, 'packages/nuclei')] }));
+
+export const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+/** Ports free right now (listen on 0, then close). */
+export async function freePorts(n) {
+  const servers = await Promise.all(
+    Array.from(
+      { length: n },
+      () =>
+        new Promise((resolve) => {
+          const s = net.createServer().listen(0, '127.0.0.1', () => resolve(s));
+        }),
+    ),
+  );
+  const ports = servers.map((s) => s.address().port);
+  await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
+  return ports;
+}
+
+/** A real H&E image when the shared data is there, else the committed synthetic sample. */
+export async function loadRgb(preferred, size) {
+  const file = fs.existsSync(preferred) ? preferred : path.join(root, 'samples/synthetic-he-512.png');
+  const { data } = await sharp(file).removeAlpha().resize(size, size, { fit: 'cover' }).raw().toBuffer({ resolveWithObject: true });
+  return { rgb: new Uint8Array(data), source: path.relative(root, file) };
+}
+
+/** RGB bytes of a size x size image as PNG. */
+export const png = (rgb, size) =>
+  sharp(Buffer.from(rgb), { raw: { width: size, height: size, channels: 3 } })
+    .png()
+    .toBuffer();
+
+/**
+ * Copy k of the image with a few pixels changed, one every 100 px in both directions, so every
+ * model tile of every copy is new: a cold request (encoder and decoder caches miss). Red and green
+ * of those pixels shift by k % 251 + 1 and floor(k / 251) + 1, unique per k (below 64,000).
+ */
+export function coldCopy(rgb, size, k) {
+  const copy = rgb.slice();
+  for (let y = 0; y < size; y += 100) {
+    for (let x = 0; x < size; x += 100) {
+      const i = 3 * (y * size + x);
+      copy[i] = (copy[i] + (k % 251) + 1) % 256;
+      copy[i + 1] = (copy[i + 1] + Math.floor(k / 251) + 1) % 256;
+    }
+  }
+  return copy;
+}
