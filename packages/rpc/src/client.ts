@@ -13,6 +13,7 @@ import {
   type ServiceError,
 } from '@grpc/grpc-js';
 import { context, SpanKind, SpanStatusCode, trace, type Attributes } from '@opentelemetry/api';
+import { lowCopyClient } from './codec';
 import { DEFAULT_MAX_MESSAGE_BYTES } from './server';
 import { getTracer, injectTraceContext } from './tracing';
 
@@ -43,10 +44,14 @@ export function bearerTokenInterceptor(token: string): Interceptor {
 
 type ClientConstructor<C> = new (address: string, credentials: ChannelCredentials, options?: Record<string, unknown>) => C;
 
-/** `makeClient(stagesProto.EncoderClient, 'localhost:50062')`: a client with keepalive and size limits. */
+/**
+ * `makeClient(stagesProto.EncoderClient, 'localhost:50062')`: a client with keepalive and size
+ * limits, serialising requests with the low-copy writer (codec.ts).
+ */
 export function makeClient<C extends Client>(ctor: ClientConstructor<C>, address: string, options: MakeClientOptions = {}): C {
   const max = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
-  return new ctor(address, options.credentials ?? grpcCredentials.createInsecure(), {
+  const LowCopy = lowCopyClient(ctor);
+  return new LowCopy(address, options.credentials ?? grpcCredentials.createInsecure(), {
     'grpc.max_receive_message_length': max,
     'grpc.max_send_message_length': max,
     'grpc.keepalive_time_ms': options.keepaliveMs ?? 30_000,

@@ -10,6 +10,7 @@ export * from './telemetry';
 export * from './rpc';
 export * from './server';
 export * from './client';
+export * from './codec';
 export * from './serviceMain';
 export * from './discovery';
 export * from './replicas';

@@ -8,6 +8,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, protoPath as healthProtoPath, type ServingStatusMap } from 'grpc-health-check';
 import { authenticatedImplementation, type CallAuthenticator, serverCredentials, type ServerTlsOptions } from './auth';
+import { withLowCopySerializers } from './codec';
 import { protosDir } from './config';
 import { logger } from './log';
 import { inFlightCalls } from './rpc';
@@ -135,7 +136,8 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   const server = new Server({ ...serverChannelOptions(maxMessageBytes, options.connectionAge), interceptors: options.interceptors ?? [] });
 
   for (const s of options.services) {
-    server.addService(s.definition, options.auth ? authenticatedImplementation(s.definition, s.implementation, options.auth) : s.implementation);
+    // Responses are serialised with the low-copy writer (codec.ts); reflection keeps the original.
+    server.addService(withLowCopySerializers(s.definition), options.auth ? authenticatedImplementation(s.definition, s.implementation, options.auth) : s.implementation);
   }
 
   const statusMap: ServingStatusMap = { '': 'SERVING' };
