@@ -1,0 +1,78 @@
+// Cold 1000 x 1000 images through the four services, one at a time: the latency and the CPU time
+// per image of every process (from /proc), optionally with a CPU profile or a GC trace of some of
+// them. Prints numbers; nothing is asserted. For an A/B of a change in one package, run it with the
+// two builds of that package's dist/ in turn, several times alternating (the machine drifts).
+//
+//   npm run build && node bench/services-cpu.mjs [--images 5] [--profile gateway,decoder-0] [--trace-gc gateway]
+//
+// Profiles land in --profile-dir (default /tmp/cfrsam-cpu-prof), one .cpuprofile per thread of
+// each profiled process (open them in Chrome's DevTools, or sum self time per function).
+import { createRequire } from 'node:module';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { parseArgs } from 'node:util';
+import { coldCopy, loadRgb, png, root } from './common.mjs';
+
+const require = createRequire(import.meta.url);
+const lib = (p) => require(path.join(root, p));
+const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
+const { startStack } = lib('services/gateway/dist/cli/stack.js');
+
+const { values: args } = parseArgs({
+  options: {
+    bundle: { type: 'string', default: path.join(root, 'models/tiny') },
+    images: { type: 'string', default: '5' },
+    profile: { type: 'string', default: '' },
+    'profile-dir': { type: 'string', default: '/tmp/cfrsam-cpu-prof' },
+    'trace-gc': { type: 'string', default: '' },
+    data: { type: 'string', default: path.join(root, '../shared/data') },
+  },
+});
+const IMAGES = Number(args.images);
+const profiled = args.profile.split(',').filter(Boolean);
+const gcTraced = args['trace-gc'].split(',').filter(Boolean);
+
+const stack = await startStack({
+  bundle: args.bundle,
+  decoders: 1,
+  port: 0,
+  nodeArgs: (name) => [
+    ...(profiled.includes(name) ? ['--cpu-prof', `--cpu-prof-dir=${args['profile-dir']}`] : []),
+    ...(gcTraced.includes(name) ? ['--trace-gc'] : []),
+  ],
+  log: (name, line) => {
+    if (gcTraced.includes(name) && /Scavenge|Mark-Compact/.test(line)) console.log(`${name}: ${line}`);
+  },
+  args: { gateway: ['--max-concurrent-requests', '1000'], decoder: ['--workers', '2'] },
+});
+const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
+const segment = (image) => unary(client, client.segment, segmentationProto.SegmentRequest.fromPartial({ image }), { timeoutMs: 300_000 });
+
+// CPU seconds (user + system, all threads) of a process, from /proc/PID/stat (Linux).
+const cpuSeconds = (pid) => {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+};
+const cpuByProcess = () => Object.fromEntries(stack.processes.map((p) => [p.name, cpuSeconds(p.child.pid)]));
+
+try {
+  const { rgb, source } = await loadRgb(path.join(args.data, 'monuseg-train/TCGA-21-5784-01Z-00-DX1.png'), 1000);
+  const images = [];
+  for (let k = 0; k <= IMAGES; k++) images.push(await png(coldCopy(rgb, 1000, 900 + k), 1000));
+  await segment(images[0]); // warm-up: graphs loaded, connections open
+  const before = cpuByProcess();
+  const t = performance.now();
+  for (let k = 1; k <= IMAGES; k++) await segment(images[k]);
+  const latency = (performance.now() - t) / IMAGES;
+  const after = cpuByProcess();
+  const perImage = Object.entries(after).map(([name, s]) => [name, ((s - before[name]) * 1000) / IMAGES]);
+  const total = perImage.reduce((a, [, ms]) => a + ms, 0);
+  console.log(`${source}: ${IMAGES} cold 1000x1000 images, one at a time, after one warm-up`);
+  console.log(
+    `latency ${latency.toFixed(0)} ms per image; CPU per image ${total.toFixed(0)} ms: ${perImage.map(([n, ms]) => `${n} ${ms.toFixed(0)}`).join(', ')}`,
+  );
+} finally {
+  await stack.stop();
+}
+if (profiled.length) console.log(`CPU profiles of ${profiled.join(', ')} in ${args['profile-dir']}`);
