@@ -9,6 +9,17 @@ const require = createRequire(import.meta.url);
 export const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const sharp = require(require.resolve('sharp', { paths: [path.join(root, 'packages/nuclei')] }));
 
+/**
+ * CPU seconds (user + system, all threads) of a process, from /proc/PID/stat (Linux): the work a
+ * process did, not its waiting.
+ */
+const TICKS_PER_S = 100;
+export function cpuSecondsOfPid(pid) {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields from 3 (state) on
+  return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_S; // utime, stime (fields 14, 15)
+}
+
 export const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 /** Ports free right now (listen on 0, then close). */

@@ -30,7 +30,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { coldCopy, freePorts, loadRgb, median, png, root } from './common.mjs';
+import { coldCopy, cpuSecondsOfPid, freePorts, loadRgb, median, png, root } from './common.mjs';
 
 const require = createRequire(import.meta.url);
 const lib = (p) => require(path.join(root, p));
@@ -84,14 +84,6 @@ const inProcessStages = (ortRuns) =>
 
 const WARMUP = 2;
 
-// CPU seconds (user + system, all threads) of a process, from /proc (Linux): the split's extra
-// work shows here, its waiting does not.
-const TICKS_PER_S = 100;
-function cpuSecondsOfPid(pid) {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields from 3 (state) on
-  return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_S; // utime, stime (fields 14, 15)
-}
 const selfCpuSeconds = () => {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1e6;

@@ -8,10 +8,9 @@
 // Profiles land in --profile-dir (default /tmp/cfrsam-cpu-prof), one .cpuprofile per thread of
 // each profiled process (open them in Chrome's DevTools, or sum self time per function).
 import { createRequire } from 'node:module';
-import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { coldCopy, loadRgb, png, root } from './common.mjs';
+import { coldCopy, cpuSecondsOfPid, loadRgb, png, root } from './common.mjs';
 
 const require = createRequire(import.meta.url);
 const lib = (p) => require(path.join(root, p));
@@ -48,13 +47,7 @@ const stack = await startStack({
 const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
 const segment = (image) => unary(client, client.segment, segmentationProto.SegmentRequest.fromPartial({ image }), { timeoutMs: 300_000 });
 
-// CPU seconds (user + system, all threads) of a process, from /proc/PID/stat (Linux).
-const cpuSeconds = (pid) => {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-};
-const cpuByProcess = () => Object.fromEntries(stack.processes.map((p) => [p.name, cpuSeconds(p.child.pid)]));
+const cpuByProcess = () => Object.fromEntries(stack.processes.map((p) => [p.name, cpuSecondsOfPid(p.child.pid)]));
 
 try {
   const { rgb, source } = await loadRgb(path.join(args.data, 'monuseg-train/TCGA-21-5784-01Z-00-DX1.png'), 1000);
