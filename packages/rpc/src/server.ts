@@ -137,7 +137,10 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
 
   for (const s of options.services) {
     // Responses are serialised with the low-copy writer (codec.ts); reflection keeps the original.
-    server.addService(withLowCopySerializers(s.definition), options.auth ? authenticatedImplementation(s.definition, s.implementation, options.auth) : s.implementation);
+    server.addService(
+      withLowCopySerializers(s.definition),
+      options.auth ? authenticatedImplementation(s.definition, s.implementation, options.auth) : s.implementation,
+    );
   }
 
   const statusMap: ServingStatusMap = { '': 'SERVING' };
