@@ -20,6 +20,31 @@ export function cpuSecondsOfPid(pid) {
   return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_S; // utime, stime (fields 14, 15)
 }
 
+/**
+ * The four services as separate processes on loopback (1 prompter, 1 encoder, 1 decoder process
+ * with 2 workers, the gateway admitting every request), and `segment(png)` through the gateway.
+ * `options` go to startStack (nodeArgs, env, log); `stop()` closes the client and the processes.
+ */
+export async function startServices(bundle, options = {}) {
+  const { makeClient, segmentationProto, unary } = require(path.join(root, 'packages/rpc/dist/index.js'));
+  const { startStack } = require(path.join(root, 'services/gateway/dist/cli/stack.js'));
+  const stack = await startStack({
+    bundle,
+    decoders: 1,
+    port: 0,
+    log: () => {},
+    ...options,
+    args: { gateway: ['--max-concurrent-requests', '1000'], decoder: ['--workers', '2'] },
+  });
+  const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
+  const segment = (image) => unary(client, client.segment, segmentationProto.SegmentRequest.fromPartial({ image }), { timeoutMs: 300_000 });
+  const stop = async () => {
+    client.close();
+    await stack.stop();
+  };
+  return { stack, segment, stop };
+}
+
 export const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 /** Ports free right now (listen on 0, then close). */

@@ -7,15 +7,9 @@
 //
 // Profiles land in --profile-dir (default /tmp/cfrsam-cpu-prof), one .cpuprofile per thread of
 // each profiled process (open them in Chrome's DevTools, or sum self time per function).
-import { createRequire } from 'node:module';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { coldCopy, cpuSecondsOfPid, loadRgb, png, root } from './common.mjs';
-
-const require = createRequire(import.meta.url);
-const lib = (p) => require(path.join(root, p));
-const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
-const { startStack } = lib('services/gateway/dist/cli/stack.js');
+import { coldCopy, cpuSecondsOfPid, loadRgb, png, root, startServices } from './common.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -31,10 +25,7 @@ const IMAGES = Number(args.images);
 const profiled = args.profile.split(',').filter(Boolean);
 const gcTraced = args['trace-gc'].split(',').filter(Boolean);
 
-const stack = await startStack({
-  bundle: args.bundle,
-  decoders: 1,
-  port: 0,
+const { stack, segment, stop } = await startServices(args.bundle, {
   nodeArgs: (name) => [
     ...(profiled.includes(name) ? ['--cpu-prof', `--cpu-prof-dir=${args['profile-dir']}`] : []),
     ...(gcTraced.includes(name) ? ['--trace-gc'] : []),
@@ -42,10 +33,7 @@ const stack = await startStack({
   log: (name, line) => {
     if (gcTraced.includes(name) && /Scavenge|Mark-Compact/.test(line)) console.log(`${name}: ${line}`);
   },
-  args: { gateway: ['--max-concurrent-requests', '1000'], decoder: ['--workers', '2'] },
 });
-const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
-const segment = (image) => unary(client, client.segment, segmentationProto.SegmentRequest.fromPartial({ image }), { timeoutMs: 300_000 });
 
 const cpuByProcess = () => Object.fromEntries(stack.processes.map((p) => [p.name, cpuSecondsOfPid(p.child.pid)]));
 
@@ -66,6 +54,6 @@ try {
     `latency ${latency.toFixed(0)} ms per image; CPU per image ${total.toFixed(0)} ms: ${perImage.map(([n, ms]) => `${n} ${ms.toFixed(0)}`).join(', ')}`,
   );
 } finally {
-  await stack.stop();
+  await stop();
 }
 if (profiled.length) console.log(`CPU profiles of ${profiled.join(', ')} in ${args['profile-dir']}`);

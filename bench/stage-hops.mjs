@@ -7,16 +7,10 @@
 // Rows are cfrsam_stage_duration_seconds from every process's /metrics, summed over the measured
 // requests and divided by their number (a stage that runs several times per tile, as Decode does,
 // sums its calls; the gateway's rows are wall time, its calls running side by side).
-import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { coldCopy, freePorts, loadRgb, median, png, root } from './common.mjs';
-
-const require = createRequire(import.meta.url);
-const lib = (p) => require(path.join(root, p));
-const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
-const { startStack } = lib('services/gateway/dist/cli/stack.js');
+import { coldCopy, freePorts, loadRgb, median, png, root, startServices } from './common.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -31,21 +25,15 @@ const LARGE = Number(args.large);
 
 const spare = await freePorts(4);
 const metricsPorts = new Map();
-const stack = await startStack({
-  bundle: args.bundle,
-  decoders: 1,
-  port: 0,
-  log: () => {},
+const { segment: segmentOnce, stop } = await startServices(args.bundle, {
   env: (name) => {
     metricsPorts.set(name, spare[metricsPorts.size]);
     return { METRICS_PORT: String(metricsPorts.get(name)) };
   },
-  args: { gateway: ['--max-concurrent-requests', '1000'], decoder: ['--workers', '2'] },
 });
-const client = makeClient(segmentationProto.SegmentationClient, stack.gateway, { maxMessageBytes: 256 * 1024 * 1024 });
 const segment = async (png) => {
   const t = performance.now();
-  await unary(client, client.segment, segmentationProto.SegmentRequest.fromPartial({ image: png }), { timeoutMs: 300_000 });
+  await segmentOnce(png);
   return performance.now() - t;
 };
 
@@ -92,6 +80,5 @@ try {
   await measure('256x256 tile', tile, 256, TILES, 0);
   if (LARGE > 0) await measure('1000x1000 image', big, 1000, LARGE, 1000);
 } finally {
-  client.close();
-  await stack.stop();
+  await stop();
 }

@@ -14,13 +14,14 @@ import { makeGenericClientConstructor, type ServiceDefinition } from '@grpc/grpc
 import * as segmentation from './gen/cfrsam/v1/segmentation';
 import * as stages from './gen/cfrsam/v1/stages';
 
+/** A generated message type, as the serializers see it (messages of any type: see serializersByPath). */
 interface MessageType {
-  encode(message: never, writer?: BinaryWriter): BinaryWriter;
+  encode(message: unknown, writer?: BinaryWriter): BinaryWriter;
 }
 
 interface GenericServiceDefinition {
   fullName: string;
-  methods: Record<string, { name: string; requestType: MessageType; responseType: MessageType }>;
+  methods: Record<string, { name: string; requestType: unknown; responseType: unknown }>;
 }
 
 // ts-proto's generic definitions (outputServices=generic-definitions) name each method's message
@@ -31,11 +32,6 @@ const SERVICES: readonly GenericServiceDefinition[] = [
   stages.DecoderDefinition,
   segmentation.SegmentationDefinition,
 ];
-
-const methodsByPath = new Map<string, { requestType: MessageType; responseType: MessageType }>();
-for (const service of SERVICES) {
-  for (const method of Object.values(service.methods)) methodsByPath.set(`/${service.fullName}/${method.name}`, method);
-}
 
 /** A writer whose buffer grew past this after a message is dropped rather than kept for the next. */
 const RETAINED_MESSAGE_BYTES = 16 * 1024 * 1024;
@@ -58,6 +54,17 @@ export function lowCopySerializer<T>(type: { encode(message: T, writer?: BinaryW
   };
 }
 
+/** Each method's low-copy serializers by path, built once. grpc-js hands each the method's own message type. */
+const serializersByPath = new Map<string, { requestSerialize: (value: unknown) => Buffer; responseSerialize: (value: unknown) => Buffer }>();
+for (const service of SERVICES) {
+  for (const method of Object.values(service.methods)) {
+    serializersByPath.set(`/${service.fullName}/${method.name}`, {
+      requestSerialize: lowCopySerializer(method.requestType as MessageType),
+      responseSerialize: lowCopySerializer(method.responseType as MessageType),
+    });
+  }
+}
+
 const lowCopyDefinitions = new WeakMap<ServiceDefinition, ServiceDefinition>();
 
 /**
@@ -69,14 +76,8 @@ export function withLowCopySerializers<D extends ServiceDefinition>(definition: 
   if (cached) return cached as D;
   const out: Record<string, ServiceDefinition[string]> = {};
   for (const [name, method] of Object.entries(definition)) {
-    const types = methodsByPath.get(method.path);
-    out[name] = types
-      ? {
-          ...method,
-          requestSerialize: lowCopySerializer(types.requestType as { encode(m: unknown, w?: BinaryWriter): BinaryWriter }),
-          responseSerialize: lowCopySerializer(types.responseType as { encode(m: unknown, w?: BinaryWriter): BinaryWriter }),
-        }
-      : method;
+    const serializers = serializersByPath.get(method.path);
+    out[name] = serializers ? { ...method, ...serializers } : method;
   }
   lowCopyDefinitions.set(definition, out as ServiceDefinition);
   return out as D;
