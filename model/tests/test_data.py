@@ -350,7 +350,23 @@ def test_training_sets_repeat_and_hold_out(tmp_path):
     consep, big = train.datasets
     assert len(consep) == 2 and len(val) == 1
     assert big.names == ["img1", "img2"] * 4  # img3 held out, the rest drawn 4 times
+    # The default zoom of the crops; --scale-range widens it for every training set, not validation.
+    assert consep.augment.scale_range == big.augment.scale_range == (0.9, 1.1) and val.augment is None
+    wide, _ = common.build_datasets(argparse.Namespace(**{**vars(args), "scale_range": "0.75,1.4"}), ["a"], 32)
+    assert all(d.augment.scale_range == (0.75, 1.4) for d in wide.datasets)
+    torch.manual_seed(0)  # the dataset draws its zoom from torch's generator
+    zooms = [wide.datasets[1][i]["scale"] for i in range(len(wide.datasets[1]))]
+    assert all(0.75 - 1e-6 <= z <= 1.4 + 0.05 for z in zooms) and max(zooms) > 1.1
 
-    for bad in (dict(repeat="big=0"), dict(hold_out="big=3"), dict(repeat="consep-train=2"), dict(repeat="other=2")):
+    bad_args = (
+        dict(repeat="big=0"),
+        dict(hold_out="big=3"),
+        dict(repeat="consep-train=2"),
+        dict(repeat="other=2"),
+        dict(scale_range="1.2,0.8"),
+        dict(scale_range="0,1"),
+        dict(scale_range="1"),
+    )
+    for bad in bad_args:
         with pytest.raises(SystemExit):
             common.build_datasets(argparse.Namespace(**{**vars(args), "repeat": "", "hold_out": "", **bad}), ["a"], 32)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ..data import NucleiDataset
+from ..data.augment import AugmentConfig
 from ..data.dataset import default_data_root, list_samples
 from ..data.scale import load_estimates
 from .ema import WeightAverage
@@ -103,6 +104,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="resample training samples to this many um/px: those whose JSON gives an mpp, and those "
         "cfrsam/data/estimated_mpp.json estimates (CPM-15's 20x images; python -m cfrsam.data.scale) (0: off)",
+    )
+    parser.add_argument(
+        "--scale-range",
+        default="0.9,1.1",
+        help="LO,HI: the zoom of the training crops, drawn uniformly from [LO, HI] (1: none; applied "
+        "after --target-mpp): nuclei seen at LO..HI times their size at the model's scale",
     )
     parser.add_argument(
         "--init",
@@ -205,6 +212,17 @@ def parse_set_counts(spec: str, flag: str, minimum: int) -> Dict[str, int]:
     return counts
 
 
+def parse_scale_range(text: str) -> Tuple[float, float]:
+    """--scale-range "LO,HI" -> (LO, HI), 0 < LO <= HI."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        sys.exit(f"--scale-range: expected LO,HI (e.g. 0.9,1.1), got {text!r}")
+    if not 0 < lo <= hi:
+        sys.exit(f"--scale-range: need 0 < LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def build_datasets(args, class_names: Sequence[str], size: int):
     """(train, val) datasets; validation is the held-out CoNSeP sources, centre crops, no augment."""
     root = Path(args.data)
@@ -216,6 +234,7 @@ def build_datasets(args, class_names: Sequence[str], size: int):
     holdout = parse_set_counts(getattr(args, "hold_out", ""), "--hold-out", minimum=0)
     train_parts, val = [], None
     set_names = [s for s in args.sets.split(",") if s]
+    augment = AugmentConfig(scale_range=parse_scale_range(getattr(args, "scale_range", "0.9,1.1")))
     for name in set(repeat) | set(holdout):
         if name not in set_names or name.startswith("consep"):
             sys.exit(f"--repeat/--hold-out name a non-CoNSeP set of --sets ({', '.join(set_names)}), got {name!r}")
@@ -226,7 +245,13 @@ def build_datasets(args, class_names: Sequence[str], size: int):
         if set_name.startswith("consep"):
             train_parts.append(
                 NucleiDataset(
-                    set_dir, size=size, augment=True, split="train", val_sources=val_sources, class_map=cmap, cache=True
+                    set_dir,
+                    size=size,
+                    augment=augment,
+                    split="train",
+                    val_sources=val_sources,
+                    class_map=cmap,
+                    cache=True,
                 )
             )
             val = NucleiDataset(
@@ -252,7 +277,7 @@ def build_datasets(args, class_names: Sequence[str], size: int):
                     set_dir,
                     names=names * repeat.get(set_name, 1),
                     size=size,
-                    augment=True,
+                    augment=augment,
                     class_map=cmap,
                     cache=True,
                     target_mpp=getattr(args, "target_mpp", 0) or None,
