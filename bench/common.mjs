@@ -20,6 +20,16 @@ export function cpuSecondsOfPid(pid) {
   return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_S; // utime, stime (fields 14, 15)
 }
 
+/** Peak resident memory (MB) of a live process, from /proc/PID/status (Linux); null when gone. */
+export function peakRssMb(pid) {
+  try {
+    const m = /^VmHWM:\s+(\d+)\s+kB/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Math.round(Number(m[1]) / 1024) : null;
+  } catch {
+    return null;
+  }
+}
+
 /**
  * The four services as separate processes on loopback (1 prompter, 1 encoder, 1 decoder process
  * with 2 workers, the gateway admitting every request), and `segment(png)` through the gateway.

@@ -36,7 +36,14 @@ const require = createRequire(import.meta.url);
 const lib = (p) => require(path.join(root, p));
 const { loadManifest } = lib('packages/contract/dist/index.js');
 const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
-const { startStack } = lib('services/gateway/dist/cli/stack.js');
+const { startStack, SERVICE_NODE_FLAGS } = lib('services/gateway/dist/cli/stack.js');
+// The one-process mode runs in this process: give it the node flags every service process gets
+// (V8's heap sizing), or the comparison would measure those flags, not the split.
+if (!SERVICE_NODE_FLAGS.every((f) => process.execArgv.includes(f))) {
+  const { spawnSync } = await import('node:child_process');
+  const again = spawnSync(process.execPath, [...SERVICE_NODE_FLAGS, ...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit' });
+  process.exit(again.status ?? 1);
+}
 const { SegmentationPipeline } = lib('services/gateway/dist/pipeline.js');
 const { GrpcStages } = lib('services/gateway/dist/stages/grpcStages.js');
 const { DEFAULT_GATEWAY_CONFIG } = lib('services/gateway/dist/config.js');

@@ -4,12 +4,13 @@
 // two builds of that package's dist/ in turn, several times alternating (the machine drifts).
 //
 //   npm run build && node bench/services-cpu.mjs [--images 5] [--profile gateway,decoder-0] [--trace-gc gateway]
+//     [--node-args='--max-semi-space-size=32']
 //
 // Profiles land in --profile-dir (default /tmp/cfrsam-cpu-prof), one .cpuprofile per thread of
 // each profiled process (open them in Chrome's DevTools, or sum self time per function).
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { coldCopy, cpuSecondsOfPid, loadRgb, png, root, startServices } from './common.mjs';
+import { coldCopy, cpuSecondsOfPid, loadRgb, peakRssMb, png, root, startServices } from './common.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -18,6 +19,8 @@ const { values: args } = parseArgs({
     profile: { type: 'string', default: '' },
     'profile-dir': { type: 'string', default: '/tmp/cfrsam-cpu-prof' },
     'trace-gc': { type: 'string', default: '' },
+    // Extra node flags for every service process (an A/B of V8 or Node options), space-separated.
+    'node-args': { type: 'string', default: '' },
     data: { type: 'string', default: path.join(root, '../shared/data') },
   },
 });
@@ -27,6 +30,7 @@ const gcTraced = args['trace-gc'].split(',').filter(Boolean);
 
 const { stack, segment, stop } = await startServices(args.bundle, {
   nodeArgs: (name) => [
+    ...args['node-args'].split(' ').filter(Boolean),
     ...(profiled.includes(name) ? ['--cpu-prof', `--cpu-prof-dir=${args['profile-dir']}`] : []),
     ...(gcTraced.includes(name) ? ['--trace-gc'] : []),
   ],
@@ -50,8 +54,9 @@ try {
   const perImage = Object.entries(after).map(([name, s]) => [name, ((s - before[name]) * 1000) / IMAGES]);
   const total = perImage.reduce((a, [, ms]) => a + ms, 0);
   console.log(`${source}: ${IMAGES} cold 1000x1000 images, one at a time, after one warm-up`);
+  const rss = stack.processes.map((p) => `${p.name} ${peakRssMb(p.child.pid)}`).join(', ');
   console.log(
-    `latency ${latency.toFixed(0)} ms per image; CPU per image ${total.toFixed(0)} ms: ${perImage.map(([n, ms]) => `${n} ${ms.toFixed(0)}`).join(', ')}`,
+    `latency ${latency.toFixed(0)} ms per image; peak RSS (MB) ${rss}; CPU per image ${total.toFixed(0)} ms: ${perImage.map(([n, ms]) => `${n} ${ms.toFixed(0)}`).join(', ')}`,
   );
 } finally {
   await stop();

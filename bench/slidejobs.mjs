@@ -18,6 +18,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
+import { peakRssMb } from './common.mjs';
 
 const require = createRequire(import.meta.url);
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
@@ -49,14 +50,6 @@ if (!fs.existsSync(args.slide)) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const peakRssMb = (pid) => {
-  try {
-    const m = /^VmHWM:\s+(\d+)\s+kB/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Math.round(Number(m[1]) / 1024) : null;
-  } catch {
-    return null;
-  }
-};
 
 function natsBinary() {
   for (const c of [process.env.CFRSAM_NATS_SERVER, '/usr/sbin/nats-server', '/usr/bin/nats-server']) if (c && fs.existsSync(c)) return c;

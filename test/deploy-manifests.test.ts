@@ -16,6 +16,7 @@ import { parse as parseYaml, parseAllDocuments } from 'yaml';
 import { renderKustomization, strategicMerge, type Resource } from '../deploy/tools/kustomize-lite';
 import { unknownFields, validateResource } from '../deploy/tools/validate-resources';
 import { initServiceMetrics } from '../packages/rpc/src/telemetry';
+import { SERVICE_NODE_FLAGS } from '../services/gateway/src/cli/stack';
 
 const ROOT = path.resolve(__dirname, '..');
 const K8S = path.join(ROOT, 'deploy', 'k8s');
@@ -327,6 +328,8 @@ describe('deploy/docker', () => {
   // No Docker engine here: these are the checks that can be made by reading the files.
   const workspaces: string[] = JSON.parse(readSource('package.json')).workspaces;
   const dockerfile = (name: string) => readSource(`deploy/docker/${name}.Dockerfile`);
+  // The images start node with the flags `cfrsam stack` gives every service process.
+  const entrypoint = (script: string) => `ENTRYPOINT ${JSON.stringify(['node', ...SERVICE_NODE_FLAGS, script]).replaceAll(',', ', ')}`;
 
   it.each(['prompter', 'encoder', 'decoder', 'gateway', 'gpu', 'standalone'])(
     '%s.Dockerfile installs with every workspace manifest (npm ci needs them)',
@@ -344,7 +347,7 @@ describe('deploy/docker', () => {
 
   it.each(STAGES)('$name.Dockerfile starts the service on its default port', (stage) => {
     const text = dockerfile(stage.name);
-    expect(text).toContain(`ENTRYPOINT ["node", "services/${stage.name}/dist/main.js"]`);
+    expect(text).toContain(entrypoint(`services/${stage.name}/dist/main.js`));
     expect(fs.existsSync(path.join(ROOT, `services/${stage.name}/src/main.ts`))).toBe(true);
     expect(text).toMatch(new RegExp(`^EXPOSE ${stage.port} 9464$`, 'm'));
   });
@@ -355,7 +358,7 @@ describe('deploy/docker', () => {
     for (const service of ['prompter', 'encoder', 'decoder', 'gateway', 'standalone']) {
       expect(text).toContain(`COPY --from=build /src/services/${service}/dist services/${service}/dist`);
     }
-    expect(text).toContain('ENTRYPOINT ["node", "services/standalone/dist/main.js"]');
+    expect(text).toContain(entrypoint('services/standalone/dist/main.js'));
     expect(text).toMatch(/^EXPOSE 50051 9464$/m);
   });
 
@@ -364,6 +367,7 @@ describe('deploy/docker', () => {
     expect(text).toContain('ONNXRUNTIME_NODE_INSTALL=cuda12 node script/install.js');
     expect(text).toContain('libonnxruntime_providers_cuda.so');
     expect(text).toMatch(/^ARG CUDA_IMAGE=nvidia\/cuda:12\.[\d.]+-cudnn-runtime-/m);
+    expect(text).toContain(entrypoint('/app/main.js'));
   });
 });
 

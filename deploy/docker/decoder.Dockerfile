@@ -66,4 +66,4 @@ COPY --from=build /src/packages/runtime/dist packages/runtime/dist
 COPY --from=build /src/services/decoder/dist services/decoder/dist
 USER node
 EXPOSE 50054 9464
-ENTRYPOINT ["node", "services/decoder/dist/main.js"]
+ENTRYPOINT ["node", "--initial-old-space-size=128", "services/decoder/dist/main.js"]

@@ -66,4 +66,4 @@ COPY --from=build /src/packages/runtime/dist packages/runtime/dist
 COPY --from=build /src/services/encoder/dist services/encoder/dist
 USER node
 EXPOSE 50053 9464
-ENTRYPOINT ["node", "services/encoder/dist/main.js"]
+ENTRYPOINT ["node", "--initial-old-space-size=128", "services/encoder/dist/main.js"]

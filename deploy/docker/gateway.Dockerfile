@@ -64,4 +64,4 @@ COPY --from=build /src/packages/slides/dist packages/slides/dist
 COPY --from=build /src/services/gateway/dist services/gateway/dist
 USER node
 EXPOSE 50051 9464
-ENTRYPOINT ["node", "services/gateway/dist/main.js"]
+ENTRYPOINT ["node", "--initial-old-space-size=128", "services/gateway/dist/main.js"]

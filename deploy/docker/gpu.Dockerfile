@@ -80,4 +80,4 @@ COPY --from=build /src/services/${SERVICE}/dist services/${SERVICE}/dist
 RUN ln -s "services/${SERVICE}/dist/main.js" main.js
 USER node
 EXPOSE 50052 50053 50054 9464
-ENTRYPOINT ["node", "/app/main.js"]
+ENTRYPOINT ["node", "--initial-old-space-size=128", "/app/main.js"]

@@ -66,4 +66,4 @@ COPY --from=build /src/packages/runtime/dist packages/runtime/dist
 COPY --from=build /src/services/prompter/dist services/prompter/dist
 USER node
 EXPOSE 50052 9464
-ENTRYPOINT ["node", "services/prompter/dist/main.js"]
+ENTRYPOINT ["node", "--initial-old-space-size=128", "services/prompter/dist/main.js"]

@@ -76,4 +76,4 @@ COPY --from=build /src/services/gateway/dist services/gateway/dist
 COPY --from=build /src/services/standalone/dist services/standalone/dist
 USER node
 EXPOSE 50051 9464
-ENTRYPOINT ["node", "services/standalone/dist/main.js"]
+ENTRYPOINT ["node", "--initial-old-space-size=128", "services/standalone/dist/main.js"]

@@ -9,6 +9,17 @@ import { credentials, makeGenericClientConstructor, type Client, type ServiceErr
 import { repoRoot } from '@cfrsam/rpc';
 import { service as healthService } from 'grpc-health-check';
 
+/**
+ * Node flags of every service process (here and in each image's ENTRYPOINT, deploy/docker). The
+ * services keep a small JS heap (20-40 MB) while tiles, features and masks pass through them as
+ * large external buffers; V8 sizes the old generation's first limit for a small heap, so each
+ * process ran a full mark-compact every 100-300 ms under load (the decoder 8 per 1000 x 1000
+ * image). A larger initial limit defers them (`node bench/services-cpu.mjs --trace-gc NAME
+ * --node-args=...` shows the count; README, Benchmarks). V8 takes heap sizes only at start, and
+ * not from NODE_OPTIONS, hence a flag on the command line.
+ */
+export const SERVICE_NODE_FLAGS: readonly string[] = ['--initial-old-space-size=128'];
+
 export type StackServiceKind = 'prompter' | 'encoder' | 'decoder' | 'gateway' | 'standalone';
 
 export interface StackProcess {
@@ -48,7 +59,7 @@ export interface StackOptions {
   host?: string;
   /** Extra flags per service kind, e.g. { gateway: ['--max-image-pixels', '100000'] }. */
   args?: Partial<Record<StackServiceKind, string[]>>;
-  /** Node flags per process (by process name), e.g. ['--cpu-prof'] to profile it (NODE_OPTIONS refuses that one). */
+  /** Node flags per process (by process name), after SERVICE_NODE_FLAGS (so they override them), e.g. ['--cpu-prof'] to profile it (NODE_OPTIONS refuses that one). */
   nodeArgs?: (name: string) => string[];
   /** Extra environment per process (by process name), e.g. a CFRSAM_TRACE_FILE each. */
   env?: (name: string) => NodeJS.ProcessEnv;
@@ -154,7 +165,7 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
 
   const launch = (name: string, kind: StackServiceKind, port: number, extra: string[]): StackProcess => {
     const args = [serviceScript(root, kind), '--port', String(port), '--host', host, '--bundle', bundle, ...extra, ...(options.args?.[kind] ?? [])];
-    const child = spawn(process.execPath, [...(options.nodeArgs?.(name) ?? []), ...args], {
+    const child = spawn(process.execPath, [...SERVICE_NODE_FLAGS, ...(options.nodeArgs?.(name) ?? []), ...args], {
       cwd: root,
       env: { ...process.env, ...(options.env?.(name) ?? {}) },
       stdio: ['ignore', 'pipe', 'pipe'],
