@@ -24,7 +24,7 @@ const require = createRequire(import.meta.url);
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const lib = (p) => require(path.join(root, p));
 const { makeClient, segmentationProto, unary } = lib('packages/rpc/dist/index.js');
-const { startStack, checkHealth, freePort } = lib('services/gateway/dist/cli/stack.js');
+const { startStack, checkHealth, freePort, SERVICE_NODE_FLAGS } = lib('services/gateway/dist/cli/stack.js');
 
 const { values: args } = parseArgs({
   options: {
@@ -82,6 +82,7 @@ async function startGateway(stack, natsUrl, slideRoot, name) {
   const child = spawn(
     process.execPath,
     [
+      ...SERVICE_NODE_FLAGS, // as every service process `cfrsam stack` starts
       path.join(root, 'services/gateway/dist/main.js'),
       ...['--port', String(port), '--host', '127.0.0.1', '--bundle', path.join(root, 'models/tiny')],
       ...['--prompter', stack.prompter, '--encoder', stack.encoder, '--decoders', stack.decoders.join(',')],
