@@ -107,7 +107,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--scale-range",
-        default="0.9,1.1",
+        default=",".join(f"{v:g}" for v in AugmentConfig().scale_range),
         help="LO,HI: the zoom of the training crops, drawn uniformly from [LO, HI] (1: none; applied "
         "after --target-mpp): nuclei seen at LO..HI times their size at the model's scale",
     )
@@ -234,7 +234,9 @@ def build_datasets(args, class_names: Sequence[str], size: int):
     holdout = parse_set_counts(getattr(args, "hold_out", ""), "--hold-out", minimum=0)
     train_parts, val = [], None
     set_names = [s for s in args.sets.split(",") if s]
-    augment = AugmentConfig(scale_range=parse_scale_range(getattr(args, "scale_range", "0.9,1.1")))
+    # Namespaces built by hand (validation_set, tests) may have no --scale-range: the default zoom.
+    scale_range = getattr(args, "scale_range", None)
+    augment = AugmentConfig(scale_range=parse_scale_range(scale_range)) if scale_range else AugmentConfig()
     for name in set(repeat) | set(holdout):
         if name not in set_names or name.startswith("consep"):
             sys.exit(f"--repeat/--hold-out name a non-CoNSeP set of --sets ({', '.join(set_names)}), got {name!r}")
