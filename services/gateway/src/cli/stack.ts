@@ -11,10 +11,9 @@ import { service as healthService } from 'grpc-health-check';
 
 /**
  * Node flags of every service process (here and in each image's ENTRYPOINT, deploy/docker). The
- * services keep a small JS heap (20-40 MB) while tiles, features and masks pass through them as
- * large external buffers; V8 sizes the old generation's first limit for a small heap, so each
- * process ran a full mark-compact every 100-300 ms under load (the decoder 8 per 1000 x 1000
- * image). A larger initial limit defers them (`node bench/services-cpu.mjs --trace-gc NAME
+ * services keep a small JS heap (4-37 MB) while tiles, features and masks pass through them as
+ * large external buffers; V8 sizes the old generation's first limit for a small heap, so the
+ * decoder ran a full mark-compact every 0.3 s under load (about 8 per 1000 x 1000 image). A larger initial limit defers them (`node bench/services-cpu.mjs --trace-gc NAME
  * --node-args=...` shows the count; README, Benchmarks). V8 takes heap sizes only at start, and
  * not from NODE_OPTIONS, hence a flag on the command line.
  */
