@@ -98,19 +98,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="keep an exponential moving average of the weights with this decay per step (e.g. 0.999): "
         "validation scores it (the raw weights too, as val_raw_*) and best.pt holds it; 0: off",
     )
-    parser.add_argument(
-        "--target-mpp",
-        type=float,
-        default=0.0,
-        help="resample training samples to this many um/px: those whose JSON gives an mpp, and those "
-        "cfrsam/data/estimated_mpp.json estimates (CPM-15's 20x images; python -m cfrsam.data.scale) (0: off)",
-    )
-    parser.add_argument(
-        "--scale-range",
-        default=",".join(f"{v:g}" for v in AugmentConfig().scale_range),
-        help="LO,HI: the zoom of the training crops, drawn uniformly from [LO, HI] (1: none; applied "
-        "after --target-mpp): nuclei seen at LO..HI times their size at the model's scale",
-    )
+    add_sampling_args(parser)
     parser.add_argument(
         "--init",
         help="start from this CFR-SAM checkpoint's weights, or a bundle directory "
@@ -125,6 +113,23 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--channels-last",
         action="store_true",
         help="channels-last memory format for the convolutional parts and the input",
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """The scale training samples are drawn at: shared by the stages and the point refiner."""
+    parser.add_argument(
+        "--target-mpp",
+        type=float,
+        default=0.0,
+        help="resample training samples to this many um/px: those whose JSON gives an mpp, and those "
+        "cfrsam/data/estimated_mpp.json estimates (CPM-15's 20x images; python -m cfrsam.data.scale) (0: off)",
+    )
+    parser.add_argument(
+        "--scale-range",
+        default=",".join(f"{v:g}" for v in AugmentConfig().scale_range),
+        help="LO,HI: the zoom of the training crops, drawn uniformly from [LO, HI] (1: none; applied "
+        "after --target-mpp): nuclei seen at LO..HI times their size at the model's scale",
     )
 
 

@@ -198,6 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sets", default="consep-train," + ",".join(common.EXTRA_SETS))
     parser.add_argument("--repeat", default="monuseg-train=6,cpm15=2")
     parser.add_argument("--hold-out", default="monuseg-train=3")
+    common.add_sampling_args(parser)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per step")
     parser.add_argument("--per-image", type=int, default=24, help="nuclei drawn per tile per step")
