@@ -4,7 +4,10 @@
 // two builds of that package's dist/ in turn, several times alternating (the machine drifts).
 //
 //   npm run build && node bench/services-cpu.mjs [--images 5] [--profile gateway,decoder-0] [--trace-gc gateway]
-//     [--node-args='--max-semi-space-size=32']
+//     [--node-args='--max-semi-space-size=32'] [--image PNG --size 256]
+//
+// --image and --size pick another picture and side (default: a MoNuSeg image at 1000 x 1000; e.g.
+// a 256 x 256 CoNSeP tile for what one tile's request costs).
 //
 // Profiles land in --profile-dir (default /tmp/cfrsam-cpu-prof), one .cpuprofile per thread of
 // each profiled process (open them in Chrome's DevTools, or sum self time per function).
@@ -22,8 +25,11 @@ const { values: args } = parseArgs({
     // Extra node flags for every service process (an A/B of V8 or Node options), space-separated.
     'node-args': { type: 'string', default: '' },
     data: { type: 'string', default: path.join(root, '../shared/data') },
+    image: { type: 'string', default: 'monuseg-train/TCGA-21-5784-01Z-00-DX1.png' },
+    size: { type: 'string', default: '1000' },
   },
 });
+const SIZE = Number(args.size);
 const IMAGES = Number(args.images);
 const profiled = args.profile.split(',').filter(Boolean);
 const gcTraced = args['trace-gc'].split(',').filter(Boolean);
@@ -42,9 +48,9 @@ const { stack, segment, stop } = await startServices(args.bundle, {
 const cpuByProcess = () => Object.fromEntries(stack.processes.map((p) => [p.name, cpuSecondsOfPid(p.child.pid)]));
 
 try {
-  const { rgb, source } = await loadRgb(path.join(args.data, 'monuseg-train/TCGA-21-5784-01Z-00-DX1.png'), 1000);
+  const { rgb, source } = await loadRgb(path.resolve(args.data, args.image), SIZE);
   const images = [];
-  for (let k = 0; k <= IMAGES; k++) images.push(await png(coldCopy(rgb, 1000, 900 + k), 1000));
+  for (let k = 0; k <= IMAGES; k++) images.push(await png(coldCopy(rgb, SIZE, 900 + k), SIZE));
   await segment(images[0]); // warm-up: graphs loaded, connections open
   const before = cpuByProcess();
   const t = performance.now();
@@ -53,7 +59,7 @@ try {
   const after = cpuByProcess();
   const perImage = Object.entries(after).map(([name, s]) => [name, ((s - before[name]) * 1000) / IMAGES]);
   const total = perImage.reduce((a, [, ms]) => a + ms, 0);
-  console.log(`${source}: ${IMAGES} cold 1000x1000 images, one at a time, after one warm-up`);
+  console.log(`${source}: ${IMAGES} cold ${SIZE}x${SIZE} images, one at a time, after one warm-up`);
   const rss = stack.processes.map((p) => `${p.name} ${peakRssMb(p.child.pid)}`).join(', ');
   console.log(
     `latency ${latency.toFixed(0)} ms per image; peak RSS (MB) ${rss}; CPU per image ${total.toFixed(0)} ms: ${perImage.map(([n, ms]) => `${n} ${ms.toFixed(0)}`).join(', ')}`,

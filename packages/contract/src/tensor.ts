@@ -213,16 +213,11 @@ export function unstackFloat32(batch: Float32Tensor, index: number): Float32Tens
 export function graphOutput(graph: string, outputs: Record<string, HostTensor>, name: string, expected: DimsSpec): HostTensor {
   const t = outputs[name];
   if (!t) throw new Error(`${graph}.onnx returned no output "${name}" (have: ${Object.keys(outputs).join(', ')})`);
-  checkGraphOutputDims(graph, name, t.dims, expected);
-  return t;
-}
-
-/** graphOutput's check for an output known only by its dims (one kept in a worker, see OnnxWorkerPool). */
-export function checkGraphOutputDims(graph: string, name: string, dims: readonly number[], expected: DimsSpec): void {
-  const ok = dims.length === expected.length && expected.every((e, i) => e === null || e === dims[i]);
+  const ok = t.dims.length === expected.length && expected.every((e, i) => e === null || e === t.dims[i]);
   if (!ok) {
-    throw new Error(`${graph}.onnx output "${name}" has dims ${formatDims(dims)}, the contract says ${formatDims(expected)}`);
+    throw new Error(`${graph}.onnx output "${name}" has dims ${formatDims(t.dims)}, the contract says ${formatDims(expected)}`);
   }
+  return t;
 }
 
 /** graphOutput for float32 outputs, returning the data. */

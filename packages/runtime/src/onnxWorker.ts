@@ -1,8 +1,6 @@
 // The worker-thread side of OnnxWorkerPool: holds one onnxruntime InferenceSession per graph and
 // runs one job at a time. session.run blocks the thread it runs on, which is why it lives here
-// and not on the event loop that serves gRPC. It also keeps the outputs a job asks it to retain
-// (the decoder's prepared state) as onnxruntime tensors, fed to later jobs without a copy.
-// Protocol: see workerProtocol.ts.
+// and not on the event loop that serves gRPC. Protocol: see workerProtocol.ts.
 import { parentPort, workerData } from 'node:worker_threads';
 import * as ort from 'onnxruntime-node';
 import type { HostTensor } from '@cfrsam/contract';
@@ -13,8 +11,6 @@ const port = parentPort;
 if (!port) throw new Error('onnxWorker.js must run in a worker thread (started by OnnxWorkerPool)');
 
 const sessions = new Map<string, ort.InferenceSession>();
-/** Retained outputs by key: fed as they are to the jobs that name the key. */
-const resident = new Map<string, Record<string, ort.Tensor>>();
 
 function send(reply: WorkerReply, transfer: ArrayBuffer[] = []): void {
   port!.postMessage(reply, transfer);
@@ -59,15 +55,11 @@ async function run(request: Extract<WorkerRequest, { kind: 'run' }>): Promise<vo
     send({ kind: 'error', id: request.id, message: `no graph "${request.graph}" in this pool (have: ${[...sessions.keys()].join(', ')})` });
     return;
   }
-  const kept = request.resident === undefined ? {} : resident.get(request.resident);
-  if (!kept) {
-    send({ kind: 'error', id: request.id, message: `no state kept under "${request.resident}" in this worker`, residentMissing: true });
-    return;
-  }
   try {
-    const feeds: Record<string, ort.Tensor> = { ...kept };
+    const feeds: Record<string, ort.Tensor> = {};
     for (const [name, t] of Object.entries(request.feeds)) {
-      // onnxruntime-node refuses SharedArrayBuffer memory; copy shared feeds here, off the main thread.
+      // onnxruntime-node refuses SharedArrayBuffer memory; copy shared feeds (the decoder's
+      // prepared state) here, off the main thread.
       const data = t.data.buffer instanceof SharedArrayBuffer ? t.data.slice() : t.data;
       feeds[name] = new ort.Tensor(t.type, data as never, t.dims);
     }
@@ -76,52 +68,20 @@ async function run(request: Extract<WorkerRequest, { kind: 'run' }>): Promise<vo
     const runMs = performance.now() - started;
     const outputs: Record<string, HostTensor> = {};
     const transfer: ArrayBuffer[] = [];
-    const retainedNames = new Set(request.retain?.outputs ?? []);
-    const retainedTensors: Record<string, ort.Tensor> = {};
-    const retained = { bytes: 0, dims: {} as Record<string, number[]> };
     for (const [name, t] of Object.entries(results)) {
-      if (retainedNames.has(name)) {
-        retainedTensors[name] = t;
-        retained.bytes += (t.data as HostTensor['data']).byteLength;
-        retained.dims[name] = [...t.dims];
-        continue;
-      }
       const data = ownBuffer(t.data as HostTensor['data']);
       outputs[name] = { type: t.type as HostTensor['type'], dims: [...t.dims], data };
       transfer.push(data.buffer as ArrayBuffer);
       t.dispose?.();
     }
-    if (request.retain) {
-      const absent = request.retain.outputs.filter((n) => !(n in retainedTensors));
-      if (absent.length > 0) {
-        send({ kind: 'error', id: request.id, message: `${request.graph} has no output ${absent.map((n) => `"${n}"`).join(', ')} to keep` });
-        return;
-      }
-      resident.set(request.retain.key, retainedTensors);
-    }
-    send({ kind: 'result', id: request.id, outputs, runMs, retained: request.retain ? retained : undefined }, transfer);
+    send({ kind: 'result', id: request.id, outputs, runMs }, transfer);
   } catch (err) {
     send({ kind: 'error', id: request.id, message: (err as Error).message ?? String(err) });
   }
 }
 
-function read(request: Extract<WorkerRequest, { kind: 'read' }>): void {
-  const kept = resident.get(request.key);
-  if (!kept) {
-    send({ kind: 'error', id: request.id, message: `no state kept under "${request.key}" in this worker`, residentMissing: true });
-    return;
-  }
-  const outputs: Record<string, HostTensor> = {};
-  for (const [name, t] of Object.entries(kept)) {
-    outputs[name] = { type: t.type as HostTensor['type'], dims: [...t.dims], data: (t.data as HostTensor['data']).slice() as HostTensor['data'] };
-  }
-  send({ kind: 'result', id: request.id, outputs, runMs: 0 });
-}
-
 port.on('message', (request: WorkerRequest) => {
   if (request.kind === 'run') void run(request);
-  else if (request.kind === 'read') read(request);
-  else if (request.kind === 'release') resident.delete(request.key);
 });
 
 void start();

@@ -1,14 +1,6 @@
 // OnnxWorkerPool: N worker threads, each holding an onnxruntime session per graph, fed from one
 // bounded FIFO queue. Inference never blocks the event loop, so gRPC, health checks and
 // cancellation stay responsive while the models run.
-//
-// Resident state: a run may ask its worker to keep some outputs (`retain`) under a key instead of
-// sending them back, and later runs that name the key (`resident`) go to that worker, where the
-// kept tensors join their feeds. The decoder keeps each tile's prepared state this way: it never
-// crosses a thread, so neither the copy back to the event loop nor one per Decode is paid (on a
-// fresh page each, which is most of a copy's cost in a VM). The state dies with its worker: runs
-// that name it then fail with ResidentStateLostError, and the owner computes it again.
-import type { RetainedOutputs } from './workerProtocol';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -32,18 +24,6 @@ export class WorkerCrashedError extends Error {
   constructor(message: string) {
     super(message);
     this.name = 'WorkerCrashedError';
-  }
-}
-
-/**
- * A run named resident state that is gone: its worker died and was replaced, or the key was never
- * kept or already released (FAILED_PRECONDITION: compute the state again).
- */
-export class ResidentStateLostError extends Error {
-  readonly grpcStatus = status.FAILED_PRECONDITION;
-  constructor(message: string) {
-    super(message);
-    this.name = 'ResidentStateLostError';
   }
 }
 
@@ -100,30 +80,6 @@ export interface OnnxWorkerPoolOptions {
 export interface RunOptions {
   /** Aborting removes the job if it is still queued (rejects with AbortError); a running job completes. */
   signal?: AbortSignal;
-  /**
-   * Keep these outputs in the worker that runs the job, under `key` (replacing what was kept under
-   * it), instead of returning them; resident(key) then describes them. See the file comment.
-   */
-  retain?: { key: string; outputs: readonly string[] };
-  /** Run on the worker that keeps `key`'s outputs; they join the feeds under their output names. */
-  resident?: string;
-}
-
-/** Outputs a worker keeps (see RunOptions.retain). */
-export interface ResidentInfo {
-  /** Index of the worker that keeps them. */
-  worker: number;
-  bytes: number;
-  /** Dims of each kept output. */
-  dims: Record<string, number[]>;
-}
-
-interface Resident extends ResidentInfo {
-  slot: Slot;
-  /** Jobs queued or running that read it. */
-  users: number;
-  /** release() was called while jobs used it: the worker forgets it when the last one settles. */
-  released: boolean;
 }
 
 export interface PoolStats {
@@ -137,14 +93,7 @@ export interface PoolStats {
 
 interface Job {
   id: number;
-  op: 'run' | 'read';
   graph: string;
-  retain?: { key: string; outputs: string[] };
-  resident?: string;
-  /** The worker this job must run on (it reads resident state kept there). */
-  pinned?: Slot;
-  /** The resident state it reads (counted in its users until the job settles). */
-  reads?: Resident;
   feeds: Record<string, HostTensor>;
   transfer: ArrayBuffer[];
   resolve: (outputs: Record<string, HostTensor>) => void;
@@ -164,8 +113,6 @@ interface Slot {
   consecutiveStartFailures: number;
   /** Set when we terminate the worker ourselves (close), so 'exit' is not treated as a crash. */
   retiring: boolean;
-  /** Jobs that must run on this worker, served before the shared queue. */
-  pinned: Job[];
 }
 
 const WORKER_SCRIPT = path.join(__dirname, 'onnxWorker.js');
@@ -218,7 +165,6 @@ export class OnnxWorkerPool {
   private readonly readyWaiters: Array<{ resolve: () => void; reject: (err: Error) => void }> = [];
   private startupFailure: Error | null = null;
   private graphIo: Record<string, { inputs: readonly string[]; outputs: readonly string[] }> = {};
-  private readonly residents = new Map<string, Resident>();
 
   /** Starts the workers; use `await pool.ready()` (or OnnxWorkerPool.create) before relying on it. */
   constructor(options: OnnxWorkerPoolOptions) {
@@ -236,16 +182,7 @@ export class OnnxWorkerPool {
       onBroken: options.onBroken,
     };
     for (let i = 0; i < this.options.workers; i++) {
-      const slot: Slot = {
-        index: i,
-        worker: null,
-        ready: false,
-        job: null,
-        lastError: null,
-        consecutiveStartFailures: 0,
-        retiring: false,
-        pinned: [],
-      };
+      const slot: Slot = { index: i, worker: null, ready: false, job: null, lastError: null, consecutiveStartFailures: 0, retiring: false };
       this.slots.push(slot);
       this.spawn(slot);
     }
@@ -283,96 +220,45 @@ export class OnnxWorkerPool {
    * fails, PoolUnavailableError after close().
    */
   run(graph: string, feeds: Record<string, HostTensor>, options: RunOptions = {}): Promise<Record<string, HostTensor>> {
+    if (this.closed) return Promise.reject(new PoolUnavailableError(`${this.options.name} pool is closed`));
+    if (this.startupFailure) return Promise.reject(new PoolUnavailableError(this.startupFailure.message));
+    if (options.signal?.aborted) return Promise.reject(abortError(`${graph}: cancelled before it was queued`));
+    const idle = this.slots.find((s) => s.ready && !s.job);
+    if (!idle && this.queue.length >= this.options.maxQueue) {
+      return Promise.reject(
+        new PoolSaturatedError(
+          `${this.options.name}: ${this.queue.length} inference jobs already queued (limit ${this.options.maxQueue}); retry later`,
+        ),
+      );
+    }
     const unusable = unusableFeed(feeds);
     // A worker never receives a message whose transfer list holds a detached buffer (postMessage
     // drops it silently), so such a job would wait forever: refuse it here.
     if (unusable) return Promise.reject(new InferenceError(`${graph}: ${unusable}`));
     const prepared = prepareFeeds(feeds);
-    const retain = options.retain ? { key: options.retain.key, outputs: [...options.retain.outputs] } : undefined;
-    return this.submit({ op: 'run', graph, feeds: prepared.feeds, transfer: prepared.transfer, retain, resident: options.resident }, options.signal);
-  }
-
-  /** What a worker keeps under `key`, or undefined (never kept, released, or lost with its worker). */
-  resident(key: string): ResidentInfo | undefined {
-    const r = this.residents.get(key);
-    return r && !r.released ? { worker: r.worker, bytes: r.bytes, dims: { ...r.dims } } : undefined;
-  }
-
-  /** Copies of the outputs kept under `key` (tests, diagnostics); ResidentStateLostError when gone. */
-  readResident(key: string): Promise<Record<string, HostTensor>> {
-    return this.submit({ op: 'read', graph: `read "${key}"`, feeds: {}, transfer: [], resident: key });
-  }
-
-  /**
-   * Forgets what is kept under `key`. Jobs already queued or running with it still get it: the
-   * worker lets go when the last of them settles. No-op for an unknown key.
-   */
-  release(key: string): void {
-    const r = this.residents.get(key);
-    if (!r || r.released) return;
-    r.released = true;
-    if (r.users === 0) this.forget(key, r);
-  }
-
-  private forget(key: string, r: Resident): void {
-    if (this.residents.get(key) === r) this.residents.delete(key);
-    if (r.slot.worker) r.slot.worker.postMessage({ kind: 'release', key } satisfies WorkerRequest);
-  }
-
-  private queuedCount(): number {
-    return this.queue.length + this.slots.reduce((n, s) => n + s.pinned.length, 0);
-  }
-
-  private submit(
-    spec: Pick<Job, 'op' | 'graph' | 'feeds' | 'transfer' | 'retain' | 'resident'>,
-    signal?: AbortSignal,
-  ): Promise<Record<string, HostTensor>> {
-    const graph = spec.graph;
-    if (this.closed) return Promise.reject(new PoolUnavailableError(`${this.options.name} pool is closed`));
-    if (this.startupFailure) return Promise.reject(new PoolUnavailableError(this.startupFailure.message));
-    if (signal?.aborted) return Promise.reject(abortError(`${graph}: cancelled before it was queued`));
-    let resident: Resident | undefined;
-    if (spec.resident !== undefined) {
-      resident = this.residents.get(spec.resident);
-      if (!resident || resident.released) {
-        return Promise.reject(new ResidentStateLostError(`${graph}: no state kept under "${spec.resident}" (released, or its worker was replaced)`));
-      }
-    }
-    const target = resident?.slot;
-    const idle = target ? (target.ready && !target.job && target.worker ? target : undefined) : this.slots.find((s) => s.ready && !s.job);
-    if (!idle && this.queuedCount() >= this.options.maxQueue) {
-      return Promise.reject(
-        new PoolSaturatedError(
-          `${this.options.name}: ${this.queuedCount()} inference jobs already queued (limit ${this.options.maxQueue}); retry later`,
-        ),
-      );
-    }
-    if (resident) resident.users++;
     return new Promise((resolve, reject) => {
       const job: Job = {
         id: this.nextId++,
-        ...spec,
-        pinned: target,
-        reads: resident,
+        graph,
+        feeds: prepared.feeds,
+        transfer: prepared.transfer,
         resolve,
         reject,
-        signal,
+        signal: options.signal,
         enqueuedAt: performance.now(),
         startedAt: 0,
       };
-      if (signal) {
+      if (options.signal) {
         job.onAbort = () => {
-          const queue = job.pinned ? job.pinned.pinned : this.queue;
-          const i = queue.indexOf(job);
+          const i = this.queue.indexOf(job);
           if (i >= 0) {
-            queue.splice(i, 1);
-            this.settle(job, abortError(`${graph}: cancelled while queued`));
+            this.queue.splice(i, 1);
+            reject(abortError(`${graph}: cancelled while queued`));
           }
         };
-        signal.addEventListener('abort', job.onAbort, { once: true });
+        options.signal.addEventListener('abort', job.onAbort, { once: true });
       }
       if (idle) this.dispatch(idle, job);
-      else if (target) target.pinned.push(job);
       else this.queue.push(job);
     });
   }
@@ -381,7 +267,7 @@ export class OnnxWorkerPool {
     return {
       workers: this.slots.length,
       busy: this.slots.filter((s) => s.job).length,
-      queued: this.queuedCount(),
+      queued: this.queue.length,
       maxQueue: this.options.maxQueue,
       completed: this.completed,
       crashed: this.crashed,
@@ -396,8 +282,6 @@ export class OnnxWorkerPool {
     if (!this.closed) {
       this.closed = true;
       for (const job of this.queue.splice(0)) this.settle(job, new PoolUnavailableError(`${this.options.name} pool closed`));
-      for (const slot of this.slots)
-        for (const job of slot.pinned.splice(0)) this.settle(job, new PoolUnavailableError(`${this.options.name} pool closed`));
       for (const w of this.readyWaiters.splice(0)) w.reject(new PoolUnavailableError(`${this.options.name} pool closed`));
     }
     const deadline = Date.now() + graceMs;
@@ -455,14 +339,9 @@ export class OnnxWorkerPool {
         if (!job || job.id !== reply.id) return;
         slot.job = null;
         if (reply.kind === 'result') {
-          if (job.op === 'run') {
-            this.completed++;
-            this.options.onJobDone?.({ graph: job.graph, queuedMs: job.startedAt - job.enqueuedAt, runMs: reply.runMs });
-          }
-          if (job.retain && reply.retained) this.kept(slot, job.retain.key, reply.retained);
+          this.completed++;
+          this.options.onJobDone?.({ graph: job.graph, queuedMs: job.startedAt - job.enqueuedAt, runMs: reply.runMs });
           this.settle(job, null, reply.outputs);
-        } else if (reply.residentMissing) {
-          this.settle(job, new ResidentStateLostError(`${job.graph}: ${reply.message}`));
         } else {
           this.settle(job, new InferenceError(`${job.graph}: ${reply.message}`));
         }
@@ -472,37 +351,12 @@ export class OnnxWorkerPool {
     }
   }
 
-  /** A run kept outputs under `key` in `slot`'s worker; what was kept under it elsewhere goes. */
-  private kept(slot: Slot, key: string, retained: RetainedOutputs): void {
-    const previous = this.residents.get(key);
-    if (previous && previous.slot === slot) {
-      // The worker replaced its tensors under the key: the same state, renewed.
-      Object.assign(previous, { bytes: retained.bytes, dims: retained.dims, released: false });
-      return;
-    }
-    if (previous) {
-      // Kept on another worker before: jobs queued with it keep it until they settle, then it goes.
-      this.residents.delete(key);
-      previous.released = true;
-      if (previous.users === 0) this.forget(key, previous);
-    }
-    this.residents.set(key, { slot, worker: slot.index, bytes: retained.bytes, dims: retained.dims, users: 0, released: false });
-  }
-
   private onExit(slot: Slot, worker: Worker, code: number): void {
     if (slot.worker !== worker || slot.retiring || this.closed) return;
     const wasReady = slot.ready;
     slot.worker = null;
     slot.ready = false;
     const reason = slot.lastError ? `: ${slot.lastError}` : '';
-    // What the worker kept died with it.
-    for (const [key, r] of this.residents) if (r.slot === slot) this.residents.delete(key);
-    for (const job of slot.pinned.splice(0)) {
-      this.settle(
-        job,
-        new ResidentStateLostError(`${job.graph}: ${this.options.name} worker ${slot.index} died (exit code ${code}), and the state it kept with it`),
-      );
-    }
     const job = slot.job;
     slot.job = null;
     if (job) {
@@ -537,17 +391,13 @@ export class OnnxWorkerPool {
     this.options.onBroken?.(err);
     for (const w of this.readyWaiters.splice(0)) w.reject(err);
     for (const job of this.queue.splice(0)) this.settle(job, err);
-    for (const slot of this.slots) for (const job of slot.pinned.splice(0)) this.settle(job, err);
   }
 
   private dispatch(slot: Slot, job: Job): void {
     if (job.signal && job.onAbort) job.signal.removeEventListener('abort', job.onAbort);
     slot.job = job;
     job.startedAt = performance.now();
-    const request: WorkerRequest =
-      job.op === 'read'
-        ? { kind: 'read', id: job.id, key: job.resident! }
-        : { kind: 'run', id: job.id, graph: job.graph, feeds: job.feeds, retain: job.retain, resident: job.resident };
+    const request: WorkerRequest = { kind: 'run', id: job.id, graph: job.graph, feeds: job.feeds };
     try {
       slot.worker!.postMessage(request, job.transfer);
     } catch (err) {
@@ -562,20 +412,13 @@ export class OnnxWorkerPool {
 
   private pump(): void {
     for (const slot of this.slots) {
-      if (!slot.ready || slot.job || !slot.worker) continue;
-      const job = slot.pinned.shift() ?? this.queue.shift();
-      if (job) this.dispatch(slot, job);
+      if (this.queue.length === 0) return;
+      if (slot.ready && !slot.job && slot.worker) this.dispatch(slot, this.queue.shift()!);
     }
   }
 
   private settle(job: Job, err: Error | null, outputs?: Record<string, HostTensor>): void {
     if (job.signal && job.onAbort) job.signal.removeEventListener('abort', job.onAbort);
-    const r = job.reads;
-    if (r) {
-      job.reads = undefined;
-      r.users--;
-      if (r.released && r.users === 0) this.forget(job.resident!, r);
-    }
     if (err) job.reject(err);
     else job.resolve(outputs!);
   }

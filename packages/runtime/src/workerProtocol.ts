@@ -10,31 +10,10 @@ export interface WorkerData {
   faultInjection: boolean;
 }
 
-/** What a worker keeps of a run's outputs (see OnnxWorkerPool, "resident state"). */
-export interface RetainedOutputs {
-  bytes: number;
-  dims: Record<string, number[]>;
-}
-
-export type WorkerRequest =
-  | {
-      kind: 'run';
-      id: number;
-      graph: string;
-      feeds: Record<string, HostTensor>;
-      /** Keep these outputs here under `key` instead of sending them back. */
-      retain?: { key: string; outputs: string[] };
-      /** The tensors kept under this key join the feeds (by their output names). */
-      resident?: string;
-    }
-  /** Copies of the tensors kept under `key` (tests, diagnostics). */
-  | { kind: 'read'; id: number; key: string }
-  /** Forget the tensors kept under `key`. No reply. */
-  | { kind: 'release'; key: string };
+export type WorkerRequest = { kind: 'run'; id: number; graph: string; feeds: Record<string, HostTensor> };
 
 export type WorkerReply =
   | { kind: 'ready'; io: Record<string, { inputs: readonly string[]; outputs: readonly string[] }> }
   | { kind: 'startup-error'; message: string }
-  | { kind: 'result'; id: number; outputs: Record<string, HostTensor>; runMs: number; retained?: RetainedOutputs }
-  /** `residentMissing`: the job named a key this worker holds nothing under. */
-  | { kind: 'error'; id: number; message: string; residentMissing?: boolean };
+  | { kind: 'result'; id: number; outputs: Record<string, HostTensor>; runMs: number }
+  | { kind: 'error'; id: number; message: string };

@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { status, toServiceError } from '@cfrsam/rpc';
 import { float32Tensor, type Manifest } from '@cfrsam/contract';
-import { OnnxWorkerPool, PoolSaturatedError, PoolUnavailableError, ResidentStateLostError, WorkerCrashedError } from '@cfrsam/runtime';
+import { OnnxWorkerPool, PoolSaturatedError, PoolUnavailableError, WorkerCrashedError } from '@cfrsam/runtime';
 import { testBundle } from '@cfrsam/testing';
 
 const bundle = testBundle();
@@ -110,85 +110,5 @@ describe.skipIf(!bundle.manifest)('OnnxWorkerPool', () => {
     await expect(running).resolves.toHaveProperty('logits'); // running work completes
     await closing;
     await expect(local.run('prompter', { image: image() })).rejects.toThrow(/pool is closed/);
-  });
-});
-
-describe.skipIf(!bundle.manifest)('OnnxWorkerPool resident state (the decoder graphs)', () => {
-  const manifest = bundle.manifest as Manifest;
-  const S = manifest.inputSize;
-  const kept = ['image_embedding', 'semantic', 'boundary_features'];
-  const prepareFeeds = (seed: number) => {
-    const features = float32Tensor([1, ...manifest.featureShape]);
-    const image = float32Tensor([1, 3, S, S]);
-    for (let i = 0; i < features.data.length; i++) features.data[i] = Math.sin(i * 0.37 + seed);
-    for (let i = 0; i < image.data.length; i++) image.data[i] = Math.cos(i * 0.11 + seed);
-    return { features, image };
-  };
-  const prompts = () => ({
-    point_coords: { type: 'float32' as const, dims: [2, 1, 2], data: Float32Array.from([60, 70, 180, 150]) },
-    point_labels: { type: 'float32' as const, dims: [2, 1], data: Float32Array.from([1, 1]) },
-  });
-  let pool: OnnxWorkerPool;
-
-  beforeAll(async () => {
-    pool = await OnnxWorkerPool.create({
-      name: 'resident',
-      graphs: { decoder_image: manifest.graphs.decoder_image!.path, decoder_prompts: manifest.graphs.decoder_prompts!.path },
-      workers: 2,
-      faultInjection: true,
-      log: () => {},
-    });
-  });
-  afterAll(async () => {
-    await pool?.close();
-  });
-
-  it('keeps the outputs it is asked to in the worker, and feeds them to later runs that name them', async () => {
-    const out = await pool.run('decoder_image', prepareFeeds(1), { retain: { key: 'a', outputs: kept } });
-    for (const name of kept) expect(out).not.toHaveProperty(name);
-    const info = pool.resident('a')!;
-    expect(info.dims.boundary_features).toEqual([1, expect.any(Number), S, S]);
-    expect(info.bytes).toBe(kept.reduce((n, name) => n + 4 * info.dims[name].reduce((a, b) => a * b, 1), 0));
-
-    // The same as feeding the state from the event loop, as the decoder did before.
-    const reference = await pool.run('decoder_image', prepareFeeds(1));
-    const referenceSemantic = Array.from(reference.semantic.data as Float32Array);
-    const viaResident = await pool.run('decoder_prompts', prompts(), { resident: 'a' });
-    const viaFeeds = await pool.run('decoder_prompts', { ...Object.fromEntries(kept.map((n) => [n, reference[n]])), ...prompts() });
-    expect(Array.from(viaResident.mask_logits.data as Float32Array)).toEqual(Array.from(viaFeeds.mask_logits.data as Float32Array));
-    const copies = await pool.readResident('a');
-    expect(Array.from(copies.semantic.data as Float32Array)).toEqual(referenceSemantic);
-  });
-
-  it('releases state only after the runs that use it settle, then refuses runs that name it', async () => {
-    await pool.run('decoder_image', prepareFeeds(2), { retain: { key: 'b', outputs: kept } });
-    const inFlight = [1, 2, 3].map(() => pool.run('decoder_prompts', prompts(), { resident: 'b' }));
-    pool.release('b');
-    expect(pool.resident('b')).toBeUndefined();
-    for (const run of inFlight) await expect(run).resolves.toHaveProperty('mask_logits');
-    const late = pool.run('decoder_prompts', prompts(), { resident: 'b' });
-    await expect(late).rejects.toThrow(ResidentStateLostError);
-    expect(toServiceError(await late.catch((e) => e)).code).toBe(status.FAILED_PRECONDITION);
-    await expect(pool.readResident('b')).rejects.toThrow(/no state kept under "b"/);
-  });
-
-  it("loses the state of a worker that dies, fails its queued runs, and keeps the other worker's", async () => {
-    await pool.run('decoder_image', prepareFeeds(3), { retain: { key: 'c', outputs: kept } });
-    // Kept on the other worker (the first is busy while the second prepares).
-    const [, other] = await Promise.all([
-      pool.run('decoder_prompts', prompts(), { resident: 'c' }),
-      pool.run('decoder_image', prepareFeeds(4), { retain: { key: 'd', outputs: kept } }),
-    ]);
-    expect(other).toEqual({});
-    expect(pool.resident('d')!.worker).not.toBe(pool.resident('c')!.worker);
-    const crash = pool.run('__exit__', {}, { resident: 'c' });
-    const queued = pool.run('decoder_prompts', prompts(), { resident: 'c' });
-    await expect(crash).rejects.toThrow(WorkerCrashedError);
-    await expect(queued).rejects.toThrow(ResidentStateLostError);
-    expect(pool.resident('c')).toBeUndefined();
-    await expect(pool.run('decoder_prompts', prompts(), { resident: 'c' })).rejects.toThrow(ResidentStateLostError);
-    await expect(pool.run('decoder_prompts', prompts(), { resident: 'd' })).resolves.toHaveProperty('mask_logits');
-    await pool.ready();
-    expect(pool.stats()).toMatchObject({ busy: 0, queued: 0 });
   });
 });

@@ -3,12 +3,6 @@
 // decoder_prompts.onnx over a batch of prompts against a prepared image and returns each mask
 // compactly: thresholded, cropped to its foreground box in tile pixels and bit-packed.
 //
-// The prepared tensors stay in the worker thread that computed them (OnnxWorkerPool's resident
-// state) and the digest's Decodes run there: they never cross to the event loop and back, which
-// cost two fresh copies of 2.5 MB per tile (at `tiny`). The LRU here holds only their accounting
-// and releases them on eviction; if the worker dies they go with it, and Decode answers
-// NOT_PREPARED so that the caller prepares again.
-//
 // Features never travel through the gateway: a Prepare carries the tile's digest, its RGB bytes
 // (the decoder checks the digest against them) and the encoder that encoded it; the decoder
 // fetches the features itself, from the shared tier (NATS JetStream, --nats-url) when it has one,
@@ -20,11 +14,10 @@
 // another tile's results.
 import { ByteLruCache, ErrorReason, grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import {
-  checkGraphOutputDims,
-  type DimsSpec,
   type Float32Tensor,
   graphOutput,
   graphOutputFloat32,
+  type HostTensor,
   isDigest,
   type Manifest,
   packBits,
@@ -32,7 +25,7 @@ import {
   tensorFromProto,
   thresholdAndCrop,
 } from '@cfrsam/contract';
-import { featureKey, float32Lookup, type OnnxWorkerPool, ResidentStateLostError, type SharedFeatureStore } from '@cfrsam/runtime';
+import { featureKey, float32Lookup, type OnnxWorkerPool, type SharedFeatureStore } from '@cfrsam/runtime';
 
 export interface DecoderPipelineOptions {
   /** Prompts per decoder_prompts.onnx run (default 32). */
@@ -77,19 +70,22 @@ export function sharedTierSource(store: SharedFeatureStore, manifest: Manifest):
 }
 
 /**
- * The per-image decoder state: decoder_image's outputs, kept in a worker under `key` (see the file
- * comment); decoder_prompts reads them there under the same names.
+ * The per-image decoder state. The arrays live in SharedArrayBuffers, so each Decode hands them
+ * to a worker without copying them on the event loop.
  */
 export interface PreparedImage {
-  key: string;
+  imageEmbedding: Float32Tensor;
+  semantic: Float32Tensor;
+  boundaryFeatures: Float32Tensor;
   bytes: number;
 }
 
-/** decoder_image's outputs that decoder_prompts reads (the names are the contract's). */
-export const PREPARED_OUTPUTS = ['image_embedding', 'semantic', 'boundary_features'] as const;
-
-/** Distinguishes the resident keys of pipelines that share a pool (tests, tools). */
-let pipelines = 0;
+function shared(t: HostTensor): Float32Tensor {
+  const data = t.data as Float32Array;
+  const copy = new Float32Array(new SharedArrayBuffer(data.byteLength));
+  copy.set(data);
+  return { type: 'float32', dims: [...t.dims], data: copy };
+}
 
 function sigmoid(x: number): number {
   return 1 / (1 + Math.exp(-x));
@@ -157,7 +153,6 @@ export class DecoderPipeline {
   preparations = 0;
   private readonly window: number;
   private readonly acceptUnverifiedInput: boolean;
-  private readonly keyPrefix = `decoder-${++pipelines}:`;
 
   constructor(
     readonly manifest: Manifest,
@@ -167,11 +162,7 @@ export class DecoderPipeline {
     this.maxBatch = Math.max(1, options.maxBatch ?? 32);
     this.maxPromptsPerRequest = Math.max(1, options.maxPromptsPerRequest ?? 256);
     this.maxPointsPerPrompt = Math.max(1, options.maxPointsPerPrompt ?? 16);
-    this.cache = new ByteLruCache<PreparedImage>({
-      capacityBytes: options.cacheBytes ?? 1024 ** 3,
-      sizeOf: (p) => p.bytes,
-      onEvict: (_digest, p) => pool.release(p.key),
-    });
+    this.cache = new ByteLruCache<PreparedImage>({ capacityBytes: options.cacheBytes ?? 1024 ** 3, sizeOf: (p) => p.bytes });
     this.window = manifest.refinement.mode === 'window' ? manifest.refinement.window : manifest.inputSize;
     this.sharedStore = options.sharedStore;
     this.acceptUnverifiedInput = options.acceptUnverifiedInput ?? false;
@@ -223,7 +214,6 @@ export class DecoderPipeline {
    */
   async prepare(request: stagesProto.PrepareRequest, signal?: AbortSignal): Promise<PrepareResult> {
     this.checkVersionAndDigest(request.modelVersion, request.digest);
-    this.dropIfLost(request.digest);
     const S = this.manifest.inputSize;
     const tile = readStageTile('prepare', request, this.manifest);
     const pixels = tile.pixels;
@@ -261,31 +251,24 @@ export class DecoderPipeline {
     const result = await this.cache.getOrCompute(request.digest, async () => {
       if (!features || !pixels) throw grpcError(status.INTERNAL, `digest ${request.digest}: no features or pixels to prepare with`);
       this.preparations++;
-      const key = this.keyPrefix + request.digest;
-      await this.pool.run(
+      const out = await this.pool.run(
         'decoder_image',
         {
           features: { type: 'float32', dims: [1, ...features.dims], data: features.data },
           image: { type: 'float32', dims: [1, ...pixels.dims], data: pixels.data },
         },
         // Not cancelled with the call: concurrent Prepares of this digest may be waiting on it.
-        { retain: { key, outputs: PREPARED_OUTPUTS } },
       );
-      const kept = this.pool.resident(key);
-      if (!kept) throw grpcError(status.INTERNAL, `digest ${request.digest}: decoder_image's outputs were not kept`);
       const grid = [S / this.manifest.patchSize, S / this.manifest.patchSize];
-      const contract: Record<(typeof PREPARED_OUTPUTS)[number], DimsSpec> = {
-        image_embedding: [1, null, grid[0], grid[1]],
-        semantic: [1, null, S / 4, S / 4],
-        boundary_features: [1, null, S, S],
+      const imageEmbedding = shared(graphOutput('decoder_image', out, 'image_embedding', [1, null, grid[0], grid[1]]));
+      const semantic = shared(graphOutput('decoder_image', out, 'semantic', [1, null, S / 4, S / 4]));
+      const boundaryFeatures = shared(graphOutput('decoder_image', out, 'boundary_features', [1, null, S, S]));
+      return {
+        imageEmbedding,
+        semantic,
+        boundaryFeatures,
+        bytes: imageEmbedding.data.byteLength + semantic.data.byteLength + boundaryFeatures.data.byteLength,
       };
-      try {
-        for (const name of PREPARED_OUTPUTS) checkGraphOutputDims('decoder_image', name, kept.dims[name], contract[name]);
-      } catch (err) {
-        this.pool.release(key);
-        throw err;
-      }
-      return { key, bytes: kept.bytes };
     });
     return { alreadyPrepared: result.source !== 'computed', featuresFrom };
   }
@@ -346,7 +329,6 @@ export class DecoderPipeline {
   async decode(request: stagesProto.DecodeRequest, signal?: AbortSignal): Promise<stagesProto.DecodeResponse & { runs: number[] }> {
     this.checkVersionAndDigest(request.modelVersion, request.digest);
     const prompts = this.validatePrompts(request.prompts);
-    this.dropIfLost(request.digest);
     let prepared = this.cache.get(request.digest);
     if (!prepared) {
       const pending = this.cache.pending(request.digest);
@@ -373,35 +355,17 @@ export class DecoderPipeline {
       for (let i = 0; i < indices.length; i += this.maxBatch) batches.push(indices.slice(i, i + this.maxBatch));
     }
     const masks: stagesProto.DecodedMask[] = new Array(prompts.length);
-    try {
-      await Promise.all(
-        batches.map(async (indices) => {
-          const decoded = await this.decodeBatch(
-            prepared!,
-            indices.map((i) => prompts[i]),
-            signal,
-          );
-          indices.forEach((promptIndex, k) => (masks[promptIndex] = decoded[k]));
-        }),
-      );
-    } catch (err) {
-      if (!(err instanceof ResidentStateLostError)) throw err;
-      if (this.cache.peek(request.digest) === prepared) this.cache.delete(request.digest);
-      throw grpcError(
-        status.FAILED_PRECONDITION,
-        `digest ${request.digest}: the prepared state was lost on this replica (a worker restarted); call Prepare again`,
-        {
-          reason: ErrorReason.NOT_PREPARED,
-        },
-      );
-    }
+    await Promise.all(
+      batches.map(async (indices) => {
+        const decoded = await this.decodeBatch(
+          prepared!,
+          indices.map((i) => prompts[i]),
+          signal,
+        );
+        indices.forEach((promptIndex, k) => (masks[promptIndex] = decoded[k]));
+      }),
+    );
     return { masks, runs: batches.map((b) => b.length) };
-  }
-
-  /** Forgets a cached digest whose resident state died with its worker (the next Prepare computes it again). */
-  private dropIfLost(digest: string): void {
-    const prepared = this.cache.peek(digest);
-    if (prepared && !this.pool.resident(prepared.key)) this.cache.delete(digest);
   }
 
   private async decodeBatch(prepared: PreparedImage, prompts: Prompt[], signal?: AbortSignal): Promise<stagesProto.DecodedMask[]> {
@@ -419,10 +383,13 @@ export class DecoderPipeline {
     const out = await this.pool.run(
       'decoder_prompts',
       {
+        image_embedding: prepared.imageEmbedding,
+        semantic: prepared.semantic,
+        boundary_features: prepared.boundaryFeatures,
         point_coords: { type: 'float32', dims: [P, N, 2], data: coords },
         point_labels: { type: 'float32', dims: [P, N], data: labels },
       },
-      { signal, resident: prepared.key },
+      { signal },
     );
     const logits = graphOutputFloat32('decoder_prompts', out, 'mask_logits', [P, W, W]);
     const origins = graphOutput('decoder_prompts', out, 'window_origin', [P, 2]).data;
