@@ -370,3 +370,18 @@ def test_training_sets_repeat_and_hold_out(tmp_path):
     for bad in bad_args:
         with pytest.raises(SystemExit):
             common.build_datasets(argparse.Namespace(**{**vars(args), "repeat": "", "hold_out": "", **bad}), ["a"], 32)
+
+
+def test_stages_and_refiner_take_the_same_sampling_flags():
+    """The point refiner trains on crops drawn like the stages' (--target-mpp, --scale-range)."""
+    import argparse
+
+    from cfrsam.train import common, refiner
+
+    flags = ["--target-mpp", "0.25", "--scale-range", "0.8,1.25"]
+    ref = refiner.parse_args(["--checkpoint", "x", "--out", "y", *flags])
+    stages = argparse.ArgumentParser()
+    common.add_common_args(stages)  # what stage1 and stage2 parse
+    stage = stages.parse_args(["--out", "y", *flags])
+    assert (ref.target_mpp, ref.scale_range) == (stage.target_mpp, stage.scale_range) == (0.25, "0.8,1.25")
+    assert refiner.parse_args(["--checkpoint", "x", "--out", "y"]).target_mpp == 0.0
