@@ -440,6 +440,9 @@ def main(argv=None) -> int:
         metrics = {k: v for k, v in (checkpoint.get("metrics") or {}).items() if k != "point_refiner"}
         if "validation_without_point_refiner" in metrics:
             metrics["validation"] = metrics.pop("validation_without_point_refiner")
+        else:
+            # Measured with the refiner being replaced (a bundle records no validation without it).
+            metrics.pop("validation", None)
         checkpoint["metrics"] = metrics
     model = build_cfr_sam(None, checkpoint=checkpoint)
     model.eval()
