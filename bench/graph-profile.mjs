@@ -5,10 +5,12 @@
 // numbers; nothing is asserted.
 //
 //   node bench/graph-profile.mjs [--bundle models/tiny] [--graph decoder_prompts] [--prompts 16]
-//                                [--reps 10] [--threads 1] [--top 20] [--levels all,extended,basic]
+//                                [--tiles 1] [--reps 10] [--threads 1] [--top 20] [--levels all,extended,basic]
 //
 // Inputs are deterministic pseudo-random tensors of the contract's shapes; decoder_prompts reads
-// decoder_image's outputs for such a tile and --prompts one-point prompts spread over it.
+// decoder_image's outputs for such a tile and --prompts one-point prompts spread over it;
+// point_refiner refines --prompts points on each of --tiles tiles (the prompter runs it once per
+// batch of tiles).
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -23,6 +25,7 @@ const { values: args } = parseArgs({
     bundle: { type: 'string', default: path.join(root, 'models/tiny') },
     graph: { type: 'string', default: 'decoder_prompts' },
     prompts: { type: 'string', default: '16' },
+    tiles: { type: 'string', default: '1' },
     reps: { type: 'string', default: '10' },
     threads: { type: 'string', default: '1' },
     top: { type: 'string', default: '20' },
@@ -46,6 +49,16 @@ const options = (extra = {}) => ({ intraOpNumThreads: Number(args.threads), inte
 async function feedsFor(graph) {
   const image = tensor([1, 3, S, S]);
   if (graph === 'prompter' || graph === 'encoder') return { image };
+  if (graph === 'point_refiner') {
+    const B = Number(args.tiles);
+    const points = Float32Array.from({ length: B * P * 2 }, (_, i) => 24 + ((i * 37 + (i >> 1) * 53) % (S - 48)));
+    const index = BigInt64Array.from({ length: B * P }, (_, i) => BigInt(Math.floor(i / P)));
+    return {
+      image: tensor([B, 3, S, S]),
+      points: new ort.Tensor('float32', points, [B * P, 2]),
+      image_index: new ort.Tensor('int64', index, [B * P]),
+    };
+  }
   const decoderImage = { features: tensor([1, ...manifest.feature_shape]), image };
   if (graph === 'decoder_image') return decoderImage;
   if (graph === 'decoder_prompts') {
@@ -60,11 +73,16 @@ async function feedsFor(graph) {
       point_labels: new ort.Tensor('float32', new Float32Array(P).fill(1), [P, 1]),
     };
   }
-  throw new Error(`--graph: one of prompter, encoder, decoder_image, decoder_prompts (got "${graph}")`);
+  throw new Error(`--graph: one of prompter, encoder, decoder_image, decoder_prompts, point_refiner (got "${graph}")`);
 }
 
 const feeds = await feedsFor(args.graph);
-const what = args.graph === 'decoder_prompts' ? `${args.graph}, ${P} prompts` : args.graph;
+const what =
+  args.graph === 'decoder_prompts'
+    ? `${args.graph}, ${P} prompts`
+    : args.graph === 'point_refiner'
+      ? `${args.graph}, ${P} points on each of ${args.tiles} tile(s)`
+      : args.graph;
 console.log(`${manifest.name} ${manifest.version}: ${what}, ${args.threads} intra-op thread(s), ${REPS} profiled runs after 3 warm-up runs`);
 
 // The profile.
