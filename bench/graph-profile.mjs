@@ -11,15 +11,12 @@
 // decoder_image's outputs for such a tile and --prompts one-point prompts spread over it;
 // point_refiner refines --prompts points on each of --tiles tiles (the prompter runs it once per
 // batch of tiles).
-import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
+import { ort, root, seededFloats } from './ort.mjs';
 
-const require = createRequire(import.meta.url);
-const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-const ort = require(require.resolve('onnxruntime-node', { paths: [path.join(root, 'packages/runtime')] }));
 const { values: args } = parseArgs({
   options: {
     bundle: { type: 'string', default: path.join(root, 'models/tiny') },
@@ -41,8 +38,7 @@ const graphFile = (name) => {
   if (!manifest.graphs[name]) throw new Error(`the bundle has no graph "${name}" (have: ${Object.keys(manifest.graphs).join(', ')})`);
   return path.join(dir, manifest.graphs[name].file);
 };
-let seed = 1;
-const rnd = (n) => Float32Array.from({ length: n }, () => ((seed = (seed * 16807) % 2147483647) / 2147483647) * 2 - 1);
+const rnd = seededFloats();
 const tensor = (dims) => new ort.Tensor('float32', rnd(dims.reduce((a, b) => a * b, 1)), dims);
 const options = (extra = {}) => ({ intraOpNumThreads: Number(args.threads), interOpNumThreads: 1, executionMode: 'sequential', ...extra });
 

@@ -6,13 +6,10 @@
 //
 //   mkdir -p /tmp/before && git archive REV models/tiny | tar -x -C /tmp/before
 //   node bench/graphs-ab.mjs /tmp/before/models/tiny models/tiny [--threads 1]
-import { createRequire } from 'node:module';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
+import { ort, seededFloats } from './ort.mjs';
 
-const require = createRequire(import.meta.url);
-const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-const ort = require(require.resolve('onnxruntime-node', { paths: [path.join(root, 'packages/runtime')] }));
 const { values: args, positionals } = parseArgs({
   allowPositionals: true,
   options: { threads: { type: 'string', default: '1' }, pairs: { type: 'string', default: '30' } },
@@ -20,8 +17,7 @@ const { values: args, positionals } = parseArgs({
 if (positionals.length !== 2) throw new Error('usage: node bench/graphs-ab.mjs BUNDLE_A BUNDLE_B');
 const [a, b] = positionals;
 const S = 256;
-let seed = 1;
-const rnd = (n) => Float32Array.from({ length: n }, () => ((seed = (seed * 16807) % 2147483647) / 2147483647) * 2 - 1);
+const rnd = seededFloats();
 const median = (xs) => [...xs].sort((x, y) => x - y)[xs.length >> 1];
 const options = { intraOpNumThreads: Number(args.threads) };
 console.log(`A = ${a}\nB = ${b}\n${args.threads} intra-op thread(s), ${args.pairs} interleaved pairs`);

@@ -12,14 +12,11 @@
 // With --flops (the JSON of `python -m cfrsam.flops --bundle DIR --prompts P --out FILE`, P equal
 // to --prompts) it also prints each graph's GFLOP, the achieved GFLOP/s and the fraction of the
 // peak: an n^3 float32 MatMul timed in the same runtime, run and thread count.
-import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
+import { ort, root, seededFloats } from './ort.mjs';
 
-const require = createRequire(import.meta.url);
-const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-const ort = require(require.resolve('onnxruntime-node', { paths: [path.join(root, 'packages/runtime')] }));
 const { values: args } = parseArgs({
   options: {
     bundle: { type: 'string', default: path.join(root, 'models/tiny') },
@@ -35,8 +32,7 @@ const manifest = JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'ut
 const S = manifest.input_size;
 const P = Number(args.prompts);
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-let seed = 1;
-const rnd = (n) => Float32Array.from({ length: n }, () => ((seed = (seed * 16807) % 2147483647) / 2147483647) * 2 - 1);
+const rnd = seededFloats();
 const size = (p) => fs.statSync(p).size;
 const flops = args.flops ? JSON.parse(fs.readFileSync(args.flops, 'utf8')) : null;
 if (flops && flops.prompts !== Number(args.prompts))
