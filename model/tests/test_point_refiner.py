@@ -267,3 +267,31 @@ def test_export_overrides_the_refiners_serving_settings(scored_model, tmp_path):
         export_main(["--checkpoint", str(tmp_path / "p.pt"), "--out", str(tmp_path / "d"), "--min-point-score", "0.2"])
         == 2
     )
+
+
+def test_heads_with_context_read_beyond_the_crop_and_the_bundle_exports(tmp_path):
+    base = build_cfr_sam("tiny", input_size=64, window=32, seed=3)
+    cfg = PointRefinerConfig(
+        crop=16, width=8, stem_width=4, dilations=(1,), score_head=True, min_score=0.5,
+        num_classes=base.config.num_classes, class_weight=0.5, context_crop=32, context_width=8, head_branch=8,
+    )  # fmt: skip
+    refiner = PointRefiner(cfg)
+    torch.manual_seed(4)
+    for p in refiner.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    refiner.eval()
+    image = torch.randn(1, 3, 64, 64)
+    point = torch.tensor([[32.0, 32.0]])
+    changed = image.clone()
+    changed[..., 17:21, 17:21] += 4.0  # inside the 32 px context window [16, 48), outside the 16 px crop [24, 40)
+    with torch.no_grad():
+        refined, score, probs = refiner.refine_and_score(image, point)
+        refined_changed, score_changed, probs_changed = refiner.refine_and_score(changed, point)
+    assert torch.equal(refined, refined_changed)  # the heat map reads the crop only
+    assert not torch.allclose(score, score_changed) and not torch.allclose(probs, probs_changed)
+    checkpoint = {"config": base.config.to_dict(), "model": base.state_dict(), "training": None, "metrics": None}
+    model = build_cfr_sam(None, checkpoint=attach(checkpoint, refiner, {"note": "test"}, {"steps": 0}))
+    assert model.point_refiner.cfg.context_crop == 32
+    manifest = export_bundle(model, str(tmp_path / "b"), name="t", include_full=False)
+    assert manifest["provenance"]["config"]["point_refiner"]["head_branch"] == 8
+    assert check_bundle(str(tmp_path / "b"), verbose=False) == []

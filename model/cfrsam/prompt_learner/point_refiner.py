@@ -42,10 +42,20 @@ class PointRefinerConfig:
     # x p_refiner^w over the K classes, w = `class_weight` (0: the prompt learner's alone).
     num_classes: int = 0
     class_weight: float = 0.0
+    # What the score and class heads read besides the heat map's features (0: nothing more). The
+    # crop is 48 px, about one nucleus: whether a blob is a nucleus also shows in what surrounds it.
+    # `context_crop`: a wider window (px) around the point, read at half resolution by its own small
+    # net (`context_width` channels at 1/8 of the window). `head_branch`: a stride-2 branch of that
+    # many channels on the heat map's features, for more capacity than their two pooled vectors.
+    context_crop: int = 0
+    context_width: int = 32
+    head_branch: int = 0
 
     def __post_init__(self) -> None:
         if self.crop % 4 != 0 or self.crop < 16:
             raise ValueError(f"crop must be a multiple of 4 and >= 16, got {self.crop}")
+        if self.context_crop and (self.context_crop % 8 != 0 or self.context_crop < self.crop):
+            raise ValueError(f"context_crop must be a multiple of 8 and >= crop, got {self.context_crop}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -81,9 +91,27 @@ class PointRefiner(nn.Module):
         self.down = _conv_bn_relu(cfg.stem_width, cfg.width, stride=2)
         self.context = nn.Sequential(*[_conv_bn_relu(cfg.width, cfg.width, dilation=d) for d in cfg.dilations])
         self.head = nn.Conv2d(cfg.width, 1, 1)
-        # Both heads read the same 2 x width pooled features (at the heat map's peak, and the mean).
-        self.score = _mlp(2 * cfg.width, cfg.score_hidden, 1) if cfg.score_head else None
-        self.classify = _mlp(2 * cfg.width, cfg.score_hidden, cfg.num_classes) if cfg.num_classes else None
+        heads = cfg.score_head or cfg.num_classes > 0
+        # Both heads read the same pooled features: 2 x width (at the heat map's peak, and the mean),
+        # then mean and max of the optional context net and head branch.
+        pooled = 2 * cfg.width
+        self.context_net = None
+        if heads and cfg.context_crop:
+            self.context_net = nn.Sequential(
+                _conv_bn_relu(3, cfg.stem_width, stride=2),
+                _conv_bn_relu(cfg.stem_width, cfg.context_width, stride=2),
+                _conv_bn_relu(cfg.context_width, cfg.context_width, dilation=2),
+            )
+            pooled += 2 * cfg.context_width
+        self.head_branch = None
+        if heads and cfg.head_branch:
+            self.head_branch = nn.Sequential(
+                _conv_bn_relu(cfg.width, cfg.head_branch, stride=2),
+                _conv_bn_relu(cfg.head_branch, cfg.head_branch, dilation=2),
+            )
+            pooled += 2 * cfg.head_branch
+        self.score = _mlp(pooled, cfg.score_hidden, 1) if cfg.score_head else None
+        self.classify = _mlp(pooled, cfg.score_hidden, cfg.num_classes) if cfg.num_classes else None
         half = cfg.crop // 2
         # Heat-map cell centres (stride 2) relative to the crop's centre, in input pixels.
         steps = torch.arange(half, dtype=torch.float32) * 2.0 + 1.0 - half
@@ -92,11 +120,13 @@ class PointRefiner(nn.Module):
 
     def heat_logits(self, crops: torch.Tensor) -> torch.Tensor:
         """[P, (C/2)^2] logits over the stride-2 cells of each crop (row-major)."""
-        return self.heads(crops)[0]
+        return self.head(self.context(self.down(self.stem(crops)))).flatten(1).float()
 
-    def heads(self, crops: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def heads(
+        self, crops: torch.Tensor, context: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """([P, (C/2)^2] heat-map logits, [P] on-a-nucleus logits, [P, K] class logits); the last two
-        None without their heads."""
+        None without their heads. `context`: the context crops (`context_crops`) when configured."""
         features = self.context(self.down(self.stem(crops)))
         logits = self.head(features).flatten(1).float()
         if self.score is None and self.classify is None:
@@ -104,7 +134,14 @@ class PointRefiner(nn.Module):
         cells = features.flatten(2).float()  # [P, width, (C/2)^2]
         # What is at the predicted centre (the heat map's weights) and around it.
         at_peak = torch.bmm(cells, logits.softmax(-1).unsqueeze(-1)).squeeze(-1)
-        pooled = torch.cat((at_peak, cells.mean(-1)), dim=-1)
+        parts = [at_peak, cells.mean(-1)]
+        if self.context_net is not None:
+            if context is None:
+                raise ValueError("this refiner's heads read context crops (context_crop is set); pass them")
+            parts.extend(_mean_and_max(self.context_net(context)))
+        if self.head_branch is not None:
+            parts.extend(_mean_and_max(self.head_branch(features)))
+        pooled = torch.cat(parts, dim=-1)
         score = self.score(pooled).squeeze(-1).float() if self.score is not None else None
         classes = self.classify(pooled).float() if self.classify is not None else None
         return logits, score, classes
@@ -135,6 +172,19 @@ class PointRefiner(nn.Module):
         origins = self.crop_origins(points, image.shape[-1])
         return crop_windows(padded, origins, self.cfg.crop, image_index=image_index.long())
 
+    def context_crops(
+        self, image: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """[P, 3, W/2, W/2]: the `context_crop` window W around each point (same corner rule as
+        `crops`), average-pooled 2x; None when the heads read no context."""
+        if self.context_net is None:
+            return None
+        half = self.cfg.context_crop // 2
+        padded = F.pad(image, (half, half, half, half))
+        origins = self.crop_origins(points, image.shape[-1])
+        window = crop_windows(padded, origins, self.cfg.context_crop, image_index=image_index.long())
+        return F.avg_pool2d(window, 2)
+
     def refine(
         self, image: torch.Tensor, points: torch.Tensor, image_index: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -151,11 +201,18 @@ class PointRefiner(nn.Module):
             image_index = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
         size = image.shape[-1]
         centres = self.crop_origins(points, size).to(points.dtype)
-        logits, score_logits, class_logits = self.heads(self.crops(image, points, image_index))
+        logits, score_logits, class_logits = self.heads(
+            self.crops(image, points, image_index), self.context_crops(image, points, image_index)
+        )
         refined = (centres + self.expectation(logits).to(points.dtype)).clamp(0, size)
         scores = torch.ones_like(refined[:, 0]) if score_logits is None else score_logits.sigmoid().to(points.dtype)
         classes = torch.ones_like(refined[:, :1]) if class_logits is None else class_logits.softmax(-1).to(points.dtype)
         return refined, scores, classes
+
+
+def _mean_and_max(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    cells = features.flatten(2).float()
+    return cells.mean(-1), cells.amax(-1)
 
 
 def mix_class_probabilities(learner: torch.Tensor, refiner: torch.Tensor, weight: float) -> torch.Tensor:

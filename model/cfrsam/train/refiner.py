@@ -219,7 +219,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--class-weights", default="balanced", help="'balanced' or K numbers (stage 1's rule)")
     parser.add_argument("--class-mixes", default="0.25,0.5,0.75,1", help="class weights w the report compares")
     parser.add_argument("--class-mix", type=float, default=0.0, help="the class weight w the attached refiner serves")
-    parser.add_argument("--init", help="start from this refiner.pt (a new score head starts untrained)")
+    parser.add_argument("--context-crop", type=int, default=0, help="the heads also read this wider window (px)")
+    parser.add_argument("--context-width", type=int, default=PointRefinerConfig.context_width)
+    parser.add_argument("--head-branch", type=int, default=0, help="channels of a stride-2 branch for the heads")
+    parser.add_argument("--score-hidden", type=int, default=PointRefinerConfig.score_hidden)
+    parser.add_argument(
+        "--init", help="start from this refiner.pt (heads new or of another shape, and their inputs, start untrained)"
+    )
     parser.add_argument("--heat-sigma", type=float, default=1.5, help="std (px) of the target heat map")
     parser.add_argument("--distance-weight", type=float, default=0.1, help="weight of the distance loss (px)")
     parser.add_argument("--val-every", type=int, default=500)
@@ -278,7 +284,9 @@ def train(args, refiner: PointRefiner, train_set, tiles, log: common.RunLog, out
                 continue
             offsets = targets - refiner.crop_origins(points, size).float()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                logits, score_logits, class_logits = refiner.heads(refiner.crops(batch["image"], points, index))
+                logits, score_logits, class_logits = refiner.heads(
+                    refiner.crops(batch["image"], points, index), refiner.context_crops(batch["image"], points, index)
+                )
             # A heat-map loss (cross-entropy against a Gaussian at the target) trains the map fast;
             # the distance of its expectation is what serving uses.
             logits, offsets = logits[has_target], offsets[has_target]
@@ -323,6 +331,11 @@ def train(args, refiner: PointRefiner, train_set, tiles, log: common.RunLog, out
                     **({"train_class_loss": float(np.mean(class_losses[-50:]))} if class_losses else {}),
                     "served": served,
                     "refined": refined,
+                    **(
+                        {"score_separation": score_separation(tiles, refiner, args.on_radius)}
+                        if refiner.score is not None
+                        else {}
+                    ),
                     "seconds": time.time() - began,
                 }
                 log.write(record)
@@ -458,7 +471,14 @@ def main(argv=None) -> int:
         refiner.load_state_dict(saved["state_dict"])
     else:
         init = torch.load(args.init, map_location="cpu", weights_only=False) if args.init else None
-        heads = {"score_head": args.score_head, "num_classes": model.config.num_classes if args.class_head else 0}
+        heads = {
+            "score_head": args.score_head,
+            "num_classes": model.config.num_classes if args.class_head else 0,
+            "context_crop": args.context_crop,
+            "context_width": args.context_width,
+            "head_branch": args.head_branch,
+            "score_hidden": args.score_hidden,
+        }
         cfg = (
             PointRefinerConfig.from_dict(dict(init["config"], **heads))
             if init
@@ -472,8 +492,12 @@ def main(argv=None) -> int:
         )
         refiner = PointRefiner(cfg)
         if init:
-            missing, unexpected = refiner.load_state_dict(init["state_dict"], strict=False)
-            if unexpected or any(not k.startswith(("score.", "classify.")) for k in missing):
+            own = refiner.state_dict()
+            # Heads whose input grew (context, head branch) start afresh, as new heads do.
+            fitting = {k: v for k, v in init["state_dict"].items() if k not in own or own[k].shape == v.shape}
+            missing, unexpected = refiner.load_state_dict(fitting, strict=False)
+            fresh = ("score.", "classify.", "context_net.", "head_branch.")
+            if unexpected or any(not k.startswith(fresh) for k in missing):
                 raise ValueError(f"--init {args.init} does not fit: missing {missing}, unexpected {unexpected}")
         train(args, refiner, train_set, tiles, log, out, model)
         refiner.cfg = PointRefinerConfig.from_dict(
