@@ -120,15 +120,19 @@ class PointRefiner(nn.Module):
 
     def heat_logits(self, crops: torch.Tensor) -> torch.Tensor:
         """[P, (C/2)^2] logits over the stride-2 cells of each crop (row-major)."""
-        return self.head(self.context(self.down(self.stem(crops)))).flatten(1).float()
+        return self._heat_map(crops)[1]
+
+    def _heat_map(self, crops: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(features [P, width, C/2, C/2], heat-map logits [P, (C/2)^2])."""
+        features = self.context(self.down(self.stem(crops)))
+        return features, self.head(features).flatten(1).float()
 
     def heads(
         self, crops: torch.Tensor, context: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """([P, (C/2)^2] heat-map logits, [P] on-a-nucleus logits, [P, K] class logits); the last two
         None without their heads. `context`: the context crops (`context_crops`) when configured."""
-        features = self.context(self.down(self.stem(crops)))
-        logits = self.head(features).flatten(1).float()
+        features, logits = self._heat_map(crops)
         if self.score is None and self.classify is None:
             return logits, None, None
         cells = features.flatten(2).float()  # [P, width, (C/2)^2]
@@ -167,10 +171,14 @@ class PointRefiner(nn.Module):
     def crops(self, image: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
         """image [N, 3, S, S], points [P, 2], image_index [P] -> [P, 3, C, C]: the window covering
         [floor(p) - C/2, floor(p) + C/2) on each axis (zeros beyond the image)."""
-        half = self.cfg.crop // 2
+        return self._windows(image, points, image_index, self.cfg.crop)
+
+    def _windows(self, image: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor, side: int) -> torch.Tensor:
+        """[P, 3, side, side]: the window [floor(p) - side/2, floor(p) + side/2) of each point."""
+        half = side // 2
         padded = F.pad(image, (half, half, half, half))
         origins = self.crop_origins(points, image.shape[-1])
-        return crop_windows(padded, origins, self.cfg.crop, image_index=image_index.long())
+        return crop_windows(padded, origins, side, image_index=image_index.long())
 
     def context_crops(
         self, image: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor
@@ -179,11 +187,7 @@ class PointRefiner(nn.Module):
         `crops`), average-pooled 2x; None when the heads read no context."""
         if self.context_net is None:
             return None
-        half = self.cfg.context_crop // 2
-        padded = F.pad(image, (half, half, half, half))
-        origins = self.crop_origins(points, image.shape[-1])
-        window = crop_windows(padded, origins, self.cfg.context_crop, image_index=image_index.long())
-        return F.avg_pool2d(window, 2)
+        return F.avg_pool2d(self._windows(image, points, image_index, self.cfg.context_crop), 2)
 
     def refine(
         self, image: torch.Tensor, points: torch.Tensor, image_index: Optional[torch.Tensor] = None

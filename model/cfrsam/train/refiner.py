@@ -219,10 +219,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--class-weights", default="balanced", help="'balanced' or K numbers (stage 1's rule)")
     parser.add_argument("--class-mixes", default="0.25,0.5,0.75,1", help="class weights w the report compares")
     parser.add_argument("--class-mix", type=float, default=0.0, help="the class weight w the attached refiner serves")
-    parser.add_argument("--context-crop", type=int, default=0, help="the heads also read this wider window (px)")
-    parser.add_argument("--context-width", type=int, default=PointRefinerConfig.context_width)
-    parser.add_argument("--head-branch", type=int, default=0, help="channels of a stride-2 branch for the heads")
-    parser.add_argument("--score-hidden", type=int, default=PointRefinerConfig.score_hidden)
+    # The heads' inputs and size (default: --init's, else PointRefinerConfig's).
+    parser.add_argument("--context-crop", type=int, help="the heads also read this wider window (px; 0: none)")
+    parser.add_argument("--context-width", type=int, help="channels of the context window's net")
+    parser.add_argument("--head-branch", type=int, help="channels of a stride-2 branch for the heads (0: none)")
+    parser.add_argument("--score-hidden", type=int, help="hidden units of the score and class heads")
     parser.add_argument(
         "--init", help="start from this refiner.pt (heads new or of another shape, and their inputs, start untrained)"
     )
@@ -471,14 +472,10 @@ def main(argv=None) -> int:
         refiner.load_state_dict(saved["state_dict"])
     else:
         init = torch.load(args.init, map_location="cpu", weights_only=False) if args.init else None
-        heads = {
-            "score_head": args.score_head,
-            "num_classes": model.config.num_classes if args.class_head else 0,
-            "context_crop": args.context_crop,
-            "context_width": args.context_width,
-            "head_branch": args.head_branch,
-            "score_hidden": args.score_hidden,
-        }
+        heads = {"score_head": args.score_head, "num_classes": model.config.num_classes if args.class_head else 0}
+        for key in ("context_crop", "context_width", "head_branch", "score_hidden"):
+            if getattr(args, key) is not None:
+                heads[key] = getattr(args, key)
         cfg = (
             PointRefinerConfig.from_dict(dict(init["config"], **heads))
             if init
