@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cfrsam.build import build_cfr_sam  # noqa: E402
 from cfrsam.inference import point_nms  # noqa: E402
 from cfrsam.metrics import pair_points  # noqa: E402
 from cfrsam.prompt_learner import decode_prompts  # noqa: E402
-from cfrsam.train import common  # noqa: E402
+from shared import model_and_tiles  # noqa: E402
 
 
 def main() -> int:
@@ -29,11 +29,8 @@ def main() -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("radii", nargs="*", type=float, default=[4, 6, 8, 12])
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    model = build_cfr_sam(None, checkpoint=common.read_init(args.checkpoint)).eval()
+    model, tiles = model_and_tiles(args.checkpoint, 1)
     size = model.config.input_size
-    sources = ",".join(map(str, common.DEFAULT_VAL_SOURCES))
-    tiles = common.validation_set(None, sources, 0, model.config.class_names, size)
     variants = [0.0, *args.radii]  # 0: the served points
     offsets = {r: [] for r in variants}
     counts = {r: [0, 0, 0] for r in variants}  # paired, predicted, ground truth

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cfrsam.build import build_cfr_sam  # noqa: E402
-from cfrsam.train import common  # noqa: E402
+from shared import model_and_tiles  # noqa: E402
 from cfrsam.train.stage2 import validate  # noqa: E402
 
 
@@ -30,10 +30,7 @@ def main() -> int:
     parser.add_argument("settings", nargs="+", help="K/R: negatives per prompt and their radius in px")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = build_cfr_sam(None, checkpoint=common.read_init(args.checkpoint)).eval()
-    sources = ",".join(map(str, common.DEFAULT_VAL_SOURCES))
-    tiles = common.validation_set(None, sources, 0, model.config.class_names, model.config.input_size)
+    model, tiles = model_and_tiles(args.checkpoint, args.threads)
     for setting in args.settings:
         count, radius = setting.split("/")
         started = time.time()

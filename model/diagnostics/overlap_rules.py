@@ -23,8 +23,8 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cfrsam.build import build_cfr_sam  # noqa: E402
 from cfrsam.inference import (  # noqa: E402
     MIN_AREA_PX,
     MIN_KEPT_FRACTION,
@@ -33,7 +33,7 @@ from cfrsam.inference import (  # noqa: E402
     resolve_overlaps,
 )
 from cfrsam.metrics import MetricAccumulator  # noqa: E402
-from cfrsam.train import common  # noqa: E402
+from shared import model_and_tiles  # noqa: E402
 
 
 @torch.no_grad()
@@ -138,11 +138,8 @@ def main() -> int:
     parser.add_argument("--rules", default="served,served+argmax,argmax")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = build_cfr_sam(None, checkpoint=common.read_init(args.checkpoint)).eval()
+    model, tiles = model_and_tiles(args.checkpoint, args.threads)
     served_threshold = model.config.mask_threshold
-    sources = ",".join(map(str, common.DEFAULT_VAL_SOURCES))
-    tiles = common.validation_set(None, sources, 0, model.config.class_names, model.config.input_size)
     rules = args.rules.split(",")
     acc = {r: MetricAccumulator(num_classes=model.config.num_classes, radius=12.0) for r in rules}
     started = time.time()

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cfrsam.build import build_cfr_sam  # noqa: E402
 from cfrsam.inference import point_nms, segment_tile  # noqa: E402
 from cfrsam.metrics import centroids, pair_points  # noqa: E402
 from cfrsam.prompt_learner.prompt_learner import decode_prompts  # noqa: E402
-from cfrsam.train import common  # noqa: E402
+from shared import model_and_tiles  # noqa: E402
 
 
 def main() -> int:
@@ -31,11 +31,8 @@ def main() -> int:
     parser.add_argument("--nms", type=float, default=12.0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = build_cfr_sam(None, checkpoint=common.read_init(args.checkpoint)).eval()
+    model, tiles = model_and_tiles(args.checkpoint, args.threads)
     refiner = model.point_refiner
-    sources = ",".join(map(str, common.DEFAULT_VAL_SOURCES))
-    tiles = common.validation_set(None, sources, 0, model.config.class_names, model.config.input_size)
     steps = ["fg>=0.1", "fg>=0.15", f"fg>={args.fg}", "nms", "refined", "bar+nms", "final"]
     paired = dict.fromkeys(steps, 0)
     counts = dict.fromkeys(steps, 0)

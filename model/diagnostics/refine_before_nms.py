@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cfrsam.inference as inference  # noqa: E402
-from cfrsam.build import build_cfr_sam  # noqa: E402
 from cfrsam.inference import mix_class_probabilities, point_nms  # noqa: E402
 from cfrsam.metrics import MetricAccumulator  # noqa: E402
 from cfrsam.prompt_learner.prompt_learner import decode_prompts  # noqa: E402
-from cfrsam.train import common  # noqa: E402
+from shared import model_and_tiles  # noqa: E402
 
 
 def detect_variant(pre, post, rank, counter, bars=None):
@@ -71,10 +71,7 @@ def main() -> int:
     parser.add_argument("--fg", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = build_cfr_sam(None, checkpoint=common.read_init(args.checkpoint)).eval()
-    sources = ",".join(map(str, common.DEFAULT_VAL_SOURCES))
-    tiles = common.validation_set(None, sources, 0, model.config.class_names, model.config.input_size)
+    model, tiles = model_and_tiles(args.checkpoint, args.threads)
     for setting in args.settings:
         pre, post, rank, *bars = setting.split(",")
         counter = {"refined": 0, "kept": 0}
