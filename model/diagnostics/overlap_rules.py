@@ -9,8 +9,9 @@ prompt's mask logits, and scores several rules on the same prompts:
 
 Rules: `served`; `argmax` (a contested pixel goes to the mask with the highest logit there, then
 each instance gets the served clean-up: holes filled, the component under its point, minimum
-area); `argmax-order` (argmax, then the served acceptance in score order on what argmax left each
-mask); `threshold=T` (the served rule at another logit threshold).
+area); `served+argmax` (the served rule picks the nuclei and their pixels, a pixel two kept masks
+claim goes to the higher logit); `threshold=T` (the served rule at another logit threshold);
+`size=A:T` (masks of at least A px at the served threshold thresholded at T).
 """
 
 import argparse
@@ -56,7 +57,7 @@ def decode_tile(model, image, fg, nms):
     return pts, classes, quality, logits, origins
 
 
-def argmax_rule(logits, origins, quality, pts, size, threshold, then_order):
+def argmax_rule(logits, origins, quality, pts, size, threshold):
     """A contested pixel goes to the mask with the highest logit; each instance then cleaned up."""
     h = w = size
     n, win = logits.shape[0], logits.shape[-1]
@@ -72,16 +73,6 @@ def argmax_rule(logits, origins, quality, pts, size, threshold, then_order):
         take = (win_logits > threshold) & (win_logits > region_best)
         region_best[take] = win_logits[take]
         owner[fy0:fy1, fx0:fx1][take] = i
-    # Each mask's share of the argmax, as a window mask, then the served acceptance.
-    own = np.zeros((n, win, win), dtype=bool)
-    for i in range(n):
-        x0, y0 = int(origins[i][0]), int(origins[i][1])
-        fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + win, w), min(y0 + win, h)
-        if fx1 <= fx0 or fy1 <= fy0:
-            continue
-        own[i][fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0] = owner[fy0:fy1, fx0:fx1] == i
-    if then_order:
-        return resolve_overlaps(own, origins, quality, pts, (h, w))
     labels = np.zeros((h, w), dtype=np.int32)
     accepted = []
     for i in np.argsort(-quality, kind="stable"):
@@ -167,10 +158,8 @@ def main() -> int:
                     pred, accepted = resolve_overlaps(masks, origins, quality, pts, (size, size))
                 elif rule == "served+argmax":
                     pred, accepted = served_then_argmax(logits, origins, quality, pts, size, served_threshold)
-                elif rule in ("argmax", "argmax-order"):
-                    pred, accepted = argmax_rule(
-                        logits, origins, quality, pts, size, served_threshold, rule == "argmax-order"
-                    )
+                elif rule == "argmax":
+                    pred, accepted = argmax_rule(logits, origins, quality, pts, size, served_threshold)
                 else:
                     raise SystemExit(f"unknown rule {rule}")
             acc[rule].add(gt, pred, gt_classes, {k + 1: int(classes[i]) for k, i in enumerate(accepted)})
