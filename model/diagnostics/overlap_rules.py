@@ -57,22 +57,29 @@ def decode_tile(model, image, fg, nms):
     return pts, classes, quality, logits, origins
 
 
-def argmax_rule(logits, origins, quality, pts, size, threshold):
-    """A contested pixel goes to the mask with the highest logit; each instance then cleaned up."""
-    h = w = size
-    n, win = logits.shape[0], logits.shape[-1]
-    best = np.full((h, w), -np.inf, dtype=np.float32)
-    owner = np.full((h, w), -1, dtype=np.int64)
-    for i in range(n):
+def logit_owner(logits, origins, indices, size, threshold):
+    """[size, size] map: at each pixel the position in `indices` of the window mask with the highest
+    logit above `threshold` there, -1 where none."""
+    win = logits.shape[-1]
+    best = np.full((size, size), -np.inf, dtype=np.float32)
+    owner = np.full((size, size), -1, dtype=np.int64)
+    for k, i in enumerate(indices):
         x0, y0 = int(origins[i][0]), int(origins[i][1])
-        fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + win, w), min(y0 + win, h)
+        fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + win, size), min(y0 + win, size)
         if fx1 <= fx0 or fy1 <= fy0:
             continue
         win_logits = logits[i][fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
         region_best = best[fy0:fy1, fx0:fx1]
         take = (win_logits > threshold) & (win_logits > region_best)
         region_best[take] = win_logits[take]
-        owner[fy0:fy1, fx0:fx1][take] = i
+        owner[fy0:fy1, fx0:fx1][take] = k
+    return owner
+
+
+def argmax_rule(logits, origins, quality, pts, size, threshold):
+    """A contested pixel goes to the mask with the highest logit; each instance then cleaned up."""
+    h = w = size
+    owner = logit_owner(logits, origins, range(len(logits)), size, threshold)
     labels = np.zeros((h, w), dtype=np.int32)
     accepted = []
     for i in np.argsort(-quality, kind="stable"):
@@ -96,17 +103,7 @@ def served_then_argmax(logits, origins, quality, pts, size, threshold):
     """The served rule decides which prompts become nuclei and which pixels are nucleus; within
     that foreground a pixel claimed by several kept masks goes to the one with the highest logit."""
     labels, accepted = resolve_overlaps(logits > threshold, origins, quality, pts, (size, size))
-    win = logits.shape[-1]
-    best = np.full((size, size), -np.inf, dtype=np.float32)
-    owner = np.zeros((size, size), dtype=np.int32)
-    for k, i in enumerate(accepted):
-        x0, y0 = int(origins[i][0]), int(origins[i][1])
-        fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + win, size), min(y0 + win, size)
-        win_logits = logits[i][fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
-        region_best = best[fy0:fy1, fx0:fx1]
-        take = (win_logits > threshold) & (win_logits > region_best)
-        region_best[take] = win_logits[take]
-        owner[fy0:fy1, fx0:fx1][take] = k + 1
+    owner = logit_owner(logits, origins, accepted, size, threshold) + 1  # 0: unclaimed, k + 1: accepted[k]
     owner[labels == 0] = 0
     # Pixels of the served foreground no kept mask claims above threshold keep their served label.
     unclaimed = (labels > 0) & (owner == 0)
