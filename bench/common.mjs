@@ -20,6 +20,16 @@ export function cpuSecondsOfPid(pid) {
   return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_S; // utime, stime (fields 14, 15)
 }
 
+/**
+ * The kernel's share of a process's work, from /proc/PID/stat (Linux): system CPU seconds and
+ * minor page faults (first touches of fresh memory, which cost the kernel a fault and a zeroed page each).
+ */
+export function kernelWorkOfPid(pid) {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { systemSeconds: Number(fields[12]) / TICKS_PER_S, minorFaults: Number(fields[7]) }; // stime (15), minflt (10)
+}
+
 /** Peak resident memory (MB) of a live process, from /proc/PID/status (Linux); null when gone. */
 export function peakRssMb(pid) {
   try {

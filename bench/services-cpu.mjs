@@ -1,6 +1,7 @@
-// Cold 1000 x 1000 images through the four services, one at a time: the latency and the CPU time
-// per image of every process (from /proc), optionally with a CPU profile or a GC trace of some of
-// them. Prints numbers; nothing is asserted. For an A/B of a change in one package, run it with the
+// Cold 1000 x 1000 images through the four services, one at a time: the latency, the CPU time per
+// image of every process and the kernel's part of it (system CPU and minor page faults; all from
+// /proc), optionally with a CPU profile or a GC trace of some of them. Prints numbers; nothing is
+// asserted. For an A/B of a change in one package, run it with the
 // two builds of that package's dist/ in turn, several times alternating (the machine drifts).
 //
 //   npm run build && node bench/services-cpu.mjs [--images 5] [--profile gateway,decoder-0] [--trace-gc gateway]
@@ -13,7 +14,7 @@
 // each profiled process (open them in Chrome's DevTools, or sum self time per function).
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { coldCopy, cpuSecondsOfPid, loadRgb, peakRssMb, png, root, startServices } from './common.mjs';
+import { coldCopy, cpuSecondsOfPid, kernelWorkOfPid, loadRgb, peakRssMb, png, root, startServices } from './common.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -46,6 +47,7 @@ const { stack, segment, stop } = await startServices(args.bundle, {
 });
 
 const cpuByProcess = () => Object.fromEntries(stack.processes.map((p) => [p.name, cpuSecondsOfPid(p.child.pid)]));
+const kernelByProcess = () => Object.fromEntries(stack.processes.map((p) => [p.name, kernelWorkOfPid(p.child.pid)]));
 
 try {
   const { rgb, source } = await loadRgb(path.resolve(args.data, args.image), SIZE);
@@ -53,10 +55,12 @@ try {
   for (let k = 0; k <= IMAGES; k++) images.push(await png(coldCopy(rgb, SIZE, 900 + k), SIZE));
   await segment(images[0]); // warm-up: graphs loaded, connections open
   const before = cpuByProcess();
+  const kernelBefore = kernelByProcess();
   const t = performance.now();
   for (let k = 1; k <= IMAGES; k++) await segment(images[k]);
   const latency = (performance.now() - t) / IMAGES;
   const after = cpuByProcess();
+  const kernelAfter = kernelByProcess();
   const perImage = Object.entries(after).map(([name, s]) => [name, ((s - before[name]) * 1000) / IMAGES]);
   const total = perImage.reduce((a, [, ms]) => a + ms, 0);
   console.log(`${source}: ${IMAGES} cold ${SIZE}x${SIZE} images, one at a time, after one warm-up`);
@@ -64,6 +68,12 @@ try {
   console.log(
     `latency ${latency.toFixed(0)} ms per image; peak RSS (MB) ${rss}; CPU per image ${total.toFixed(0)} ms: ${perImage.map(([n, ms]) => `${n} ${ms.toFixed(0)}`).join(', ')}`,
   );
+  const kernel = Object.keys(kernelAfter).map((name) => {
+    const systemMs = ((kernelAfter[name].systemSeconds - kernelBefore[name].systemSeconds) * 1000) / IMAGES;
+    const faults = (kernelAfter[name].minorFaults - kernelBefore[name].minorFaults) / IMAGES;
+    return `${name} ${systemMs.toFixed(0)} ms, ${faults.toFixed(0)} faults`;
+  });
+  console.log(`kernel work per image (system CPU, minor page faults): ${kernel.join('; ')}`);
 } finally {
   await stop();
 }
