@@ -13,7 +13,6 @@ source image too. Each setting is `views,radius`; the learner's cost grows with 
     cd model && python3 diagnostics/flip_tta.py ../models/tiny h,4 h,6 hv,6
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cfrsam.inference as inference  # noqa: E402
-from cfrsam.metrics import MetricAccumulator  # noqa: E402
-from shared import model_and_tiles  # noqa: E402
+from shared import SettingScores, model_and_tiles, settings_parser  # noqa: E402
 
 VIEWS = {
     "id": [(False, False)],
@@ -95,14 +93,7 @@ def tta_detect(detect, views, radius, classes):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
-    parser.add_argument("settings", nargs="+")
-    parser.add_argument("--fg", type=float, default=0.25, help="the served prompter threshold")
-    parser.add_argument("--nms", type=float, default=12.0, help="the served prompter NMS radius")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=0, help="first N tiles only (a quick check)")
-    args = parser.parse_args()
+    args = settings_parser(__doc__).parse_args()
     model, tiles = model_and_tiles(args.checkpoint, args.threads)
     served_detect = model.detect
     K = model.config.num_classes
@@ -113,29 +104,12 @@ def main() -> int:
         else:
             views, radius = setting.split(",")
             model.detect = tta_detect(served_detect, VIEWS[views], float(radius), K)
-        acc = MetricAccumulator(num_classes=K, radius=12.0)
-        per_source = {}
+        scores = SettingScores(K)
         started = time.time()
         for idx in range(count):
             item = tiles[idx]
-            image = item["image"][None]
-            gt = item["instances"].numpy()
-            gt_classes = {i + 1: int(c) for i, c in enumerate(item["classes"].tolist())}
-            pred, pred_classes = inference.segment_tile(model, image, args.fg, args.nms)
-            acc.add(gt, pred, gt_classes, pred_classes)
-            source = item["name"].rsplit("_", 1)[0]
-            per_source.setdefault(source, MetricAccumulator(num_classes=K, radius=12.0)).add(
-                gt, pred, gt_classes, pred_classes
-            )
-        s = acc.summary()
-        keys = ("bpq", "aji", "mpq", "det_f1", "det_precision", "det_recall")
-        print(
-            f"{setting:8s} " + " ".join(f"{k}={s[k]:.4f}" for k in keys) + f" ({time.time() - started:.0f} s)",
-            flush=True,
-        )
-        for src, a in sorted(per_source.items()):
-            t = a.summary()
-            print(f"  {src:24s} " + " ".join(f"{k}={t[k]:.4f}" for k in ("bpq", "aji", "det_f1")), flush=True)
+            scores.add(item, *inference.segment_tile(model, item["image"][None], args.fg, args.nms))
+        scores.print(setting, f" ({time.time() - started:.0f} s)")
     return 0
 
 

@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cfrsam.inference as inference  # noqa: E402
 from cfrsam.inference import mix_class_probabilities, point_nms  # noqa: E402
-from cfrsam.metrics import MetricAccumulator  # noqa: E402
 from cfrsam.prompt_learner.prompt_learner import decode_prompts  # noqa: E402
-from shared import model_and_tiles  # noqa: E402
+from shared import SettingScores, model_and_tiles  # noqa: E402
 
 
 def detect_variant(pre, post, rank, counter, bars=None):
@@ -77,30 +76,12 @@ def main() -> int:
         counter = {"refined": 0, "kept": 0}
         bars = [float(b) for b in bars] or None
         inference.detect_points = detect_variant(float(pre), float(post), rank, counter, bars)
-        acc = MetricAccumulator(num_classes=model.config.num_classes, radius=12.0)
-        per_source = {}
+        scores = SettingScores(model.config.num_classes)
         started = time.time()
         for idx in range(len(tiles)):
             item = tiles[idx]
-            image = item["image"][None]
-            gt = item["instances"].numpy()
-            gt_classes = {i + 1: int(c) for i, c in enumerate(item["classes"].tolist())}
-            pred, pred_classes = inference.segment_tile(model, image, args.fg, 0.0)
-            acc.add(gt, pred, gt_classes, pred_classes)
-            source = per_source.setdefault(
-                item["name"].rsplit("_", 1)[0], MetricAccumulator(num_classes=model.config.num_classes, radius=12.0)
-            )
-            source.add(gt, pred, gt_classes, pred_classes)
-        s = acc.summary()
-        figures = " ".join(f"{k}={s[k]:.4f}" for k in ("bpq", "aji", "mpq", "det_f1", "det_precision", "det_recall"))
-        print(
-            f"{setting:12s} {figures} refined={counter['refined']} kept={counter['kept']} "
-            f"({time.time() - started:.0f} s)",
-            flush=True,
-        )
-        for name, source in sorted(per_source.items()):
-            t = source.summary()
-            print(f"  {name:24s} " + " ".join(f"{k}={t[k]:.4f}" for k in ("bpq", "aji", "det_f1")), flush=True)
+            scores.add(item, *inference.segment_tile(model, item["image"][None], args.fg, 0.0))
+        scores.print(setting, f" refined={counter['refined']} kept={counter['kept']} ({time.time() - started:.0f} s)")
     return 0
 
 

@@ -13,7 +13,6 @@ image too, and the extra prompts counted (the decoder's cost grows with them).
     cd model && python3 diagnostics/second_pass.py ../runs/ship.pt "0.25,0.4,8,12" "0.15,0.5,8,12"
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cfrsam.inference import detect_points, mix_class_probabilities, point_nms, resolve_overlaps  # noqa: E402
-from cfrsam.metrics import MetricAccumulator  # noqa: E402
 from cfrsam.prompt_learner.prompt_learner import decode_prompts  # noqa: E402
-from shared import model_and_tiles  # noqa: E402
+from shared import SettingScores, model_and_tiles, settings_parser  # noqa: E402
 
 
 @torch.no_grad()
@@ -64,21 +62,13 @@ def candidates(model, image, fg):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
-    parser.add_argument("settings", nargs="+")
-    parser.add_argument("--fg", type=float, default=0.25, help="the served prompter threshold")
-    parser.add_argument("--nms", type=float, default=12.0, help="the served prompter NMS radius")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=0, help="first N tiles only (a quick check)")
-    args = parser.parse_args()
+    args = settings_parser(__doc__).parse_args()
     model, tiles = model_and_tiles(args.checkpoint, args.threads)
     threshold = model.config.mask_threshold
     settings = [tuple(float(v) for v in s.split(",")) for s in args.settings]
     names = ["served"] + args.settings
     K = model.config.num_classes
-    acc = {n: MetricAccumulator(num_classes=K, radius=12.0) for n in names}
-    per_source = {n: {} for n in names}
+    scores = {n: SettingScores(K) for n in names}
     extra = dict.fromkeys(names, 0)
     first_prompts = 0
     started = time.time()
@@ -87,9 +77,6 @@ def main() -> int:
         item = tiles[idx]
         image = item["image"][None]
         size = image.shape[-1]
-        gt = item["instances"].numpy()
-        gt_classes = {i + 1: int(c) for i, c in enumerate(item["classes"].tolist())}
-        source = item["name"].rsplit("_", 1)[0]
         with torch.no_grad():
             prepared = model.prepare(model.encode(image), image)
         pts1, cls1, sc1, _ = detect_points(model, image, args.fg, args.nms)
@@ -137,18 +124,10 @@ def main() -> int:
             labels, accepted = resolve_overlaps(masks, origins, quality, prompts, (size, size))
             results[name] = (labels, {k + 1: int(classes[i]) for k, i in enumerate(accepted)})
         for name, (pred, pred_classes) in results.items():
-            acc[name].add(gt, pred, gt_classes, pred_classes)
-            per_source[name].setdefault(source, MetricAccumulator(num_classes=K, radius=12.0)).add(
-                gt, pred, gt_classes, pred_classes
-            )
+            scores[name].add(item, pred, pred_classes)
     print(f"{count} tiles, {first_prompts} first-pass prompts ({time.time() - started:.0f} s)")
-    keys = ("bpq", "aji", "mpq", "det_f1", "det_precision", "det_recall")
     for name in names:
-        s = acc[name].summary()
-        print(f"{name:18s} " + " ".join(f"{k}={s[k]:.4f}" for k in keys) + f" extra_prompts={extra[name]}", flush=True)
-        for src, a in sorted(per_source[name].items()):
-            t = a.summary()
-            print(f"  {src:24s} " + " ".join(f"{k}={t[k]:.4f}" for k in ("bpq", "aji", "det_f1")))
+        scores[name].print(name, f" extra_prompts={extra[name]}")
     return 0
 
 

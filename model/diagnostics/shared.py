@@ -1,6 +1,8 @@
 """What every diagnostic here starts from: a model from a checkpoint (or bundle) and the 80 held-out
-CoNSeP validation tiles the training commands validate on."""
+CoNSeP validation tiles the training commands validate on; the arguments and score lines of those
+that compare serving settings."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cfrsam.build import build_cfr_sam  # noqa: E402
+from cfrsam.metrics import MetricAccumulator  # noqa: E402
 from cfrsam.train import common  # noqa: E402
 
 
@@ -19,3 +22,44 @@ def model_and_tiles(checkpoint: str, threads: int):
     sources = ",".join(map(str, common.DEFAULT_VAL_SOURCES))
     tiles = common.validation_set(None, sources, 0, model.config.class_names, model.config.input_size)
     return model, tiles
+
+
+SCORES = ("bpq", "aji", "mpq", "det_f1", "det_precision", "det_recall")
+SOURCE_SCORES = ("bpq", "aji", "det_f1")
+
+
+def settings_parser(doc: str) -> argparse.ArgumentParser:
+    """checkpoint, settings..., and the served prompter's threshold and NMS radius, threads, --limit."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("settings", nargs="+")
+    parser.add_argument("--fg", type=float, default=0.25, help="the served prompter threshold")
+    parser.add_argument("--nms", type=float, default=12.0, help="the served prompter NMS radius")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=0, help="first N tiles only (a quick check)")
+    return parser
+
+
+class SettingScores:
+    """One setting's scores over the tiles, overall and per source image (CoNSeP's train_N)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.overall = MetricAccumulator(num_classes=num_classes, radius=12.0)
+        self.per_source = {}
+
+    def add(self, item, pred, pred_classes) -> None:
+        gt = item["instances"].numpy()
+        gt_classes = {i + 1: int(c) for i, c in enumerate(item["classes"].tolist())}
+        source = item["name"].rsplit("_", 1)[0]
+        self.overall.add(gt, pred, gt_classes, pred_classes)
+        if source not in self.per_source:
+            self.per_source[source] = MetricAccumulator(num_classes=self.num_classes, radius=12.0)
+        self.per_source[source].add(gt, pred, gt_classes, pred_classes)
+
+    def print(self, label: str, suffix: str = "") -> None:
+        s = self.overall.summary()
+        print(f"{label:18s} " + " ".join(f"{k}={s[k]:.4f}" for k in SCORES) + suffix, flush=True)
+        for source, acc in sorted(self.per_source.items()):
+            t = acc.summary()
+            print(f"  {source:24s} " + " ".join(f"{k}={t[k]:.4f}" for k in SOURCE_SCORES), flush=True)
