@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cfrsam.inference as inference  # noqa: E402
-from shared import SettingScores, model_and_tiles, settings_parser  # noqa: E402
+from shared import SettingScores, first_tiles, model_and_tiles, settings_parser  # noqa: E402
 
 VIEWS = {
     "id": [(False, False)],
@@ -97,7 +97,7 @@ def main() -> int:
     model, tiles = model_and_tiles(args.checkpoint, args.threads)
     served_detect = model.detect
     K = model.config.num_classes
-    count = len(tiles) if args.limit <= 0 else min(args.limit, len(tiles))
+    items = first_tiles(tiles, args.limit)
     for setting in ["served"] + args.settings:
         if setting == "served":
             model.detect = served_detect
@@ -106,8 +106,7 @@ def main() -> int:
             model.detect = tta_detect(served_detect, VIEWS[views], float(radius), K)
         scores = SettingScores(K)
         started = time.time()
-        for idx in range(count):
-            item = tiles[idx]
+        for item in items:
             scores.add(item, *inference.segment_tile(model, item["image"][None], args.fg, args.nms))
         scores.print(setting, f" ({time.time() - started:.0f} s)")
     return 0

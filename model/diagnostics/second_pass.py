@@ -25,21 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cfrsam.inference import detect_points, mix_class_probabilities, point_nms, resolve_overlaps  # noqa: E402
 from cfrsam.prompt_learner.prompt_learner import decode_prompts  # noqa: E402
-from shared import SettingScores, model_and_tiles, settings_parser  # noqa: E402
-
-
-@torch.no_grad()
-def decode(model, prepared, points, threshold, batch=64):
-    """Window masks [N, W, W] bool, origins [N, 2] and predicted IoUs [N] for single-point prompts."""
-    masks, origins, ious = [], [], []
-    for start in range(0, len(points), batch):
-        coords = torch.from_numpy(points[start : start + batch, None, :]).float()
-        labels = torch.ones(coords.shape[:2])
-        logits, origin, iou, _, _ = model.decode_prompts(*prepared, coords, labels)
-        masks.append((logits > threshold).numpy())
-        origins.append(origin.numpy())
-        ious.append(iou.float().numpy())
-    return np.concatenate(masks), np.concatenate(origins), np.concatenate(ious)
+from shared import (
+    SettingScores,
+    decode_points,
+    first_tiles,
+    model_and_tiles,
+    print_settings,
+    settings_parser,
+)  # noqa: E402
 
 
 @torch.no_grad()
@@ -72,9 +65,8 @@ def main() -> int:
     extra = dict.fromkeys(names, 0)
     first_prompts = 0
     started = time.time()
-    count = len(tiles) if args.limit <= 0 else min(args.limit, len(tiles))
-    for idx in range(count):
-        item = tiles[idx]
+    items = first_tiles(tiles, args.limit)
+    for item in items:
         image = item["image"][None]
         size = image.shape[-1]
         with torch.no_grad():
@@ -83,7 +75,7 @@ def main() -> int:
         first_prompts += len(pts1)
         pts1 = np.clip(pts1, 0, size - 1e-3).astype(np.float32).reshape(-1, 2)
         if len(pts1):
-            m1, o1, iou1 = decode(model, prepared, pts1, threshold)
+            m1, o1, iou1, _ = decode_points(model, prepared, pts1, threshold)
             q1 = np.clip(np.nan_to_num(iou1, nan=0.0), 0, 1) * sc1
             labels1, acc1 = resolve_overlaps(m1, o1, q1, pts1, (size, size))
         else:
@@ -108,7 +100,7 @@ def main() -> int:
             if len(chosen) == 0:
                 results[name] = results["served"]
                 continue
-            m2, o2, iou2 = decode(model, prepared, pts[chosen], threshold)
+            m2, o2, iou2, _ = decode_points(model, prepared, pts[chosen], threshold)
             confident = np.flatnonzero(np.nan_to_num(iou2, nan=0.0) >= min_iou)
             chosen, m2, o2, iou2 = chosen[confident], m2[confident], o2[confident], iou2[confident]
             q2 = np.clip(np.nan_to_num(iou2, nan=0.0), 0, 1) * sc[chosen]
@@ -125,9 +117,8 @@ def main() -> int:
             results[name] = (labels, {k + 1: int(classes[i]) for k, i in enumerate(accepted)})
         for name, (pred, pred_classes) in results.items():
             scores[name].add(item, pred, pred_classes)
-    print(f"{count} tiles, {first_prompts} first-pass prompts ({time.time() - started:.0f} s)")
-    for name in names:
-        scores[name].print(name, f" extra_prompts={extra[name]}")
+    print(f"{len(items)} tiles, {first_prompts} first-pass prompts ({time.time() - started:.0f} s)")
+    print_settings(scores, {name: f" extra_prompts={n}" for name, n in extra.items()})
     return 0
 
 

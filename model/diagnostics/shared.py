@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +27,11 @@ def model_and_tiles(checkpoint: str, threads: int):
 
 SCORES = ("bpq", "aji", "mpq", "det_f1", "det_precision", "det_recall")
 SOURCE_SCORES = ("bpq", "aji", "det_f1")
+
+
+def first_tiles(tiles, limit: int):
+    """The validation items to score: all of them, or the first `limit` when it is positive."""
+    return [tiles[i] for i in range(len(tiles) if limit <= 0 else min(limit, len(tiles)))]
 
 
 def settings_parser(doc: str) -> argparse.ArgumentParser:
@@ -63,3 +69,29 @@ class SettingScores:
         for source, acc in sorted(self.per_source.items()):
             t = acc.summary()
             print(f"  {source:24s} " + " ".join(f"{k}={t[k]:.4f}" for k in SOURCE_SCORES), flush=True)
+
+
+@torch.no_grad()
+def decode_points(model, prepared, points, threshold, batch=64):
+    """Single-point prompts [N, 2] decoded against a prepared tile: window masks [N, W, W] bool,
+    origins [N, 2], predicted IoUs [N] and mean probabilities [N] over each mask's pixels (0 for an
+    empty mask), as the decoder service returns them."""
+    masks, origins, ious, probs = [], [], [], []
+    for start in range(0, len(points), batch):
+        coords = torch.from_numpy(points[start : start + batch, None, :]).float()
+        labels = torch.ones(coords.shape[:2])
+        logits, origin, iou, _, _ = model.decode_prompts(*prepared, coords, labels)
+        logits = logits.float().reshape(len(coords), *logits.shape[-2:])
+        mask = logits > threshold
+        area = mask.sum((-1, -2)).clamp_min(1)
+        probs.append(((torch.sigmoid(logits) * mask).sum((-1, -2)) / area).numpy())
+        masks.append(mask.numpy())
+        origins.append(origin.numpy())
+        ious.append(iou.float().numpy())
+    return np.concatenate(masks), np.concatenate(origins), np.concatenate(ious), np.concatenate(probs)
+
+
+def print_settings(scores, suffixes) -> None:
+    """Each setting's SettingScores lines, in order, with its suffix (e.g. what it cost)."""
+    for name, setting_scores in scores.items():
+        setting_scores.print(name, suffixes.get(name, ""))
