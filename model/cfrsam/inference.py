@@ -181,6 +181,18 @@ def negative_prompts(points: np.ndarray, count: int, radius: float) -> Tuple[np.
 
 
 @torch.no_grad()
+def decode_batches(model, prepared, coords: np.ndarray, labels: np.ndarray, batch: int = 64, device="cpu"):
+    """The decoder on a prepared tile's prompts, `batch` at a time (coords [P, N, 2], labels [P, N]):
+    yields (mask logits [n, W, W] float32, window origins [n, 2], predicted IoUs [n]) as numpy arrays,
+    in prompt order. Callers threshold or keep the logits batch by batch."""
+    for start in range(0, len(coords), batch):
+        point_coords = torch.from_numpy(coords[start : start + batch]).float().to(device)
+        point_labels = torch.from_numpy(labels[start : start + batch]).float().to(device)
+        mask_logits, origin, iou, _, _ = model.decode_prompts(*prepared, point_coords, point_labels)
+        yield mask_logits.float().cpu().numpy(), origin.cpu().numpy(), iou.float().cpu().numpy()
+
+
+@torch.no_grad()
 def segment_tile(
     model,
     image: torch.Tensor,
@@ -217,13 +229,10 @@ def segment_tile(
     prepared = model.prepare(model.encode(image), image)
     all_coords, all_labels = negative_prompts(np.clip(pts, 0, size - 1e-3), negatives, negative_radius)
     masks, origins, ious = [], [], []
-    for start in range(0, len(pts), batch):
-        coords = torch.from_numpy(all_coords[start : start + batch]).float().to(device)
-        point_labels = torch.from_numpy(all_labels[start : start + batch]).float().to(device)
-        mask_logits, origin, iou, _, _ = model.decode_prompts(*prepared, coords, point_labels)
-        masks.append((mask_logits > mask_threshold).cpu().numpy())
-        origins.append(origin.cpu().numpy())
-        ious.append(iou.float().cpu().numpy())
+    for mask_logits, origin, iou in decode_batches(model, prepared, all_coords, all_labels, batch, device):
+        masks.append(mask_logits > mask_threshold)
+        origins.append(origin)
+        ious.append(iou)
     masks, origins, ious = np.concatenate(masks), np.concatenate(origins), np.concatenate(ious)
     quality = np.clip(np.nan_to_num(ious, nan=0.0), 0, 1) * scores
     labels, accepted = resolve_overlaps(masks, origins, quality, pts, (size, size), min_kept_fraction, min_area_px)

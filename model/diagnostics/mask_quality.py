@@ -15,20 +15,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cfrsam.inference import detect_points, resolve_overlaps  # noqa: E402
-from shared import (
-    SettingScores,
-    decode_points,
-    first_tiles,
-    model_and_tiles,
-    print_settings,
-    settings_parser,
-)  # noqa: E402
+from cfrsam.inference import resolve_overlaps  # noqa: E402
+from shared import SettingScores, first_tiles, model_and_tiles, served_tile, settings_parser  # noqa: E402
 
 
 def main() -> int:
@@ -43,15 +35,14 @@ def main() -> int:
     for item in items:
         image = item["image"][None]
         size = image.shape[-1]
-        pts, classes, class_scores, _ = detect_points(model, image, args.fg, args.nms)
-        pts = np.clip(pts, 0, size - 1e-3).astype(np.float32).reshape(-1, 2)
+        pts, classes, class_scores, _, logits, origins, ious = served_tile(model, image, args.fg, args.nms)
         if len(pts) == 0:
             for name in names:
                 scores[name].add(item, np.zeros((size, size), np.int32), {})
             continue
-        with torch.no_grad():
-            prepared = model.prepare(model.encode(image), image)
-        masks, origins, ious, mean_probs = decode_points(model, prepared, pts, threshold)
+        masks = logits > threshold
+        # The decoder service's mean_probability: the mean sigmoid over the mask's pixels, 0 when empty.
+        mean_probs = (masks / (1 + np.exp(-logits))).sum((1, 2)) / np.maximum(masks.sum((1, 2)), 1)
         iou = np.nan_to_num(ious, nan=0.0)
         ranking = np.clip(iou, 0, 1) * class_scores
         quality = {"iou": iou, "prob": mean_probs, "score": ranking}
@@ -64,7 +55,8 @@ def main() -> int:
             labels, accepted = resolve_overlaps(masks[keep], origins[keep], ranking[keep], pts[keep], (size, size))
             scores[name].add(item, labels, {k + 1: int(classes[keep][i]) for k, i in enumerate(accepted)})
     print(f"{len(items)} tiles ({time.time() - started:.0f} s)")
-    print_settings(scores, {name: f" dropped={n}" for name, n in dropped.items()})
+    for name in names:
+        scores[name].print(name, f" dropped={dropped[name]}")
     return 0
 
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,30 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cfrsam.inference import (  # noqa: E402
     MIN_AREA_PX,
     MIN_KEPT_FRACTION,
-    detect_points,
     keep_component,
     resolve_overlaps,
 )
-from cfrsam.metrics import MetricAccumulator  # noqa: E402
-from shared import model_and_tiles  # noqa: E402
+from shared import SettingScores, model_and_tiles, served_tile  # noqa: E402
 
 
-@torch.no_grad()
 def decode_tile(model, image, fg, nms):
-    size = image.shape[-1]
-    pts, classes, scores, _ = detect_points(model, image, fg, nms)
+    """The served prompts' (points, classes, ranking score, mask logits, origins), None when none."""
+    pts, classes, scores, _, logits, origins, ious = served_tile(model, image, fg, nms)
     if len(pts) == 0:
         return None
-    prepared = model.prepare(model.encode(image), image)
-    coords = torch.from_numpy(np.clip(pts, 0, size - 1e-3)[:, None, :]).float()
-    labels = torch.ones(len(pts), 1)
-    logits, origins, ious = [], [], []
-    for s in range(0, len(pts), 64):
-        m, o, iou, _, _ = model.decode_prompts(*prepared, coords[s : s + 64], labels[s : s + 64])
-        logits.append(m.float().numpy())
-        origins.append(o.numpy())
-        ious.append(iou.float().numpy())
-    logits, origins, ious = np.concatenate(logits), np.concatenate(origins), np.concatenate(ious)
     quality = np.clip(np.nan_to_num(ious, nan=0.0), 0, 1) * scores
     return pts, classes, quality, logits, origins
 
@@ -129,14 +115,12 @@ def main() -> int:
     model, tiles = model_and_tiles(args.checkpoint, args.threads)
     served_threshold = model.config.mask_threshold
     rules = args.rules.split(",")
-    acc = {r: MetricAccumulator(num_classes=model.config.num_classes, radius=12.0) for r in rules}
+    scores = {r: SettingScores(model.config.num_classes) for r in rules}
     started = time.time()
     for idx in range(len(tiles)):
         item = tiles[idx]
         image = item["image"][None]
         size = image.shape[-1]
-        gt = item["instances"].numpy()
-        gt_classes = {i + 1: int(c) for i, c in enumerate(item["classes"].tolist())}
         decoded = decode_tile(model, image, args.fg, args.nms)
         for rule in rules:
             if decoded is None:
@@ -159,11 +143,9 @@ def main() -> int:
                     pred, accepted = argmax_rule(logits, origins, quality, pts, size, served_threshold)
                 else:
                     raise SystemExit(f"unknown rule {rule}")
-            acc[rule].add(gt, pred, gt_classes, {k + 1: int(classes[i]) for k, i in enumerate(accepted)})
+            scores[rule].add(item, pred, {k + 1: int(classes[i]) for k, i in enumerate(accepted)})
     for rule in rules:
-        s = acc[rule].summary()
-        figures = " ".join(f"{k}={s[k]:.4f}" for k in ("bpq", "aji", "mpq", "det_f1", "det_precision", "det_recall"))
-        print(f"{rule:16s} {figures}", flush=True)
+        scores[rule].print(rule)
     print(f"({time.time() - started:.0f} s, mask threshold served {served_threshold})")
     return 0
 

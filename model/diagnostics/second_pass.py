@@ -23,14 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cfrsam.inference import detect_points, mix_class_probabilities, point_nms, resolve_overlaps  # noqa: E402
+from cfrsam.inference import mix_class_probabilities, point_nms, resolve_overlaps  # noqa: E402
 from cfrsam.prompt_learner.prompt_learner import decode_prompts  # noqa: E402
 from shared import (
     SettingScores,
     decode_points,
     first_tiles,
     model_and_tiles,
-    print_settings,
+    served_tile,
     settings_parser,
 )  # noqa: E402
 
@@ -69,13 +69,10 @@ def main() -> int:
     for item in items:
         image = item["image"][None]
         size = image.shape[-1]
-        with torch.no_grad():
-            prepared = model.prepare(model.encode(image), image)
-        pts1, cls1, sc1, _ = detect_points(model, image, args.fg, args.nms)
+        pts1, cls1, sc1, prepared, logits1, o1, iou1 = served_tile(model, image, args.fg, args.nms)
         first_prompts += len(pts1)
-        pts1 = np.clip(pts1, 0, size - 1e-3).astype(np.float32).reshape(-1, 2)
         if len(pts1):
-            m1, o1, iou1, _ = decode_points(model, prepared, pts1, threshold)
+            m1 = logits1 > threshold
             q1 = np.clip(np.nan_to_num(iou1, nan=0.0), 0, 1) * sc1
             labels1, acc1 = resolve_overlaps(m1, o1, q1, pts1, (size, size))
         else:
@@ -100,7 +97,8 @@ def main() -> int:
             if len(chosen) == 0:
                 results[name] = results["served"]
                 continue
-            m2, o2, iou2, _ = decode_points(model, prepared, pts[chosen], threshold)
+            logits2, o2, iou2 = decode_points(model, prepared, pts[chosen])
+            m2 = logits2 > threshold
             confident = np.flatnonzero(np.nan_to_num(iou2, nan=0.0) >= min_iou)
             chosen, m2, o2, iou2 = chosen[confident], m2[confident], o2[confident], iou2[confident]
             q2 = np.clip(np.nan_to_num(iou2, nan=0.0), 0, 1) * sc[chosen]
@@ -118,7 +116,8 @@ def main() -> int:
         for name, (pred, pred_classes) in results.items():
             scores[name].add(item, pred, pred_classes)
     print(f"{len(items)} tiles, {first_prompts} first-pass prompts ({time.time() - started:.0f} s)")
-    print_settings(scores, {name: f" extra_prompts={n}" for name, n in extra.items()})
+    for name in names:
+        scores[name].print(name, f" extra_prompts={extra[name]}")
     return 0
 
 

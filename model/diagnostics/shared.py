@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cfrsam.build import build_cfr_sam  # noqa: E402
+from cfrsam.inference import decode_batches, detect_points  # noqa: E402
 from cfrsam.metrics import MetricAccumulator  # noqa: E402
 from cfrsam.train import common  # noqa: E402
 
@@ -71,27 +72,23 @@ class SettingScores:
             print(f"  {source:24s} " + " ".join(f"{k}={t[k]:.4f}" for k in SOURCE_SCORES), flush=True)
 
 
+def decode_points(model, prepared, points):
+    """Single-point prompts [N, 2] decoded against a prepared tile: (mask logits [N, W, W], window
+    origins [N, 2], predicted IoUs [N])."""
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    batches = list(decode_batches(model, prepared, points[:, None, :], np.ones((len(points), 1), np.float32)))
+    return tuple(np.concatenate(parts) for parts in zip(*batches))
+
+
 @torch.no_grad()
-def decode_points(model, prepared, points, threshold, batch=64):
-    """Single-point prompts [N, 2] decoded against a prepared tile: window masks [N, W, W] bool,
-    origins [N, 2], predicted IoUs [N] and mean probabilities [N] over each mask's pixels (0 for an
-    empty mask), as the decoder service returns them."""
-    masks, origins, ious, probs = [], [], [], []
-    for start in range(0, len(points), batch):
-        coords = torch.from_numpy(points[start : start + batch, None, :]).float()
-        labels = torch.ones(coords.shape[:2])
-        logits, origin, iou, _, _ = model.decode_prompts(*prepared, coords, labels)
-        logits = logits.float().reshape(len(coords), *logits.shape[-2:])
-        mask = logits > threshold
-        area = mask.sum((-1, -2)).clamp_min(1)
-        probs.append(((torch.sigmoid(logits) * mask).sum((-1, -2)) / area).numpy())
-        masks.append(mask.numpy())
-        origins.append(origin.numpy())
-        ious.append(iou.float().numpy())
-    return np.concatenate(masks), np.concatenate(origins), np.concatenate(ious), np.concatenate(probs)
-
-
-def print_settings(scores, suffixes) -> None:
-    """Each setting's SettingScores lines, in order, with its suffix (e.g. what it cost)."""
-    for name, setting_scores in scores.items():
-        setting_scores.print(name, suffixes.get(name, ""))
+def served_tile(model, image, fg: float, nms: float):
+    """The served pipeline's prompts for one tile and their decoded masks: (points [N, 2] as the
+    decoder takes them, classes [N], class confidences [N], prepared tile, mask logits [N, W, W],
+    window origins [N, 2], predicted IoUs [N]); the last three None when the prompter finds nothing."""
+    size = image.shape[-1]
+    pts, classes, class_scores, _ = detect_points(model, image, fg, nms)
+    pts = np.clip(pts, 0, size - 1e-3).astype(np.float32).reshape(-1, 2)
+    prepared = model.prepare(model.encode(image), image)
+    if len(pts) == 0:
+        return pts, classes, class_scores, prepared, None, None, None
+    return (pts, classes, class_scores, prepared) + decode_points(model, prepared, pts)
