@@ -22,7 +22,7 @@ import {
   unary,
   type RunningServer,
 } from '@cfrsam/rpc';
-import { freePort, makeTestCertificates } from '@cfrsam/testing';
+import { makeTestCertificates } from '@cfrsam/testing';
 import { startGateway, type RunningGateway } from '../services/gateway/dist/server';
 import { checkHealth } from '../services/gateway/dist/cli/stack';
 import { startTestStack, type TestStack } from './stack';
@@ -36,7 +36,7 @@ let dir: string;
 let stack: TestStack;
 let gateway: RunningGateway;
 let httpPort: number;
-let stackHttpPort: number;
+let stackHttp: string;
 
 /** A CA, and `name`.pem/.key signed by it for 127.0.0.1 and localhost. */
 const makeCertificates = (name: string, cn: string) => makeTestCertificates(dir, name, cn);
@@ -63,12 +63,11 @@ beforeAll(async () => {
     }),
   );
   const internal = ['--internal-token', INTERNAL_TOKEN];
-  stackHttpPort = await freePort();
   stack = await startTestStack({
     decoders: 1,
-    args: { prompter: internal, encoder: internal, decoder: internal, gateway: [...internal, '--http-port', String(stackHttpPort)] },
+    args: { prompter: internal, encoder: internal, decoder: internal, gateway: [...internal, '--http-port', '0'] },
   });
-  httpPort = await freePort();
+  stackHttp = stack.http;
   // A second gateway in this process, in front of the same stages: TLS and client tokens.
   gateway = await startGateway({
     port: 0,
@@ -77,11 +76,12 @@ beforeAll(async () => {
     prompter: stack.prompter,
     encoder: stack.encoder,
     decoders: stack.decoders,
-    httpPort,
+    httpPort: 0,
     tls: { certFile: file('server.pem'), keyFile: file('server.key'), refreshIntervalMs: 200 },
     auth: new CallAuthenticator({ tokenFile: file('tokens.json'), reloadIntervalMs: 200 }),
     internalToken: INTERNAL_TOKEN,
   });
+  httpPort = gateway.http!.port;
 }, 180_000);
 
 afterAll(async () => {
@@ -168,7 +168,7 @@ describe('structured logs and spans', () => {
   it('logs HTTP/JSON requests the same way, in the trace of the traceparent header they carry', async () => {
     const traceId = 'ab'.repeat(16);
     const png = await syntheticPng(256, 256, blobGrid([90], [150]), 6);
-    const res = await fetch(`http://127.0.0.1:${stackHttpPort}/v1/segment`, {
+    const res = await fetch(`http://${stackHttp}/v1/segment`, {
       method: 'POST',
       headers: { 'content-type': 'application/json', traceparent: `00-${traceId}-${'cd'.repeat(8)}-01` },
       body: JSON.stringify({ image: png.toString('base64'), mpp: 0.25 }),

@@ -7,7 +7,6 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '@cfrsam/testing';
 import { startTestStack, type TestStack } from './stack';
 import { blobGrid, syntheticPng } from './synthetic';
 
@@ -15,9 +14,8 @@ let stack: TestStack;
 let base: string;
 
 beforeAll(async () => {
-  const port = await freePort();
-  stack = await startTestStack({ decoders: 1, args: { gateway: ['--http-port', String(port), '--cors-origins', 'https://viewer.example'] } });
-  base = `http://127.0.0.1:${port}`;
+  stack = await startTestStack({ decoders: 1, args: { gateway: ['--http-port', '0', '--cors-origins', 'https://viewer.example'] } });
+  base = `http://${stack.http}`;
 });
 
 afterAll(async () => {

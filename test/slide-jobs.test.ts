@@ -15,7 +15,7 @@ import { connect, type NatsConnection } from 'nats';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeClient, repoRoot, segmentationProto, unary } from '@cfrsam/rpc';
 import { natsSkipReason, startTestNatsServer, type TestNatsServer } from '@cfrsam/testing';
-import { checkHealth, freePort } from '../services/gateway/dist/cli/stack';
+import { checkHealth, freePort, listeningPort } from '../services/gateway/dist/cli/stack';
 import { startTestStack, type TestStack } from './stack';
 
 const { SlideJobState } = segmentationProto;
@@ -48,12 +48,12 @@ const gateways: Gateway[] = [];
 /** A gateway process that is both slide job API and worker. */
 /** `probe`: call options (an admin's token) for the readiness probe of a gateway that authenticates. */
 async function startGateway(name: string, extra: string[] = [], probe: { metadata?: Metadata } = {}): Promise<Gateway> {
-  const port = await freePort();
   const child = spawn(
     process.execPath,
     [
       path.join(repoRoot(), 'services/gateway/dist/main.js'),
-      ...['--port', String(port), '--host', '127.0.0.1', '--bundle', path.join(repoRoot(), 'models/tiny')],
+      // Port 0: the gateway binds a free port and logs it (a port picked here could be taken first).
+      ...['--port', '0', '--host', '127.0.0.1', '--bundle', path.join(repoRoot(), 'models/tiny')],
       ...['--prompter', stack.prompter, '--encoder', stack.encoder, '--decoders', stack.decoders.join(',')],
       ...['--nats-url', nats.url, '--slide-root', slideRoot, '--slide-ack-wait-ms', String(ACK_WAIT_MS), '--result-cache-mb', '0'],
       ...extra,
@@ -61,14 +61,18 @@ async function startGateway(name: string, extra: string[] = [], probe: { metadat
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
   const log: string[] = [];
+  let port = 0;
   child.stderr!.on('data', (b: Buffer) => {
-    log.push(...b.toString().split('\n').filter(Boolean));
+    for (const line of b.toString().split('\n').filter(Boolean)) {
+      log.push(line);
+      port ||= listeningPort(line) ?? 0;
+    }
     if (process.env.CFRSAM_TEST_VERBOSE) process.stderr.write(`[${name}] ${b}`);
   });
   const exited = new Promise((resolve) => child.once('exit', resolve));
   const deadline = Date.now() + 30_000;
   for (;;) {
-    const state = await checkHealth(`127.0.0.1:${port}`).catch(() => '');
+    const state = port ? await checkHealth(`127.0.0.1:${port}`).catch(() => '') : '';
     if (state === 'SERVING') break;
     if (Date.now() > deadline || child.exitCode !== null) {
       child.kill('SIGKILL');

@@ -180,6 +180,8 @@ export async function startGateway(options: GatewayOptions): Promise<RunningGate
         tls: options.tls,
         serving: () => server.serving(),
       });
+      // Read by the stack (cli/stack.ts) for the port an --http-port 0 was given.
+      logger().info(`gateway: HTTP/JSON API listening on ${options.host ?? '0.0.0.0'}:${httpGateway.port}`);
     }
     return { server, pipeline, stages, http: httpGateway };
   } catch (err) {

@@ -30,6 +30,8 @@ export interface StackProcess {
   kind: StackServiceKind;
   address: string;
   port: number;
+  /** "host:port" of the HTTP/JSON API, for a gateway started with --http-port; '' otherwise. */
+  httpAddress: string;
   child: ChildProcess;
   /** Resolves with the exit code (or signal name) when the process ends. */
   exited: Promise<number | string>;
@@ -73,6 +75,8 @@ export interface StackOptions {
 export interface RunningStack {
   /** The first gateway (of `gateways`). */
   gateway: string;
+  /** The first gateway's HTTP/JSON API ("host:port"), when args.gateway has --http-port; '' otherwise. */
+  http: string;
   /** The first prompter (of `prompters`); '' in a standalone stack (its stages serve no gRPC). */
   prompter: string;
   /** The first encoder (of `encoders`); '' in a standalone stack. */
@@ -100,6 +104,16 @@ export function freePort(host = '127.0.0.1'): Promise<number> {
     });
   });
 }
+
+/** The line startServer (@cfrsam/rpc) logs once bound: "NAME: listening on HOST:PORT (services: ...". */
+const LISTENING_LINE = /listening on \S+:(\d+) \(services:/;
+/** The gRPC port a service reports in `line` once bound, if it is its "listening on" line. */
+export function listeningPort(line: string): number | undefined {
+  const bound = LISTENING_LINE.exec(line);
+  return bound ? Number(bound[1]) : undefined;
+}
+/** The line the gateway logs once its HTTP/JSON API is bound (server.ts). */
+const HTTP_LISTENING_LINE = /HTTP\/JSON API listening on \S+:(\d+)/;
 
 const HealthClient = makeGenericClientConstructor(healthService, 'grpc.health.v1.Health');
 
@@ -162,6 +176,10 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
   const processes: StackProcess[] = [];
   const outputs = new Map<string, string[]>();
 
+  // Every process binds the port it is given, 0 by default: the OS picks a free one at bind time and
+  // the process reports it in its "listening on" line. (Picking a free port here and passing it on
+  // raced: between the pick and the bind another test's process could take it, and its health
+  // check then answered for ours.)
   const launch = (name: string, kind: StackServiceKind, port: number, extra: string[]): StackProcess => {
     const args = [serviceScript(root, kind), '--port', String(port), '--host', host, '--bundle', bundle, ...extra, ...(options.args?.[kind] ?? [])];
     const child = spawn(process.execPath, [...SERVICE_NODE_FLAGS, ...(options.nodeArgs?.(name) ?? []), ...args], {
@@ -171,20 +189,61 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
     });
     const lines: string[] = [];
     outputs.set(name, lines);
+    let onListening: (port: number) => void = () => {};
+    const listening = new Promise<number>((resolve) => (onListening = resolve));
+    let onHttpListening: (port: number) => void = () => {};
+    const allArgs = [...extra, ...(options.args?.[kind] ?? [])];
+    const httpFlag = allArgs.indexOf('--http-port');
+    const servesHttp = httpFlag >= 0 && Number(allArgs[httpFlag + 1]) >= 0;
+    // A gateway with an HTTP/JSON API counts as listening once both its ports are bound.
+    const httpListening = servesHttp ? new Promise<number>((resolve) => (onHttpListening = resolve)) : Promise.resolve(-1);
     const onData = (buf: Buffer) => {
       for (const line of buf.toString('utf8').split('\n')) {
         if (!line) continue;
         lines.push(line);
         if (lines.length > 200) lines.shift();
+        const bound = listeningPort(line);
+        if (bound !== undefined) onListening(bound);
+        const http = HTTP_LISTENING_LINE.exec(line);
+        if (http) onHttpListening(Number(http[1]));
         log(name, line);
       }
     };
     child.stdout!.on('data', onData);
     child.stderr!.on('data', onData);
     const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? 'unknown')));
-    const proc: StackProcess = { name, kind, address: `${host}:${port}`, port, child, exited };
+    const proc: StackProcess = { name, kind, address: `${host}:${port}`, port, httpAddress: '', child, exited };
+    listenings.set(
+      name,
+      Promise.all([listening, httpListening]).then(([grpcPort, httpPort]) => {
+        if (httpPort >= 0) proc.httpAddress = `${host}:${httpPort}`;
+        return grpcPort;
+      }),
+    );
     processes.push(proc);
     return proc;
+  };
+  const listenings = new Map<string, Promise<number>>();
+
+  /** Resolves once every process of `procs` has bound its port (and sets its port and address). */
+  const bound = async (procs: StackProcess[], deadline: number): Promise<StackProcess[]> => {
+    await Promise.all(
+      procs.map(async (proc) => {
+        let timer: NodeJS.Timeout | undefined;
+        const outcome = await Promise.race([
+          listenings.get(proc.name)!.then((port) => ({ port })),
+          proc.exited.then((code) => ({ exited: code })),
+          new Promise<{ timeout: true }>((resolve) => (timer = setTimeout(() => resolve({ timeout: true }), Math.max(0, deadline - Date.now())))),
+        ]);
+        clearTimeout(timer);
+        const output = () => (outputs.get(proc.name) ?? []).join('\n');
+        if ('exited' in outcome) throw new Error(`${proc.name} exited (${outcome.exited}) before listening; its output:\n${output()}`);
+        if ('timeout' in outcome) throw new Error(`${proc.name} did not report a listening port in time; its output:\n${output()}`);
+        proc.port = outcome.port;
+        proc.address = `${host}:${outcome.port}`;
+      }),
+    );
+    return procs;
   };
 
   const stopProcess = async (name: string, signal: NodeJS.Signals = 'SIGTERM', graceMs = 10_000): Promise<void> => {
@@ -208,22 +267,25 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
     })());
 
   try {
-    const ports = async (n: number): Promise<number[]> => {
-      const out: number[] = [];
-      for (let i = 0; i < n; i++) out.push(await freePort(host));
-      return out;
-    };
+    const deadline = Date.now() + (options.readyTimeoutMs ?? 120_000);
     // Decoders are always numbered; the other kinds only when there are several.
     const nameOf = (kind: StackServiceKind, i: number, n: number) => (n === 1 && kind !== 'decoder' ? kind : `${kind}-${i}`);
+    const many = (kind: StackServiceKind, n: number, extra: () => string[]) =>
+      Array.from({ length: n }, (_, i) => launch(nameOf(kind, i, n), kind, 0, extra()));
     if (options.standalone) {
       if (prompterCount !== 1 || encoderCount !== 1 || gatewayCount !== 1) {
         throw new Error('a standalone stack is one process: prompters, encoders and gateways must be 1');
       }
-      const port = options.port || (await freePort(host));
-      const proc = launch('standalone', 'standalone', port, ['--decoder-workers', String(decoderCount), ...(options.args?.gateway ?? [])]);
-      await waitServing(proc, Date.now() + (options.readyTimeoutMs ?? 120_000), () => (outputs.get(proc.name) ?? []).join('\n'));
+      const proc = launch('standalone', 'standalone', options.port ?? 0, [
+        '--decoder-workers',
+        String(decoderCount),
+        ...(options.args?.gateway ?? []),
+      ]);
+      await bound([proc], deadline);
+      await waitServing(proc, deadline, () => (outputs.get(proc.name) ?? []).join('\n'));
       return {
         gateway: proc.address,
+        http: proc.httpAddress,
         prompter: '',
         encoder: '',
         gateways: [proc.address],
@@ -235,27 +297,36 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
         stop,
       };
     }
-    const prompters = (await ports(prompterCount)).map((p, i) => launch(nameOf('prompter', i, prompterCount), 'prompter', p, []));
-    const encoders = (await ports(encoderCount)).map((p, i) => launch(nameOf('encoder', i, encoderCount), 'encoder', p, []));
+    const prompterProcs = many('prompter', prompterCount, () => []);
+    const encoders = await bound(
+      many('encoder', encoderCount, () => []),
+      deadline,
+    );
     // Decoders fetch tile features from the encoders themselves (never through the gateway).
     const encoderList = encoders.map((q) => q.address).join(',');
-    const decoders = (await ports(decoderCount)).map((p, i) => launch(nameOf('decoder', i, decoderCount), 'decoder', p, ['--encoder', encoderList]));
-    const gatewayPorts = await ports(gatewayCount);
-    if (options.port) gatewayPorts[0] = options.port;
-    const gateways = gatewayPorts.map((p, i) =>
-      launch(nameOf('gateway', i, gatewayCount), 'gateway', p, [
-        '--prompter',
-        prompters.map((q) => q.address).join(','),
-        '--encoder',
-        encoders.map((q) => q.address).join(','),
-        '--decoders',
-        decoders.map((q) => q.address).join(','),
-      ]),
+    const decoders = await bound(
+      many('decoder', decoderCount, () => ['--encoder', encoderList]),
+      deadline,
     );
-    const deadline = Date.now() + (options.readyTimeoutMs ?? 120_000);
+    const prompters = await bound(prompterProcs, deadline);
+    const gatewayArgs = [
+      '--prompter',
+      prompters.map((q) => q.address).join(','),
+      '--encoder',
+      encoders.map((q) => q.address).join(','),
+      '--decoders',
+      decoders.map((q) => q.address).join(','),
+    ];
+    const gateways = await bound(
+      Array.from({ length: gatewayCount }, (_, i) =>
+        launch(nameOf('gateway', i, gatewayCount), 'gateway', i === 0 ? (options.port ?? 0) : 0, gatewayArgs),
+      ),
+      deadline,
+    );
     await Promise.all(processes.map((p) => waitServing(p, deadline, () => (outputs.get(p.name) ?? []).join('\n'))));
     return {
       gateway: gateways[0].address,
+      http: gateways[0].httpAddress,
       prompter: prompters[0].address,
       encoder: encoders[0].address,
       gateways: gateways.map((p) => p.address),
