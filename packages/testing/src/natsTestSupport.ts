@@ -1,11 +1,10 @@
 // A real nats-server with JetStream for the shared feature cache tests (not exported from index):
-// started on a free loopback port with a temporary store directory, stopped and removed by the
+// started on a random free loopback port with a temporary store directory, stopped and removed by the
 // test. Tests skip with a message when the binary is missing (CI installs it).
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { freePort } from './testSupport';
 
 /** The nats-server binary: CFRSAM_NATS_SERVER, else the Debian package's, else one on PATH. */
 export function natsServerBinary(): string | null {
@@ -38,7 +37,9 @@ export interface TestNatsServer {
 export async function startTestNatsServer(again?: { port: number; storeDir: string }): Promise<TestNatsServer> {
   const binary = natsServerBinary();
   if (!binary) throw new Error(natsSkipReason()!);
-  const port = again?.port ?? (await freePort());
+  // A fresh server takes a random free port (-p -1) and logs it: a port picked here and released
+  // could be taken by another test's server before nats-server binds it.
+  let port = again?.port ?? -1;
   const storeDir = again?.storeDir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-nats-'));
   const child: ChildProcess = spawn(binary, ['-js', '-a', '127.0.0.1', '-p', String(port), '-sd', storeDir], {
     stdio: ['ignore', 'ignore', 'pipe'],
@@ -50,6 +51,8 @@ export async function startTestNatsServer(again?: { port: number; storeDir: stri
       const timer = setTimeout(() => reject(new Error(`nats-server did not start within 10 s:\n${output}`)), 10_000);
       child.stderr!.on('data', (chunk: Buffer) => {
         output += chunk.toString();
+        const listening = /Listening for client connections on [^\s:]+:(\d+)/.exec(output);
+        if (listening) port = Number(listening[1]);
         if (output.includes('Server is ready')) {
           clearTimeout(timer);
           resolve();
