@@ -259,6 +259,18 @@ def test_export_overrides_the_refiners_serving_settings(scored_model, tmp_path):
     before = manifest["metrics"]["validation_before_settings"]
     assert before["settings"] == {"mask_threshold": scored_model.config.mask_threshold} and before["bpq"] == 0.5
     assert export_main(argv + ["--out", str(tmp_path / "n"), "--mask-threshold", "nan"]) == 2
+    # And the prompter's threshold and NMS radius (the eighth session edited them into a checkpoint
+    # by hand, and its bundle kept claiming the validation of the old threshold).
+    tuned = dict(checkpoint, prompter={"min_foreground": 0.3, "nms_radius": 12.0})
+    torch.save(tuned, tmp_path / "t.pt")
+    tuned_argv = ["--checkpoint", str(tmp_path / "t.pt"), "--no-full", "--no-parity"]
+    assert export_main(tuned_argv + ["--out", str(tmp_path / "f"), "--min-foreground", "0.25"]) == 0
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["prompter"]["min_foreground"] == 0.25 and manifest["prompter"]["nms_radius"] == 12.0
+    assert "validation" not in manifest["metrics"]
+    assert manifest["metrics"]["validation_before_settings"]["settings"] == {"min_foreground": 0.3}
+    assert export_main(tuned_argv + ["--out", str(tmp_path / "g"), "--min-foreground", "1.2"]) == 2
+    assert export_main(tuned_argv + ["--out", str(tmp_path / "h"), "--nms-radius", "0"]) == 2
     # A value out of range, or a setting the refiner has no head for, is refused with a message.
     assert export_main(argv + ["--out", str(tmp_path / "c"), "--refiner-class-weight", "1.5"]) == 2
     plain = dict(checkpoint, config=dict(checkpoint["config"], point_refiner=None))

@@ -14,6 +14,7 @@ from ..configs import CONFIG_NAMES, ConfigError
 from . import __doc__ as package_doc
 from .bundle import bundle_checkpoint, check_bundle, export_bundle
 from .errors import ExportError
+from .manifest import prompter_settings
 
 
 def _bundle_size(directory: str) -> int:
@@ -21,14 +22,25 @@ def _bundle_size(directory: str) -> int:
 
 
 def with_serving_settings(
-    ckpt, min_score: Optional[float], class_weight: Optional[float], mask_threshold: Optional[float] = None
+    ckpt,
+    min_score: Optional[float],
+    class_weight: Optional[float],
+    mask_threshold: Optional[float] = None,
+    min_foreground: Optional[float] = None,
+    nms_radius: Optional[float] = None,
 ):
     """The checkpoint with serving settings replaced (None: kept): the point refiner's score bar and
-    class weight, and the decoder's mask threshold. They change what is served, so the recorded
-    validation no longer applies: it is kept under `validation_before_settings` beside the settings
-    it was measured with."""
-    if min_score is None and class_weight is None and mask_threshold is None:
+    class weight, the decoder's mask threshold, and the prompter's foreground threshold and NMS
+    radius. They change what is served, so the recorded validation no longer applies: it is kept
+    under `validation_before_settings` beside the settings it was measured with."""
+    if all(v is None for v in (min_score, class_weight, mask_threshold, min_foreground, nms_radius)):
         return ckpt
+    if min_foreground is not None and not 0 < min_foreground < 1:
+        raise ExportError(f"--min-foreground {min_foreground}: needs a foreground probability in (0, 1)")
+    if nms_radius is not None and not (math.isfinite(nms_radius) and nms_radius > 0):
+        raise ExportError(f"--nms-radius {nms_radius}: needs a radius in pixels > 0")
+    if ckpt is None and (min_foreground is not None or nms_radius is not None):
+        raise ExportError("--min-foreground / --nms-radius: need a --checkpoint (a fresh model has no tuned prompter)")
     if mask_threshold is not None and not math.isfinite(mask_threshold):
         raise ExportError(f"--mask-threshold {mask_threshold}: needs a finite logit")
     if ckpt is None and mask_threshold is not None and min_score is None and class_weight is None:
@@ -55,10 +67,15 @@ def with_serving_settings(
     if mask_threshold is not None:
         settings["mask_threshold"] = config.get("mask_threshold", 0.0)
         config["mask_threshold"] = mask_threshold
+    prompter = dict(prompter_settings(ckpt))
+    for key, value in (("min_foreground", min_foreground), ("nms_radius", nms_radius)):
+        if value is not None:
+            settings[key] = prompter[key]
+            prompter[key] = float(value)
     metrics = dict(ckpt.get("metrics") or {})
     if "validation" in metrics:
         metrics["validation_before_settings"] = {"settings": settings, **metrics.pop("validation")}
-    return {**ckpt, "config": config, "metrics": metrics}
+    return {**ckpt, "config": config, "metrics": metrics, "prompter": prompter}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -90,6 +107,16 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         "--refiner-class-weight",
         type=float,
         help="weight of the point refiner's classes (prompter.refiner_class_weight; default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--min-foreground",
+        type=float,
+        help="the prompter's foreground threshold for the learner's points (prompter.min_foreground; default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--nms-radius",
+        type=float,
+        help="the prompter's point NMS radius in pixels (prompter.nms_radius; default: the checkpoint's)",
     )
     p.add_argument("--no-parity", action="store_true")
     p.add_argument("--no-full", action="store_true", help="skip decoder_prompts_full.onnx")
@@ -129,7 +156,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             ckpt = bundle_checkpoint(args.checkpoint)
         else:
             ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
-        ckpt = with_serving_settings(ckpt, args.min_point_score, args.refiner_class_weight, args.mask_threshold)
+        ckpt = with_serving_settings(
+            ckpt,
+            args.min_point_score,
+            args.refiner_class_weight,
+            args.mask_threshold,
+            min_foreground=args.min_foreground,
+            nms_radius=args.nms_radius,
+        )
         model = build_cfr_sam(
             args.config,
             checkpoint=ckpt,
