@@ -175,6 +175,8 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
   const log = options.log ?? ((name: string, line: string) => process.stderr.write(`[${name}] ${line}\n`));
   const processes: StackProcess[] = [];
   const outputs = new Map<string, string[]>();
+  /** Per process: resolves with its bound gRPC port (once its HTTP/JSON port too, if it serves one). */
+  const listenings = new Map<string, Promise<number>>();
 
   // Every process binds the port it is given, 0 by default: the OS picks a free one at bind time and
   // the process reports it in its "listening on" line. (Picking a free port here and passing it on
@@ -223,7 +225,6 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
     processes.push(proc);
     return proc;
   };
-  const listenings = new Map<string, Promise<number>>();
 
   /** Resolves once every process of `procs` has bound its port (and sets its port and address). */
   const bound = async (procs: StackProcess[], deadline: number): Promise<StackProcess[]> => {
