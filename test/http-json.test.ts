@@ -148,6 +148,18 @@ describe('HTTP/JSON API', () => {
     const notJson = await fetch(`${base}/v1/segment`, { method: 'POST', body: '{oops' });
     expect(notJson.status).toBe(400);
     expect(((await notJson.json()) as { message: string }).message).toMatch(/not JSON/);
+    // JSON of the wrong shape is the caller's mistake too (it had been a 500 from inside the
+    // generated fromJSON), with what was wrong.
+    for (const [route, body, message] of [
+      ['/v1/segment', 'null', /must be a JSON object .*got null/],
+      ['/v1/refine', '[1, 2]', /must be a JSON object .*got an array/],
+      ['/v1/segment', JSON.stringify({ image: 42 }), /image must be the file's bytes as a base64 string, got number/],
+      ['/v1/segment/geojson', JSON.stringify({ image: { data: 'x' } }), /image must be .* base64 string, got object/],
+    ] as const) {
+      const wrong = await fetch(`${base}${route}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body });
+      expect(wrong.status, `${route} ${body}`).toBe(400);
+      expect(((await wrong.json()) as { message: string }).message).toMatch(message);
+    }
     expect((await fetch(`${base}/v1/nothing`)).status).toBe(404);
     // Still serving.
     expect((await fetch(`${base}/healthz`)).status).toBe(200);

@@ -159,6 +159,35 @@ function parseJson(body: Buffer): unknown {
   }
 }
 
+/** Fields of the request messages that carry bytes: base64 strings in JSON (proto3's JSON mapping). */
+const BYTES_FIELDS = ['image'] as const;
+
+/**
+ * The body as a request message. ts-proto's fromJSON trusts the JSON's types (a number where
+ * base64 bytes belong throws a TypeError deep inside it), so the shape is checked here first and
+ * anything it still refuses is the caller's mistake, answered 400 with what was wrong.
+ */
+function parseRequest<T>(message: { fromJSON(object: unknown): T }, name: string, body: Buffer): T {
+  const object = parseJson(body);
+  if (typeof object !== 'object' || object === null || Array.isArray(object)) {
+    throw new HttpError(
+      400,
+      `the body must be a JSON object (a ${name}), got ${object === null ? 'null' : Array.isArray(object) ? 'an array' : typeof object}`,
+    );
+  }
+  for (const field of BYTES_FIELDS) {
+    const value = (object as Record<string, unknown>)[field];
+    if (value !== undefined && value !== null && typeof value !== 'string') {
+      throw new HttpError(400, `${field} must be the file's bytes as a base64 string, got ${Array.isArray(value) ? 'an array' : typeof value}`);
+    }
+  }
+  try {
+    return message.fromJSON(object);
+  } catch (err) {
+    throw new HttpError(400, `the body is not a valid ${name}: ${(err as Error).message}`);
+  }
+}
+
 export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGatewayOptions): Promise<RunningHttpGateway> {
   const allowed = listFlag(options.corsOrigins);
   const cors = (req: http.IncomingMessage, res: http.ServerResponse) => {
@@ -253,7 +282,7 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
           case 'POST /v1/segment': {
             const reservation = reserveAnnounced();
             try {
-              const request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+              const request = parseRequest(segmentationProto.SegmentRequest, 'cfrsam.v1.SegmentRequest', await readBody(req, options.maxBodyBytes));
               return send(
                 res,
                 200,
@@ -280,7 +309,7 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
             let request: segmentationProto.SegmentRequest;
             let response: segmentationProto.SegmentResponse;
             try {
-              request = segmentationProto.SegmentRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+              request = parseRequest(segmentationProto.SegmentRequest, 'cfrsam.v1.SegmentRequest', await readBody(req, options.maxBodyBytes));
               response = await pipeline.segment(
                 { ...request, returnLabelMap: cellsUm > 0, returnMasks: false, labelMapEncoding: undefined },
                 { ...ctx, reservation: reservation?.id },
@@ -297,7 +326,7 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
             return send(res, 200, segmentResponseToGeoJson(response, pipeline.modelInfo().classes, classMap, cells));
           }
           case 'POST /v1/refine': {
-            const request = segmentationProto.RefineRequest.fromJSON(parseJson(await readBody(req, options.maxBodyBytes)));
+            const request = parseRequest(segmentationProto.RefineRequest, 'cfrsam.v1.RefineRequest', await readBody(req, options.maxBodyBytes));
             return send(res, 200, segmentationProto.SegmentResponse.toJSON(await pipeline.refine(request, ctx)));
           }
           default:
