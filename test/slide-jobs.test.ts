@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as readline from 'node:readline';
 import { gunzipSync } from 'node:zlib';
 import { Metadata } from '@grpc/grpc-js';
 import { connect, type NatsConnection } from 'nats';
@@ -62,12 +63,11 @@ async function startGateway(name: string, extra: string[] = [], probe: { metadat
   );
   const log: string[] = [];
   let port = 0;
-  child.stderr!.on('data', (b: Buffer) => {
-    for (const line of b.toString().split('\n').filter(Boolean)) {
-      log.push(line);
-      port ||= listeningPort(line) ?? 0;
-    }
-    if (process.env.CFRSAM_TEST_VERBOSE) process.stderr.write(`[${name}] ${b}`);
+  readline.createInterface({ input: child.stderr!, crlfDelay: Infinity }).on('line', (line) => {
+    if (!line) return;
+    log.push(line);
+    port ||= listeningPort(line) ?? 0;
+    if (process.env.CFRSAM_TEST_VERBOSE) process.stderr.write(`[${name}] ${line}\n`);
   });
   const exited = new Promise((resolve) => child.once('exit', resolve));
   const deadline = Date.now() + 30_000;

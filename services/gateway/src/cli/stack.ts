@@ -5,6 +5,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import * as readline from 'node:readline';
 import { credentials, makeGenericClientConstructor, type Client, type ServiceError } from '@grpc/grpc-js';
 import { repoRoot } from '@cfrsam/rpc';
 import { service as healthService } from 'grpc-health-check';
@@ -199,20 +200,19 @@ export async function startStack(options: StackOptions = {}): Promise<RunningSta
     const servesHttp = httpFlag >= 0 && Number(allArgs[httpFlag + 1]) >= 0;
     // A gateway with an HTTP/JSON API counts as listening once both its ports are bound.
     const httpListening = servesHttp ? new Promise<number>((resolve) => (onHttpListening = resolve)) : Promise.resolve(-1);
-    const onData = (buf: Buffer) => {
-      for (const line of buf.toString('utf8').split('\n')) {
-        if (!line) continue;
-        lines.push(line);
-        if (lines.length > 200) lines.shift();
-        const bound = listeningPort(line);
-        if (bound !== undefined) onListening(bound);
-        const http = HTTP_LISTENING_LINE.exec(line);
-        if (http) onHttpListening(Number(http[1]));
-        log(name, line);
-      }
+    // Whole lines (readline joins a line that arrives in two chunks), so no "listening on" is missed.
+    const onLine = (line: string) => {
+      if (!line) return;
+      lines.push(line);
+      if (lines.length > 200) lines.shift();
+      const bound = listeningPort(line);
+      if (bound !== undefined) onListening(bound);
+      const http = HTTP_LISTENING_LINE.exec(line);
+      if (http) onHttpListening(Number(http[1]));
+      log(name, line);
     };
-    child.stdout!.on('data', onData);
-    child.stderr!.on('data', onData);
+    readline.createInterface({ input: child.stdout!, crlfDelay: Infinity }).on('line', onLine);
+    readline.createInterface({ input: child.stderr!, crlfDelay: Infinity }).on('line', onLine);
     const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? 'unknown')));
     const proc: StackProcess = { name, kind, address: `${host}:${port}`, port, httpAddress: '', child, exited };
     listenings.set(
