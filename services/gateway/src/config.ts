@@ -35,8 +35,13 @@ export interface GatewayConfig {
   /** Tile batches in flight at once (Detect + Encode + their decoding). */
   tileBatchConcurrency: number;
 
-  /** Prompts per Decode call. */
+  /** Most prompts per Decode call. */
   decodeBatchSize: number;
+  /**
+   * Decode calls of one tile that can run at once (the decoder's workers): a tile's prompts are
+   * split into as few rounds of this many equal batches as decodeBatchSize allows (promptBatches).
+   */
+  decodeParallelism: number;
   /** Decoder replicas (rendezvous top-k) that share the prompt batches of one tile. */
   replicasPerTile: number;
   /** Decoder calls (Prepare + Decode) in flight at once across all requests of this gateway. */
@@ -100,7 +105,8 @@ export const DEFAULT_GATEWAY_CONFIG: Omit<GatewayConfig, 'prompter' | 'encoder' 
   tileOverlap: 64,
   tileBatchSize: 4,
   tileBatchConcurrency: 2,
-  decodeBatchSize: 16,
+  decodeBatchSize: 24,
+  decodeParallelism: 2,
   replicasPerTile: 2,
   maxDecoderCalls: 8,
   replicaCooldownMs: 5_000,

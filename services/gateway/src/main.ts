@@ -72,7 +72,13 @@ export const GATEWAY_FLAGS = {
     default: D.tileBatchConcurrency,
     help: 'tile batches in flight per request',
   },
-  decodeBatchSize: { type: 'int', env: 'CFRSAM_DECODE_BATCH', default: D.decodeBatchSize, help: 'prompts per Decode call' },
+  decodeBatchSize: { type: 'int', env: 'CFRSAM_DECODE_BATCH', default: D.decodeBatchSize, help: 'most prompts per Decode call' },
+  decodeParallelism: {
+    type: 'int',
+    env: 'CFRSAM_DECODE_PARALLELISM',
+    default: D.decodeParallelism,
+    help: "Decode calls of one tile that run at once (the decoder's workers); a tile's prompts are split into equal batches filling them",
+  },
   replicasPerTile: {
     type: 'int',
     env: 'CFRSAM_REPLICAS_PER_TILE',
@@ -174,7 +180,7 @@ function addresses(flag: string, value: string, what: string): string[] {
 
 export type GatewayFlagValues = ReturnType<typeof parseFlags<typeof GATEWAY_FLAGS>>;
 /** Flags of the gRPC path to the stages, which in-process stages do without. */
-type StageTransportFlag = 'decoderDnsIntervalMs' | 'internalToken';
+type StageTransportFlag = 'decoderDnsIntervalMs' | 'internalToken' | 'decodeParallelism';
 
 /**
  * Telemetry, TLS, auth and the gateway from parsed gateway flags; `stages` (and the addresses)

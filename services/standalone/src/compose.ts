@@ -54,6 +54,7 @@ export async function startLocalStages(manifest: Manifest, config: LocalStagesCo
     { prompter: new PrompterPipeline(manifest, prompterPool), encoder, decoder },
     {
       decodeBatchSize: config.decodeBatchSize,
+      decodeParallelism: config.decoderWorkers,
       maxDecoderCalls: config.maxDecoderCalls,
       close: () => {
         for (const p of pools) void p.close();

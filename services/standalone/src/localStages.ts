@@ -20,6 +20,7 @@ import type { DecoderPipeline, FeatureSource } from '@cfrsam/decoder/dist/pipeli
 import type { EncoderPipeline } from '@cfrsam/encoder/dist/pipeline';
 import { Limiter } from '@cfrsam/gateway/dist/limiter';
 import type { StageCall, StagePorts, StageTile } from '@cfrsam/gateway/dist/stages/ports';
+import { promptBatches, tileParallelism } from '@cfrsam/gateway/dist/stages/promptBatches';
 import type { PrompterPipeline } from '@cfrsam/prompter/dist/pipeline';
 import { errorReason, ErrorReason, grpcError, logger, stagesProto, status } from '@cfrsam/rpc';
 
@@ -30,8 +31,10 @@ export interface LocalStagePipelines {
 }
 
 export interface LocalStagesOptions {
-  /** Prompts per decoder call (the gateway's decodeBatchSize). */
+  /** Most prompts per decoder call (the gateway's decodeBatchSize). */
   decodeBatchSize: number;
+  /** Decoder calls of one tile at once: the decoder pool's workers (promptBatches). */
+  decodeParallelism: number;
   /** Decoder calls (Prepare + Decode) in flight at once across all requests (the gateway's maxDecoderCalls). */
   maxDecoderCalls: number;
   /** Closes the pipelines' worker pools (called once, by close()). */
@@ -87,9 +90,8 @@ export class LocalStages implements StagePorts {
   readonly decoder = {
     decodeTile: async (tile: StageTile, prompts: readonly stagesProto.PromptPoints[], call: StageCall): Promise<stagesProto.DecodedMask[]> => {
       if (prompts.length === 0) return [];
-      const size = this.options.decodeBatchSize;
-      const batches: stagesProto.PromptPoints[][] = [];
-      for (let i = 0; i < prompts.length; i += size) batches.push(prompts.slice(i, i + size));
+      const parallelism = tileParallelism(this.options.decodeParallelism, call.tilesInFlight?.() ?? 1);
+      const batches = promptBatches(prompts, this.options.decodeBatchSize, parallelism);
       // One Prepare for the tile (the pipeline's cache joins concurrent ones); the batches then
       // share the prepared state across the decoder's workers.
       await this.prepare(tile, call);

@@ -9,7 +9,16 @@ import { type FlagSpec, listFlag, logger, parseFlags, runMain, serviceMetrics, s
 import { startLocalStages } from './compose';
 
 const STAGE_FLAGS = stageServiceFlags(0);
-const { prompter: _p, encoder: _e, decoders: _d, decoderDnsIntervalMs: _i, internalToken: _t, ...gatewayFlags } = GATEWAY_FLAGS;
+// decodeParallelism too: here a tile's batches fill the decoder workers (--decoder-workers).
+const {
+  prompter: _p,
+  encoder: _e,
+  decoders: _d,
+  decoderDnsIntervalMs: _i,
+  internalToken: _t,
+  decodeParallelism: _dp,
+  ...gatewayFlags
+} = GATEWAY_FLAGS;
 
 export const STANDALONE_FLAGS = {
   ...gatewayFlags,

@@ -62,7 +62,11 @@ function fakeStages(opts: { evictions: number; featuresMissing: boolean }) {
       return { response: { tiles: [{ digest: tile.digest, cacheHit: false, features }] } };
     },
   } as unknown as EncoderPipeline;
-  const stages = new LocalStages(manifest, { prompter: {} as PrompterPipeline, encoder, decoder }, { decodeBatchSize: 2, maxDecoderCalls: 2 });
+  const stages = new LocalStages(
+    manifest,
+    { prompter: {} as PrompterPipeline, encoder, decoder },
+    { decodeBatchSize: 2, decodeParallelism: 2, maxDecoderCalls: 2 },
+  );
   return { stages, log };
 }
 

@@ -30,14 +30,17 @@ import {
 import { Limiter } from '../limiter';
 import { withSpan } from '../spans';
 import type { DecoderPort, EncoderPort, PrompterPort, StageCall, StagePorts, StageTile } from './ports';
+import { promptBatches, tileParallelism } from './promptBatches';
 
 export interface GrpcStagesOptions {
   prompter: string[];
   encoder: string[];
   decoders: string[];
   modelVersion: string;
-  /** Prompts per Decode call. */
+  /** Most prompts per Decode call. */
   decodeBatchSize: number;
+  /** Decode calls of one tile that run at once (promptBatches). */
+  decodeParallelism: number;
   /** Decoder replicas (rendezvous top-k) sharing one tile's batches. */
   replicasPerTile: number;
   /** Decoder calls in flight across the gateway. */
@@ -264,9 +267,8 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
 
   async decodeTile(tile: StageTile, prompts: readonly stagesProto.PromptPoints[], call: StageCall): Promise<stagesProto.DecodedMask[]> {
     if (prompts.length === 0) return [];
-    const size = this.options.decodeBatchSize;
-    const batches: stagesProto.PromptPoints[][] = [];
-    for (let i = 0; i < prompts.length; i += size) batches.push(prompts.slice(i, i + size));
+    const parallelism = tileParallelism(this.options.decodeParallelism, call.tilesInFlight?.() ?? 1);
+    const batches = promptBatches(prompts, this.options.decodeBatchSize, parallelism);
     // A tile's batches go to its top-k replicas; each of them prepares the tile (decoder_image),
     // so spreading pays only when the gateway has fewer tiles in flight (over all requests) than
     // there are replicas to keep busy; under load the second decoder_image run is pure extra work.
