@@ -9,23 +9,13 @@ import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeClient, segmentationProto, stagesProto, unary } from '@cfrsam/rpc';
 import { digestTile } from '@cfrsam/contract';
+import { prng } from '@cfrsam/testing';
 import { startTestStack, type TestStack } from './stack';
 import { blobGrid, syntheticPng } from './synthetic';
 
-/** mulberry32: a small seeded generator, so a failure reproduces. */
-function seeded(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 const SEED = 20261205;
-const random = seeded(SEED);
+// Seeded (mulberry32), so a failure reproduces.
+const random = prng(SEED);
 const int = (n: number) => Math.floor(random() * n);
 const pick = <T>(values: readonly T[]): T => values[int(values.length)];
 const chance = (p: number) => random() < p;
