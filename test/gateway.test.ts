@@ -360,6 +360,36 @@ describe('gateway', () => {
     expect(byService('gateway', 'gateway.decode_image', 'INTERNAL')).toHaveLength(1);
   });
 
+  it("sends each tile's Prepare with its Encode; the decoder waits at that encoder for the features", async () => {
+    const blobs = blobGrid([40, 200, 330], [60, 190]);
+    const png = await syntheticPng(420, 260, blobs, 11);
+    const r = await segment(request(png));
+    const spans = stack.spans();
+    const root = spans.find(
+      (s) =>
+        s.service === 'gateway' && s.kind === 'SERVER' && s.name.endsWith('Segmentation/Segment') && s.attributes['cfrsam.image_id'] === r.imageId,
+    );
+    expect(root).toBeDefined();
+    const trace = spans.filter((s) => s.traceId === root!.traceId);
+    const encodes = trace.filter((s) => s.service === 'gateway' && s.kind === 'CLIENT' && s.name.endsWith('Encoder/Encode'));
+    const prepares = trace.filter((s) => s.service === 'gateway' && s.kind === 'CLIENT' && s.name.endsWith('Decoder/Prepare'));
+    expect(encodes.length).toBeGreaterThan(0);
+    expect(prepares.length).toBeGreaterThan(0);
+    for (const prepare of prepares) {
+      const digest = String(prepare.attributes['cfrsam.digest']);
+      const encode = encodes.find((e) => String(e.attributes['cfrsam.digest']).split(',').includes(digest));
+      expect(encode, `the Encode of tile ${digest.slice(0, 12)}`).toBeDefined();
+      // Sent before the Encode answered (not after it, as before).
+      expect(prepare.startMs).toBeLessThan(encode!.startMs + encode!.durationMs);
+      // The decoder fetched the features itself, from an encoder, under this Prepare.
+      const server = trace.find((s) => s.parentSpanId === prepare.spanId && s.kind === 'SERVER');
+      expect(server).toBeDefined();
+      const fetch = trace.find((s) => s.parentSpanId === server!.spanId && s.kind === 'CLIENT' && s.name.endsWith('Encoder/Encode'));
+      expect(fetch, 'the decoder asked an encoder for the features').toBeDefined();
+      expect(fetch!.attributes['rpc.grpc.status_code']).toBe(0);
+    }
+  });
+
   it('propagates the client deadline', async () => {
     const blobs = blobGrid([40, 300, 560], [40, 250, 460]);
     const png = await syntheticPng(600, 500, blobs, 5);

@@ -1,6 +1,8 @@
 // A least-recently-used cache bounded in bytes, with single-flight computation: concurrent
 // requests for a key that is being computed wait for that computation instead of repeating it.
-// The encoder keys features by tile digest with it, the decoder its prepared state.
+// The encoder keys features by tile digest with it, the decoder its prepared state. A reader that
+// may come before the writer (a decoder fetching a tile's features while the tile is still on its
+// way to the encoder) can wait for a key to appear (untilPresent).
 
 export interface ByteLruCacheOptions<V> {
   /** Upper bound of the sum of sizeOf over the entries. */
@@ -41,6 +43,8 @@ export class ByteLruCache<V> {
   // A Map iterates in insertion order: re-inserting on access makes the first key the LRU one.
   private readonly entries = new Map<string, Entry<V>>();
   private readonly inFlight = new Map<string, Promise<V>>();
+  /** Callbacks of untilPresent, by key: called once the key is stored or starts computing. */
+  private readonly arrivals = new Map<string, Set<() => void>>();
   private bytes = 0;
   private readonly counters = { hits: 0, misses: 0, coalesced: 0, evictions: 0, computations: 0 };
 
@@ -96,7 +100,44 @@ export class ByteLruCache<V> {
     }
     this.entries.set(key, { value, bytes });
     this.bytes += bytes;
+    this.announce(key);
     return true;
+  }
+
+  /**
+   * Resolves true as soon as `key` is cached or being computed here (at once if it already is),
+   * false when `timeoutMs` passes without it. What a reader that may arrive before the writer
+   * waits on; it then reads the key as usual (get, pending, getOrCompute).
+   */
+  untilPresent(key: string, timeoutMs: number): Promise<boolean> {
+    if (this.entries.has(key) || this.inFlight.has(key)) return Promise.resolve(true);
+    if (!(timeoutMs > 0)) return Promise.resolve(false);
+    return new Promise<boolean>((resolve) => {
+      let waiters = this.arrivals.get(key);
+      if (!waiters) {
+        waiters = new Set();
+        this.arrivals.set(key, waiters);
+      }
+      const group = waiters;
+      const arrived = () => {
+        clearTimeout(timer);
+        resolve(true);
+      };
+      const timer = setTimeout(() => {
+        group.delete(arrived);
+        if (group.size === 0 && this.arrivals.get(key) === group) this.arrivals.delete(key);
+        resolve(false);
+      }, timeoutMs);
+      group.add(arrived);
+    });
+  }
+
+  /** Wakes untilPresent's waiters for `key`. */
+  private announce(key: string): void {
+    const waiters = this.arrivals.get(key);
+    if (!waiters) return;
+    this.arrivals.delete(key);
+    for (const arrived of waiters) arrived();
   }
 
   delete(key: string): boolean {
@@ -156,6 +197,7 @@ export class ByteLruCache<V> {
       // Waiters attach their own handlers; this one keeps an unjoined failure from being "unhandled".
       promise.catch(() => undefined);
       this.inFlight.set(key, promise);
+      this.announce(key);
       plan.push({ source: 'computed', promise });
     }
     if (missing.length > 0) {

@@ -20,6 +20,36 @@ describe('ByteLruCache', () => {
     expect(cache.stats().bytes).toBe(50);
   });
 
+  it('wakes a reader waiting for a key once it is stored or starts computing, and times out otherwise', async () => {
+    const cache = bytesCache(1000);
+    cache.set('here', new Uint8Array(1));
+    expect(await cache.untilPresent('here', 0)).toBe(true);
+    expect(await cache.untilPresent('absent', 0)).toBe(false);
+
+    // A computation that starts while a reader waits: the reader wakes before it ends and joins it.
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const waiting = cache.untilPresent('tile', 5_000);
+    const computing = cache.getOrCompute('tile', async () => {
+      await gate;
+      return new Uint8Array(7);
+    });
+    expect(await waiting).toBe(true);
+    const joined = cache.getOrCompute('tile', async () => new Uint8Array(99));
+    release();
+    expect((await computing).value.byteLength).toBe(7);
+    expect(await joined).toMatchObject({ source: 'coalesced' });
+
+    // Two readers of a key that is set later; a third of a key that never comes times out.
+    const both = Promise.all([cache.untilPresent('later', 5_000), cache.untilPresent('later', 5_000)]);
+    const never = cache.untilPresent('never', 20);
+    cache.set('later', new Uint8Array(2));
+    expect(await both).toEqual([true, true]);
+    const started = performance.now();
+    expect(await never).toBe(false);
+    expect(performance.now() - started).toBeLessThan(2_000);
+  });
+
   it('computes a key once for concurrent requests (single-flight)', async () => {
     const cache = bytesCache(1000);
     let computations = 0;

@@ -3,9 +3,11 @@
 // replica that encoded the tile (the Prepare's hint) is asked first when it is one of this
 // decoder's encoders; the others follow in the digest's rendezvous order, which is the order the
 // gateway used, so the first answer is nearly always a hit. A hint naming any other address is
-// ignored: the decoder only calls the encoders it was configured with.
+// ignored: the decoder only calls the encoders it was configured with. The first replica asked is
+// the one the gateway sends the tile to, and the gateway starts the Prepare together with the
+// Encode: that request waits up to waitMs for the tile to arrive there (EncodeRequest.wait_ms).
 import { isServiceError, makeClient, ReplicaSet, stagesProto, status, unary, type MakeClientOptions } from '@cfrsam/rpc';
-import type { FeatureSource } from './pipeline';
+import { DEFAULT_FEATURES_WAIT_MS, type FeatureSource } from './pipeline';
 
 export interface EncoderFeatureSourceOptions {
   /** Encoder addresses and dns:/// names (--encoder). */
@@ -14,6 +16,8 @@ export interface EncoderFeatureSourceOptions {
   /** Features per tile (product of the manifest's feature_shape). */
   featureCount: number;
   timeoutMs?: number;
+  /** How long the first replica asked waits for a tile still on its way to it (default DEFAULT_FEATURES_WAIT_MS). */
+  waitMs?: number;
   client?: MakeClientOptions;
 }
 
@@ -38,13 +42,14 @@ export class EncoderFeatureSource implements FeatureSource {
     const order = hint && rendezvous.includes(hint) ? [hint, ...rendezvous.filter((r) => r !== hint)] : rendezvous;
     const errors: string[] = [];
     // Every replica is asked in turn: a NOT_FOUND on one (not cached there) is not the answer.
-    for (const replica of order) {
+    for (const [i, replica] of order.entries()) {
       try {
         const client = this.encoders.client(replica);
+        const waitMs = i === 0 ? (this.options.waitMs ?? DEFAULT_FEATURES_WAIT_MS) : 0;
         const res = await unary(
           client,
           client.encode,
-          { tiles: [{ digest, rgb: Buffer.alloc(0) }], modelVersion: this.options.modelVersion, returnFeatures: true },
+          { tiles: [{ digest, rgb: Buffer.alloc(0) }], modelVersion: this.options.modelVersion, returnFeatures: true, waitMs },
           { timeoutMs: this.options.timeoutMs ?? 30_000 },
         );
         const t = res.tiles[0]?.features;

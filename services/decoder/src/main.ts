@@ -5,6 +5,7 @@
 // (--encoder), so they never travel through the gateway.
 import { listFlag, parseFlags, runMain, stageServiceFlags, stageServiceMainOptions } from '@cfrsam/rpc';
 import { openSharedFeatureStore, sharedFeatureCacheFlags } from '@cfrsam/runtime';
+import { DEFAULT_FEATURES_WAIT_MS } from './pipeline';
 import { DEFAULT_DECODER_PORT, startDecoder } from './server';
 
 const flags = {
@@ -18,6 +19,12 @@ const flags = {
     env: 'CFRSAM_ENCODER',
     default: '127.0.0.1:50053',
     help: 'encoder replicas Prepare fetches features from, comma separated: host:port or dns:///NAME:PORT ("" for none)',
+  },
+  featuresWaitMs: {
+    type: 'int',
+    env: 'CFRSAM_FEATURES_WAIT_MS',
+    default: DEFAULT_FEATURES_WAIT_MS,
+    help: "how long a Prepare's feature fetch waits at the encoder for a tile still on its way there (ms)",
   },
   acceptUnverifiedInput: {
     type: 'boolean',
@@ -40,6 +47,7 @@ async function main(): Promise<void> {
     // Prepares without features read the shared tier (see pipeline.ts); off without --nats-url.
     sharedStore: openSharedFeatureStore(config, 'decoder'),
     encoders: listFlag(config.encoder),
+    featuresWaitMs: config.featuresWaitMs,
   });
 }
 

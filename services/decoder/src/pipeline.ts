@@ -7,6 +7,9 @@
 // (the decoder checks the digest against them) and the encoder that encoded it; the decoder
 // fetches the features itself, from the shared tier (NATS JetStream, --nats-url) when it has one,
 // then from the encoders (--encoder: the hinted replica first, then the digest's rendezvous order).
+// The gateway sends a tile's Prepare together with its Encode, so the tile's RGB reaches the decoder
+// while the encoder works and the feature fetch waits at the encoder for the features
+// (EncodeRequest.wait_ms), instead of the Prepare leaving the gateway after the Encode's answer.
 // A Prepare may carry the features or float pixels (tools, tests) only when the decoder accepts
 // caller input it cannot verify (acceptUnverifiedInput, --accept-unverified-input): features and
 // normalised pixels cannot be checked against the digest, and the prepared state is cached under
@@ -26,6 +29,13 @@ import {
   thresholdAndCrop,
 } from '@cfrsam/contract';
 import { featureKey, float32Lookup, type OnnxWorkerPool, type SharedFeatureStore } from '@cfrsam/runtime';
+
+/**
+ * How long a Prepare's feature fetch waits for a tile that has not reached its encoder yet (the
+ * gateway sends the Prepare together with the Encode): a tile normally arrives within
+ * milliseconds; the wait only runs out when the Encode went to another replica or failed.
+ */
+export const DEFAULT_FEATURES_WAIT_MS = 1_000;
 
 export interface DecoderPipelineOptions {
   /** Prompts per decoder_prompts.onnx run (default 32). */

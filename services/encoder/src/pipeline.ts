@@ -13,7 +13,9 @@
 // tier, so no caller can plant features that a digest-only read of another tile would get.
 //
 // Features are returned only when the request asks (return_features): the gateway never does, a
-// decoder fetching a tile's features does.
+// decoder fetching a tile's features does. The gateway starts a tile's Prepare together with its
+// Encode, so the decoder's digest-only request can come before the tile: with wait_ms it waits
+// (up to MAX_ARRIVAL_WAIT_MS) for the tile to arrive and then joins its computation.
 import { createHash } from 'node:crypto';
 import { ByteLruCache, ErrorReason, grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import { type Float32Tensor, graphOutputFloat32, type Manifest, stackFloat32, readStageTile, type StageTile, tensorToProto } from '@cfrsam/contract';
@@ -29,6 +31,9 @@ export interface EncoderPipelineOptions {
   /** The shared tier (off when absent). The encoder closes it on shutdown. */
   sharedStore?: SharedFeatureStore;
 }
+
+/** The longest a digest-only Encode waits for its tile to arrive (its wait_ms is capped to this). */
+export const MAX_ARRIVAL_WAIT_MS = 10_000;
 
 /** Cache keys of float-pixel tiles: the pixels' own hash, which no digest-only read can name. */
 export const UNVERIFIED_PREFIX = 'unverified-pixels:';
@@ -124,6 +129,11 @@ export class EncoderPipeline {
         else summary.sharedMisses++;
       });
       absent = absent.filter((d) => !fromShared.has(d) && unavailable(d));
+    }
+    if (absent.length > 0 && request.waitMs) {
+      const waitMs = Math.min(request.waitMs, MAX_ARRIVAL_WAIT_MS);
+      await Promise.all(absent.map((d) => this.cache.untilPresent(d, waitMs)));
+      absent = absent.filter(unavailable);
     }
     if (absent.length > 0) {
       throw grpcError(

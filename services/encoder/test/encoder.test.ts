@@ -96,6 +96,24 @@ describe.skipIf(!bundle.manifest)('Encoder service', () => {
     });
   });
 
+  it('holds a digest-only Encode with wait_ms until its tile arrives, then answers with its features', async () => {
+    const t = tile(31);
+    const before = await stats();
+    // The decoder's fetch comes first; the tile's own Encode (the gateway's) 100 ms later.
+    const early = unary(client, client.encode, { tiles: [{ digest: t.digest }], modelVersion: '', returnFeatures: true, waitMs: 5_000 });
+    await new Promise((r) => setTimeout(r, 100));
+    const own = await encode([t]);
+    const fetched = await early;
+    expect(Buffer.compare(fetched.tiles[0].features!.data, own.tiles[0].features!.data)).toBe(0);
+    expect((await stats()).computations - before.computations).toBe(1);
+    // A tile that never comes: NOT_FOUND once the wait is over.
+    const started = performance.now();
+    await expect(
+      unary(client, client.encode, { tiles: [{ digest: 'e'.repeat(64) }], modelVersion: '', returnFeatures: true, waitMs: 150 }),
+    ).rejects.toMatchObject({ code: status.NOT_FOUND });
+    expect(performance.now() - started).toBeGreaterThanOrEqual(140);
+  });
+
   it('answers bad input with INVALID_ARGUMENT naming the problem', async () => {
     const t = tile(1);
     await expect(encode([{ digest: 'abc', rgb: t.rgb }])).rejects.toMatchObject({

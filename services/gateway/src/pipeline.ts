@@ -384,13 +384,13 @@ export class SegmentationPipeline {
         });
         // The prompter and the encoder side by side; decoding a tile needs both (its prompts, and
         // its features where the decoders fetch them). Preparing it (decoder_image) needs only the
-        // features, so it starts when the encoder answers and runs while the prompter still works
-        // (a tile of automatic mode that turns out to have no prompts was prepared for nothing:
-        // one decoder_image run, against the prompter's lead on the critical path of every tile).
-        const [detected] = await Promise.all([
-          this.stages.prompter.detect(tiles, call),
-          this.stages.encoder.encode(tiles, call).then(() => this.prepareEarly(tiles, call)),
-        ]);
+        // features, so its Prepare starts with the Encode: the tile's bytes reach the decoder while
+        // the encoder works, the decoder's fetch of the features waits at the encoder for them, and
+        // decoder_image runs while the prompter still works (a tile of automatic mode that turns out
+        // to have no prompts was prepared for nothing: one decoder_image run, against a shorter
+        // critical path for every tile).
+        this.prepareEarly(tiles, call);
+        const [detected] = await Promise.all([this.stages.prompter.detect(tiles, call), this.stages.encoder.encode(tiles, call)]);
         await Promise.all(
           batch.map(async (tile, i) => {
             const tileDetections = toImageDetections(detected.get(tiles[i].digest) ?? [], tile);

@@ -406,7 +406,7 @@ describe('SegmentationPipeline over in-memory stages', () => {
     expect(failing.log.tilesInFlight).toEqual([1, 1]);
   });
 
-  it("prepares each tile when its encode answers, while the prompter still works; a failed early prepare is not the request's", async () => {
+  it("prepares each tile together with its encode, while the prompter still works; a failed early prepare is not the request's", async () => {
     const { stages, log } = fakeStages();
     const events: string[] = [];
     let releasePrompter!: () => void;
@@ -428,9 +428,10 @@ describe('SegmentationPipeline over in-memory stages', () => {
     const p = pipelineWith(stages, { tileBatchSize: 4, tileBatchConcurrency: 1 });
     const pending = p.segment(request(await diskImage(300, 300, DISKS.slice(0, 2))));
     await new Promise((r) => setTimeout(r, 20));
-    // One batch of four tiles: each tile is being prepared, and the prompter has not answered.
-    expect(events[0]).toBe('detect:start');
-    expect(events.filter((e) => e === 'prepare').length).toBe(log.encode.length);
+    // One batch of four tiles: each tile's Prepare went out with the batch's Detect and Encode
+    // (the decoder waits at the encoder for the features), and the prompter has not answered.
+    expect(events).toEqual(['prepare', 'prepare', 'prepare', 'prepare', 'detect:start']);
+    expect(log.encode).toHaveLength(4);
     expect(events).not.toContain('detect:end');
     releasePrompter();
     const res = await pending;

@@ -16,7 +16,7 @@
 // same rules the gRPC adapter follows, by the same typed reasons. Detections and masks are rounded
 // as the wire rounds them, so the answers equal the services' to the bit.
 import type { Manifest } from '@cfrsam/contract';
-import type { DecoderPipeline, FeatureSource } from '@cfrsam/decoder/dist/pipeline';
+import { DEFAULT_FEATURES_WAIT_MS, type DecoderPipeline, type FeatureSource } from '@cfrsam/decoder/dist/pipeline';
 import type { EncoderPipeline } from '@cfrsam/encoder/dist/pipeline';
 import { Limiter } from '@cfrsam/gateway/dist/limiter';
 import type { StageCall, StagePorts, StageTile } from '@cfrsam/gateway/dist/stages/ports';
@@ -41,11 +41,15 @@ export interface LocalStagesOptions {
   close?: () => void;
 }
 
-/** The encoder's feature cache as the decoder's feature source. */
-export function encoderCacheSource(encoder: EncoderPipeline): FeatureSource {
+/**
+ * The encoder's feature cache as the decoder's feature source. A tile's Prepare starts together
+ * with its Encode, so the fetch waits up to `waitMs` for the tile to reach the encoder.
+ */
+export function encoderCacheSource(encoder: EncoderPipeline, waitMs = DEFAULT_FEATURES_WAIT_MS): FeatureSource {
   return {
     name: 'encoder (this process)',
     fetch: async (digest) => {
+      await encoder.cache.untilPresent(digest, waitMs);
       const values = encoder.cache.get(digest) ?? (await encoder.cache.pending(digest)?.catch(() => undefined));
       // A copy: the decoder hands its features to a worker, which takes ownership of the buffer.
       if (values) return { values: values.slice() };

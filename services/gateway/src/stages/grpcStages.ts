@@ -421,7 +421,9 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
             {
               digest: tile.digest,
               rgb: input.rgb,
-              featuresFrom: this.encodedOn.get(tile.digest) ?? '',
+              // The encoder that encoded the tile, or (a Prepare sent with the Encode) the one the
+              // Encode goes to: the decoder waits there for the tile's features.
+              featuresFrom: this.encodedOn.get(tile.digest) ?? this.encoders.orderFor(tile.digest)[0] ?? '',
               modelVersion: this.options.modelVersion,
             },
             this.unaryOptions(call, { [SpanAttributes.digest]: tile.digest, 'cfrsam.replica': replica }),
