@@ -135,8 +135,8 @@ function expectPromptsCovered(r: SegmentResponse, blobs: readonly Blob[], fracti
   return found;
 }
 
-/** Prompts sent to decoders in the trace of the call that produced `imageId` (sum over Decode batches). */
-function decodedPrompts(imageId: string): number {
+/** The gateway's Segment span of the (last) call that produced `imageId`, and every span of its trace. */
+function segmentTrace(imageId: string): { root: SpanRecord; trace: SpanRecord[] } {
   const spans = stack.spans();
   const root = spans
     .filter(
@@ -144,8 +144,13 @@ function decodedPrompts(imageId: string): number {
     )
     .pop();
   if (!root) throw new Error(`no Segment span for ${imageId}`);
-  return spans
-    .filter((s) => s.traceId === root.traceId && s.service === 'gateway' && s.kind === 'CLIENT' && s.name.endsWith('Decoder/Decode'))
+  return { root, trace: spans.filter((s) => s.traceId === root.traceId) };
+}
+
+/** Prompts sent to decoders in the trace of the call that produced `imageId` (sum over Decode batches). */
+function decodedPrompts(imageId: string): number {
+  return segmentTrace(imageId)
+    .trace.filter((s) => s.service === 'gateway' && s.kind === 'CLIENT' && s.name.endsWith('Decoder/Decode'))
     .reduce((n, s) => n + Number(s.attributes['cfrsam.prompts']), 0);
 }
 
@@ -333,13 +338,7 @@ describe('gateway', () => {
     const blobs = blobGrid([30, 200, 330, 470], [60, 200]);
     const png = await syntheticPng(500, 260, blobs, 3);
     const r = await segment(request(png, { prompts: pointPrompts(blobs) }));
-    const spans = stack.spans();
-    const root = spans.find(
-      (s) =>
-        s.service === 'gateway' && s.kind === 'SERVER' && s.name.endsWith('Segmentation/Segment') && s.attributes['cfrsam.image_id'] === r.imageId,
-    );
-    expect(root).toBeDefined();
-    const trace = spans.filter((s) => s.traceId === root!.traceId);
+    const { root, trace } = segmentTrace(r.imageId);
     const byService = (svc: string, name: string, kind: string) => trace.filter((s) => s.service === svc && s.name.endsWith(name) && s.kind === kind);
     expect(byService('prompter', 'Prompter/Detect', 'SERVER').length).toBeGreaterThan(0);
     expect(byService('encoder', 'Encoder/Encode', 'SERVER').length).toBeGreaterThan(0);
@@ -364,13 +363,7 @@ describe('gateway', () => {
     const blobs = blobGrid([40, 200, 330], [60, 190]);
     const png = await syntheticPng(420, 260, blobs, 11);
     const r = await segment(request(png));
-    const spans = stack.spans();
-    const root = spans.find(
-      (s) =>
-        s.service === 'gateway' && s.kind === 'SERVER' && s.name.endsWith('Segmentation/Segment') && s.attributes['cfrsam.image_id'] === r.imageId,
-    );
-    expect(root).toBeDefined();
-    const trace = spans.filter((s) => s.traceId === root!.traceId);
+    const { trace } = segmentTrace(r.imageId);
     const encodes = trace.filter((s) => s.service === 'gateway' && s.kind === 'CLIENT' && s.name.endsWith('Encoder/Encode'));
     const prepares = trace.filter((s) => s.service === 'gateway' && s.kind === 'CLIENT' && s.name.endsWith('Decoder/Prepare'));
     expect(encodes.length).toBeGreaterThan(0);
