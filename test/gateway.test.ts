@@ -383,6 +383,35 @@ describe('gateway', () => {
     }
   });
 
+  it('grows each nucleus into its cell when asked (cell_expansion_um), and refuses a bad distance', async () => {
+    const blobs = blobGrid([50, 150, 250], [60, 180]);
+    const png = await syntheticPng(320, 256, blobs, 13);
+    const plain = await segment(request(png, { prompts: pointPrompts(blobs), mpp: 0.5 }));
+    const grown = await segment(request(png, { prompts: pointPrompts(blobs), mpp: 0.5, cellExpansionUm: 3, returnLabelMap: false }));
+    expect(grown.labelMap).toBeUndefined();
+    expect(grown.nuclei.map((n) => n.id)).toEqual(plain.nuclei.map((n) => n.id));
+    expect(plain.nuclei.every((n) => n.cell === undefined)).toBe(true);
+    for (const n of grown.nuclei) {
+      const cell = n.cell!;
+      expect(cell, `nucleus ${n.id}`).toBeDefined();
+      expect(cell.polygon.length).toBeGreaterThanOrEqual(3);
+      // 3 µm at 0.5 µm/px: up to 6 px around the nucleus, so the cell is larger, and holds it.
+      expect(cell.areaPx).toBeGreaterThan(n.measurements!.areaPx);
+      const xs = cell.polygon.map((p) => p.x);
+      const ys = cell.polygon.map((p) => p.y);
+      expect(Math.min(...xs)).toBeLessThanOrEqual(n.bbox!.x0);
+      expect(Math.max(...xs)).toBeGreaterThanOrEqual(n.bbox!.x1);
+      expect(Math.min(...ys)).toBeLessThanOrEqual(n.bbox!.y0);
+      expect(Math.max(...ys)).toBeGreaterThanOrEqual(n.bbox!.y1);
+      expect(cell.nucleusHematoxylinOd).toBeGreaterThan(0);
+    }
+    for (const um of [-1, 51, Number.NaN]) {
+      const err = await segmentError(request(png, { cellExpansionUm: um }));
+      expect(err.code, String(um)).toBe(status.INVALID_ARGUMENT);
+      expect(err.details).toMatch(/cell_expansion_um must be in \[0, 50\]/);
+    }
+  });
+
   it('propagates the client deadline', async () => {
     const blobs = blobGrid([40, 300, 560], [40, 250, 460]);
     const png = await syntheticPng(600, 500, blobs, 5);

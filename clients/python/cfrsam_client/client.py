@@ -224,6 +224,7 @@ class Client:
         mask_encoding="box",
         origin=(0.0, 0.0),
         downsample=1.0,
+        cell_expansion_um=0.0,
         model="",
         timeout=None,
     ):
@@ -234,7 +235,8 @@ class Client:
         "auto_and_manual". label_map_png: the label map travels as a 16-bit PNG (needs Pillow).
         masks / mask_encoding: RLE masks, "box" (inside the bbox) or "coco" (pycocotools).
         origin / downsample: where the image lies in a slide (level-0 pixels, level-0 pixels per
-        image pixel), for GeoJSON in the slide's coordinates.
+        image pixel), for GeoJSON in the slide's coordinates. cell_expansion_um: the service grows
+        each nucleus by up to this many µm into its cell (QuPath cell objects in to_geojson()).
         """
         data = image_bytes(image)
         request = pb.SegmentRequest(
@@ -250,6 +252,7 @@ class Client:
             downsample=downsample,
             mask_encoding=_mask_encoding(mask_encoding),
             label_map_encoding=pb.LABEL_MAP_ENCODING_PNG if label_map_png else pb.LABEL_MAP_ENCODING_RAW_UINT16,
+            cell_expansion_um=cell_expansion_um,
         )
         model_info = self.model_info()
         # The image's size announced in headers: the gateway prices the request before the upload
@@ -260,7 +263,17 @@ class Client:
             announce.append(("x-image-mpp", repr(float(mpp))))
         return SegmentResult(self._call(self.stub.Segment, request, timeout, announce), model_info)
 
-    def refine(self, image_id, prompts, *, label_map=False, masks=False, mask_encoding="box", timeout=None):
+    def refine(
+        self,
+        image_id,
+        prompts,
+        *,
+        label_map=False,
+        masks=False,
+        mask_encoding="box",
+        cell_expansion_um=0.0,
+        timeout=None,
+    ):
         """Segments new manual prompts on an image segmented recently (its image_id); only the decoder runs."""
         if isinstance(image_id, SegmentResult):
             image_id = image_id.image_id
@@ -270,6 +283,7 @@ class Client:
             return_label_map=label_map,
             return_masks=masks,
             mask_encoding=_mask_encoding(mask_encoding),
+            cell_expansion_um=cell_expansion_um,
         )
         model_info = self.model_info()
         return SegmentResult(self._call(self.stub.Refine, request, timeout), model_info)

@@ -116,6 +116,33 @@ def measurements(nucleus, mpp, class_names):
     return out
 
 
+def _polygon(points, ox, oy, ds):
+    """A GeoJSON Polygon of a closed outline, in slide coordinates (origin + downsample * pixels)."""
+    ring = [[ox + ds * p.x, oy + ds * p.y] for p in points]
+    ring.append(list(ring[0]))
+    return {"type": "Polygon", "coordinates": [ring]}
+
+
+def cell_measurements(nucleus_measurements, cell, scale):
+    """A cell object's measurements: the nucleus's under "Nucleus: ", the cell's, H&E optical densities."""
+    shared = ("Nucleus ID", "Score", "Predicted IoU", "Probability: ")
+    out = {}
+    for k, v in nucleus_measurements.items():
+        out[k if k.startswith(shared) else f"Nucleus: {k}"] = v
+    nucleus_area = nucleus_measurements.get("Area µm^2", nucleus_measurements.get("Area px^2", 0.0))
+    cell_area = cell.area_px * scale * scale if scale > 0 else cell.area_px
+    out["Cell: Area µm^2" if scale > 0 else "Cell: Area px^2"] = cell_area
+    out["Cell: Length µm" if scale > 0 else "Cell: Length px"] = (
+        cell.perimeter_px * scale if scale > 0 else cell.perimeter_px
+    )
+    out["Nucleus: Hematoxylin OD mean"] = cell.nucleus_hematoxylin_od
+    out["Nucleus: Eosin OD mean"] = cell.nucleus_eosin_od
+    out["Cell: Hematoxylin OD mean"] = cell.cell_hematoxylin_od
+    out["Cell: Eosin OD mean"] = cell.cell_eosin_od
+    out["Nucleus/Cell area ratio"] = nucleus_area / cell_area if cell_area > 0 else 0.0
+    return out
+
+
 def to_geojson(response, model, class_map=None):
     """A QuPath FeatureCollection (dict) of a SegmentResponse, given the ModelInfo that served it."""
     origin = response.origin if response.HasField("origin") else None
@@ -128,13 +155,21 @@ def to_geojson(response, model, class_map=None):
     for n in response.nuclei:
         if len(n.polygon) < 3:
             continue
-        ring = [[ox + ds * p.x, oy + ds * p.y] for p in n.polygon]
-        ring.append(list(ring[0]))
         m = measurements(n, mpp, names)
         # The mask's centroid in the output's coordinates (QuPath computes its own from the outline).
         m["Centroid X px"] = ox + ds * n.centroid.x
         m["Centroid Y px"] = oy + ds * n.centroid.y
+        geometry = _polygon(n.polygon, ox, oy, ds)
         props = {"objectType": "detection", "isLocked": False, "measurements": m}
+        # A nucleus the service grew into its cell (segment(..., cell_expansion_um=...)): a QuPath cell.
+        if n.HasField("cell") and len(n.cell.polygon) >= 3:
+            props = {
+                "objectType": "cell",
+                "nucleusGeometry": geometry,
+                "isLocked": False,
+                "measurements": cell_measurements(m, n.cell, mpp),
+            }
+            geometry = _polygon(n.cell.polygon, ox, oy, ds)
         if n.class_index in styles:
             name, color = styles[n.class_index]
             props["classification"] = {"name": name, "color": color}
@@ -142,7 +177,7 @@ def to_geojson(response, model, class_map=None):
             {
                 "type": "Feature",
                 "id": feature_id(response.image_id, n.id),
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "geometry": geometry,
                 "properties": props,
             }
         )

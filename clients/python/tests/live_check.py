@@ -111,7 +111,25 @@ def main(address, image_path):
         "class mapping applies",
     )
 
+    # Cells grown by the service: QuPath cell objects around the same nuclei.
+    grown = client.segment(image_path, mpp=0.25, origin=(10000, 20000), downsample=2, cell_expansion_um=3)
+    cell_geo = grown.to_geojson()
+    check(len(cell_geo["features"]) == n, "one cell per nucleus")
+    check(all(f["properties"]["objectType"] == "cell" for f in cell_geo["features"]), "cell objects")
+    g0 = cell_geo["features"][0]
+    check(g0["properties"]["nucleusGeometry"] == f0["geometry"], "the nucleus outline is the cell's nucleusGeometry")
+    cm = g0["properties"]["measurements"]
+    check(cm["Cell: Area µm^2"] > cm["Nucleus: Area µm^2"] > 0, "the cell is larger than its nucleus")
+    check(cm["Nucleus: Hematoxylin OD mean"] > 0, "H&E optical densities")
+
     # Bad input: a clear status, not a crash.
+    try:
+        client.segment(image_path, cell_expansion_um=500)
+        check(False, "a 500 µm cell expansion refused")
+    except CfrsamError as err:
+        check(
+            err.code.name == "INVALID_ARGUMENT" and "cell_expansion_um" in err.details, f"cell expansion error: {err}"
+        )
     try:
         client.segment(b"not an image")
         check(False, "bad image refused")

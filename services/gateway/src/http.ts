@@ -30,7 +30,7 @@ import {
   status,
   toServiceError,
 } from '@cfrsam/rpc';
-import { decodeImage, expandCells, labelMapFromBytes, parseQuPathClassMap, segmentResponseToGeoJson } from '@cfrsam/nuclei';
+import { parseQuPathClassMap, segmentResponseToGeoJson } from '@cfrsam/nuclei';
 import type { AdmissionReservation } from './admission/admission';
 import { announcedSize } from './admission/announce';
 import type { SegmentationPipeline } from './pipeline';
@@ -302,28 +302,27 @@ export function startHttpGateway(pipeline: SegmentationPipeline, options: HttpGa
             } catch (err) {
               throw new HttpError(400, `classes: ${(err as Error).message}`);
             }
-            // ?cells=UM grows each nucleus into a QuPath cell object (from the label map and the image).
+            // ?cells=UM grows each nucleus into a QuPath cell object (the request's cell_expansion_um).
             const cellsUm = Number(query.get('cells') ?? 0);
             if (!Number.isFinite(cellsUm) || cellsUm < 0) throw new HttpError(400, `cells must be a distance in µm >= 0, got ${query.get('cells')}`);
             const reservation = reserveAnnounced();
-            let request: segmentationProto.SegmentRequest;
             let response: segmentationProto.SegmentResponse;
             try {
-              request = parseRequest(segmentationProto.SegmentRequest, 'cfrsam.v1.SegmentRequest', await readBody(req, options.maxBodyBytes));
+              const request = parseRequest(segmentationProto.SegmentRequest, 'cfrsam.v1.SegmentRequest', await readBody(req, options.maxBodyBytes));
               response = await pipeline.segment(
-                { ...request, returnLabelMap: cellsUm > 0, returnMasks: false, labelMapEncoding: undefined },
+                {
+                  ...request,
+                  returnLabelMap: false,
+                  returnMasks: false,
+                  labelMapEncoding: undefined,
+                  cellExpansionUm: cellsUm > 0 ? cellsUm : request.cellExpansionUm,
+                },
                 { ...ctx, reservation: reservation?.id },
               );
             } finally {
               reservation?.release();
             }
-            let cells;
-            if (cellsUm > 0 && response.labelMap) {
-              const image = await decodeImage(request.image, { maxPixels: Number.MAX_SAFE_INTEGER, minSide: 1 });
-              const labels = labelMapFromBytes(response.labelMap.data, response.labelMap.width, response.labelMap.height);
-              cells = new Map(expandCells(labels, image, cellsUm / response.imageMpp).map((c) => [c.id, c]));
-            }
-            return send(res, 200, segmentResponseToGeoJson(response, pipeline.modelInfo().classes, classMap, cells));
+            return send(res, 200, segmentResponseToGeoJson(response, pipeline.modelInfo().classes, classMap));
           }
           case 'POST /v1/refine': {
             const request = parseRequest(segmentationProto.RefineRequest, 'cfrsam.v1.RefineRequest', await readBody(req, options.maxBodyBytes));

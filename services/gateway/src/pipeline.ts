@@ -12,6 +12,7 @@ import { digestTile, type Manifest } from '@cfrsam/contract';
 import {
   decodeImage,
   encodeLabelPng,
+  expandCells,
   extractTileRgb,
   glassRects,
   labelMapFromBytes,
@@ -335,6 +336,7 @@ export class SegmentationPipeline {
     if (!Number.isFinite(request.mpp) || request.mpp < 0) {
       throw grpcError(status.INVALID_ARGUMENT, `mpp must be a positive number of micrometres per pixel (or 0 for the model's), got ${request.mpp}`);
     }
+    checkCellExpansion(request.cellExpansionUm);
     const placement = slidePlacement(request);
     const image = await clock.time('decode', () =>
       withSpan('gateway.decode_image', { 'cfrsam.image_bytes': request.image.length }, async (span) => {
@@ -593,6 +595,7 @@ export class SegmentationPipeline {
       );
     }
     if (request.prompts.length === 0) throw grpcError(status.INVALID_ARGUMENT, 'Refine needs at least one prompt');
+    checkCellExpansion(request.cellExpansionUm);
     const { image, work, layout, scale } = entry;
     validatePrompts(request.prompts, image.width, image.height, this.config);
     const manual = this.manualPrompts(request.prompts, layout, scale);
@@ -631,18 +634,21 @@ export class SegmentationPipeline {
     candidates: DecodedCandidate[],
     stored: SegmentedImage,
     minScore: number,
-    output: Pick<segmentationProto.RefineRequest, 'returnLabelMap' | 'returnMasks' | 'maskEncoding' | 'labelMapEncoding'>,
+    output: Pick<segmentationProto.RefineRequest, 'returnLabelMap' | 'returnMasks' | 'maskEncoding' | 'labelMapEncoding' | 'cellExpansionUm'>,
     clock: StageClock,
     imageNotes: string[] = [],
   ): Promise<segmentationProto.SegmentResponse> {
     const { image, layout } = stored;
+    const cellsUm = output.cellExpansionUm ?? 0;
     const assembled = await clock.time('assemble', () =>
       withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async (span) => {
         const out = assembleNuclei(
           candidates,
           image,
-          this.assembleOptions(stored.mpp, minScore, output.returnLabelMap, output.returnMasks, output.maskEncoding),
+          // Cells grow from the label map, built for them even when the caller does not want it.
+          this.assembleOptions(stored.mpp, minScore, output.returnLabelMap || cellsUm > 0, output.returnMasks, output.maskEncoding),
         );
+        if (cellsUm > 0 && out.labelMap) attachCells(out.nuclei, out.labelMap, image, cellsUm / stored.mpp);
         span.setAttribute('cfrsam.nuclei', out.nuclei.length);
         return out;
       }),
@@ -653,7 +659,7 @@ export class SegmentationPipeline {
       height: image.height,
       nuclei: assembled.nuclei,
       counts: assembled.counts,
-      labelMap: await encodeLabelMapAs(assembled.labelMap, output.labelMapEncoding),
+      labelMap: output.returnLabelMap ? await encodeLabelMapAs(assembled.labelMap, output.labelMapEncoding) : undefined,
       modelName: this.manifest.name,
       modelVersion: this.manifest.version,
       timings: clock.timings(),
@@ -663,6 +669,39 @@ export class SegmentationPipeline {
       modelMpp: this.manifest.mpp,
       ...stored.placement,
       ...(imageNotes.length > 0 ? { imageNotes: imageNotes.join('; ') } : {}),
+    };
+  }
+}
+
+/** The largest cell expansion a request may ask for (QuPath's cell detection defaults to 5 µm). */
+export const MAX_CELL_EXPANSION_UM = 50;
+
+/** INVALID_ARGUMENT unless cell_expansion_um is unset or in [0, MAX_CELL_EXPANSION_UM]. */
+function checkCellExpansion(um: number | undefined): void {
+  if (um === undefined) return;
+  if (!Number.isFinite(um) || um < 0 || um > MAX_CELL_EXPANSION_UM) {
+    throw grpcError(status.INVALID_ARGUMENT, `cell_expansion_um must be in [0, ${MAX_CELL_EXPANSION_UM}] micrometres, got ${um}`);
+  }
+}
+
+/**
+ * Grows every nucleus into its cell (expandCells: up to `expansionPx` into the background, a pixel
+ * going to the nearest nucleus) and sets Nucleus.cell (SegmentRequest.cell_expansion_um).
+ */
+function attachCells(nuclei: segmentationProto.Nucleus[], labelMap: segmentationProto.LabelMap, image: RgbImage, expansionPx: number): void {
+  const labels = labelMapFromBytes(labelMap.data, labelMap.width, labelMap.height);
+  const cells = new Map(expandCells(labels, image, expansionPx).map((c) => [c.id, c]));
+  for (const n of nuclei) {
+    const c = cells.get(n.id);
+    if (!c) continue;
+    n.cell = {
+      polygon: c.polygon.map((p) => ({ x: p.x, y: p.y })),
+      areaPx: c.areaPx,
+      perimeterPx: c.perimeterPx,
+      nucleusHematoxylinOd: c.nucleus.hematoxylinOd,
+      nucleusEosinOd: c.nucleus.eosinOd,
+      cellHematoxylinOd: c.cell.hematoxylinOd,
+      cellEosinOd: c.cell.eosinOd,
     };
   }
 }

@@ -262,11 +262,29 @@ export function nucleiToGeoJson(
  * A Segment response as QuPath GeoJSON: in the slide's coordinates from the response's origin and
  * downsample, µm from its image_mpp, and the model and image at the collection level.
  */
+/** The cells the service grew (SegmentRequest.cell_expansion_um: Nucleus.cell), by nucleus id; undefined when none. */
+export function cellsOfResponse(response: segmentationProto.SegmentResponse): Map<number, Cell> | undefined {
+  const cells = new Map<number, Cell>();
+  for (const n of response.nuclei) {
+    if (!n.cell) continue;
+    const c = n.cell;
+    cells.set(n.id, {
+      id: n.id,
+      polygon: c.polygon,
+      areaPx: c.areaPx,
+      perimeterPx: c.perimeterPx,
+      nucleus: { hematoxylinOd: c.nucleusHematoxylinOd, eosinOd: c.nucleusEosinOd },
+      cell: { hematoxylinOd: c.cellHematoxylinOd, eosinOd: c.cellEosinOd },
+    });
+  }
+  return cells.size > 0 ? cells : undefined;
+}
+
 export function segmentResponseToGeoJson(
   response: segmentationProto.SegmentResponse,
   classes: readonly ClassStyle[],
   classMap: QuPathClassMap = {},
-  cells?: ReadonlyMap<number, Cell>,
+  cells: ReadonlyMap<number, Cell> | undefined = cellsOfResponse(response),
 ): GeoJsonFeatureCollection {
   const origin = response.origin ?? { x: 0, y: 0 };
   const downsample = response.downsample && response.downsample > 0 ? response.downsample : 1;

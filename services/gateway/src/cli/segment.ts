@@ -16,7 +16,6 @@ import {
   decodeImage,
   encodeLabelPng,
   encodeOverlayPng,
-  expandCells,
   labelMapFromBytes,
   nucleiToCsv,
   nucleiToSidecar,
@@ -166,9 +165,7 @@ export async function writeOutputs(
   imageBytes: Buffer,
   response: segmentationProto.SegmentResponse,
   model: segmentationProto.ModelInfo,
-  mpp: number,
   classMap: QuPathClassMap = {},
-  cellExpansionUm = 0,
 ): Promise<SegmentOutputs> {
   const classes = model.classes.map((c) => ({ index: c.index, name: c.name, color: c.color }));
   const files: SegmentOutputs = {
@@ -181,17 +178,17 @@ export async function writeOutputs(
   const lm = response.labelMap;
   if (!lm) throw new Error('the gateway returned no label map');
   const labels = labelMapFromBytes(lm.data, lm.width, lm.height);
-  // The image as the gateway saw it (same decoder, same conversion): cells and the overlay.
+  // The image as the gateway saw it (same decoder, same conversion), for the overlay.
   const image = await decodeImage(imageBytes, { maxPixels: Number.MAX_SAFE_INTEGER, minSide: 1 });
-  const cells = cellExpansionUm > 0 && mpp > 0 ? new Map(expandCells(labels, image, cellExpansionUm / mpp).map((c) => [c.id, c])) : undefined;
-  await fs.writeFile(files.geojson, JSON.stringify(segmentResponseToGeoJson(response, classes, classMap, cells)) + '\n');
+  // Cells, when asked for, are in the response (Nucleus.cell).
+  await fs.writeFile(files.geojson, JSON.stringify(segmentResponseToGeoJson(response, classes, classMap)) + '\n');
   await fs.writeFile(files.csv, nucleiToCsv(response.nuclei, classes));
   await fs.writeFile(files.labels, await encodeLabelPng(labels, lm.width, lm.height));
   const sidecar = nucleiToSidecar(
     response.nuclei,
     classes.map((c) => c.name),
     `cfrsam segment (${response.modelName} ${response.modelVersion})`,
-    mpp > 0 ? mpp : undefined,
+    response.imageMpp || model.mpp || undefined,
   );
   await fs.writeFile(files.sidecar, JSON.stringify(sidecar, null, 1) + '\n');
   const colorById = new Map<number, Rgb>();
@@ -355,12 +352,14 @@ export async function runSegment(argv: readonly string[], io: CliIo = defaultIo)
           mpp,
           origin,
           downsample: flags.downsample,
+          // The gateway grows the cells (Nucleus.cell), from its label map and the image it decoded.
+          ...(flags.cells > 0 ? { cellExpansionUm: flags.cells } : {}),
         };
         const response = await withRetries(
           () => unary(client, client.segment, request, { timeoutMs: flags.timeoutS * 1000, metadata: announceImage(request.image, request.mpp) }),
           retry,
         );
-        await writeOutputs(flags.out, name, bytes, response, model, response.imageMpp || model.mpp, classMap, flags.cells);
+        await writeOutputs(flags.out, name, bytes, response, model, classMap);
         if (response.mppAssumed)
           io.stderr.write(`${name}: no resolution given or in the file; assumed the model's ${response.modelMpp} um/px (pass --mpp)\n`);
         if (response.imageNotes) io.stderr.write(`${name}: ${response.imageNotes}\n`);
