@@ -5,6 +5,7 @@ import {
   drawOutlines,
   encodeLabelPng,
   encodeOverlayPng,
+  cellToProto,
   expandCells,
   heOpticalDensity,
   nucleiToCsv,
@@ -243,7 +244,7 @@ describe('QuPath cells', () => {
       ],
     };
     const cells = new Map(expandCells(labels, image, 5).map((c) => [c.id, c]));
-    const f = nucleiToGeoJson([n1], classes, 'img', { mpp: 0.5, cells }).features[0];
+    const f = nucleiToGeoJson([{ ...n1, cell: cellToProto(cells.get(1)!) }], classes, 'img', { mpp: 0.5 }).features[0];
     expect(f.properties.objectType).toBe('cell');
     expect(f.properties.nucleusGeometry?.coordinates[0][0]).toEqual([8, 8]);
     const m = f.properties.measurements;

@@ -5,8 +5,10 @@ import { status } from '@grpc/grpc-js';
 import { grpcError, segmentationProto } from '@cfrsam/rpc';
 import {
   buildLabelMap,
+  cellToProto,
   cocoCountsString,
   encodeCocoRle,
+  expandCells,
   encodeRle,
   instanceOrder,
   labelMapToBytes,
@@ -51,6 +53,11 @@ export interface AssembleOptions {
   minScore: number;
   returnLabelMap: boolean;
   returnMasks: boolean;
+  /**
+   * Grow each nucleus into its cell by up to this many pixels (expandCells over the label map:
+   * a background pixel goes to the nearest nucleus) and set Nucleus.cell; 0 or unset: no cells.
+   */
+  cellExpansionPx?: number;
   /** Box row-major RLE (default) or COCO's whole-image column-major RLE. */
   maskEncoding?: segmentationProto.MaskEncoding;
   minKeptFraction: number;
@@ -69,10 +76,12 @@ export function assembleNuclei(candidates: DecodedCandidate[], image: RgbImage, 
   const resolved = resolveOverlaps(kept, { minKeptFraction: options.minKeptFraction, minAreaPx: options.minAreaPx });
   const measured = resolved.map((c) => ({ c, shape: measureMask(c.mask, image, options.mpp) }));
   const order = instanceOrder(measured.map((m) => ({ cx: m.shape.centroid.x, cy: m.shape.centroid.y, score: m.c.score })));
-  if (options.returnLabelMap && order.length > MAX_LABEL) {
+  const growCells = (options.cellExpansionPx ?? 0) > 0;
+  if ((options.returnLabelMap || growCells) && order.length > MAX_LABEL) {
     throw grpcError(
       status.INVALID_ARGUMENT,
-      `return_label_map: ${order.length} nuclei exceed the ${MAX_LABEL} labels of a 16-bit label map; segment smaller regions`,
+      `${options.returnLabelMap ? 'return_label_map' : 'cell_expansion_um'}: ${order.length} nuclei exceed the ${MAX_LABEL} labels of a ` +
+        '16-bit label map; segment smaller regions',
     );
   }
   const nuclei: segmentationProto.Nucleus[] = [];
@@ -119,12 +128,13 @@ export function assembleNuclei(candidates: DecodedCandidate[], image: RgbImage, 
   }
   if (unclassified > 0) counts.push({ classIndex: UNCLASSIFIED.index, className: UNCLASSIFIED.name, count: unclassified });
   const out: Assembled = { nuclei, counts };
-  if (options.returnLabelMap) {
-    out.labelMap = {
-      width: image.width,
-      height: image.height,
-      data: labelMapToBytes(buildLabelMap(image.width, image.height, masks)),
-    };
+  if (options.returnLabelMap || growCells) {
+    const labels = buildLabelMap(image.width, image.height, masks);
+    if (growCells) {
+      // Labels are ids: nuclei[id - 1] is the nucleus of label id.
+      for (const cell of expandCells(labels, image, options.cellExpansionPx!)) nuclei[cell.id - 1].cell = cellToProto(cell);
+    }
+    if (options.returnLabelMap) out.labelMap = { width: image.width, height: image.height, data: labelMapToBytes(labels) };
   }
   return out;
 }

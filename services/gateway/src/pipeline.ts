@@ -12,7 +12,6 @@ import { digestTile, type Manifest } from '@cfrsam/contract';
 import {
   decodeImage,
   encodeLabelPng,
-  expandCells,
   extractTileRgb,
   glassRects,
   labelMapFromBytes,
@@ -460,9 +459,11 @@ export class SegmentationPipeline {
     returnLabelMap: boolean,
     returnMasks: boolean,
     maskEncoding?: segmentationProto.MaskEncoding,
+    cellExpansionPx = 0,
   ) {
     return {
       maskEncoding,
+      cellExpansionPx,
       classNames: this.manifest.classes.map((c) => c.name),
       mpp,
       minScore,
@@ -639,16 +640,20 @@ export class SegmentationPipeline {
     imageNotes: string[] = [],
   ): Promise<segmentationProto.SegmentResponse> {
     const { image, layout } = stored;
-    const cellsUm = output.cellExpansionUm ?? 0;
     const assembled = await clock.time('assemble', () =>
       withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async (span) => {
         const out = assembleNuclei(
           candidates,
           image,
-          // Cells grow from the label map, built for them even when the caller does not want it.
-          this.assembleOptions(stored.mpp, minScore, output.returnLabelMap || cellsUm > 0, output.returnMasks, output.maskEncoding),
+          this.assembleOptions(
+            stored.mpp,
+            minScore,
+            output.returnLabelMap,
+            output.returnMasks,
+            output.maskEncoding,
+            (output.cellExpansionUm ?? 0) / stored.mpp,
+          ),
         );
-        if (cellsUm > 0 && out.labelMap) attachCells(out.nuclei, out.labelMap, image, cellsUm / stored.mpp);
         span.setAttribute('cfrsam.nuclei', out.nuclei.length);
         return out;
       }),
@@ -659,7 +664,7 @@ export class SegmentationPipeline {
       height: image.height,
       nuclei: assembled.nuclei,
       counts: assembled.counts,
-      labelMap: output.returnLabelMap ? await encodeLabelMapAs(assembled.labelMap, output.labelMapEncoding) : undefined,
+      labelMap: await encodeLabelMapAs(assembled.labelMap, output.labelMapEncoding),
       modelName: this.manifest.name,
       modelVersion: this.manifest.version,
       timings: clock.timings(),
@@ -681,28 +686,6 @@ function checkCellExpansion(um: number | undefined): void {
   if (um === undefined) return;
   if (!Number.isFinite(um) || um < 0 || um > MAX_CELL_EXPANSION_UM) {
     throw grpcError(status.INVALID_ARGUMENT, `cell_expansion_um must be in [0, ${MAX_CELL_EXPANSION_UM}] micrometres, got ${um}`);
-  }
-}
-
-/**
- * Grows every nucleus into its cell (expandCells: up to `expansionPx` into the background, a pixel
- * going to the nearest nucleus) and sets Nucleus.cell (SegmentRequest.cell_expansion_um).
- */
-function attachCells(nuclei: segmentationProto.Nucleus[], labelMap: segmentationProto.LabelMap, image: RgbImage, expansionPx: number): void {
-  const labels = labelMapFromBytes(labelMap.data, labelMap.width, labelMap.height);
-  const cells = new Map(expandCells(labels, image, expansionPx).map((c) => [c.id, c]));
-  for (const n of nuclei) {
-    const c = cells.get(n.id);
-    if (!c) continue;
-    n.cell = {
-      polygon: c.polygon.map((p) => ({ x: p.x, y: p.y })),
-      areaPx: c.areaPx,
-      perimeterPx: c.perimeterPx,
-      nucleusHematoxylinOd: c.nucleus.hematoxylinOd,
-      nucleusEosinOd: c.nucleus.eosinOd,
-      cellHematoxylinOd: c.cell.hematoxylinOd,
-      cellEosinOd: c.cell.eosinOd,
-    };
   }
 }
 

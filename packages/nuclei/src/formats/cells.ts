@@ -1,6 +1,7 @@
 // Cells for QuPath: each nucleus grown by a distance in µm into the background, never into another
 // nucleus or another cell (pixels go to the nearest nucleus, as QuPath's cell expansion after
 // StarDist or InstanSeg does), with H&E optical densities inside the nucleus and the whole cell.
+import type { segmentationProto } from '@cfrsam/rpc';
 import type { RgbImage } from '../imaging/decode';
 import { contourPerimeter, traceOuterContour, type XY } from '../instances/contour';
 import { keepComponent, removePinches } from '../instances/mask';
@@ -151,4 +152,17 @@ export function expandCells(labels: Uint16Array, image: RgbImage, expansionPx: n
     });
   });
   return cells;
+}
+
+/** A cell as the API returns it (Nucleus.cell). */
+export function cellToProto(cell: Cell): segmentationProto.Cell {
+  return {
+    polygon: cell.polygon.map((p) => ({ x: p.x, y: p.y })),
+    areaPx: cell.areaPx,
+    perimeterPx: cell.perimeterPx,
+    nucleusHematoxylinOd: cell.nucleus.hematoxylinOd,
+    nucleusEosinOd: cell.nucleus.eosinOd,
+    cellHematoxylinOd: cell.cell.hematoxylinOd,
+    cellEosinOd: cell.cell.eosinOd,
+  };
 }

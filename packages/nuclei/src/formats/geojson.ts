@@ -11,7 +11,6 @@ import type { segmentationProto } from '@cfrsam/rpc';
 
 type Nucleus = segmentationProto.Nucleus;
 import { convexHull } from '../instances/contour';
-import type { Cell } from './cells';
 import { parseHexColor, type ClassStyle, type Rgb } from './color';
 
 export interface GeoJsonFeature {
@@ -185,12 +184,10 @@ export interface GeoJsonOptions {
   classMap?: QuPathClassMap;
   /** The collection's `properties` (model, image...). */
   properties?: GeoJsonCollectionProperties;
-  /** Cells by nucleus id (expandCells): those nuclei become QuPath `cell` objects. */
-  cells?: ReadonlyMap<number, Cell>;
 }
 
 /** Measurements of a cell object: the nucleus's under "Nucleus: ", the cell's, H&E optical densities. */
-function cellMeasurements(nucleus: Record<string, number>, cell: Cell, scale: number): Record<string, number> {
+function cellMeasurements(nucleus: Record<string, number>, cell: segmentationProto.Cell, scale: number): Record<string, number> {
   const out: Record<string, number> = {};
   const shared = /^(Nucleus ID|Score|Predicted IoU|Probability: )/;
   for (const [k, v] of Object.entries(nucleus)) out[shared.test(k) ? k : `Nucleus: ${k}`] = v;
@@ -199,10 +196,10 @@ function cellMeasurements(nucleus: Record<string, number>, cell: Cell, scale: nu
   Object.assign(out, {
     [scale > 0 ? 'Cell: Area µm^2' : 'Cell: Area px^2']: cellArea,
     [scale > 0 ? 'Cell: Length µm' : 'Cell: Length px']: scale > 0 ? cell.perimeterPx * scale : cell.perimeterPx,
-    'Nucleus: Hematoxylin OD mean': cell.nucleus.hematoxylinOd,
-    'Nucleus: Eosin OD mean': cell.nucleus.eosinOd,
-    'Cell: Hematoxylin OD mean': cell.cell.hematoxylinOd,
-    'Cell: Eosin OD mean': cell.cell.eosinOd,
+    'Nucleus: Hematoxylin OD mean': cell.nucleusHematoxylinOd,
+    'Nucleus: Eosin OD mean': cell.nucleusEosinOd,
+    'Cell: Hematoxylin OD mean': cell.cellHematoxylinOd,
+    'Cell: Eosin OD mean': cell.cellEosinOd,
     'Nucleus/Cell area ratio': cellArea > 0 ? nucleusArea / cellArea : 0,
   });
   return out;
@@ -233,7 +230,8 @@ export function nucleiToGeoJson(
       measurements['Centroid X px'] = ox + ds * n.centroid.x;
       measurements['Centroid Y px'] = oy + ds * n.centroid.y;
     }
-    const cell = options.cells?.get(n.id);
+    // A nucleus grown into its cell (SegmentRequest.cell_expansion_um) is a QuPath cell object.
+    const cell = n.cell;
     const feature: GeoJsonFeature = {
       type: 'Feature',
       id: featureId(imageId, n.id),
@@ -262,29 +260,10 @@ export function nucleiToGeoJson(
  * A Segment response as QuPath GeoJSON: in the slide's coordinates from the response's origin and
  * downsample, µm from its image_mpp, and the model and image at the collection level.
  */
-/** The cells the service grew (SegmentRequest.cell_expansion_um: Nucleus.cell), by nucleus id; undefined when none. */
-export function cellsOfResponse(response: segmentationProto.SegmentResponse): Map<number, Cell> | undefined {
-  const cells = new Map<number, Cell>();
-  for (const n of response.nuclei) {
-    if (!n.cell) continue;
-    const c = n.cell;
-    cells.set(n.id, {
-      id: n.id,
-      polygon: c.polygon,
-      areaPx: c.areaPx,
-      perimeterPx: c.perimeterPx,
-      nucleus: { hematoxylinOd: c.nucleusHematoxylinOd, eosinOd: c.nucleusEosinOd },
-      cell: { hematoxylinOd: c.cellHematoxylinOd, eosinOd: c.cellEosinOd },
-    });
-  }
-  return cells.size > 0 ? cells : undefined;
-}
-
 export function segmentResponseToGeoJson(
   response: segmentationProto.SegmentResponse,
   classes: readonly ClassStyle[],
   classMap: QuPathClassMap = {},
-  cells: ReadonlyMap<number, Cell> | undefined = cellsOfResponse(response),
 ): GeoJsonFeatureCollection {
   const origin = response.origin ?? { x: 0, y: 0 };
   const downsample = response.downsample && response.downsample > 0 ? response.downsample : 1;
@@ -293,7 +272,6 @@ export function segmentResponseToGeoJson(
     downsample,
     mpp: response.imageMpp,
     classMap,
-    cells,
     properties: {
       model: { name: response.modelName, version: response.modelVersion, mpp: response.modelMpp },
       image: {
