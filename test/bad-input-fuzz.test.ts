@@ -157,6 +157,7 @@ describe('malformed input, from a fixed seed', () => {
         if (chance(0.3)) request.pixels = tensor();
         if (chance(0.4)) request.rgb = pick([tileRgb, Buffer.alloc(5)]);
         if (chance(0.4)) request.featuresFrom = pick([stack.encoder, '127.0.0.1:1', 'nonsense', '', 'dns:///nowhere:1']);
+        if (chance(0.3)) request.featuresWaitMs = pick([0, 1, 50, 4_294_967_295]);
         await unary(decoder, decoder.prepare, request, { timeoutMs: 60_000 }).catch(fault(`Prepare #${i}`));
       }
       await unary(decoder, decoder.prepare, { digest: tileDigest, modelVersion: version, rgb: tileRgb, featuresFrom: stack.encoder });

@@ -7,7 +7,8 @@ import * as path from 'node:path';
 import { PassThrough } from 'node:stream';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { errorDetailsOf, segmentationProto, type SpanRecord, status, unary } from '@cfrsam/rpc';
+import { digestTile } from '@cfrsam/contract';
+import { ErrorReason, errorReason, errorDetailsOf, makeClient, segmentationProto, type SpanRecord, stagesProto, status, unary } from '@cfrsam/rpc';
 import { labelMapFromBytes, planTiles } from '@cfrsam/nuclei';
 import { runSegment } from '../services/gateway/dist/cli/segment';
 import { comparableResponse, segmentRequest, startTestStack, type TestStack } from './stack';
@@ -380,6 +381,38 @@ describe('gateway', () => {
       const fetch = trace.find((s) => s.parentSpanId === server!.spanId && s.kind === 'CLIENT' && s.name.endsWith('Encoder/Encode'));
       expect(fetch, 'the decoder asked an encoder for the features').toBeDefined();
       expect(fetch!.attributes['rpc.grpc.status_code']).toBe(0);
+    }
+  });
+
+  it('a Prepare waits for features only when asked (features_wait_ms): evicted ones are reported at once', async () => {
+    const decoder = makeClient(stagesProto.DecoderClient, stack.decoders[0], { maxMessageBytes: 64 * 1024 * 1024 });
+    const freshTile = (seed: number) => {
+      const rgb = Buffer.alloc(model.inputSize * model.inputSize * 3);
+      for (let i = 0; i < rgb.length; i++) rgb[i] = (i * 7919 + seed * 104729) % 251;
+      return { rgb, digest: digestTile(rgb, model.version) };
+    };
+    const prepare = (t: { rgb: Buffer; digest: string }, featuresWaitMs?: number) =>
+      unary(decoder, decoder.prepare, { digest: t.digest, rgb: t.rgb, featuresFrom: stack.encoder, modelVersion: model.version, featuresWaitMs });
+    try {
+      // Features no encoder holds, no wait asked (a Refine long after its Segment): FEATURES_MISSING
+      // without the decoder's 1 s wait (its cap) being spent.
+      const absent = freshTile(Date.now() % 1000);
+      const started = Date.now();
+      const err = await prepare(absent).catch((e: unknown) => e);
+      expect(errorReason(err)).toBe(ErrorReason.FEATURES_MISSING);
+      expect(Date.now() - started).toBeLessThan(900);
+      // The same, with a wait asked and the tile's Encode sent after the Prepare: the fetch waits
+      // at the encoder for it and the Prepare succeeds.
+      const early = prepare(absent, 1_000);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      await unary(stack.encoderClient, stack.encoderClient.encode, {
+        tiles: [{ digest: absent.digest, rgb: absent.rgb }],
+        modelVersion: model.version,
+        returnFeatures: false,
+      });
+      expect((await early).alreadyPrepared).toBe(false);
+    } finally {
+      decoder.close();
     }
   });
 

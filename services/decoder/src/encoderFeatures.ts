@@ -5,9 +5,10 @@
 // gateway used, so the first answer is nearly always a hit. A hint naming any other address is
 // ignored: the decoder only calls the encoders it was configured with. The first replica asked is
 // the one the gateway sends the tile to, and the gateway starts the Prepare together with the
-// Encode: that request waits up to waitMs for the tile to arrive there (EncodeRequest.wait_ms).
+// Encode, and asks the decoder to wait for it (PrepareRequest.features_wait_ms): the request to that
+// replica waits up to that long for the tile to arrive there (EncodeRequest.wait_ms).
 import { isServiceError, makeClient, ReplicaSet, stagesProto, status, unary, type MakeClientOptions } from '@cfrsam/rpc';
-import { DEFAULT_FEATURES_WAIT_MS, type FeatureSource } from './pipeline';
+import type { FeatureSource } from './pipeline';
 
 export interface EncoderFeatureSourceOptions {
   /** Encoder addresses and dns:/// names (--encoder). */
@@ -16,8 +17,6 @@ export interface EncoderFeatureSourceOptions {
   /** Features per tile (product of the manifest's feature_shape). */
   featureCount: number;
   timeoutMs?: number;
-  /** How long the first replica asked waits for a tile still on its way to it (default DEFAULT_FEATURES_WAIT_MS). */
-  waitMs?: number;
   client?: MakeClientOptions;
 }
 
@@ -37,7 +36,7 @@ export class EncoderFeatureSource implements FeatureSource {
     return this.encoders.start();
   }
 
-  async fetch(digest: string, hint: string): Promise<{ values: Float32Array | null; error?: string }> {
+  async fetch(digest: string, hint: string, waitMs: number): Promise<{ values: Float32Array | null; error?: string }> {
     const rendezvous = this.encoders.orderFor(digest);
     const order = hint && rendezvous.includes(hint) ? [hint, ...rendezvous.filter((r) => r !== hint)] : rendezvous;
     const errors: string[] = [];
@@ -45,11 +44,11 @@ export class EncoderFeatureSource implements FeatureSource {
     for (const [i, replica] of order.entries()) {
       try {
         const client = this.encoders.client(replica);
-        const waitMs = i === 0 ? (this.options.waitMs ?? DEFAULT_FEATURES_WAIT_MS) : 0;
+        // Only the replica the Encode went to is worth waiting at; the others answer at once.
         const res = await unary(
           client,
           client.encode,
-          { tiles: [{ digest, rgb: Buffer.alloc(0) }], modelVersion: this.options.modelVersion, returnFeatures: true, waitMs },
+          { tiles: [{ digest, rgb: Buffer.alloc(0) }], modelVersion: this.options.modelVersion, returnFeatures: true, waitMs: i === 0 ? waitMs : 0 },
           { timeoutMs: this.options.timeoutMs ?? 30_000 },
         );
         const t = res.tiles[0]?.features;

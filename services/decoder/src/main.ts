@@ -5,7 +5,7 @@
 // (--encoder), so they never travel through the gateway.
 import { listFlag, parseFlags, runMain, stageServiceFlags, stageServiceMainOptions } from '@cfrsam/rpc';
 import { openSharedFeatureStore, sharedFeatureCacheFlags } from '@cfrsam/runtime';
-import { DEFAULT_FEATURES_WAIT_MS } from './pipeline';
+import { DEFAULT_MAX_FEATURES_WAIT_MS } from './pipeline';
 import { DEFAULT_DECODER_PORT, startDecoder } from './server';
 
 const flags = {
@@ -23,8 +23,8 @@ const flags = {
   featuresWaitMs: {
     type: 'int',
     env: 'CFRSAM_FEATURES_WAIT_MS',
-    default: DEFAULT_FEATURES_WAIT_MS,
-    help: "how long a Prepare's feature fetch waits at the encoder for a tile still on its way there (ms)",
+    default: DEFAULT_MAX_FEATURES_WAIT_MS,
+    help: "the longest a Prepare may ask its feature fetch to wait at the encoder for a tile still on its way there (ms; the gateway asks while the tile's Encode is in flight)",
   },
   acceptUnverifiedInput: {
     type: 'boolean',
@@ -47,7 +47,7 @@ async function main(): Promise<void> {
     // Prepares without features read the shared tier (see pipeline.ts); off without --nats-url.
     sharedStore: openSharedFeatureStore(config, 'decoder'),
     encoders: listFlag(config.encoder),
-    featuresWaitMs: config.featuresWaitMs,
+    maxFeaturesWaitMs: config.featuresWaitMs,
   });
 }
 

@@ -31,11 +31,12 @@ import {
 import { featureKey, float32Lookup, type OnnxWorkerPool, type SharedFeatureStore } from '@cfrsam/runtime';
 
 /**
- * How long a Prepare's feature fetch waits for a tile that has not reached its encoder yet (the
- * gateway sends the Prepare together with the Encode): a tile normally arrives within
- * milliseconds; the wait only runs out when the Encode went to another replica or failed.
+ * The longest a Prepare may ask its feature fetch to wait for a tile that has not reached its
+ * encoder yet (PrepareRequest.features_wait_ms: the gateway asks only for a Prepare sent together
+ * with the tile's Encode). A tile normally arrives within milliseconds; the wait only runs out when
+ * the Encode went to another replica or failed.
  */
-export const DEFAULT_FEATURES_WAIT_MS = 1_000;
+export const DEFAULT_MAX_FEATURES_WAIT_MS = 1_000;
 
 export interface DecoderPipelineOptions {
   /** Prompts per decoder_prompts.onnx run (default 32). */
@@ -55,6 +56,8 @@ export interface DecoderPipelineOptions {
    * (default false: INVALID_ARGUMENT; see the file comment). For tools and tests only.
    */
   acceptUnverifiedInput?: boolean;
+  /** Cap on a Prepare's features_wait_ms (default DEFAULT_MAX_FEATURES_WAIT_MS). */
+  maxFeaturesWaitMs?: number;
 }
 
 /** What Prepare did, beyond its response: where it fetched the features from, when it did. */
@@ -62,11 +65,13 @@ export type PrepareResult = stagesProto.PrepareResponse & { featuresFrom?: strin
 
 /**
  * Where a decoder fetches a tile's features when Prepare does not carry them (see the file
- * comment): the shared tier and the encoders. `hint` is the encoder that encoded the tile.
+ * comment): the shared tier and the encoders. `hint` is the encoder that encoded the tile (or that
+ * its Encode went to); `waitMs`, how long a source may wait for a tile still on its way to it (0:
+ * answer from what it holds now).
  */
 export interface FeatureSource {
   readonly name: string;
-  fetch(digest: string, hint: string): Promise<{ values: Float32Array | null; error?: string }>;
+  fetch(digest: string, hint: string, waitMs: number): Promise<{ values: Float32Array | null; error?: string }>;
   close?(): Promise<void> | void;
 }
 
@@ -163,6 +168,7 @@ export class DecoderPipeline {
   preparations = 0;
   private readonly window: number;
   private readonly acceptUnverifiedInput: boolean;
+  private readonly maxFeaturesWaitMs: number;
 
   constructor(
     readonly manifest: Manifest,
@@ -176,15 +182,17 @@ export class DecoderPipeline {
     this.window = manifest.refinement.mode === 'window' ? manifest.refinement.window : manifest.inputSize;
     this.sharedStore = options.sharedStore;
     this.acceptUnverifiedInput = options.acceptUnverifiedInput ?? false;
+    this.maxFeaturesWaitMs = Math.max(0, options.maxFeaturesWaitMs ?? DEFAULT_MAX_FEATURES_WAIT_MS);
     this.featureSources = [...(options.sharedStore ? [sharedTierSource(options.sharedStore, manifest)] : []), ...(options.featureSources ?? [])];
   }
 
   /**
    * A Prepare's features fetched by this decoder: from each source in turn (the shared tier, then
-   * the encoders), `hint` being the encoder that encoded the tile. FAILED_PRECONDITION with reason
-   * FEATURES_MISSING when no source holds them (the caller encodes the tile again).
+   * the encoders), `hint` being the encoder that encoded the tile, `waitMs` how long a source may
+   * wait for the tile still on its way. FAILED_PRECONDITION with reason FEATURES_MISSING when no
+   * source holds them (the caller encodes the tile again).
    */
-  private async fetchFeatures(digest: string, hint: string): Promise<{ features: Float32Tensor; source: string }> {
+  private async fetchFeatures(digest: string, hint: string, waitMs: number): Promise<{ features: Float32Tensor; source: string }> {
     const dims = this.manifest.featureShape;
     if (this.featureSources.length === 0) {
       throw grpcError(
@@ -195,7 +203,7 @@ export class DecoderPipeline {
     }
     const problems: string[] = [];
     for (const source of this.featureSources) {
-      const { values, error } = await source.fetch(digest, hint);
+      const { values, error } = await source.fetch(digest, hint, waitMs);
       if (values) return { features: { type: 'float32', dims: [...dims], data: values }, source: source.name };
       problems.push(`${source.name}: ${error ?? 'absent'}`);
     }
@@ -250,7 +258,8 @@ export class DecoderPipeline {
       abandonedBeforeWork(signal);
       // Fetched before joining the single-flight below, so that a miss here fails only this call
       // and never a concurrent Prepare that brought its features.
-      const fetched = await this.fetchFeatures(request.digest, request.featuresFrom ?? '');
+      const waitMs = Math.min(request.featuresWaitMs ?? 0, this.maxFeaturesWaitMs);
+      const fetched = await this.fetchFeatures(request.digest, request.featuresFrom ?? '', waitMs);
       features = fetched.features;
       featuresFrom = fetched.source;
     }

@@ -43,8 +43,6 @@ export function decoderHandlers(pipeline: DecoderPipeline): stagesProto.DecoderS
 export interface DecoderOptions extends DecoderPipelineOptions, StageServiceOptions {
   /** Encoder replicas Prepare fetches features from (host:port, dns:///NAME:PORT); none when empty. */
   encoders?: string[];
-  /** How long the feature fetch waits at the encoder for a tile still on its way (ms; DEFAULT_FEATURES_WAIT_MS). */
-  featuresWaitMs?: number;
 }
 
 export type RunningDecoder = RunningStageService<DecoderPipeline>;
@@ -64,7 +62,6 @@ export async function startDecoder(options: DecoderOptions): Promise<RunningDeco
             targets: options.encoders,
             modelVersion: manifest.version,
             featureCount: manifest.featureShape.reduce((a, b) => a * b, 1),
-            waitMs: options.featuresWaitMs,
             // The encoders serve only holders of the internal token (when the services run with one).
             client: { maxMessageBytes: options.maxMessageBytes, bearerToken: options.internalToken },
           });

@@ -16,7 +16,7 @@
 // same rules the gRPC adapter follows, by the same typed reasons. Detections and masks are rounded
 // as the wire rounds them, so the answers equal the services' to the bit.
 import type { Manifest } from '@cfrsam/contract';
-import { DEFAULT_FEATURES_WAIT_MS, type DecoderPipeline, type FeatureSource } from '@cfrsam/decoder/dist/pipeline';
+import { DEFAULT_MAX_FEATURES_WAIT_MS, type DecoderPipeline, type FeatureSource } from '@cfrsam/decoder/dist/pipeline';
 import type { EncoderPipeline } from '@cfrsam/encoder/dist/pipeline';
 import { Limiter } from '@cfrsam/gateway/dist/limiter';
 import type { StageCall, StagePorts, StageTile } from '@cfrsam/gateway/dist/stages/ports';
@@ -42,14 +42,14 @@ export interface LocalStagesOptions {
 }
 
 /**
- * The encoder's feature cache as the decoder's feature source. A tile's Prepare starts together
- * with its Encode, so the fetch waits up to `waitMs` for the tile to reach the encoder.
+ * The encoder's feature cache as the decoder's feature source. A tile's early Prepare starts
+ * together with its Encode, so that fetch waits up to its `waitMs` for the tile to reach the encoder.
  */
-export function encoderCacheSource(encoder: EncoderPipeline, waitMs = DEFAULT_FEATURES_WAIT_MS): FeatureSource {
+export function encoderCacheSource(encoder: EncoderPipeline): FeatureSource {
   return {
     name: 'encoder (this process)',
-    fetch: async (digest) => {
-      await encoder.cache.untilPresent(digest, waitMs);
+    fetch: async (digest, _hint, waitMs) => {
+      if (waitMs > 0) await encoder.cache.untilPresent(digest, waitMs);
       const values = encoder.cache.get(digest) ?? (await encoder.cache.pending(digest)?.catch(() => undefined));
       // A copy: the decoder hands its features to a worker, which takes ownership of the buffer.
       if (values) return { values: values.slice() };
@@ -102,7 +102,8 @@ export class LocalStages implements StagePorts {
       const results = await Promise.all(batches.map((batch) => this.decodeBatch(tile, batch, call)));
       return results.flat();
     },
-    prepareTile: (tile: StageTile, call: StageCall): Promise<void> => this.prepare(tile, call),
+    // Called with the tile's Encode: the fetch may wait for the features it is computing.
+    prepareTile: (tile: StageTile, call: StageCall): Promise<void> => this.prepare(tile, call, DEFAULT_MAX_FEATURES_WAIT_MS),
   };
 
   close(): void {
@@ -137,14 +138,18 @@ export class LocalStages implements StagePorts {
     }
   }
 
-  private async prepare(tile: StageTile, call: StageCall): Promise<void> {
+  /** `featuresWaitMs`: how long the feature fetch may wait for an Encode in flight (0: none is). */
+  private async prepare(tile: StageTile, call: StageCall, featuresWaitMs = 0): Promise<void> {
     if (this.pipelines.decoder.cache.has(tile.digest)) return;
     // Without features the decoder reads them from the encoder's cache (encoderCacheSource).
     const prepareWith = (features?: stagesProto.Tensor) =>
       this.limiter.run(
         () =>
           call.clock.time('decoder_prepare', () =>
-            this.pipelines.decoder.prepare({ ...tileInput(tile), features, featuresFrom: '', modelVersion: this.manifest.version }, call.signal),
+            this.pipelines.decoder.prepare(
+              { ...tileInput(tile), features, featuresFrom: '', featuresWaitMs: features ? 0 : featuresWaitMs, modelVersion: this.manifest.version },
+              call.signal,
+            ),
           ),
         call.signal,
       );

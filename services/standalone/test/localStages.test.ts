@@ -20,13 +20,14 @@ const features: stagesProto.Tensor = { type: 'float32', dims: [1], data: Buffer.
 /** A decoder whose prepared tiles and feature lookups the test controls. */
 function fakeStages(opts: { evictions: number; featuresMissing: boolean }) {
   const prepared = new Set<string>();
-  const log = { prepares: [] as (stagesProto.Tensor | undefined)[], decodes: 0, encodes: [] as boolean[] };
+  const log = { prepares: [] as (stagesProto.Tensor | undefined)[], prepareWaits: [] as number[], decodes: 0, encodes: [] as boolean[] };
   let evictions = opts.evictions;
   let featuresMissing = opts.featuresMissing;
   const decoder = {
     cache: { has: (digest: string) => prepared.has(digest) },
-    prepare: async (req: { digest: string; features?: stagesProto.Tensor }) => {
+    prepare: async (req: { digest: string; features?: stagesProto.Tensor; featuresWaitMs?: number }) => {
       log.prepares.push(req.features);
+      log.prepareWaits.push(req.featuresWaitMs ?? 0);
       if (!req.features && featuresMissing) {
         featuresMissing = false;
         throw grpcError(status.FAILED_PRECONDITION, 'features evicted', { reason: ErrorReason.FEATURES_MISSING });
@@ -92,6 +93,17 @@ describe('LocalStages repairs', () => {
     // ... as a copy: the decoder's worker takes ownership of what Prepare gets, and the encoder's
     // response shares its cache's buffer (a detached cache entry failed later Prepares).
     expect(log.prepares[1]!.data.buffer).not.toBe(features.data.buffer);
+  });
+
+  it('lets only the Prepare sent with the Encode wait for the features', async () => {
+    const early = fakeStages({ evictions: 0, featuresMissing: false });
+    await early.stages.decoder.prepareTile!(tile, call());
+    expect(early.log.prepareWaits[0]).toBeGreaterThan(0);
+    // Any other Prepare (here one after an eviction) must learn at once that the features are
+    // gone, and the one that hands the features over has nothing to wait for.
+    const late = fakeStages({ evictions: 0, featuresMissing: true });
+    await late.stages.decoder.decodeTile(tile, prompts, call());
+    expect(late.log.prepareWaits).toEqual([0, 0]);
   });
 
   it('gives up with the decoder status when the tile keeps being evicted', async () => {

@@ -32,6 +32,13 @@ import { withSpan } from '../spans';
 import type { DecoderPort, EncoderPort, PrompterPort, StageCall, StagePorts, StageTile } from './ports';
 import { promptBatches, tileParallelism } from './promptBatches';
 
+/**
+ * How long a Prepare sent with its tile's Encode asks the decoder to wait at the encoder for the
+ * tile (PrepareRequest.features_wait_ms; the decoder caps it). The tile normally arrives within
+ * milliseconds; the wait runs out only when the Encode failed over to another replica.
+ */
+export const PREPARE_WITH_ENCODE_WAIT_MS = 1_000;
+
 export interface GrpcStagesOptions {
   prompter: string[];
   encoder: string[];
@@ -293,7 +300,7 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     if (!replica || this.prepared.has(`${replica}|${tile.digest}`)) return;
     this.busy.set(replica, (this.busy.get(replica) ?? 0) + 1);
     try {
-      await this.prepare(replica, tile, call);
+      await this.prepare(replica, tile, call, true);
     } finally {
       this.busy.set(replica, (this.busy.get(replica) ?? 1) - 1);
     }
@@ -374,8 +381,11 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     }
   }
 
-  /** Prepare once per (replica, digest); concurrent batches wait for the same call. */
-  private async prepare(replica: string, tile: StageTile, call: StageCall): Promise<void> {
+  /**
+   * Prepare once per (replica, digest); concurrent batches wait for the same call. `withEncode`:
+   * the tile's Encode is in flight (prepareTile), so the decoder's feature fetch may wait for it.
+   */
+  private async prepare(replica: string, tile: StageTile, call: StageCall, withEncode = false): Promise<void> {
     const key = `${replica}|${tile.digest}`;
     const joined = this.preparing.get(key);
     if (joined) {
@@ -393,7 +403,7 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     if (!pending) {
       pending = (async () => {
         try {
-          await this.prepareOnce(replica, tile, call);
+          await this.prepareOnce(replica, tile, call, withEncode);
         } catch (err) {
           if (errorReason(err) !== ErrorReason.FEATURES_MISSING) throw err;
           // Evicted from every encoder and the shared tier: encode again (the tile's bytes are
@@ -409,7 +419,7 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
     return pending;
   }
 
-  private async prepareOnce(replica: string, tile: StageTile, call: StageCall): Promise<void> {
+  private async prepareOnce(replica: string, tile: StageTile, call: StageCall, withEncode = false): Promise<void> {
     const client = this.decoders.client(replica);
     const [input] = this.tileInputs([tile]);
     await this.limiter.run(
@@ -424,6 +434,9 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
               // The encoder that encoded the tile, or (a Prepare sent with the Encode) the one the
               // Encode goes to: the decoder waits there for the tile's features.
               featuresFrom: this.encodedOn.get(tile.digest) ?? this.encoders.orderFor(tile.digest)[0] ?? '',
+              // Only a Prepare sent with its Encode waits for the features; any other finds them
+              // or reports FEATURES_MISSING at once (evicted everywhere: the gateway encodes again).
+              featuresWaitMs: withEncode ? PREPARE_WITH_ENCODE_WAIT_MS : 0,
               modelVersion: this.options.modelVersion,
             },
             this.unaryOptions(call, { [SpanAttributes.digest]: tile.digest, 'cfrsam.replica': replica }),

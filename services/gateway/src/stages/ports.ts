@@ -43,9 +43,10 @@ export interface DecoderPort {
    */
   decodeTile(tile: StageTile, prompts: readonly stagesProto.PromptPoints[], call: StageCall): Promise<stagesProto.DecodedMask[]>;
   /**
-   * Optional hint: the tile's features exist (its encode resolved) and it will probably be
-   * decoded, so prepare it now where decodeTile would send its first batch. decodeTile joins a
-   * Prepare in flight and repeats one that failed, so a caller may ignore this one's outcome.
+   * Optional hint, given together with the tile's Encode (sent just before or just after): the
+   * tile will probably be decoded, so prepare it now where decodeTile would send its first batch;
+   * the port may wait for the features the Encode is computing. decodeTile joins a Prepare in
+   * flight and repeats one that failed, so a caller may ignore this one's outcome.
    */
   prepareTile?(tile: StageTile, call: StageCall): Promise<void>;
 }
