@@ -6,6 +6,12 @@
 //   npm run build && node bench/slidejobs.mjs [--slide ../shared/slides/CMU-1-Small-Region.svs]
 //       [--roi 700,1200,512,512] [--region-size 512] [--workers 1,2,3] [--jobs 2] [--decoders 2]
 //       [--no-memory] [--json out.json]
+//   npm run build && node bench/slidejobs.mjs --fairness 0,32 [--slide ...] [--roi ...]
+//
+// --fairness WINDOWS measures, instead, what a job waits behind another: per task window
+// (--slide-job-window; 0 queues every task at submit), one worker gateway on a fresh stack is given
+// the whole slide and, a second later, the ROI; it prints when the ROI job is done, how far the
+// slide had got by then, and when the slide was done (the window should cost it nothing).
 //
 // A real nats-server (JetStream file storage in a temporary directory), the stage services of
 // `cfrsam stack` (1 prompter, 1 encoder, N decoders; started afresh for every configuration so no
@@ -37,6 +43,7 @@ const { values: args } = parseArgs({
     memory: { type: 'boolean', default: true },
     'no-memory': { type: 'boolean', default: false },
     json: { type: 'string', default: '' },
+    fairness: { type: 'string', default: '' },
   },
 });
 const WORKERS = args.workers.split(',').map(Number);
@@ -77,7 +84,7 @@ async function startNats(storeDir) {
   return { url: `nats://127.0.0.1:${port}`, child };
 }
 
-async function startGateway(stack, natsUrl, slideRoot, name) {
+async function startGateway(stack, natsUrl, slideRoot, name, extra = []) {
   const port = await freePort();
   const child = spawn(
     process.execPath,
@@ -87,6 +94,7 @@ async function startGateway(stack, natsUrl, slideRoot, name) {
       ...['--port', String(port), '--host', '127.0.0.1', '--bundle', path.join(root, 'models/tiny')],
       ...['--prompter', stack.prompter, '--encoder', stack.encoder, '--decoders', stack.decoders.join(',')],
       ...['--nats-url', natsUrl, '--slide-root', slideRoot, '--result-cache-mb', '0', '--slide-workers', '1'],
+      ...extra,
     ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
@@ -159,6 +167,51 @@ async function runJobs(client, roi, n, tag) {
   };
 }
 
+const submitJob = (client, fields) =>
+  unary(
+    client,
+    client.submitSlideJob,
+    segmentationProto.SubmitSlideJobRequest.fromPartial({
+      slide: { source: { $case: 'path', value: 'slide' + path.extname(args.slide) } },
+      regionSize: REGION,
+      ...fields,
+    }),
+    { timeoutMs: 600_000 },
+  );
+
+/** The whole slide, then the ROI a second later, on one worker with the given task window. */
+async function fairness(client, roi, window, run) {
+  const slide = await submitJob(client, { requestId: `slide-${run}-w${window}` });
+  await sleep(1000);
+  const t0 = performance.now();
+  const small = await submitJob(client, { roi: { ...roi, polygon: [] }, requestId: `roi-${run}-w${window}` });
+  let job;
+  for (;;) {
+    job = await unary(client, client.getSlideJob, { jobId: small.jobId });
+    if (finished(job.state)) break;
+    await sleep(200);
+  }
+  const waitedS = (performance.now() - t0) / 1000;
+  const behind = await unary(client, client.getSlideJob, { jobId: slide.jobId });
+  if (job.state !== SlideJobState.SLIDE_JOB_STATE_DONE) throw new Error(`the ROI job ended ${job.state}: ${job.error}`);
+  let whole;
+  for (;;) {
+    whole = await unary(client, client.getSlideJob, { jobId: slide.jobId });
+    if (finished(whole.state)) break;
+    await sleep(200);
+  }
+  if (whole.state !== SlideJobState.SLIDE_JOB_STATE_DONE) throw new Error(`the slide job ended ${whole.state}: ${whole.error}`);
+  return {
+    window,
+    slideRegions: slide.regions,
+    roiRegions: small.regions,
+    roiDoneS: waitedS,
+    slideRegionsDoneThen: behind.tilesDone,
+    slideDoneS: (performance.now() - t0) / 1000 + 1,
+    slideNuclei: Number(whole.nuclei),
+  };
+}
+
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-bench-slidejobs-'));
 const slideRoot = path.join(tmp, 'slides');
 fs.mkdirSync(slideRoot);
@@ -185,7 +238,25 @@ console.log(
   `slide ${path.basename(args.slide)}, ROI ${RW}x${RH} at (${RX},${RY}), regions of ${REGION} px at the model's resolution, ${JOBS} job(s) per run, ${os.cpus().length} CPUs`,
 );
 try {
-  for (const [k, w] of WORKERS.entries()) {
+  if (args.fairness) {
+    results.fairness = [];
+    for (const [k, window] of args.fairness.split(',').map(Number).entries()) {
+      if (k > 0) {
+        await stack.stop();
+        stack = await newStack();
+      }
+      const g = await startGateway(stack, nats.url, slideRoot, `gateway-window-${window}`, ['--slide-job-window', String(window)]);
+      const r = await fairness(g.client, { x: RX, y: RY, width: RW, height: RH }, window, k);
+      await stopGateway(g);
+      results.fairness.push(r);
+      console.log(
+        `task window ${window || 'off (every task queued at submit)'}: the ROI (${r.roiRegions} regions) submitted 1 s after the whole slide ` +
+          `(${r.slideRegions} regions) was done after ${r.roiDoneS.toFixed(1)} s, the slide then at ${r.slideRegionsDoneThen} regions; ` +
+          `the slide done after ${r.slideDoneS.toFixed(1)} s (${r.slideNuclei} nuclei)`,
+      );
+    }
+  }
+  for (const [k, w] of (args.fairness ? [] : WORKERS).entries()) {
     if (k > 0) {
       await stack.stop();
       stack = await newStack();
@@ -210,7 +281,7 @@ try {
         `first progress ${r.firstProgressS?.toFixed(1)} s after submit; peak RSS MB ${JSON.stringify(row.peakRssMb)}`,
     );
   }
-  if (args.memory && !args['no-memory']) {
+  if (args.memory && !args['no-memory'] && !args.fairness) {
     for (const [label, roi] of [
       ['1x', { x: RX, y: RY, width: RW, height: RH }],
       ['4x', { x: RX, y: RY, width: 2 * RW, height: 2 * RH }],

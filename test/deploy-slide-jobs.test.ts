@@ -39,6 +39,10 @@ describe.each(['cpu', 'gpu'])('components/slide-jobs on overlays/%s', (overlay) 
     expect(env.CFRSAM_SLIDE_ROOT).toBe('/slides');
     expect(env.CFRSAM_NATS_URL).toMatch(/^nats:\/\/nats:4222$/);
     expect(Number(env.CFRSAM_SLIDE_WORKERS)).toBeGreaterThan(0);
+    // A job's task window covers every region the autoscaled gateways run at once, so one job can
+    // keep them all busy.
+    const hpa = find('HorizontalPodAutoscaler', 'gateway');
+    expect(Number(env.CFRSAM_SLIDE_JOB_WINDOW)).toBeGreaterThanOrEqual(hpa.spec.maxReplicas * Number(env.CFRSAM_SLIDE_WORKERS));
     const mounts = Object.fromEntries(server.volumeMounts.map((m: any) => [m.name, m.mountPath]));
     expect(mounts.slides).toBe('/slides');
     expect(mounts.scratch).toBe(env.TMPDIR);

@@ -27,6 +27,7 @@ const skip = natsSkipReason() ?? (fs.existsSync(SVS) && fs.existsSync(OME) ? nul
 if (skip) console.warn(skip);
 
 const ACK_WAIT_MS = 3000;
+const TASK_WINDOW = 2;
 const REGION = 512; // model pixels (0.25 um/px): 256 level-0 pixels of the 0.499 um/px SVS
 const ROI = { x: 700, y: 1200, width: 512, height: 512, polygon: [] }; // 2 x 2 regions of tissue
 const Job = segmentationProto.SlideJob;
@@ -57,6 +58,9 @@ async function startGateway(name: string, extra: string[] = [], probe: { metadat
       ...['--port', '0', '--host', '127.0.0.1', '--bundle', path.join(repoRoot(), 'models/tiny')],
       ...['--prompter', stack.prompter, '--encoder', stack.encoder, '--decoders', stack.decoders.join(',')],
       ...['--nats-url', nats.url, '--slide-root', slideRoot, '--slide-ack-wait-ms', String(ACK_WAIT_MS), '--result-cache-mb', '0'],
+      // Two region tasks of a job queued at a time, so the 4-region jobs below run as chains (each
+      // region's completion queues the next), through the kills and restarts too.
+      ...['--slide-job-window', String(TASK_WINDOW)],
       ...extra,
     ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
@@ -427,6 +431,30 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     await nc.close();
     console.log(
       `cancel: ${abandonment() ? `the region in flight abandoned ${stoppedMs} ms after CancelSlideJob returned: ${abandonment()}` : 'no region was in flight'}`,
+    );
+  }, 240_000);
+
+  it('lets a small job submitted behind a whole slide run before the slide is done (the task window)', async () => {
+    const gw = gateways[0];
+    const t0 = Date.now();
+    const slide = await unary(gw.client, gw.client.submitSlideJob, submitRequest({ slide: bySlidePath('CMU-1.svs') }));
+    expect(slide.regions).toBeGreaterThan(6 * TASK_WINDOW);
+    const small = { x: 700, y: 1200, width: 256, height: 256, polygon: [] }; // one region
+    const t1 = Date.now();
+    const job = await unary(gw.client, gw.client.submitSlideJob, submitRequest({ slide: bySlidePath('CMU-1.svs'), roi: small }));
+    const done = await waitFinished(() => gw.client, job.jobId);
+    const smallMs = Date.now() - t1;
+    expect(done.state, done.error).toBe(SlideJobState.SLIDE_JOB_STATE_DONE);
+    const behind = await unary(gw.client, gw.client.getSlideJob, { jobId: slide.jobId });
+    // Queued first in, first out, every task of the slide would have run first. With the window the
+    // small job's task is queued behind the slide's first TASK_WINDOW tasks and the successors of
+    // those that finish while it waits: a few regions, whichever gateway works.
+    expect(behind.tilesDone).toBeLessThanOrEqual(3 * TASK_WINDOW);
+    expect(behind.state).toBe(SlideJobState.SLIDE_JOB_STATE_RUNNING);
+    await unary(gw.client, gw.client.cancelSlideJob, { jobId: slide.jobId });
+    console.log(
+      `task window ${TASK_WINDOW}: a 1-region job submitted behind a ${slide.regions}-region slide done after ${smallMs} ms, ` +
+        `the slide at ${behind.tilesDone} regions (${Date.now() - t0} ms since its submit)`,
     );
   }, 240_000);
 

@@ -4,7 +4,10 @@
 // or an upload); workers read their regions themselves, so pixels never go through NATS. Submit
 // (any gateway) opens the slide, finds its tissue and lays the same grid as `cfrsam slide run`
 // (cells of region_size pixels at the model's resolution over the tissue or the ROI), stores the
-// plan, writes the job record and publishes one task per region to a work-queue stream.
+// plan, writes the job record and publishes one task per region to a work-queue stream: the first
+// --slide-job-window of them at once, then each region's successor (region + window) as that
+// region finishes, so a job has at most that many tasks queued and a job submitted behind a large
+// one waits for that many of its regions, not for all of them (see `publishRegions`).
 //
 // Everything durable lives in JetStream file storage, so a job finishes after the death of any
 // worker and after restarts of every gateway and of nats-server:
@@ -72,6 +75,12 @@ export function slideJobFlags() {
       help: 'a region task not acked (or kept alive) for this long goes to another gateway',
     },
     slideMaxDeliver: { type: 'int', env: 'CFRSAM_SLIDE_MAX_DELIVER', default: 5, help: 'attempts per region before its job fails' },
+    slideJobWindow: {
+      type: 'int',
+      env: 'CFRSAM_SLIDE_JOB_WINDOW',
+      default: DEFAULT_SLIDE_JOB_WINDOW,
+      help: 'region tasks of one job queued at once: the next is queued as one finishes, so later jobs interleave instead of waiting for the whole job; at least the workers one job should keep busy (0: all at once)',
+    },
     slideWorkers: { type: 'int', env: 'CFRSAM_SLIDE_WORKERS', default: 1, help: 'region tasks this gateway runs at once (0: submit only)' },
     slideJobTtlS: {
       type: 'int',
@@ -95,6 +104,16 @@ export function slideJobFlags() {
   } satisfies Record<string, FlagSpec>;
 }
 
+/**
+ * Region tasks of one job in the queue at once. Workers take tasks first in, first out; were all of
+ * a 3000-region slide's tasks queued at its submit, every job behind it would wait hours for its
+ * first region. With a window, region i's completion queues region i + window, so the jobs in the
+ * queue take turns, a window's worth of regions at a time. A job keeps as many workers busy as its
+ * window: 16 is the regions deploy/k8s runs at once (8 gateways of 2 workers); a cluster with more
+ * should raise it.
+ */
+export const DEFAULT_SLIDE_JOB_WINDOW = 16;
+
 export interface SlideJobSettings {
   natsUrl: string;
   slideRoot: string;
@@ -102,6 +121,7 @@ export interface SlideJobSettings {
   slideOverlap: number;
   slideAckWaitMs: number;
   slideMaxDeliver: number;
+  slideJobWindow: number;
   slideWorkers: number;
   slideJobTtlS: number;
   slideUploadMaxMb: number;
@@ -115,6 +135,7 @@ export const DEFAULT_SLIDE_JOB_SETTINGS: Omit<SlideJobSettings, 'natsUrl'> = {
   slideOverlap: DEFAULT_SLIDE_MARGIN,
   slideAckWaitMs: 30_000,
   slideMaxDeliver: 5,
+  slideJobWindow: DEFAULT_SLIDE_JOB_WINDOW,
   slideWorkers: 1,
   slideJobTtlS: 7 * 86_400,
   slideUploadMaxMb: 20_480,
@@ -153,8 +174,14 @@ export interface SlideJobRecord {
   createdAt: string;
   startedAt: string;
   finishedAt: string;
-  /** All region tasks are in the queue (a submit that died half way is completed by the sweeper). */
+  /** The first `taskWindow` region tasks are in the queue (a submit that died half way is completed by the sweeper). */
   published: boolean;
+  /**
+   * Region tasks queued at once (see DEFAULT_SLIDE_JOB_WINDOW): the first ones at submit, then each
+   * region's successor (region + taskWindow) when it is done. 0 or absent (jobs submitted before
+   * the window existed): every task was queued at submit.
+   */
+  taskWindow?: number;
   nuclei: number;
   artefacts: string[];
 }
@@ -334,19 +361,53 @@ export class SlideJobStore {
     });
   }
 
-  /** Queues every region task of a job (idempotent within the stream's duplicate window). */
+  /**
+   * Queues a job's first region tasks: its window's worth (every one without a window). The rest
+   * follow one by one, each queued by its predecessor's completion (publishSuccessor), so each of
+   * the window's chains has one task queued or running at a time. Idempotent within the stream's
+   * duplicate window.
+   */
   async publishRegions(job: SlideJobRecord, cells: readonly TissueRegion[]): Promise<void> {
+    const first = job.taskWindow ? cells.slice(0, job.taskWindow) : cells;
     const batch = 128;
-    for (let i = 0; i < cells.length; i += batch) {
-      await Promise.all(
-        cells.slice(i, i + batch).map((cell, k) =>
-          this.js.publish(`${SLIDE_TASK_SUBJECT}.${job.jobId}.${i + k}`, enc.encode(JSON.stringify({ jobId: job.jobId, region: i + k, cell })), {
-            msgID: `${job.jobId}.${i + k}`,
-          }),
-        ),
-      );
+    for (let i = 0; i < first.length; i += batch) {
+      await Promise.all(first.slice(i, i + batch).map((cell, k) => this.publishRegion(job.jobId, i + k, cell)));
     }
     if (cells.length === 0) await this.publishFinalize(job.jobId);
+  }
+
+  /**
+   * Queues the region after `region` in its chain (region + taskWindow), if the job has one.
+   * Called when `region` is done, before its task is acked: a worker that dies in between leaves
+   * the task to be redelivered, and the redelivery queues the successor (a duplicate within the
+   * stream's duplicate window is dropped by message id; a later one finds its region done and only
+   * passes the chain on).
+   */
+  async publishSuccessor(job: SlideJobRecord, region: number, plan: () => Promise<readonly TissueRegion[] | null>): Promise<void> {
+    if (!job.taskWindow) return;
+    const next = region + job.taskWindow;
+    if (next >= job.regions) return;
+    const cell = (await plan())?.[next];
+    if (!cell) throw new Error(`slide job ${job.jobId}: its plan has no region ${next}`);
+    await this.publishRegion(job.jobId, next, cell);
+    // Cancelled (or removed) in between: its tasks were purged, so purge this one too.
+    const now = await this.job(job.jobId);
+    if (!now || FINISHED.has(now.state)) {
+      const jsm = await this.nc.jetstreamManager();
+      await jsm.streams.purge(SLIDE_TASK_STREAM, { filter: `${SLIDE_TASK_SUBJECT}.${job.jobId}.${next}` });
+    }
+  }
+
+  private async publishRegion(jobId: string, region: number, cell: TissueRegion): Promise<void> {
+    await this.js.publish(`${SLIDE_TASK_SUBJECT}.${jobId}.${region}`, enc.encode(JSON.stringify({ jobId, region, cell })), {
+      msgID: `${jobId}.${region}`,
+    });
+  }
+
+  /** Whether a region of a job is done already (a redelivered task). */
+  async isRegionDone(job: SlideJobRecord, region: number): Promise<boolean> {
+    const { bits } = await this.progress(job.jobId);
+    return bits !== '' && bitSet(Buffer.from(bits, 'base64'), region);
   }
 
   async plan(jobId: string): Promise<TissueRegion[] | null> {
@@ -605,6 +666,7 @@ export class SlideJobService {
         startedAt: '',
         finishedAt: '',
         published: false,
+        taskWindow: Math.max(0, settings.slideJobWindow),
         nuclei: 0,
         artefacts: [],
       };

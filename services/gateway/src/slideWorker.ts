@@ -27,7 +27,7 @@ import {
   type CallContext,
 } from '@cfrsam/rpc';
 import { encodeRgbPng, nucleiToCsv, nucleiToGeoJson, type ClassStyle } from '@cfrsam/nuclei';
-import { pointInRoi, readRegionAtMpp, SlideError, type Mpp, type Slide } from '@cfrsam/slides';
+import { pointInRoi, readRegionAtMpp, SlideError, type Mpp, type Slide, type TissueRegion } from '@cfrsam/slides';
 import type { SegmentationPipeline } from './pipeline';
 import {
   ARTEFACTS,
@@ -96,6 +96,8 @@ export class SlideWorker {
   private stopped = false;
   private readonly loops: Promise<void>[] = [];
   private readonly slides: OpenSlides;
+  /** The plans of the jobs this worker ran regions of lately (a finished region queues its successor from it). */
+  private readonly plans = new Map<string, Promise<readonly TissueRegion[] | null>>();
 
   constructor(
     private readonly store: SlideJobStore,
@@ -139,6 +141,7 @@ export class SlideWorker {
       return;
     }
     const keepAlive = setInterval(() => msg.working(), Math.max(500, this.store.settings.slideAckWaitMs / 3));
+    let finalizeNow: SlideJobRecord | null = null;
     try {
       const job = await this.store.job(task.jobId);
       if (!job || FINISHED.has(job.state)) {
@@ -146,18 +149,51 @@ export class SlideWorker {
         return;
       }
       if ('finalize' in task) await this.finalize(job);
-      else await this.region(job, task);
+      else if (await this.region(job, task)) finalizeNow = job;
       msg.ack();
     } catch (err) {
       await this.failed(msg, task, err);
     } finally {
       clearInterval(keepAlive);
     }
+    if (finalizeNow) await this.finalizeAfterLastRegion(finalizeNow);
   }
 
-  private async region(job: SlideJobRecord, task: Extract<SlideTask, { region: number }>): Promise<void> {
+  /**
+   * The worker that stored a job's last region finalizes it at once: its finalize task went to the
+   * back of the queue, behind other jobs' regions, and stays there as the fallback should this
+   * worker die (it then finds the job done, or finalizes it). A failure here is left to that task.
+   */
+  private async finalizeAfterLastRegion(job: SlideJobRecord): Promise<void> {
+    try {
+      const current = await this.store.job(job.jobId);
+      if (current && !FINISHED.has(current.state)) await this.finalize(current);
+    } catch (err) {
+      this.log(`slide worker: job ${job.jobId} finalize after its last region failed (its queued finalize task retries): ${(err as Error).message}`);
+    }
+  }
+
+  /** A job's plan, read once per job from the store (the last few jobs' kept). */
+  private plan(jobId: string): Promise<readonly TissueRegion[] | null> {
+    let plan = this.plans.get(jobId);
+    if (!plan) {
+      plan = this.store.plan(jobId);
+      plan.catch(() => this.plans.delete(jobId));
+      this.plans.set(jobId, plan);
+      if (this.plans.size > 8) this.plans.delete(this.plans.keys().next().value as string);
+    }
+    return plan;
+  }
+
+  /** Runs a region task; true when it stored the job's last region (the job is ready to finalize). */
+  private async region(job: SlideJobRecord, task: Extract<SlideTask, { region: number }>): Promise<boolean> {
     if (job.state === 'QUEUED') {
       await this.store.transition(job.jobId, (j) => (j.state === 'QUEUED' ? { state: 'RUNNING', startedAt: new Date().toISOString() } : null));
+    }
+    if (job.taskWindow && (await this.store.isRegionDone(job, task.region))) {
+      // A redelivery of a region whose worker stopped after storing it: pass the chain on only.
+      await this.store.publishSuccessor(job, task.region, () => this.plan(job.jobId));
+      return false;
     }
     // Abandon the region as soon as the job is cancelled (or failed elsewhere).
     const controller = new AbortController();
@@ -178,7 +214,7 @@ export class SlideWorker {
       const m = job.marginL0;
       const rect = { x: cell.x - m.x, y: cell.y - m.y, width: cell.width + 2 * m.x, height: cell.height + 2 * m.y };
       const region = await readRegionAtMpp(slide, rect, job.modelMpp, { slideMpp: job.mpp as Mpp });
-      if (controller.signal.aborted) return;
+      if (controller.signal.aborted) return false;
       const request = segmentationProto.SegmentRequest.fromPartial({
         image: await encodeRgbPng(region),
         promptMode: segmentationProto.PromptMode.PROMPT_MODE_AUTO,
@@ -197,7 +233,7 @@ export class SlideWorker {
           await sleep(Math.min(10_000, 250 * 2 ** attempt));
         }
       }
-      if (controller.signal.aborted) return;
+      if (controller.signal.aborted) return false;
       const b = job.band;
       const level0 = { width: job.width, height: job.height };
       const candidates: segmentationProto.Nucleus[] = [];
@@ -219,14 +255,21 @@ export class SlideWorker {
       const now = await this.store.job(job.jobId);
       if (!now || FINISHED.has(now.state)) {
         await this.store.results.delete(name).catch(() => undefined); // cancelled meanwhile: free it
-        return;
+        return false;
       }
       const toModel = ((job.mpp.x / job.modelMpp) * (job.mpp.y / job.modelMpp)) / 1e6;
       const progress = await this.store.regionDone(job, task.region, candidates.length, cell.width * cell.height * cell.tissueFraction * toModel);
-      // Whoever completes the last region queues the finalize step (deduplicated by message id).
-      if (progress.done >= job.regions) await this.store.publishFinalize(job.jobId);
+      // The next region of this one's chain goes to the back of the queue, behind other jobs' tasks.
+      await this.store.publishSuccessor(job, task.region, () => this.plan(job.jobId));
+      // Whoever completes the last region queues the finalize step (deduplicated by message id),
+      // then runs it (finalizeAfterLastRegion).
+      if (progress.done >= job.regions) {
+        await this.store.publishFinalize(job.jobId);
+        return true;
+      }
+      return false;
     } catch (err) {
-      if (controller.signal.aborted) return;
+      if (controller.signal.aborted) return false;
       if (err instanceof SlideError) {
         throw grpcError(
           status.INVALID_ARGUMENT,
