@@ -4,6 +4,7 @@
 // regions) and by every worker (to read its regions), so pixels never travel through the queue.
 import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream, promises as fs, type WriteStream } from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { grpcError, status } from '@cfrsam/rpc';
 import { HttpRangeSource, openSlide, type Slide } from '@cfrsam/slides';
@@ -85,6 +86,51 @@ export interface UploadHeader {
 const active = new Set<string>();
 
 const partialName = (sha256: string, size: number) => `.partial-${sha256}-${size}`;
+const lockName = (sha256: string, size: number) => `.lock-${sha256}-${size}`;
+
+/** How often a held upload lock is touched, and after how long untouched it counts as abandoned. */
+export const UPLOAD_LOCK_REFRESH_MS = 2_000;
+export const UPLOAD_LOCK_STALE_MS = 15_000;
+
+/**
+ * Keeps two gateways (any processes sharing the slide root) from writing one partial upload at once,
+ * which would interleave their bytes: a lock file next to the partial, created exclusively (O_EXCL,
+ * which NFS v3 and later honour) and touched every UPLOAD_LOCK_REFRESH_MS while the upload runs. A
+ * lock untouched for UPLOAD_LOCK_STALE_MS was left by a gateway that died mid-upload and is taken
+ * over. (Two gateways taking over the same stale lock in the same instant could both succeed; the
+ * checksum at the end still refuses a file that came out wrong.)
+ */
+class UploadLock {
+  private readonly refresh: NodeJS.Timeout;
+
+  private constructor(private readonly file: string) {
+    this.refresh = setInterval(() => {
+      const now = new Date();
+      fs.utimes(file, now, now).catch(() => undefined);
+    }, UPLOAD_LOCK_REFRESH_MS);
+    this.refresh.unref();
+  }
+
+  static async acquire(file: string): Promise<UploadLock> {
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        await fs.writeFile(file, `${os.hostname()} ${process.pid} ${new Date().toISOString()}\n`, { flag: 'wx' });
+        return new UploadLock(file);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      }
+      const held = await fs.stat(file).catch(() => null);
+      if (held && Date.now() - held.mtimeMs < UPLOAD_LOCK_STALE_MS) break;
+      await fs.rm(file, { force: true }); // abandoned: take it over
+    }
+    throw grpcError(status.ABORTED, 'this file is being uploaded already, through another gateway; retry when that upload ends');
+  }
+
+  async release(): Promise<void> {
+    clearInterval(this.refresh);
+    await fs.rm(this.file, { force: true });
+  }
+}
 const uploadId = (sha256: string, name: string) => {
   const ext = path.extname(name).toLowerCase();
   return sha256 + (/^\.[a-z0-9]{1,8}$/.test(ext) ? ext : '');
@@ -116,6 +162,7 @@ export class SlideUpload {
   private received = 0;
   private file: WriteStream | null = null;
   private failed: Error | null = null;
+  private lock: UploadLock | null = null;
 
   private constructor(
     private readonly root: string,
@@ -142,9 +189,10 @@ export class SlideUpload {
     active.add(key);
     const upload = new SlideUpload(root, header, path.join(dir, partialName(header.sha256, header.size)), maxBytes);
     try {
+      upload.lock = await UploadLock.acquire(path.join(dir, lockName(header.sha256, header.size)));
       await upload.open(header.offset ?? 0);
     } catch (err) {
-      active.delete(key);
+      await upload.close();
       throw err;
     }
     return upload;
@@ -184,18 +232,24 @@ export class SlideUpload {
 
   /** Checks size and checksum and keeps the file; returns the upload id. */
   async finish(): Promise<string> {
-    await this.close();
-    if (this.failed) throw this.failed;
-    if (this.received !== this.header.size) {
-      throw grpcError(status.INVALID_ARGUMENT, `upload ended after ${this.received} of the ${this.header.size} bytes announced`);
+    // The lock is held until the partial has its final name: another upload of the file must not
+    // reopen (and truncate) it in between.
+    try {
+      await this.closeFile();
+      if (this.failed) throw this.failed;
+      if (this.received !== this.header.size) {
+        throw grpcError(status.INVALID_ARGUMENT, `upload ended after ${this.received} of the ${this.header.size} bytes announced`);
+      }
+      const digest = this.hash.digest('hex');
+      if (digest !== this.header.sha256) {
+        await this.discard();
+        throw grpcError(status.INVALID_ARGUMENT, `upload checksum mismatch: got sha256 ${digest}, announced ${this.header.sha256}`);
+      }
+      await fs.rename(this.partial, path.join(this.root, UPLOAD_DIR, this.uploadId));
+      return this.uploadId;
+    } finally {
+      await this.close();
     }
-    const digest = this.hash.digest('hex');
-    if (digest !== this.header.sha256) {
-      await this.discard();
-      throw grpcError(status.INVALID_ARGUMENT, `upload checksum mismatch: got sha256 ${digest}, announced ${this.header.sha256}`);
-    }
-    await fs.rename(this.partial, path.join(this.root, UPLOAD_DIR, this.uploadId));
-    return this.uploadId;
   }
 
   /** The stream broke off: keep what arrived for a retry to continue. */
@@ -205,24 +259,33 @@ export class SlideUpload {
 
   /** Drops the partial file (corrupt: wrong checksum or too long). */
   async discard(): Promise<void> {
-    await this.close();
+    await this.closeFile();
     await fs.rm(this.partial, { force: true });
+    await this.close();
   }
 
-  private async close(): Promise<void> {
+  private async closeFile(): Promise<void> {
     const file = this.file;
     if (file && !file.closed) await new Promise<void>((resolve) => file.end(() => resolve()));
+  }
+
+  /** Ends the upload here: the file closed, the lock released (idempotent). */
+  private async close(): Promise<void> {
+    await this.closeFile();
+    const lock = this.lock;
+    this.lock = null;
+    await lock?.release();
     active.delete(`${this.header.sha256}-${this.header.size}`);
   }
 }
 
-/** Removes partial uploads untouched for `maxAgeMs` (the job sweeper calls it). */
+/** Removes partial uploads (and locks a dead gateway left) untouched for `maxAgeMs` (the job sweeper calls it). */
 export async function removeStalePartials(root: string, maxAgeMs: number, now = Date.now()): Promise<number> {
   if (!root) return 0;
   const dir = path.join(root, UPLOAD_DIR);
   let removed = 0;
   for (const f of await fs.readdir(dir).catch(() => [] as string[])) {
-    if (!f.startsWith('.partial-')) continue;
+    if (!f.startsWith('.partial-') && !f.startsWith('.lock-')) continue;
     const st = await fs.stat(path.join(dir, f)).catch(() => null);
     if (st && now - st.mtimeMs > maxAgeMs) {
       await fs.rm(path.join(dir, f), { force: true });
