@@ -404,10 +404,10 @@ export class SlideJobStore {
     });
   }
 
-  /** Whether a region of a job is done already (a redelivered task). */
-  async isRegionDone(job: SlideJobRecord, region: number): Promise<boolean> {
-    const { bits } = await this.progress(job.jobId);
-    return bits !== '' && bitSet(Buffer.from(bits, 'base64'), region);
+  /** The job's progress if `region` is done already (a redelivered task), else null. */
+  async progressIfDone(jobId: string, region: number): Promise<ProgressRecord | null> {
+    const progress = await this.progress(jobId);
+    return progress.bits !== '' && bitSet(Buffer.from(progress.bits, 'base64'), region) ? progress : null;
   }
 
   async plan(jobId: string): Promise<TissueRegion[] | null> {

@@ -190,10 +190,14 @@ export class SlideWorker {
     if (job.state === 'QUEUED') {
       await this.store.transition(job.jobId, (j) => (j.state === 'QUEUED' ? { state: 'RUNNING', startedAt: new Date().toISOString() } : null));
     }
-    if (job.taskWindow && (await this.store.isRegionDone(job, task.region))) {
-      // A redelivery of a region whose worker stopped after storing it: pass the chain on only.
+    const done = await this.store.progressIfDone(job.jobId, task.region);
+    if (done) {
+      // A redelivery of a region whose worker stopped after storing it (its nuclei are stored
+      // before its bit is set): do what that worker had left to do, not the region again.
       await this.store.publishSuccessor(job, task.region, () => this.plan(job.jobId));
-      return false;
+      if (done.done < job.regions) return false;
+      await this.store.publishFinalize(job.jobId);
+      return true;
     }
     // Abandon the region as soon as the job is cancelled (or failed elsewhere).
     const controller = new AbortController();
