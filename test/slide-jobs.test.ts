@@ -522,11 +522,21 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     const pngId = createHash('sha256').update(png).digest('hex');
     expect((await unary(client, client.cancelSlideJob, { jobId: byBytes.jobId })).source).toBe(`upload:${pngId}`);
     fs.rmSync(path.join(uploads, pngId));
-    // The retry, through the CLI, then a job on the upload.
+    // The retry, through the CLI, then a job on the upload. Another upload of the file is running
+    // (its stream open, so the gateway holds the file's lock): the CLI waits for it to end, then
+    // continues from what it left.
+    const from = Number(held.received);
+    const other = client.uploadSlide(() => undefined);
+    other.write({ name: 'CMU-1.svs', size: bytes.length, sha256, offset: from, data: bytes.subarray(from, from + 4096) });
+    for (let i = 0; fs.statSync(path.join(uploads, partial)).size < from + 4096 && i < 100; i++) await new Promise((r) => setTimeout(r, 100));
     const cli = (...args: string[]) => runCli(['slide', ...args, '--gateway', gatewayAddress(gateways[0])]);
-    const up = await cli('upload', SVS);
+    const uploading = cli('upload', SVS);
+    await new Promise((r) => setTimeout(r, 4000));
+    other.cancel();
+    const up = await uploading;
     expect(up.code, up.stderr).toBe(0);
-    expect(up.stderr).toContain(`resuming the upload of ${SVS} at byte ${held.received}`);
+    expect(up.stderr).toContain(`another upload of ${SVS} is in progress; waiting for it to end`);
+    expect(up.stderr).toContain(`resuming the upload of ${SVS} at byte ${from + 4096}`);
     expect(up.stdout.trim()).toBe(`${sha256}.svs`);
     expect(fs.readFileSync(path.join(uploads, `${sha256}.svs`)).equals(bytes)).toBe(true);
     const sub = await cli('submit', '--upload', SVS, '--roi', '700,1200,256,256', '--region-size', String(REGION), '--request-id', 'upload-1');

@@ -7,7 +7,18 @@ import { once } from 'node:events';
 import { createReadStream, createWriteStream, promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { finished } from 'node:stream/promises';
-import { ConfigError, type FlagSpec, HelpRequested, makeClient, parseFlags, segmentationProto, unary, usage, waitForReady } from '@cfrsam/rpc';
+import {
+  ConfigError,
+  type FlagSpec,
+  HelpRequested,
+  makeClient,
+  parseFlags,
+  segmentationProto,
+  status,
+  unary,
+  usage,
+  waitForReady,
+} from '@cfrsam/rpc';
 import type { CliIo } from './slide';
 
 const { SlideJobState } = segmentationProto;
@@ -154,13 +165,17 @@ async function waitJob(client: Client, jobId: string, io: CliIo): Promise<segmen
 /**
  * Streams a local file to UploadSlide (size and SHA-256 first). Before each attempt it asks the
  * gateway what it holds: a complete copy is not sent again, and an interrupted upload continues
- * where it broke off.
+ * where it broke off. While another upload of the same file runs (ABORTED: through this gateway or
+ * another one sharing the slide root) it waits, up to `waitMs`, and then finds the file there or
+ * continues what that upload left.
  */
-export async function uploadSlideFile(client: Client, file: string, io: CliIo, attempts = 5): Promise<string> {
+export async function uploadSlideFile(client: Client, file: string, io: CliIo, attempts = 5, waitMs = 3_600_000): Promise<string> {
   const size = (await fs.stat(file)).size;
   const hash = createHash('sha256');
   for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
   const sha256 = hash.digest('hex');
+  const waitUntil = Date.now() + waitMs;
+  let waiting = false;
   for (let attempt = 1; ; attempt++) {
     try {
       const held = await unary(client, client.getUploadStatus, { sha256, size }, { timeoutMs: 30_000 });
@@ -189,6 +204,13 @@ export async function uploadSlideFile(client: Client, file: string, io: CliIo, a
       });
     } catch (err) {
       const code = (err as { code?: number }).code;
+      if (code === status.ABORTED && Date.now() < waitUntil) {
+        if (!waiting) io.stderr.write(`another upload of ${file} is in progress; waiting for it to end\n`);
+        waiting = true;
+        attempt--; // not a failed attempt of this upload
+        await new Promise((r) => setTimeout(r, 1_000));
+        continue;
+      }
       if (attempt >= attempts || code === 3) throw err;
       io.stderr.write(`upload of ${file} interrupted (${(err as Error).message.split('\n')[0]}); retrying\n`);
       await new Promise((r) => setTimeout(r, 500 * attempt));
