@@ -291,22 +291,30 @@ class Client:
     # ------------------------------------------------------------------ slide jobs
     # Whole slides as jobs that the gateways' workers share (a gateway started with --nats-url).
 
-    def upload_slide(self, path, chunk_mb=4, timeout=None):
-        """Streams a slide file into the gateway's slide root; returns its upload_id."""
+    def upload_slide(self, path, chunk_mb=4, timeout=None, attempts=5, wait_s=3600):
+        """Streams a slide file into the gateway's slide root; returns its upload_id.
+
+        As the CLI does: a file the gateway holds already is not sent again, an interrupted upload
+        continues where it broke off (up to `attempts` tries), and while another upload of the same
+        file runs (ABORTED) it waits, up to `wait_s`, then continues from what that one left.
+        """
         import hashlib
         import os
+        import time
 
         size = os.path.getsize(path)
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
+        sha256 = digest.hexdigest()
 
-        def chunks():
+        def chunks(offset):
             with open(path, "rb") as f:
+                f.seek(offset)
                 data = f.read(chunk_mb << 20)
                 yield pb.UploadSlideRequest(
-                    name=os.path.basename(path), size=size, sha256=digest.hexdigest(), data=data
+                    name=os.path.basename(path), size=size, sha256=sha256, offset=offset, data=data
                 )
                 while True:
                     data = f.read(chunk_mb << 20)
@@ -314,7 +322,22 @@ class Client:
                         return
                     yield pb.UploadSlideRequest(data=data)
 
-        return self._call(self.stub.UploadSlide, chunks(), timeout).upload_id
+        wait_until = time.monotonic() + wait_s
+        attempt = 1
+        while True:
+            try:
+                held = self._call(self.stub.GetUploadStatus, pb.GetUploadStatusRequest(sha256=sha256, size=size), 30)
+                if held.upload_id:
+                    return held.upload_id
+                return self._call(self.stub.UploadSlide, chunks(held.received), timeout).upload_id
+            except CfrsamError as err:
+                if err.code == grpc.StatusCode.ABORTED and time.monotonic() < wait_until:
+                    time.sleep(1)  # another upload of this file is running: not a failed attempt
+                    continue
+                if attempt >= attempts or err.code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                time.sleep(0.5 * attempt)
+                attempt += 1
 
     def submit_slide_job(
         self,

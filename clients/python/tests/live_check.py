@@ -7,13 +7,17 @@ The optional second gateway serves TLS (certificate signed by CA_FILE) and accep
 Exits non-zero on the first failed check and prints a JSON summary on success.
 """
 
+import hashlib
 import json
 import os
 import sys
+import time
 
+import grpc
 import numpy as np
 
 from cfrsam_client import CfrsamError, Client, coco_rle_from_mask, decode_coco_rle
+from cfrsam_client._gen import segmentation_pb2 as pb
 
 
 def check(cond, what):
@@ -167,7 +171,25 @@ def check_tls(address, ca, token, image_path):
 def check_slide_job(address, image_path):
     """Slide-job helpers (a gateway with --nats-url): upload, submit, wait, stream the nuclei."""
     with Client(address) as client:
+        # An upload that broke off after its first 1000 bytes; upload_slide continues it.
+        with open(image_path, "rb") as f:
+            data = f.read()
+        sha256 = hashlib.sha256(data).hexdigest()
+
+        def broken():
+            yield pb.UploadSlideRequest(name="check.png", size=len(data), sha256=sha256, data=data[:1000])
+            time.sleep(0.5)  # the gateway writes what arrived before the stream breaks
+            raise RuntimeError("connection lost")
+
+        try:
+            client.stub.UploadSlide(broken(), timeout=30)
+        except grpc.RpcError:
+            pass
+        held = client.stub.GetUploadStatus(pb.GetUploadStatusRequest(sha256=sha256, size=len(data)))
+        check(held.received == 1000 and not held.upload_id, f"an interrupted upload is held ({held.received} bytes)")
         upload_id = client.upload_slide(image_path)
+        check(upload_id.startswith(sha256), "the retry continues it to the whole file")
+        check(client.upload_slide(image_path) == upload_id, "a file the gateway holds is not sent again")
         job_id = client.submit_slide_job(upload_id=upload_id, mpp=0.25, region_size=256, request_id="py-check")
         check(
             client.submit_slide_job(upload_id=upload_id, mpp=0.25, region_size=256, request_id="py-check") == job_id,
