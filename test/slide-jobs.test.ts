@@ -458,6 +458,31 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     );
   }, 240_000);
 
+  it("parks an owner's third job until one of its two running jobs finishes", async () => {
+    const gw = gateways[0];
+    const nc = await connect({ servers: nats.url });
+    const kv = await nc.jetstream().views.kv('cfrsam-slide-jobs');
+    const record = async (id: string) => JSON.parse((await kv.get(`job.${id}`))!.string()) as { parked?: boolean };
+    const small = (x: number) => submitRequest({ slide: bySlidePath('CMU-1.svs'), roi: { x, y: 1200, width: 256, height: 256, polygon: [] } });
+    // One owner (every anonymous caller here): the whole slide, then two one-region jobs.
+    const slide = await unary(gw.client, gw.client.submitSlideJob, submitRequest({ slide: bySlidePath('CMU-1.svs') }));
+    const second = await unary(gw.client, gw.client.submitSlideJob, small(700));
+    const third = await unary(gw.client, gw.client.submitSlideJob, small(956));
+    expect((await record(second.jobId)).parked).toBeFalsy();
+    expect((await record(third.jobId)).parked).toBe(true);
+    // The second runs beside the slide; the third waits for it, then runs beside the slide too.
+    const secondDone = await waitFinished(() => gw.client, second.jobId);
+    expect(secondDone.state, secondDone.error).toBe(SlideJobState.SLIDE_JOB_STATE_DONE);
+    const thirdDone = await waitFinished(() => gw.client, third.jobId);
+    expect(thirdDone.state, thirdDone.error).toBe(SlideJobState.SLIDE_JOB_STATE_DONE);
+    expect((await record(third.jobId)).parked).toBe(false);
+    const behind = await unary(gw.client, gw.client.getSlideJob, { jobId: slide.jobId });
+    expect(behind.state).toBe(SlideJobState.SLIDE_JOB_STATE_RUNNING);
+    await unary(gw.client, gw.client.cancelSlideJob, { jobId: slide.jobId });
+    await nc.close();
+    console.log(`owner's turns: the parked third job done with the slide at ${behind.tilesDone} of ${slide.regions} regions`);
+  }, 240_000);
+
   it('streams an upload into the slide root: an interrupted upload is continued by the retry (the CLI), a bad checksum or size leaves nothing', async () => {
     const { client } = gateways[0];
     const bytes = fs.readFileSync(SVS);

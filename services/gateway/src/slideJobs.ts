@@ -75,6 +75,12 @@ export function slideJobFlags() {
       help: 'a region task not acked (or kept alive) for this long goes to another gateway',
     },
     slideMaxDeliver: { type: 'int', env: 'CFRSAM_SLIDE_MAX_DELIVER', default: 5, help: 'attempts per region before its job fails' },
+    slideJobsPerOwner: {
+      type: 'int',
+      env: 'CFRSAM_SLIDE_JOBS_PER_OWNER',
+      default: DEFAULT_SLIDE_JOBS_PER_OWNER,
+      help: "jobs of one owner (caller identity) whose tasks are queued at once; the owner's further jobs wait their turn (0: no limit)",
+    },
     slideJobWindow: {
       type: 'int',
       env: 'CFRSAM_SLIDE_JOB_WINDOW',
@@ -114,6 +120,14 @@ export function slideJobFlags() {
  */
 export const DEFAULT_SLIDE_JOB_WINDOW = 16;
 
+/**
+ * Jobs of one owner with tasks in the queue at once. The window makes jobs take turns, but a lab
+ * that submits ten slides would still queue ten windows ahead of the next lab's job; its further
+ * jobs are parked instead (QUEUED, no tasks queued) and released, oldest first, as its earlier
+ * ones finish. Two, so that one job's last regions and finalize overlap the next one's start.
+ */
+export const DEFAULT_SLIDE_JOBS_PER_OWNER = 2;
+
 export interface SlideJobSettings {
   natsUrl: string;
   slideRoot: string;
@@ -122,6 +136,7 @@ export interface SlideJobSettings {
   slideAckWaitMs: number;
   slideMaxDeliver: number;
   slideJobWindow: number;
+  slideJobsPerOwner: number;
   slideWorkers: number;
   slideJobTtlS: number;
   slideUploadMaxMb: number;
@@ -136,6 +151,7 @@ export const DEFAULT_SLIDE_JOB_SETTINGS: Omit<SlideJobSettings, 'natsUrl'> = {
   slideAckWaitMs: 30_000,
   slideMaxDeliver: 5,
   slideJobWindow: DEFAULT_SLIDE_JOB_WINDOW,
+  slideJobsPerOwner: DEFAULT_SLIDE_JOBS_PER_OWNER,
   slideWorkers: 1,
   slideJobTtlS: 7 * 86_400,
   slideUploadMaxMb: 20_480,
@@ -182,6 +198,8 @@ export interface SlideJobRecord {
    * the window existed): every task was queued at submit.
    */
   taskWindow?: number;
+  /** Waiting for its owner's earlier jobs (DEFAULT_SLIDE_JOBS_PER_OWNER): no task queued yet. */
+  parked?: boolean;
   nuclei: number;
   artefacts: string[];
 }
@@ -440,6 +458,41 @@ export class SlideJobStore {
     await this.kv.purge(`job.${job.jobId}`);
   }
 
+  /** The owner's jobs that are neither finished nor parked (their tasks are queued), and the parked ones, oldest first. */
+  async jobsOf(owner: string): Promise<{ active: SlideJobRecord[]; parked: SlideJobRecord[] }> {
+    const active: SlideJobRecord[] = [];
+    const parked: SlideJobRecord[] = [];
+    // A scan of the job records: as many reads as jobs are kept (the retention bounds them).
+    for (const id of (await this.jobIds()).reverse()) {
+      const job = await this.job(id);
+      if (!job || job.owner !== owner || FINISHED.has(job.state)) continue;
+      (job.parked ? parked : active).push(job);
+    }
+    return { active, parked };
+  }
+
+  /**
+   * Queues the tasks of the owner's parked jobs, oldest first, while it has fewer than
+   * slideJobsPerOwner jobs with queued tasks. Called when one of its jobs finishes (and by the
+   * sweeper); a job is released once however many gateways do this at once (compare-and-set on
+   * `parked`).
+   */
+  async releaseParked(owner: string, log: (line: string) => void = () => undefined): Promise<void> {
+    const limit = this.settings.slideJobsPerOwner;
+    const { active, parked } = await this.jobsOf(owner);
+    let free = limit > 0 ? limit - active.length : parked.length;
+    for (const job of parked) {
+      if (free <= 0) return;
+      const { changed } = await this.transition(job.jobId, (j) => (j.parked ? { parked: false } : null));
+      if (!changed) continue;
+      free--;
+      const cells = await this.plan(job.jobId);
+      if (cells) await this.publishRegions(job, cells);
+      await this.transition(job.jobId, () => ({ published: true }));
+      log(`slide jobs: job ${job.jobId} released: its owner's earlier jobs finished`);
+    }
+  }
+
   /** Every job id, newest first. */
   async jobIds(): Promise<string[]> {
     const ids: string[] = [];
@@ -463,6 +516,9 @@ export class SlideJobStore {
           await this.removeJob(job);
           log(`slide jobs: removed job ${id} (finished ${job.finishedAt}, retention ${this.settings.slideJobTtlS} s)`);
         }
+      } else if (job.parked) {
+        // Its owner's earlier jobs may have finished without releasing it (a gateway died there).
+        await this.releaseParked(job.owner, log);
       } else if (!job.published && now - Date.parse(job.createdAt) > 60_000) {
         const cells = await this.plan(id);
         if (!cells) continue;
@@ -688,7 +744,15 @@ export class SlideJobService {
     }
     // Plan, record, progress, then the tasks: a worker that gets a task finds everything it needs.
     await this.store.results.putBlob({ name: planObject(job.jobId) }, enc.encode(JSON.stringify(cells)));
+    // Behind the owner's earlier jobs when it has its share running (released as they finish).
+    const perOwner = settings.slideJobsPerOwner;
+    if (perOwner > 0 && (await this.store.jobsOf(owner)).active.length >= perOwner) job.parked = true;
     await this.store.kv.create(`job.${job.jobId}`, enc.encode(JSON.stringify(job)));
+    if (job.parked) {
+      // An earlier job may have finished since the count: let the release rule decide.
+      await this.store.releaseParked(owner);
+      return { jobId: job.jobId, regions: job.regions, created: true };
+    }
     await this.store.publishRegions(job, cells);
     await this.store.transition(job.jobId, () => ({ published: true }));
     return { jobId: job.jobId, regions: job.regions, created: true };
@@ -761,6 +825,7 @@ export class SlideJobService {
     }
     await this.store.purgeTasks(jobId);
     await this.store.deleteResults(job);
+    await this.store.releaseParked(job.owner);
     return this.get(jobId, caller);
   }
 

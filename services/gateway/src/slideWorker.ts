@@ -382,6 +382,9 @@ export class SlideWorker {
       }));
       if (after && after.state !== 'DONE') await this.store.deleteResults(job); // cancelled while finalizing
       this.log(`slide jobs: job ${job.jobId} done: ${job.regions} regions, ${written} nuclei`);
+      await this.store
+        .releaseParked(job.owner, this.log)
+        .catch((err) => this.log(`slide jobs: releasing the next job of ${job.owner} failed (the sweeper retries): ${(err as Error).message}`));
     } finally {
       geo.destroy();
       csv.destroy();
@@ -404,6 +407,8 @@ export class SlideWorker {
         }));
         if (changed) await this.store.purgeTasks(task.jobId);
         msg.term(message);
+        const job = changed ? await this.store.job(task.jobId) : null;
+        if (job) await this.store.releaseParked(job.owner, this.log).catch(() => undefined); // else the sweeper
       } catch {
         msg.nak(1_000); // NATS is away: try again when it is back
       }
