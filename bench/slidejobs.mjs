@@ -12,6 +12,11 @@
 // (--slide-job-window; 0 queues every task at submit), one worker gateway on a fresh stack is given
 // the whole slide and, a second later, the ROI; it prints when the ROI job is done, how far the
 // slide had got by then, and when the slide was done (the window should cost it nothing).
+//   npm run build && node bench/slidejobs.mjs --owner-turns 0,2 [--owner-jobs 4] [--roi ...]
+//
+// --owner-turns LIMITS measures the turns owners take: per --slide-jobs-per-owner limit, one worker
+// gateway with two callers (bearer tokens) on a fresh stack; lab A submits --owner-jobs whole
+// slides, then lab B the ROI; it prints when B's job is done, and cancels A's.
 //
 // A real nats-server (JetStream file storage in a temporary directory), the stage services of
 // `cfrsam stack` (1 prompter, 1 encoder, N decoders; started afresh for every configuration so no
@@ -44,6 +49,8 @@ const { values: args } = parseArgs({
     'no-memory': { type: 'boolean', default: false },
     json: { type: 'string', default: '' },
     fairness: { type: 'string', default: '' },
+    'owner-turns': { type: 'string', default: '' },
+    'owner-jobs': { type: 'string', default: '4' },
   },
 });
 const WORKERS = args.workers.split(',').map(Number);
@@ -212,6 +219,55 @@ async function fairness(client, roi, window, run) {
   };
 }
 
+/** Lab A's whole slides, then lab B's ROI, on a gateway that knows both labs' tokens. */
+async function ownerTurns(client, roi, limit, run) {
+  const { Metadata } = require(path.join(root, 'node_modules/@grpc/grpc-js'));
+  const as = (lab) => {
+    const metadata = new Metadata();
+    metadata.set('authorization', `Bearer ${lab}-token-0123456789`);
+    return { metadata, timeoutMs: 600_000 };
+  };
+  const submitAs = (lab, fields) =>
+    unary(
+      client,
+      client.submitSlideJob,
+      segmentationProto.SubmitSlideJobRequest.fromPartial({
+        slide: { source: { $case: 'path', value: 'slide' + path.extname(args.slide) } },
+        regionSize: REGION,
+        ...fields,
+      }),
+      as(lab),
+    );
+  // Slide jobs are UNAVAILABLE until the gateway has set up its streams (startGateway's own probe
+  // carries no token, so it learnt nothing): an unknown job is NOT_FOUND once they are.
+  for (let i = 0; i < 300; i++) {
+    const code = await unary(client, client.getSlideJob, { jobId: '0'.repeat(32) }, as('lab-a')).then(
+      () => 0,
+      (e) => e.code,
+    );
+    if (code !== 14) break;
+    await sleep(100);
+  }
+  const labA = [];
+  for (let i = 0; i < Number(args['owner-jobs']); i++) labA.push(await submitAs('lab-a', { requestId: `a-${run}-${i}` }));
+  const t0 = performance.now();
+  const b = await submitAs('lab-b', { roi: { ...roi, polygon: [] }, requestId: `b-${run}` });
+  let job;
+  for (;;) {
+    job = await unary(client, client.getSlideJob, { jobId: b.jobId }, as('lab-b'));
+    if (finished(job.state)) break;
+    await sleep(200);
+  }
+  const waitedS = (performance.now() - t0) / 1000;
+  const done = [];
+  for (const a of labA) {
+    done.push((await unary(client, client.getSlideJob, { jobId: a.jobId }, as('lab-a'))).tilesDone);
+    await unary(client, client.cancelSlideJob, { jobId: a.jobId }, as('lab-a')).catch(() => undefined);
+  }
+  if (job.state !== SlideJobState.SLIDE_JOB_STATE_DONE) throw new Error(`lab B's job ended ${job.state}: ${job.error}`);
+  return { limit, labAJobs: labA.length, labARegions: labA.map((a) => a.regions), bDoneS: waitedS, labADoneThen: done };
+}
+
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-bench-slidejobs-'));
 const slideRoot = path.join(tmp, 'slides');
 fs.mkdirSync(slideRoot);
@@ -256,7 +312,32 @@ try {
       );
     }
   }
-  for (const [k, w] of (args.fairness ? [] : WORKERS).entries()) {
+  if (args['owner-turns']) {
+    results.ownerTurns = [];
+    const tokenFile = path.join(tmp, 'tokens.json');
+    const { createHash } = await import('node:crypto');
+    const grant = (lab) => ({
+      sha256: createHash('sha256').update(`${lab}-token-0123456789`).digest('hex'),
+      identity: lab,
+      rights: ['cfrsam.v1.Segmentation/*', 'grpc.health.v1.Health/*'],
+    });
+    fs.writeFileSync(tokenFile, JSON.stringify({ tokens: [grant('lab-a'), grant('lab-b')] }));
+    for (const [k, limit] of args['owner-turns'].split(',').map(Number).entries()) {
+      await stack.stop();
+      stack = await newStack();
+      const g = await startGateway(stack, nats.url, slideRoot, `gateway-owners-${limit}`, [
+        ...['--slide-jobs-per-owner', String(limit), '--auth-tokens', tokenFile],
+      ]);
+      const r = await ownerTurns(g.client, { x: RX, y: RY, width: RW, height: RH }, limit, k);
+      await stopGateway(g);
+      results.ownerTurns.push(r);
+      console.log(
+        `jobs per owner ${limit || 'unlimited'}: lab B's ROI (1 job) submitted after lab A's ${r.labAJobs} whole slides ` +
+          `(${r.labARegions.join(' + ')} regions) was done after ${r.bDoneS.toFixed(1)} s, lab A's jobs then at ${r.labADoneThen.join(', ')} regions`,
+      );
+    }
+  }
+  for (const [k, w] of (args.fairness || args['owner-turns'] ? [] : WORKERS).entries()) {
     if (k > 0) {
       await stack.stop();
       stack = await newStack();
@@ -281,7 +362,7 @@ try {
         `first progress ${r.firstProgressS?.toFixed(1)} s after submit; peak RSS MB ${JSON.stringify(row.peakRssMb)}`,
     );
   }
-  if (args.memory && !args['no-memory'] && !args.fairness) {
+  if (args.memory && !args['no-memory'] && !args.fairness && !args['owner-turns']) {
     for (const [label, roi] of [
       ['1x', { x: RX, y: RY, width: RW, height: RH }],
       ['4x', { x: RX, y: RY, width: 2 * RW, height: 2 * RH }],
