@@ -174,7 +174,8 @@ async function runJobs(client, roi, n, tag) {
   };
 }
 
-const submitJob = (client, fields) =>
+/** Submits a job on the slide (`fields` add the ROI, request id...); `options`: call options (a caller's token). */
+const submitJob = (client, fields, options = { timeoutMs: 600_000 }) =>
   unary(
     client,
     client.submitSlideJob,
@@ -183,8 +184,17 @@ const submitJob = (client, fields) =>
       regionSize: REGION,
       ...fields,
     }),
-    { timeoutMs: 600_000 },
+    options,
   );
+
+/** The job once it is finished (polled). */
+async function untilFinished(client, jobId, options = {}) {
+  for (;;) {
+    const job = await unary(client, client.getSlideJob, { jobId }, options);
+    if (finished(job.state)) return job;
+    await sleep(200);
+  }
+}
 
 /** The whole slide, then the ROI a second later, on one worker with the given task window. */
 async function fairness(client, roi, window, run) {
@@ -192,21 +202,11 @@ async function fairness(client, roi, window, run) {
   await sleep(1000);
   const t0 = performance.now();
   const small = await submitJob(client, { roi: { ...roi, polygon: [] }, requestId: `roi-${run}-w${window}` });
-  let job;
-  for (;;) {
-    job = await unary(client, client.getSlideJob, { jobId: small.jobId });
-    if (finished(job.state)) break;
-    await sleep(200);
-  }
+  const job = await untilFinished(client, small.jobId);
   const waitedS = (performance.now() - t0) / 1000;
   const behind = await unary(client, client.getSlideJob, { jobId: slide.jobId });
   if (job.state !== SlideJobState.SLIDE_JOB_STATE_DONE) throw new Error(`the ROI job ended ${job.state}: ${job.error}`);
-  let whole;
-  for (;;) {
-    whole = await unary(client, client.getSlideJob, { jobId: slide.jobId });
-    if (finished(whole.state)) break;
-    await sleep(200);
-  }
+  const whole = await untilFinished(client, slide.jobId);
   if (whole.state !== SlideJobState.SLIDE_JOB_STATE_DONE) throw new Error(`the slide job ended ${whole.state}: ${whole.error}`);
   return {
     window,
@@ -227,17 +227,7 @@ async function ownerTurns(client, roi, limit, run) {
     metadata.set('authorization', `Bearer ${lab}-token-0123456789`);
     return { metadata, timeoutMs: 600_000 };
   };
-  const submitAs = (lab, fields) =>
-    unary(
-      client,
-      client.submitSlideJob,
-      segmentationProto.SubmitSlideJobRequest.fromPartial({
-        slide: { source: { $case: 'path', value: 'slide' + path.extname(args.slide) } },
-        regionSize: REGION,
-        ...fields,
-      }),
-      as(lab),
-    );
+  const submitAs = (lab, fields) => submitJob(client, fields, as(lab));
   // Slide jobs are UNAVAILABLE until the gateway has set up its streams (startGateway's own probe
   // carries no token, so it learnt nothing): an unknown job is NOT_FOUND once they are.
   for (let i = 0; i < 300; i++) {
@@ -252,12 +242,7 @@ async function ownerTurns(client, roi, limit, run) {
   for (let i = 0; i < Number(args['owner-jobs']); i++) labA.push(await submitAs('lab-a', { requestId: `a-${run}-${i}` }));
   const t0 = performance.now();
   const b = await submitAs('lab-b', { roi: { ...roi, polygon: [] }, requestId: `b-${run}` });
-  let job;
-  for (;;) {
-    job = await unary(client, client.getSlideJob, { jobId: b.jobId }, as('lab-b'));
-    if (finished(job.state)) break;
-    await sleep(200);
-  }
+  const job = await untilFinished(client, b.jobId, as('lab-b'));
   const waitedS = (performance.now() - t0) / 1000;
   const done = [];
   for (const a of labA) {
