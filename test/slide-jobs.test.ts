@@ -470,12 +470,17 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     const third = await unary(gw.client, gw.client.submitSlideJob, small(956));
     expect((await record(second.jobId)).parked).toBeFalsy();
     expect((await record(third.jobId)).parked).toBe(true);
+    // ... and says so to its owner.
+    const waiting = await unary(gw.client, gw.client.getSlideJob, { jobId: third.jobId });
+    expect(waiting).toMatchObject({ state: SlideJobState.SLIDE_JOB_STATE_QUEUED, waitingForOwner: true, tilesDone: 0 });
+    expect((await unary(gw.client, gw.client.getSlideJob, { jobId: second.jobId })).waitingForOwner).toBe(false);
     // The second runs beside the slide; the third waits for it, then runs beside the slide too.
     const secondDone = await waitFinished(() => gw.client, second.jobId);
     expect(secondDone.state, secondDone.error).toBe(SlideJobState.SLIDE_JOB_STATE_DONE);
     const thirdDone = await waitFinished(() => gw.client, third.jobId);
     expect(thirdDone.state, thirdDone.error).toBe(SlideJobState.SLIDE_JOB_STATE_DONE);
     expect((await record(third.jobId)).parked).toBe(false);
+    expect(thirdDone.waitingForOwner).toBe(false);
     const behind = await unary(gw.client, gw.client.getSlideJob, { jobId: slide.jobId });
     expect(behind.state).toBe(SlideJobState.SLIDE_JOB_STATE_RUNNING);
     await unary(gw.client, gw.client.cancelSlideJob, { jobId: slide.jobId });

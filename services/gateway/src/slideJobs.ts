@@ -573,6 +573,7 @@ export function jobMessage(job: SlideJobRecord, progress: ProgressRecord, now = 
     etaS: eta,
     createdAt: job.createdAt,
     startedAt: job.startedAt,
+    waitingForOwner: job.state === 'QUEUED' && Boolean(job.parked),
     finishedAt: job.finishedAt,
     artefacts: job.state === 'DONE' ? job.artefacts : [],
   };

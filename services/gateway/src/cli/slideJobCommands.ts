@@ -117,7 +117,7 @@ function formatDuration(s: number): string {
 export function formatJob(j: segmentationProto.SlideJob): string {
   const state = STATE_NAMES[j.state] ?? String(j.state);
   const parts = [
-    `${j.jobId} ${state}`,
+    `${j.jobId} ${state}${j.waitingForOwner ? ' (behind your earlier jobs)' : ''}`,
     `${j.tilesDone}/${j.tilesTotal} regions`,
     `${j.nuclei} nuclei`,
     `${j.tissueMpxDone.toFixed(2)}/${j.tissueMpxTotal.toFixed(2)} tissue Mpx`,
