@@ -508,6 +508,9 @@ export class SlideJobStore {
   async sweep(now = Date.now(), log: (line: string) => void = () => undefined): Promise<void> {
     const partials = await removeStalePartials(this.settings.slideRoot, this.settings.slideJobTtlS * 1000, now);
     if (partials > 0) log(`slide jobs: removed ${partials} partial upload(s) untouched for ${this.settings.slideJobTtlS} s`);
+    // Owners with parked jobs whose earlier jobs may have finished without releasing them (a
+    // gateway died there): released once per owner after the scan.
+    const parkedOwners = new Set<string>();
     for (const id of await this.jobIds()) {
       const job = await this.job(id);
       if (!job) continue;
@@ -517,8 +520,7 @@ export class SlideJobStore {
           log(`slide jobs: removed job ${id} (finished ${job.finishedAt}, retention ${this.settings.slideJobTtlS} s)`);
         }
       } else if (job.parked) {
-        // Its owner's earlier jobs may have finished without releasing it (a gateway died there).
-        await this.releaseParked(job.owner, log);
+        parkedOwners.add(job.owner);
       } else if (!job.published && now - Date.parse(job.createdAt) > 60_000) {
         const cells = await this.plan(id);
         if (!cells) continue;
@@ -527,6 +529,7 @@ export class SlideJobStore {
         log(`slide jobs: queued the tasks of job ${id}, whose submit stopped half way`);
       }
     }
+    for (const owner of parkedOwners) await this.releaseParked(owner, log);
   }
 }
 

@@ -82,9 +82,6 @@ export interface UploadHeader {
   offset?: number;
 }
 
-/** Uploads in progress in this process (two streams of the same file must not interleave). */
-const active = new Set<string>();
-
 const partialName = (sha256: string, size: number) => `.partial-${sha256}-${size}`;
 const lockName = (sha256: string, size: number) => `.lock-${sha256}-${size}`;
 
@@ -93,7 +90,8 @@ export const UPLOAD_LOCK_REFRESH_MS = 2_000;
 export const UPLOAD_LOCK_STALE_MS = 15_000;
 
 /**
- * Keeps two gateways (any processes sharing the slide root) from writing one partial upload at once,
+ * Keeps two uploads of one file from writing its partial upload at once, through one gateway or two
+ * (any processes sharing the slide root),
  * which would interleave their bytes: a lock file next to the partial, created exclusively (O_EXCL,
  * which NFS v3 and later honour) and touched every UPLOAD_LOCK_REFRESH_MS while the upload runs. A
  * lock untouched for UPLOAD_LOCK_STALE_MS was left by a gateway that died mid-upload and is taken
@@ -123,7 +121,7 @@ class UploadLock {
       if (held && Date.now() - held.mtimeMs < UPLOAD_LOCK_STALE_MS) break;
       await fs.rm(file, { force: true }); // abandoned: take it over
     }
-    throw grpcError(status.ABORTED, 'this file is being uploaded already, through another gateway; retry when that upload ends');
+    throw grpcError(status.ABORTED, 'this file is being uploaded already, through another gateway or this one; retry when that upload ends');
   }
 
   async release(): Promise<void> {
@@ -184,9 +182,6 @@ export class SlideUpload {
     }
     const dir = path.join(root, UPLOAD_DIR);
     await fs.mkdir(dir, { recursive: true });
-    const key = `${header.sha256}-${header.size}`;
-    if (active.has(key)) throw grpcError(status.ABORTED, 'this file is being uploaded already; retry when that upload ends');
-    active.add(key);
     const upload = new SlideUpload(root, header, path.join(dir, partialName(header.sha256, header.size)), maxBytes);
     try {
       upload.lock = await UploadLock.acquire(path.join(dir, lockName(header.sha256, header.size)));
@@ -275,7 +270,6 @@ export class SlideUpload {
     const lock = this.lock;
     this.lock = null;
     await lock?.release();
-    active.delete(`${this.header.sha256}-${this.header.size}`);
   }
 }
 
