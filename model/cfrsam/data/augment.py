@@ -11,6 +11,8 @@ from typing import Tuple
 
 import numpy as np
 
+from .stain import random_transfer
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -26,6 +28,10 @@ class AugmentConfig:
     stain_shift: float = 0.02  # per-stain optical-density shift in [-s, s]
     noise_prob: float = 0.2
     noise_std: float = 3.0  # grey levels
+    # Stain transfer (RandStainNA): with this probability a crop takes the Lab statistics of a
+    # training image drawn from `stain_bank` (one tuple of (mean, std) pairs per set); 0 = off.
+    stain_transfer_prob: float = 0.0
+    stain_bank: Tuple = ()
 
 
 def flip_rotate(
@@ -111,6 +117,8 @@ def stain_jitter(image: np.ndarray, rng: np.random.Generator, scale: float, shif
 def random_color(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     """All colour augmentations of `cfg`, float32 RGB in [0, 255] in and out."""
     image = image.astype(np.float32)
+    if cfg.stain_bank and rng.random() < cfg.stain_transfer_prob:
+        image = random_transfer(image, rng, cfg.stain_bank)
     if rng.random() < cfg.stain_prob:
         image = stain_jitter(image, rng, cfg.stain_scale, cfg.stain_shift)
     if rng.random() < cfg.color_prob:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from ..data import NucleiDataset
 from ..data.augment import AugmentConfig
 from ..data.dataset import default_data_root, list_samples
 from ..data.scale import load_estimates
+from ..data.stain import lab_stats
 from .ema import WeightAverage
 
 # CoNSeP tiles come from 27 source images; these five are held out for validation (split by source,
@@ -131,6 +133,13 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
         help="LO,HI: the zoom of the training crops, drawn uniformly from [LO, HI] (1: none; applied "
         "after --target-mpp): nuclei seen at LO..HI times their size at the model's scale",
     )
+    parser.add_argument(
+        "--stain-transfer",
+        type=float,
+        default=0.0,
+        help="probability that a training crop takes the Lab stain statistics of another training "
+        "image, drawn from a random set (RandStainNA; cfrsam/data/stain.py) (0: off)",
+    )
 
 
 def add_analysis_args(parser: argparse.ArgumentParser) -> None:
@@ -228,6 +237,14 @@ def parse_scale_range(text: str) -> Tuple[float, float]:
     return lo, hi
 
 
+def stain_bank(parts) -> tuple:
+    """The Lab stain statistics of every distinct training image, one tuple per set."""
+    bank = []
+    for part in parts:
+        bank.append(tuple(lab_stats(part.load(name)[0]) for name in dict.fromkeys(part.names)))
+    return tuple(bank)
+
+
 def build_datasets(args, class_names: Sequence[str], size: int):
     """(train, val) datasets; validation is the held-out CoNSeP sources, centre crops, no augment."""
     root = Path(args.data)
@@ -242,6 +259,9 @@ def build_datasets(args, class_names: Sequence[str], size: int):
     # Namespaces built by hand (validation_set, tests) may have no --scale-range: the default zoom.
     scale_range = getattr(args, "scale_range", None)
     augment = AugmentConfig(scale_range=parse_scale_range(scale_range)) if scale_range else AugmentConfig()
+    stain_transfer = getattr(args, "stain_transfer", 0.0)
+    if not 0 <= stain_transfer <= 1:
+        sys.exit(f"--stain-transfer: a probability in [0, 1], got {stain_transfer}")
     for name in set(repeat) | set(holdout):
         if name not in set_names or name.startswith("consep"):
             sys.exit(f"--repeat/--hold-out name a non-CoNSeP set of --sets ({', '.join(set_names)}), got {name!r}")
@@ -293,6 +313,11 @@ def build_datasets(args, class_names: Sequence[str], size: int):
             )
     if not train_parts:
         sys.exit("no training sets selected")
+    if stain_transfer > 0:
+        bank = stain_bank(train_parts)
+        print(f"stain transfer: {sum(map(len, bank))} training images in {len(bank)} sets", file=sys.stderr)
+        for part in train_parts:
+            part.augment = dataclasses.replace(part.augment, stain_transfer_prob=stain_transfer, stain_bank=bank)
     train = ConcatDataset(train_parts) if len(train_parts) > 1 else train_parts[0]
     if val is not None and args.val_limit:
         val.names = val.names[: args.val_limit]
