@@ -36,6 +36,7 @@ WORKERS=${WORKERS:-4}                 # DataLoader workers per run
 # oversubscription is the likely cause, not yet confirmed on a GPU.
 THREADS=${THREADS:-2}
 VAL_LIMIT=${VAL_LIMIT:-0}             # validate on at most N tiles (0: all 80)
+STAIN_TRANSFER=${STAIN_TRANSFER:-0.5} # probability of a crop taking another training image's stain (0: off)
 FINALIZE=${FINALIZE:-0}
 
 data=$(mktemp -d)
@@ -47,7 +48,8 @@ cd model
 # The shipped recipe's sets: MoNuSeg's 1000 px images drawn 6 times, CPM-15 twice, its last 3
 # MoNuSeg images held out for the held-out evaluation.
 common=(--data "$data" --device "$DEVICE" --bf16 --workers "$WORKERS" --threads "$THREADS" --time-budget "$MINUTES" --fit-to-budget --steps-per-epoch "$STEPS"
-  --val-limit "$VAL_LIMIT" --init "../$INIT" --repeat monuseg-train=6,cpm15=2 --hold-out monuseg-train=3)
+  --val-limit "$VAL_LIMIT" --init "../$INIT" --repeat monuseg-train=6,cpm15=2 --hold-out monuseg-train=3
+  --stain-transfer "$STAIN_TRANSFER")
 pids=()
 for spec in $STAGE1_RUNS; do
   IFS=: read -r name preset lr <<<"$spec"

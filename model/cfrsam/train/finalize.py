@@ -20,7 +20,6 @@ import warnings
 import torch
 
 from ..build import build_cfr_sam
-from ..checkpoint import read_checkpoint
 from ..data import collate_nuclei
 from . import common
 from .stage1 import add_select_arg
@@ -30,8 +29,8 @@ from .stage2 import validate as validate_pipeline
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage1", required=True)
-    parser.add_argument("--stage2", required=True)
+    parser.add_argument("--stage1", required=True, help="checkpoint or bundle directory: its prompt learner")
+    parser.add_argument("--stage2", required=True, help="checkpoint or bundle directory: everything else")
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", default=None)
     parser.add_argument("--val-sources", default=",".join(map(str, common.DEFAULT_VAL_SOURCES)))
@@ -54,7 +53,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    s1, s2 = read_checkpoint(args.stage1), read_checkpoint(args.stage2)
+    # Either may be an exported bundle (its weights widened from float16), e.g. the default.
+    s1, s2 = common.read_init(args.stage1), common.read_init(args.stage2)
     learner = {k[len("prompt_learner.") :]: v for k, v in s1["model"].items() if k.startswith("prompt_learner.")}
     if not learner:
         sys.exit(f"{args.stage1} holds no prompt learner weights")
