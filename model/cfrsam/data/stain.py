@@ -23,10 +23,14 @@ GLASS_OD = 0.15
 LabStats = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
 
 
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Optical density summed over RGB, per pixel ([...] for [..., 3])."""
+    return -np.log((np.asarray(rgb, np.float64) + 1.0) / 256.0).sum(-1)
+
+
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     """Pixels that are not glass."""
-    od = -np.log((np.asarray(rgb, np.float64) + 1.0) / 256.0)
-    return od.sum(-1) > GLASS_OD
+    return optical_density(rgb) > GLASS_OD
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -50,8 +54,11 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 
 def lab_stats(rgb: np.ndarray) -> LabStats:
     """(mean, standard deviation) of each Lab channel over the tissue; the whole image if all glass."""
-    lab = rgb_to_lab(rgb)
-    mask = tissue_mask(rgb)
+    return _stats(rgb_to_lab(rgb), optical_density(rgb))
+
+
+def _stats(lab: np.ndarray, od: np.ndarray) -> LabStats:
+    mask = od > GLASS_OD
     values = lab[mask] if mask.sum() >= 16 else lab.reshape(-1, 3)
     return tuple(values.mean(0).tolist()), tuple(values.std(0).tolist())
 
@@ -63,12 +70,13 @@ MAX_SPREAD_RATIO = 2.0
 
 def transfer(rgb: np.ndarray, target: LabStats, source: LabStats = None) -> np.ndarray:
     """`rgb` with its tissue's Lab statistics (or `source`'s) moved to `target`'s; float32 [0, 255]."""
-    mean, std = source if source is not None else lab_stats(rgb)
-    ratio = np.clip(np.asarray(target[1]) / np.maximum(np.asarray(std), 1e-6), 1 / MAX_SPREAD_RATIO, MAX_SPREAD_RATIO)
-    moved = (rgb_to_lab(rgb) - np.asarray(mean)) * ratio + np.asarray(target[0])
+    # One Lab conversion and one optical density per crop: this runs in the training loader.
     rgb = np.asarray(rgb, np.float64)
-    od = -np.log((rgb + 1.0) / 256.0).sum(-1, keepdims=True)
-    weight = np.clip((od - GLASS_OD) / GLASS_OD, 0.0, 1.0)
+    lab, od = rgb_to_lab(rgb), optical_density(rgb)
+    mean, std = source if source is not None else _stats(lab, od)
+    ratio = np.clip(np.asarray(target[1]) / np.maximum(np.asarray(std), 1e-6), 1 / MAX_SPREAD_RATIO, MAX_SPREAD_RATIO)
+    moved = (lab - np.asarray(mean)) * ratio + np.asarray(target[0])
+    weight = np.clip((od[..., None] - GLASS_OD) / GLASS_OD, 0.0, 1.0)
     return (weight * lab_to_rgb(moved) + (1 - weight) * rgb).astype(np.float32)
 
 
