@@ -48,10 +48,6 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
 
 
-def reinhard(rgb: np.ndarray, ref) -> np.ndarray:
-    return transfer(rgb, ref)
-
-
 # ---- Macenko ---------------------------------------------------------------------------------------
 def macenko_stains(rgb: np.ndarray, alpha: float = 1.0):
     """(stain matrix [3, 2]: haematoxylin, eosin columns; 99th percentile of each concentration)."""
@@ -121,7 +117,7 @@ def main() -> None:
         for n in selected:
             rgb = read_rgb(src / f"{n}.png")
             if args.method == "reinhard":
-                normalised = reinhard(rgb, ref)
+                normalised = transfer(rgb, ref)  # Reinhard: the training's transfer, to the mean statistics
             else:
                 normalised = macenko(rgb, ref, by_source.get(n.rsplit("_", 1)[0]), args.strength)
             Image.fromarray(normalised.round().astype(np.uint8)).save(dst / f"{n}.png")
