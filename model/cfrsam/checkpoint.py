@@ -228,7 +228,18 @@ def load_checkpoint(model: nn.Module, source: Union[PathOrFile, Mapping[str, Any
     state = ckpt["model"]
     has_learner = getattr(model, "prompt_learner", None) is not None
     ckpt_has_learner = any(k.startswith("prompt_learner.") for k in state)
-    allow = (lambda name: name.startswith("prompt_learner.")) if not ckpt_has_learner else (lambda name: False)
+    # A convolutional stem added to a trained encoder starts at zero (ImageEncoderViT.ConvStem), so
+    # a checkpoint without one loads into a model with one and computes the same.
+    ckpt_has_stem = any(k.startswith("image_encoder.conv_stem.") for k in state)
+    allow_prefixes = tuple(
+        prefix
+        for prefix, present in (("prompt_learner.", ckpt_has_learner), ("image_encoder.conv_stem.", ckpt_has_stem))
+        if not present
+    )
+
+    def allow(name: str) -> bool:
+        return name.startswith(allow_prefixes) if allow_prefixes else False
+
     if has_learner and not ckpt_has_learner:
         warnings.warn("checkpoint has no prompt learner weights; the prompt learner keeps its initial weights")
     if ckpt_has_learner and not has_learner:

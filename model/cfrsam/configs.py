@@ -42,6 +42,12 @@ class ImageEncoderConfig:
     out_chans: int = 256
     use_rel_pos: bool = True
     qkv_bias: bool = True
+    # Channels of an optional convolutional stem beside the patch embedding (empty: none, as in SAM):
+    # a patchify convolution then stride-2 3x3 convolutions reaching the patch grid, summed into the
+    # patch embeddings through a zero-initialised 1x1 projection (so a trained encoder gains it
+    # without changing its output). The ViT sees sub-patch detail it cannot get from one 16 px
+    # linear projection, as in "Early convolutions help transformers see better" and TinyViT.
+    conv_stem: Tuple[int, ...] = ()
 
 
 @dataclass
@@ -151,6 +157,12 @@ class CFRSAMConfig:
         bad = [i for i in enc.global_attn_indexes if not 0 <= i < enc.depth]
         if bad:
             raise ConfigError(f"global_attn_indexes {bad} outside 0..{enc.depth - 1}")
+        if len(enc.conv_stem) > 5:
+            raise ConfigError(
+                f"conv_stem takes 1 to 5 channel counts (its first stride is 16 / 2^(n-1)), got {enc.conv_stem}"
+            )
+        if any(c < 1 for c in enc.conv_stem):
+            raise ConfigError(f"conv_stem channel counts must be positive, got {enc.conv_stem}")
         if not self.hmfm.levels:
             raise ConfigError("hmfm.levels must name at least one encoder block")
         bad = [i for i in self.hmfm.levels if not 0 <= i < enc.depth]

@@ -138,3 +138,27 @@ def test_resize_helpers():
     rel = torch.randn(15, 4)
     assert resize_rel_pos(rel, 31).shape == (31, 4)
     assert torch.equal(resize_rel_pos(rel, 15), rel)
+
+
+def test_checkpoint_without_a_conv_stem_loads_into_a_model_with_one(tmp_path):
+    # The stem starts at zero, so a trained model gains one without changing what it computes
+    # (stage 2's --conv-stem); a checkpoint that has a stem must still fit exactly.
+    model = build_cfr_sam("tiny", input_size=64, window=32, seed=1)
+    path = tmp_path / "plain.pt"
+    save_checkpoint(path, model)
+    stemmed = build_cfr_sam(None, checkpoint=str(path), image_encoder__conv_stem=(8, 16))
+    assert stemmed.config.image_encoder.conv_stem == (8, 16)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(stemmed.encode(x), model.encode(x))
+        stemmed.image_encoder.conv_stem.proj.weight.normal_()
+    with_stem = tmp_path / "stem.pt"
+    save_checkpoint(with_stem, stemmed)
+    again = build_cfr_sam(None, checkpoint=str(with_stem))
+    with torch.no_grad():
+        assert torch.equal(again.encode(x), stemmed.encode(x))
+    state = torch.load(with_stem, map_location="cpu")
+    del state["model"]["image_encoder.conv_stem.proj.weight"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="conv_stem.proj.weight"):
+        build_cfr_sam(None, checkpoint=str(tmp_path / "partial.pt"))

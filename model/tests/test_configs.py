@@ -60,6 +60,17 @@ def test_overrides_and_round_trip():
     assert shallow.image_encoder.global_attn_indexes == () and shallow.hmfm.levels == (1,)
 
 
+def test_conv_stem_round_trips_and_is_checked():
+    cfg = make_config("tiny", image_encoder__conv_stem=[32, 64, 128])
+    assert cfg.image_encoder.conv_stem == (32, 64, 128)
+    assert CFRSAMConfig.from_dict(cfg.to_dict()) == cfg
+    assert make_config("tiny").image_encoder.conv_stem == ()  # SAM's encoder has none
+    with pytest.raises(ConfigError, match="1 to 5"):
+        make_config("tiny", image_encoder__conv_stem=[8, 16, 32, 64, 96, 128])
+    with pytest.raises(ConfigError, match="positive"):
+        make_config("tiny", image_encoder__conv_stem=[8, 0])
+
+
 def test_prompter_needs_multiple_of_32():
     with pytest.raises(ConfigError, match="prompt learner"):
         make_config("tiny", input_size=80, window=32)

@@ -186,6 +186,19 @@ def test_random_init_bundle_checks_without_weights(bundle, tmp_path):
     assert check_bundle(str(copy), verbose=False) == []  # weights regenerated from config + seed
 
 
+def test_encoder_with_a_conv_stem_exports_with_parity(tmp_path):
+    model = build_cfr_sam("tiny", input_size=64, window=32, seed=4, image_encoder__conv_stem=(8, 16))
+    with torch.no_grad():
+        model.image_encoder.conv_stem.proj.weight.normal_(std=0.1)  # a stem that does something
+    ckpt = tmp_path / "stem.pt"
+    save_checkpoint(ckpt, model)
+    out = tmp_path / "bundle"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--no-full", "--name", "t"]) == 0
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["provenance"]["config"]["image_encoder"]["conv_stem"] == [8, 16]
+    assert check_bundle(str(out), verbose=False) == []
+
+
 def test_bundle_exported_again_keeps_weights_and_provenance(tmp_path, capsys):
     # A finalized checkpoint (what `cfrsam.train.finalize` writes): tuned prompter, metrics, provenance.
     model = build_cfr_sam("tiny", input_size=64, window=32, seed=3)

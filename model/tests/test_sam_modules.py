@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from cfrsam.configs import make_config
 from cfrsam.modeling import CFRSAM, HMFM, MALA, BottleneckAdapter, LoRAQKV
-from cfrsam.modeling.image_encoder import Attention, get_rel_pos
+from cfrsam.modeling.image_encoder import Attention, ConvStem, ImageEncoderViT, get_rel_pos
 from cfrsam.modeling.peft import NeighbourhoodUnfold
 from cfrsam.params import parameter_report
 
@@ -171,6 +171,25 @@ def test_adapters_start_as_identity(make):
     with torch.no_grad():
         module.up.weight.normal_()
     assert not torch.allclose(module(x), x)
+
+
+def test_conv_stem_starts_at_zero_then_adds_to_the_patch_embedding():
+    torch.manual_seed(0)
+    plain = ImageEncoderViT(img_size=64, embed_dim=32, depth=1, num_heads=2, out_chans=16, window_size=4)
+    stem = ImageEncoderViT(
+        img_size=64, embed_dim=32, depth=1, num_heads=2, out_chans=16, window_size=4, conv_stem=(8, 16)
+    )
+    stem.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 3, 64, 64)
+    assert stem.conv_stem(x).shape == (2, 4, 4, 32)  # the patch grid, channels last like PatchEmbed
+    assert torch.equal(stem(x), plain(x))
+    stem(x).square().sum().backward()
+    assert stem.conv_stem.proj.weight.grad.abs().sum() > 0  # the zero projection is where it starts learning
+    with torch.no_grad():
+        stem.conv_stem.proj.weight.normal_()
+    assert not torch.allclose(stem(x), plain(x))
+    with pytest.raises(ValueError, match="stride 16"):
+        ConvStem(3, (4, 8, 16, 32, 64, 128), 32)
 
 
 def test_mala_is_input_adaptive():

@@ -369,3 +369,44 @@ def test_fit_to_budget_ends_the_cosine_schedule_with_the_budget(tmp_path):
     assert fitted["total"] == 1 and stopped["total"] == 50
     schedule = WarmupCosine(50, fitted["total"])
     assert schedule(1) == 0.0 and schedule(0) > 0.0
+
+
+def test_served_prompt_targets_follow_the_nucleus_under_each_point():
+    instances = torch.zeros(32, 32, dtype=torch.int64)
+    instances[4:10, 4:10] = 1
+    instances[20:26, 20:26] = 2
+    centroids = np.array([[7.0, 7.0], [23.0, 23.0]])
+    points = np.array([[5.5, 8.5], [19.0, 19.0], [30.0, 2.0]])  # on nucleus 1, beside nucleus 2, on nothing
+    coords, targets = stage2.prompt_targets(points, instances, centroids, radius=6.0, false_points=False)
+    assert coords == [(5.5, 8.5), (19.0, 19.0)]
+    assert torch.equal(targets[0], instances == 1) and torch.equal(targets[1], instances == 2)
+    coords, targets = stage2.prompt_targets(points, instances, centroids, radius=6.0, false_points=True)
+    assert len(coords) == 3 and not targets[2].any()  # a false detection asks for no nucleus
+    # The points come from the model's own prompter (an untrained one here, so from anywhere).
+    from cfrsam import build_cfr_sam
+
+    model = build_cfr_sam("tiny", input_size=64, window=32, seed=0)
+    big = torch.zeros(64, 64, dtype=torch.int64)
+    big[:32, :32] = instances
+    batch = {"image": torch.randn(1, 3, 64, 64), "instances": [big], "centroids": [torch.from_numpy(centroids)]}
+    rng = np.random.default_rng(0)
+    chosen = stage2.served_prompts(model, batch, 3, 64, rng, 1.0, 0.0, 2.0, 64.0, True, "cpu")
+    coords, masks = chosen[0]
+    assert coords.shape == (3, 2) and masks.shape == (3, 64, 64)
+    assert stage2.served_prompts(model, batch, 3, 64, rng, 0.0, 0.0, 2.0, 64.0, True, "cpu") == {}
+
+
+def test_stage2_served_prompts_with_a_conv_stem(tmp_path):
+    data = tmp_path / "data"
+    _write_set(data / "synth", n=1)
+    flags = (
+        "--max-prompts", "4", "--served-prompts", "1", "--served-false-points", "--min-foreground", "0.0",
+        "--conv-stem", "8,16", "--freeze", "image_encoder.pos_embed,image_encoder.blocks",
+    )  # fmt: skip
+    assert stage2.main(_args(data, tmp_path / "one", 1, flags)) == 0
+    assert stage2.main(_args(data, tmp_path / "two", 2, flags)) == 0
+    first, second = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
+    assert torch.equal(first["image_encoder.pos_embed"], second["image_encoder.pos_embed"])  # one parameter frozen
+    assert not torch.equal(first["image_encoder.conv_stem.proj.weight"], second["image_encoder.conv_stem.proj.weight"])
+    config = torch.load(tmp_path / "two" / "last.pt", map_location="cpu")["config"]
+    assert tuple(config["image_encoder"]["conv_stem"]) == (8, 16)

@@ -86,6 +86,7 @@ class CFRSAM(nn.Module):
             rel_pos_zero_init=True,
             window_size=enc.window_size,
             global_attn_indexes=tuple(enc.global_attn_indexes),
+            conv_stem=tuple(enc.conv_stem),
         )
         inject_peft(image_encoder, cfg.peft)
         hmfm = HMFM(enc.embed_dim, len(cfg.hmfm.levels), cfg.hmfm.reduction, cfg.hmfm.aggregate)

@@ -36,6 +36,7 @@ class ImageEncoderViT(nn.Module):
         rel_pos_zero_init: bool = True,
         window_size: int = 0,
         global_attn_indexes: Tuple[int, ...] = (),
+        conv_stem: Tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.img_size = img_size
@@ -47,6 +48,9 @@ class ImageEncoderViT(nn.Module):
             stride=(patch_size, patch_size),
             in_chans=in_chans,
             embed_dim=embed_dim,
+        )
+        self.conv_stem: Optional[ConvStem] = (
+            ConvStem(in_chans, tuple(conv_stem), embed_dim, patch_size) if conv_stem else None
         )
         self.pos_embed: Optional[nn.Parameter] = None
         if use_abs_pos:
@@ -78,7 +82,10 @@ class ImageEncoderViT(nn.Module):
         )
 
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+        embedded = self.patch_embed(x)
+        if self.conv_stem is not None:
+            embedded = embedded + self.conv_stem(x)
+        x = embedded
         if self.pos_embed is not None:
             x = x + self.pos_embed
         return x
@@ -270,3 +277,28 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).permute(0, 2, 3, 1)  # B C H W -> B H W C
+
+
+class ConvStem(nn.Module):
+    """Convolutions beside the patch embedding: a patchify convolution (stride 16 / 2^(n-1)), then
+    n - 1 stride-2 3x3 convolutions (LayerNorm2d + GELU after each), then a 1x1 projection to the
+    embedding width that starts at zero. Returns [B, h, w, embed_dim] like PatchEmbed."""
+
+    def __init__(self, in_chans: int, channels: Tuple[int, ...], embed_dim: int, patch_size: int = 16) -> None:
+        super().__init__()
+        first_stride = patch_size // 2 ** (len(channels) - 1)
+        if first_stride < 1 or first_stride * 2 ** (len(channels) - 1) != patch_size:
+            raise ValueError(f"conv stem of {len(channels)} layers cannot reach stride {patch_size}")
+        layers = []
+        previous = in_chans
+        for i, width in enumerate(channels):
+            kernel, stride, padding = (first_stride, first_stride, 0) if i == 0 else (3, 2, 1)
+            layers += [nn.Conv2d(previous, width, kernel, stride, padding), LayerNorm2d(width), nn.GELU()]
+            previous = width
+        self.layers = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(previous, embed_dim, kernel_size=1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.layers(x)).permute(0, 2, 3, 1)

@@ -25,7 +25,7 @@ import torch
 from ..build import build_cfr_sam
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from ..data import collate_nuclei
-from ..inference import neighbours_within, segment_tile
+from ..inference import detect_points, neighbours_within, segment_tile
 from ..losses import cfr_sam_loss
 from ..metrics import MetricAccumulator
 from ..modeling.peft import configure_trainable
@@ -98,6 +98,66 @@ def sample_prompts(
             targets[i, j] = mask.float()
             valid[i, j] = True
     return coords, labels, targets, valid
+
+
+def served_prompts(
+    model,
+    batch,
+    max_prompts: int,
+    size: int,
+    rng: np.random.Generator,
+    share: float,
+    min_foreground: float,
+    nms_radius: float,
+    radius: float,
+    false_points: bool,
+    device,
+):
+    """Prompts where the served pipeline puts them, for a random `share` of the images.
+
+    For each chosen image: the points the prompter would send to the decoder (the learner's
+    candidates, its NMS, the point refiner's moves and score bar: inference.detect_points), each
+    asking for the nucleus it lies on, or when it lies on background the nucleus whose centroid is
+    nearest within `radius` px. The stage then learns to segment from the points it is actually
+    given (often off-centre, between two nuclei, on a nucleus' edge) rather than from jittered
+    centroids alone. A point near no nucleus is a false detection: with `false_points` it asks for
+    an empty mask (and the IoU head learns to rate it low), otherwise it is left out.
+
+    Returns {image index: (coords [P, 2], targets [P, S, S])} for the images it chose."""
+    chosen = {}
+    for i in range(len(batch["centroids"])):
+        if share <= 0 or rng.random() >= share:
+            continue
+        with torch.no_grad():
+            pts, _, _, _ = detect_points(model, batch["image"][i : i + 1].to(device), min_foreground, nms_radius)
+        coords, targets = prompt_targets(
+            np.clip(pts, 0, size - 1e-3), batch["instances"][i], batch["centroids"][i].numpy(), radius, false_points
+        )
+        if len(coords) > max_prompts:
+            pick = rng.choice(len(coords), size=max_prompts, replace=False)
+            coords, targets = [coords[k] for k in pick], [targets[k] for k in pick]
+        if coords:
+            chosen[i] = (torch.tensor(coords, dtype=torch.float32), torch.stack(targets).float())
+    return chosen
+
+
+def prompt_targets(
+    points: np.ndarray, instances: torch.Tensor, centroids: np.ndarray, radius: float, false_points: bool
+):
+    """(points kept [(x, y)], their target masks [S, S] bool): the nucleus under each point, else
+    the one whose centroid is nearest within `radius`, else (with `false_points`) an empty mask."""
+    cents = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
+    coords, targets = [], []
+    for x, y in points:
+        own = int(instances[int(y), int(x)])
+        if own == 0 and len(cents):
+            d = np.hypot(cents[:, 0] - x, cents[:, 1] - y)
+            own = int(np.argmin(d)) + 1 if float(d.min()) <= radius else 0
+        if own == 0 and not false_points:
+            continue
+        coords.append((float(x), float(y)))
+        targets.append(instances == own if own else torch.zeros_like(instances, dtype=torch.bool))
+    return coords, targets
 
 
 def _placed_near_centroid(xy, offset, mask, xs, ys, instances, own: int, size: int, off_nucleus: bool):
@@ -183,6 +243,27 @@ def main(argv=None) -> int:
         default="",
         help="modules to keep fixed, comma-separated (e.g. image_encoder,hmfm: train only what reads the prompts)",
     )
+    parser.add_argument(
+        "--conv-stem",
+        default="",
+        metavar="C1,C2,C3",
+        help="give the image encoder a convolutional stem of these widths beside its patch embedding (starts at "
+        "zero, so an --init model keeps its output; see ImageEncoderConfig.conv_stem)",
+    )
+    parser.add_argument(
+        "--served-prompts",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of images prompted where the served pipeline puts its points (prompter, NMS, point refiner at "
+        "--min-foreground / --nms-radius), each asking for the nucleus under it (see served_prompts); needs a trained "
+        "prompt learner (--stage1 or --init)",
+    )
+    parser.add_argument(
+        "--served-false-points",
+        action="store_true",
+        help="with --served-prompts: served points near no nucleus ask for an empty mask (default: left out)",
+    )
     parser.add_argument("--lambda-b", type=float, default=1.0)
     parser.add_argument(
         "--focal-weight", type=float, default=20.0, help="weight of the per-pixel focal term of L_mask (SAM's 20)"
@@ -212,11 +293,18 @@ def main(argv=None) -> int:
     device, out, log = common.start_run(args)
 
     try:
+        overrides = {}
+        if args.conv_stem:
+            try:
+                overrides["image_encoder__conv_stem"] = tuple(int(c) for c in args.conv_stem.split(","))
+            except ValueError:
+                sys.exit(f"--conv-stem: expected comma-separated channel counts, got {args.conv_stem!r}")
         model = build_cfr_sam(
             args.config if not args.init else None,
             checkpoint=common.read_init(args.init) if args.init else None,
             sam_checkpoint=args.sam_checkpoint,
             seed=args.seed,
+            **overrides,
         )
         stage1_info = None
         if args.stage1:
@@ -240,13 +328,18 @@ def main(argv=None) -> int:
     configure_trainable(model, model.backbone_pretrained)
     for p in model.prompt_learner.parameters():
         p.requires_grad_(False)
-    frozen = tuple(f"{prefix.strip()}." for prefix in args.freeze.split(",") if prefix.strip())
+    frozen = [prefix.strip() for prefix in args.freeze.split(",") if prefix.strip()]
     names = [name for name, _ in model.named_parameters()]
-    unknown = [prefix[:-1] for prefix in frozen if not any(name.startswith(prefix) for name in names)]
+
+    def is_frozen(name: str, prefix: str) -> bool:
+        # A module prefix or one parameter's exact name (e.g. image_encoder.pos_embed).
+        return name == prefix or name.startswith(prefix + ".")
+
+    unknown = [prefix for prefix in frozen if not any(is_frozen(name, prefix) for name in names)]
     if unknown:
         sys.exit(f"--freeze: no parameters under {', '.join(unknown)}")
     for name, p in model.named_parameters():
-        if name.startswith(frozen):
+        if any(is_frozen(name, prefix) for prefix in frozen):
             p.requires_grad_(False)
     model.to(device)
     if args.bf16:
@@ -290,6 +383,8 @@ def main(argv=None) -> int:
     def begin_epoch(epoch):
         model.train()
         model.prompt_learner.eval()
+        if getattr(model, "point_refiner", None) is not None:
+            model.point_refiner.eval()  # fixed here; served_prompts runs it as the prompter does
         # Prompt sampling is a function of (seed, epoch) too: a resumed run is exact.
         return np.random.default_rng(args.seed * 1000 + epoch)
 
@@ -305,6 +400,24 @@ def main(argv=None) -> int:
             negatives=args.negatives,
             negative_radius=args.negative_radius,
         )
+        if args.served_prompts > 0:
+            # Served points replace the sampled prompts of the images served_prompts chose.
+            for i, (points, masks) in served_prompts(
+                model,
+                batch,
+                args.max_prompts,
+                size,
+                rng,
+                args.served_prompts,
+                args.min_foreground,
+                args.nms_radius,
+                args.radius,
+                args.served_false_points,
+                device,
+            ).items():
+                n = len(points)
+                coords[i], labels[i], targets[i], valid[i] = 0.0, -1.0, 0.0, False
+                coords[i, :n, 0], labels[i, :n, 0], targets[i, :n], valid[i, :n] = points, 1.0, masks, True
         if not valid.any():
             return None
         image = batch["image"].to(device)
