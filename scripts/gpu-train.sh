@@ -26,7 +26,9 @@ MINUTES=${MINUTES:-6}                 # per run; all runs at once
 STAGE1_RUNS=${STAGE1_RUNS:-nano:nano:2e-3 femto:keep:5e-4}
 S1_EPOCHS=${S1_EPOCHS:-200}
 S2_EPOCHS=${S2_EPOCHS:-60}
-S2_ARGS=${S2_ARGS:---lr 3e-4 --dice-weight 4 --max-prompts 32}
+# Stage 2 as the fifteenth session's default was trained: half the images prompted where the served
+# pipeline (the bundle's learner and point refiner at its serving settings) puts its points.
+S2_ARGS=${S2_ARGS:---lr 3e-4 --dice-weight 4 --max-prompts 32 --served-prompts 0.5 --min-foreground 0.25 --nms-radius 12}
 STEPS=${STEPS:-0}                     # cap steps per epoch (0: whole set)
 INIT=${INIT:-models/tiny}
 WORKERS=${WORKERS:-4}                 # DataLoader workers per run
@@ -64,7 +66,7 @@ done
 mkdir -p "$runs/stage2"
 # shellcheck disable=SC2086  # S2_ARGS is a list of flags
 "$PYTHON" -m cfrsam.train.stage2 "${common[@]}" --out "$runs/stage2" --epochs "$S2_EPOCHS" --batch-size 8 \
-  $S2_ARGS >"$runs/stage2/console.txt" 2>&1 &
+  --stage1 "../$INIT" $S2_ARGS >"$runs/stage2/console.txt" 2>&1 &
 pids+=($!)
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done

@@ -100,7 +100,8 @@ def test_init_from_a_bundle(tmp_path, stage):
 
     data = tmp_path / "data"
     _write_set(data / "synth", n=1)
-    extra = ("--max-prompts", "4") if stage is stage2 else ()
+    # Stage 2 also takes the bundle as --stage1, and prompts with its served points.
+    extra = ("--max-prompts", "4", "--stage1", str(BUNDLE), "--served-prompts", "1") if stage is stage2 else ()
     assert stage.main(_args(data, tmp_path / "run", 1, (*extra, "--init", str(BUNDLE), "--lr", "0"))) == 0
     shipped, _ = load_bundle_model(str(BUNDLE))
     trained = _weights(tmp_path / "run" / "last.pt")

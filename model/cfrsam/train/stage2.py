@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..build import build_cfr_sam
-from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, save_checkpoint
 from ..data import collate_nuclei
 from ..inference import detect_points, neighbours_within, segment_tile
 from ..losses import cfr_sam_loss
@@ -213,7 +213,11 @@ def validate(
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
-    parser.add_argument("--stage1", help="stage-1 checkpoint (its prompt learner is kept)")
+    parser.add_argument(
+        "--stage1",
+        help="stage-1 checkpoint or bundle directory (its prompt learner is kept; validation then runs the "
+        "whole pipeline)",
+    )
     parser.add_argument("--sam-checkpoint", help="official SAM weights: PEFT mode with a frozen backbone")
     parser.add_argument("--max-prompts", type=int, default=25)
     parser.add_argument("--jitter", type=float, default=1.5, help="prompt jitter (px, std)")
@@ -308,7 +312,7 @@ def main(argv=None) -> int:
         )
         stage1_info = None
         if args.stage1:
-            stage1 = read_checkpoint(args.stage1)
+            stage1 = common.read_init(args.stage1)  # a checkpoint or a bundle directory
             state = {k: v for k, v in stage1["model"].items() if k.startswith("prompt_learner.")}
             if not state:
                 sys.exit(f"{args.stage1} holds no prompt learner weights")
