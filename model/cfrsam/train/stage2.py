@@ -121,7 +121,7 @@ def served_prompts(
     nearest within `radius` px. The stage then learns to segment from the points it is actually
     given (often off-centre, between two nuclei, on a nucleus' edge) rather than from jittered
     centroids alone. A point near no nucleus is a false detection: with `false_points` it asks for
-    an empty mask (and the IoU head learns to rate it low), otherwise it is left out.
+    an empty mask (the gateway then drops it by area), otherwise it is left out.
 
     Returns {image index: (coords [P, 2], targets [P, S, S])} for the images it chose."""
     chosen = {}
