@@ -238,7 +238,7 @@ def load_checkpoint(model: nn.Module, source: Union[PathOrFile, Mapping[str, Any
     )
 
     def allow(name: str) -> bool:
-        return name.startswith(allow_prefixes) if allow_prefixes else False
+        return name.startswith(allow_prefixes)  # False for an empty tuple
 
     if has_learner and not ckpt_has_learner:
         warnings.warn("checkpoint has no prompt learner weights; the prompt learner keeps its initial weights")

@@ -81,11 +81,10 @@ class ImageEncoderViT(nn.Module):
             LayerNorm2d(out_chans),
         )
 
-    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
-        embedded = self.patch_embed(x)
+    def embed_patches(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(image)
         if self.conv_stem is not None:
-            embedded = embedded + self.conv_stem(x)
-        x = embedded
+            x = x + self.conv_stem(image)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         return x
