@@ -200,10 +200,22 @@ def save_checkpoint(
 
 
 def read_checkpoint(source: PathOrFile) -> Dict[str, Any]:
-    """Our checkpoint as a dict (a bare state dict is wrapped, with config None)."""
+    """Our checkpoint as a dict (a run's last.pt gives its weights and config; a bare state dict is
+    wrapped, with config None)."""
     obj = _torch_load(source)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         return dict(obj)
+    if isinstance(obj, Mapping) and {"model", "config", "optimizer", "epoch"} <= obj.keys():
+        # A run's resumable state (last.pt, train.common.save_training_state): its weights and
+        # config are a checkpoint's, so the weights at the end of a schedule can be finalized too.
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": obj["config"],
+            "model": obj["model"],
+            "training": {"training_state": True, "epoch": obj["epoch"]},
+            "metrics": None,
+            "backbone_pretrained": bool(obj.get("backbone_pretrained", False)),
+        }
     state = _as_state_dict(obj, source)
     if any(k.startswith("image_encoder.") for k in state) and not any(k.startswith(("hmfm.", "bgmr.")) for k in state):
         raise CheckpointError(

@@ -140,6 +140,23 @@ def test_resize_helpers():
     assert torch.equal(resize_rel_pos(rel, 15), rel)
 
 
+def test_training_state_reads_as_a_checkpoint(tmp_path):
+    # finalize and --init take a run's last.pt (the weights at the end of its schedule) as they
+    # take best.pt: its config and weights, the optimiser state left behind.
+    from cfrsam.train.common import save_training_state
+
+    model = build_cfr_sam("tiny", input_size=64, window=32, seed=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    path = tmp_path / "last.pt"
+    save_training_state(path, model, optimizer, None, 3, {"epoch": 1})
+    ckpt = read_checkpoint(str(path))
+    assert ckpt["config"] == model.config.to_dict() and ckpt["training"]["epoch"] == 3
+    assert ckpt["backbone_pretrained"] is False and "optimizer" not in ckpt
+    again = build_cfr_sam(None, checkpoint=str(path), seed=9)
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 def test_checkpoint_without_a_conv_stem_loads_into_a_model_with_one(tmp_path):
     # The stem starts at zero, so a trained model gains one without changing what it computes
     # (stage 2's --conv-stem); a checkpoint that has a stem must still fit exactly.

@@ -428,6 +428,7 @@ def save_training_state(
         {
             "model": model.state_dict(),
             "config": model.config.to_dict(),
+            "backbone_pretrained": bool(getattr(model, "backbone_pretrained", False)),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "epoch": epoch,
