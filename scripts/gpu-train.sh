@@ -26,8 +26,9 @@ MINUTES=${MINUTES:-6}                 # per run; all runs at once
 STAGE1_RUNS=${STAGE1_RUNS:-nano:nano:2e-3 femto:keep:5e-4}
 S1_EPOCHS=${S1_EPOCHS:-200}
 S2_EPOCHS=${S2_EPOCHS:-60}
-# Stage 2 as the fifteenth session's default was trained: half the images prompted where the served
-# pipeline (the bundle's learner and point refiner at its serving settings) puts its points.
+# Stage 2 as the defaults since the fifteenth session were trained: half the images prompted where the
+# served pipeline (the bundle's learner and point refiner at its serving settings) puts its points; every
+# module of the segmentation stage trains (no --freeze), as in the sixteenth session's default.
 S2_ARGS=${S2_ARGS:---lr 3e-4 --dice-weight 4 --max-prompts 32 --served-prompts 0.5 --min-foreground 0.25 --nms-radius 12}
 STEPS=${STEPS:-0}                     # cap steps per epoch (0: whole set)
 INIT=${INIT:-models/tiny}
