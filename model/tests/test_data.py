@@ -17,8 +17,10 @@ from cfrsam.data import (
     collate_nuclei,
     default_data_root,
     flip_rotate,
+    gaussian_blur,
     instance_centroids,
     list_samples,
+    random_blur,
     random_color,
     read_labels,
     source_of,
@@ -385,3 +387,39 @@ def test_stages_and_refiner_take_the_same_sampling_flags():
     stage = stages.parse_args(["--out", "y", *flags])
     assert (ref.target_mpp, ref.scale_range) == (stage.target_mpp, stage.scale_range) == (0.25, "0.8,1.25")
     assert refiner.parse_args(["--checkpoint", "x", "--out", "y"]).target_mpp == 0.0
+
+
+def test_focus_blur_smooths_pixels_and_leaves_geometry():
+    """--blur: a crop blurred as an out-of-focus scan is; labels and centroids stay as they are."""
+    rng = np.random.default_rng(0)
+    rgb = rng.uniform(0, 255, size=(32, 32, 3)).astype(np.float32)
+    blurred = gaussian_blur(rgb, 1.5)
+    assert blurred.shape == rgb.shape
+    # Smoothing: the mean kept, the pixel-to-pixel differences much smaller.
+    assert abs(float(blurred.mean()) - float(rgb.mean())) < 1.0
+    assert np.abs(np.diff(blurred, axis=1)).mean() < 0.3 * np.abs(np.diff(rgb, axis=1)).mean()
+    # Off (the default) draws nothing from the generator, so earlier recipes replay exactly.
+    off, on = AugmentConfig(), AugmentConfig(blur_prob=1.0, blur_sigma=(1.0, 1.0))
+    state = np.random.default_rng(3)
+    assert random_blur(rgb, state, off) is rgb and state.random() == np.random.default_rng(3).random()
+    assert np.allclose(random_blur(rgb, np.random.default_rng(3), on), gaussian_blur(rgb, 1.0))
+
+
+def test_blur_flags_reach_every_training_set(tmp_path):
+    import argparse
+
+    from cfrsam.train import common
+
+    (tmp_path / "consep-train").mkdir()
+    for i in range(2):
+        write_sample(
+            tmp_path / "consep-train", f"train_{i + 1}_000", blocks(32, 32, [(2, 3, 4, 4)]), {"classNames": ["a"]}
+        )
+    args = argparse.Namespace(data=str(tmp_path), sets="consep-train", val_sources="2", val_limit=0, blur=0.3)
+    train, val = common.build_datasets(args, ["a"], 32)
+    assert train.augment.blur_prob == 0.3 and train.augment.blur_sigma == (0.5, 2.0) and val.augment is None
+    wide, _ = common.build_datasets(argparse.Namespace(**{**vars(args), "blur_sigma": "1,3"}), ["a"], 32)
+    assert wide.augment.blur_sigma == (1.0, 3.0)
+    for bad in (dict(blur=1.5), dict(blur_sigma="2,1"), dict(blur_sigma="x")):
+        with pytest.raises(SystemExit):
+            common.build_datasets(argparse.Namespace(**{**vars(args), **bad}), ["a"], 32)

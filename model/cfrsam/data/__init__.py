@@ -1,6 +1,6 @@
 """Annotated nuclei data: the shared set layout, crops, augmentation and batching."""
 
-from .augment import AugmentConfig, color_jitter, flip_rotate, random_color, stain_jitter
+from .augment import AugmentConfig, color_jitter, flip_rotate, gaussian_blur, random_blur, random_color, stain_jitter
 from .dataset import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
@@ -21,6 +21,8 @@ __all__ = [
     "AugmentConfig",
     "color_jitter",
     "flip_rotate",
+    "gaussian_blur",
+    "random_blur",
     "random_color",
     "stain_jitter",
     "SAM_PIXEL_MEAN",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from .stain import random_transfer
 
@@ -32,6 +33,11 @@ class AugmentConfig:
     # training image drawn from `stain_bank` (one tuple of (mean, std) pairs per set); 0 = off.
     stain_transfer_prob: float = 0.0
     stain_bank: Tuple = ()
+    # Focus blur (a scanner's optics, a slide not quite in its focal plane): with this probability
+    # a crop is blurred by a Gaussian of sigma drawn uniformly from `blur_sigma`, in the crop's
+    # pixels (the model's scale); 0 = off.
+    blur_prob: float = 0.0
+    blur_sigma: Tuple[float, float] = (0.5, 2.0)
 
 
 def flip_rotate(
@@ -112,6 +118,18 @@ def stain_jitter(image: np.ndarray, rng: np.random.Generator, scale: float, shif
     b = rng.uniform(-shift, shift, size=3).astype(np.float32)
     od = (concentrations * a + b) @ _RGB_FROM_HED
     return np.clip(256.0 * np.exp(-od) - 1.0, 0, 255).astype(np.float32)
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Each channel of an [H, W, 3] image blurred by a Gaussian of `sigma` px (edges mirrored)."""
+    return gaussian_filter(image.astype(np.float32), sigma=(sigma, sigma, 0), mode="reflect")
+
+
+def random_blur(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Focus blur with probability `cfg.blur_prob` (geometry and labels are untouched)."""
+    if cfg.blur_prob <= 0 or rng.random() >= cfg.blur_prob:
+        return image
+    return gaussian_blur(image, float(rng.uniform(*cfg.blur_sigma)))
 
 
 def random_color(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:

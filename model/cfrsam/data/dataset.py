@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .augment import AugmentConfig, random_color, random_flip_rotate
+from .augment import AugmentConfig, random_blur, random_color, random_flip_rotate
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -303,6 +303,8 @@ class NucleiDataset(Dataset):
         if self.augment is not None:
             if self.augment.flip_rotate:
                 image, labels, points = random_flip_rotate(image, labels, points, rng)
+            # The optics blur what the scanner sees; stain, colour and sensor noise come after.
+            image = random_blur(image, rng, self.augment)
             image = random_color(image, rng, self.augment)
 
         lookup = np.zeros(num_ids + 1, dtype=np.int64)

@@ -140,6 +140,18 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
         help="probability that a training crop takes the Lab stain statistics of another training "
         "image, drawn from a random set (RandStainNA; cfrsam/data/stain.py) (0: off)",
     )
+    parser.add_argument(
+        "--blur",
+        type=float,
+        default=0.0,
+        help="probability that a training crop is blurred as an out-of-focus scan is: a Gaussian of "
+        "sigma drawn from --blur-sigma, in pixels at the model's scale (0: off)",
+    )
+    parser.add_argument(
+        "--blur-sigma",
+        default=",".join(f"{v:g}" for v in AugmentConfig().blur_sigma),
+        help="LO,HI: the range of --blur's sigma in pixels",
+    )
 
 
 def add_analysis_args(parser: argparse.ArgumentParser) -> None:
@@ -226,15 +238,20 @@ def parse_set_counts(spec: str, flag: str, minimum: int) -> Dict[str, int]:
     return counts
 
 
-def parse_scale_range(text: str) -> Tuple[float, float]:
-    """--scale-range "LO,HI" -> (LO, HI), 0 < LO <= HI."""
+def parse_range(text: str, flag: str, example: str) -> Tuple[float, float]:
+    """A flag's "LO,HI" -> (LO, HI), 0 < LO <= HI."""
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        sys.exit(f"--scale-range: expected LO,HI (e.g. 0.9,1.1), got {text!r}")
+        sys.exit(f"{flag}: expected LO,HI (e.g. {example}), got {text!r}")
     if not 0 < lo <= hi:
-        sys.exit(f"--scale-range: need 0 < LO <= HI, got {text!r}")
+        sys.exit(f"{flag}: need 0 < LO <= HI, got {text!r}")
     return lo, hi
+
+
+def parse_scale_range(text: str) -> Tuple[float, float]:
+    """--scale-range "LO,HI": the crops' zoom."""
+    return parse_range(text, "--scale-range", "0.9,1.1")
 
 
 def stain_bank(parts) -> tuple:
@@ -262,6 +279,15 @@ def build_datasets(args, class_names: Sequence[str], size: int):
     stain_transfer = getattr(args, "stain_transfer", 0.0)
     if not 0 <= stain_transfer <= 1:
         sys.exit(f"--stain-transfer: a probability in [0, 1], got {stain_transfer}")
+    blur = getattr(args, "blur", 0.0)
+    if not 0 <= blur <= 1:
+        sys.exit(f"--blur: a probability in [0, 1], got {blur}")
+    if blur > 0:
+        augment = dataclasses.replace(
+            augment,
+            blur_prob=blur,
+            blur_sigma=parse_range(getattr(args, "blur_sigma", "0.5,2"), "--blur-sigma", "0.5,2"),
+        )
     for name in set(repeat) | set(holdout):
         if name not in set_names or name.startswith("consep"):
             sys.exit(f"--repeat/--hold-out name a non-CoNSeP set of --sets ({', '.join(set_names)}), got {name!r}")
