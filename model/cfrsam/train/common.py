@@ -283,11 +283,11 @@ def build_datasets(args, class_names: Sequence[str], size: int):
     if not 0 <= blur <= 1:
         sys.exit(f"--blur: a probability in [0, 1], got {blur}")
     if blur > 0:
-        augment = dataclasses.replace(
-            augment,
-            blur_prob=blur,
-            blur_sigma=parse_range(getattr(args, "blur_sigma", "0.5,2"), "--blur-sigma", "0.5,2"),
-        )
+        # Namespaces built by hand may have no --blur-sigma: AugmentConfig's range.
+        sigma = getattr(args, "blur_sigma", None)
+        augment = dataclasses.replace(augment, blur_prob=blur)
+        if sigma:
+            augment = dataclasses.replace(augment, blur_sigma=parse_range(sigma, "--blur-sigma", "0.5,2"))
     for name in set(repeat) | set(holdout):
         if name not in set_names or name.startswith("consep"):
             sys.exit(f"--repeat/--hold-out name a non-CoNSeP set of --sets ({', '.join(set_names)}), got {name!r}")
