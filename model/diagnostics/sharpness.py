@@ -7,8 +7,8 @@ sharpness statistic on the held-out evaluation images as scanned and on their bl
 (`blur_sets.py`), its spread per blur level, and how well one threshold separates them.
 
 The statistic is the ratio of second- to first-derivative energy of the grey image,
-std(Laplacian) / std(gradient magnitude): contrast and stain cancel out, and a Gaussian blur of
-sigma s scales it down roughly as 1 / sqrt(1 + (s / s0)^2) whatever the tissue.
+std(Laplacian) / std(gradient magnitude): contrast and stain cancel out, and a Gaussian blur
+lowers it on every set (the figures in docs/training/eval-twentieth-blur-gate.txt).
 
     python model/diagnostics/sharpness.py --sharp ../shared/data --blurred 1.0=/tmp/blur-1.0 2.5=/tmp/blur-2.5
 """
