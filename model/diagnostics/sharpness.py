@@ -11,6 +11,8 @@ std(Laplacian) / std(gradient magnitude): contrast and stain cancel out, and a G
 lowers it on every set (the figures in docs/training/eval-twentieth-blur-gate.txt).
 
     python model/diagnostics/sharpness.py --sharp ../shared/data --blurred 1.0=/tmp/blur-1.0 2.5=/tmp/blur-2.5
+    python model/diagnostics/sharpness.py --training --cuts 1.08,1.35     (the gate's false fires as scanned)
+    python model/diagnostics/sharpness.py --cpm15-at-model-scale          (20x images upsampled as the gateway does)
 """
 
 import argparse
@@ -18,11 +20,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stain_normalise import SETS, names, read_rgb  # noqa: E402
+from cfrsam.data.scale import load_estimates  # noqa: E402
+from stain_normalise import HELD_OUT_CONSEP, SETS, names, read_rgb  # noqa: E402
+
+MODEL_MPP = 0.25
 
 
 def sharpness(rgb: np.ndarray) -> float:
@@ -44,6 +51,34 @@ def statistics(root: Path) -> dict:
     return out
 
 
+def percentiles(values: list) -> str:
+    return " / ".join(f"{np.percentile(values, q):.3f}" for q in (5, 50, 95))
+
+
+def training_sets(data: Path) -> dict:
+    """{set: [image paths]}: the images training reads (CoNSeP's training sources, MoNuSeg's first
+    10, NuCLS train, DSB 2018), as scanned."""
+    return {
+        "consep-train (training sources)": [
+            data / "consep-train" / f"{n}.png" for n in names(data / "consep-train") if not HELD_OUT_CONSEP.match(n)
+        ],
+        "monuseg-train (the 10 trained on)": [
+            data / "monuseg-train" / f"{n}.png" for n in names(data / "monuseg-train")[:-3]
+        ],
+        "nucls/train": [data / "nucls" / "train" / f"{n}.png" for n in names(data / "nucls" / "train")],
+        "dsb2018-stained": [data / "dsb2018-stained" / f"{n}.png" for n in names(data / "dsb2018-stained")],
+    }
+
+
+def at_model_scale(path: Path, mpp: float) -> np.ndarray:
+    """The image resampled (Lanczos, as the gateway does) from `mpp` to the model's 0.25 um/px."""
+    image = Image.open(path).convert("RGB")
+    factor = mpp / MODEL_MPP
+    if abs(factor - 1) > 1e-3:
+        image = image.resize((round(image.width * factor), round(image.height * factor)), Image.LANCZOS)
+    return np.asarray(image, dtype=np.float64)
+
+
 def best_threshold(sharp: list, blurred: list) -> tuple:
     """(threshold, accuracy) of the single cut `blurred if value < threshold` that separates best."""
     values = sorted(set(sharp) | set(blurred))
@@ -57,22 +92,38 @@ def best_threshold(sharp: list, blurred: list) -> tuple:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sharp", default=str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))
-    parser.add_argument("--blurred", nargs="+", required=True, help="SIGMA=DIR: blur_sets.py outputs")
+    parser.add_argument("--blurred", nargs="+", default=[], help="SIGMA=DIR: blur_sets.py outputs")
+    parser.add_argument("--training", action="store_true", help="the training images as scanned, against --cuts")
+    parser.add_argument("--cuts", default="1.08,1.35", help="cuts to count the training images below")
+    parser.add_argument("--cpm15-at-model-scale", action="store_true", help="CPM-15 as stored and at 0.25 um/px")
     args = parser.parse_args()
+    data = Path(args.sharp)
 
-    sharp = statistics(Path(args.sharp))
+    if args.training:
+        cuts = [float(c) for c in args.cuts.split(",")]
+        for name, paths in training_sets(data).items():
+            v = [sharpness(read_rgb(p)) for p in paths]
+            below = ", ".join(f"below {c}: {sum(x < c for x in v)}" for c in cuts)
+            print(f"{name}: {len(v)} images, min {min(v):.3f}, percentiles {percentiles(v)}, {below}")
+    if args.cpm15_at_model_scale:
+        for key, mpp in sorted(load_estimates().items()):
+            if key.startswith("cpm15/"):
+                path = data / f"{key}.png"
+                print(
+                    f"{key} mpp {mpp}: as stored {sharpness(read_rgb(path)):.3f}, "
+                    f"at the model's scale {sharpness(at_model_scale(path, mpp)):.3f}"
+                )
+    if not args.blurred:
+        return 0
+
+    sharp = statistics(data)
     levels = {float(s): statistics(Path(d)) for s, d in (spec.split("=", 1) for spec in args.blurred)}
     print("set, sigma: sharpness percentiles 5 / 50 / 95 (images)")
     for name, values in sharp.items():
-        print(
-            f"{name}, sharp: "
-            + " / ".join(f"{np.percentile(values, q):.3f}" for q in (5, 50, 95))
-            + f" ({len(values)})"
-        )
+        print(f"{name}, sharp: {percentiles(values)} ({len(values)})")
         for sigma, sets in levels.items():
             if name in sets:
-                v = sets[name]
-                print(f"{name}, sigma {sigma}: " + " / ".join(f"{np.percentile(v, q):.3f}" for q in (5, 50, 95)))
+                print(f"{name}, sigma {sigma}: {percentiles(sets[name])}")
     every_sharp = [v for values in sharp.values() for v in values]
     for sigma, sets in levels.items():
         every_blurred = [v for values in sets.values() for v in values]
