@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from .prompt_learner import decode_prompts
 from .prompt_learner.point_refiner import mix_class_probabilities
+from .prompt_learner.sharpness import normalised_tile_sharpness
 
 # The gateway's defaults (services/gateway/src/config.ts, DEFAULT_OVERLAP_OPTIONS).
 MIN_KEPT_FRACTION = 0.5
@@ -118,6 +119,18 @@ def resolve_overlaps(
     return labels, np.array(accepted, dtype=np.int64)
 
 
+def score_bar(model, image: torch.Tensor) -> float:
+    """The point refiner's score bar for one normalised tile [1, 3, S, S]: its `min_score`, or the blur
+    gate's `blurred_min_score` where the tile's sharpness is below the gate (the prompter's
+    `scoreBars`)."""
+    cfg = model.point_refiner.cfg
+    if cfg.blur_gate > 0:
+        pixels = image[0].float().cpu().numpy()
+        if normalised_tile_sharpness(pixels, model.config.pixel_mean, model.config.pixel_std) < cfg.blur_gate:
+            return cfg.blurred_min_score
+    return cfg.min_score
+
+
 @torch.no_grad()
 def detect_points(model, image: torch.Tensor, min_foreground: float, nms_radius: float, class_probs: bool = False):
     """The prompter service's detections for one tile: (points [P, 2], classes [P], class
@@ -148,7 +161,7 @@ def detect_points(model, image: torch.Tensor, min_foreground: float, nms_radius:
             classes = probs.argmax(-1).numpy()
             scores = foreground[keep] * probs.max(-1).values.numpy()
         pts = refined.float().cpu().numpy()
-        verified = np.flatnonzero(on_nucleus.float().cpu().numpy() >= refiner.cfg.min_score)
+        verified = np.flatnonzero(on_nucleus.float().cpu().numpy() >= score_bar(model, image))
         again = verified[point_nms(pts[verified], foreground[keep][verified], refiner.cfg.nms_radius)]
         pts, keep, classes, scores, probs = pts[again], keep[again], classes[again], scores[again], probs[again]
     detections = (pts, classes, scores, foreground[keep])

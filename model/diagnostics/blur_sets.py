@@ -5,6 +5,9 @@ training with `--blur` wins back.
 
     python model/diagnostics/blur_sets.py --sigma 1.5 --out /tmp/blur-1.5
     SETS="consep monuseg-held-out" CFRSAM_DATA=/tmp/blur-1.5 scripts/eval-sets.sh models/tiny /tmp/eval-blur-1.5
+
+With `--consep-training`, CoNSeP's training-source tiles instead (a setting for blurred tiles is
+chosen on those: `refiner_grid --data OUT --val-sources 2,8,14,20,26`).
 """
 
 import argparse
@@ -20,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cfrsam.data import gaussian_blur  # noqa: E402
-from stain_normalise import SETS, names, read_rgb  # noqa: E402
+from stain_normalise import HELD_OUT_CONSEP, SETS, names, read_rgb  # noqa: E402
 
 
 def main() -> None:
@@ -28,9 +31,11 @@ def main() -> None:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))
     parser.add_argument("--sigma", type=float, required=True, help="the Gaussian's sigma in pixels")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--consep-training", action="store_true", help="CoNSeP's training sources instead")
     args = parser.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
-    for rel, keep in SETS.items():
+    sets = {"consep-train": lambda n: not HELD_OUT_CONSEP.match(n)} if args.consep_training else SETS
+    for rel, keep in sets.items():
         src, dst = data / rel, out / rel
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)

@@ -13,41 +13,71 @@ lowers it on every set (the figures in docs/training/eval-twentieth-blur-gate.tx
     python model/diagnostics/sharpness.py --sharp ../shared/data --blurred 1.0=/tmp/blur-1.0 2.5=/tmp/blur-2.5
     python model/diagnostics/sharpness.py --training --cuts 1.08,1.35     (the gate's false fires as scanned)
     python model/diagnostics/sharpness.py --cpm15-at-model-scale          (20x images upsampled as the gateway does)
+
+With `--tiles`, every figure is per served tile instead of per image: each image cut into the
+gateway's 256 px tiles (64 px overlap, small images padded white), the unit the prompter's gate
+judges (cfrsam/prompt_learner/sharpness.py).
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cfrsam.data.scale import load_estimates  # noqa: E402
+from cfrsam.prompt_learner.sharpness import tile_sharpness  # noqa: E402
 from stain_normalise import HELD_OUT_CONSEP, SETS, names, read_rgb  # noqa: E402
 
 MODEL_MPP = 0.25
 
 
 def sharpness(rgb: np.ndarray) -> float:
-    """std(Laplacian) / std(|gradient|) of the grey image: lower is blurrier."""
-    grey = rgb @ np.array([0.299, 0.587, 0.114])
-    laplacian = ndimage.laplace(grey)
-    gradient = np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1)) / 8.0
-    return float(laplacian.std() / max(gradient.std(), 1e-6))
+    """std(Laplacian) / std(|gradient|) of the grey image: lower is blurrier (the gate's statistic)."""
+    return tile_sharpness(rgb)
 
 
-def statistics(root: Path) -> dict:
-    """{set: [sharpness of each image]} over the evaluation images of `root` (the blur_sets layout)."""
+def plan_axis(length: int, size: int, overlap: int) -> list:
+    """Tile starts along one axis, as the gateway plans them (packages/nuclei/src/imaging/tiling.ts)."""
+    if length <= size:
+        return [0]
+    n = math.ceil((length - overlap) / (size - overlap))
+    step = (length - size) / (n - 1)
+    return [math.floor(i * step + 0.5) for i in range(n)]
+
+
+def served_tiles(rgb: np.ndarray, size: int = 256, overlap: int = 64) -> list:
+    """The size x size tiles the gateway sends the prompter (an image smaller than a tile padded white)."""
+    tiles = []
+    for y in plan_axis(rgb.shape[0], size, overlap):
+        for x in plan_axis(rgb.shape[1], size, overlap):
+            tile = np.full((size, size, 3), 255.0)
+            part = rgb[y : y + size, x : x + size]
+            tile[: part.shape[0], : part.shape[1]] = part
+            tiles.append(tile)
+    return tiles
+
+
+def measure(rgb: np.ndarray, per_tile: bool) -> list:
+    """The statistic of the image, or of each of its served tiles."""
+    return [sharpness(t) for t in served_tiles(rgb)] if per_tile else [sharpness(rgb)]
+
+
+def statistics(root: Path, per_tile: bool = False) -> dict:
+    """{set: [sharpness of each image or tile]} over the evaluation images of `root` (the blur_sets layout)."""
     out = {}
     for name, keep in SETS.items():
         directory = root / name
         if not directory.is_dir():
             continue
-        out[name] = [sharpness(read_rgb(directory / f"{n}.png")) for n in names(directory) if keep(n)]
+        out[name] = [
+            v for n in names(directory) if keep(n) for v in measure(read_rgb(directory / f"{n}.png"), per_tile)
+        ]
     return out
 
 
@@ -96,29 +126,32 @@ def main() -> int:
     parser.add_argument("--training", action="store_true", help="the training images as scanned, against --cuts")
     parser.add_argument("--cuts", default="1.08,1.35", help="cuts to count the training images below")
     parser.add_argument("--cpm15-at-model-scale", action="store_true", help="CPM-15 as stored and at 0.25 um/px")
+    parser.add_argument("--tiles", action="store_true", help="per served 256 px tile instead of per image")
     args = parser.parse_args()
+    unit = "tiles" if args.tiles else "images"
     data = Path(args.sharp)
 
     if args.training:
         cuts = [float(c) for c in args.cuts.split(",")]
         for name, paths in training_sets(data).items():
-            v = [sharpness(read_rgb(p)) for p in paths]
+            v = [x for p in paths for x in measure(read_rgb(p), args.tiles)]
             below = ", ".join(f"below {c}: {sum(x < c for x in v)}" for c in cuts)
-            print(f"{name}: {len(v)} images, min {min(v):.3f}, percentiles {percentiles(v)}, {below}")
+            print(f"{name}: {len(v)} {unit}, min {min(v):.3f}, percentiles {percentiles(v)}, {below}")
     if args.cpm15_at_model_scale:
         for key, mpp in sorted(load_estimates().items()):
             if key.startswith("cpm15/"):
                 path = data / f"{key}.png"
+                stored, scaled = measure(read_rgb(path), args.tiles), measure(at_model_scale(path, mpp), args.tiles)
                 print(
-                    f"{key} mpp {mpp}: as stored {sharpness(read_rgb(path)):.3f}, "
-                    f"at the model's scale {sharpness(at_model_scale(path, mpp)):.3f}"
+                    f"{key} mpp {mpp}: as stored {min(stored):.3f}-{max(stored):.3f}, "
+                    f"at the model's scale {min(scaled):.3f}-{max(scaled):.3f} ({len(scaled)} {unit})"
                 )
     if not args.blurred:
         return 0
 
-    sharp = statistics(data)
-    levels = {float(s): statistics(Path(d)) for s, d in (spec.split("=", 1) for spec in args.blurred)}
-    print("set, sigma: sharpness percentiles 5 / 50 / 95 (images)")
+    sharp = statistics(data, args.tiles)
+    levels = {float(s): statistics(Path(d), args.tiles) for s, d in (spec.split("=", 1) for spec in args.blurred)}
+    print(f"set, sigma: sharpness percentiles 5 / 50 / 95 ({unit})")
     for name, values in sharp.items():
         print(f"{name}, sharp: {percentiles(values)} ({len(values)})")
         for sigma, sets in levels.items():
@@ -131,7 +164,7 @@ def main() -> int:
         wrong_sharp = sum(v < t for v in every_sharp)
         missed = sum(v >= t for v in every_blurred)
         print(
-            f"sigma {sigma}: one cut at {t:.3f} separates {accuracy:.3f} of the images "
+            f"sigma {sigma}: one cut at {t:.3f} separates {accuracy:.3f} of the {unit} "
             f"({wrong_sharp} of {len(every_sharp)} sharp called blurred, {missed} of {len(every_blurred)} blurred missed)"
         )
     return 0

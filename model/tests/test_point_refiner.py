@@ -281,6 +281,63 @@ def test_export_overrides_the_refiners_serving_settings(scored_model, tmp_path):
     )
 
 
+def _texture(size: int, blur: float) -> np.ndarray:
+    """An H&E-like RGB texture [size, size, 3] (0-255), Gaussian-blurred by `blur` px."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    grey = ndimage.gaussian_filter(rng.uniform(0, 255, (size, size)), 1.0)
+    if blur:
+        grey = ndimage.gaussian_filter(grey, blur)
+    return np.stack([grey, grey * 0.6 + 40, grey * 0.8 + 30], axis=-1)
+
+
+def test_blur_gate_lowers_the_bar_on_blurred_tiles_only(scored_model, tmp_path):
+    from cfrsam.export.cli import main as export_main
+    from cfrsam.inference import score_bar
+    from cfrsam.prompt_learner.sharpness import tile_sharpness
+
+    sharp, blurred = _texture(64, 0), _texture(64, 2.5)
+    assert tile_sharpness(blurred) < 1.5 < tile_sharpness(sharp)
+    mean, std = np.array(scored_model.config.pixel_mean), np.array(scored_model.config.pixel_std)
+    tiles = [torch.from_numpy(((t - mean) / std).transpose(2, 0, 1)[None]).float() for t in (sharp, blurred)]
+    refiner = scored_model.point_refiner
+    plain = refiner.cfg
+    try:
+        refiner.cfg = dataclasses.replace(plain, blur_gate=1.5, blurred_min_score=0.2)
+        assert [score_bar(scored_model, t) for t in tiles] == [0.5, 0.2]
+        gated = [len(detect_points(scored_model, t, 0.05, 4.0)[0]) for t in tiles]
+        refiner.cfg = plain
+        assert [score_bar(scored_model, t) for t in tiles] == [0.5, 0.5]
+        ungated = [len(detect_points(scored_model, t, 0.05, 4.0)[0]) for t in tiles]
+    finally:
+        refiner.cfg = plain
+    assert gated[0] == ungated[0] and gated[1] >= ungated[1]
+
+    checkpoint = {
+        "format": "cfrsam-checkpoint/1",
+        "config": scored_model.config.to_dict(),
+        "model": scored_model.state_dict(),
+        "training": None,
+        "metrics": {"validation": {"bpq": 0.5}},
+    }
+    torch.save(checkpoint, tmp_path / "c.pt")
+    argv = ["--checkpoint", str(tmp_path / "c.pt"), "--no-full", "--no-parity"]
+    assert export_main(argv + ["--out", str(tmp_path / "g"), "--blur-gate", "1.1,0.2"]) == 0
+    assert export_main(argv + ["--out", str(tmp_path / "u")]) == 0
+    gated_manifest, plain_manifest = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "gu")
+    assert gated_manifest["prompter"]["blur_gate"] == {"sharpness_below": 1.1, "min_point_score": 0.2}
+    assert gated_manifest["prompter"]["min_point_score"] == 0.5 and "blur_gate" not in plain_manifest["prompter"]
+    assert gated_manifest["version"] != plain_manifest["version"]
+    assert gated_manifest["metrics"]["validation_before_settings"]["settings"]["blur_gate"] == 0.0
+    for bad in ("1.1,1.5", "0,0.2", "nan,0.2"):
+        assert export_main(argv + ["--out", str(tmp_path / "bad"), "--blur-gate", bad]) == 2
+    for unparsed in ("1.1", "x,y"):
+        with pytest.raises(SystemExit) as exit_:
+            export_main(argv + ["--out", str(tmp_path / "bad"), "--blur-gate", unparsed])
+        assert exit_.value.code == 2
+
+
 def test_heads_with_context_read_beyond_the_crop_and_the_bundle_exports(tmp_path):
     base = build_cfr_sam("tiny", input_size=64, window=32, seed=3)
     cfg = PointRefinerConfig(

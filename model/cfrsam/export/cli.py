@@ -4,7 +4,7 @@ import argparse
 import math
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -28,12 +28,14 @@ def with_serving_settings(
     mask_threshold: Optional[float] = None,
     min_foreground: Optional[float] = None,
     nms_radius: Optional[float] = None,
+    blur_gate: Optional[Tuple[float, float]] = None,
 ):
-    """The checkpoint with serving settings replaced (None: kept): the point refiner's score bar and
-    class weight, the decoder's mask threshold, and the prompter's foreground threshold and NMS
-    radius. They change what is served, so the recorded validation no longer applies: it is kept
-    under `validation_before_settings` beside the settings it was measured with."""
-    if all(v is None for v in (min_score, class_weight, mask_threshold, min_foreground, nms_radius)):
+    """The checkpoint with serving settings replaced (None: kept): the point refiner's score bar,
+    its blur gate (sharpness cut, the bar below it) and class weight, the decoder's mask threshold,
+    and the prompter's foreground threshold and NMS radius. They change what is served, so the
+    recorded validation no longer applies: it is kept under `validation_before_settings` beside
+    the settings it was measured with."""
+    if all(v is None for v in (min_score, class_weight, mask_threshold, min_foreground, nms_radius, blur_gate)):
         return ckpt
     if min_foreground is not None and not 0 < min_foreground < 1:
         raise ExportError(f"--min-foreground {min_foreground}: needs a foreground probability in (0, 1)")
@@ -47,22 +49,38 @@ def with_serving_settings(
         return ckpt  # a fresh model: build_cfr_sam takes the threshold, and there is no validation
     config = dict((ckpt or {}).get("config") or {})
     settings = {}
-    if min_score is not None or class_weight is not None:
+    if ckpt is None and blur_gate is not None:
+        raise ExportError("--blur-gate: needs a --checkpoint whose point refiner has a score head")
+    if min_score is not None or class_weight is not None or blur_gate is not None:
         refiner = config.get("point_refiner")
         if not refiner:
-            raise ExportError("--min-point-score / --refiner-class-weight: the checkpoint has no point refiner")
+            raise ExportError(
+                "--min-point-score / --refiner-class-weight / --blur-gate: the checkpoint has no point refiner"
+            )
         if min_score is not None and not (refiner.get("score_head") and 0 <= min_score <= 1):
             raise ExportError(f"--min-point-score {min_score}: needs a refiner with a score head and a value in [0, 1]")
         if class_weight is not None and not (refiner.get("num_classes") and 0 <= class_weight <= 1):
             raise ExportError(
                 f"--refiner-class-weight {class_weight}: needs a refiner with a class head and a value in [0, 1]"
             )
+        if blur_gate is not None:
+            cut, bar = blur_gate
+            if not (refiner.get("score_head") and math.isfinite(cut) and cut > 0 and 0 <= bar <= 1):
+                raise ExportError(
+                    f"--blur-gate {cut},{bar}: needs a refiner with a score head, a sharpness cut > 0 and a bar in [0, 1]"
+                )
         settings.update(min_score=refiner.get("min_score", 0.0), class_weight=refiner.get("class_weight", 0.0))
+        if blur_gate is not None:
+            settings.update(
+                blur_gate=refiner.get("blur_gate", 0.0), blurred_min_score=refiner.get("blurred_min_score", 0.0)
+            )
         changed = dict(refiner)
         if min_score is not None:
             changed["min_score"] = min_score
         if class_weight is not None:
             changed["class_weight"] = class_weight
+        if blur_gate is not None:
+            changed["blur_gate"], changed["blurred_min_score"] = float(blur_gate[0]), float(blur_gate[1])
         config["point_refiner"] = changed
     if mask_threshold is not None:
         settings["mask_threshold"] = config.get("mask_threshold", 0.0)
@@ -81,6 +99,14 @@ def with_serving_settings(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     with torch.no_grad():
         return _main(argv)
+
+
+def _pair(text: str) -> Tuple[float, float]:
+    try:
+        first, second = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers CUT,BAR, got {text!r}") from None
+    return first, second
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
@@ -102,6 +128,13 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         "--min-point-score",
         type=float,
         help="the point refiner's score bar (prompter.min_point_score; default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--blur-gate",
+        metavar="CUT,BAR",
+        type=_pair,
+        help="on tiles whose sharpness is below CUT the refiner's score bar is BAR (prompter.blur_gate; "
+        "cfrsam/prompt_learner/sharpness.py; default: the checkpoint's, usually none)",
     )
     p.add_argument(
         "--refiner-class-weight",
@@ -163,6 +196,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             args.mask_threshold,
             min_foreground=args.min_foreground,
             nms_radius=args.nms_radius,
+            blur_gate=args.blur_gate,
         )
         model = build_cfr_sam(
             args.config,

@@ -26,6 +26,18 @@ def prompter_settings(checkpoint_info: Dict[str, Any]) -> Dict[str, float]:
     }
 
 
+def refiner_settings(cfg) -> Dict[str, Any]:
+    """The point refiner's serving settings in the manifest's `prompter` (the services apply them)."""
+    settings = {
+        "refined_nms_radius": cfg.nms_radius,
+        "min_point_score": cfg.min_score,
+        "refiner_class_weight": cfg.class_weight,
+    }
+    if cfg.blur_gate > 0:
+        settings["blur_gate"] = {"sharpness_below": cfg.blur_gate, "min_point_score": cfg.blurred_min_score}
+    return settings
+
+
 def build_manifest(
     model: CFRSAM,
     name: Optional[str],
@@ -74,15 +86,7 @@ def build_manifest(
         "prompter": {
             "anchors": learner_cfg.num_anchors,
             **prompter_settings(checkpoint_info),
-            **(
-                {
-                    "refined_nms_radius": model.point_refiner.cfg.nms_radius,
-                    "min_point_score": model.point_refiner.cfg.min_score,
-                    "refiner_class_weight": model.point_refiner.cfg.class_weight,
-                }
-                if getattr(model, "point_refiner", None) is not None
-                else {}
-            ),
+            **(refiner_settings(model.point_refiner.cfg) if getattr(model, "point_refiner", None) is not None else {}),
         },
         "graphs": graph_entries,
         "provenance": {

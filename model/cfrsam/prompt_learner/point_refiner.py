@@ -37,6 +37,11 @@ class PointRefinerConfig:
     score_head: bool = False
     score_hidden: int = 32
     min_score: float = 0.0
+    # The blur gate: on a tile whose sharpness (prompt_learner/sharpness.py) is below `blur_gate`,
+    # the bar is `blurred_min_score` instead (0: no gate). Blurred nuclei score low, and the served
+    # bar drops them; a lower bar on sharp tiles would let false points through.
+    blur_gate: float = 0.0
+    blurred_min_score: float = 0.0
     # A third head: the nucleus' class (K logits) from the same features, at full resolution where
     # the prompt learner sees stride-4 features. Served classes mix the two: p ~ p_learner^(1 - w)
     # x p_refiner^w over the K classes, w = `class_weight` (0: the prompt learner's alone).
@@ -56,6 +61,10 @@ class PointRefinerConfig:
             raise ValueError(f"crop must be a multiple of 4 and >= 16, got {self.crop}")
         if self.context_crop and (self.context_crop % 8 != 0 or self.context_crop < self.crop):
             raise ValueError(f"context_crop must be a multiple of 8 and >= crop, got {self.context_crop}")
+        if self.blur_gate < 0 or not 0 <= self.blurred_min_score <= 1:
+            raise ValueError(
+                f"blur_gate must be >= 0 and blurred_min_score in [0, 1], got {self.blur_gate}, {self.blurred_min_score}"
+            )
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -55,7 +55,9 @@ export interface Manifest {
    * radius within which refined points are merged, 0 otherwise, and the refiner's score below
    * which a point is on no nucleus and dropped (0: none is; bundles whose refiner has a score head),
    * and the weight w of the refiner's class probabilities in the served ones, p ~ learner^(1-w) x
-   * refiner^w (0: the prompt learner's alone; bundles whose refiner has a class head).
+   * refiner^w (0: the prompt learner's alone; bundles whose refiner has a class head). With a
+   * blur gate, a tile whose sharpness (services/prompter/src/sharpness.ts) is below
+   * `sharpnessBelow` is held to the gate's `minPointScore` instead: blurred nuclei score low.
    */
   prompter: {
     anchors: number;
@@ -64,6 +66,7 @@ export interface Manifest {
     refinedNmsRadius: number;
     minPointScore: number;
     refinerClassWeight: number;
+    blurGate?: { sharpnessBelow: number; minPointScore: number };
   };
   graphs: Partial<Record<GraphName, GraphEntry>>;
   provenance: Record<string, unknown>;
@@ -211,7 +214,7 @@ export function loadManifest(dir: string, options: LoadManifestOptions = {}): Ma
   }
 
   const prompterRaw = obj(absDir, m, 'prompter');
-  const prompter = {
+  const prompter: Manifest['prompter'] = {
     anchors: num(absDir, prompterRaw, 'anchors', 'prompter.anchors', { int: true, min: 1 }),
     minForeground: num(absDir, prompterRaw, 'min_foreground', 'prompter.min_foreground', { min: 0 }),
     nmsRadius: num(absDir, prompterRaw, 'nms_radius', 'prompter.nms_radius', { min: 0 }),
@@ -228,6 +231,16 @@ export function loadManifest(dir: string, options: LoadManifestOptions = {}): Ma
   if (prompter.minPointScore > 1) fail(absDir, `"prompter.min_point_score" must be in [0, 1], got ${prompter.minPointScore}`);
   if (prompter.refinerClassWeight > 1) {
     fail(absDir, `"prompter.refiner_class_weight" must be in [0, 1], got ${prompter.refinerClassWeight}`);
+  }
+  if (prompterRaw.blur_gate !== undefined) {
+    const gate = obj(absDir, prompterRaw, 'blur_gate', 'prompter.blur_gate');
+    const blurGate = {
+      sharpnessBelow: num(absDir, gate, 'sharpness_below', 'prompter.blur_gate.sharpness_below', { min: 0 }),
+      minPointScore: num(absDir, gate, 'min_point_score', 'prompter.blur_gate.min_point_score', { min: 0 }),
+    };
+    if (blurGate.minPointScore > 1) fail(absDir, `"prompter.blur_gate.min_point_score" must be in [0, 1], got ${blurGate.minPointScore}`);
+    if (!(prompter.minPointScore > 0)) fail(absDir, '"prompter.blur_gate" needs a score bar ("prompter.min_point_score" > 0) to lower');
+    prompter.blurGate = blurGate;
   }
 
   const graphsRaw = obj(absDir, m, 'graphs');

@@ -81,6 +81,24 @@ describe('loadManifest', () => {
     expect(m.prompter).toEqual({ anchors: 64, minForeground: 0.5, nmsRadius: 4, refinedNmsRadius: 0, minPointScore: 0, refinerClassWeight: 0 });
   });
 
+  it('reads a blur gate, and refuses one with no score bar to lower or out of range', () => {
+    const gated =
+      (gate: unknown, bar = 0.6) =>
+      (m: Record<string, any>) => {
+        m.prompter = { ...m.prompter, min_point_score: bar, blur_gate: gate };
+      };
+    const m = loadManifest(writeBundle('gate', gated({ sharpness_below: 1.08, min_point_score: 0.3 })));
+    expect(m.prompter.blurGate).toEqual({ sharpnessBelow: 1.08, minPointScore: 0.3 });
+    expect(m.prompter.minPointScore).toBe(0.6);
+    expect(() => loadManifest(writeBundle('gate-nobar', gated({ sharpness_below: 1.08, min_point_score: 0.3 }, 0)))).toThrow(
+      /"prompter.blur_gate" needs a score bar/,
+    );
+    expect(() => loadManifest(writeBundle('gate-high', gated({ sharpness_below: 1.08, min_point_score: 1.3 })))).toThrow(
+      /"prompter.blur_gate.min_point_score" must be in \[0, 1\]/,
+    );
+    expect(() => loadManifest(writeBundle('gate-nocut', gated({ min_point_score: 0.3 })))).toThrow(/prompter.blur_gate.sharpness_below/);
+  });
+
   it('names the field or file at fault', () => {
     expect(() => loadManifest(writeBundle('nofield', (m) => delete m.mpp))).toThrow(/missing field "mpp"/);
     expect(() => loadManifest(writeBundle('badfmt', (m) => (m.format = 'other/2')))).toThrow(/"format" is "other\/2"/);

@@ -6,6 +6,7 @@
 import { grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import { type Float32Tensor, graphOutputFloat32, type Manifest, stackFloat32, readStageTile } from '@cfrsam/contract';
 import { type OnnxWorkerPool } from '@cfrsam/runtime';
+import { tileSharpness } from './sharpness';
 
 export interface PrompterPipelineOptions {
   /** Tiles per prompter.onnx run (default 8). */
@@ -154,7 +155,7 @@ export interface RefinerOutputs {
 
 /**
  * The detections with the refined points (in the order of refinerInputs), clipped to [0, size];
- * points scoring below `minScore` are on no nucleus and dropped; with class probabilities, each
+ * points scoring below `minScore` (one bar, or one per tile) are on no nucleus and dropped; with class probabilities, each
  * detection's classes are mixed with the refiner's at `classWeight`; refined points closer than
  * `nmsRadius` converged on one nucleus, and the less confident goes.
  */
@@ -163,18 +164,19 @@ export function withRefinedPoints(
   outputs: RefinerOutputs,
   size: number,
   nmsRadius: number,
-  minScore = 0,
+  minScore: number | readonly number[] = 0,
   classWeight = 0,
 ): Detection[][] {
   const { refined, scores, classProbabilities } = outputs;
   let i = 0;
-  return perTile.map((detections) => {
+  return perTile.map((detections, tile) => {
+    const bar = typeof minScore === 'number' ? minScore : minScore[tile];
     const moved: Detection[] = [];
     for (const d of detections) {
       const k = i++;
       // A score below the bar drops the point; a non-finite one keeps it, as a non-finite
       // refinement keeps the prompt learner's point: the refiner never loses a nucleus by failing.
-      if (scores && scores[k] < minScore) continue;
+      if (scores && scores[k] < bar) continue;
       let classes: Pick<Detection, 'classIndex' | 'classProbabilities'> = d;
       if (classProbabilities && classWeight > 0) {
         const K = d.classProbabilities.length;
@@ -256,7 +258,7 @@ export class PrompterPipeline {
         let detections = indices.map((_, b) =>
           decodeAnchors(points.subarray(b * A * 2, (b + 1) * A * 2), logits.subarray(b * A * (K + 1), (b + 1) * A * (K + 1)), A, K, S, params),
         );
-        if (this.refinesPoints) detections = await this.refine(stack(), detections, signal);
+        if (this.refinesPoints) detections = await this.refine(stack(), detections, this.scoreBars(indices.map((i) => tiles[i])), signal);
         indices.forEach((tileIndex, b) => {
           perTile[tileIndex] = detections[b];
         });
@@ -267,8 +269,19 @@ export class PrompterPipeline {
     };
   }
 
+  /**
+   * The refiner's score bar for each tile: the manifest's, or its blur gate's lower one where the
+   * tile is blurred (its sharpness below the gate's cut).
+   */
+  scoreBars(tiles: readonly Float32Tensor[]): number[] {
+    const { minPointScore, blurGate } = this.manifest.prompter;
+    return tiles.map((tile) =>
+      blurGate && tileSharpness(tile, this.manifest.normalization) < blurGate.sharpnessBelow ? blurGate.minPointScore : minPointScore,
+    );
+  }
+
   /** One point_refiner.onnx run for the kept points of a batch of tiles (image [B, 3, S, S]). */
-  private async refine(image: Float32Tensor, perTile: Detection[][], signal?: AbortSignal): Promise<Detection[][]> {
+  private async refine(image: Float32Tensor, perTile: Detection[][], bars: readonly number[], signal?: AbortSignal): Promise<Detection[][]> {
     const { points, imageIndex } = refinerInputs(perTile);
     const P = imageIndex.length;
     if (P === 0) return perTile;
@@ -278,14 +291,14 @@ export class PrompterPipeline {
       { signal },
     );
     const K = this.manifest.classes.length;
-    const { refinedNmsRadius, minPointScore, refinerClassWeight } = this.manifest.prompter;
+    const { refinedNmsRadius, refinerClassWeight } = this.manifest.prompter;
     // Bundles that set a score bar or a class weight have those heads (older refiners have only
     // refined_points), so the other outputs are read only then.
     const outputs: RefinerOutputs = {
       refined: graphOutputFloat32('point_refiner', out, 'refined_points', [P, 2]),
-      scores: minPointScore > 0 ? graphOutputFloat32('point_refiner', out, 'point_scores', [P]) : undefined,
+      scores: bars.some((bar) => bar > 0) ? graphOutputFloat32('point_refiner', out, 'point_scores', [P]) : undefined,
       classProbabilities: refinerClassWeight > 0 ? graphOutputFloat32('point_refiner', out, 'point_class_probs', [P, K]) : undefined,
     };
-    return withRefinedPoints(perTile, outputs, this.manifest.inputSize, refinedNmsRadius, minPointScore, refinerClassWeight);
+    return withRefinedPoints(perTile, outputs, this.manifest.inputSize, refinedNmsRadius, bars, refinerClassWeight);
   }
 }

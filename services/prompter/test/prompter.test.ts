@@ -1,10 +1,34 @@
 // Prompter over real gRPC on loopback with models/tiny, plus the anchor decoding on hand-made logits.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeClient, stagesProto, status, unary } from '@cfrsam/rpc';
-import { digestTile, type Manifest, tensorFromProto, tensorToProto } from '@cfrsam/contract';
+import { digestTile, type Manifest, normalizeRgb, tensorFromProto, tensorToProto } from '@cfrsam/contract';
 import { syntheticTileRgb, testBundle, tilePixelsTensor } from '@cfrsam/testing';
 import { decodeAnchors, type Detection, mixClassProbabilities, pointNms, refinerInputs, withRefinedPoints } from '../src/pipeline';
 import { startPrompter, type RunningPrompter } from '../src/server';
+import { tileSharpness } from '../src/sharpness';
+
+describe('tileSharpness', () => {
+  // Written by model/tests/test_sharpness.py from the Python reference (cfrsam/prompt_learner/sharpness.py).
+  const fixture = JSON.parse(fs.readFileSync(path.join(__dirname, '../../../model/tests/fixtures/sharpness_cases.json'), 'utf8')) as {
+    cases: { name: string; width: number; height: number; rgb: number[]; sharpness: number | null }[];
+  };
+  const normalization = { mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375] };
+
+  it.each(fixture.cases.map((c) => [c.name, c] as const))('gives the reference value on the "%s" tile', (_, c) => {
+    const pixels = normalizeRgb(Uint8Array.from(c.rgb), c.width, c.height, normalization);
+    const value = tileSharpness({ type: 'float32', dims: [3, c.height, c.width], data: pixels }, normalization);
+    if (c.sharpness === null) expect(value).toBe(Infinity);
+    else expect(Math.abs(value - c.sharpness)).toBeLessThanOrEqual(1e-5 * Math.max(1, c.sharpness));
+  });
+
+  it('orders the fixture as blur does: the blurred tile below the sharp one', () => {
+    const value = (name: string) => fixture.cases.find((c) => c.name === name)!.sharpness!;
+    expect(value('blurred')).toBeLessThan(value('sharp'));
+  });
+});
 
 describe('decodeAnchors', () => {
   // 4 anchors, K = 2 classes (+ background at index 2).
@@ -94,6 +118,14 @@ describe('point refinement (pure parts)', () => {
     // Without a bar the scores change nothing.
     const unbarred = withRefinedPoints(perTile, { refined, scores: new Float32Array([0.1, 0.8, 0.2]) }, 256, 4, 0);
     expect(unbarred.map((t) => t.length)).toEqual([1, 0, 1]);
+  });
+
+  it('holds each tile to its own bar when given one per tile (the blur gate)', () => {
+    const refined = new Float32Array([20, 11, 40, 40, 5, 250]);
+    const scores = new Float32Array([0.4, 0.4, 0.4]);
+    // Tile 0 at the served bar drops its score-0.4 points; tile 2, called blurred, keeps its own.
+    const out = withRefinedPoints(perTile, { refined, scores }, 256, 4, [0.6, 0.6, 0.3]);
+    expect(out.map((t) => t.length)).toEqual([0, 0, 1]);
   });
 
   it("mixes each point's classes with the refiner's at the bundle's weight", () => {
@@ -218,6 +250,44 @@ describe.skipIf(!bundle.manifest)('Prompter service', () => {
     } finally {
       plainClient.close();
       await unrefined.server.shutdown();
+    }
+  });
+
+  it.skipIf(!manifest.prompter.minPointScore)("applies the bundle's blur gate: the gate's bar on tiles below its cut only", async () => {
+    // The same bundle with a gate in its manifest (the graphs linked, not copied): a cut above every
+    // tile's sharpness holds all of them to the gate's bar (0.99 here, to be seen to bite: the
+    // synthetic tiles' points score above the served bar), a cut near 0 holds none.
+    const gatedBundle = (cut: number) => {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-gate-'));
+      const raw = JSON.parse(fs.readFileSync(path.join(manifest.dir, 'manifest.json'), 'utf8'));
+      raw.prompter.blur_gate = { sharpness_below: cut, min_point_score: 0.99 };
+      fs.writeFileSync(path.join(dir, 'manifest.json'), JSON.stringify(raw));
+      for (const graph of Object.values(manifest.graphs)) fs.symlinkSync(graph.path, path.join(dir, path.basename(graph.path)));
+      return dir;
+    };
+    const request = { tiles, minForeground: 0, nmsRadius: 0, modelVersion: manifest.version };
+    const served = await detect(request);
+    for (const [cut, compare] of [
+      [1e9, 'fewer'],
+      [1e-9, 'same'],
+    ] as const) {
+      const dir = gatedBundle(cut);
+      const gated = await startPrompter({ port: 0, host: '127.0.0.1', bundle: dir, maxBatch: 2, workers: 1 });
+      const gatedClient = makeClient(stagesProto.PrompterClient, gated.server.address);
+      try {
+        const response = await unary(gatedClient, gatedClient.detect, request, { timeoutMs: 30_000 });
+        const counts = response.tiles.map((t) => t.detections.length);
+        const servedCounts = served.tiles.map((t) => t.detections.length);
+        if (compare === 'same') expect(counts).toEqual(servedCounts);
+        else {
+          counts.forEach((n, i) => expect(n).toBeLessThanOrEqual(servedCounts[i]));
+          expect(counts.reduce((a, b) => a + b, 0)).toBeLessThan(servedCounts.reduce((a, b) => a + b, 0));
+        }
+      } finally {
+        gatedClient.close();
+        await gated.server.shutdown();
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
     }
   });
 
