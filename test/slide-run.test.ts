@@ -123,6 +123,12 @@ describe.skipIf(!have || !existsSync(CLI))('cfrsam slide run on the 20x SVS', ()
     expect(summary.regionsFailed).toBe(0);
     expect(geo.features.length).toBe(summary.nuclei);
     expect(geo.features.length).toBeGreaterThan(50);
+    // The focus check: every region's model tiles counted, those out of focus among them.
+    expect(summary.tiles.model).toBeGreaterThanOrEqual(summary.regions);
+    expect(summary.tiles.outOfFocus).toBeGreaterThanOrEqual(0);
+    expect(summary.tiles.outOfFocus).toBeLessThanOrEqual(summary.tiles.model);
+    expect(summary.outOfFocusRegions.length).toBeLessThanOrEqual(summary.regions);
+    expect(run.stdout).toContain(`focus        ${summary.tiles.outOfFocus} of ${summary.tiles.model} model tiles out of focus`);
 
     const centroids: [number, number][] = [];
     for (const f of geo.features) {

@@ -65,6 +65,8 @@ export interface SegmentedImage {
   digests: string[];
   /** Detections by tile index (image coordinates); undefined for tiles the prompter did not see. */
   detections: (ImageDetection[] | undefined)[];
+  /** By tile index: the prompter's blur gate called the tile out of focus. */
+  outOfFocus: boolean[];
   mpp: number;
   /** The Segment request's origin and downsample, echoed by Refine too. */
   placement: { origin?: segmentationProto.Point; downsample: number };
@@ -370,6 +372,7 @@ export class SegmentationPipeline {
     if (glass.size > 0) trace.getActiveSpan()?.setAttribute('cfrsam.glass_tiles', glass.size);
     const digests: string[] = new Array(layout.tiles.length);
     const detections: (ImageDetection[] | undefined)[] = new Array(layout.tiles.length).fill(undefined);
+    const outOfFocus: boolean[] = new Array(layout.tiles.length).fill(false);
     // Candidates by tile, flattened in tile order so the result does not depend on call timing.
     const byTile: DecodedCandidate[][] = layout.tiles.map(() => []);
     const call = this.stageCall(ctx, clock);
@@ -394,8 +397,10 @@ export class SegmentationPipeline {
         const [detected] = await Promise.all([this.stages.prompter.detect(tiles, call), this.stages.encoder.encode(tiles, call)]);
         await Promise.all(
           batch.map(async (tile, i) => {
-            const tileDetections = toImageDetections(detected.get(tiles[i].digest) ?? [], tile);
+            const found = detected.get(tiles[i].digest);
+            const tileDetections = toImageDetections(found?.detections ?? [], tile);
             detections[tile.index] = tileDetections;
+            outOfFocus[tile.index] = found?.outOfFocus ?? false;
             const planned = this.planTilePrompts(tile, tileDetections, manual, mode, request.minScore);
             byTile[tile.index] = await this.decodePlanned(tile, tiles[i], planned, call);
           }),
@@ -417,6 +422,7 @@ export class SegmentationPipeline {
       layout,
       digests,
       detections,
+      outOfFocus,
       mpp: imageMpp,
       placement,
     };
@@ -610,7 +616,11 @@ export class SegmentationPipeline {
         unseen.map((t) => stageTiles.get(t.index)!),
         call,
       );
-      for (const t of unseen) entry.detections[t.index] = toImageDetections(detected.get(entry.digests[t.index]) ?? [], t);
+      for (const t of unseen) {
+        const found = detected.get(entry.digests[t.index]);
+        entry.detections[t.index] = toImageDetections(found?.detections ?? [], t);
+        entry.outOfFocus[t.index] = found?.outOfFocus ?? false;
+      }
       // The entry grew: store it again so the cache counts its new size.
       this.images.set(entry.imageId, entry);
     }
@@ -640,6 +650,14 @@ export class SegmentationPipeline {
     imageNotes: string[] = [],
   ): Promise<segmentationProto.SegmentResponse> {
     const { image, layout } = stored;
+    const outOfFocusTiles = stored.outOfFocus.filter(Boolean).length;
+    const notes = [...imageNotes];
+    if (outOfFocusTiles > 0) {
+      notes.push(
+        `${outOfFocusTiles} of ${layout.tiles.length} tiles look out of focus (the model's blur gate): ` +
+          'their nuclei were kept at its lower score bar',
+      );
+    }
     const assembled = await clock.time('assemble', () =>
       withSpan('gateway.assemble', { [SpanAttributes.prompts]: candidates.length }, async (span) => {
         const out = assembleNuclei(
@@ -669,11 +687,12 @@ export class SegmentationPipeline {
       modelVersion: this.manifest.version,
       timings: clock.timings(),
       tiles: layout.tiles.length,
+      outOfFocusTiles,
       imageMpp: stored.mpp,
       mppAssumed: stored.mppAssumed,
       modelMpp: this.manifest.mpp,
       ...stored.placement,
-      ...(imageNotes.length > 0 ? { imageNotes: imageNotes.join('; ') } : {}),
+      ...(notes.length > 0 ? { imageNotes: notes.join('; ') } : {}),
     };
   }
 }

@@ -201,6 +201,9 @@ export interface SlideJobRecord {
   /** Waiting for its owner's earlier jobs (DEFAULT_SLIDE_JOBS_PER_OWNER): no task queued yet. */
   parked?: boolean;
   nuclei: number;
+  /** Once DONE: model tiles run over the regions, and those the blur gate called out of focus. */
+  modelTiles?: number;
+  outOfFocusTiles?: number;
   artefacts: string[];
 }
 
@@ -570,6 +573,8 @@ export function jobMessage(job: SlideJobRecord, progress: ProgressRecord, now = 
     requestId: job.requestId,
     source: describeRef(job.source),
     nuclei: job.state === 'DONE' ? job.nuclei : progress.nuclei,
+    modelTiles: job.modelTiles ?? 0,
+    outOfFocusTiles: job.outOfFocusTiles ?? 0,
     tissueMpxTotal: job.tissueMpxTotal,
     tissueMpxDone: tissueDone,
     tissueMpxPerS: rate,

@@ -254,7 +254,10 @@ export class SlideWorker {
       const name = regionObject(job.jobId, task.region);
       await this.store.results.putBlob(
         { name },
-        segmentationProto.SegmentResponse.encode(segmentationProto.SegmentResponse.fromPartial({ nuclei: candidates })).finish(),
+        // With the region's focus check (tiles run, tiles out of focus), summed at finalize.
+        segmentationProto.SegmentResponse.encode(
+          segmentationProto.SegmentResponse.fromPartial({ nuclei: candidates, tiles: response.tiles, outOfFocusTiles: response.outOfFocusTiles }),
+        ).finish(),
       );
       const now = await this.store.job(job.jobId);
       if (!now || FINISHED.has(now.state)) {
@@ -320,12 +323,21 @@ export class SlideWorker {
       const imageKey = `${job.jobId}:${job.width}x${job.height}`;
       let written = 0;
       const byClass: Record<string, number> = {};
+      const tiles = { model: 0, outOfFocus: 0 };
+      const outOfFocusRegions: { x: number; y: number; width: number; height: number }[] = [];
       for (let i = 0; i < cells.length; i++) {
         const bytes = await this.store.results.getBlob(regionObject(job.jobId, i));
         if (!bytes) throw grpcError(status.DATA_LOSS, `the nuclei of region ${i} are missing`);
+        const region = segmentationProto.SegmentResponse.decode(bytes);
+        tiles.model += region.tiles;
+        tiles.outOfFocus += region.outOfFocusTiles;
+        if (region.outOfFocusTiles * 2 > region.tiles) {
+          const { x, y, width, height } = cells[i];
+          outOfFocusRegions.push({ x, y, width, height });
+        }
         const kept: segmentationProto.Nucleus[] = [];
         const feats: string[] = [];
-        for (const n of ledger.admit(i, segmentationProto.SegmentResponse.decode(bytes).nuclei)) {
+        for (const n of ledger.admit(i, region.nuclei)) {
           n.id = written + kept.length + 1;
           const f = nucleiToGeoJson([n], classes, imageKey).features[0];
           if (!f) continue; // no polygon: written nowhere, so every output agrees
@@ -364,6 +376,10 @@ export class SlideWorker {
         regions: job.regions,
         nuclei: written,
         nucleiByClass: byClass,
+        // Model tiles run and those the model's blur gate called out of focus; the regions where
+        // they were more than half (level-0 pixels).
+        tiles,
+        outOfFocusRegions,
         tissueMpx: job.tissueMpxTotal,
         createdAt: job.createdAt,
         startedAt: job.startedAt,
@@ -376,6 +392,8 @@ export class SlideWorker {
       const { job: after } = await this.store.transition(job.jobId, (j) => ({
         state: 'DONE',
         nuclei: written,
+        modelTiles: tiles.model,
+        outOfFocusTiles: tiles.outOfFocus,
         finishedAt: new Date().toISOString(),
         startedAt: j.startedAt || j.createdAt,
         artefacts: [...ARTEFACTS],

@@ -83,12 +83,15 @@ interface FakeOptions {
   failAfterMs?: number;
   /** Delay of every decodeTile (ms). */
   decodeDelayMs?: number;
+  /** The tiles the prompter calls out of focus (its blur gate). */
+  outOfFocus?: (tile: StageTile) => boolean;
 }
 
 /** In-memory stages with call logs. */
 function fakeStages(options: FakeOptions = {}) {
   const log = {
     detect: [] as string[],
+    outOfFocus: [] as string[],
     encode: [] as string[],
     decode: [] as { digest: string; prompts: number }[],
     aborted: 0,
@@ -100,18 +103,21 @@ function fakeStages(options: FakeOptions = {}) {
     prompter: {
       async detect(tiles, call) {
         log.calls.push(call);
-        const out = new Map<string, stagesProto.Detection[]>();
+        const out = new Map<string, stagesProto.TileDetections>();
         for (const t of tiles) {
           log.detect.push(t.digest);
-          out.set(
-            t.digest,
-            components(t.rgb).map((comp) => {
+          const outOfFocus = options.outOfFocus?.(t) ?? false;
+          if (outOfFocus) log.outOfFocus.push(t.digest);
+          out.set(t.digest, {
+            digest: t.digest,
+            outOfFocus,
+            detections: components(t.rgb).map((comp) => {
               const cx = comp.reduce((a, p) => a + (p % S), 0) / comp.length + 0.5;
               const cy = comp.reduce((a, p) => a + Math.floor(p / S), 0) / comp.length + 0.5;
               const probs = Array.from({ length: K }, (_, k) => (k === 1 ? 0.7 : 0.3 / (K - 1)));
               return { x: cx, y: cy, classIndex: 1, foreground: 0.95, classProbabilities: probs };
             }),
-          );
+          });
         }
         return out;
       },
@@ -203,6 +209,22 @@ describe('SegmentationPipeline over in-memory stages', () => {
     // Every tile went to the prompter and the encoder exactly once.
     expect(log.detect.length).toBe(res.tiles);
     expect(new Set(log.encode)).toEqual(new Set(log.detect));
+  });
+
+  it("counts the tiles the prompter calls out of focus, and says so in the image's notes", async () => {
+    const image = await diskImage(600, 500, DISKS);
+    const { stages: plain } = fakeStages();
+    const sharp = await pipelineWith(plain).segment(request(image));
+    expect(sharp.outOfFocusTiles).toBe(0);
+    expect(sharp.imageNotes ?? '').not.toMatch(/out of focus/);
+    // Tiles holding two or more nuclei play the blurred ones here.
+    const { stages, log } = fakeStages({ outOfFocus: (t) => components(t.rgb).length >= 2 });
+    const res = await pipelineWith(stages).segment(request(image));
+    expect(log.outOfFocus.length).toBeGreaterThan(0);
+    expect(log.outOfFocus.length).toBeLessThan(res.tiles);
+    expect(res.outOfFocusTiles).toBe(log.outOfFocus.length);
+    expect(res.imageNotes).toContain(`${log.outOfFocus.length} of ${res.tiles} tiles look out of focus`);
+    expect(res.nuclei).toHaveLength(sharp.nuclei.length); // what the prompter found is served as before
   });
 
   it('automatic mode skips glass tiles (no stained tissue) but not a tile with a lone nucleus on glass', async () => {

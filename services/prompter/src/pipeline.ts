@@ -247,37 +247,44 @@ export class PrompterPipeline {
       batches.push(Array.from({ length: Math.min(this.maxBatch, tiles.length - i) }, (_, j) => i + j));
     }
     const perTile: Detection[][] = new Array(tiles.length);
+    const outOfFocus: boolean[] = new Array(tiles.length);
     await Promise.all(
       batches.map(async (indices) => {
         const stack = () => stackFloat32(indices.map((i) => tiles[i]));
         // The pool takes the feed's buffer over (transferred to the worker): the refiner gets its own stack.
-        const out = await this.pool.run('prompter', { image: stack() }, { signal });
+        const running = this.pool.run('prompter', { image: stack() }, { signal });
+        // The tiles' focus is judged here, on this thread, while the worker runs the graph.
+        const focus = this.focus(indices.map((i) => tiles[i]));
+        indices.forEach((tileIndex, b) => (outOfFocus[tileIndex] = focus.outOfFocus[b]));
+        const out = await running;
         const B = indices.length;
         const points = graphOutputFloat32('prompter', out, 'points', [B, A, 2]);
         const logits = graphOutputFloat32('prompter', out, 'logits', [B, A, K + 1]);
         let detections = indices.map((_, b) =>
           decodeAnchors(points.subarray(b * A * 2, (b + 1) * A * 2), logits.subarray(b * A * (K + 1), (b + 1) * A * (K + 1)), A, K, S, params),
         );
-        if (this.refinesPoints) detections = await this.refine(stack(), detections, this.scoreBars(indices.map((i) => tiles[i])), signal);
+        if (this.refinesPoints) detections = await this.refine(stack(), detections, focus.bars, signal);
         indices.forEach((tileIndex, b) => {
           perTile[tileIndex] = detections[b];
         });
       }),
     );
     return {
-      tiles: request.tiles.map((t, i) => ({ digest: t.digest, detections: perTile[i] })),
+      tiles: request.tiles.map((t, i) => ({ digest: t.digest, detections: perTile[i], outOfFocus: outOfFocus[i] })),
     };
   }
 
   /**
-   * The refiner's score bar for each tile: the manifest's, or its blur gate's lower one where the
-   * tile is blurred (its sharpness below the gate's cut).
+   * Which tiles the bundle's blur gate calls out of focus (their sharpness below its cut; none
+   * without a gate or a point refiner), and the refiner's score bar for each: the manifest's, or the
+   * gate's lower one on those tiles.
    */
-  scoreBars(tiles: readonly Float32Tensor[]): number[] {
+  focus(tiles: readonly Float32Tensor[]): { outOfFocus: boolean[]; bars: number[] } {
     const { minPointScore, blurGate } = this.manifest.prompter;
-    return tiles.map((tile) =>
-      blurGate && tileSharpness(tile, this.manifest.normalization) < blurGate.sharpnessBelow ? blurGate.minPointScore : minPointScore,
+    const outOfFocus = tiles.map(
+      (tile) => this.refinesPoints && blurGate !== undefined && tileSharpness(tile, this.manifest.normalization) < blurGate.sharpnessBelow,
     );
+    return { outOfFocus, bars: outOfFocus.map((blurred) => (blurred ? blurGate!.minPointScore : minPointScore)) };
   }
 
   /** One point_refiner.onnx run for the kept points of a batch of tiles (image [B, 3, S, S]). */

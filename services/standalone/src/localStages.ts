@@ -71,14 +71,14 @@ export class LocalStages implements StagePorts {
   }
 
   readonly prompter = {
-    detect: async (tiles: readonly StageTile[], call: StageCall): Promise<Map<string, stagesProto.Detection[]>> => {
+    detect: async (tiles: readonly StageTile[], call: StageCall): Promise<Map<string, stagesProto.TileDetections>> => {
       const response = await call.clock.time('prompter', () =>
         this.pipelines.prompter.detect(
           { tiles: tiles.map(tileInput), minForeground: 0, nmsRadius: 0, modelVersion: this.manifest.version },
           call.signal,
         ),
       );
-      return new Map(asOnTheWire(stagesProto.DetectResponse, response).tiles.map((t) => [t.digest, t.detections]));
+      return new Map(asOnTheWire(stagesProto.DetectResponse, response).tiles.map((t) => [t.digest, t]));
     },
   };
 

@@ -46,6 +46,7 @@ import {
   SlideError,
   tissueRegions,
   type Mpp,
+  type Rect,
   type Roi,
   type Slide,
   type TissueMask,
@@ -301,16 +302,16 @@ class Overview {
 
   /** The ROI's outline (rectangle or polygon) in blue. */
   roi(roi: Roi): void {
-    const pts: [number, number][] =
-      'polygon' in roi
-        ? roi.polygon
-        : [
-            [roi.x, roi.y],
-            [roi.x + roi.width, roi.y],
-            [roi.x + roi.width, roi.y + roi.height],
-            [roi.x, roi.y + roi.height],
-          ];
-    const c: Rgb = [30, 60, 230];
+    this.outline('polygon' in roi ? roi.polygon : corners(roi), [30, 60, 230]);
+  }
+
+  /** A region the model called mostly out of focus, outlined in orange. */
+  outOfFocus(region: Rect): void {
+    this.outline(corners(region), [240, 130, 0]);
+  }
+
+  /** A closed polygon of level-0 points, 1 px wide. */
+  private outline(pts: readonly (readonly [number, number])[], c: Rgb): void {
     for (let i = 0; i < pts.length; i++) {
       const [ax, ay] = pts[i],
         [bx, by] = pts[(i + 1) % pts.length];
@@ -332,6 +333,15 @@ class Overview {
       .png({ compressionLevel: 6 })
       .toBuffer();
   }
+}
+
+function corners(r: Rect): [number, number][] {
+  return [
+    [r.x, r.y],
+    [r.x + r.width, r.y],
+    [r.x + r.width, r.y + r.height],
+    [r.x, r.y + r.height],
+  ];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -433,6 +443,12 @@ export interface SlideSummary {
   regionsFailed: number;
   nuclei: number;
   nucleiByClass: Record<string, number>;
+  /**
+   * Model tiles run, and those the model's blur gate called out of focus (their nuclei held to
+   * its lower score bar); the regions where they were more than half, in level-0 pixels.
+   */
+  tiles: { model: number; outOfFocus: number };
+  outOfFocusRegions: Rect[];
   tissueMpx: { level0: number; model: number };
   wallS: number;
   prepareS: number;
@@ -720,6 +736,8 @@ async function runOneSlide(
     regionsFailed = 0,
     consecutiveFailures = 0,
     tissueDone = 0;
+  const tiles = { model: 0, outOfFocus: 0 };
+  const outOfFocusRegions: Rect[] = [];
   let abort: { kind: 'bad-input' | 'failed'; message: string } | undefined;
   const progress = new Progress(io, name, regions.length, totalTissueL0 * toModel, !flags.quiet);
   const imageKey = `${path.basename(file)}:${L0.width}x${L0.height}`;
@@ -799,6 +817,9 @@ async function runOneSlide(
       }
     }
     consecutiveFailures = 0;
+    tiles.model += response.tiles;
+    tiles.outOfFocus += response.outOfFocusTiles;
+    if (response.outOfFocusTiles * 2 > response.tiles) outOfFocusRegions.push({ x: cell.x, y: cell.y, width: cell.width, height: cell.height });
     const candidates: Nucleus[] = [];
     for (const n of response.nuclei) {
       if (!n.centroid) continue;
@@ -838,6 +859,7 @@ async function runOneSlide(
     await geo.write('\n]}\n');
     await geo.end();
     await csv.end();
+    for (const region of outOfFocusRegions) overview.outOfFocus(region);
     await fs.writeFile(outputs.overview, await overview.png());
 
     const wallS = (performance.now() - t0) / 1000 + p.prepareS;
@@ -861,6 +883,8 @@ async function runOneSlide(
       regionsFailed,
       nuclei: nucleiWritten,
       nucleiByClass: byClass,
+      tiles,
+      outOfFocusRegions,
       tissueMpx: { level0: totalTissueL0, model: tissueModelMpx },
       wallS,
       prepareS: p.prepareS,
@@ -901,6 +925,9 @@ export function formatSummary(s: SlideSummary, stackStartS?: number): string {
         .map(([k, v]) => `${k} ${v}`)
         .join(', ') || 'none'
     })`,
+    `  focus        ${s.tiles.outOfFocus} of ${s.tiles.model} model tiles out of focus${
+      s.outOfFocusRegions.length > 0 ? `; ${s.outOfFocusRegions.length} region(s) mostly so, outlined orange on the overview` : ''
+    }`,
     `  wall time    ${s.wallS.toFixed(1)} s (open + tissue ${s.prepareS.toFixed(1)} s, regions ${s.segmentS.toFixed(1)} s${stackStartS !== undefined ? `; local stack start ${stackStartS.toFixed(1)} s not included` : ''})`,
     `  throughput   ${s.tissueMpxPerS.toFixed(3)} tissue Mpx/s at the model's resolution, ${s.regionsPerS.toFixed(3)} regions/s`,
     `  peak RSS     ${Object.entries(s.peakRssMb)

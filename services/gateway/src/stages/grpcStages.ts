@@ -193,7 +193,7 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
 
   // ---------------------------------------------------------------- prompter
 
-  async detect(tiles: readonly StageTile[], call: StageCall): Promise<Map<string, stagesProto.Detection[]>> {
+  async detect(tiles: readonly StageTile[], call: StageCall): Promise<Map<string, stagesProto.TileDetections>> {
     const inputs = this.tileInputs(tiles);
     const response = await call.clock.time('prompter', () =>
       this.prompters
@@ -216,7 +216,7 @@ export class GrpcStages implements StagePorts, PrompterPort, EncoderPort, Decode
           throw stageError('prompter', err);
         }),
     );
-    return new Map(response.tiles.map((t) => [t.digest, t.detections]));
+    return new Map(response.tiles.map((t) => [t.digest, t]));
   }
 
   // ---------------------------------------------------------------- encoder

@@ -23,8 +23,8 @@ export interface StageCall {
 }
 
 export interface PrompterPort {
-  /** Point prompts with classes for each tile (tile pixels), by digest. */
-  detect(tiles: readonly StageTile[], call: StageCall): Promise<Map<string, stagesProto.Detection[]>>;
+  /** Point prompts with classes for each tile (tile pixels), and whether it is out of focus, by digest. */
+  detect(tiles: readonly StageTile[], call: StageCall): Promise<Map<string, stagesProto.TileDetections>>;
 }
 
 export interface EncoderPort {
