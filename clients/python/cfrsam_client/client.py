@@ -62,6 +62,17 @@ class SegmentResult:
         return self.response.image_id
 
     @property
+    def tiles(self):
+        """Model tiles the image was cut into."""
+        return self.response.tiles
+
+    @property
+    def out_of_focus_tiles(self):
+        """Of those, the tiles the model's blur gate called out of focus (their nuclei kept at its
+        lower score bar): a focus check of the scan. 0 when the model has no gate."""
+        return self.response.out_of_focus_tiles
+
+    @property
     def label_map(self):
         """(H, W) uint16: 0 background, i = nucleus with id i; None when not asked for."""
         if not self.response.HasField("label_map"):

@@ -193,6 +193,9 @@ def to_geojson(response, model, class_map=None):
                 "mppAssumed": response.mpp_assumed,
                 "origin": [ox, oy],
                 "downsample": ds,
+                # The focus check: model tiles run, and those the model's blur gate called out of focus.
+                "tiles": response.tiles,
+                "outOfFocusTiles": response.out_of_focus_tiles,
             },
         },
         "features": features,

@@ -31,7 +31,18 @@ export interface GeoJsonFeature {
 /** What the collection says about where it came from (QuPath ignores it on import; tools read it). */
 export interface GeoJsonCollectionProperties {
   model?: { name: string; version: string; mpp: number };
-  image?: { id: string; width: number; height: number; mpp: number; mppAssumed: boolean; origin: [number, number]; downsample: number };
+  image?: {
+    id: string;
+    width: number;
+    height: number;
+    mpp: number;
+    mppAssumed: boolean;
+    origin: [number, number];
+    downsample: number;
+    /** Model tiles run, and those the model's blur gate called out of focus (the focus check). */
+    tiles?: number;
+    outOfFocusTiles?: number;
+  };
   [key: string]: unknown;
 }
 
@@ -282,6 +293,8 @@ export function segmentResponseToGeoJson(
         mppAssumed: response.mppAssumed,
         origin: [origin.x, origin.y],
         downsample,
+        tiles: response.tiles,
+        outOfFocusTiles: response.outOfFocusTiles,
       },
     },
   });
