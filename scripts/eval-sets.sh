@@ -11,6 +11,9 @@
 # cpm15 (as it comes: no mpp, so every image is taken at the model's 0.25 um/px), cpm15-mpp (the
 # same 15 images with the scale model/cfrsam/data/estimated_mpp.json gives them: its 7 images at 20x
 # are sent as 0.5 um/px, as a user who knows the scan's magnification would), monuseg-train (all 13).
+# Two sets of training images, for choosing a serving setting on images that are not evaluated
+# (e.g. on blurred copies: model/diagnostics/blur_sets.py --training): consep-training (the 80 tiles
+# of CoNSeP training sources 2, 8, 14, 20, 26) and monuseg-trained (the 10 MoNuSeg images trained on).
 # Prints each set's summary; scores.json and CSVs land in OUT/SET.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +55,8 @@ link_set nucls-test "$DATA/nucls/test" $(names "$DATA/nucls/test")
 link_set cpm15 "$DATA/cpm15" $(names "$DATA/cpm15")
 link_set cpm15-mpp "$DATA/cpm15" $(names "$DATA/cpm15") && with_estimated_mpp cpm15-mpp
 link_set monuseg-train "$DATA/monuseg-train" $(names "$DATA/monuseg-train")
+link_set consep-training "$DATA/consep-train" $(names "$DATA/consep-train" | grep -E '^train_(2|8|14|20|26)_')
+link_set monuseg-trained "$DATA/monuseg-train" $(names "$DATA/monuseg-train" | head -n -3)
 
 node services/gateway/dist/cli/main.js stack --standalone --bundle "$BUNDLE" --port "$PORT" --quiet &
 STACK=$!

@@ -6,8 +6,10 @@ training with `--blur` wins back.
     python model/diagnostics/blur_sets.py --sigma 1.5 --out /tmp/blur-1.5
     SETS="consep monuseg-held-out" CFRSAM_DATA=/tmp/blur-1.5 scripts/eval-sets.sh models/tiny /tmp/eval-blur-1.5
 
-With `--consep-training`, CoNSeP's training-source tiles instead (a setting for blurred tiles is
-chosen on those: `refiner_grid --data OUT --val-sources 2,8,14,20,26`).
+With `--training`, the images training reads instead: CoNSeP's training-source tiles and MoNuSeg
+(whose first 10 images are trained on). A setting for blurred tiles is chosen on those, not on the evaluation
+sets: `refiner_grid --data OUT --val-sources 2,8,14,20,26` (PyTorch, CoNSeP tiles), or through the
+services `SETS="consep-training monuseg-trained" CFRSAM_DATA=OUT scripts/eval-sets.sh BUNDLE`.
 """
 
 import argparse
@@ -31,10 +33,14 @@ def main() -> None:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))
     parser.add_argument("--sigma", type=float, required=True, help="the Gaussian's sigma in pixels")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--consep-training", action="store_true", help="CoNSeP's training sources instead")
+    parser.add_argument("--training", action="store_true", help="the training images instead (see above)")
     args = parser.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
-    sets = {"consep-train": lambda n: not HELD_OUT_CONSEP.match(n)} if args.consep_training else SETS
+    if args.training:
+        # MoNuSeg whole (training holds its last 3 out), so that selections by name hold in the copy.
+        sets = {"consep-train": lambda n: not HELD_OUT_CONSEP.match(n), "monuseg-train": lambda n: True}
+    else:
+        sets = SETS
     for rel, keep in sets.items():
         src, dst = data / rel, out / rel
         shutil.rmtree(dst, ignore_errors=True)

@@ -2,7 +2,9 @@
 // anchor a point and K+1 logits; here anchors are filtered by foreground probability, merged by
 // point NMS, and their class probabilities renormalised without background. When the bundle has a
 // point refiner, point_refiner.onnx then moves each kept point onto its nucleus' centre (one run
-// per batch of tiles, for all their kept points).
+// per batch of tiles, for all their kept points) and scores it; points below the score bar go. A
+// bundle with a blur gate lowers the bar on tiles whose sharpness (./sharpness.ts) says they are
+// out of focus, and Detect says which those were.
 import { grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import { type Float32Tensor, graphOutputFloat32, type Manifest, stackFloat32, readStageTile } from '@cfrsam/contract';
 import { type OnnxWorkerPool } from '@cfrsam/runtime';
@@ -155,9 +157,9 @@ export interface RefinerOutputs {
 
 /**
  * The detections with the refined points (in the order of refinerInputs), clipped to [0, size];
- * points scoring below `minScore` (one bar, or one per tile) are on no nucleus and dropped; with class probabilities, each
- * detection's classes are mixed with the refiner's at `classWeight`; refined points closer than
- * `nmsRadius` converged on one nucleus, and the less confident goes.
+ * points scoring below `minScore` (one bar, or one per tile) are on no nucleus and dropped; with
+ * class probabilities, each detection's classes are mixed with the refiner's at `classWeight`;
+ * refined points closer than `nmsRadius` converged on one nucleus, and the less confident goes.
  */
 export function withRefinedPoints(
   perTile: readonly (readonly Detection[])[],
