@@ -307,15 +307,15 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     expect(csv.length - 1).toBe(nuclei.length);
     const summary = JSON.parse((await download(client, first.jobId, 'summary.json')).toString()) as {
       nuclei: number;
-      tiles: { model: number; outOfFocus: number };
-      outOfFocusRegions: unknown[];
+      tiles: { model: number; blurred: number };
+      blurredRegions: unknown[];
     };
     expect(summary.nuclei).toBe(nuclei.length);
     // The focus check, summed over the regions: in the job and its summary alike.
     expect(done.modelTiles).toBeGreaterThanOrEqual(4);
-    expect(summary.tiles).toEqual({ model: done.modelTiles, outOfFocus: done.outOfFocusTiles });
-    expect(done.outOfFocusTiles).toBeLessThanOrEqual(done.modelTiles);
-    expect(summary.outOfFocusRegions.length).toBeLessThanOrEqual(4);
+    expect(summary.tiles).toEqual({ model: done.modelTiles, blurred: done.blurredTiles });
+    expect(done.blurredTiles).toBeLessThanOrEqual(done.modelTiles);
+    expect(summary.blurredRegions.length).toBeLessThanOrEqual(4);
     const list = await unary(client, client.listSlideJobs, { pageSize: 10, pageToken: '' });
     expect(list.jobs.map((j) => j.jobId)).toEqual([first.jobId]);
     await expect(unary(client, client.cancelSlideJob, { jobId: first.jobId })).rejects.toMatchObject({

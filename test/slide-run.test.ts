@@ -123,12 +123,12 @@ describe.skipIf(!have || !existsSync(CLI))('cfrsam slide run on the 20x SVS', ()
     expect(summary.regionsFailed).toBe(0);
     expect(geo.features.length).toBe(summary.nuclei);
     expect(geo.features.length).toBeGreaterThan(50);
-    // The focus check: every region's model tiles counted, those out of focus among them.
+    // The blur check: every region's model tiles counted, those blurred among them.
     expect(summary.tiles.model).toBeGreaterThanOrEqual(summary.regions);
-    expect(summary.tiles.outOfFocus).toBeGreaterThanOrEqual(0);
-    expect(summary.tiles.outOfFocus).toBeLessThanOrEqual(summary.tiles.model);
-    expect(summary.outOfFocusRegions.length).toBeLessThanOrEqual(summary.regions);
-    expect(run.stdout).toContain(`focus        ${summary.tiles.outOfFocus} of ${summary.tiles.model} model tiles out of focus`);
+    expect(summary.tiles.blurred).toBeGreaterThanOrEqual(0);
+    expect(summary.tiles.blurred).toBeLessThanOrEqual(summary.tiles.model);
+    expect(summary.blurredRegions.length).toBeLessThanOrEqual(summary.regions);
+    expect(run.stdout).toContain(`blur         ${summary.tiles.blurred} of ${summary.tiles.model} model tiles blurred at the model's resolution`);
 
     const centroids: [number, number][] = [];
     for (const f of geo.features) {

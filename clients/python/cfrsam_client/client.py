@@ -67,10 +67,11 @@ class SegmentResult:
         return self.response.tiles
 
     @property
-    def out_of_focus_tiles(self):
-        """Of those, the tiles the model's blur gate called out of focus (their nuclei kept at its
-        lower score bar): a focus check of the scan. 0 when the model has no gate."""
-        return self.response.out_of_focus_tiles
+    def blurred_tiles(self):
+        """Of those, the tiles the model's blur gate called blurred at the model's resolution (out of
+        focus, or upsampled from a lower magnification); their nuclei were kept at its lower score
+        bar. 0 when the model has no gate."""
+        return self.response.blurred_tiles
 
     @property
     def label_map(self):

@@ -193,9 +193,9 @@ def to_geojson(response, model, class_map=None):
                 "mppAssumed": response.mpp_assumed,
                 "origin": [ox, oy],
                 "downsample": ds,
-                # The focus check: model tiles run, and those the model's blur gate called out of focus.
+                # Model tiles run, and those the model's blur gate called blurred at the model's resolution.
                 "tiles": response.tiles,
-                "outOfFocusTiles": response.out_of_focus_tiles,
+                "blurredTiles": response.blurred_tiles,
             },
         },
         "features": features,

@@ -90,7 +90,7 @@ def main(address, image_path):
     check(ring[0] == ring[-1], "rings closed")
     image_props = geo["properties"]["image"]
     check(image_props["tiles"] == placed.tiles >= 1, "the focus check: model tiles run")
-    check(0 <= image_props["outOfFocusTiles"] == placed.out_of_focus_tiles <= placed.tiles, "tiles out of focus")
+    check(0 <= image_props["blurredTiles"] == placed.blurred_tiles <= placed.tiles, "tiles blurred")
     c0 = placed.nuclei[0].centroid
     check(f0["properties"]["measurements"]["Centroid X px"] == 10000 + 2 * c0.x, "centroid in slide coordinates")
     m = f0["properties"]["measurements"]

@@ -114,7 +114,7 @@ describe('QuPath GeoJSON', () => {
       modelVersion: '0.1.0+abc',
       timings: [],
       tiles: 1,
-      outOfFocusTiles: 1,
+      blurredTiles: 1,
       imageMpp: 0.5,
       mppAssumed: false,
       modelMpp: 0.25,
@@ -130,7 +130,7 @@ describe('QuPath GeoJSON', () => {
     expect(fc.features[0].properties.classification?.name).toBe('Other');
     expect(fc.features[1].properties.classification).toEqual({ name: 'Tumor', color: [200, 0, 0] });
     expect(fc.properties?.model).toEqual({ name: 'cfrsam-tiny', version: '0.1.0+abc', mpp: 0.25 });
-    expect(fc.properties?.image).toMatchObject({ mpp: 0.5, origin: [1000, 2000], downsample: 4, tiles: 1, outOfFocusTiles: 1 });
+    expect(fc.properties?.image).toMatchObject({ mpp: 0.5, origin: [1000, 2000], downsample: 4, tiles: 1, blurredTiles: 1 });
   });
 
   it('parses class maps as model=QuPath[#rrggbb] lists or JSON, and names a bad entry', () => {

@@ -65,8 +65,8 @@ export interface SegmentedImage {
   digests: string[];
   /** Detections by tile index (image coordinates); undefined for tiles the prompter did not see. */
   detections: (ImageDetection[] | undefined)[];
-  /** By tile index: the prompter's blur gate called the tile out of focus. */
-  outOfFocus: boolean[];
+  /** By tile index: the prompter's blur gate called the tile blurred. */
+  blurred: boolean[];
   mpp: number;
   /** The Segment request's origin and downsample, echoed by Refine too. */
   placement: { origin?: segmentationProto.Point; downsample: number };
@@ -372,7 +372,7 @@ export class SegmentationPipeline {
     if (glass.size > 0) trace.getActiveSpan()?.setAttribute('cfrsam.glass_tiles', glass.size);
     const digests: string[] = new Array(layout.tiles.length);
     const detections: (ImageDetection[] | undefined)[] = new Array(layout.tiles.length).fill(undefined);
-    const outOfFocus: boolean[] = new Array(layout.tiles.length).fill(false);
+    const blurred: boolean[] = new Array(layout.tiles.length).fill(false);
     // Candidates by tile, flattened in tile order so the result does not depend on call timing.
     const byTile: DecodedCandidate[][] = layout.tiles.map(() => []);
     const call = this.stageCall(ctx, clock);
@@ -400,7 +400,7 @@ export class SegmentationPipeline {
             const found = detected.get(tiles[i].digest);
             const tileDetections = toImageDetections(found?.detections ?? [], tile);
             detections[tile.index] = tileDetections;
-            outOfFocus[tile.index] = found?.outOfFocus ?? false;
+            blurred[tile.index] = found?.blurred ?? false;
             const planned = this.planTilePrompts(tile, tileDetections, manual, mode, request.minScore);
             byTile[tile.index] = await this.decodePlanned(tile, tiles[i], planned, call);
           }),
@@ -422,7 +422,7 @@ export class SegmentationPipeline {
       layout,
       digests,
       detections,
-      outOfFocus,
+      blurred,
       mpp: imageMpp,
       placement,
     };
@@ -619,7 +619,7 @@ export class SegmentationPipeline {
       for (const t of unseen) {
         const found = detected.get(entry.digests[t.index]);
         entry.detections[t.index] = toImageDetections(found?.detections ?? [], t);
-        entry.outOfFocus[t.index] = found?.outOfFocus ?? false;
+        entry.blurred[t.index] = found?.blurred ?? false;
       }
       // The entry grew: store it again so the cache counts its new size.
       this.images.set(entry.imageId, entry);
@@ -650,12 +650,12 @@ export class SegmentationPipeline {
     imageNotes: string[] = [],
   ): Promise<segmentationProto.SegmentResponse> {
     const { image, layout } = stored;
-    const outOfFocusTiles = stored.outOfFocus.filter(Boolean).length;
+    const blurredTiles = stored.blurred.filter(Boolean).length;
     const notes = [...imageNotes];
-    if (outOfFocusTiles > 0) {
+    if (blurredTiles > 0) {
       notes.push(
-        `${outOfFocusTiles} of ${layout.tiles.length} tiles look out of focus (the model's blur gate): ` +
-          'their nuclei were kept at its lower score bar',
+        `${blurredTiles} of ${layout.tiles.length} tiles look blurred at the model's resolution (out of focus, ` +
+          "or upsampled from a lower magnification): their nuclei were kept at the blur gate's lower score bar",
       );
     }
     const assembled = await clock.time('assemble', () =>
@@ -687,7 +687,7 @@ export class SegmentationPipeline {
       modelVersion: this.manifest.version,
       timings: clock.timings(),
       tiles: layout.tiles.length,
-      outOfFocusTiles,
+      blurredTiles,
       imageMpp: stored.mpp,
       mppAssumed: stored.mppAssumed,
       modelMpp: this.manifest.mpp,

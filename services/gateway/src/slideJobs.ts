@@ -201,9 +201,9 @@ export interface SlideJobRecord {
   /** Waiting for its owner's earlier jobs (DEFAULT_SLIDE_JOBS_PER_OWNER): no task queued yet. */
   parked?: boolean;
   nuclei: number;
-  /** Once DONE: model tiles run over the regions, and those the blur gate called out of focus. */
+  /** Once DONE: model tiles run over the regions, and those the blur gate called blurred. */
   modelTiles?: number;
-  outOfFocusTiles?: number;
+  blurredTiles?: number;
   artefacts: string[];
 }
 
@@ -574,7 +574,7 @@ export function jobMessage(job: SlideJobRecord, progress: ProgressRecord, now = 
     source: describeRef(job.source),
     nuclei: job.state === 'DONE' ? job.nuclei : progress.nuclei,
     modelTiles: job.modelTiles ?? 0,
-    outOfFocusTiles: job.outOfFocusTiles ?? 0,
+    blurredTiles: job.blurredTiles ?? 0,
     tissueMpxTotal: job.tissueMpxTotal,
     tissueMpxDone: tissueDone,
     tissueMpxPerS: rate,

@@ -254,9 +254,9 @@ export class SlideWorker {
       const name = regionObject(job.jobId, task.region);
       await this.store.results.putBlob(
         { name },
-        // With the region's focus check (tiles run, tiles out of focus), summed at finalize.
+        // With the region's blur check (tiles run, tiles blurred), summed at finalize.
         segmentationProto.SegmentResponse.encode(
-          segmentationProto.SegmentResponse.fromPartial({ nuclei: candidates, tiles: response.tiles, outOfFocusTiles: response.outOfFocusTiles }),
+          segmentationProto.SegmentResponse.fromPartial({ nuclei: candidates, tiles: response.tiles, blurredTiles: response.blurredTiles }),
         ).finish(),
       );
       const now = await this.store.job(job.jobId);
@@ -323,17 +323,17 @@ export class SlideWorker {
       const imageKey = `${job.jobId}:${job.width}x${job.height}`;
       let written = 0;
       const byClass: Record<string, number> = {};
-      const tiles = { model: 0, outOfFocus: 0 };
-      const outOfFocusRegions: { x: number; y: number; width: number; height: number }[] = [];
+      const tiles = { model: 0, blurred: 0 };
+      const blurredRegions: { x: number; y: number; width: number; height: number }[] = [];
       for (let i = 0; i < cells.length; i++) {
         const bytes = await this.store.results.getBlob(regionObject(job.jobId, i));
         if (!bytes) throw grpcError(status.DATA_LOSS, `the nuclei of region ${i} are missing`);
         const region = segmentationProto.SegmentResponse.decode(bytes);
         tiles.model += region.tiles;
-        tiles.outOfFocus += region.outOfFocusTiles;
-        if (region.outOfFocusTiles * 2 > region.tiles) {
+        tiles.blurred += region.blurredTiles;
+        if (region.blurredTiles * 2 > region.tiles) {
           const { x, y, width, height } = cells[i];
-          outOfFocusRegions.push({ x, y, width, height });
+          blurredRegions.push({ x, y, width, height });
         }
         const kept: segmentationProto.Nucleus[] = [];
         const feats: string[] = [];
@@ -376,10 +376,10 @@ export class SlideWorker {
         regions: job.regions,
         nuclei: written,
         nucleiByClass: byClass,
-        // Model tiles run and those the model's blur gate called out of focus; the regions where
+        // Model tiles run and those the model's blur gate called blurred; the regions where
         // they were more than half (level-0 pixels).
         tiles,
-        outOfFocusRegions,
+        blurredRegions,
         tissueMpx: job.tissueMpxTotal,
         createdAt: job.createdAt,
         startedAt: job.startedAt,
@@ -393,7 +393,7 @@ export class SlideWorker {
         state: 'DONE',
         nuclei: written,
         modelTiles: tiles.model,
-        outOfFocusTiles: tiles.outOfFocus,
+        blurredTiles: tiles.blurred,
         finishedAt: new Date().toISOString(),
         startedAt: j.startedAt || j.createdAt,
         artefacts: [...ARTEFACTS],

@@ -83,15 +83,15 @@ interface FakeOptions {
   failAfterMs?: number;
   /** Delay of every decodeTile (ms). */
   decodeDelayMs?: number;
-  /** The tiles the prompter calls out of focus (its blur gate). */
-  outOfFocus?: (tile: StageTile) => boolean;
+  /** The tiles the prompter calls blurred (its blur gate). */
+  blurred?: (tile: StageTile) => boolean;
 }
 
 /** In-memory stages with call logs. */
 function fakeStages(options: FakeOptions = {}) {
   const log = {
     detect: [] as string[],
-    outOfFocus: [] as string[],
+    blurred: [] as string[],
     encode: [] as string[],
     decode: [] as { digest: string; prompts: number }[],
     aborted: 0,
@@ -106,11 +106,11 @@ function fakeStages(options: FakeOptions = {}) {
         const out = new Map<string, stagesProto.TileDetections>();
         for (const t of tiles) {
           log.detect.push(t.digest);
-          const outOfFocus = options.outOfFocus?.(t) ?? false;
-          if (outOfFocus) log.outOfFocus.push(t.digest);
+          const blurred = options.blurred?.(t) ?? false;
+          if (blurred) log.blurred.push(t.digest);
           out.set(t.digest, {
             digest: t.digest,
-            outOfFocus,
+            blurred,
             detections: components(t.rgb).map((comp) => {
               const cx = comp.reduce((a, p) => a + (p % S), 0) / comp.length + 0.5;
               const cy = comp.reduce((a, p) => a + Math.floor(p / S), 0) / comp.length + 0.5;
@@ -211,19 +211,19 @@ describe('SegmentationPipeline over in-memory stages', () => {
     expect(new Set(log.encode)).toEqual(new Set(log.detect));
   });
 
-  it("counts the tiles the prompter calls out of focus, and says so in the image's notes", async () => {
+  it("counts the tiles the prompter calls blurred, and says so in the image's notes", async () => {
     const image = await diskImage(600, 500, DISKS);
     const { stages: plain } = fakeStages();
     const sharp = await pipelineWith(plain).segment(request(image));
-    expect(sharp.outOfFocusTiles).toBe(0);
-    expect(sharp.imageNotes ?? '').not.toMatch(/out of focus/);
+    expect(sharp.blurredTiles).toBe(0);
+    expect(sharp.imageNotes ?? '').not.toMatch(/blurred/);
     // Tiles holding two or more nuclei play the blurred ones here.
-    const { stages, log } = fakeStages({ outOfFocus: (t) => components(t.rgb).length >= 2 });
+    const { stages, log } = fakeStages({ blurred: (t) => components(t.rgb).length >= 2 });
     const res = await pipelineWith(stages).segment(request(image));
-    expect(log.outOfFocus.length).toBeGreaterThan(0);
-    expect(log.outOfFocus.length).toBeLessThan(res.tiles);
-    expect(res.outOfFocusTiles).toBe(log.outOfFocus.length);
-    expect(res.imageNotes).toContain(`${log.outOfFocus.length} of ${res.tiles} tiles look out of focus`);
+    expect(log.blurred.length).toBeGreaterThan(0);
+    expect(log.blurred.length).toBeLessThan(res.tiles);
+    expect(res.blurredTiles).toBe(log.blurred.length);
+    expect(res.imageNotes).toContain(`${log.blurred.length} of ${res.tiles} tiles look blurred at the model's resolution`);
     expect(res.nuclei).toHaveLength(sharp.nuclei.length); // what the prompter found is served as before
   });
 

@@ -4,7 +4,7 @@
 // point refiner, point_refiner.onnx then moves each kept point onto its nucleus' centre (one run
 // per batch of tiles, for all their kept points) and scores it; points below the score bar go. A
 // bundle with a blur gate lowers the bar on tiles whose sharpness (./sharpness.ts) says they are
-// out of focus, and Detect says which those were.
+// blurred, and Detect says which those were.
 import { grpcError, type stagesProto, status } from '@cfrsam/rpc';
 import { type Float32Tensor, graphOutputFloat32, type Manifest, stackFloat32, readStageTile } from '@cfrsam/contract';
 import { type OnnxWorkerPool } from '@cfrsam/runtime';
@@ -249,7 +249,7 @@ export class PrompterPipeline {
       batches.push(Array.from({ length: Math.min(this.maxBatch, tiles.length - i) }, (_, j) => i + j));
     }
     const perTile: Detection[][] = new Array(tiles.length);
-    const outOfFocus: boolean[] = new Array(tiles.length);
+    const blurred: boolean[] = new Array(tiles.length);
     await Promise.all(
       batches.map(async (indices) => {
         const stack = () => stackFloat32(indices.map((i) => tiles[i]));
@@ -257,7 +257,7 @@ export class PrompterPipeline {
         const running = this.pool.run('prompter', { image: stack() }, { signal });
         // The tiles' focus is judged here, on this thread, while the worker runs the graph.
         const focus = this.focus(indices.map((i) => tiles[i]));
-        indices.forEach((tileIndex, b) => (outOfFocus[tileIndex] = focus.outOfFocus[b]));
+        indices.forEach((tileIndex, b) => (blurred[tileIndex] = focus.blurred[b]));
         const out = await running;
         const B = indices.length;
         const points = graphOutputFloat32('prompter', out, 'points', [B, A, 2]);
@@ -272,21 +272,21 @@ export class PrompterPipeline {
       }),
     );
     return {
-      tiles: request.tiles.map((t, i) => ({ digest: t.digest, detections: perTile[i], outOfFocus: outOfFocus[i] })),
+      tiles: request.tiles.map((t, i) => ({ digest: t.digest, detections: perTile[i], blurred: blurred[i] })),
     };
   }
 
   /**
-   * Which tiles the bundle's blur gate calls out of focus (their sharpness below its cut; none
+   * Which tiles the bundle's blur gate calls blurred (their sharpness below its cut; none
    * without a gate or a point refiner), and the refiner's score bar for each: the manifest's, or the
    * gate's lower one on those tiles.
    */
-  focus(tiles: readonly Float32Tensor[]): { outOfFocus: boolean[]; bars: number[] } {
+  focus(tiles: readonly Float32Tensor[]): { blurred: boolean[]; bars: number[] } {
     const { minPointScore, blurGate } = this.manifest.prompter;
-    const outOfFocus = tiles.map(
+    const blurred = tiles.map(
       (tile) => this.refinesPoints && blurGate !== undefined && tileSharpness(tile, this.manifest.normalization) < blurGate.sharpnessBelow,
     );
-    return { outOfFocus, bars: outOfFocus.map((blurred) => (blurred ? blurGate!.minPointScore : minPointScore)) };
+    return { blurred, bars: blurred.map((blurred) => (blurred ? blurGate!.minPointScore : minPointScore)) };
   }
 
   /** One point_refiner.onnx run for the kept points of a batch of tiles (image [B, 3, S, S]). */

@@ -267,7 +267,7 @@ describe.skipIf(!bundle.manifest)('Prompter service', () => {
     };
     const request = { tiles, minForeground: 0, nmsRadius: 0, modelVersion: manifest.version };
     const served = await detect(request);
-    if (!manifest.prompter.blurGate) expect(served.tiles.every((t) => !t.outOfFocus)).toBe(true);
+    if (!manifest.prompter.blurGate) expect(served.tiles.every((t) => !t.blurred)).toBe(true);
     for (const [cut, compare] of [
       [1e9, 'fewer'],
       [1e-9, 'same'],
@@ -279,7 +279,7 @@ describe.skipIf(!bundle.manifest)('Prompter service', () => {
         const response = await unary(gatedClient, gatedClient.detect, request, { timeoutMs: 30_000 });
         const counts = response.tiles.map((t) => t.detections.length);
         const servedCounts = served.tiles.map((t) => t.detections.length);
-        expect(response.tiles.map((t) => t.outOfFocus)).toEqual(tiles.map(() => compare === 'fewer'));
+        expect(response.tiles.map((t) => t.blurred)).toEqual(tiles.map(() => compare === 'fewer'));
         if (compare === 'same') expect(counts).toEqual(servedCounts);
         else {
           counts.forEach((n, i) => expect(n).toBeLessThanOrEqual(servedCounts[i]));

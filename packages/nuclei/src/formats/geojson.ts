@@ -39,9 +39,9 @@ export interface GeoJsonCollectionProperties {
     mppAssumed: boolean;
     origin: [number, number];
     downsample: number;
-    /** Model tiles run, and those the model's blur gate called out of focus (the focus check). */
+    /** Model tiles run, and those the model's blur gate called blurred at the model's resolution. */
     tiles?: number;
-    outOfFocusTiles?: number;
+    blurredTiles?: number;
   };
   [key: string]: unknown;
 }
@@ -294,7 +294,7 @@ export function segmentResponseToGeoJson(
         origin: [origin.x, origin.y],
         downsample,
         tiles: response.tiles,
-        outOfFocusTiles: response.outOfFocusTiles,
+        blurredTiles: response.blurredTiles,
       },
     },
   });

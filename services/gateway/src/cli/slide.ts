@@ -305,8 +305,8 @@ class Overview {
     this.outline('polygon' in roi ? roi.polygon : corners(roi), [30, 60, 230]);
   }
 
-  /** A region the model called mostly out of focus, outlined in orange. */
-  outOfFocus(region: Rect): void {
+  /** A region whose tiles the model mostly called blurred, outlined in orange. */
+  blurred(region: Rect): void {
     this.outline(corners(region), [240, 130, 0]);
   }
 
@@ -444,11 +444,11 @@ export interface SlideSummary {
   nuclei: number;
   nucleiByClass: Record<string, number>;
   /**
-   * Model tiles run, and those the model's blur gate called out of focus (their nuclei held to
+   * Model tiles run, and those the model's blur gate called blurred (their nuclei held to
    * its lower score bar); the regions where they were more than half, in level-0 pixels.
    */
-  tiles: { model: number; outOfFocus: number };
-  outOfFocusRegions: Rect[];
+  tiles: { model: number; blurred: number };
+  blurredRegions: Rect[];
   tissueMpx: { level0: number; model: number };
   wallS: number;
   prepareS: number;
@@ -736,8 +736,8 @@ async function runOneSlide(
     regionsFailed = 0,
     consecutiveFailures = 0,
     tissueDone = 0;
-  const tiles = { model: 0, outOfFocus: 0 };
-  const outOfFocusRegions: Rect[] = [];
+  const tiles = { model: 0, blurred: 0 };
+  const blurredRegions: Rect[] = [];
   let abort: { kind: 'bad-input' | 'failed'; message: string } | undefined;
   const progress = new Progress(io, name, regions.length, totalTissueL0 * toModel, !flags.quiet);
   const imageKey = `${path.basename(file)}:${L0.width}x${L0.height}`;
@@ -818,8 +818,8 @@ async function runOneSlide(
     }
     consecutiveFailures = 0;
     tiles.model += response.tiles;
-    tiles.outOfFocus += response.outOfFocusTiles;
-    if (response.outOfFocusTiles * 2 > response.tiles) outOfFocusRegions.push({ x: cell.x, y: cell.y, width: cell.width, height: cell.height });
+    tiles.blurred += response.blurredTiles;
+    if (response.blurredTiles * 2 > response.tiles) blurredRegions.push({ x: cell.x, y: cell.y, width: cell.width, height: cell.height });
     const candidates: Nucleus[] = [];
     for (const n of response.nuclei) {
       if (!n.centroid) continue;
@@ -859,7 +859,7 @@ async function runOneSlide(
     await geo.write('\n]}\n');
     await geo.end();
     await csv.end();
-    for (const region of outOfFocusRegions) overview.outOfFocus(region);
+    for (const region of blurredRegions) overview.blurred(region);
     await fs.writeFile(outputs.overview, await overview.png());
 
     const wallS = (performance.now() - t0) / 1000 + p.prepareS;
@@ -884,7 +884,7 @@ async function runOneSlide(
       nuclei: nucleiWritten,
       nucleiByClass: byClass,
       tiles,
-      outOfFocusRegions,
+      blurredRegions,
       tissueMpx: { level0: totalTissueL0, model: tissueModelMpx },
       wallS,
       prepareS: p.prepareS,
@@ -925,8 +925,8 @@ export function formatSummary(s: SlideSummary, stackStartS?: number): string {
         .map(([k, v]) => `${k} ${v}`)
         .join(', ') || 'none'
     })`,
-    `  focus        ${s.tiles.outOfFocus} of ${s.tiles.model} model tiles out of focus${
-      s.outOfFocusRegions.length > 0 ? `; ${s.outOfFocusRegions.length} region(s) mostly so, outlined orange on the overview` : ''
+    `  blur         ${s.tiles.blurred} of ${s.tiles.model} model tiles blurred at the model's resolution${s.mpp.x > s.model.mpp * 1.2 ? ` (the scan is upsampled ${(s.mpp.x / s.model.mpp).toFixed(1)}x: softer than a scan at the model's)` : ''}${
+      s.blurredRegions.length > 0 ? `; ${s.blurredRegions.length} region(s) mostly so, outlined orange on the overview` : ''
     }`,
     `  wall time    ${s.wallS.toFixed(1)} s (open + tissue ${s.prepareS.toFixed(1)} s, regions ${s.segmentS.toFixed(1)} s${stackStartS !== undefined ? `; local stack start ${stackStartS.toFixed(1)} s not included` : ''})`,
     `  throughput   ${s.tissueMpxPerS.toFixed(3)} tissue Mpx/s at the model's resolution, ${s.regionsPerS.toFixed(3)} regions/s`,

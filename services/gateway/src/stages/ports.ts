@@ -23,7 +23,7 @@ export interface StageCall {
 }
 
 export interface PrompterPort {
-  /** Point prompts with classes for each tile (tile pixels), and whether it is out of focus, by digest. */
+  /** Point prompts with classes for each tile (tile pixels), and whether it is blurred, by digest. */
   detect(tiles: readonly StageTile[], call: StageCall): Promise<Map<string, stagesProto.TileDetections>>;
 }
 
