@@ -230,20 +230,25 @@ def test_prompter_batch_labels_points_on_and_off_nuclei():
     assert ((points - torch.tensor([15.0, 15.0])).norm(dim=-1) >= 8.0).all()
 
 
-def test_export_overrides_the_refiners_serving_settings(scored_model, tmp_path):
-    from cfrsam.export.cli import main as export_main
-
+def _exportable(model, tmp_path):
+    """The model saved as a checkpoint with a recorded validation, and the export arguments for it."""
     from cfrsam.checkpoint import CHECKPOINT_FORMAT
 
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
-        "config": scored_model.config.to_dict(),
-        "model": scored_model.state_dict(),
+        "config": model.config.to_dict(),
+        "model": model.state_dict(),
         "training": None,
         "metrics": {"validation": {"bpq": 0.5}},
     }
     torch.save(checkpoint, tmp_path / "c.pt")
-    argv = ["--checkpoint", str(tmp_path / "c.pt"), "--no-full", "--no-parity"]
+    return checkpoint, ["--checkpoint", str(tmp_path / "c.pt"), "--no-full", "--no-parity"]
+
+
+def test_export_overrides_the_refiners_serving_settings(scored_model, tmp_path):
+    from cfrsam.export.cli import main as export_main
+
+    checkpoint, argv = _exportable(scored_model, tmp_path)
     assert export_main(argv + ["--out", str(tmp_path / "b"), "--min-point-score", "0.2"]) == 0
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["prompter"]["min_point_score"] == 0.2
@@ -314,15 +319,7 @@ def test_blur_gate_lowers_the_bar_on_blurred_tiles_only(scored_model, tmp_path):
         refiner.cfg = plain
     assert gated[0] == ungated[0] and gated[1] >= ungated[1]
 
-    checkpoint = {
-        "format": "cfrsam-checkpoint/1",
-        "config": scored_model.config.to_dict(),
-        "model": scored_model.state_dict(),
-        "training": None,
-        "metrics": {"validation": {"bpq": 0.5}},
-    }
-    torch.save(checkpoint, tmp_path / "c.pt")
-    argv = ["--checkpoint", str(tmp_path / "c.pt"), "--no-full", "--no-parity"]
+    _, argv = _exportable(scored_model, tmp_path)
     assert export_main(argv + ["--out", str(tmp_path / "g"), "--blur-gate", "1.1,0.2"]) == 0
     assert export_main(argv + ["--out", str(tmp_path / "u")]) == 0
     gated_manifest, plain_manifest = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "gu")
