@@ -585,6 +585,7 @@ describe.skipIf(!!skip)('slide jobs by reference (NATS JetStream, real slides)',
     expect(st.code, st.stderr).toBe(0);
     expect(st.stdout).toMatch(new RegExp(`^${jobId} DONE, 1/1 regions, \\d+ nuclei`));
     expect(st.stdout).toContain(`upload:${sha256}.svs`);
+    expect(st.stdout).toMatch(/, \d+ of [1-9]\d* model tiles blurred, /);
     const again = await cli('submit', '--upload', SVS, '--roi', '700,1200,256,256', '--region-size', String(REGION), '--request-id', 'upload-1');
     expect(again.stdout.trim()).toBe(jobId);
     const out = fs.mkdtempSync(path.join(os.tmpdir(), 'cfrsam-job-out-'));

@@ -124,6 +124,7 @@ export function formatJob(j: segmentationProto.SlideJob): string {
     `${j.tissueMpxPerS.toFixed(3)} Mpx/s`,
   ];
   if (!finishedState(j.state)) parts.push(`ETA ${j.etaS >= 0 ? formatDuration(j.etaS) : '--'}`);
+  if (j.modelTiles > 0) parts.push(`${j.blurredTiles} of ${j.modelTiles} model tiles blurred`);
   parts.push(j.source);
   if (j.requestId) parts.push(`request ${j.requestId}`);
   if (j.error) parts.push(`error: ${j.error}`);
