@@ -122,7 +122,7 @@ def resolve_overlaps(
 def score_bar(model, image: torch.Tensor) -> float:
     """The point refiner's score bar for one normalised tile [1, 3, S, S]: its `min_score`, or the blur
     gate's `blurred_min_score` where the tile's sharpness is below the gate (the prompter's
-    `scoreBars`)."""
+    `focus`)."""
     cfg = model.point_refiner.cfg
     if cfg.blur_gate > 0:
         pixels = image[0].float().cpu().numpy()
