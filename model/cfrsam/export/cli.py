@@ -49,8 +49,6 @@ def with_serving_settings(
         return ckpt  # a fresh model: build_cfr_sam takes the threshold, and there is no validation
     config = dict((ckpt or {}).get("config") or {})
     settings = {}
-    if ckpt is None and blur_gate is not None:
-        raise ExportError("--blur-gate: needs a --checkpoint whose point refiner has a score head")
     if min_score is not None or class_weight is not None or blur_gate is not None:
         refiner = config.get("point_refiner")
         if not refiner:

@@ -78,6 +78,24 @@ function insidePolygon(poly: readonly number[], x: number, y: number): boolean {
 }
 
 /**
+ * The blur check over a slide's regions (`cfrsam slide run` and slide jobs): the model tiles run,
+ * those the model's blur gate called blurred, and the regions (level-0 rectangles) where they
+ * were more than half.
+ */
+export class BlurTally {
+  readonly tiles = { model: 0, blurred: 0 };
+  readonly blurredRegions: { x: number; y: number; width: number; height: number }[] = [];
+
+  add(region: { x: number; y: number; width: number; height: number }, response: { tiles: number; blurredTiles: number }): void {
+    this.tiles.model += response.tiles;
+    this.tiles.blurred += response.blurredTiles;
+    if (response.blurredTiles * 2 > response.tiles) {
+      this.blurredRegions.push({ x: region.x, y: region.y, width: region.width, height: region.height });
+    }
+  }
+}
+
+/**
  * Each nucleus once across region seams. A region keeps the nuclei whose level-0 centroid lies in
  * its cell grown by `band` (a few pixels); the owner rule alone (centroid in the cell) fails for a
  * nucleus on a seam, whose centroid two regions estimate pixels apart on either side of the line

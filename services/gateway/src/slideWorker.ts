@@ -45,7 +45,7 @@ import {
   type SlideJobSettings,
   type SlideTask,
 } from './slideJobs';
-import { nucleusToLevel0, SeamLedger, TextSink } from './slideRegions';
+import { BlurTally, nucleusToLevel0, SeamLedger, TextSink } from './slideRegions';
 import { describeRef, openSlideRef, SlideUpload, uploadStatus } from './slideSources';
 
 const SERVICE = 'cfrsam.v1.Segmentation';
@@ -323,18 +323,12 @@ export class SlideWorker {
       const imageKey = `${job.jobId}:${job.width}x${job.height}`;
       let written = 0;
       const byClass: Record<string, number> = {};
-      const tiles = { model: 0, blurred: 0 };
-      const blurredRegions: { x: number; y: number; width: number; height: number }[] = [];
+      const blur = new BlurTally();
       for (let i = 0; i < cells.length; i++) {
         const bytes = await this.store.results.getBlob(regionObject(job.jobId, i));
         if (!bytes) throw grpcError(status.DATA_LOSS, `the nuclei of region ${i} are missing`);
         const region = segmentationProto.SegmentResponse.decode(bytes);
-        tiles.model += region.tiles;
-        tiles.blurred += region.blurredTiles;
-        if (region.blurredTiles * 2 > region.tiles) {
-          const { x, y, width, height } = cells[i];
-          blurredRegions.push({ x, y, width, height });
-        }
+        blur.add(cells[i], region);
         const kept: segmentationProto.Nucleus[] = [];
         const feats: string[] = [];
         for (const n of ledger.admit(i, region.nuclei)) {
@@ -378,8 +372,8 @@ export class SlideWorker {
         nucleiByClass: byClass,
         // Model tiles run and those the model's blur gate called blurred; the regions where
         // they were more than half (level-0 pixels).
-        tiles,
-        blurredRegions,
+        tiles: blur.tiles,
+        blurredRegions: blur.blurredRegions,
         tissueMpx: job.tissueMpxTotal,
         createdAt: job.createdAt,
         startedAt: job.startedAt,
@@ -392,8 +386,8 @@ export class SlideWorker {
       const { job: after } = await this.store.transition(job.jobId, (j) => ({
         state: 'DONE',
         nuclei: written,
-        modelTiles: tiles.model,
-        blurredTiles: tiles.blurred,
+        modelTiles: blur.tiles.model,
+        blurredTiles: blur.tiles.blurred,
         finishedAt: new Date().toISOString(),
         startedAt: j.startedAt || j.createdAt,
         artefacts: [...ARTEFACTS],

@@ -53,7 +53,7 @@ import {
   type TissueRegion,
 } from '@cfrsam/slides';
 import { DEFAULT_SLIDE_MARGIN, DEFAULT_SLIDE_REGION_SIZE } from '../config';
-import { InOrderWriter, nucleusToLevel0, SeamLedger, TextSink } from '../slideRegions';
+import { BlurTally, InOrderWriter, nucleusToLevel0, SeamLedger, TextSink } from '../slideRegions';
 import { runSlideJobCommand, SLIDE_JOB_USAGE } from './slideJobCommands';
 import { startStack, type RunningStack } from './stack';
 import { announceImage } from '../admission/announce';
@@ -736,8 +736,7 @@ async function runOneSlide(
     regionsFailed = 0,
     consecutiveFailures = 0,
     tissueDone = 0;
-  const tiles = { model: 0, blurred: 0 };
-  const blurredRegions: Rect[] = [];
+  const blur = new BlurTally();
   let abort: { kind: 'bad-input' | 'failed'; message: string } | undefined;
   const progress = new Progress(io, name, regions.length, totalTissueL0 * toModel, !flags.quiet);
   const imageKey = `${path.basename(file)}:${L0.width}x${L0.height}`;
@@ -817,9 +816,7 @@ async function runOneSlide(
       }
     }
     consecutiveFailures = 0;
-    tiles.model += response.tiles;
-    tiles.blurred += response.blurredTiles;
-    if (response.blurredTiles * 2 > response.tiles) blurredRegions.push({ x: cell.x, y: cell.y, width: cell.width, height: cell.height });
+    blur.add(cell, response);
     const candidates: Nucleus[] = [];
     for (const n of response.nuclei) {
       if (!n.centroid) continue;
@@ -859,7 +856,7 @@ async function runOneSlide(
     await geo.write('\n]}\n');
     await geo.end();
     await csv.end();
-    for (const region of blurredRegions) overview.blurred(region);
+    for (const region of blur.blurredRegions) overview.blurred(region);
     await fs.writeFile(outputs.overview, await overview.png());
 
     const wallS = (performance.now() - t0) / 1000 + p.prepareS;
@@ -883,8 +880,8 @@ async function runOneSlide(
       regionsFailed,
       nuclei: nucleiWritten,
       nucleiByClass: byClass,
-      tiles,
-      blurredRegions,
+      tiles: blur.tiles,
+      blurredRegions: blur.blurredRegions,
       tissueMpx: { level0: totalTissueL0, model: tissueModelMpx },
       wallS,
       prepareS: p.prepareS,
